@@ -1,0 +1,282 @@
+"""User-facing AMiD losses on logits.
+
+All losses here run on the same op, ``torch.ops.amid.amid_loss_fwd``; the named special cases
+(forward / reverse KL, DistiLLM's skew KLs, GKD's generalized JSD, TAID, ABKD) only choose its
+options. Reductions, ignored rows, the normaliser and the optional T^2 scale are folded into a
+per-row weight computed here with torch ops (no host sync), so the kernel writes the final
+gradient in its single pass.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import _library
+from . import ops as _ops
+
+__all__ = [
+    "amid_loss", "forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "generalized_jsd", "taid_loss",
+    "ab_divergence",
+]
+
+_REDUCTIONS = ("mean", "sum", "none")
+_warned_fallback = set()
+
+
+def _error(fn: str, msg: str) -> ValueError:
+    return ValueError(f"amid.{fn}: {msg}")
+
+
+def _shape(x: Tensor) -> str:
+    return "[" + ", ".join(str(d) for d in x.shape) + "]"
+
+
+def _use_kernels(device: torch.device, backend: str) -> bool:
+    if backend == "reference":
+        return False
+    if _library.has_kernel(device.type):
+        return True
+    if backend == "kernels":
+        raise RuntimeError(f"amid: this build of amid has no kernels for device type '{device.type}' "
+                           f"(build info: {_library.build_info()})")
+    if device.type not in _warned_fallback:
+        _warned_fallback.add(device.type)
+        warnings.warn(f"amid: no amid kernels for device type '{device.type}' in this build; using the "
+                      "pure-PyTorch reference (slow, memory-hungry)", stacklevel=3)
+    return False
+
+
+def amid_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    alpha: float,
+    lam: float,
+    divergence: str = "kl",
+    order: str = "pr",
+    ab_alpha: float = 0.2,
+    ab_beta: float = 0.7,
+    temperature: float = 1.0,
+    scale_by_t2: bool = False,
+    detach_assistant: bool = False,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: Optional[Union[float, Tensor]] = None,
+    grad_in_forward: Optional[bool] = None,
+    backend: str = "auto",
+    _fn: str = "amid_loss",
+) -> Tensor:
+    r"""AMiD distillation loss: a divergence between two of teacher, student and their α-mixture.
+
+    With teacher :math:`p=\mathrm{softmax}(t/T)` and student :math:`q=\mathrm{softmax}(s/T)`, the
+    assistant is the α-mixture
+
+    .. math:: r \propto \big(\lambda p^{k} + (1-\lambda) q^{k}\big)^{1/k},\quad k=\tfrac{1-\alpha}{2}
+              \qquad (r \propto p^{\lambda} q^{1-\lambda} \text{ at } \alpha=1),
+
+    for every real α (the paper's definition; the official code maps every α ≥ 1 to α = 1). The
+    row loss is ``divergence(x‖y)`` with (x, y) = (p, r), (q, r), (r, p) or (r, q) for ``order``
+    'pr', 'qr', 'rp', 'rq': ``'kl'`` is :math:`\sum x (\log x - \log y)`, ``'ab'`` the α-β divergence
+    :math:`-\frac{1}{ab}\sum(x^a y^b - \frac{a}{a+b}x^{a+b} - \frac{b}{a+b}y^{a+b})` with
+    a = ``ab_alpha``, b = ``ab_beta``.
+
+    Args:
+        student_logits: ``[..., V]`` student logits (the tensor that receives the gradient).
+        teacher_logits: ``[..., V]`` teacher logits, same shape, dtype and device; must not require grad.
+        labels: optional ``[...]`` integer labels; rows equal to ``ignore_index`` contribute nothing
+            (zero loss, zero gradient) and are skipped by the kernels.
+        alpha: α of the mixture (any real number). lam: λ ∈ [0, 1], the teacher's weight in the mixture.
+        divergence: ``'kl'`` or ``'ab'``. order: ``'pr'``, ``'qr'``, ``'rp'`` or ``'rq'``.
+        ab_alpha, ab_beta: the α-β divergence exponents (> 0), defaults (0.2, 0.7) as in AMiD/ABKD.
+        temperature: T > 0; both logits are divided by T. scale_by_t2: multiply the loss by T².
+        detach_assistant: no gradient through the student inside r (TAID); only for 'qr' / 'rq'.
+        reduction: ``'mean'`` over non-ignored rows (0 when all are ignored), ``'sum'``, or ``'none'``
+            (per-row losses of shape ``[...]``, zero on ignored rows).
+        normalizer: with ``'mean'``, divide the sum by this (a number or a 0-d tensor) instead of the
+            number of non-ignored rows in this call: pass the number of non-ignored tokens of the
+            whole accumulated batch so that gradient accumulation over micro-batches gives the
+            gradient of one big batch.
+        grad_in_forward: write the gradient in the forward pass (one read of the logits, the backward
+            only scales it in place). Default: when grad is enabled and ``student_logits`` requires
+            grad. With ``False`` the backward recomputes it from the logits (kept alive until then).
+        backend: ``'auto'`` (kernels when this build has them for the device, else the reference
+            with a warning), ``'kernels'`` or ``'reference'``.
+
+    Returns:
+        A scalar (``'mean'``/``'sum'``) or ``[...]`` tensor, float32 (float64 for float64 logits).
+
+    Shapes and dtypes: logits may be float16, bfloat16, float32 or float64; math and accumulation
+    are in float32 (float64 for float64); the gradient has the logits' dtype. NaN or +inf logits in
+    a non-ignored row make that row's loss and gradient NaN (as do rows whose teacher or student
+    logits are all -inf); -inf logits are masked vocabulary entries and give finite gradients.
+
+    Memory: with the gradient written in the forward, the op keeps only that gradient (the size
+    of ``student_logits``) until backward; nothing else of size [N, V].
+    """
+    fn = _fn
+    if not isinstance(student_logits, Tensor) or not isinstance(teacher_logits, Tensor):
+        raise _error(fn, "expected student_logits and teacher_logits to be tensors")
+    if student_logits.dim() < 1:
+        raise _error(fn, "expected student_logits of shape [..., V], but got a 0-D tensor")
+    if student_logits.shape != teacher_logits.shape:
+        raise _error(fn, "expected student_logits and teacher_logits to have the same shape, but got "
+                         f"{_shape(student_logits)} and {_shape(teacher_logits)}")
+    if teacher_logits.requires_grad and torch.is_grad_enabled():
+        raise _error(fn, "expected teacher_logits not to require grad (detach the teacher or run it under "
+                         "torch.no_grad()), but it requires grad")
+    if reduction not in _REDUCTIONS:
+        raise _error(fn, f"expected reduction to be one of 'mean', 'sum', 'none', but got '{reduction}'")
+    if normalizer is not None and reduction != "mean":
+        raise _error(fn, f"expected normalizer only with reduction='mean', but got reduction='{reduction}'")
+    if isinstance(normalizer, (int, float)) and not (math.isfinite(normalizer) and normalizer > 0):
+        raise _error(fn, f"expected normalizer > 0, but got {normalizer}")
+    if backend not in ("auto", "kernels", "reference"):
+        raise _error(fn, f"expected backend to be one of 'auto', 'kernels', 'reference', but got '{backend}'")
+    lead = student_logits.shape[:-1]
+    V = student_logits.shape[-1]
+    if labels is not None:
+        if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            got = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
+            raise _error(fn, f"expected labels to be an integer tensor, but got {got}")
+        if labels.shape != lead:
+            raise _error(fn, f"expected labels of shape [{', '.join(map(str, lead))}] (the logits' leading "
+                             f"dimensions), but got {_shape(labels)}")
+        if labels.device != student_logits.device:
+            raise _error(fn, f"expected labels on device {student_logits.device}, but got {labels.device}")
+
+    s = student_logits.reshape(-1, V)
+    t = teacher_logits.reshape(-1, V)
+    # The kernels need unit stride along V (any row stride): copy only when that is not the case.
+    if V > 1 and s.stride(-1) != 1:
+        s = s.contiguous()
+    if V > 1 and t.stride(-1) != 1:
+        t = t.contiguous()
+    n = s.shape[0]
+    ldt = _ops.loss_dtype(s.dtype)
+
+    # Per-row weights: the reduction, the ignored rows and the T^2 scale in one [N] vector.
+    mask = None if labels is None else (labels.reshape(-1) != ignore_index)
+    weight: Optional[Tensor] = None
+    if mask is not None:
+        weight = mask.to(ldt)
+    if reduction == "mean":
+        if normalizer is not None:
+            denom = normalizer.to(device=s.device, dtype=ldt) if isinstance(normalizer, Tensor) else float(normalizer)
+        elif mask is not None:
+            denom = mask.sum().clamp_min(1).to(ldt)
+        else:
+            denom = float(max(n, 1))
+        weight = (weight if weight is not None else torch.ones(n, dtype=ldt, device=s.device)) / denom
+    if scale_by_t2 and temperature != 1.0:
+        t2 = float(temperature) ** 2
+        weight = weight * t2 if weight is not None else torch.full((n,), t2, dtype=ldt, device=s.device)
+
+    options = dict(alpha=float(alpha), lam=float(lam), divergence=divergence, order=order, ab_alpha=float(ab_alpha),
+                   ab_beta=float(ab_beta), temperature=float(temperature), detach_assistant=bool(detach_assistant))
+    if _use_kernels(s.device, backend):
+        wants_grad = torch.is_grad_enabled() and s.requires_grad
+        if wants_grad and grad_in_forward is not False:
+            rows = _ops.GradInForward.apply(s, t, weight, *options.values())
+        else:
+            rows = _ops.amid_loss_fwd(s, t, weight, compute_grad=False, **options)[0]
+    else:
+        from .reference import amid_loss_rows
+
+        rows = amid_loss_rows(s.to(ldt), t.to(ldt), **options)
+        if weight is not None:
+            # Ignored rows are exactly zero even when their logits are NaN (as in the kernels).
+            rows = torch.where(weight != 0, rows * weight, torch.zeros_like(rows))
+    if reduction == "none":
+        return rows.reshape(lead)
+    return rows.sum()
+
+
+# ------------------------------------------------------------------------------------------------
+# Named special cases (spec §6). Each is one setting of amid_loss, checked against its own
+# textbook / peer definition in tests/test_special_cases.py.
+
+def _check_unit(fn: str, name: str, x: float) -> None:
+    if not (0.0 <= float(x) <= 1.0):
+        raise _error(fn, f"expected {name} in [0, 1], but got {x}")
+
+
+def forward_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, **kwargs) -> Tensor:
+    r"""Forward KL :math:`\mathrm{KL}(p\|q)=\sum p(\log p-\log q)` (teacher p, student q): AMiD with λ = 0, kl, 'pr'.
+
+    ``kwargs``: temperature, scale_by_t2, ignore_index, reduction, normalizer, grad_in_forward, backend.
+    """
+    return amid_loss(student_logits, teacher_logits, labels, alpha=1.0, lam=0.0, divergence="kl", order="pr",
+                     _fn="forward_kl", **kwargs)
+
+
+def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, **kwargs) -> Tensor:
+    r"""Reverse KL :math:`\mathrm{KL}(q\|p)`: AMiD with λ = 0, kl, 'rp'."""
+    return amid_loss(student_logits, teacher_logits, labels, alpha=1.0, lam=0.0, divergence="kl", order="rp",
+                     _fn="reverse_kl", **kwargs)
+
+
+def skew_forward_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
+                    skew: float = 0.1, **kwargs) -> Tensor:
+    r"""DistiLLM's skew forward KL :math:`\mathrm{KL}(p\,\|\,\text{skew}\,p+(1-\text{skew})\,q)`.
+
+    AMiD with α = -1 (arithmetic mixture), λ = skew, kl, 'pr'; gradient through the mixture. DistiLLM's
+    code returns the cross-entropy form, which differs from this value by the constant H(p).
+    """
+    _check_unit("skew_forward_kl", "skew", skew)
+    return amid_loss(student_logits, teacher_logits, labels, alpha=-1.0, lam=float(skew), divergence="kl",
+                     order="pr", _fn="skew_forward_kl", **kwargs)
+
+
+def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
+                    skew: float = 0.1, **kwargs) -> Tensor:
+    r"""DistiLLM's skew reverse KL :math:`\mathrm{KL}(q\,\|\,(1-\text{skew})\,p+\text{skew}\,q)`.
+
+    AMiD with α = -1, λ = 1 - skew (note the flip), kl, 'qr'.
+    """
+    _check_unit("skew_reverse_kl", "skew", skew)
+    return amid_loss(student_logits, teacher_logits, labels, alpha=-1.0, lam=1.0 - float(skew), divergence="kl",
+                     order="qr", _fn="skew_reverse_kl", **kwargs)
+
+
+def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
+                    beta: float = 0.5, **kwargs) -> Tensor:
+    r"""GKD's generalized JSD(β) :math:`\beta\,\mathrm{KL}(p\|m)+(1-\beta)\,\mathrm{KL}(q\|m)`, m = βp + (1-β)q.
+
+    = β·AMiD(α=-1, λ=β, kl, 'pr') + (1-β)·AMiD(α=-1, λ=β, kl, 'qr') (two passes of the op that share
+    the mixture). This is the textbook definition, which is 0 at β ∈ {0, 1}; TRL and Liger instead
+    special-case β = 0 as forward KL and β = 1 as reverse KL (use :func:`forward_kl` /
+    :func:`reverse_kl` for those).
+    """
+    _check_unit("generalized_jsd", "beta", beta)
+    beta = float(beta)
+    kw = dict(alpha=-1.0, lam=beta, divergence="kl", _fn="generalized_jsd", **kwargs)
+    if beta == 0.0 or beta == 1.0:
+        # m equals one of the two distributions: both terms vanish identically.
+        return 0.0 * amid_loss(student_logits, teacher_logits, labels, order="pr", **kw)
+    return (beta * amid_loss(student_logits, teacher_logits, labels, order="pr", **kw)
+            + (1.0 - beta) * amid_loss(student_logits, teacher_logits, labels, order="qr", **kw))
+
+
+def taid_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
+              tau: float, **kwargs) -> Tensor:
+    r"""TAID's loss :math:`\mathrm{KL}(p_\tau\|q)`, :math:`p_\tau=\mathrm{softmax}(\tau t+(1-\tau)\,\mathrm{sg}(s))`.
+
+    AMiD with α = 1 (geometric mixture), λ = τ, kl, 'rq' and the assistant detached; its gradient is
+    q - p_τ. TAID's code returns the cross-entropy form, which differs by the constant H(p_τ).
+    ``tau`` is the interpolation time (see :class:`amid.distill.TAIDSchedule` for TAID's adaptive schedule).
+    """
+    _check_unit("taid_loss", "tau", tau)
+    return amid_loss(student_logits, teacher_logits, labels, alpha=1.0, lam=float(tau), divergence="kl",
+                     order="rq", detach_assistant=True, _fn="taid_loss", **kwargs)
+
+
+def ab_divergence(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
+                  ab_alpha: float = 0.2, ab_beta: float = 0.7, **kwargs) -> Tensor:
+    r"""ABKD's α-β divergence :math:`D_{AB}^{(a,b)}(p\|q)`: AMiD with λ = 0, ab, 'pr'."""
+    return amid_loss(student_logits, teacher_logits, labels, alpha=1.0, lam=0.0, divergence="ab", order="pr",
+                     ab_alpha=ab_alpha, ab_beta=ab_beta, _fn="ab_divergence", **kwargs)

@@ -1,0 +1,251 @@
+"""The ``torch.ops.amid`` ops: typed wrappers, fake (meta) kernels and autograd.
+
+Schemas and kernels are in C++ (csrc/ops.cpp, csrc/cpu, csrc/cuda). This module adds, per op:
+the wrapper, the fake kernel (so torch.compile can trace the op; its checks repeat the C++
+messages of csrc/checks.h word for word), and for the forward op the autograd formula.
+
+Autograd design (gradient in the forward): when the student requires grad, ``amid_loss_fwd`` is
+called with ``compute_grad=True`` and writes ``d(sum loss)/d student_logits`` in the same pass
+that computes the loss, so the logits are read once. The backward then only applies
+``grad_loss`` to that stored gradient in place (``scale_grad_``, which leaves rows whose
+``grad_loss`` is exactly 1 untouched and needs no host sync) and returns it. Without a stored
+gradient the backward recomputes it from the logits and the per-row stats (``amid_loss_bwd``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _library
+
+_library.load()
+
+__all__ = ["amid_loss_fwd", "amid_loss_bwd", "scale_grad_", "GradInForward", "NUM_STATS", "DIVERGENCES", "ORDERS"]
+
+NUM_STATS = 5  # [A, B, Z, S_G, K] per row; csrc/amid_math.h kNumStats
+DIVERGENCES = ("kl", "ab")
+ORDERS = ("pr", "qr", "rp", "rq")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DTYPE_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float", torch.float64: "Double"}
+
+
+def loss_dtype(logits_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the loss, stats, row weights and grad_loss: float64 for float64 logits, else float32."""
+    return torch.float64 if logits_dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks mirroring csrc/checks.h (used by the fake kernels and by the pure-PyTorch reference).
+
+def _shape(x: Tensor) -> str:
+    return "[" + ", ".join(str(d) for d in x.shape) + "]"
+
+
+def _dt(d: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(d, str(d).replace("torch.", ""))
+
+
+def _fmt_float(x: float) -> str:
+    # C++ streams print doubles with 6 significant digits (%g).
+    return "%g" % x
+
+
+def _check(cond, op: str, msg) -> None:
+    torch._check(cond, lambda: f"amid::{op}: {msg() if callable(msg) else msg}")
+
+
+def check_logits_pair(op: str, s: Tensor, t: Tensor) -> None:
+    _check(s.dim() == 2, op, lambda: f"expected student_logits to be 2-D [N, V], but got a {s.dim()}-D tensor of shape {_shape(s)}")
+    _check(t.dim() == 2, op, lambda: f"expected teacher_logits to be 2-D [N, V], but got a {t.dim()}-D tensor of shape {_shape(t)}")
+    _check(s.shape == t.shape, op, lambda: f"expected student_logits and teacher_logits to have the same shape, but got {_shape(s)} and {_shape(t)}")
+    _check(s.size(1) >= 1, op, lambda: f"expected a vocabulary of at least 1 entry, but got student_logits of shape {_shape(s)}")
+    _check(s.dtype == t.dtype, op, lambda: f"expected student_logits and teacher_logits to have the same dtype, but got {_dt(s.dtype)} and {_dt(t.dtype)}")
+    _check(s.dtype in _DTYPES, op, lambda: f"expected student_logits of dtype float16, bfloat16, float32 or float64, but got {_dt(s.dtype)}")
+    _check(s.device == t.device, op, lambda: f"expected student_logits and teacher_logits on the same device, but got {s.device} and {t.device}")
+    _check(s.size(1) <= 1 or s.stride(1) == 1, op, lambda: f"expected student_logits to have stride 1 in the last dimension, but got stride {s.stride(1)}")
+    _check(t.size(1) <= 1 or t.stride(1) == 1, op, lambda: f"expected teacher_logits to have stride 1 in the last dimension, but got stride {t.stride(1)}")
+
+
+def check_row_vector(op: str, name: str, x: Tensor, logits: Tensor) -> None:
+    want = loss_dtype(logits.dtype)
+    _check(x.dim() == 1 and x.size(0) == logits.size(0), op, lambda: f"expected {name} of shape [{logits.size(0)}], but got {_shape(x)}")
+    _check(x.dtype == want, op, lambda: f"expected {name} of dtype {_dt(want)}, but got {_dt(x.dtype)}")
+    _check(x.device == logits.device, op, lambda: f"expected {name} on device {logits.device}, but got {x.device}")
+
+
+def check_options(op: str, alpha: float, lam: float, divergence: str, order: str, ab_alpha: float,
+                  ab_beta: float, temperature: float, detach_assistant: bool) -> None:
+    import math
+    _check(math.isfinite(alpha), op, lambda: f"expected a finite alpha, but got {_fmt_float(alpha)}")
+    _check(0.0 <= lam <= 1.0, op, lambda: f"expected lam in [0, 1], but got {_fmt_float(lam)}")
+    _check(math.isfinite(temperature) and temperature > 0.0, op, lambda: f"expected temperature > 0, but got {_fmt_float(temperature)}")
+    _check(divergence in DIVERGENCES, op, lambda: f"expected divergence to be one of 'kl', 'ab', but got '{divergence}'")
+    _check(order in ORDERS, op, lambda: f"expected order to be one of 'pr', 'qr', 'rp', 'rq', but got '{order}'")
+    if divergence == "ab":
+        _check(math.isfinite(ab_alpha) and ab_alpha > 0.0, op, lambda: f"expected ab_alpha > 0 for the alpha-beta divergence, but got {_fmt_float(ab_alpha)}")
+        _check(math.isfinite(ab_beta) and ab_beta > 0.0, op, lambda: f"expected ab_beta > 0 for the alpha-beta divergence, but got {_fmt_float(ab_beta)}")
+    _check(not detach_assistant or order in ("qr", "rq"), op, lambda: (
+        f"expected order 'qr' or 'rq' with detach_assistant=True (in '{order}' the student enters only "
+        f"through the assistant, so detaching it leaves no gradient), but got order '{order}'"))
+
+
+# ------------------------------------------------------------------------------------------------
+# amid_loss_fwd
+
+def amid_loss_fwd(student_logits: Tensor, teacher_logits: Tensor, row_weight: Optional[Tensor], alpha: float,
+                  lam: float, divergence: str, order: str, ab_alpha: float, ab_beta: float, temperature: float,
+                  detach_assistant: bool, compute_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-row AMiD loss; see the schema comment in csrc/ops.cpp. Returns (loss [N], stats [N, 5], grad)."""
+    return torch.ops.amid.amid_loss_fwd.default(student_logits, teacher_logits, row_weight, float(alpha), float(lam),
+                                                divergence, order, float(ab_alpha), float(ab_beta), float(temperature),
+                                                bool(detach_assistant), bool(compute_grad))
+
+
+@torch.library.register_fake("amid::amid_loss_fwd")
+def _amid_loss_fwd_fake(student_logits, teacher_logits, row_weight, alpha, lam, divergence, order, ab_alpha, ab_beta,
+                        temperature, detach_assistant, compute_grad):
+    op = "amid_loss_fwd"
+    check_logits_pair(op, student_logits, teacher_logits)
+    if row_weight is not None:
+        check_row_vector(op, "row_weight", row_weight, student_logits)
+    check_options(op, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant)
+    n, v = student_logits.shape
+    ldt = loss_dtype(student_logits.dtype)
+    loss = student_logits.new_empty((n,), dtype=ldt)
+    stats = student_logits.new_empty((n, NUM_STATS), dtype=ldt)
+    grad = student_logits.new_empty((n, v) if compute_grad else (0,))
+    return loss, stats, grad
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    (student_logits, teacher_logits, row_weight, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature,
+     detach_assistant, compute_grad) = inputs
+    _loss, stats, grad = output
+    ctx.mark_non_differentiable(stats, grad)
+    ctx.compute_grad = compute_grad
+    ctx.options = (alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant)
+    if compute_grad:
+        ctx.save_for_backward(grad)
+    else:
+        ctx.save_for_backward(student_logits, teacher_logits, row_weight, stats)
+
+
+def _check_backward_inputs(ctx) -> None:
+    if ctx.needs_input_grad[1]:
+        raise RuntimeError("amid::amid_loss_fwd: gradients with respect to teacher_logits are not supported; "
+                           "detach the teacher (compute it under torch.no_grad())")
+    if ctx.needs_input_grad[2]:
+        raise RuntimeError("amid::amid_loss_fwd: gradients with respect to row_weight are not supported; "
+                           "pass a row_weight that does not require grad")
+
+
+def _fwd_backward(ctx, grad_loss, _grad_stats, _grad_grad):
+    # The op-level formula is functional (the gradient output may be held by the caller, so it is
+    # never modified); amid.amid_loss uses the in-place fast path of GradInForward below.
+    _check_backward_inputs(ctx)
+    nones = (None,) * 11
+    if not ctx.needs_input_grad[0]:
+        return (None,) + nones
+    if ctx.compute_grad:
+        (grad,) = ctx.saved_tensors
+        return ((grad * grad_loss.unsqueeze(-1)).to(grad.dtype),) + nones
+    student_logits, teacher_logits, row_weight, stats = ctx.saved_tensors
+    grad = torch.ops.amid.amid_loss_bwd.default(grad_loss, student_logits, teacher_logits, row_weight, stats,
+                                                *ctx.options)
+    return (grad,) + nones
+
+
+torch.library.register_autograd("amid::amid_loss_fwd", _fwd_backward, setup_context=_fwd_setup_context)
+
+
+class GradInForward(torch.autograd.Function):
+    """Training fast path of amid.amid_loss: the op writes the gradient in the forward (one read of
+    the logits); the backward applies grad_loss to it in place (rows with grad_loss == 1 are not
+    touched, no host sync) and hands it out. The gradient is private to this node, so the in-place
+    update is invisible to the caller; a second backward through the node is refused."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, row_weight, alpha, lam, divergence, order, ab_alpha, ab_beta,
+                temperature, detach_assistant):
+        loss, _stats, grad = torch.ops.amid.amid_loss_fwd.default(
+            student_logits, teacher_logits, row_weight, alpha, lam, divergence, order, ab_alpha, ab_beta,
+            temperature, detach_assistant, True)
+        ctx.save_for_backward(grad)
+        ctx.grad_consumed = False
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        _check_backward_inputs(ctx)
+        if ctx.grad_consumed:
+            raise RuntimeError(
+                "amid::amid_loss_fwd: backward ran a second time through a loss whose gradient was computed in "
+                "the forward and already handed out; call the loss with grad_in_forward=False to backpropagate "
+                "through it more than once")
+        ctx.grad_consumed = True
+        (grad,) = ctx.saved_tensors
+        torch.ops.amid.scale_grad_.default(grad, grad_loss.contiguous())
+        return (grad,) + (None,) * 10
+
+
+# ------------------------------------------------------------------------------------------------
+# amid_loss_bwd
+
+def amid_loss_bwd(grad_loss: Tensor, student_logits: Tensor, teacher_logits: Tensor, row_weight: Optional[Tensor],
+                  stats: Tensor, alpha: float, lam: float, divergence: str, order: str, ab_alpha: float,
+                  ab_beta: float, temperature: float, detach_assistant: bool) -> Tensor:
+    """Gradient of sum(grad_loss * loss) w.r.t. student_logits, from the stats of amid_loss_fwd."""
+    return torch.ops.amid.amid_loss_bwd.default(grad_loss, student_logits, teacher_logits, row_weight, stats,
+                                                float(alpha), float(lam), divergence, order, float(ab_alpha),
+                                                float(ab_beta), float(temperature), bool(detach_assistant))
+
+
+@torch.library.register_fake("amid::amid_loss_bwd")
+def _amid_loss_bwd_fake(grad_loss, student_logits, teacher_logits, row_weight, stats, alpha, lam, divergence, order,
+                        ab_alpha, ab_beta, temperature, detach_assistant):
+    op = "amid_loss_bwd"
+    check_logits_pair(op, student_logits, teacher_logits)
+    check_row_vector(op, "grad_loss", grad_loss, student_logits)
+    if row_weight is not None:
+        check_row_vector(op, "row_weight", row_weight, student_logits)
+    want = loss_dtype(student_logits.dtype)
+    n = student_logits.size(0)
+    _check(stats.dim() == 2 and stats.size(0) == n and stats.size(1) == NUM_STATS, op,
+           lambda: f"expected stats of shape [{n}, {NUM_STATS}], but got {_shape(stats)}")
+    _check(stats.dtype == want, op, lambda: f"expected stats of dtype {_dt(want)}, but got {_dt(stats.dtype)}")
+    _check(stats.device == student_logits.device, op,
+           lambda: f"expected stats on device {student_logits.device}, but got {stats.device}")
+    check_options(op, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant)
+    return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
+
+
+def _bwd_backward(ctx, *grads):
+    raise RuntimeError("amid::amid_loss_bwd: double backward is not supported")
+
+
+def _bwd_setup_context(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd("amid::amid_loss_bwd", _bwd_backward, setup_context=_bwd_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# scale_grad_
+
+def scale_grad_(grad: Tensor, grad_loss: Tensor) -> None:
+    """In place ``grad[n, :] *= grad_loss[n]``; rows with grad_loss exactly 1 are not touched."""
+    torch.ops.amid.scale_grad_.default(grad, grad_loss)
+
+
+@torch.library.register_fake("amid::scale_grad_")
+def _scale_grad_fake(grad, grad_loss):
+    op = "scale_grad_"
+    _check(grad.dim() == 2 and grad.is_contiguous(), op,
+           lambda: f"expected grad to be a contiguous 2-D [N, V] tensor, but got shape {_shape(grad)}")
+    _check(grad.dtype in _DTYPES, op,
+           lambda: f"expected grad of dtype float16, bfloat16, float32 or float64, but got {_dt(grad.dtype)}")
+    check_row_vector(op, "grad_loss", grad_loss, grad)
+    return None

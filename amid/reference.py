@@ -1,0 +1,102 @@
+"""Pure-PyTorch reference of the AMiD loss: the same semantics as the ``torch.ops.amid`` kernels,
+spelled out with torch ops and differentiated by autograd.
+
+Used by the tests (in float64, as the ground truth the kernels are compared with), by the
+benchmarks, and as the fallback on devices for which amid has no kernels. It is exact but slow
+and memory-hungry: it materialises several [N, V] tensors.
+
+Semantics (spec: ../shared/docs/amid-math.md):
+* teacher p = softmax(t / T), student q = softmax(s / T), assistant r ∝ (lam p^k + (1-lam) q^k)^(1/k)
+  with k = (1 - alpha)/2 for every real alpha != 1, and r ∝ p^lam q^(1-lam) at alpha = 1;
+* ``kl``: KL between two of p, q, r in the given order; elements where a logit is -inf are dropped
+  from the sum (their assistant mass stays in the normaliser);
+* ``ab``: the alpha-beta divergence D(x||y) = -1/(ab) sum(x^a y^b - a/(a+b) x^(a+b) - b/(a+b) y^(a+b));
+* ``detach_assistant``: the student inside r is treated as a constant (TAID), ``qr``/``rq`` only;
+* NaN / +inf logits, or a row whose teacher or student logits are all -inf, give a NaN row loss.
+
+Every formula is written so that -inf logits give finite gradients ("double where": unselected
+branches only ever see finite values).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import ops as _ops
+
+__all__ = ["amid_loss_rows", "amid_loss", "mixture_log"]
+
+
+def mixture_log(lp: Tensor, lq: Tensor, alpha: float, lam: float) -> Tensor:
+    """log r~ (unnormalised log assistant) from teacher / student log-probabilities (may be -inf)."""
+    if lam == 0.0:
+        return lq
+    if lam == 1.0:
+        return lp
+    fp, fq = torch.isfinite(lp), torch.isfinite(lq)
+    lp0 = torch.where(fp, lp, torch.zeros_like(lp))
+    lq0 = torch.where(fq, lq, torch.zeros_like(lq))
+    neg_inf = torch.full_like(lp, -math.inf)
+    if alpha == 1.0:
+        mix = lam * lp0 + (1.0 - lam) * lq0
+        return torch.where(fp & fq, mix, neg_inf)
+    k = 0.5 * (1.0 - alpha)
+    x = k * (lp0 - lq0)
+    # Stable power mean: reference the larger of p^k, q^k so that expm1's argument is <= 0.
+    q_ref = lq0 + torch.log1p(lam * torch.expm1(torch.clamp(x, max=0.0))) / k
+    p_ref = lp0 + torch.log1p((1.0 - lam) * torch.expm1(-torch.clamp(x, min=0.0))) / k
+    both = torch.where(x <= 0, q_ref, p_ref)
+    # One side masked: p = 0 gives r~ = (1-lam)^(1/k) q for k > 0 and 0 for k < 0 (and vice versa).
+    only_q = lq0 + math.log1p(-lam) / k if k > 0 else neg_inf
+    only_p = lp0 + math.log(lam) / k if k > 0 else neg_inf
+    out = torch.where(fp & fq, both, neg_inf)
+    out = torch.where(~fp & fq, only_q, out)
+    out = torch.where(fp & ~fq, only_p, out)
+    return out
+
+
+def amid_loss_rows(student_logits: Tensor, teacher_logits: Tensor, *, alpha: float, lam: float,
+                   divergence: str = "kl", order: str = "pr", ab_alpha: float = 0.2, ab_beta: float = 0.7,
+                   temperature: float = 1.0, detach_assistant: bool = False) -> Tensor:
+    """Per-row AMiD loss of [N, V] logits, in their dtype (use float64 for a ground truth).
+
+    Same options and checks as ``torch.ops.amid.amid_loss_fwd``; returns the unweighted row losses [N].
+    """
+    op = "amid_loss_fwd"
+    _ops.check_logits_pair(op, student_logits, teacher_logits)
+    _ops.check_options(op, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant)
+    s = student_logits / temperature
+    t = teacher_logits / temperature
+    bad_t = ~(t < math.inf).all(-1) | (t == -math.inf).all(-1)  # NaN / +inf / all -inf rows
+    bad_s = ~(s < math.inf).all(-1) | (s == -math.inf).all(-1)
+    lp = torch.log_softmax(t, -1)
+    lq = torch.log_softmax(s, -1)
+    lq_mix = lq.detach() if detach_assistant else lq
+    lt = mixture_log(lp, lq_mix, alpha, lam)
+    lr = torch.log_softmax(lt, -1)
+    p, q, r = lp.exp(), lq.exp(), lr.exp()
+    if divergence == "kl":
+        keep = torch.isfinite(lp) & torch.isfinite(lq)
+        zero = torch.zeros_like(lp)
+        lp0, lq0, lr0 = (torch.where(keep, x, zero) for x in (lp, lq, lr))
+        x, lx, ly = {
+            "pr": (p, lp0, lr0), "qr": (q, lq0, lr0), "rp": (r, lr0, lp0), "rq": (r, lr0, lq0),
+        }[order]
+        loss = torch.where(keep, x * (lx - ly), zero).sum(-1)
+    else:
+        a, b = ab_alpha, ab_beta
+        g = a + b
+        lx, ly = {"pr": (lp, lr), "qr": (lq, lr), "rp": (lr, lp), "rq": (lr, lq)}[order]
+        loss = -((a * lx + b * ly).exp().sum(-1) - (a / g) * (g * lx).exp().sum(-1)
+                 - (b / g) * (g * ly).exp().sum(-1)) / (a * b)
+    return torch.where(bad_t | bad_s, torch.full_like(loss, math.nan), loss)
+
+
+def amid_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, **kwargs) -> Tensor:
+    """:func:`amid.amid_loss` computed with the pure-PyTorch reference instead of the kernels."""
+    from .functional import amid_loss as _amid_loss
+
+    return _amid_loss(student_logits, teacher_logits, labels, backend="reference", **kwargs)

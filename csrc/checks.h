@@ -1,0 +1,154 @@
+// checks.h -- input validation and option parsing shared by the CPU and CUDA host wrappers, so
+// that every backend fails with identical messages. amid/ops.py repeats these messages in the fake
+// (meta) kernels; tests/test_errors.py pins them.
+//
+// Message style: "amid::<op>: expected <what>, but got <what came>".
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <string>
+
+#include "amid_math.h"
+
+namespace amid {
+
+#define AMID_CHECK(cond, op, ...) TORCH_CHECK((cond), "amid::", op, ": ", __VA_ARGS__)
+
+inline std::string shape_str(const at::Tensor& x) {
+  std::string s = "[";
+  for (int64_t i = 0; i < x.dim(); ++i) {
+    s += (i ? ", " : "") + std::to_string(x.size(i));
+  }
+  return s + "]";
+}
+
+inline bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// The dtype of the loss, of the statistics and of row weights / grad_loss: float64 for float64
+// logits (so gradcheck works), float32 otherwise.
+inline at::ScalarType loss_dtype(at::ScalarType logits) {
+  return logits == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// student_logits / teacher_logits: same 2-D shape [N, V], same dtype and device, unit stride along
+// V (any row stride).
+inline void check_logits_pair(const char* op, const at::Tensor& s, const at::Tensor& t) {
+  AMID_CHECK(s.dim() == 2, op, "expected student_logits to be 2-D [N, V], but got a ", s.dim(),
+             "-D tensor of shape ", shape_str(s));
+  AMID_CHECK(t.dim() == 2, op, "expected teacher_logits to be 2-D [N, V], but got a ", t.dim(),
+             "-D tensor of shape ", shape_str(t));
+  AMID_CHECK(s.sizes() == t.sizes(), op,
+             "expected student_logits and teacher_logits to have the same shape, but got ",
+             shape_str(s), " and ", shape_str(t));
+  AMID_CHECK(s.size(1) >= 1, op,
+             "expected a vocabulary of at least 1 entry, but got student_logits of shape ",
+             shape_str(s));
+  AMID_CHECK(s.scalar_type() == t.scalar_type(), op,
+             "expected student_logits and teacher_logits to have the same dtype, but got ",
+             s.scalar_type(), " and ", t.scalar_type());
+  AMID_CHECK(is_supported_dtype(s.scalar_type()), op,
+             "expected student_logits of dtype float16, bfloat16, float32 or float64, but got ",
+             s.scalar_type());
+  AMID_CHECK(s.device() == t.device(), op,
+             "expected student_logits and teacher_logits on the same device, but got ", s.device(),
+             " and ", t.device());
+  AMID_CHECK(s.size(1) <= 1 || s.stride(1) == 1, op,
+             "expected student_logits to have stride 1 in the last dimension, but got stride ",
+             s.stride(1));
+  AMID_CHECK(t.size(1) <= 1 || t.stride(1) == 1, op,
+             "expected teacher_logits to have stride 1 in the last dimension, but got stride ",
+             t.stride(1));
+}
+
+// A per-row vector ([N], loss dtype, same device as the logits): row_weight, grad_loss.
+inline void check_row_vector(const char* op, const char* name, const at::Tensor& x,
+                             const at::Tensor& logits) {
+  const auto want = loss_dtype(logits.scalar_type());
+  AMID_CHECK(x.dim() == 1 && x.size(0) == logits.size(0), op, "expected ", name, " of shape [",
+             logits.size(0), "], but got ", shape_str(x));
+  AMID_CHECK(x.scalar_type() == want, op, "expected ", name, " of dtype ", want, ", but got ",
+             x.scalar_type());
+  AMID_CHECK(x.device() == logits.device(), op, "expected ", name, " on device ", logits.device(),
+             ", but got ", x.device());
+}
+
+inline void check_stats(const char* op, const at::Tensor& stats, const at::Tensor& logits) {
+  const auto want = loss_dtype(logits.scalar_type());
+  AMID_CHECK(stats.dim() == 2 && stats.size(0) == logits.size(0) && stats.size(1) == kNumStats, op,
+             "expected stats of shape [", logits.size(0), ", ", kNumStats, "], but got ",
+             shape_str(stats));
+  AMID_CHECK(stats.scalar_type() == want, op, "expected stats of dtype ", want, ", but got ",
+             stats.scalar_type());
+  AMID_CHECK(stats.device() == logits.device(), op, "expected stats on device ", logits.device(),
+             ", but got ", stats.device());
+}
+
+inline Divergence parse_divergence(const char* op, const std::string& d) {
+  if (d == "kl") return Divergence::kKL;
+  if (d == "ab") return Divergence::kAB;
+  AMID_CHECK(false, op, "expected divergence to be one of 'kl', 'ab', but got '", d, "'");
+  return Divergence::kKL;
+}
+
+inline Order parse_order(const char* op, const std::string& o) {
+  if (o == "pr") return Order::kPR;
+  if (o == "qr") return Order::kQR;
+  if (o == "rp") return Order::kRP;
+  if (o == "rq") return Order::kRQ;
+  AMID_CHECK(false, op, "expected order to be one of 'pr', 'qr', 'rp', 'rq', but got '", o, "'");
+  return Order::kPR;
+}
+
+// Validates the loss options and folds them into the kernels' parameter block.
+template <typename T>
+LossParams<T> make_params(const char* op, double alpha, double lam, const std::string& divergence,
+                          const std::string& order, double ab_alpha, double ab_beta,
+                          double temperature, bool detach_assistant) {
+  AMID_CHECK(std::isfinite(alpha), op, "expected a finite alpha, but got ", alpha);
+  AMID_CHECK(lam >= 0.0 && lam <= 1.0, op, "expected lam in [0, 1], but got ", lam);
+  AMID_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
+             "expected temperature > 0, but got ", temperature);
+  LossParams<T> P;
+  P.divergence = parse_divergence(op, divergence);
+  P.order = parse_order(op, order);
+  if (P.divergence == Divergence::kAB) {
+    AMID_CHECK(std::isfinite(ab_alpha) && ab_alpha > 0.0, op,
+               "expected ab_alpha > 0 for the alpha-beta divergence, but got ", ab_alpha);
+    AMID_CHECK(std::isfinite(ab_beta) && ab_beta > 0.0, op,
+               "expected ab_beta > 0 for the alpha-beta divergence, but got ", ab_beta);
+  }
+  AMID_CHECK(!detach_assistant || P.order == Order::kQR || P.order == Order::kRQ, op,
+             "expected order 'qr' or 'rq' with detach_assistant=True (in '", order,
+             "' the student enters only through the assistant, so detaching it leaves no "
+             "gradient), but got order '", order, "'");
+  P.detach = detach_assistant;
+  P.lam = T(lam);
+  P.one_minus_lam = T(1.0 - lam);
+  const double k = 0.5 * (1.0 - alpha);
+  P.k = T(k);
+  P.inv_k = k != 0.0 ? T(1.0 / k) : T(0);
+  if (lam == 0.0) {
+    P.mode = MixMode::kStudent;
+  } else if (lam == 1.0) {
+    P.mode = MixMode::kTeacher;
+  } else if (alpha == 1.0) {
+    P.mode = MixMode::kGeometric;
+  } else {
+    P.mode = MixMode::kPower;
+  }
+  P.ab_a = T(ab_alpha);
+  P.ab_b = T(ab_beta);
+  P.ab_a_over_g = T(ab_alpha / (ab_alpha + ab_beta));
+  P.ab_b_over_g = T(ab_beta / (ab_alpha + ab_beta));
+  P.inv_ab = T(1.0 / (ab_alpha * ab_beta));
+  P.inv_a = T(1.0 / ab_alpha);
+  P.inv_b = T(1.0 / ab_beta);
+  P.inv_temperature = T(1.0 / temperature);
+  return P;
+}
+
+}  // namespace amid

@@ -1,0 +1,100 @@
+// ops.cpp -- the one TORCH_LIBRARY(amid, m) block: the schema of every op, and the C++ API of
+// ops.h, which calls through the dispatcher. Kernels are registered per backend at the bottom of
+// cpu/amid_loss_cpu.cpp and cuda/amid_loss_cuda.cu; fake kernels and autograd live in
+// amid/ops.py. The golden list of schemas is tests/op_schemas.txt.
+#include "ops.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <string>
+
+#define AMID_STR2(x) #x
+#define AMID_STR(x) AMID_STR2(x)
+
+namespace amid {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> amid_loss_fwd(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+    const std::optional<at::Tensor>& row_weight, double alpha, double lam,
+    std::string_view divergence, std::string_view order, double ab_alpha, double ab_beta,
+    double temperature, bool detach_assistant, bool compute_grad) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("amid::amid_loss_fwd", "")
+                       .typed<decltype(amid_loss_fwd)>();
+  return op.call(student_logits, teacher_logits, row_weight, alpha, lam, divergence, order,
+                 ab_alpha, ab_beta, temperature, detach_assistant, compute_grad);
+}
+
+at::Tensor amid_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                         const at::Tensor& teacher_logits,
+                         const std::optional<at::Tensor>& row_weight, const at::Tensor& stats,
+                         double alpha, double lam, std::string_view divergence,
+                         std::string_view order, double ab_alpha, double ab_beta,
+                         double temperature, bool detach_assistant) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("amid::amid_loss_bwd", "")
+                       .typed<decltype(amid_loss_bwd)>();
+  return op.call(grad_loss, student_logits, teacher_logits, row_weight, stats, alpha, lam,
+                 divergence, order, ab_alpha, ab_beta, temperature, detach_assistant);
+}
+
+void scale_grad_(at::Tensor& grad, const at::Tensor& grad_loss) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("amid::scale_grad_", "")
+                       .typed<void(at::Tensor&, const at::Tensor&)>();
+  op.call(grad, grad_loss);
+}
+
+namespace {
+
+// What this library was built with; read by amid.build_info(). The macros come from setup.py /
+// CMakeLists.txt.
+std::string build_info() {
+  std::string s = "torch=";
+#ifdef AMID_TORCH_VERSION
+  s += AMID_STR(AMID_TORCH_VERSION);
+#else
+  s += "unknown";
+#endif
+#ifdef AMID_WITH_CUDA
+  s += ";cuda=1;cuda_archs=";
+#ifdef AMID_CUDA_ARCHS
+  s += AMID_STR(AMID_CUDA_ARCHS);
+#else
+  s += "unknown";
+#endif
+#else
+  s += ";cuda=0;cuda_archs=";
+#endif
+  return s;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(amid, m) {
+  // Per-row AMiD loss, optionally with the gradient written in the same pass over the logits.
+  //   student_logits, teacher_logits: [N, V], same dtype (f16/bf16/f32/f64), unit stride along V.
+  //   row_weight: [N] (float32; float64 for float64 logits) or None (= 1). Rows with weight 0
+  //     are skipped: loss 0, gradient 0, logits not read.
+  //   Returns loss [N] = row_weight * L_n, stats [N, 5] = (A, B, Z, S_G, K) for amid_loss_bwd,
+  //   grad [N, V] = d(sum loss)/d student_logits in the logits dtype if compute_grad, else [0].
+  m.def(
+      "amid_loss_fwd(Tensor student_logits, Tensor teacher_logits, Tensor? row_weight, "
+      "float alpha, float lam, str divergence, str order, float ab_alpha, float ab_beta, "
+      "float temperature, bool detach_assistant, bool compute_grad) "
+      "-> (Tensor loss, Tensor stats, Tensor grad)");
+  // Gradient of sum_n grad_loss_n * loss_n w.r.t. student_logits, recomputed in one pass from the
+  // logits and the stats of amid_loss_fwd (the path when the forward stored no gradient).
+  m.def(
+      "amid_loss_bwd(Tensor grad_loss, Tensor student_logits, Tensor teacher_logits, "
+      "Tensor? row_weight, Tensor stats, float alpha, float lam, str divergence, str order, "
+      "float ab_alpha, float ab_beta, float temperature, bool detach_assistant) -> Tensor");
+  // In place grad[n, :] *= grad_loss[n]; rows whose grad_loss is exactly 1 are not touched, so
+  // applying grad_output to a gradient written in the forward costs nothing in the common case.
+  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_loss) -> ()");
+  // "torch=<version>;cuda=<0|1>;cuda_archs=<list>": how this library was built.
+  m.def("_build_info() -> str", &build_info);
+}
+
+}  // namespace amid

@@ -1,0 +1,38 @@
+// ops.h -- the C++ API of amid for libtorch users. Each function calls the registered op through
+// the dispatcher, so CPU and CUDA tensors reach their kernels. Autograd is attached in Python
+// (amid/ops.py); from C++, call amid_loss_fwd with compute_grad = true (or amid_loss_bwd) for the
+// gradient. Shapes and semantics: see the schema comments in ops.cpp and the README.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string_view>
+#include <tuple>
+
+namespace amid {
+
+// Per-row AMiD loss of student logits [N, V] against teacher logits [N, V].
+// Returns (loss [N], stats [N, 5], grad): loss_n = row_weight_n * L_n (0 where row_weight_n == 0,
+// those rows are skipped); stats = [A, B, Z, S_G, K] per row; grad = d(sum loss)/d student_logits
+// ([N, V], logits dtype) when compute_grad, else an empty tensor. loss/stats are float32 (float64
+// for float64 logits).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> amid_loss_fwd(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+    const std::optional<at::Tensor>& row_weight, double alpha, double lam,
+    std::string_view divergence, std::string_view order, double ab_alpha, double ab_beta,
+    double temperature, bool detach_assistant, bool compute_grad);
+
+// Gradient of sum_n grad_loss_n * loss_n with respect to student_logits, recomputed from the
+// logits and the stats of amid_loss_fwd. Returns [N, V] in the logits dtype.
+at::Tensor amid_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                         const at::Tensor& teacher_logits,
+                         const std::optional<at::Tensor>& row_weight, const at::Tensor& stats,
+                         double alpha, double lam, std::string_view divergence,
+                         std::string_view order, double ab_alpha, double ab_beta,
+                         double temperature, bool detach_assistant);
+
+// In place: grad[n, :] *= grad_loss[n], skipping rows where grad_loss[n] == 1 (no host sync).
+void scale_grad_(at::Tensor& grad, const at::Tensor& grad_loss);
+
+}  // namespace amid
