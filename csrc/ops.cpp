@@ -9,8 +9,8 @@
 
 #include <string>
 
-#define AMID_STR2(x) #x
-#define AMID_STR(x) AMID_STR2(x)
+#define AMID_STR2(...) #__VA_ARGS__
+#define AMID_STR(...) AMID_STR2(__VA_ARGS__)
 
 namespace amid {
 
