@@ -28,7 +28,10 @@ NUM_STATS = 5  # [A, B, Z, S_G, K] per row; csrc/amid_math.h kNumStats
 DIVERGENCES = ("kl", "ab")
 ORDERS = ("pr", "qr", "rp", "rq")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_DTYPE_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float", torch.float64: "Double"}
+# c10's names for dtypes (what C++ messages print), so fake-kernel messages match word for word.
+_DTYPE_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float", torch.float64: "Double",
+                torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short", torch.int32: "Int", torch.int64: "Long",
+                torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}
 
 
 def loss_dtype(logits_dtype: torch.dtype) -> torch.dtype:

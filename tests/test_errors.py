@@ -1,0 +1,156 @@
+"""Every error path: the message names the op, the argument, what was expected and what came; the
+C++ kernels (eager) and the fake kernels (what torch.compile runs) say exactly the same."""
+import math
+import re
+
+import pytest
+import torch
+
+import amid
+
+OPTS = (0.5, 0.5, "kl", "pr", 0.2, 0.7, 1.0, False)  # alpha, lam, divergence, order, ab_a, ab_b, T, detach
+
+
+def _fwd(s, t, w=None, opts=OPTS, compute_grad=False):
+    return torch.ops.amid.amid_loss_fwd(s, t, w, *opts, compute_grad)
+
+
+def _both(fn, *tensors, expected):
+    """Run fn on real CPU tensors and on fake tensors (the fake kernels torch.compile uses, same
+    strides); both raise `expected` exactly."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with pytest.raises(RuntimeError) as info:
+        fn(*tensors)
+    assert str(info.value).splitlines()[0] == expected, f"eager: {str(info.value)!r}"
+    with FakeTensorMode() as mode:
+        args = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in tensors]
+        with pytest.raises(RuntimeError) as info:
+            fn(*args)
+    assert str(info.value).splitlines()[0] == expected, f"fake: {str(info.value)!r}"
+
+
+s = torch.randn(2, 5)
+t = torch.randn(2, 5)
+P = "amid::amid_loss_fwd: "
+
+FWD_CASES = [
+    # (student, teacher, row_weight, options, expected message)
+    (torch.randn(2, 3, 4), torch.randn(2, 3, 4), None, OPTS,
+     P + "expected student_logits to be 2-D [N, V], but got a 3-D tensor of shape [2, 3, 4]"),
+    (s, torch.randn(5), None, OPTS, P + "expected teacher_logits to be 2-D [N, V], but got a 1-D tensor of shape [5]"),
+    (s, torch.randn(2, 6), None, OPTS,
+     P + "expected student_logits and teacher_logits to have the same shape, but got [2, 5] and [2, 6]"),
+    (torch.randn(2, 0), torch.randn(2, 0), None, OPTS,
+     P + "expected a vocabulary of at least 1 entry, but got student_logits of shape [2, 0]"),
+    (s, t.double(), None, OPTS,
+     P + "expected student_logits and teacher_logits to have the same dtype, but got Float and Double"),
+    (s.int(), t.int(), None, OPTS,
+     P + "expected student_logits of dtype float16, bfloat16, float32 or float64, but got Int"),
+    (torch.randn(2, 10)[:, ::2], t, None, OPTS,
+     P + "expected student_logits to have stride 1 in the last dimension, but got stride 2"),
+    (s, torch.randn(2, 10)[:, ::2], None, OPTS,
+     P + "expected teacher_logits to have stride 1 in the last dimension, but got stride 2"),
+    (s, t, torch.ones(3), OPTS, P + "expected row_weight of shape [2], but got [3]"),
+    (s, t, torch.ones(2, dtype=torch.float64), OPTS, P + "expected row_weight of dtype Float, but got Double"),
+    (s, t, None, (math.nan,) + OPTS[1:], P + "expected a finite alpha, but got nan"),
+    (s, t, None, (0.5, 1.5) + OPTS[2:], P + "expected lam in [0, 1], but got 1.5"),
+    (s, t, None, (0.5, -0.25) + OPTS[2:], P + "expected lam in [0, 1], but got -0.25"),
+    (s, t, None, OPTS[:6] + (0.0, False), P + "expected temperature > 0, but got 0"),
+    (s, t, None, OPTS[:6] + (-2.0, False), P + "expected temperature > 0, but got -2"),
+    (s, t, None, (0.5, 0.5, "js") + OPTS[3:], P + "expected divergence to be one of 'kl', 'ab', but got 'js'"),
+    (s, t, None, (0.5, 0.5, "kl", "pq") + OPTS[4:],
+     P + "expected order to be one of 'pr', 'qr', 'rp', 'rq', but got 'pq'"),
+    (s, t, None, (0.5, 0.5, "ab", "pr", 0.0, 0.7, 1.0, False),
+     P + "expected ab_alpha > 0 for the alpha-beta divergence, but got 0"),
+    (s, t, None, (0.5, 0.5, "ab", "pr", 0.2, -1.0, 1.0, False),
+     P + "expected ab_beta > 0 for the alpha-beta divergence, but got -1"),
+    (s, t, None, (0.5, 0.5, "kl", "pr", 0.2, 0.7, 1.0, True),
+     P + "expected order 'qr' or 'rq' with detach_assistant=True (in 'pr' the student enters only through the "
+         "assistant, so detaching it leaves no gradient), but got order 'pr'"),
+]
+
+
+@pytest.mark.parametrize("case", FWD_CASES, ids=[c[-1][len(P):60] for c in FWD_CASES])
+def test_fwd_errors(case):
+    student, teacher, w, opts, expected = case
+    _both(lambda a, b, c: _fwd(a, b, c, opts), student, teacher, w, expected=expected)
+
+
+def test_bwd_errors():
+    Pb = "amid::amid_loss_bwd: "
+    _, stats, _ = _fwd(s, t)
+    gl = torch.ones(2)
+    bwd = torch.ops.amid.amid_loss_bwd
+    _both(lambda g, a, b, st: bwd(g, a, b, None, st, *OPTS), torch.ones(3), s, t, stats,
+          expected=Pb + "expected grad_loss of shape [2], but got [3]")
+    _both(lambda g, a, b, st: bwd(g, a, b, None, st, *OPTS), gl, s, t, stats[:, :4],
+          expected=Pb + "expected stats of shape [2, 5], but got [2, 4]")
+    _both(lambda g, a, b, st: bwd(g, a, b, None, st, *OPTS), gl, s, t, stats.double(),
+          expected=Pb + "expected stats of dtype Float, but got Double")
+    _both(lambda g, a, b, st: bwd(g, a, b, None, st, 0.5, 2.0, *OPTS[2:]), gl, s, t, stats,
+          expected=Pb + "expected lam in [0, 1], but got 2")
+
+
+def test_scale_grad_errors():
+    Ps = "amid::scale_grad_: "
+    _both(lambda g, gl: torch.ops.amid.scale_grad_(g, gl), torch.randn(4, 6).t(), torch.ones(6),
+          expected=Ps + "expected grad to be a contiguous 2-D [N, V] tensor, but got shape [6, 4]")
+    _both(lambda g, gl: torch.ops.amid.scale_grad_(g, gl), torch.randn(4, 6), torch.ones(4, dtype=torch.float64),
+          expected=Ps + "expected grad_loss of dtype Float, but got Double")
+
+
+def test_python_api_errors():
+    x, y = torch.randn(3, 8), torch.randn(3, 8)
+    A = dict(alpha=0.5, lam=0.5)
+    cases = [
+        (lambda: amid.amid_loss(x, torch.randn(3, 9), **A),
+         "amid.amid_loss: expected student_logits and teacher_logits to have the same shape, but got [3, 8] and [3, 9]"),
+        (lambda: amid.amid_loss(x, y.clone().requires_grad_(True), **A),
+         "amid.amid_loss: expected teacher_logits not to require grad (detach the teacher or run it under "
+         "torch.no_grad()), but it requires grad"),
+        (lambda: amid.amid_loss(x, y, reduction="batchmean", **A),
+         "amid.amid_loss: expected reduction to be one of 'mean', 'sum', 'none', but got 'batchmean'"),
+        (lambda: amid.amid_loss(x, y, reduction="sum", normalizer=3, **A),
+         "amid.amid_loss: expected normalizer only with reduction='mean', but got reduction='sum'"),
+        (lambda: amid.amid_loss(x, y, normalizer=0, **A), "amid.amid_loss: expected normalizer > 0, but got 0"),
+        (lambda: amid.amid_loss(x, y, torch.zeros(3), **A),
+         "amid.amid_loss: expected labels to be an integer tensor, but got torch.float32"),
+        (lambda: amid.amid_loss(x, y, torch.zeros(4, dtype=torch.long), **A),
+         "amid.amid_loss: expected labels of shape [3] (the logits' leading dimensions), but got [4]"),
+        (lambda: amid.amid_loss(x, y, backend="triton", **A),
+         "amid.amid_loss: expected backend to be one of 'auto', 'kernels', 'reference', but got 'triton'"),
+        (lambda: amid.AMiDLoss(alpha=0.5, lam=0.5)(x, torch.randn(2, 8)),
+         "amid.AMiDLoss: expected student_logits and teacher_logits to have the same shape, but got [3, 8] and [2, 8]"),
+        (lambda: amid.amid_loss(torch.tensor(1.0), torch.tensor(1.0), **A),
+         "amid.amid_loss: expected student_logits of shape [..., V], but got a 0-D tensor"),
+    ]
+    for fn, expected in cases:
+        with pytest.raises(ValueError) as info:
+            fn()
+        assert str(info.value) == expected
+    # option errors surface from the op with its name
+    with pytest.raises(RuntimeError, match=re.escape("amid::amid_loss_fwd: expected lam in [0, 1], but got 1.5")):
+        amid.amid_loss(x, y, alpha=0.5, lam=1.5)
+    with pytest.raises(RuntimeError, match=re.escape("amid::amid_loss_fwd: expected lam in [0, 1], but got 1.5")):
+        amid.reference.amid_loss(x, y, alpha=0.5, lam=1.5)
+
+
+def test_gradient_to_teacher_or_row_weight_is_refused_at_op_level():
+    x = torch.randn(2, 5, requires_grad=True)
+    y = torch.randn(2, 5, requires_grad=True)
+    loss, _, _ = _fwd(x, y)
+    with pytest.raises(RuntimeError, match="gradients with respect to teacher_logits are not supported"):
+        loss.sum().backward()
+    w = torch.ones(2, requires_grad=True)
+    loss, _, _ = _fwd(x, t, w)
+    with pytest.raises(RuntimeError, match="gradients with respect to row_weight are not supported"):
+        loss.sum().backward()
+
+
+def test_double_backward_is_refused():
+    x = torch.randn(2, 5, requires_grad=True)
+    loss = amid.amid_loss(x, t, alpha=0.5, lam=0.5, grad_in_forward=False)
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="amid::amid_loss_bwd: double backward is not supported"):
+        g.sum().backward()
