@@ -129,7 +129,9 @@ def _extra_cuda_includes():
 torch_version = torch.__version__.split("+")[0]
 define_macros = [("AMID_TORCH_VERSION", torch.__version__), ("Py_LIMITED_API", "0x03090000")]
 cxx_flags = ["-O0", "-g"] if DEBUG else ["-O3"]
-cxx_flags += ["-fdiagnostics-color=always"]
+# -fno-trapping-math lets the CPU kernel's branch-free selects vectorise and -fopenmp-simd enables its
+# `#pragma omp simd reduction`s; no -ffast-math (inf / NaN keep their IEEE meaning).
+cxx_flags += ["-fdiagnostics-color=always", "-fno-trapping-math", "-fopenmp-simd"]
 ext_kwargs = dict(name="amid._C", sources=sources, py_limited_api=True)
 
 if use_cuda:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import ops as _ops
 
-__all__ = ["amid_loss_rows", "amid_loss", "mixture_log"]
+__all__ = ["amid_loss_rows", "amid_loss", "mixture_log", "official_amid_loss"]
 
 
 def mixture_log(lp: Tensor, lq: Tensor, alpha: float, lam: float) -> Tensor:
@@ -100,3 +100,46 @@ def amid_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[T
     from .functional import amid_loss as _amid_loss
 
     return _amid_loss(student_logits, teacher_logits, labels, backend="reference", **kwargs)
+
+
+def official_amid_loss(logits: Tensor, teacher_logits: Tensor, labels: Tensor, alpha: float, lam: float,
+                       div_name: str = "fkl", order: str = "pr") -> Tensor:
+    """The official code's formula, transcribed (aailab-kaist/AMiD ``distillm/losses.py::amid``, snapshot
+    a963105; spec §1.3, §2): eager PyTorch, every alpha >= 1 mapped to the geometric mixture, ``fkl``
+    masked by isinf, ``ab`` with its hard-coded (0.2, 0.7), mean over rows with label != -100.
+
+    Kept as the baseline of the benchmarks and as an independent check in the tests; it computes in
+    the logits' dtype (the official code does not upcast) and its backward is NaN with -inf logits.
+    """
+    p = torch.softmax(teacher_logits, -1)
+    logp = torch.log_softmax(teacher_logits, -1)
+    q = torch.softmax(logits, -1)
+    logq = torch.log_softmax(logits, -1)
+    if lam <= 0:
+        logr = logq
+    elif lam >= 1:
+        logr = logp
+    elif alpha >= 1:
+        logr = torch.log_softmax(lam * logp + (1 - lam) * logq, -1)
+    else:
+        k = 0.5 * (1 - alpha)
+        logr = (2 / (1 - alpha)) * torch.logaddexp(math.log(lam) + k * logp, math.log(1 - lam) + k * logq)
+        logr = torch.log_softmax(logr, -1)
+    r = logr.exp()
+    mask = (labels != -100).int()
+    xs = {"pr": (p, logp, logr), "qr": (q, logq, logr), "rp": (r, logr, logp), "rq": (r, logr, logq)}
+    if div_name == "fkl":
+        inf_mask = torch.isinf(logits) | torch.isinf(teacher_logits)
+        x, lx, ly = xs[order]
+        prod = (x * (lx - ly)).masked_fill(inf_mask, 0)
+        per_row = prod.sum(-1)
+        return (per_row * mask).sum() / mask.sum()
+    a, b = 0.2, 0.7
+    g = a + b
+    lx, ly = {"pr": (logp, logr), "qr": (logq, logr), "rp": (logr, logp), "rq": (logr, logq)}[order]
+    t1 = torch.logsumexp(a * lx + b * ly, -1).exp()
+    t2 = torch.logsumexp(g * lx, -1).exp()
+    t3 = torch.logsumexp(g * ly, -1).exp()
+    per_row = -(t1 - a / g * t2 - b / g * t3) / (a * b)
+    per_row = torch.where(torch.isfinite(per_row), per_row, torch.zeros_like(per_row))
+    return (per_row * mask).sum() / mask.sum()

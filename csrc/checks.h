@@ -142,6 +142,7 @@ LossParams<T> make_params(const char* op, double alpha, double lam, const std::s
   }
   P.ab_a = T(ab_alpha);
   P.ab_b = T(ab_beta);
+  P.ab_g = T(ab_alpha + ab_beta);
   P.ab_a_over_g = T(ab_alpha / (ab_alpha + ab_beta));
   P.ab_b_over_g = T(ab_beta / (ab_alpha + ab_beta));
   P.inv_ab = T(1.0 / (ab_alpha * ab_beta));

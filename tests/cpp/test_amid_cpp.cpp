@@ -10,6 +10,7 @@
 #include <fstream>
 #include <string>
 
+#include "cpu/vec_math.h"
 #include "ops.h"
 
 static int failures = 0;
@@ -38,7 +39,41 @@ static double naive_row_loss(const double* s, const double* t, int64_t V, double
   return L;
 }
 
+// Error of a float result in units of the float spacing at the exact (double) value.
+static double ulp_err(float got, double want) {
+  const float wf = static_cast<float>(want);
+  const double ulp = std::nextafter(std::abs(wf), INFINITY) - std::abs(wf);
+  return std::abs(double(got) - want) / ulp;
+}
+
+// The CPU kernel's vectorisable exp / log1p (csrc/cpu/vec_math.h) against the C library in double.
+static void test_vec_math() {
+  double worst_exp = 0, worst_log1p = 0;
+  for (int i = 0; i <= 2000000; ++i) {
+    const float x = -87.0f + 175.0f * float(i) / 2000000.0f;  // [-87, 88]
+    worst_exp = std::max(worst_exp, ulp_err(amid::VecMath::exp(x), std::exp(double(x))));
+  }
+  EXPECT(worst_exp <= 2.0);
+  EXPECT(amid::VecMath::exp(-INFINITY) == 0.0f && amid::VecMath::exp(-90.0f) == 0.0f);
+  EXPECT(std::isnan(amid::VecMath::exp(NAN)));
+  EXPECT(amid::VecMath::exp(0.0f) == 1.0f);
+  for (int i = 1; i <= 2000000; ++i) {
+    // y over (-1, 0] (what the mixture uses) and small magnitudes down to 1e-30
+    const float y = -float(i) / 2000000.0f;
+    worst_log1p = std::max(worst_log1p, ulp_err(amid::VecMath::log1p(y), std::log1p(double(y))));
+    const float tiny = -std::pow(10.0f, -30.0f * float(i) / 2000000.0f) * 0.999f;
+    worst_log1p = std::max(worst_log1p, ulp_err(amid::VecMath::log1p(tiny), std::log1p(double(tiny))));
+    const float pos = 10.0f * float(i) / 2000000.0f;
+    worst_log1p = std::max(worst_log1p, ulp_err(amid::VecMath::log1p(pos), std::log1p(double(pos))));
+  }
+  EXPECT(worst_log1p <= 2.5);
+  EXPECT(amid::VecMath::log1p(-1.0f) == -INFINITY && amid::VecMath::log1p(0.0f) == 0.0f);
+  std::printf("vec_math: exp worst %.2f ulp, log1p worst %.2f ulp\n", worst_exp, worst_log1p);
+}
+
 int main(int argc, char** argv) {
+  test_vec_math();
+
   // 1. Schemas.
   if (argc > 1) {
     std::ifstream f(argv[1]);
