@@ -50,6 +50,48 @@ def _use_kernels(device: torch.device, backend: str) -> bool:
     return False
 
 
+def _check_reduction_args(fn: str, reduction: str, normalizer) -> None:
+    if reduction not in _REDUCTIONS:
+        raise _error(fn, f"expected reduction to be one of 'mean', 'sum', 'none', but got '{reduction}'")
+    if normalizer is not None and reduction != "mean":
+        raise _error(fn, f"expected normalizer only with reduction='mean', but got reduction='{reduction}'")
+    if isinstance(normalizer, Tensor):
+        if normalizer.numel() != 1:
+            raise _error(fn, f"expected normalizer to be a number or a 0-D tensor, but got shape {_shape(normalizer)}")
+    elif normalizer is not None and not (math.isfinite(normalizer) and normalizer > 0):
+        raise _error(fn, f"expected normalizer > 0, but got {normalizer}")
+
+
+def _check_labels(fn: str, labels: Tensor, lead: torch.Size, device: torch.device, what: str = "logits") -> None:
+    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex \
+            or labels.dtype == torch.bool:
+        got = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
+        raise _error(fn, f"expected labels to be an integer tensor, but got {got}")
+    if labels.shape != lead:
+        raise _error(fn, f"expected labels of shape [{', '.join(map(str, lead))}] (the {what}' leading "
+                         f"dimensions), but got {_shape(labels)}")
+    if labels.device != device:
+        raise _error(fn, f"expected labels on device {device}, but got {labels.device}")
+
+
+def _base_row_weights(mask: Optional[Tensor], n: int, reduction: str, normalizer, dtype: torch.dtype,
+                      device: torch.device) -> Optional[Tensor]:
+    """Per-row weights of the reduction, computed with torch ops (no host sync): 1 / 0 for kept /
+    ignored rows, divided for 'mean' by the normaliser or the number of kept rows (at least 1, so
+    all-ignored gives 0, never NaN). None means all ones."""
+    weight = None if mask is None else mask.to(dtype)
+    if reduction == "mean":
+        if normalizer is not None:
+            denom = (normalizer.detach().reshape(()).to(device=device, dtype=dtype) if isinstance(normalizer, Tensor)
+                     else float(normalizer))
+        elif mask is not None:
+            denom = mask.sum().clamp_min(1).to(dtype)
+        else:
+            denom = float(max(n, 1))
+        weight = (weight if weight is not None else torch.ones(n, dtype=dtype, device=device)) / denom
+    return weight
+
+
 def amid_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -129,25 +171,13 @@ def amid_loss(
     if teacher_logits.requires_grad and torch.is_grad_enabled():
         raise _error(fn, "expected teacher_logits not to require grad (detach the teacher or run it under "
                          "torch.no_grad()), but it requires grad")
-    if reduction not in _REDUCTIONS:
-        raise _error(fn, f"expected reduction to be one of 'mean', 'sum', 'none', but got '{reduction}'")
-    if normalizer is not None and reduction != "mean":
-        raise _error(fn, f"expected normalizer only with reduction='mean', but got reduction='{reduction}'")
-    if isinstance(normalizer, (int, float)) and not (math.isfinite(normalizer) and normalizer > 0):
-        raise _error(fn, f"expected normalizer > 0, but got {normalizer}")
+    _check_reduction_args(fn, reduction, normalizer)
     if backend not in ("auto", "kernels", "reference"):
         raise _error(fn, f"expected backend to be one of 'auto', 'kernels', 'reference', but got '{backend}'")
     lead = student_logits.shape[:-1]
     V = student_logits.shape[-1]
     if labels is not None:
-        if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            got = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
-            raise _error(fn, f"expected labels to be an integer tensor, but got {got}")
-        if labels.shape != lead:
-            raise _error(fn, f"expected labels of shape [{', '.join(map(str, lead))}] (the logits' leading "
-                             f"dimensions), but got {_shape(labels)}")
-        if labels.device != student_logits.device:
-            raise _error(fn, f"expected labels on device {student_logits.device}, but got {labels.device}")
+        _check_labels(fn, labels, lead, student_logits.device)
 
     s = student_logits.reshape(-1, V)
     t = teacher_logits.reshape(-1, V)
@@ -161,17 +191,7 @@ def amid_loss(
 
     # Per-row weights: the reduction, the ignored rows and the T^2 scale in one [N] vector.
     mask = None if labels is None else (labels.reshape(-1) != ignore_index)
-    weight: Optional[Tensor] = None
-    if mask is not None:
-        weight = mask.to(ldt)
-    if reduction == "mean":
-        if normalizer is not None:
-            denom = normalizer.to(device=s.device, dtype=ldt) if isinstance(normalizer, Tensor) else float(normalizer)
-        elif mask is not None:
-            denom = mask.sum().clamp_min(1).to(ldt)
-        else:
-            denom = float(max(n, 1))
-        weight = (weight if weight is not None else torch.ones(n, dtype=ldt, device=s.device)) / denom
+    weight = _base_row_weights(mask, n, reduction, normalizer, ldt, s.device)
     if scale_by_t2 and temperature != 1.0:
         t2 = float(temperature) ** 2
         weight = weight * t2 if weight is not None else torch.full((n,), t2, dtype=ldt, device=s.device)
