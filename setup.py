@@ -105,7 +105,7 @@ def _archs_macro(archs: str) -> str:
         a = a.strip()
         if a:
             out.append("sm_" + a.replace("+PTX", "").replace(".", "") + ("+ptx" if "+PTX" in a else ""))
-    return ",".join(out) or "none"
+    return "/".join(out) or "none"  # '/' separates: nvcc splits -D values at commas
 
 
 def _extra_cuda_includes():

@@ -50,7 +50,7 @@ def build_info() -> dict:
     from . import __version__
 
     fields = dict(kv.split("=", 1) for kv in torch.ops.amid._build_info().split(";") if "=" in kv)
-    archs = [a for a in fields.get("cuda_archs", "").split(",") if a and a != "none"]
+    archs = [a for a in fields.get("cuda_archs", "").split("/") if a and a != "none"]
     return {
         "version": __version__,
         "torch_built_against": fields.get("torch", "unknown"),

@@ -74,6 +74,8 @@ AMID_HD T neg_inf() {
 struct LibMath {
   static AMID_HD float exp(float x) { return ::expf(x); }
   static AMID_HD double exp(double x) { return ::exp(x); }
+  static AMID_HD float log(float x) { return ::logf(x); }
+  static AMID_HD double log(double x) { return ::log(x); }
   static AMID_HD float log1p(float x) { return ::log1pf(x); }
   static AMID_HD double log1p(double x) { return ::log1p(x); }
   // expm1(x) for x <= 0, given e = exp(x) (so no second special-function call in float): e - 1 is

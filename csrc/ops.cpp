@@ -93,7 +93,7 @@ TORCH_LIBRARY(amid, m) {
   // In place grad[n, :] *= grad_loss[n]; rows whose grad_loss is exactly 1 are not touched, so
   // applying grad_output to a gradient written in the forward costs nothing in the common case.
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_loss) -> ()");
-  // "torch=<version>;cuda=<0|1>;cuda_archs=<list>": how this library was built.
+  // "torch=<version>;cuda=<0|1>;cuda_archs=<sm_80/sm_90a...>": how this library was built.
   m.def("_build_info() -> str", &build_info);
 }
 

@@ -7,9 +7,13 @@
 
 #include <cmath>
 #include <cstdio>
+#include <algorithm>
 #include <fstream>
+#include <random>
 #include <string>
 
+#include "amid_online.h"
+#include "checks.h"
 #include "cpu/vec_math.h"
 #include "ops.h"
 
@@ -71,8 +75,92 @@ static void test_vec_math() {
   std::printf("vec_math: exp worst %.2f ulp, log1p worst %.2f ulp\n", worst_exp, worst_log1p);
 }
 
+// The online (chunked, merged-in-any-order) row reductions that the CUDA kernels use
+// (csrc/amid_online.h), run on the host against the CPU op, which sums whole rows directly.
+template <amid::Divergence D, amid::Order O>
+static void online_row(const amid::LossParams<double>& P, const double* s, const double* t, int64_t V,
+                       std::mt19937& rng, double out[6]) {
+  using M = amid::LibMath;
+  // random chunking of the row, merged in a random order
+  std::vector<int64_t> cuts = {0, V};
+  for (int i = 0; i < 6; ++i) cuts.push_back(std::uniform_int_distribution<int64_t>(0, V)(rng));
+  std::sort(cuts.begin(), cuts.end());
+  std::vector<int> order(cuts.size() - 1);
+  for (size_t i = 0; i < order.size(); ++i) order[i] = int(i);
+  std::shuffle(order.begin(), order.end(), rng);
+  const double invT = P.inv_temperature;
+  amid::LseAcc<double> r1;
+  for (int c : order) {
+    amid::LseAcc<double> part;
+    for (int64_t v = cuts[c]; v < cuts[c + 1]; ++v) part.add<M>(t[v] * invT, s[v] * invT);
+    r1.merge<M>(part);
+  }
+  const double A = r1.t.value(std::log(r1.t.s)), B = r1.s.value(std::log(r1.s.s));
+  std::shuffle(order.begin(), order.end(), rng);
+  amid::RowAcc<D, O, double> r2;
+  for (int c : order) {
+    amid::RowAcc<D, O, double> part;
+    for (int64_t v = cuts[c]; v < cuts[c + 1]; ++v) {
+      double lt, w;
+      const double lp = t[v] * invT - A, lq = s[v] * invT - B;
+      amid::mixture<M>(P, lp, lq, lt, w);
+      part.template rebase<M>(P, lt);
+      part.template add<M>(P, lp, lq, lt, w);
+    }
+    r2.template merge<M>(P, part);
+  }
+  double Z = 0, L = 0, S_G = 0, K = 0;
+  const bool ok = r2.template finalize<M>(P, std::log(r2.S), Z, L, S_G, K);
+  EXPECT(ok);
+  out[0] = A, out[1] = B, out[2] = Z, out[3] = S_G, out[4] = K, out[5] = L;
+}
+
+static void test_online_reductions() {
+  std::mt19937 rng(7);
+  const int64_t N = 3, V = 97;
+  int cases = 0;
+  double worst = 0;
+  for (const char* div : {"kl", "ab"}) {
+    for (const char* ord : {"pr", "qr", "rp", "rq"}) {
+      for (double alpha : {-3.0, 0.5, 1.0, 3.0}) {
+        for (double lam : {0.0, 0.3, 1.0}) {
+          for (int mask = 0; mask < 3; ++mask) {
+            at::Tensor s = at::randn({N, V}, at::kDouble) * 3, t = at::randn({N, V}, at::kDouble) * 3;
+            if (mask >= 1) t.narrow(1, 0, 5).fill_(-INFINITY);
+            if (mask == 2) s.narrow(1, 3, 6).fill_(-INFINITY);
+            const bool detach = std::string(ord) == "qr" || std::string(ord) == "rq";
+            auto [loss, stats, grad] = amid::amid_loss_fwd(s, t, std::nullopt, alpha, lam, div, ord, 0.3, 0.6, 1.7,
+                                                           detach, false);
+            const auto P = amid::make_params<double>("test", alpha, lam, div, ord, 0.3, 0.6, 1.7, detach);
+            for (int64_t n = 0; n < N; ++n) {
+              double out[6];
+              amid::dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
+                online_row<decltype(dc)::value, decltype(oc)::value>(P, s[n].data_ptr<double>(),
+                                                                     t[n].data_ptr<double>(), V, rng, out);
+              });
+              for (int i = 0; i < 6; ++i) {
+                const double want = i < 5 ? stats[n][i].item<double>() : loss[n].item<double>();
+                const double err = std::abs(out[i] - want) / (1.0 + std::abs(want));
+                worst = std::max(worst, err);
+                if (err > 1e-10) {
+                  ++failures;
+                  std::fprintf(stderr, "FAILED online %s/%s alpha=%g lam=%g mask=%d stat %d: %.17g vs %.17g\n", div,
+                               ord, alpha, lam, mask, i, out[i], want);
+                }
+              }
+            }
+            ++cases;
+          }
+        }
+      }
+    }
+  }
+  std::printf("online reductions: %d cases, worst rel. difference %.3g\n", cases, worst);
+}
+
 int main(int argc, char** argv) {
   test_vec_math();
+  test_online_reductions();
 
   // 1. Schemas.
   if (argc > 1) {

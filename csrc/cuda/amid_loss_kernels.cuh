@@ -1,0 +1,358 @@
+// amid_loss_kernels.cuh -- the forward / backward kernels of the AMiD loss and their launchers
+// (see amid_loss_cuda.cu for the design). Instantiated once per input dtype in amid_loss_<dtype>.cu
+// so that the CUDA build compiles in parallel; the host wrappers in amid_loss_cuda.cu call them.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <limits>
+#include <string>
+
+#include "../amid_math.h"
+#include "../amid_online.h"
+#include "utils.cuh"
+
+namespace amid {
+namespace cuda_impl {
+
+using namespace cuda_detail;
+using M = LibMath;
+
+constexpr int kThreads = 256;                       // threads per CTA (all kernels)
+constexpr int64_t kResidentBudget = 96 * 1024;      // shared-memory bytes for one CTA's row slice
+constexpr int kMaxCluster = 16;
+
+template <typename T>
+__device__ __forceinline__ T nan_v() {
+  return std::numeric_limits<T>::quiet_NaN();
+}
+
+// Everything a kernel needs besides the loss parameters. Pointers are to the first element;
+// rows are `ld*` elements apart.
+template <typename scalar_t, typename loss_t>
+struct RowArgs {
+  const scalar_t* t;  // [N, V] teacher logits, row stride ldt
+  const scalar_t* s;  // [N, V] student logits, row stride lds
+  scalar_t* grad;     // [N, V] contiguous, or nullptr
+  const loss_t* row_weight;  // [N] or nullptr (= 1)
+  const loss_t* grad_loss;   // [N] (backward only)
+  loss_t* loss;       // [N]
+  loss_t* stats;      // [N, kNumStats]
+  int64_t N, V, ldt, lds;
+};
+
+// ------------------------------------------------------------------------------------------------
+// Forward kernel (optionally writing the gradient). Template: input dtype, divergence, order, and
+// whether the row slice is staged in shared memory.
+
+template <typename scalar_t, Divergence D, Order O, bool RESIDENT>
+__global__ void __launch_bounds__(kThreads) amid_fwd_kernel(const RowArgs<scalar_t, at::opmath_type<scalar_t>> a,
+                                                            const LossParams<at::opmath_type<scalar_t>> P) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Lse = LseAcc<acc_t>;
+  using Acc = RowAcc<D, O, acc_t>;
+  constexpr int kW = VecWidth<scalar_t>::value;
+
+  // Reduction scratch as raw storage (the accumulators have member initialisers, which shared
+  // variables cannot run); every slot is written before it is read.
+  __shared__ __align__(16) unsigned char lse_mem[sizeof(Lse) * (kMaxWarps + 2)];
+  __shared__ __align__(16) unsigned char acc_mem[sizeof(Acc) * (kMaxWarps + 2)];
+  Lse* lse_scratch = reinterpret_cast<Lse*>(lse_mem);
+  Lse* lse_slot = lse_scratch + kMaxWarps;
+  Acc* acc_scratch = reinterpret_cast<Acc*>(acc_mem);
+  Acc* acc_slot = acc_scratch + kMaxWarps;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+
+  const unsigned C = cluster_size(), rank = cluster_rank();
+  const int64_t cluster_id = blockIdx.x / C, n_clusters = gridDim.x / C;
+  // This CTA's slice [v0, v1) of every row: whole multiples of the vector width.
+  const int64_t part = ((a.V + C - 1) / C + kW - 1) / kW * kW;
+  const int64_t v0 = rank * part < a.V ? rank * part : a.V;
+  const int64_t v1 = v0 + part < a.V ? v0 + part : a.V;
+  const int64_t len = v1 - v0;
+  const acc_t invT = P.inv_temperature;
+  int round = 0;
+
+  auto merge_lse = [](Lse& x, const Lse& y) { x.template merge<M>(y); };
+  auto merge_acc = [&P](Acc& x, const Acc& y) { x.template merge<M>(P, y); };
+
+  for (int64_t row = cluster_id; row < a.N; row += n_clusters) {
+    const acc_t weight = a.row_weight ? a.row_weight[row] : acc_t(1);
+    scalar_t* g = a.grad ? a.grad + row * a.V + v0 : nullptr;
+    const bool lead = rank == 0 && threadIdx.x == 0;
+    if (weight == acc_t(0)) {  // ignored row: not read
+      if (g) {
+        for (int64_t i = threadIdx.x; i < len; i += blockDim.x) g[i] = scalar_t(0);
+      }
+      if (lead) {
+        a.loss[row] = 0;
+        for (int k = 0; k < kNumStats; ++k) a.stats[row * kNumStats + k] = 0;
+      }
+      continue;
+    }
+    const scalar_t* t = a.t + row * a.ldt + v0;
+    const scalar_t* s = a.s + row * a.lds + v0;
+    bool vec_ok = same_misalignment(t, s, sizeof(scalar_t)) && (g == nullptr || same_misalignment(t, g, sizeof(scalar_t)));
+
+    if constexpr (RESIDENT) {
+      // Stage the slice in shared memory at the same 16-byte misalignment as the global row, so
+      // the visitor's vector chunks line up with the gradient row's.
+      const int64_t pad = (reinterpret_cast<uintptr_t>(t) / sizeof(scalar_t)) % kW;
+      const int64_t cap = part + kW;
+      scalar_t* st = reinterpret_cast<scalar_t*>(smem_raw) + pad;
+      scalar_t* ss = reinterpret_cast<scalar_t*>(smem_raw) + cap + pad;
+      __syncthreads();  // the previous row's readers are done with the buffer
+      const bool copy_vec = same_misalignment(t, s, sizeof(scalar_t));
+      visit_row(t, s, len, copy_vec, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
+        store_chunk<decltype(nc)::value>(st, i, tv);
+        store_chunk<decltype(nc)::value>(ss, i, sv);
+      });
+      __syncthreads();
+      t = st;
+      s = ss;
+      vec_ok = g == nullptr || same_misalignment(st, g, sizeof(scalar_t));
+    }
+
+    // R1: log-sum-exps of the scaled rows, and the validity flag.
+    Lse lse;
+    visit_row(t, s, len, vec_ok, [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {
+#pragma unroll
+      for (int j = 0; j < decltype(nc)::value; ++j) lse.template add<M>(acc_t(tv[j]) * invT, acc_t(sv[j]) * invT);
+    });
+    lse = cluster_reduce<acc_t>(lse, lse_scratch, lse_slot, round++, merge_lse);
+    const bool bad_row = lse.bad != acc_t(0) || lse.t.m == neg_inf<acc_t>() || lse.s.m == neg_inf<acc_t>();
+    if (bad_row) {  // NaN / +inf, or an all -inf row: the row's loss, stats and gradient are NaN
+      if (g) {
+        for (int64_t i = threadIdx.x; i < len; i += blockDim.x) g[i] = scalar_t(nan_v<acc_t>());
+      }
+      if (lead) {
+        a.loss[row] = nan_v<acc_t>();
+        for (int k = 0; k < kNumStats; ++k) a.stats[row * kNumStats + k] = nan_v<acc_t>();
+      }
+      continue;
+    }
+    const acc_t A = lse.t.m + M::log(lse.t.s), B = lse.s.m + M::log(lse.s.s);
+
+    // R2: the mixture per element; Z and the loss-specific sums in online form.
+    Acc acc;
+    visit_row(t, s, len, vec_ok, [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {
+#pragma unroll
+      for (int j = 0; j < decltype(nc)::value; ++j) {
+        const acc_t lp = acc_t(tv[j]) * invT - A, lq = acc_t(sv[j]) * invT - B;
+        acc_t lt, w;
+        mixture<M>(P, lp, lq, lt, w);
+        acc.template rebase<M>(P, lt);
+        acc.template add<M>(P, lp, lq, lt, w);
+      }
+    });
+    acc = cluster_reduce<acc_t>(acc, acc_scratch, acc_slot, round++, merge_acc);
+    acc_t Z, L, S_G, K;
+    const bool ok = acc.template finalize<M>(P, M::log(acc.S), Z, L, S_G, K);
+    if (!ok) {  // alpha >= 1 with disjoint supports: the assistant is undefined
+      if (g) {
+        for (int64_t i = threadIdx.x; i < len; i += blockDim.x) g[i] = scalar_t(nan_v<acc_t>());
+      }
+      if (lead) {
+        a.loss[row] = nan_v<acc_t>();
+        for (int k = 0; k < kNumStats; ++k) a.stats[row * kNumStats + k] = nan_v<acc_t>();
+      }
+      continue;
+    }
+    if (lead) {
+      a.loss[row] = weight * L;
+      acc_t* st = a.stats + row * kNumStats;
+      st[0] = A, st[1] = B, st[2] = Z, st[3] = S_G, st[4] = K;
+    }
+
+    // W: the gradient row (chain rule through s/T: the 1/T factor).
+    if (g) {
+      const acc_t scale = weight * invT;
+      visit_row(t, s, len, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
+        constexpr int n = decltype(nc)::value;
+        alignas(16) scalar_t out[kW];
+#pragma unroll
+        for (int j = 0; j < n; ++j) {
+          const acc_t lp = acc_t(tv[j]) * invT - A, lq = acc_t(sv[j]) * invT - B;
+          acc_t lt, w;
+          mixture<M>(P, lp, lq, lt, w);
+          const acc_t lr = lt - Z;
+          const acc_t p = M::exp(lp), q = M::exp(lq), r = M::exp(lr);
+          const Terms<acc_t> o = element_terms<D, O, M>(P, p, q, r, lp, lq, lr);
+          out[j] = scalar_t(scale * element_grad(P.detach, w, q, r, o, S_G, K));
+        }
+        store_chunk<n>(g, i, out);
+      });
+    }
+  }
+  cluster_exit_barrier();
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward kernel: the W pass from the saved stats (no reductions), one CTA per row.
+
+template <typename scalar_t, Divergence D, Order O>
+__global__ void __launch_bounds__(kThreads) amid_bwd_kernel(const RowArgs<scalar_t, at::opmath_type<scalar_t>> a,
+                                                            const LossParams<at::opmath_type<scalar_t>> P) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kW = VecWidth<scalar_t>::value;
+  for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
+    const acc_t weight = a.row_weight ? a.row_weight[row] : acc_t(1);
+    scalar_t* g = a.grad + row * a.V;
+    if (weight == acc_t(0)) {
+      for (int64_t i = threadIdx.x; i < a.V; i += blockDim.x) g[i] = scalar_t(0);
+      continue;
+    }
+    const acc_t* st = a.stats + row * kNumStats;
+    const acc_t A = st[0], B = st[1], Z = st[2], S_G = st[3], K = st[4];
+    const acc_t invT = P.inv_temperature;
+    const acc_t scale = a.grad_loss[row] * weight * invT;
+    const scalar_t* t = a.t + row * a.ldt;
+    const scalar_t* s = a.s + row * a.lds;
+    const bool vec_ok = same_misalignment(t, s, sizeof(scalar_t)) && same_misalignment(t, g, sizeof(scalar_t));
+    visit_row(t, s, a.V, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
+      constexpr int n = decltype(nc)::value;
+      alignas(16) scalar_t out[kW];
+#pragma unroll
+      for (int j = 0; j < n; ++j) {
+        const acc_t lp = acc_t(tv[j]) * invT - A, lq = acc_t(sv[j]) * invT - B;
+        acc_t lt, w;
+        mixture<M>(P, lp, lq, lt, w);
+        const acc_t lr = lt - Z;
+        const acc_t p = M::exp(lp), q = M::exp(lq), r = M::exp(lr);
+        const Terms<acc_t> o = element_terms<D, O, M>(P, p, q, r, lp, lq, lr);
+        out[j] = scalar_t(scale * element_grad(P.detach, w, q, r, o, S_G, K));
+      }
+      store_chunk<n>(g, i, out);
+    });
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Launchers
+
+int sm_count();
+
+// "auto" (default), "stream" or "resident": AMID_CUDA_PATH forces a path (tests use it to cover
+// both on one GPU).
+inline std::string forced_path() {
+  const char* e = std::getenv("AMID_CUDA_PATH");
+  return e ? std::string(e) : std::string("auto");
+}
+
+
+template <typename Kernel>
+bool kernel_has_clusters(Kernel kernel) {
+  // Clusters need an sm_90+ device *and* code compiled for it (a build for sm_80 only runs on
+  // Hopper through the PTX JIT or not at all; the cubin's version tells).
+  if (at::cuda::getCurrentDeviceProperties()->major < 9) return false;
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return attr.binaryVersion >= 90 || attr.ptxVersion >= 90;
+}
+
+template <typename scalar_t, Divergence D, Order O>
+void launch_fwd(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a, const LossParams<at::opmath_type<scalar_t>>& P,
+                cudaStream_t stream) {
+  constexpr int kW = VecWidth<scalar_t>::value;
+  const std::string path = forced_path();
+  auto slice_bytes = [&](int64_t C) { return 2 * (((a.V + C - 1) / C + kW - 1) / kW * kW + kW) * int64_t(sizeof(scalar_t)); };
+
+  auto resident = amid_fwd_kernel<scalar_t, D, O, true>;
+  const bool clusters = kernel_has_clusters(resident);
+  int C = 0;  // 0: streaming
+  if (path != "stream") {
+    for (int c = 1; c <= (clusters ? kMaxCluster : 1); c *= 2) {
+      if (slice_bytes(c) <= kResidentBudget || (path == "resident" && slice_bytes(c) <= 200 * 1024)) {
+        C = c;
+        break;
+      }
+    }
+  }
+  if (C > 0) {
+    const int64_t smem = slice_bytes(C);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(resident, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    if (C > 8) C10_CUDA_CHECK(cudaFuncSetAttribute(resident, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = size_t(smem);
+    cfg.stream = stream;
+    cfg.numAttrs = 0;
+    int active = 0;
+    if (C > 1) {
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = C;
+      attr[0].val.clusterDim.y = 1;
+      attr[0].val.clusterDim.z = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      cfg.gridDim = dim3(C);
+      if (cudaOccupancyMaxActiveClusters(&active, resident, &cfg) != cudaSuccess) {
+        (void)cudaGetLastError();
+        active = 0;
+      }
+    } else {
+      int per_sm = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, resident, kThreads, size_t(smem)));
+      active = per_sm * sm_count();
+    }
+    if (active > 0) {
+      const int64_t clusters_needed = a.N;
+      const int64_t n_clusters = clusters_needed < active ? clusters_needed : active;
+      cfg.gridDim = dim3(unsigned(n_clusters * C));
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, resident, a, P));
+      return;
+    }
+    // The cluster shape cannot be scheduled on this device: fall back to streaming.
+  }
+  auto streaming = amid_fwd_kernel<scalar_t, D, O, false>;
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, streaming, kThreads, 0));
+  const int64_t blocks = std::min<int64_t>(a.N, int64_t(std::max(per_sm, 1)) * sm_count());
+  streaming<<<unsigned(blocks), kThreads, 0, stream>>>(a, P);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, Divergence D, Order O>
+void launch_bwd(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a, const LossParams<at::opmath_type<scalar_t>>& P,
+                cudaStream_t stream) {
+  auto kernel = amid_bwd_kernel<scalar_t, D, O>;
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  const int64_t blocks = std::min<int64_t>(a.N, int64_t(std::max(per_sm, 1)) * sm_count());
+  kernel<<<unsigned(blocks), kThreads, 0, stream>>>(a, P);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+
+// Explicit instantiation of both launchers for one dtype and the eight (divergence, order) pairs.
+#define AMID_INSTANTIATE_LAUNCHERS(T)                                                        \
+  AMID_INSTANTIATE_ONE(T, kKL, kPR) AMID_INSTANTIATE_ONE(T, kKL, kQR)                         \
+  AMID_INSTANTIATE_ONE(T, kKL, kRP) AMID_INSTANTIATE_ONE(T, kKL, kRQ)                         \
+  AMID_INSTANTIATE_ONE(T, kAB, kPR) AMID_INSTANTIATE_ONE(T, kAB, kQR)                         \
+  AMID_INSTANTIATE_ONE(T, kAB, kRP) AMID_INSTANTIATE_ONE(T, kAB, kRQ)
+#define AMID_LAUNCHERS_ONE(PREFIX, T, D, O)                                                    \
+  PREFIX template void launch_fwd<T, Divergence::D, Order::O>(                                 \
+      const RowArgs<T, at::opmath_type<T>>&, const LossParams<at::opmath_type<T>>&, cudaStream_t); \
+  PREFIX template void launch_bwd<T, Divergence::D, Order::O>(                                 \
+      const RowArgs<T, at::opmath_type<T>>&, const LossParams<at::opmath_type<T>>&, cudaStream_t);
+#define AMID_INSTANTIATE_ONE(T, D, O) AMID_LAUNCHERS_ONE(, T, D, O)
+
+// ... and the matching declarations, so that a translation unit that includes this header and
+// calls the launchers does not instantiate them again.
+#define AMID_EXTERN_LAUNCHERS(T)                                                              \
+  AMID_EXTERN_ONE(T, kKL, kPR) AMID_EXTERN_ONE(T, kKL, kQR) AMID_EXTERN_ONE(T, kKL, kRP)       \
+  AMID_EXTERN_ONE(T, kKL, kRQ) AMID_EXTERN_ONE(T, kAB, kPR) AMID_EXTERN_ONE(T, kAB, kQR)       \
+  AMID_EXTERN_ONE(T, kAB, kRP) AMID_EXTERN_ONE(T, kAB, kRQ)
+#define AMID_EXTERN_ONE(T, D, O) AMID_LAUNCHERS_ONE(extern, T, D, O)
+
+}  // namespace cuda_impl
+}  // namespace amid

@@ -1,0 +1,172 @@
+// utils.cuh -- small device helpers of the AMiD CUDA kernels: warp / CTA / cluster reductions of
+// plain structs of floats (or doubles), and the row visitor with 16-byte vector loads.
+#pragma once
+
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace amid {
+namespace cuda_detail {
+
+constexpr int kWarpSize = 32;
+constexpr int kMaxWarps = 32;  // up to 1024 threads per CTA
+
+// ------------------------------------------------------------------------------------------------
+// Reductions of trivially copyable structs made of `T` fields, with a user merge (the online
+// states of amid_online.h). Merges are commutative in IEEE arithmetic (a + b == b + a; both sides
+// rebased to the same max), so the butterfly leaves the same value in every lane, and every CTA of
+// a cluster combines the partials in rank order: all threads end with bit-identical results.
+
+template <typename T, typename Acc>
+__device__ __forceinline__ Acc shfl_xor_acc(const Acc& a, int offset) {
+  static_assert(sizeof(Acc) % sizeof(T) == 0, "Acc must consist of T fields");
+  constexpr int kN = sizeof(Acc) / sizeof(T);
+  Acc out;
+  const T* src = reinterpret_cast<const T*>(&a);
+  T* dst = reinterpret_cast<T*>(&out);
+#pragma unroll
+  for (int i = 0; i < kN; ++i) dst[i] = __shfl_xor_sync(0xffffffffu, src[i], offset);
+  return out;
+}
+
+template <typename T, typename Acc, typename Merge>
+__device__ __forceinline__ Acc warp_reduce(Acc a, Merge&& merge) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
+    const Acc o = shfl_xor_acc<T>(a, offset);
+    merge(a, o);
+  }
+  return a;
+}
+
+// CTA-wide reduction; `scratch` holds kMaxWarps Accs of shared memory. All threads get the result.
+// The leading __syncthreads protects `scratch` from the previous call's readers.
+template <typename T, typename Acc, typename Merge>
+__device__ __forceinline__ Acc block_reduce(Acc a, Acc* scratch, Merge&& merge) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int nwarps = (blockDim.x + kWarpSize - 1) / kWarpSize;
+  a = warp_reduce<T>(a, merge);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = a;
+  __syncthreads();
+  Acc r = scratch[0];
+  for (int w = 1; w < nwarps; ++w) merge(r, scratch[w]);
+  return r;
+}
+
+// Cluster-wide reduction through distributed shared memory (sm_90+): each CTA publishes its CTA
+// result in `slot[round & 1]` (two alternating slots, so a CTA that runs ahead to the next round
+// cannot overwrite a slot a peer is still reading: one cluster barrier separates rounds k and
+// k + 2), then every CTA combines all ranks' slots in rank order. With one CTA it is the CTA result.
+template <typename T, typename Acc, typename Merge>
+__device__ __forceinline__ Acc cluster_reduce(Acc a, Acc* scratch, Acc* slot, int round, Merge&& merge) {
+  Acc r = block_reduce<T>(a, scratch, merge);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const unsigned nblocks = cluster.num_blocks();
+  if (nblocks > 1) {
+    Acc* mine = slot + (round & 1);
+    if (threadIdx.x == 0) *mine = r;
+    cluster.sync();  // release our slot, acquire the peers'
+    r = *cluster.map_shared_rank(mine, 0);
+    for (unsigned k = 1; k < nblocks; ++k) merge(r, *cluster.map_shared_rank(mine, k));
+  }
+#endif
+  return r;
+}
+
+// The number of CTAs in this CTA's cluster, and its rank (1 and 0 without clusters).
+__device__ __forceinline__ unsigned cluster_size() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return cooperative_groups::this_cluster().num_blocks();
+#else
+  return 1;
+#endif
+}
+__device__ __forceinline__ unsigned cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return cooperative_groups::this_cluster().block_rank();
+#else
+  return 0;
+#endif
+}
+
+// Before a CTA of a cluster exits, peers may still read its shared memory (the last round's slot).
+__device__ __forceinline__ void cluster_exit_barrier() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (cooperative_groups::this_cluster().num_blocks() > 1) cooperative_groups::this_cluster().sync();
+#endif
+}
+
+// ------------------------------------------------------------------------------------------------
+// Row visitor: calls f(i, tv[], sv[], n) for the thread's share of elements [0, len) of a teacher
+// row `t` and a student row `s` (global or shared memory), in chunks of kW = 16 / sizeof(scalar_t)
+// elements read with one 16-byte load each, with scalar chunks (n = 1) for the unaligned head and
+// the tail. n is a std::integral_constant, so the caller's per-chunk loops unroll fully and its
+// per-element arrays stay in registers. Vector loads need t, s (and the gradient row `g`, when the caller writes it) to share
+// their misalignment; otherwise every element goes through the scalar path.
+
+template <typename scalar_t>
+struct VecWidth {
+  static constexpr int value = 16 / sizeof(scalar_t);
+};
+
+__device__ __forceinline__ bool same_misalignment(const void* a, const void* b, size_t elem) {
+  return ((reinterpret_cast<uintptr_t>(a) % 16) == (reinterpret_cast<uintptr_t>(b) % 16)) &&
+         (reinterpret_cast<uintptr_t>(a) % elem == 0);
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ int64_t vector_head(const scalar_t* p, int64_t len) {
+  constexpr int kW = VecWidth<scalar_t>::value;
+  const int64_t mis = (reinterpret_cast<uintptr_t>(p) / sizeof(scalar_t)) % kW;
+  const int64_t head = (kW - mis) % kW;
+  return head < len ? head : len;
+}
+
+template <typename scalar_t, typename F>
+__device__ __forceinline__ void visit_row(const scalar_t* __restrict__ t, const scalar_t* __restrict__ s, int64_t len,
+                                          bool vec_ok, F&& f) {
+  constexpr int kW = VecWidth<scalar_t>::value;
+  const int tid = threadIdx.x, nt = blockDim.x;
+  int64_t head = len, nvec = 0;
+  if (vec_ok) {
+    head = vector_head(t, len);
+    nvec = (len - head) / kW;
+  }
+  for (int64_t i = tid; i < head; i += nt) {
+    scalar_t tv[1] = {t[i]}, sv[1] = {s[i]};
+    f(i, tv, sv, std::integral_constant<int, 1>{});
+  }
+  const uint4* t4 = reinterpret_cast<const uint4*>(t + head);
+  const uint4* s4 = reinterpret_cast<const uint4*>(s + head);
+  for (int64_t c = tid; c < nvec; c += nt) {
+    const uint4 a = t4[c], b = s4[c];
+    const scalar_t* tv = reinterpret_cast<const scalar_t*>(&a);
+    const scalar_t* sv = reinterpret_cast<const scalar_t*>(&b);
+    f(head + c * kW, tv, sv, std::integral_constant<int, kW>{});
+  }
+  for (int64_t i = head + nvec * kW + tid; i < len; i += nt) {
+    scalar_t tv[1] = {t[i]}, sv[1] = {s[i]};
+    f(i, tv, sv, std::integral_constant<int, 1>{});
+  }
+}
+
+// Stores n (1 or kW) values at g[i], with one 16-byte store when n == kW (then g + i is aligned).
+template <int n, typename scalar_t>
+__device__ __forceinline__ void store_chunk(scalar_t* g, int64_t i, const scalar_t* vals) {
+  constexpr int kW = VecWidth<scalar_t>::value;
+  if constexpr (n == kW) {
+    *reinterpret_cast<uint4*>(g + i) = *reinterpret_cast<const uint4*>(vals);
+  } else {
+#pragma unroll
+    for (int j = 0; j < n; ++j) g[i + j] = vals[j];
+  }
+}
+
+}  // namespace cuda_detail
+}  // namespace amid

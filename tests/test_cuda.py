@@ -1,0 +1,237 @@
+"""CUDA kernels against the float64 reference and against the CPU op.
+
+Skipped unless a GPU is present and amid was built with its CUDA kernels (nothing here touches the
+GPU at import). Each case runs on both read paths of the forward kernel (AMID_CUDA_PATH=stream:
+three passes over device memory; =resident: the row slice staged in shared memory, split over a
+thread-block cluster on sm_90), plus the default choice.
+
+Shapes (why): V = 1 (degenerate row), 31/32/33 (around a warp and the bf16 vector width of 8),
+1000/1001 (vector tails), 32000 (Llama-2), 50257 (odd, GPT-2: rows misaligned for 16-byte loads),
+128256 (Llama-3), 151936 (Qwen), 262144 (Gemma-3: the largest cluster split). N = 0, 1, 7, 4096.
+
+Memory checker (documented, not run by pytest):
+    compute-sanitizer --tool memcheck python -m pytest -x -q tests/test_cuda.py -k "small or edge"
+"""
+import math
+import os
+
+import pytest
+import torch
+
+import amid
+from conftest import HAS_CUDA
+from utils import (ALPHAS, LAMS, PAIRS, assert_grad_close, assert_loss_close, make_logits, normwise_err,
+                   ref_rows_and_grad)
+
+pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and amid's CUDA kernels")
+
+PATHS = ["auto", "stream", "resident"]
+VOCABS = [1, 31, 32, 33, 1000, 1001, 32000, 50257, 128256, 151936, 262144]
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    monkeypatch.setenv("AMID_CUDA_PATH", request.param)
+    return request.param
+
+
+def _cuda_rows_and_grad(s, t, weight=None, grad_in_forward=True, **opts):
+    s = s.detach().cuda()
+    t = t.detach().cuda()
+    w = None if weight is None else weight.cuda()
+    if grad_in_forward:
+        rows, _stats, grad = amid.ops.amid_loss_fwd(s, t, w, compute_grad=True, **opts)
+        return rows.cpu(), grad.cpu()
+    x = s.clone().requires_grad_(True)
+    rows = amid.ops.amid_loss_fwd(x, t, w, compute_grad=False, **opts)[0]
+    (grad,) = torch.autograd.grad(rows.sum(), x)
+    return rows.detach().cpu(), grad.cpu()
+
+
+def _opts(alpha, lam, div, order, **kw):
+    o = dict(alpha=alpha, lam=lam, divergence=div, order=order, ab_alpha=0.2, ab_beta=0.7, temperature=1.0,
+             detach_assistant=False)
+    o.update(kw)
+    return o
+
+
+@pytest.mark.parametrize("div,order", PAIRS)
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_small_grid_float64(path, alpha, div, order):
+    s, t = make_logits(7, 33)
+    for lam in LAMS:
+        opts = _opts(alpha, lam, div, order)
+        ref_rows, ref_grad = ref_rows_and_grad(s, t, **opts)
+        for gif in (True, False):
+            rows, grad = _cuda_rows_and_grad(s, t, grad_in_forward=gif, **opts)
+            assert_loss_close(rows, ref_rows, torch.float64, f"{path} {opts}")
+            assert_grad_close(grad, ref_grad, torch.float64, f"{path} {opts}")
+
+
+@pytest.mark.parametrize("order", ["qr", "rq"])
+@pytest.mark.parametrize("div", ["kl", "ab"])
+def test_small_detach_and_temperature(path, div, order):
+    s, t = make_logits(7, 40)
+    for opts in (_opts(0.5, 0.3, div, order, detach_assistant=True), _opts(-2.0, 0.6, div, order, temperature=3.0),
+                 _opts(1.0, 0.4, div, order, ab_alpha=0.5, ab_beta=1.5)):
+        ref_rows, ref_grad = ref_rows_and_grad(s, t, **opts)
+        rows, grad = _cuda_rows_and_grad(s, t, **opts)
+        assert_loss_close(rows, ref_rows, torch.float64)
+        assert_grad_close(grad, ref_grad, torch.float64)
+
+
+@pytest.mark.parametrize("v", VOCABS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_vocab_sizes(path, v, dtype):
+    s, t = make_logits(3, v, dtype=dtype)
+    for div, order, alpha, lam in (("kl", "pr", 0.5, 0.5), ("ab", "rq", -1.0, 0.3), ("kl", "qr", 3.0, 0.7)):
+        opts = _opts(alpha, lam, div, order)
+        ref_rows, ref_grad = ref_rows_and_grad(s, t, **opts)
+        rows, grad = _cuda_rows_and_grad(s, t, **opts)
+        assert rows.dtype == torch.float32 and grad.dtype == dtype
+        assert_loss_close(rows, ref_rows, dtype, f"{path} V={v} {opts}")
+        assert_grad_close(grad, ref_grad, dtype, f"{path} V={v} {opts}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("div,order", PAIRS)
+def test_low_precision_within_twice_eager_error(path, dtype, div, order):
+    """bf16 / fp16 gradients: at most 2x the error of eager PyTorch computing the same loss in that
+    dtype on the GPU, both against float64."""
+    s, t = make_logits(16, 4096, dtype=dtype)
+    opts = _opts(0.5, 0.3, div, order)
+    ref_rows, ref_grad = ref_rows_and_grad(s, t, **opts)
+    rows, grad = _cuda_rows_and_grad(s, t, **opts)
+    se = s.cuda().requires_grad_(True)
+    rows_e = amid.reference.amid_loss_rows(se, t.cuda(), **opts)
+    (grad_e,) = torch.autograd.grad(rows_e.float().sum(), se)
+    ours, eager = normwise_err(grad, ref_grad), normwise_err(grad_e.cpu(), ref_grad)
+    assert ours <= 2 * eager + 1e-6, (ours, eager)
+    assert_loss_close(rows, ref_rows, dtype)
+
+
+@pytest.mark.parametrize("shape", [(4096, 32000), (4096, 1001), (7, 262144)])
+def test_against_cpu_op(path, shape):
+    """Large batches: the CUDA op against the CPU op on the same bf16 inputs (both fp32 math)."""
+    n, v = shape
+    s, t = make_logits(n, v, dtype=torch.bfloat16)
+    labels = torch.randint(0, v, (n,))
+    labels[::5] = -100
+    for div, order, alpha, lam in (("kl", "pr", 0.5, 0.5), ("kl", "rq", 1.0, 0.3), ("ab", "pr", -1.0, 0.1)):
+        kw = dict(alpha=alpha, lam=lam, divergence=div, order=order)
+        results = []
+        for dev in ("cpu", "cuda"):
+            x = s.to(dev).requires_grad_(True)
+            loss = amid.amid_loss(x, t.to(dev), labels.to(dev), **kw)
+            loss.backward()
+            results.append((loss.detach().cpu(), x.grad.float().cpu()))
+        torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-4)
+        assert normwise_err(results[1][1], results[0][1]) < 1e-2  # one bf16 rounding of the gradient each
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 4096])
+def test_edge_batch_sizes(path, n):
+    s, t = make_logits(n, 1000, dtype=torch.float32)
+    labels = torch.randint(0, 1000, (n,))
+    x = s.cuda().requires_grad_(True)
+    loss = amid.amid_loss(x, t.cuda(), labels.cuda(), alpha=0.5, lam=0.5)
+    loss.backward()
+    xc = s.clone().requires_grad_(True)
+    lc = amid.amid_loss(xc, t, labels, alpha=0.5, lam=0.5)
+    lc.backward()
+    torch.testing.assert_close(loss.cpu(), lc, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(x.grad.cpu(), xc.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_edge_ignored_rows(path):
+    s, t = make_logits(9, 333, dtype=torch.float32)
+    s[2] = math.nan  # an ignored row is never read
+    labels = torch.arange(9)
+    labels[[2, 5]] = -100
+    for gif in (True, False):
+        x = s.cuda().requires_grad_(True)
+        loss = amid.amid_loss(x, t.cuda(), labels.cuda(), alpha=0.5, lam=0.5, grad_in_forward=gif)
+        loss.backward()
+        assert torch.isfinite(loss) and (x.grad[[2, 5]] == 0).all() and torch.isfinite(x.grad).all()
+        keep = labels != -100
+        torch.testing.assert_close(loss.cpu(), amid.amid_loss(s[keep], t[keep], alpha=0.5, lam=0.5), atol=1e-6,
+                                   rtol=1e-5)
+    all_ignored = torch.full((9,), -100)
+    x = s.cuda().requires_grad_(True)
+    loss = amid.amid_loss(x, t.cuda(), all_ignored.cuda(), alpha=0.5, lam=0.5)
+    loss.backward()
+    assert loss.item() == 0.0 and (x.grad == 0).all()
+
+
+@pytest.mark.parametrize("pattern", ["shared", "teacher", "student"])
+def test_edge_neg_inf(path, pattern):
+    s, t = make_logits(5, 1001)
+    cols = torch.tensor([0, 7, 500, 1000])
+    if pattern in ("shared", "teacher"):
+        t[:, cols] = -math.inf
+    if pattern in ("shared", "student"):
+        s[:, cols] = -math.inf
+    for div, order in PAIRS:
+        for alpha, lam in ((0.5, 0.5), (-3.0, 0.1), (1.0, 0.5), (3.0, 0.3)):
+            opts = _opts(alpha, lam, div, order)
+            ref_rows, ref_grad = ref_rows_and_grad(s, t, **opts)
+            rows, grad = _cuda_rows_and_grad(s, t, **opts)
+            assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
+            assert_loss_close(rows, ref_rows, torch.float64, f"{pattern} {opts}")
+            assert_grad_close(grad, ref_grad, torch.float64, f"{pattern} {opts}")
+
+
+def test_edge_invalid_rows_are_nan(path):
+    s, t = make_logits(3, 100, dtype=torch.float32)
+    t[1, 3] = math.inf
+    rows, grad = _cuda_rows_and_grad(s, t, **_opts(0.5, 0.5, "kl", "pr"))
+    assert torch.isnan(rows[1]) and torch.isnan(grad[1]).all() and torch.isfinite(rows[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("scale", [0.1, 30.0])
+def test_edge_logit_scales_and_layouts(path, scale):
+    """Peaked and flat rows; rows with a stride (views of a wider buffer) and rows whose start is not
+    16-byte aligned (odd offsets: the scalar path)."""
+    wide_s, wide_t = make_logits(6, 1200, dtype=torch.bfloat16, scale=scale)
+    for off, v in ((0, 1024), (3, 1001), (8, 1100)):
+        s, t = wide_s[:, off:off + v], wide_t[:, off:off + v]
+        opts = _opts(0.5, 0.4, "kl", "rq")
+        ref_rows, ref_grad = ref_rows_and_grad(s, t, **opts)
+        rows, grad = _cuda_rows_and_grad(s, t, **opts)
+        assert_loss_close(rows, ref_rows, torch.bfloat16)
+        assert_grad_close(grad, ref_grad, torch.bfloat16)
+
+
+def test_scale_grad_cuda():
+    g = torch.randn(5, 1003, device="cuda", dtype=torch.bfloat16)
+    before = g.clone()
+    f = torch.tensor([1.0, 2.0, 0.0, 1.0, -0.5], device="cuda")
+    amid.ops.scale_grad_(g, f)
+    torch.testing.assert_close(g.float(), (before.float() * f[:, None]).bfloat16().float())
+    assert torch.equal(g[0], before[0]) and torch.equal(g[3], before[3])
+
+
+def test_current_stream_and_device_guard():
+    """The kernels run on the caller's current stream."""
+    s, t = make_logits(64, 5000, dtype=torch.bfloat16, device="cuda")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        rows, _, grad = amid.ops.amid_loss_fwd(s, t, None, 0.5, 0.5, "kl", "pr", 0.2, 0.7, 1.0, False, True)
+    side.synchronize()
+    rows2, _, grad2 = amid.ops.amid_loss_fwd(s, t, None, 0.5, 0.5, "kl", "pr", 0.2, 0.7, 1.0, False, True)
+    torch.testing.assert_close(rows, rows2)
+    torch.testing.assert_close(grad, grad2)
+
+
+def test_paths_agree():
+    """The streaming and resident (cluster) paths give the same numbers up to summation order."""
+    s, t = make_logits(33, 151936, dtype=torch.bfloat16, device="cuda")
+    out = {}
+    for p in ("stream", "resident"):
+        os.environ["AMID_CUDA_PATH"] = p
+        try:
+            out[p] = amid.ops.amid_loss_fwd(s, t, None, 0.5, 0.5, "ab", "pr", 0.2, 0.7, 1.0, False, True)
+        finally:
+            del os.environ["AMID_CUDA_PATH"]
+    torch.testing.assert_close(out["stream"][0], out["resident"][0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out["stream"][2].float(), out["resident"][2].float(), atol=1e-6, rtol=2e-2)
