@@ -10,11 +10,12 @@
 // The backward (from the saved stats) rebuilds p, q, lt, w, r with the same passes and writes the
 // gradient row.
 //
-// Threads own whole rows (at::parallel_for); each thread keeps five [V] scratch arrays (p, q, lt,
-// w, r) in the math type, so nothing of size [N, V] exists besides the gradient. Each pass is one
-// branch-free loop: with float math (16/32-bit inputs) the loops vectorise (AVX2 clone chosen at
-// load time where the CPU has it) using the polynomial exp/log1p of vec_math.h; float64 inputs use
-// the C library in double. Row sums are accumulated in double.
+// Threads own whole rows (at::parallel_for); each thread keeps ten [V] scratch arrays in the math
+// type (the scaled logits, p, q, lt, w, r and the per-element terms), so nothing of size [N, V]
+// exists besides the gradient. Each pass is one branch-free loop over scratch: with float math
+// (16/32-bit inputs) the loops vectorise (an AVX2 clone is chosen at load time where the CPU has
+// it) using the polynomial exp / log1p of vec_math.h; float64 inputs use the C library in double.
+// Row sums are accumulated in double.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -28,6 +29,7 @@
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../amid_math.h"
@@ -50,120 +52,159 @@ template <typename T>
 constexpr T kInf = std::numeric_limits<T>::infinity();
 
 // ------------------------------------------------------------------------------------------------
-// Row passes. Pointers: t, s = one row of the inputs [V]; the rest are [V] scratch of the thread.
+// Conversions between the input dtype and the math type, one pass per row. bf16 / fp16 go through
+// their bit patterns (c10's conversions keep loops scalar): bf16 -> float is a shift, fp16 -> float
+// the exponent-rebias trick (exact, also for subnormals, inf and NaN).
+
+template <typename scalar_t, typename acc_t>
+AMID_CPU_CLONES void load_scaled(const scalar_t* x, int64_t V, acc_t scale, acc_t* out) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) out[v] = bit_cast<float>(uint32_t(x[v].x) << 16) * scale;
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) {
+      const uint32_t h = x[v].x, em = h & 0x7fffu;
+      const float mag = em >= 0x7c00u ? bit_cast<float>((em << 13) | 0x7f800000u)   // inf / NaN
+                                      : bit_cast<float>(em << 13) * 0x1p+112f;       // (sub)normal
+      out[v] = bit_cast<float>(bit_cast<uint32_t>(mag) | ((h & 0x8000u) << 16)) * scale;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) out[v] = acc_t(x[v]) * scale;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+AMID_CPU_CLONES void store_row(const acc_t* g, int64_t V, scalar_t* out) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) {  // round to nearest even; NaN stays NaN
+      const uint32_t u = bit_cast<uint32_t>(g[v]);
+      const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+      out[v].x = uint16_t(g[v] != g[v] ? 0x7fc0u : r);
+    }
+  } else {
+    for (int64_t v = 0; v < V; ++v) out[v] = scalar_t(g[v]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Row passes over the thread's [V] scratch: tf, sf = t/T, s/T; p, q, lt, w, r as in the spec.
+// Each is one loop that vectorises (reductions kept in their own loops: GCC stops vectorising a
+// heavy loop body when a reduction rides along).
 
 // Maxima of the scaled rows, and whether any entry is NaN or +inf.
-template <typename scalar_t, typename acc_t>
-AMID_CPU_CLONES void pass_max(const scalar_t* t, const scalar_t* s, int64_t V, acc_t invT, acc_t& mt_out,
-                              acc_t& ms_out, bool& bad_out) {
+template <typename acc_t>
+AMID_CPU_CLONES void pass_max(const acc_t* tf, const acc_t* sf, int64_t V, acc_t& mt_out, acc_t& ms_out,
+                              bool& bad_out) {
   acc_t mt = -kInf<acc_t>, ms = -kInf<acc_t>;
   int bad = 0;
 #pragma omp simd reduction(max : mt, ms) reduction(| : bad)
   for (int64_t v = 0; v < V; ++v) {
-    const acc_t tv = acc_t(t[v]) * invT, sv = acc_t(s[v]) * invT;
-    bad |= !((tv < kInf<acc_t>) & (sv < kInf<acc_t>));  // NaN compares false
-    mt = tv > mt ? tv : mt;
-    ms = sv > ms ? sv : ms;
+    bad |= !((tf[v] < kInf<acc_t>) & (sf[v] < kInf<acc_t>));  // NaN compares false
+    mt = tf[v] > mt ? tf[v] : mt;
+    ms = sf[v] > ms ? sf[v] : ms;
   }
   mt_out = mt;
   ms_out = ms;
   bad_out = bad != 0;
 }
 
-// p = e^(t/T - mt), q = e^(s/T - ms) and their sums.
-template <typename scalar_t, typename acc_t>
-AMID_CPU_CLONES void pass_exp(const scalar_t* t, const scalar_t* s, int64_t V, acc_t invT, acc_t mt, acc_t ms,
-                              acc_t* p, acc_t* q, double& st_out, double& ss_out) {
-  double st = 0, ss = 0;
-#pragma omp simd reduction(+ : st, ss)
-  for (int64_t v = 0; v < V; ++v) {
-    p[v] = M::exp(acc_t(t[v]) * invT - mt);
-    q[v] = M::exp(acc_t(s[v]) * invT - ms);
-    st += double(p[v]);
-    ss += double(q[v]);
-  }
-  st_out = st;
-  ss_out = ss;
-}
-
-// lt and w per element (normalising the cached p and q by cp, cq on the way); returns max lt.
-template <MixMode MODE, typename scalar_t, typename acc_t>
-AMID_CPU_CLONES acc_t pass_mixture(const LossParams<acc_t>& P, const scalar_t* t, const scalar_t* s, int64_t V,
-                                   acc_t A, acc_t B, acc_t cp, acc_t cq, acc_t* p, acc_t* q, acc_t* lt, acc_t* w) {
-  const acc_t invT = P.inv_temperature;
+template <typename acc_t>
+AMID_CPU_CLONES acc_t pass_max_of(const acc_t* x, int64_t V) {
   acc_t m = -kInf<acc_t>;
 #pragma omp simd reduction(max : m)
-  for (int64_t v = 0; v < V; ++v) {
-    p[v] *= cp;
-    q[v] *= cq;
-    acc_t ltv, wv;
-    mixture<MODE, M>(P, acc_t(t[v]) * invT - A, acc_t(s[v]) * invT - B, ltv, wv);
-    lt[v] = ltv;
-    w[v] = wv;
-    m = ltv > m ? ltv : m;
-  }
+  for (int64_t v = 0; v < V; ++v) m = x[v] > m ? x[v] : m;
   return m;
 }
 
-// r = e^(lt - m) and its sum.
+// out = e^(x - m) elementwise.
 template <typename acc_t>
-AMID_CPU_CLONES double pass_exp_shift(const acc_t* lt, int64_t V, acc_t m, acc_t* r) {
-  double sr = 0;
-#pragma omp simd reduction(+ : sr)
+AMID_CPU_CLONES void pass_exp(const acc_t* x, int64_t V, acc_t m, acc_t* out) {
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) out[v] = M::exp(x[v] - m);
+}
+
+template <typename acc_t>
+AMID_CPU_CLONES double pass_sum(const acc_t* x, int64_t V) {
+  double sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t v = 0; v < V; ++v) sum += double(x[v]);
+  return sum;
+}
+
+template <typename acc_t>
+AMID_CPU_CLONES void pass_scale(acc_t* x, int64_t V, acc_t c) {
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) x[v] *= c;
+}
+
+// lt and w per element.
+template <MixMode MODE, typename acc_t>
+AMID_CPU_CLONES void pass_mixture(const LossParams<acc_t>& P, const acc_t* tf, const acc_t* sf, int64_t V, acc_t A,
+                                  acc_t B, acc_t* lt, acc_t* w) {
+#pragma omp simd
   for (int64_t v = 0; v < V; ++v) {
-    r[v] = M::exp(lt[v] - m);
-    sr += double(r[v]);
+    acc_t ltv, wv;
+    mixture<MODE, M>(P, tf[v] - A, sf[v] - B, ltv, wv);
+    lt[v] = ltv;
+    w[v] = wv;
   }
-  return sr;
 }
 
 struct Sums {
   double L, S_G, S_Gw, S_H, Wbar;
 };
 
-// Row sums of the loss and of the gradient's row scalars (normalising the cached r by cr).
-template <Divergence D, Order O, typename scalar_t, typename acc_t>
-AMID_CPU_CLONES Sums pass_sums(const LossParams<acc_t>& P, const scalar_t* t, const scalar_t* s, int64_t V,
-                               acc_t A, acc_t B, acc_t Z, acc_t cr, const acc_t* p, const acc_t* q, acc_t* r,
-                               const acc_t* lt, const acc_t* w) {
-  const acc_t invT = P.inv_temperature;
+// Per-element terms into scratch (G -> gs, H -> hs, l -> ls), then the row sums in a plain loop.
+template <Divergence D, Order O, typename acc_t>
+AMID_CPU_CLONES void pass_terms(const LossParams<acc_t>& P, const acc_t* tf, const acc_t* sf, int64_t V, acc_t A,
+                                acc_t B, acc_t Z, const acc_t* p, const acc_t* q, const acc_t* r, const acc_t* lt,
+                                acc_t* ls, acc_t* gs, acc_t* hs) {
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) {
+    const Terms<acc_t> o = element_terms<D, O, M>(P, p[v], q[v], r[v], tf[v] - A, sf[v] - B, lt[v] - Z);
+    ls[v] = o.l;
+    gs[v] = o.G;
+    hs[v] = o.H;
+  }
+}
+
+template <typename acc_t>
+AMID_CPU_CLONES Sums pass_sums(int64_t V, const acc_t* ls, const acc_t* gs, const acc_t* hs, const acc_t* r,
+                               const acc_t* w) {
   double L = 0, S_G = 0, S_Gw = 0, S_H = 0, Wbar = 0;
 #pragma omp simd reduction(+ : L, S_G, S_Gw, S_H, Wbar)
   for (int64_t v = 0; v < V; ++v) {
-    r[v] *= cr;
-    const Terms<acc_t> o = element_terms<D, O, M>(P, p[v], q[v], r[v], acc_t(t[v]) * invT - A,
-                                                  acc_t(s[v]) * invT - B, lt[v] - Z);
-    L += double(o.l);
-    S_G += double(o.G);
-    S_Gw += double(o.G) * double(w[v]);
-    S_H += double(o.H);
+    L += double(ls[v]);
+    S_G += double(gs[v]);
+    S_Gw += double(gs[v]) * double(w[v]);
+    S_H += double(hs[v]);
     Wbar += double(r[v]) * double(w[v]);
   }
   return {L, S_G, S_Gw, S_H, Wbar};
 }
 
-// The gradient row: scale * (w (G - r S_G) + H - q K).
-template <Divergence D, Order O, typename scalar_t, typename acc_t>
-AMID_CPU_CLONES void pass_grad(const LossParams<acc_t>& P, const scalar_t* t, const scalar_t* s, int64_t V, acc_t A,
-                               acc_t B, acc_t Z, const acc_t* p, const acc_t* q, const acc_t* r, const acc_t* lt,
-                               const acc_t* w, acc_t S_G, acc_t K, acc_t scale, scalar_t* grad) {
-  const acc_t invT = P.inv_temperature;
-  const bool detach = P.detach;
+// The gradient row from the cached terms: out = scale * (w (G - r S_G) + H - q K).
+template <typename acc_t>
+AMID_CPU_CLONES void pass_grad(bool detach, int64_t V, const acc_t* gs, const acc_t* hs, const acc_t* q,
+                               const acc_t* r, const acc_t* w, acc_t S_G, acc_t K, acc_t scale, acc_t* out) {
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) {
-    const Terms<acc_t> o = element_terms<D, O, M>(P, p[v], q[v], r[v], acc_t(t[v]) * invT - A,
-                                                  acc_t(s[v]) * invT - B, lt[v] - Z);
-    grad[v] = scalar_t(scale * element_grad(detach, w[v], q[v], r[v], o, S_G, K));
+    const Terms<acc_t> o{acc_t(0), gs[v], hs[v]};
+    out[v] = scale * element_grad(detach, w[v], q[v], r[v], o, S_G, K);
   }
 }
 
 // ------------------------------------------------------------------------------------------------
 // Rows
 
+// Per-thread scratch, reused across its rows: the scaled logits, p, q, lt, w, r and the terms.
 template <typename acc_t>
 struct RowScratch {
-  std::vector<acc_t> p, q, lt, w, r;
-  explicit RowScratch(int64_t V) : p(V), q(V), lt(V), w(V), r(V) {}
+  std::vector<acc_t> tf, sf, p, q, lt, w, r, ls, gs, hs;
+  explicit RowScratch(int64_t V) : tf(V), sf(V), p(V), q(V), lt(V), w(V), r(V), ls(V), gs(V), hs(V) {}
 };
 
 template <typename scalar_t>
@@ -173,70 +214,88 @@ void fill_nan_row(double* loss, double* stats, scalar_t* grad, int64_t V) {
   if (grad) std::fill(grad, grad + V, scalar_t(std::numeric_limits<float>::quiet_NaN()));
 }
 
+// The per-element terms for the loss (D, O) selected at run time.
+template <typename acc_t>
+void terms_row(const LossParams<acc_t>& P, int64_t V, acc_t A, acc_t B, acc_t Z, RowScratch<acc_t>& S) {
+  dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
+    pass_terms<decltype(dc)::value, decltype(oc)::value>(P, S.tf.data(), S.sf.data(), V, A, B, Z, S.p.data(),
+                                                         S.q.data(), S.r.data(), S.lt.data(), S.ls.data(),
+                                                         S.gs.data(), S.hs.data());
+  });
+}
+
+template <typename acc_t>
+void mixture_row(const LossParams<acc_t>& P, int64_t V, acc_t A, acc_t B, RowScratch<acc_t>& S) {
+  dispatch_mode(P.mode, [&](auto mode) {
+    pass_mixture<decltype(mode)::value>(P, S.tf.data(), S.sf.data(), V, A, B, S.lt.data(), S.w.data());
+  });
+}
+
 // Forward of one row: loss (times weight), the 5 stats and, if grad != nullptr, the gradient row
 // d(weight * L)/ds.
 template <typename scalar_t, typename acc_t>
 void forward_row(const LossParams<acc_t>& P, const scalar_t* s, const scalar_t* t, int64_t V, double weight,
                  RowScratch<acc_t>& S, double* loss, double* stats, scalar_t* grad) {
   const acc_t invT = P.inv_temperature;
+  load_scaled(t, V, invT, S.tf.data());
+  load_scaled(s, V, invT, S.sf.data());
   acc_t mt, ms;
   bool bad;
-  pass_max(t, s, V, invT, mt, ms, bad);
+  pass_max(S.tf.data(), S.sf.data(), V, mt, ms, bad);
   if (bad || mt == -kInf<acc_t> || ms == -kInf<acc_t>) {
     fill_nan_row(loss, stats, grad, V);
     return;
   }
-  double st, ss;
-  pass_exp(t, s, V, invT, mt, ms, S.p.data(), S.q.data(), st, ss);
+  // Log-sum-exps (sums in double: a float running sum loses ~sqrt(V) ulps), then p and q.
+  pass_exp(S.tf.data(), V, mt, S.p.data());
+  pass_exp(S.sf.data(), V, ms, S.q.data());
+  const double st = pass_sum(S.p.data(), V), ss = pass_sum(S.q.data(), V);
   const acc_t A = acc_t(mt + std::log(st)), B = acc_t(ms + std::log(ss));
-  acc_t m;
-  dispatch_mode(P.mode, [&](auto mode) {
-    m = pass_mixture<decltype(mode)::value>(P, t, s, V, A, B, acc_t(1.0 / st), acc_t(1.0 / ss), S.p.data(),
-                                            S.q.data(), S.lt.data(), S.w.data());
-  });
+  pass_scale(S.p.data(), V, acc_t(1.0 / st));
+  pass_scale(S.q.data(), V, acc_t(1.0 / ss));
+  // The mixture and Z = LSE(lt), then r.
+  mixture_row(P, V, A, B, S);
+  const acc_t m = pass_max_of(S.lt.data(), V);
   if (m == -kInf<acc_t>) {  // alpha >= 1 with disjoint supports: the assistant is undefined
     fill_nan_row(loss, stats, grad, V);
     return;
   }
-  const double sr = pass_exp_shift(S.lt.data(), V, m, S.r.data());
+  pass_exp(S.lt.data(), V, m, S.r.data());
+  const double sr = pass_sum(S.r.data(), V);
   const acc_t Z = acc_t(m + std::log(sr));
-  dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
-    constexpr Divergence D = decltype(dc)::value;
-    constexpr Order O = decltype(oc)::value;
-    const Sums sums = pass_sums<D, O>(P, t, s, V, A, B, Z, acc_t(1.0 / sr), S.p.data(), S.q.data(), S.r.data(),
-                                      S.lt.data(), S.w.data());
-    const double K = row_K(P.detach, sums.S_G, sums.S_Gw, sums.S_H, sums.Wbar);
-    *loss = weight * sums.L;
-    stats[0] = A;
-    stats[1] = B;
-    stats[2] = Z;
-    stats[3] = sums.S_G;
-    stats[4] = K;
-    if (grad) {
-      // Chain rule through s/T gives the 1/T factor.
-      pass_grad<D, O>(P, t, s, V, A, B, Z, S.p.data(), S.q.data(), S.r.data(), S.lt.data(), S.w.data(),
-                      acc_t(sums.S_G), acc_t(K), acc_t(weight) * invT, grad);
-    }
-  });
+  pass_scale(S.r.data(), V, acc_t(1.0 / sr));
+  // Row sums, stats, and the gradient (chain rule through s/T: the 1/T factor).
+  terms_row(P, V, A, B, Z, S);
+  const Sums sums = pass_sums(V, S.ls.data(), S.gs.data(), S.hs.data(), S.r.data(), S.w.data());
+  const double K = row_K(P.detach, sums.S_G, sums.S_Gw, sums.S_H, sums.Wbar);
+  *loss = weight * sums.L;
+  stats[0] = A;
+  stats[1] = B;
+  stats[2] = Z;
+  stats[3] = sums.S_G;
+  stats[4] = K;
+  if (grad) {
+    pass_grad(P.detach, V, S.gs.data(), S.hs.data(), S.q.data(), S.r.data(), S.w.data(), acc_t(sums.S_G), acc_t(K),
+              acc_t(weight) * invT, S.tf.data());
+    store_row(S.tf.data(), V, grad);
+  }
 }
 
-// Backward of one row from its stats (A, B, Z, S_G, K).
+// Backward of one row from its stats (A, B, Z, S_G, K): the same passes without the reductions.
 template <typename scalar_t, typename acc_t>
 void backward_row(const LossParams<acc_t>& P, const scalar_t* s, const scalar_t* t, int64_t V, acc_t scale,
                   const acc_t* st, RowScratch<acc_t>& S, scalar_t* grad) {
   const acc_t invT = P.inv_temperature;
   const acc_t A = st[0], B = st[1], Z = st[2], S_G = st[3], K = st[4];
-  double unused_a, unused_b;
-  pass_exp(t, s, V, invT, A, B, S.p.data(), S.q.data(), unused_a, unused_b);  // p, q directly
-  dispatch_mode(P.mode, [&](auto mode) {
-    pass_mixture<decltype(mode)::value>(P, t, s, V, A, B, acc_t(1), acc_t(1), S.p.data(), S.q.data(), S.lt.data(),
-                                        S.w.data());
-  });
-  pass_exp_shift(S.lt.data(), V, Z, S.r.data());  // r directly
-  dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
-    pass_grad<decltype(dc)::value, decltype(oc)::value>(P, t, s, V, A, B, Z, S.p.data(), S.q.data(), S.r.data(),
-                                                        S.lt.data(), S.w.data(), S_G, K, scale, grad);
-  });
+  load_scaled(t, V, invT, S.tf.data());
+  load_scaled(s, V, invT, S.sf.data());
+  pass_exp(S.tf.data(), V, A, S.p.data());  // p, q, r directly from the saved log-normalisers
+  pass_exp(S.sf.data(), V, B, S.q.data());
+  mixture_row(P, V, A, B, S);
+  pass_exp(S.lt.data(), V, Z, S.r.data());
+  terms_row(P, V, A, B, Z, S);
+  pass_grad(P.detach, V, S.gs.data(), S.hs.data(), S.q.data(), S.r.data(), S.w.data(), S_G, K, scale, S.tf.data());
+  store_row(S.tf.data(), V, grad);
 }
 
 int64_t row_grain(int64_t V) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1)); }
