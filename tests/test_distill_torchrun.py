@@ -1,0 +1,107 @@
+"""amid-distill under torchrun (2 CPU processes, gloo): DDP and FSDP match one process on the same global batch."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from safetensors.torch import load_file  # noqa: E402
+from test_distill import make_model, make_teacher, make_tokenizer, train_records, write_data  # noqa: E402
+
+from amid.distill import cli as distill_cli  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with the gloo backend")
+
+
+@pytest.fixture(scope="module")
+def run_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("torchrun")
+    tok = make_tokenizer()
+    teacher = make_teacher(tok)
+    teacher.save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    student = make_model(len(tok), layers=1, seed=5)
+    student.save_pretrained(root / "student")
+    tok.save_pretrained(root / "student")
+    paths = write_data(str(root / "data"), n_train=32)
+    cfg = {"teacher": str(root / "teacher"), "student": str(root / "student"), "train_file": paths["train"],
+           "validation_file": paths["validation"], "test_file": paths["test"], "max_steps": 3, "lr": 1e-2,
+           "kd_weight": 0.5, "alpha": 0.5, "lam": 0.2, "divergence": "ab", "order": "pr", "max_length": 48,
+           "eval_max_new_tokens": 6, "eval_batch_size": 3, "plots": False, "progress": False, "seed": 0,
+           "device": "cpu",
+           # Student-generated batches too: sampling is seeded per global-batch slot, so it matches as well.
+           "student_gen": True, "sgo_init_threshold": 0.6, "sgo_capacity": 8, "gen_max_new_tokens": 5}
+    with open(root / "cfg.json", "w") as f:
+        json.dump(cfg, f)
+    return root
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _torchrun(root, out, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "amid.distill.cli", "--config", str(root / "cfg.json"), "--output-dir", str(root / out),
+           "--micro-batch-size", "2", "--grad-accum-steps", "1", *extra]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    return root / out
+
+
+@pytest.fixture(scope="module")
+def single(run_setup):
+    root = run_setup
+    out = root / "single"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert distill_cli.main(["--config", str(root / "cfg.json"), "--output-dir", str(out),
+                                 "--micro-batch-size", "2", "--grad-accum-steps", "2"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    return out
+
+
+def _compare(a, b):
+    wa, wb = load_file(str(a / "final" / "model.safetensors")), load_file(str(b / "final" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+    la, lb = train_records(str(a)), train_records(str(b))
+    assert [r["step"] for r in lb] == [1, 2, 3]
+    assert [r["batches"] for r in lb] == [r["batches"] for r in la]
+    assert sum(r["batches"]["generate"] for r in la) >= 1
+    assert [r["loss"] for r in lb] == pytest.approx([r["loss"] for r in la], rel=1e-4)
+    # The run really trained: the weights moved away from the initial student.
+    init = load_file(str(a.parent / "student" / "model.safetensors"))
+    moved = max(float((wa[k] - init[k]).abs().max()) for k in init if k in wa)
+    assert moved > 1e-3
+    sa, sb = (json.load(open(x / "summary.json")) for x in (a, b))
+    assert [r["model"] for r in sb["rows"]] == ["teacher", "student (before)", "student (after)"]
+    assert [r["val_ce"] for r in sb["rows"]] == pytest.approx([r["val_ce"] for r in sa["rows"]], rel=1e-4)
+
+
+def _run_kind(out):
+    s = json.load(open(out / "summary.json"))
+    return s["strategy"], s["world_size"]
+
+
+def test_ddp_two_processes_match_one_process(run_setup, single):
+    out = _torchrun(run_setup, "ddp")
+    assert _run_kind(single) == ("none", 1) and _run_kind(out) == ("ddp", 2)
+    _compare(single, out)
+
+
+def test_fsdp_two_processes_match_one_process(run_setup, single):
+    out = _torchrun(run_setup, "fsdp", "--strategy", "fsdp")
+    assert _run_kind(out) == ("fsdp", 2)
+    _compare(single, out)
