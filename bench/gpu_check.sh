@@ -38,6 +38,9 @@ if want memcheck; then
     | tail -30 > "$OUT/memcheck.log"; echo "memcheck exit: $?" | tee -a "$OUT/memcheck.log"
 fi
 if want bench; then
-  $PY bench/bench_amid_loss.py --device cuda --out "$OUT/cuda-amid_loss.csv" 2>&1 | tee "$OUT/bench_amid_loss.log" | tail -60
-  $PY bench/bench_fused_linear.py --device cuda --out "$OUT/cuda-fused_linear.csv" 2>&1 | tee "$OUT/bench_fused_linear.log" | tail -30
+  # CSVs land in bench/results/cuda-<gpu>-*.csv (named after the card); copies go to $OUT.
+  $PY bench/bench_amid_loss.py --device cuda 2>&1 | tee "$OUT/bench_amid_loss.log" | tail -60
+  $PY bench/bench_fused_linear.py --device cuda 2>&1 | tee "$OUT/bench_fused_linear.log" | tail -30
+  $PY bench/plot.py
+  [ "$OUT" != bench/results ] && cp bench/results/cuda-* "$OUT"/ 2>/dev/null
 fi

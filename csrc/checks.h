@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <optional>
 #include <string>
 
 #include "amid_math.h"
@@ -85,6 +86,30 @@ inline void check_stats(const char* op, const at::Tensor& stats, const at::Tenso
              stats.scalar_type());
   AMID_CHECK(stats.device() == logits.device(), op, "expected stats on device ", logits.device(),
              ", but got ", stats.device());
+}
+
+// The tensor arguments of each op, checked in the same order by every backend.
+inline void check_fwd_args(const char* op, const at::Tensor& s, const at::Tensor& t,
+                           const std::optional<at::Tensor>& row_weight) {
+  check_logits_pair(op, s, t);
+  if (row_weight) check_row_vector(op, "row_weight", *row_weight, s);
+}
+
+inline void check_bwd_args(const char* op, const at::Tensor& grad_loss, const at::Tensor& s,
+                           const at::Tensor& t, const std::optional<at::Tensor>& row_weight,
+                           const at::Tensor& stats) {
+  check_logits_pair(op, s, t);
+  check_row_vector(op, "grad_loss", grad_loss, s);
+  if (row_weight) check_row_vector(op, "row_weight", *row_weight, s);
+  check_stats(op, stats, s);
+}
+
+inline void check_scale_grad_args(const char* op, const at::Tensor& grad, const at::Tensor& grad_loss) {
+  AMID_CHECK(grad.dim() == 2 && grad.is_contiguous(), op,
+             "expected grad to be a contiguous 2-D [N, V] tensor, but got shape ", shape_str(grad));
+  AMID_CHECK(is_supported_dtype(grad.scalar_type()), op,
+             "expected grad of dtype float16, bfloat16, float32 or float64, but got ", grad.scalar_type());
+  check_row_vector(op, "grad_loss", grad_loss, grad);
 }
 
 inline Divergence parse_divergence(const char* op, const std::string& d) {

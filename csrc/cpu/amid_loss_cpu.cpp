@@ -308,8 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> amid_loss_fwd_cpu(
     double alpha, double lam, std::string_view divergence, std::string_view order, double ab_alpha, double ab_beta,
     double temperature, bool detach_assistant, bool compute_grad) {
   constexpr const char* op = "amid_loss_fwd";
-  check_logits_pair(op, student_logits, teacher_logits);
-  if (row_weight) check_row_vector(op, "row_weight", *row_weight, student_logits);
+  check_fwd_args(op, student_logits, teacher_logits, row_weight);
   const int64_t N = student_logits.size(0), V = student_logits.size(1);
   const auto ldtype = loss_dtype(student_logits.scalar_type());
   // Row results are double here; cast to the loss dtype at the end (O(N)).
@@ -352,10 +351,7 @@ at::Tensor amid_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& stud
                              std::string_view order, double ab_alpha, double ab_beta, double temperature,
                              bool detach_assistant) {
   constexpr const char* op = "amid_loss_bwd";
-  check_logits_pair(op, student_logits, teacher_logits);
-  check_row_vector(op, "grad_loss", grad_loss, student_logits);
-  if (row_weight) check_row_vector(op, "row_weight", *row_weight, student_logits);
-  check_stats(op, stats, student_logits);
+  check_bwd_args(op, grad_loss, student_logits, teacher_logits, row_weight, stats);
   const int64_t N = student_logits.size(0), V = student_logits.size(1);
   at::Tensor grad = at::empty({N, V}, student_logits.options());
   at::Tensor weight = row_weight ? row_weight->contiguous() : at::Tensor();
@@ -395,11 +391,7 @@ at::Tensor amid_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& stud
 
 void scale_grad_cpu_(at::Tensor& grad, const at::Tensor& grad_loss) {
   constexpr const char* op = "scale_grad_";
-  AMID_CHECK(grad.dim() == 2 && grad.is_contiguous(), op,
-             "expected grad to be a contiguous 2-D [N, V] tensor, but got shape ", shape_str(grad));
-  AMID_CHECK(is_supported_dtype(grad.scalar_type()), op,
-             "expected grad of dtype float16, bfloat16, float32 or float64, but got ", grad.scalar_type());
-  check_row_vector(op, "grad_loss", grad_loss, grad);
+  check_scale_grad_args(op, grad, grad_loss);
   const int64_t N = grad.size(0), V = grad.size(1);
   if (N == 0 || V == 0) return;
   at::Tensor gl = grad_loss.contiguous();

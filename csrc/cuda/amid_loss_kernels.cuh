@@ -47,6 +47,33 @@ struct RowArgs {
 };
 
 // ------------------------------------------------------------------------------------------------
+// The W pass shared by the forward (gradient in the forward) and backward kernels: the gradient of
+// `len` elements from the row statistics, g = scale * (w (G - r S_G) + H - q K).
+
+template <Divergence D, Order O, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const scalar_t* t, const scalar_t* s,
+                                               scalar_t* g, int64_t len, bool vec_ok, acc_t A, acc_t B, acc_t Z,
+                                               acc_t S_G, acc_t K, acc_t scale) {
+  constexpr int kW = VecWidth<scalar_t>::value;
+  const acc_t invT = P.inv_temperature;
+  visit_row(t, s, len, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
+    constexpr int n = decltype(nc)::value;
+    alignas(16) scalar_t out[kW];
+#pragma unroll
+    for (int j = 0; j < n; ++j) {
+      const acc_t lp = acc_t(tv[j]) * invT - A, lq = acc_t(sv[j]) * invT - B;
+      acc_t lt, w;
+      mixture<M>(P, lp, lq, lt, w);
+      const acc_t lr = lt - Z;
+      const acc_t p = M::exp(lp), q = M::exp(lq), r = M::exp(lr);
+      const Terms<acc_t> o = element_terms<D, O, M>(P, p, q, r, lp, lq, lr);
+      out[j] = scalar_t(scale * element_grad(P.detach, w, q, r, o, S_G, K));
+    }
+    store_chunk<n>(g, i, out);
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
 // Forward kernel (optionally writing the gradient). Template: input dtype, divergence, order, and
 // whether the row slice is staged in shared memory.
 
@@ -172,21 +199,7 @@ __global__ void __launch_bounds__(kThreads) amid_fwd_kernel(const RowArgs<scalar
     // W: the gradient row (chain rule through s/T: the 1/T factor).
     if (g) {
       const acc_t scale = weight * invT;
-      visit_row(t, s, len, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
-        constexpr int n = decltype(nc)::value;
-        alignas(16) scalar_t out[kW];
-#pragma unroll
-        for (int j = 0; j < n; ++j) {
-          const acc_t lp = acc_t(tv[j]) * invT - A, lq = acc_t(sv[j]) * invT - B;
-          acc_t lt, w;
-          mixture<M>(P, lp, lq, lt, w);
-          const acc_t lr = lt - Z;
-          const acc_t p = M::exp(lp), q = M::exp(lq), r = M::exp(lr);
-          const Terms<acc_t> o = element_terms<D, O, M>(P, p, q, r, lp, lq, lr);
-          out[j] = scalar_t(scale * element_grad(P.detach, w, q, r, o, S_G, K));
-        }
-        store_chunk<n>(g, i, out);
-      });
+      write_grad_row<D, O>(P, t, s, g, len, vec_ok, A, B, Z, S_G, K, scale);
     }
   }
   cluster_exit_barrier();
@@ -199,7 +212,6 @@ template <typename scalar_t, Divergence D, Order O>
 __global__ void __launch_bounds__(kThreads) amid_bwd_kernel(const RowArgs<scalar_t, at::opmath_type<scalar_t>> a,
                                                             const LossParams<at::opmath_type<scalar_t>> P) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kW = VecWidth<scalar_t>::value;
   for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
     const acc_t weight = a.row_weight ? a.row_weight[row] : acc_t(1);
     scalar_t* g = a.grad + row * a.V;
@@ -209,26 +221,11 @@ __global__ void __launch_bounds__(kThreads) amid_bwd_kernel(const RowArgs<scalar
     }
     const acc_t* st = a.stats + row * kNumStats;
     const acc_t A = st[0], B = st[1], Z = st[2], S_G = st[3], K = st[4];
-    const acc_t invT = P.inv_temperature;
-    const acc_t scale = a.grad_loss[row] * weight * invT;
+    const acc_t scale = a.grad_loss[row] * weight * P.inv_temperature;
     const scalar_t* t = a.t + row * a.ldt;
     const scalar_t* s = a.s + row * a.lds;
     const bool vec_ok = same_misalignment(t, s, sizeof(scalar_t)) && same_misalignment(t, g, sizeof(scalar_t));
-    visit_row(t, s, a.V, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
-      constexpr int n = decltype(nc)::value;
-      alignas(16) scalar_t out[kW];
-#pragma unroll
-      for (int j = 0; j < n; ++j) {
-        const acc_t lp = acc_t(tv[j]) * invT - A, lq = acc_t(sv[j]) * invT - B;
-        acc_t lt, w;
-        mixture<M>(P, lp, lq, lt, w);
-        const acc_t lr = lt - Z;
-        const acc_t p = M::exp(lp), q = M::exp(lq), r = M::exp(lr);
-        const Terms<acc_t> o = element_terms<D, O, M>(P, p, q, r, lp, lq, lr);
-        out[j] = scalar_t(scale * element_grad(P.detach, w, q, r, o, S_G, K));
-      }
-      store_chunk<n>(g, i, out);
-    });
+    write_grad_row<D, O>(P, t, s, g, a.V, vec_ok, A, B, Z, S_G, K, scale);
   }
 }
 
