@@ -11,6 +11,7 @@
 #   TORCH_CUDA_ARCH_LIST e.g. "9.0a" or "8.0;8.6;9.0a"
 #   CUDA_HOME            the toolkit; found from nvcc on PATH when unset
 #   MAX_JOBS, NVCC_THREADS, DEBUG=1 (-O0 -g / -G)
+#   AMID_PTXAS_VERBOSE=1 registers, shared memory and spills of every kernel in the build log
 #
 # Install with `pip install --no-build-isolation .` so the build uses the torch already installed.
 import glob
@@ -126,8 +127,8 @@ def _extra_cuda_includes():
     return dirs
 
 
-torch_version = torch.__version__.split("+")[0]
-define_macros = [("AMID_TORCH_VERSION", torch.__version__), ("Py_LIMITED_API", "0x03090000")]
+# (torch's BuildExtension adds -DPy_LIMITED_API itself for py_limited_api extensions.)
+define_macros = [("AMID_TORCH_VERSION", torch.__version__)]
 cxx_flags = ["-O0", "-g"] if DEBUG else ["-O3"]
 # -fno-trapping-math lets the CPU kernel's branch-free selects vectorise and -fopenmp-simd enables its
 # `#pragma omp simd reduction`s; no -ffast-math (inf / NaN keep their IEEE meaning).
@@ -138,6 +139,8 @@ if use_cuda:
     define_macros += [("AMID_WITH_CUDA", None), ("AMID_CUDA_ARCHS", _archs_macro(arch_list))]
     nvcc_flags = ["-O0", "-g", "-G"] if DEBUG else ["-O3", "-lineinfo"]
     nvcc_flags += ["--expt-relaxed-constexpr"]
+    if _flag("AMID_PTXAS_VERBOSE"):
+        nvcc_flags += ["-Xptxas", "-v"]
     if os.environ.get("NVCC_THREADS"):
         nvcc_flags += ["--threads", os.environ["NVCC_THREADS"]]
     include_dirs = _extra_cuda_includes()

@@ -308,6 +308,8 @@ def cuda_main(a):
             providers.remove("liger_jsd")
     rows = []
     total_mem = torch.cuda.get_device_properties(0).total_memory
+    path = a.out or os.path.join(common.RESULTS_DIR, f"{common.device_slug('cuda')}-fused_linear.csv")
+    written = 0  # rows are written after each N, so a run cut short keeps the sizes it finished
     for n in a.n:
         d = make_inputs(n, a.h, a.v, dtype, "cuda")
         logits_mb = 2 * n * a.v * torch.empty((), dtype=dtype).element_size() / MB
@@ -362,9 +364,9 @@ def cuda_main(a):
                 print(f"[N={n}] {name}: target ≤ 1.15 × gemms: {q['p50'] / gemm:.3f}×; peak extra ≤ 1536 MB: "
                       f"{peak:.0f} MB")
         del d, res, ref
-    path = a.out or os.path.join(common.RESULTS_DIR, f"{common.device_slug('cuda')}-fused_linear.csv")
-    common.write_csv(path, rows, FIELDS, append=a.append)
-    print(f"wrote {path}")
+        common.write_csv(path, rows[written:], FIELDS, append=a.append or written > 0)
+        written = len(rows)
+        print(f"wrote {path}", flush=True)
 
 
 def main(argv=None):

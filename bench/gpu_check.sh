@@ -1,46 +1,104 @@
 #!/usr/bin/env bash
-# One-shot GPU verification of amid: build with the CUDA kernels, run the CUDA tests (and a
-# compute-sanitizer memcheck on a small case), run the benchmarks. Results go to $OUT (the device
-# tool's output folder) or bench/results/. Meant for a machine with a Hopper GPU, a CUDA toolkit
-# and torch already installed (no network needed):
+# One-shot GPU verification of amid: build with the CUDA kernels, run the CUDA tests, the
+# benchmarks, a counter profile of the headline kernel (where the time goes: DRAM bandwidth vs the
+# special-function unit) and a compute-sanitizer memcheck on small cases, in that order.
 #
-#   bash bench/gpu_check.sh all        # build + test + bench (about 10-15 min on an H100)
-#   bash bench/gpu_check.sh build test # or any subset, in order: build test memcheck bench
+#   bash bench/gpu_check.sh all                  # every stage, in order, within $BUDGET seconds
+#   bash bench/gpu_check.sh build test           # any subset of: build test bench profile memcheck
 #
-# Liger-Kernel is benchmarked when importable; a wheel placed in .whl/ is installed first.
+# Sized for a short GPU lease (the device tool: 10 min per command, 15 min per session): the whole
+# run stops after BUDGET seconds (default 540), each stage has its own cap (CAP_<STAGE>, seconds),
+# benchmark rows are written to their CSVs as they are measured, and a stage that runs out of time
+# keeps what it measured. Everything lands in $WORK (default /tmp/amid-gpu-check) and is packed into
+# $OUT/gpu_check.tgz (plus $OUT/summary.txt), few files, as the device tool wants; without $OUT the
+# pack goes to bench/results/. Needs: a CUDA GPU, nvcc, torch (CUDA build), pytest; no network.
+# Liger-Kernel is benchmarked when importable; a wheel placed in .whl/ (git-ignored; send it along
+# with the tree) is installed first. To fetch it on a machine with PyPI access:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 -d .whl liger-kernel==0.8.5
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
-mkdir -p "$OUT"
+WORK=${WORK:-/tmp/amid-gpu-check}
+BUDGET=${BUDGET:-540}
+mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}  # the card at hand only: faster build
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}  # the card at hand only: a faster build
 export MAX_JOBS=${MAX_JOBS:-16}
 PY=${PYTHON:-python3}
+SUMMARY="$WORK/summary.txt"
+: > "$SUMMARY"
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(all)
 want() { for s in "${stages[@]}"; do [ "$s" = all ] || [ "$s" = "$1" ] && return 0; done; return 1; }
+say() { echo "[gpu_check $(date +%T) +${SECONDS}s] $*" | tee -a "$SUMMARY"; }
+# Seconds a stage may take: its cap, or what is left of the budget if that is less.
+cap() { local left=$((BUDGET - SECONDS)); local c=$1; [ "$left" -lt "$c" ] && c=$left; [ "$c" -lt 1 ] && c=1; echo "$c"; }
+# run_capped NAME CAP LOG CMD...: run CMD with a time cap, log to $WORK/LOG, record the outcome.
+run_capped() {
+  local name=$1 c; c=$(cap "$2"); local log="$WORK/$3"; shift 3
+  say "$name: start (cap ${c}s)"
+  timeout --signal=INT --kill-after=15 "$c" "$@" > "$log" 2>&1
+  local rc=$?
+  [ $rc -eq 124 ] && say "$name: STOPPED at its ${c}s cap (partial results kept)" || say "$name: exit $rc"
+  return $rc
+}
+pack() {
+  cp bench/results/cuda-* "$WORK"/ 2>/dev/null
+  tar czf "$OUT/gpu_check.tgz" -C "$WORK" . && cp "$SUMMARY" "$OUT/summary.txt"
+}
+trap pack EXIT
 
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+say "stages: ${stages[*]}; budget ${BUDGET}s; arch ${TORCH_CUDA_ARCH_LIST}; git $(git rev-parse --short HEAD 2>/dev/null)"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 | tee -a "$SUMMARY"
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1 | tee -a "$SUMMARY"
+
 if want build; then
-  ls .whl/*.whl >/dev/null 2>&1 && $PY -m pip install -q --no-deps --no-index .whl/*.whl
-  AMID_FORCE_CUDA=1 $PY -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
-    || { tail -50 "$OUT/build.log"; exit 1; }
-  grep -E "amid build" "$OUT/build.log"
-  $PY -c "import amid, json; print(json.dumps(amid.build_info()))" | tee "$OUT/build_info.json"
+  ls .whl/*.whl > /dev/null 2>&1 && $PY -m pip install -q --no-deps --no-index .whl/*.whl
+  export AMID_FORCE_CUDA=1 AMID_PTXAS_VERBOSE=1
+  if ! run_capped build "${CAP_BUILD:-300}" build.log $PY -m pip install -v --no-build-isolation --no-deps -e .; then
+    tail -40 "$WORK/build.log" | tee -a "$SUMMARY"
+    exit 1
+  fi
+  $PY -c "import amid, json; print(json.dumps(amid.build_info()))" 2>&1 | tee -a "$SUMMARY"
+  # Registers, stack and spills per kernel, as ptxas reported them.
+  grep -E "ptxas info *: (Compiling|Function properties|Used)|spill" "$WORK/build.log" > "$WORK/ptxas.txt"
+  say "ptxas: $(grep -cE '[1-9][0-9]* bytes spill (stores|loads)' "$WORK/ptxas.txt") kernel(s) with spills (see ptxas.txt)"
 fi
+
 if want test; then
-  $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_registration.py tests/test_compile.py \
-    tests/test_fused_linear.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
+  # Every CUDA test: tests/test_cuda.py whole, and the CUDA parametrisations of the others.
+  run_capped test "${CAP_TEST:-180}" pytest_cuda.log $PY -m pytest -q -p no:cacheprovider --maxfail=25 -rfE \
+    tests/test_cuda.py tests/test_amid_loss.py tests/test_compile.py tests/test_registration.py \
+    tests/test_fused_linear.py -k cuda
+  tail -25 "$WORK/pytest_cuda.log" | tee -a "$SUMMARY"
+fi
+
+if want bench; then
+  # CSVs: bench/results/cuda-<gpu>-{amid_loss,fused_linear}.csv, one row written per measurement.
+  run_capped bench_amid_loss "${CAP_BENCH_LOSS:-150}" bench_amid_loss.log $PY bench/bench_amid_loss.py --device cuda
+  grep -E "^\[cuda\]" "$WORK/bench_amid_loss.log" | tee -a "$SUMMARY"
+  run_capped bench_fused_linear "${CAP_BENCH_FUSED:-90}" bench_fused_linear.log \
+    $PY bench/bench_fused_linear.py --device cuda
+  tail -15 "$WORK/bench_fused_linear.log" | tee -a "$SUMMARY"
+  $PY bench/plot.py > /dev/null 2>&1 && cp bench/results/cuda-*.png "$WORK"/ 2>/dev/null
+fi
+
+if want profile; then
+  # Counters of the headline kernel (8192 x 151936 bf16, kl/pr, alpha = lam = 0.5, gradient in the
+  # forward). --clock-control none: the card's clocks are left as they are.
+  run_capped profile "${CAP_PROFILE:-60}" profile.log ncu --clock-control none -k regex:amid_fwd \
+    --launch-skip 2 --launch-count 1 --section SpeedOfLight --section ComputeWorkloadAnalysis \
+    --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy --print-details all \
+    $PY bench/profile_step.py
+  grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|XU|Registers|Occupancy|Block Size|Cluster" \
+    "$WORK/profile.log" | head -30 | tee -a "$SUMMARY"
 fi
 if want memcheck; then
-  compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
-    -k "test_small_detach_and_temperature or test_edge_ignored_rows or test_edge_neg_inf" 2>&1 \
-    | tail -30 > "$OUT/memcheck.log"; echo "memcheck exit: $?" | tee -a "$OUT/memcheck.log"
+  run_capped memcheck "${CAP_MEMCHECK:-60}" memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 \
+    $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
+    -k "test_small_detach_and_temperature or test_edge_ignored_rows or test_edge_neg_inf or test_edge_logit_scales"
+  tail -6 "$WORK/memcheck.log" | tee -a "$SUMMARY"
 fi
-if want bench; then
-  # CSVs land in bench/results/cuda-<gpu>-*.csv (named after the card); copies go to $OUT.
-  $PY bench/bench_amid_loss.py --device cuda 2>&1 | tee "$OUT/bench_amid_loss.log" | tail -60
-  $PY bench/bench_fused_linear.py --device cuda 2>&1 | tee "$OUT/bench_fused_linear.log" | tail -30
-  $PY bench/plot.py
-  [ "$OUT" != bench/results ] && cp bench/results/cuda-* "$OUT"/ 2>/dev/null
-fi
+
+say "done"

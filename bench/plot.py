@@ -20,7 +20,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def plot_amid_loss(rows, path):
     shapes = sorted({(int(r["N"]), int(r["V"])) for r in rows}, key=lambda x: x[0] * x[1])
-    headline = [r for r in rows if r["setting"] in ("", rows[0]["setting"])]
+    # The headline setting is the first one measured (the copy kernel and Liger rows have none).
+    setting = next((r["setting"] for r in rows if r["setting"]), "")
+    headline = [r for r in rows if r["setting"] in ("", setting)]
     providers = sorted({r["provider"] for r in headline}, key=lambda p: ("copy" not in p, p != "amid", p))
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / max(len(providers), 1)
@@ -40,7 +42,7 @@ def plot_amid_loss(rows, path):
         ax.set_xticklabels([f"{n}x{v}" for n, v in shapes])
         ax.set_title(title)
     ax_t.legend(fontsize=8)
-    fig.suptitle(f"AMiD loss, {rows[0]['dtype']}, {rows[0]['setting'] or ''} on {rows[0]['device_name']}")
+    fig.suptitle(f"AMiD loss, {rows[0]['dtype']}, {setting} on {rows[0]['device_name']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
