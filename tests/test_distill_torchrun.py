@@ -48,11 +48,16 @@ def _env():
     return env
 
 
-def _torchrun(root, out, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "amid.distill.cli", "--config", str(root / "cfg.json"), "--output-dir", str(root / out),
+def _torchrun(root, out, *extra, script=None, env=None, expect_ok=True):
+    """Runs amid-distill (or `script`, a file) under torchrun with 2 processes; returns the output dir
+    (and the completed process when expect_ok is False)."""
+    prog = [str(script)] if script else ["-m", "amid.distill.cli"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *prog,
+           "--config", str(root / "cfg.json"), "--output-dir", str(root / out),
            "--micro-batch-size", "2", "--grad-accum-steps", "1", *extra]
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, env=dict(_env(), **(env or {})), capture_output=True, text=True, timeout=600)
+    if not expect_ok:
+        return root / out, res
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     return root / out
 
@@ -104,4 +109,37 @@ def test_ddp_two_processes_match_one_process(run_setup, single):
 def test_fsdp_two_processes_match_one_process(run_setup, single):
     out = _torchrun(run_setup, "fsdp", "--strategy", "fsdp")
     assert _run_kind(out) == ("fsdp", 2)
+    _compare(single, out)
+
+
+# A real kill: every rank SIGKILLs itself right after the checkpoint of step 2 (no clean-up, no
+# exit handlers, torchrun's agent sees the workers die); `--resume` under torchrun then finishes the
+# run, which must equal the uninterrupted one.
+_KILLER = """
+import os, signal, sys
+from amid.distill import cli, trainer
+_save = trainer.Distiller.save_checkpoint
+def _save_then_die(self):
+    path = _save(self)
+    if self.step == int(os.environ["AMID_TEST_KILL_AT_STEP"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+trainer.Distiller.save_checkpoint = _save_then_die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_ddp_run_killed_and_resumed_matches_one_process(run_setup, single):
+    root = run_setup
+    (root / "killer.py").write_text(_KILLER)
+    out, res = _torchrun(root, "ddp_killed", "--save-every", "1", script=root / "killer.py",
+                         env={"AMID_TEST_KILL_AT_STEP": "2"}, expect_ok=False)
+    assert res.returncode != 0, "the run was meant to be killed"
+    assert "SIGKILL" in res.stderr or "Signals.SIGKILL" in res.stderr or "-9" in res.stderr, res.stderr[-3000:]
+    assert not (out / "final").exists()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    _, res = _torchrun(root, "ddp_killed", "--save-every", "1", "--resume", expect_ok=False)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    assert "resumed from" in res.stdout and "at step 2/3" in res.stdout, res.stdout[-3000:]
+    assert _run_kind(out) == ("ddp", 2)
     _compare(single, out)
