@@ -71,27 +71,32 @@ struct LseAcc {
 };
 
 // R2 state for loss (D, O). Fields: m (running max of lt), S = sum rho, Wb = sum rho w, and up to
-// five loss-specific sums f[i] with exponents c_i (c = 0: plain sums, independent of Z).
+// five loss-specific sums f[i] with exponents c_i (c = 0: plain sums, independent of Z). o is the
+// loss's reference side (p for pr / rp, q for qr / rq), d = lt - l_ref, tau = r~ - o (see
+// amid_math.h: mixture, assistant_excess), U the unmasked elements.
 template <Divergence D, Order O, typename T>
 struct RowAcc {
-  static constexpr int kF = 5;
+  static constexpr int kF = D == Divergence::kKL ? 5 : 12;
   T m = neg_inf<T>(), S = T(0), Wb = T(0);
-  T f[kF] = {T(0), T(0), T(0), T(0), T(0)};
+  T f[kF] = {};
 
   // Exponent of field i:
-  //   kl pr / qr: f0 = sum_U x (lx - lt), f1 = sum_U x, f2 = sum_U x w   (x = p or q)       c = 0
-  //   kl rp / rq: f0 = sum_U rho, f1 = sum_U rho (lt - ly), f2 = sum_U rho w,
-  //               f3 = sum_U rho w (lt - ly)                   (ly = lp or lq)            c = 1
+  //   kl pr / qr: f0 = -sum_U o d, f1 = sum_U o w, f2 = sum_notU o, f3 = sum tau,
+  //               f4 = sum_U tau w + sum_notU r~ w                                       c = 0
+  //   kl rp / rq: f0 = sum_U rho, f1 = sum_U rho d, f2 = sum_U rho w, f3 = sum_U rho w d  (c = 1),
+  //               f4 = sum tau                                                            (c = 0)
   //   ab pr / qr: f0 = sum x^a rho^b, f1 = sum x^a rho^b w (c = b), f2 = sum x^g (c = 0),
   //               f3 = sum rho^g, f4 = sum rho^g w (c = g)     (x = p or q, g = a + b)
   //   ab rp / rq: f0 = sum rho^a y^b, f1 = sum rho^a y^b w (c = a), f2 = sum y^g (c = 0),
   //               f3 = sum rho^g, f4 = sum rho^g w (c = g)     (y = p or q)
+  //   ab, relative to o (amid_math.h: ab_parts, with v = d):  f5 = sum o^g w, f6 = sum Phi,
+  //               f7 = sum Xc, f8 = sum Xg, f9 = sum Xc w, f10 = sum Xg w, f11 = sum tau   c = 0
   static AMID_HD T exponent(const LossParams<T>& P, int i) {
     if constexpr (D == Divergence::kKL) {
-      return (O == Order::kRP || O == Order::kRQ) ? T(1) : T(0);
+      return (O == Order::kRP || O == Order::kRQ) && i < 4 ? T(1) : T(0);
     } else {
       const T c01 = (O == Order::kPR || O == Order::kQR) ? P.ab_b : P.ab_a;
-      return i < 2 ? c01 : (i == 2 ? T(0) : P.ab_g);
+      return i < 2 ? c01 : (i == 2 || i >= 5 ? T(0) : P.ab_g);
     }
   }
 
@@ -115,24 +120,29 @@ struct RowAcc {
 
   // One element; the caller has already rebased to m >= lt. lp, lq may be -inf.
   template <class M>
-  AMID_HD void add(const LossParams<T>& P, T lp, T lq, T lt, T w) {
+  AMID_HD void add(const LossParams<T>& P, T lp, T lq, T lt, T w, T d) {
     const bool finite_lt = lt != neg_inf<T>();
     const T rel = finite_lt ? lt - m : neg_inf<T>();  // log rho
     const T rho = M::exp(rel);
     S += rho;
     Wb += rho * w;
     if constexpr (D == Divergence::kKL) {
+      constexpr bool x_r = (O == Order::kPR || O == Order::kQR);
+      const T o = M::exp(ref_is_p<O>() ? lp : lq);
+      const T tau = assistant_excess<M>(o, d, lt);
+      f[x_r ? 3 : 4] += tau;
       const bool keep = (lp != neg_inf<T>()) & (lq != neg_inf<T>());
-      if (!keep) return;
-      if constexpr (O == Order::kPR || O == Order::kQR) {
-        const T lx = O == Order::kPR ? lp : lq;
-        const T x = M::exp(lx);
-        f[0] += x * (lx - lt);
-        f[1] += x;
-        f[2] += x * w;
+      if constexpr (x_r) {
+        if (!keep) {
+          f[2] += o;
+          f[4] += (o + tau) * w;
+          return;
+        }
+        f[0] -= o * d;
+        f[1] += o * w;
+        f[4] += tau * w;
       } else {
-        const T ly = O == Order::kRP ? lp : lq;
-        const T d = lt - ly;
+        if (!keep) return;
         f[0] += rho;
         f[1] += rho * d;
         f[2] += rho * w;
@@ -150,6 +160,14 @@ struct RowAcc {
       f[2] += og;
       f[3] += rg;
       f[4] += rg * w;
+      const AbParts<T> ap = ab_parts<M>(P, lo, lt, d, og);
+      f[5] += og * w;
+      f[6] += ap.Phi;
+      f[7] += ap.Xc;
+      f[8] += ap.Xg;
+      f[9] += ap.Xc * w;
+      f[10] += ap.Xg * w;
+      f[11] += assistant_excess<M>(M::exp(lo), d, lt);
     }
   }
 
@@ -167,8 +185,9 @@ struct RowAcc {
     for (int i = 0; i < kF; ++i) f[i] += b.f[i];
   }
 
-  // Closing formulas: Z, the row loss L and the gradient's row scalars S_G and K.
-  // Returns false when the assistant is undefined (no element with finite lt).
+  // Closing formulas: Z, the row loss L and the gradient's row scalars S_G and K (for kl, the
+  // shifted S_G', K' of element_terms). Returns false when the assistant is undefined (no element
+  // with finite lt).
   template <class M>
   AMID_HD bool finalize(const LossParams<T>& P, T log_S, T& Z, T& L, T& S_G, T& K) const {
     if (!(S > T(0))) return false;
@@ -177,21 +196,49 @@ struct RowAcc {
     const T Wbar = Wb * inv_S;
     T S_Gw, S_H;
     if constexpr (D == Divergence::kKL) {
+      // Z = log1p(sum tau) while that sum is small (accurate there), else the running LSE.
+      const T tau_sum = f[(O == Order::kPR || O == Order::kQR) ? 3 : 4];
+      const bool near = (tau_sum > T(-0.5)) & (tau_sum < T(0.5));
+      Z = near ? M::log1p(tau_sum) : Z;
       if constexpr (O == Order::kPR || O == Order::kQR) {
-        // L = sum_U x (lx - lt) + Z sum_U x;  G = -x (on U)
-        L = f[0] + Z * f[1];
-        S_G = -f[1];
-        S_Gw = -f[2];
-        S_H = O == Order::kQR ? L + f[1] : T(0);  // qr: H = x (lx - lr + 1)
+        // L = sum_U o (lo - lr) = Z (1 - f_m) - sum_U o d, with the masked mass f_m = sum_notU o;
+        // S_G' = sum_U (r - o) + sum_notU r = f_m; sum G' w = sum_U (r - o) w + sum_notU r w,
+        // which is Wbar - sum_U o w, a difference of O(1) sums; near Z = 0 it is taken from the
+        // small sums instead: with r = r~ / (1 + S) and r~ = o + tau, (f4 - S sum_U o w) / (1 + S).
+        // qr: sum H' = sum_U (-q e) - f_m = L - f_m.
+        const T f_m = f[2];
+        L = f[0] + Z * (T(1) - f_m);
+        S_G = f_m;
+        S_Gw = near ? (f[4] - tau_sum * f[1]) / (T(1) + tau_sum) : Wbar - f[1];
+        S_H = O == Order::kQR ? L - f_m : T(0);
       } else {
-        // Sr = sum_U r, L = sum_U r (lr - ly), G = r (lr - ly + 1) on U, Rw = sum_U r w
-        const T Sr = f[0] * inv_S;
+        // With Sr = sum_U r and R_m = 1 - Sr (exactly 0 unmasked: S and f0 add the same terms):
+        // L = sum_U r (d - Z); S_G' = sum_U r e - sum_notU r = L - R_m;
+        // sum G' w = sum_U r w e - sum_notU r w; rq: sum H' = sum_U (q - r) + sum_notU q = R_m.
+        const T Sr = f[0] * inv_S, R_m = (S - f[0]) * inv_S;
         L = f[1] * inv_S - Z * Sr;
-        S_G = L + Sr;
+        S_G = L - R_m;
         const T Rw = f[2] * inv_S;
-        S_Gw = f[3] * inv_S - Z * Rw + Rw;
-        S_H = O == Order::kRQ ? -Sr : T(0);  // rq: H = -r (on U)
+        S_Gw = (f[3] * inv_S - Z * Rw) - (Wb - f[2]) * inv_S;
+        S_H = O == Order::kRQ ? R_m : T(0);
       }
+    } else if ((f[11] > T(-0.5)) & (f[11] < T(0.5))) {
+      // Near Z = 0 (r~ sums to about 1), relative to o, where the sums f5.. are small (spec
+      // §5.6, as ab_parts): with e = d - Z, e^(c e) = e^(c d) (1 + m_c), m_c = expm1(-c Z),
+      //   sum o^g phi(e) = O phi(-Z) + Phi + m_c Xc - (c/g) m_g Xg          (O = sum o^g),
+      //   sum o^g (e^(g e) - e^(c e)) = O (m_g - m_c) + Xg - Xc + m_g Xg - m_c Xc,
+      //   sum o^g expm1(c e) = m_c O + Xc + m_c Xc.
+      Z = M::log1p(f[11]);  // as for kl: accurate near 0, and ab's sums depend on it at first order
+      const T c = P.ab_c, g = P.ab_g;
+      const T m_c = M::expm1_from_exp(-c * Z, M::exp(-c * Z)), m_g = M::expm1_from_exp(-g * Z, M::exp(-g * Z));
+      const T gz = g * Z;
+      const T phi_z = (gz > T(-0.5)) & (gz < T(0.5)) ? ab_phi_small(P, -Z) : m_c - P.ab_c_over_g * m_g;
+      const T Om = f[2], Omw = f[5], Phi = f[6], Xc = f[7], Xg = f[8], Xcw = f[9], Xgw = f[10];
+      L = -(Om * phi_z + Phi + m_c * Xc - P.ab_c_over_g * m_g * Xg) * P.inv_ab;
+      const T inv_gc = (O == Order::kPR || O == Order::kQR) ? P.inv_a : P.inv_b;  // 1 / (g - c)
+      S_G = (Om * (m_g - m_c) + (Xg - Xc) + m_g * Xg - m_c * Xc) * inv_gc;
+      S_Gw = (Omw * (m_g - m_c) + (Xgw - Xcw) + m_g * Xgw - m_c * Xcw) * inv_gc;
+      S_H = (O == Order::kQR || O == Order::kRQ) ? -(m_c * Om + Xc + m_c * Xc) / c : T(0);
     } else {
       const T a = P.ab_a, b = P.ab_b, g = P.ab_g;
       const T c01 = (O == Order::kPR || O == Order::kQR) ? b : a;

@@ -173,6 +173,17 @@ LossParams<T> make_params(const char* op, double alpha, double lam, const std::s
   P.inv_ab = T(1.0 / (ab_alpha * ab_beta));
   P.inv_a = T(1.0 / ab_alpha);
   P.inv_b = T(1.0 / ab_beta);
+  const bool x_r = P.order == Order::kPR || P.order == Order::kQR;
+  const double c = x_r ? ab_beta : ab_alpha, g = ab_alpha + ab_beta;
+  P.ab_c = T(c);
+  P.ab_c_over_g = T(c / g);
+  double fact = 1.0, cp = 1.0, gp = 1.0;  // n!, c^(n-1), g^(n-1)
+  for (int n = 2; n < 2 + kAbPhiTerms; ++n) {
+    fact *= n;
+    cp *= c;
+    gp *= g;
+    P.ab_phi[n - 2] = T(c * (cp - gp) / fact);
+  }
   P.inv_temperature = T(1.0 / temperature);
   return P;
 }

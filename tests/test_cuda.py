@@ -188,6 +188,27 @@ def test_edge_invalid_rows_are_nan(path):
     assert torch.isnan(rows[1]) and torch.isnan(grad[1]).all() and torch.isfinite(rows[[0, 2]]).all()
 
 
+@pytest.mark.parametrize("div,order", PAIRS)
+def test_small_divergence(path, div, order):
+    """Spec §5.6 on the GPU: identical inputs give exactly 0 and a zero gradient; a student within 1%
+    of its teacher gives float32 row losses within 1e-3 (kl) / 1e-4 (ab) of float64 and gradients
+    within 1e-4 (the host emulation of this math in tests/cpp meets the same bounds)."""
+    g = torch.Generator().manual_seed(5)
+    t, _ = make_logits(16, 20000, generator=g)
+    s = (t + 0.01 * torch.randn(t.shape, generator=g, dtype=torch.float64)).float()
+    t = t.float()
+    for alpha, lam in ((0.5, 0.5), (-3.0, 0.1), (1.0, 0.9), (3.0, 0.5)):
+        opts = _opts(alpha, lam, div, order)
+        rows, grad = _cuda_rows_and_grad(t, t.clone(), **opts)
+        assert torch.equal(rows, torch.zeros_like(rows)) and torch.equal(grad, torch.zeros_like(grad)), opts
+        ref_rows, ref_grad = ref_rows_and_grad(s.double(), t.double(), **opts)
+        for gif in (True, False):
+            rows, grad = _cuda_rows_and_grad(s, t, grad_in_forward=gif, **opts)
+            rel = ((rows.double() - ref_rows).abs() / ref_rows.abs()).max().item()
+            assert rel <= (1e-3 if div == "kl" else 1e-4), (opts, rel)
+            assert normwise_err(grad, ref_grad) <= 1e-4, opts
+
+
 @pytest.mark.parametrize("scale", [0.1, 30.0])
 def test_edge_logit_scales_and_layouts(path, scale):
     """Peaked and flat rows; rows with a stride (views of a wider buffer) and rows whose start is not

@@ -5,13 +5,14 @@
 //   1. maxima of t/T and s/T and the validity check (NaN or +inf anywhere, or a row that is all
 //      -inf, makes the row's loss, stats and gradient NaN: documented and tested);
 //   2. A = LSE(t/T), B = LSE(s/T), caching p and q;
-//   3. lt = log r~ and w per element (cached), and Z = LSE(lt), caching r;
+//   3. lt = log r~, w and d = lt - l_ref per element (cached), and Z = LSE(lt) (for kl as
+//      log1p(sum (r~ - o)) when that is small: spec §5.6), caching r;
 //   4. the row sums (loss L, S_G, S_Gw, S_H, Wbar) and, if asked, the gradient row.
 // The backward (from the saved stats) rebuilds p, q, lt, w, r with the same passes and writes the
 // gradient row.
 //
-// Threads own whole rows (at::parallel_for); each thread keeps ten [V] scratch arrays in the math
-// type (the scaled logits, p, q, lt, w, r and the per-element terms), so nothing of size [N, V]
+// Threads own whole rows (at::parallel_for); each thread keeps eleven [V] scratch arrays in the math
+// type (the scaled logits, p, q, lt, w, d = lt - l_ref, r and the per-element terms), so nothing of size [N, V]
 // exists besides the gradient. Each pass is one branch-free loop over scratch: with float math
 // (16/32-bit inputs) the loops vectorise (an AVX2 clone is chosen at load time where the CPU has
 // it) using the polynomial exp / log1p of vec_math.h; float64 inputs use the C library in double.
@@ -140,17 +141,27 @@ AMID_CPU_CLONES void pass_scale(acc_t* x, int64_t V, acc_t c) {
   for (int64_t v = 0; v < V; ++v) x[v] *= c;
 }
 
-// lt and w per element.
-template <MixMode MODE, typename acc_t>
+// lt, w and d = lt - l_ref per element (amid_math.h: mixture); lp - lq is formed from the scaled
+// logits' difference and A - B, which keeps it accurate when p ~ q.
+template <MixMode MODE, bool REF_P, typename acc_t>
 AMID_CPU_CLONES void pass_mixture(const LossParams<acc_t>& P, const acc_t* tf, const acc_t* sf, int64_t V, acc_t A,
-                                  acc_t B, acc_t* lt, acc_t* w) {
+                                  acc_t B, acc_t* lt, acc_t* w, acc_t* d) {
+  const acc_t AmB = A - B;
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) {
-    acc_t ltv, wv;
-    mixture<MODE, M>(P, tf[v] - A, sf[v] - B, ltv, wv);
+    acc_t ltv, wv, dv;
+    mixture<MODE, REF_P, M>(P, tf[v] - A, sf[v] - B, (tf[v] - sf[v]) - AmB, ltv, wv, dv);
     lt[v] = ltv;
     w[v] = wv;
+    d[v] = dv;
   }
+}
+
+// tau = r~ - o per element (amid_math.h: assistant_excess), for Z = log1p(sum tau).
+template <typename acc_t>
+AMID_CPU_CLONES void pass_excess(const acc_t* o, const acc_t* d, const acc_t* lt, int64_t V, acc_t* out) {
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) out[v] = assistant_excess<M>(o[v], d[v], lt[v]);
 }
 
 struct Sums {
@@ -161,10 +172,10 @@ struct Sums {
 template <Divergence D, Order O, typename acc_t>
 AMID_CPU_CLONES void pass_terms(const LossParams<acc_t>& P, const acc_t* tf, const acc_t* sf, int64_t V, acc_t A,
                                 acc_t B, acc_t Z, const acc_t* p, const acc_t* q, const acc_t* r, const acc_t* lt,
-                                acc_t* ls, acc_t* gs, acc_t* hs) {
+                                const acc_t* d, acc_t* ls, acc_t* gs, acc_t* hs) {
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) {
-    const Terms<acc_t> o = element_terms<D, O, M>(P, p[v], q[v], r[v], tf[v] - A, sf[v] - B, lt[v] - Z);
+    const Terms<acc_t> o = element_terms<D, O, M>(P, p[v], q[v], r[v], tf[v] - A, sf[v] - B, lt[v] - Z, d[v] - Z);
     ls[v] = o.l;
     gs[v] = o.G;
     hs[v] = o.H;
@@ -200,11 +211,11 @@ AMID_CPU_CLONES void pass_grad(bool detach, int64_t V, const acc_t* gs, const ac
 // ------------------------------------------------------------------------------------------------
 // Rows
 
-// Per-thread scratch, reused across its rows: the scaled logits, p, q, lt, w, r and the terms.
+// Per-thread scratch, reused across its rows: the scaled logits, p, q, lt, w, d, r and the terms.
 template <typename acc_t>
 struct RowScratch {
-  std::vector<acc_t> tf, sf, p, q, lt, w, r, ls, gs, hs;
-  explicit RowScratch(int64_t V) : tf(V), sf(V), p(V), q(V), lt(V), w(V), r(V), ls(V), gs(V), hs(V) {}
+  std::vector<acc_t> tf, sf, p, q, lt, w, d, r, ls, gs, hs;
+  explicit RowScratch(int64_t V) : tf(V), sf(V), p(V), q(V), lt(V), w(V), d(V), r(V), ls(V), gs(V), hs(V) {}
 };
 
 template <typename scalar_t>
@@ -219,15 +230,25 @@ template <typename acc_t>
 void terms_row(const LossParams<acc_t>& P, int64_t V, acc_t A, acc_t B, acc_t Z, RowScratch<acc_t>& S) {
   dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
     pass_terms<decltype(dc)::value, decltype(oc)::value>(P, S.tf.data(), S.sf.data(), V, A, B, Z, S.p.data(),
-                                                         S.q.data(), S.r.data(), S.lt.data(), S.ls.data(),
-                                                         S.gs.data(), S.hs.data());
+                                                         S.q.data(), S.r.data(), S.lt.data(), S.d.data(),
+                                                         S.ls.data(), S.gs.data(), S.hs.data());
   });
+}
+
+template <typename acc_t>
+bool row_ref_is_p(const LossParams<acc_t>& P) {
+  return P.order == Order::kPR || P.order == Order::kRP;
 }
 
 template <typename acc_t>
 void mixture_row(const LossParams<acc_t>& P, int64_t V, acc_t A, acc_t B, RowScratch<acc_t>& S) {
   dispatch_mode(P.mode, [&](auto mode) {
-    pass_mixture<decltype(mode)::value>(P, S.tf.data(), S.sf.data(), V, A, B, S.lt.data(), S.w.data());
+    constexpr MixMode MODE = decltype(mode)::value;
+    if (row_ref_is_p(P)) {
+      pass_mixture<MODE, true>(P, S.tf.data(), S.sf.data(), V, A, B, S.lt.data(), S.w.data(), S.d.data());
+    } else {
+      pass_mixture<MODE, false>(P, S.tf.data(), S.sf.data(), V, A, B, S.lt.data(), S.w.data(), S.d.data());
+    }
   });
 }
 
@@ -262,7 +283,11 @@ void forward_row(const LossParams<acc_t>& P, const scalar_t* s, const scalar_t* 
   }
   pass_exp(S.lt.data(), V, m, S.r.data());
   const double sr = pass_sum(S.r.data(), V);
-  const acc_t Z = acc_t(m + std::log(sr));
+  // Z = log1p(sum tau) while that sum is small, where it is accurate (amid_math.h:
+  // assistant_excess); else the log-sum-exp.
+  pass_excess(row_ref_is_p(P) ? S.p.data() : S.q.data(), S.d.data(), S.lt.data(), V, S.ls.data());
+  const double tau_sum = pass_sum(S.ls.data(), V);
+  const acc_t Z = acc_t(std::abs(tau_sum) < 0.5 ? std::log1p(tau_sum) : m + std::log(sr));
   pass_scale(S.r.data(), V, acc_t(1.0 / sr));
   // Row sums, stats, and the gradient (chain rule through s/T: the 1/T factor).
   terms_row(P, V, A, B, Z, S);

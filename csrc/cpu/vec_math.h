@@ -74,11 +74,13 @@ struct VecMath {
     return u > 0.0f ? res : -std::numeric_limits<float>::infinity();
   }
 
-  static inline float expm1_nonpos(float x, float e) { return LibMath::expm1_nonpos(x, e); }
+  static inline float expm1_small(float x) { return LibMath::expm1_small(x); }
+  static inline float expm1_from_exp(float x, float e) { return LibMath::expm1_from_exp(x, e); }
 
   static inline double exp(double x) { return std::exp(x); }
   static inline double log1p(double x) { return std::log1p(x); }
-  static inline double expm1_nonpos(double x, double e) { return LibMath::expm1_nonpos(x, e); }
+  static inline double expm1_small(double x) { return LibMath::expm1_small(x); }
+  static inline double expm1_from_exp(double x, double e) { return LibMath::expm1_from_exp(x, e); }
 };
 
 }  // namespace amid

@@ -48,25 +48,27 @@ struct RowArgs {
 
 // ------------------------------------------------------------------------------------------------
 // The W pass shared by the forward (gradient in the forward) and backward kernels: the gradient of
-// `len` elements from the row statistics, g = scale * (w (G - r S_G) + H - q K).
+// `len` elements from the row statistics, g = scale * (w (G - r S_G) + H - q K) (amid_math.h:
+// element_terms; for kl G, H, S_G, K are the shifted ones).
 
 template <Divergence D, Order O, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const scalar_t* t, const scalar_t* s,
                                                scalar_t* g, int64_t len, bool vec_ok, acc_t A, acc_t B, acc_t Z,
                                                acc_t S_G, acc_t K, acc_t scale) {
   constexpr int kW = VecWidth<scalar_t>::value;
-  const acc_t invT = P.inv_temperature;
+  const acc_t invT = P.inv_temperature, AmB = A - B;
   visit_row(t, s, len, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
     constexpr int n = decltype(nc)::value;
     alignas(16) scalar_t out[kW];
 #pragma unroll
     for (int j = 0; j < n; ++j) {
-      const acc_t lp = acc_t(tv[j]) * invT - A, lq = acc_t(sv[j]) * invT - B;
-      acc_t lt, w;
-      mixture<M>(P, lp, lq, lt, w);
+      const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
+      const acc_t lp = tf - A, lq = sf - B;
+      acc_t lt, w, d;
+      mixture<ref_is_p<O>(), M>(P, lp, lq, (tf - sf) - AmB, lt, w, d);
       const acc_t lr = lt - Z;
       const acc_t p = M::exp(lp), q = M::exp(lq), r = M::exp(lr);
-      const Terms<acc_t> o = element_terms<D, O, M>(P, p, q, r, lp, lq, lr);
+      const Terms<acc_t> o = element_terms<D, O, M>(P, p, q, r, lp, lq, lr, d - Z);
       out[j] = scalar_t(scale * element_grad(P.detach, w, q, r, o, S_G, K));
     }
     store_chunk<n>(g, i, out);
@@ -77,8 +79,11 @@ __device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const
 // Forward kernel (optionally writing the gradient). Template: input dtype, divergence, order, and
 // whether the row slice is staged in shared memory.
 
+// Launch bounds (256, 2): ptxas then keeps every variant unspilled (sm_90a: kl 66-78 registers,
+// three CTAs per SM; ab 88-94, two). Without the minimum it capped them at 64 and the ab streaming
+// variants spilled. Which occupancy is faster is for the GPU benchmark to say (not yet measured).
 template <typename scalar_t, Divergence D, Order O, bool RESIDENT>
-__global__ void __launch_bounds__(kThreads) amid_fwd_kernel(const RowArgs<scalar_t, at::opmath_type<scalar_t>> a,
+__global__ void __launch_bounds__(kThreads, 2) amid_fwd_kernel(const RowArgs<scalar_t, at::opmath_type<scalar_t>> a,
                                                             const LossParams<at::opmath_type<scalar_t>> P) {
   using acc_t = at::opmath_type<scalar_t>;
   using Lse = LseAcc<acc_t>;
@@ -163,18 +168,19 @@ __global__ void __launch_bounds__(kThreads) amid_fwd_kernel(const RowArgs<scalar
       }
       continue;
     }
-    const acc_t A = lse.t.m + M::log(lse.t.s), B = lse.s.m + M::log(lse.s.s);
+    const acc_t A = lse.t.m + M::log(lse.t.s), B = lse.s.m + M::log(lse.s.s), AmB = A - B;
 
     // R2: the mixture per element; Z and the loss-specific sums in online form.
     Acc acc;
     visit_row(t, s, len, vec_ok, [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {
 #pragma unroll
       for (int j = 0; j < decltype(nc)::value; ++j) {
-        const acc_t lp = acc_t(tv[j]) * invT - A, lq = acc_t(sv[j]) * invT - B;
-        acc_t lt, w;
-        mixture<M>(P, lp, lq, lt, w);
+        const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
+        const acc_t lp = tf - A, lq = sf - B;
+        acc_t lt, w, d;
+        mixture<ref_is_p<O>(), M>(P, lp, lq, (tf - sf) - AmB, lt, w, d);
         acc.template rebase<M>(P, lt);
-        acc.template add<M>(P, lp, lq, lt, w);
+        acc.template add<M>(P, lp, lq, lt, w, d);
       }
     });
     acc = cluster_reduce<acc_t>(acc, acc_scratch, acc_slot, round++, merge_acc);
