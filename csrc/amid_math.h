@@ -26,9 +26,15 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define AMID_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Always inlined: the CPU kernel's loops vectorise only if no call is left in them, and GCC's
+// inlining budget otherwise depends on unrelated code (e.g. -DNDEBUG kept VecMath::exp a call).
+#define AMID_HD inline __attribute__((always_inline))
 #else
 #define AMID_HD inline
 #endif
+
+
 
 namespace amid {
 
@@ -193,14 +199,22 @@ AMID_HD T assistant_excess(T o, T d, T lt) {
 // left once phi is a series for small |g v|. Returned: Xc = o^g expm1(c v), Xg = o^g expm1(g v)
 // and Phi = o^g phi(v); for |g v| >= 1/2 (or a -inf side) from the powers themselves,
 // Xc = o^(g-c) x^c - o^g, Xg = x^g - o^g (no cancellation there). Needs a, b > 0.
+// c[I] + v (c[I+1] + v (... c[N-1])), expanded at compile time: a loop left inside an element
+// function would stop the CPU kernel's loops from vectorising (GCC does not unroll it first).
+template <int I, int N, typename T>
+AMID_HD T horner(const T* c, T v) {
+  if constexpr (I == N - 1) {
+    return c[I];
+  } else {
+    return c[I] + v * horner<I + 1, N>(c, v);
+  }
+}
+
 template <typename T>
 AMID_HD T ab_phi_small(const LossParams<T>& P, T v) {
   // |g v| < 1/2: the terms fall by at least g|v|/n; 10 (float) or 18 (double) of them.
   constexpr int n = std::is_same<T, double>::value ? kAbPhiTerms : 10;
-  T acc = P.ab_phi[n - 1];
-#pragma unroll
-  for (int i = n - 2; i >= 0; --i) acc = acc * v + P.ab_phi[i];
-  return acc * v * v;
+  return horner<0, n>(P.ab_phi, v) * v * v;
 }
 
 template <typename T>
@@ -215,10 +229,14 @@ AMID_HD AbParts<T> ab_parts(const LossParams<T>& P, T lo, T lx, T v, T og) {
   const bool small = (gv > T(-0.5)) & (gv < T(0.5));  // false for NaN / inf v
   const T xc = M::exp(P.ab_c * lx + (P.ab_g - P.ab_c) * lo) - og;
   const T xg = M::exp(P.ab_g * lx) - og;
+  // Both forms are evaluated and one selected (no branch: the CPU loops vectorise; a series in
+  // one arm of a conditional became masked loads of the coefficients, which stopped that).
+  const T xc_small = og * M::expm1_small(P.ab_c * v), xg_small = og * M::expm1_small(gv);
+  const T phi_small = og * ab_phi_small(P, v), phi_big = xc - P.ab_c_over_g * xg;
   AbParts<T> r;
-  r.Xc = small ? og * M::expm1_small(P.ab_c * v) : xc;
-  r.Xg = small ? og * M::expm1_small(gv) : xg;
-  r.Phi = small ? og * ab_phi_small(P, v) : xc - P.ab_c_over_g * xg;
+  r.Xc = small ? xc_small : xc;
+  r.Xg = small ? xg_small : xg;
+  r.Phi = small ? phi_small : phi_big;
   return r;
 }
 

@@ -27,7 +27,7 @@ inline To bit_cast(From x) {
 struct VecMath {
   // exp(x): x = n ln2 + r, |r| <= ln2/2, exp(r) by its degree-7 Taylor polynomial (truncation
   // < 6e-9 relative), 2^n assembled in the exponent bits. -inf and x < -87.3 give 0; NaN gives NaN.
-  static inline float exp(float x) {
+  static AMID_HD float exp(float x) {
     constexpr float kLo = -87.33654f, kHi = 88.72283f;
     const float xc = x < kLo ? kLo : (x > kHi ? kHi : x);
     const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
@@ -47,7 +47,7 @@ struct VecMath {
 
   // log(u) for normal u > 0: u = m 2^e with m in [sqrt(1/2), sqrt(2)), f = m - 1 (exact), and the
   // classic fdlibm/musl logf kernel: s = f/(2+f), log(1+f) = f - hfsq + s (hfsq + R(s^2)).
-  static inline float log_pos(float u) {
+  static AMID_HD float log_pos(float u) {
     const int32_t bits = bit_cast<int32_t>(u);
     int32_t e = ((bits >> 23) & 0xff) - 127;
     float m = bit_cast<float>((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
@@ -65,7 +65,7 @@ struct VecMath {
 
   // log1p(y) for y > -1 with full relative accuracy for small |y| (Goldberg: log(u) * y / (u - 1)
   // with u = 1 + y rounded, which cancels the rounding of u). u = 0 (y = -1) gives -inf.
-  static inline float log1p(float y) {
+  static AMID_HD float log1p(float y) {
     const float u = 1.0f + y;
     const float d = u - 1.0f;
     const bool sub = u < 1.17549435e-38f;  // subnormal u: scale by 2^24 first
@@ -74,13 +74,13 @@ struct VecMath {
     return u > 0.0f ? res : -std::numeric_limits<float>::infinity();
   }
 
-  static inline float expm1_small(float x) { return LibMath::expm1_small(x); }
-  static inline float expm1_from_exp(float x, float e) { return LibMath::expm1_from_exp(x, e); }
+  static AMID_HD float expm1_small(float x) { return LibMath::expm1_small(x); }
+  static AMID_HD float expm1_from_exp(float x, float e) { return LibMath::expm1_from_exp(x, e); }
 
-  static inline double exp(double x) { return std::exp(x); }
-  static inline double log1p(double x) { return std::log1p(x); }
-  static inline double expm1_small(double x) { return LibMath::expm1_small(x); }
-  static inline double expm1_from_exp(double x, double e) { return LibMath::expm1_from_exp(x, e); }
+  static AMID_HD double exp(double x) { return std::exp(x); }
+  static AMID_HD double log1p(double x) { return std::log1p(x); }
+  static AMID_HD double expm1_small(double x) { return LibMath::expm1_small(x); }
+  static AMID_HD double expm1_from_exp(double x, double e) { return LibMath::expm1_from_exp(x, e); }
 };
 
 }  // namespace amid
