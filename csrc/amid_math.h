@@ -180,6 +180,23 @@ AMID_HD void mixture(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& 
   }
 }
 
+// The mixture from the temperature-scaled logits tf, sf and their log-sum-exps A, B, returning lp
+// and lq too; the one place that forms lp - lq as (tf - sf) - (A - B) (see mixture). The first form
+// takes the mode as a template argument, the second reads it from P.
+template <MixMode MODE, bool REF_P, class M, typename T>
+AMID_HD void mixture_from_logits(const LossParams<T>& P, T tf, T sf, T A, T B, T& lp, T& lq, T& lt, T& w, T& d) {
+  lp = tf - A;
+  lq = sf - B;
+  mixture<MODE, REF_P, M>(P, lp, lq, (tf - sf) - (A - B), lt, w, d);
+}
+
+template <bool REF_P, class M, typename T>
+AMID_HD void mixture_from_logits(const LossParams<T>& P, T tf, T sf, T A, T B, T& lp, T& lq, T& lt, T& w, T& d) {
+  lp = tf - A;
+  lq = sf - B;
+  mixture<REF_P, M>(P, lp, lq, (tf - sf) - (A - B), lt, w, d);
+}
+
 // tau = r~ - o for one element (o = e^l_ref, d = lt - l_ref), without cancellation when r~ ~ o.
 // The row sum of tau is Sum r~ - 1 (taking Sum o = 1, as it is up to rounding), so
 // Z = LSE(lt) = log1p(Sum tau): accurate where Z is small, unlike m + log(Sum e^(lt - m)), whose

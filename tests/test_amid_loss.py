@@ -11,7 +11,7 @@ import torch
 
 import amid
 from conftest import DEVICES
-from utils import (ALPHAS, LAMS, PAIRS, assert_grad_close, assert_loss_close, make_logits, normwise_err,
+from utils import (ALPHAS, LAMS, PAIRS, assert_grad_close, assert_loss_close, make_logits, normwise_err, op_opts,
                    ref_rows_and_grad)
 
 # Shapes of the grid: a vocabulary that is not a multiple of any vector width, a few rows.
@@ -30,20 +30,13 @@ def _op_rows_and_grad(s, t, weight=None, grad_in_forward=True, **opts):
     return rows.detach(), grad
 
 
-def _opts(alpha, lam, div, order, **kw):
-    base = dict(alpha=alpha, lam=lam, divergence=div, order=order, ab_alpha=0.2, ab_beta=0.7, temperature=1.0,
-                detach_assistant=False)
-    base.update(kw)
-    return base
-
-
 @pytest.mark.parametrize("div,order", PAIRS)
 @pytest.mark.parametrize("lam", LAMS)
 @pytest.mark.parametrize("alpha", ALPHAS)
 def test_grid_float64(alpha, lam, div, order):
     """Loss and gradient, both backward paths (gradient in the forward / recomputed), vs the reference."""
     s, t = make_logits(N_GRID, V_GRID)
-    opts = _opts(alpha, lam, div, order)
+    opts = op_opts(alpha, lam, div, order)
     ref_rows, ref_grad = ref_rows_and_grad(s, t, **opts)
     for gif in (True, False):
         rows, grad = _op_rows_and_grad(s, t, grad_in_forward=gif, **opts)
@@ -57,7 +50,7 @@ def test_grid_float64(alpha, lam, div, order):
 @pytest.mark.parametrize("alpha,lam", [(-3.0, 0.5), (0.5, 0.1), (1.0, 0.4), (3.0, 0.9), (1.0, 0.0), (0.5, 1.0)])
 def test_detach_assistant(alpha, lam, div, order):
     s, t = make_logits(N_GRID, V_GRID)
-    opts = _opts(alpha, lam, div, order, detach_assistant=True)
+    opts = op_opts(alpha, lam, div, order, detach_assistant=True)
     ref_rows, ref_grad = ref_rows_and_grad(s, t, **opts)
     for gif in (True, False):
         rows, grad = _op_rows_and_grad(s, t, grad_in_forward=gif, **opts)
@@ -65,7 +58,7 @@ def test_detach_assistant(alpha, lam, div, order):
         assert_grad_close(grad, ref_grad, torch.float64, str(opts))
     # Detaching changes the gradient (spec §1.5), but not the loss.
     if 0.0 < lam < 1.0:
-        _, g_full = ref_rows_and_grad(s, t, **_opts(alpha, lam, div, order))
+        _, g_full = ref_rows_and_grad(s, t, **op_opts(alpha, lam, div, order))
         assert normwise_err(ref_grad, g_full) > 1e-3
 
 
@@ -73,13 +66,13 @@ def test_detach_assistant(alpha, lam, div, order):
 @pytest.mark.parametrize("div,order", [("kl", "pr"), ("kl", "rq"), ("ab", "qr"), ("ab", "rp")])
 def test_temperature(temperature, div, order):
     s, t = make_logits(N_GRID, V_GRID)
-    opts = _opts(0.5, 0.3, div, order, temperature=temperature)
+    opts = op_opts(0.5, 0.3, div, order, temperature=temperature)
     ref_rows, ref_grad = ref_rows_and_grad(s, t, **opts)
     rows, grad = _op_rows_and_grad(s, t, **opts)
     assert_loss_close(rows, ref_rows, torch.float64)
     assert_grad_close(grad, ref_grad, torch.float64)
     # T scales both logits: the same as feeding s/T and t/T with T = 1, gradient times 1/T.
-    rows1, grad1 = _op_rows_and_grad(s / temperature, t / temperature, **_opts(0.5, 0.3, div, order))
+    rows1, grad1 = _op_rows_and_grad(s / temperature, t / temperature, **op_opts(0.5, 0.3, div, order))
     assert_loss_close(rows, rows1, torch.float64)
     assert_grad_close(grad, grad1 / temperature, torch.float64)
 
@@ -88,7 +81,7 @@ def test_temperature(temperature, div, order):
 @pytest.mark.parametrize("order", ["pr", "qr", "rp", "rq"])
 def test_ab_parameters(ab_alpha, ab_beta, order):
     s, t = make_logits(N_GRID, V_GRID)
-    opts = _opts(-0.5, 0.4, "ab", order, ab_alpha=ab_alpha, ab_beta=ab_beta)
+    opts = op_opts(-0.5, 0.4, "ab", order, ab_alpha=ab_alpha, ab_beta=ab_beta)
     ref_rows, ref_grad = ref_rows_and_grad(s, t, **opts)
     rows, grad = _op_rows_and_grad(s, t, **opts)
     assert_loss_close(rows, ref_rows, torch.float64)
@@ -99,9 +92,9 @@ def test_alpha_continuity_at_one():
     """The stable form is continuous at alpha = 1 (spec §1.2): 1 - 1e-6 is within ~1e-5 of 1."""
     s, t = make_logits(N_GRID, 200)
     for div, order in PAIRS:
-        r1, g1 = _op_rows_and_grad(s, t, **_opts(1.0, 0.4, div, order))
+        r1, g1 = _op_rows_and_grad(s, t, **op_opts(1.0, 0.4, div, order))
         for eps in (1e-6, -1e-6):
-            r2, g2 = _op_rows_and_grad(s, t, **_opts(1.0 - eps, 0.4, div, order))
+            r2, g2 = _op_rows_and_grad(s, t, **op_opts(1.0 - eps, 0.4, div, order))
             assert (r1 - r2).abs().max() <= 1e-5 * (r1.abs().max() + 1e-3)
             assert normwise_err(g2, g1) <= 1e-4
 
@@ -110,7 +103,7 @@ def test_alpha_near_one_float32_accuracy():
     """Near alpha = 1 the official logaddexp form loses precision like eps/k (spec §5.3); ours does not."""
     s, t = make_logits(16, 1000, scale=4.0)
     for alpha in (0.999, 0.9999, 0.99999):
-        opts = _opts(alpha, 0.5, "kl", "pr")
+        opts = op_opts(alpha, 0.5, "kl", "pr")
         ref_rows, ref_grad = ref_rows_and_grad(s, t, **opts)
         rows, grad = _op_rows_and_grad(s.float(), t.float(), **opts)
         assert (rows.double() - ref_rows).abs().max() < 2e-5
@@ -130,7 +123,7 @@ def test_identical_inputs_give_exactly_zero(dtype, div, order):
     s[1, :7] = -math.inf  # masked entries (in both) too
     for alpha, lam, temp in ((0.5, 0.5, 1.0), (-3.0, 0.2, 1.0), (1.0, 0.7, 2.0), (3.0, 0.4, 1.0), (0.5, 0.0, 1.0),
                              (0.5, 1.0, 0.5), (0.999, 0.3, 1.0)):
-        opts = _opts(alpha, lam, div, order, temperature=temp)
+        opts = op_opts(alpha, lam, div, order, temperature=temp)
         rows, grad = _op_rows_and_grad(s, s.clone(), **opts)
         assert torch.equal(rows, torch.zeros_like(rows)), (opts, rows)
         assert torch.equal(grad, torch.zeros_like(grad)), opts
@@ -149,7 +142,7 @@ def test_small_divergence_float32(div, order):
     t = t.float()
     loss_tol = 3e-4 if div == "kl" else 2e-5
     for alpha, lam in ((0.5, 0.5), (-3.0, 0.1), (1.0, 0.9), (3.0, 0.5), (0.5, 0.0)):
-        opts = _opts(alpha, lam, div, order)
+        opts = op_opts(alpha, lam, div, order)
         ref_rows, ref_grad = ref_rows_and_grad(s.double(), t.double(), **opts)
         if ref_rows.abs().max() < 1e-12:  # qr / rq at lam = 0: r = q, covered by the test above
             continue
@@ -167,7 +160,7 @@ def test_small_lambda_float32_spec_table(alpha, lam, tol):
     Plain form: 9.6e-5, 9.2e-3, 1.3e-4; the spec's delta form: 4.1e-6, 2.2e-5, 6.2e-6."""
     s, t = make_logits(8, 50257, generator=torch.Generator().manual_seed(5))
     s, t = s.float(), t.float()
-    opts = _opts(alpha, lam, "kl", "qr")
+    opts = op_opts(alpha, lam, "kl", "qr")
     ref_rows, ref_grad = ref_rows_and_grad(s.double(), t.double(), **opts)
     rows, grad = _op_rows_and_grad(s, t, **opts)
     assert ((rows.double() - ref_rows).abs() / ref_rows.abs()).max() <= tol
@@ -178,7 +171,7 @@ def test_small_lambda_float32_spec_table(alpha, lam, tol):
 def test_large_abs_alpha(alpha):
     s, t = make_logits(N_GRID, V_GRID)
     for div, order in PAIRS:
-        opts = _opts(alpha, 0.3, div, order)
+        opts = op_opts(alpha, 0.3, div, order)
         ref_rows, ref_grad = ref_rows_and_grad(s, t, **opts)
         rows, grad = _op_rows_and_grad(s, t, **opts)
         assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
@@ -194,7 +187,7 @@ def test_low_precision_inputs(dtype, div, order):
     computing the same loss in that dtype."""
     s, t = make_logits(8, 1001, dtype=dtype)
     for alpha, lam in ((0.5, 0.1), (-3.0, 0.5), (1.0, 0.9), (3.0, 0.5)):
-        opts = _opts(alpha, lam, div, order)
+        opts = op_opts(alpha, lam, div, order)
         ref_rows, ref_grad = ref_rows_and_grad(s, t, **opts)
         sr = s.clone().requires_grad_(True)
         rows = amid.amid_loss(sr, t, reduction="none", **{k: v for k, v in opts.items()})
@@ -215,7 +208,7 @@ def test_low_precision_inputs(dtype, div, order):
 def test_vocab_sizes(v):
     s, t = make_logits(3, v)
     for div, order in (("kl", "pr"), ("kl", "qr"), ("ab", "rq")):
-        opts = _opts(0.5, 0.3, div, order)
+        opts = op_opts(0.5, 0.3, div, order)
         ref_rows, ref_grad = ref_rows_and_grad(s, t, **opts)
         rows, grad = _op_rows_and_grad(s.float(), t.float(), **opts)
         assert_loss_close(rows, ref_rows, torch.float32)
@@ -228,7 +221,7 @@ def test_vocab_sizes(v):
 @pytest.mark.parametrize("v", [32000, 50257, 128256])
 def test_large_vocab_float32(v):
     s, t = make_logits(2, v, dtype=torch.float32)
-    opts = _opts(0.5, 0.5, "kl", "pr")
+    opts = op_opts(0.5, 0.5, "kl", "pr")
     ref_rows, ref_grad = ref_rows_and_grad(s, t, **opts)
     rows, grad = _op_rows_and_grad(s, t, **opts)
     assert_loss_close(rows, ref_rows, torch.float32)
@@ -241,7 +234,7 @@ def test_logit_scales(scale, div, order):
     """Nearly uniform (x0.1) to very peaked (x30) distributions, fp32 inputs."""
     s, t = make_logits(6, 500, dtype=torch.float32, scale=scale)
     for alpha, lam in ((0.5, 0.5), (-1.0, 0.1), (1.0, 0.5), (3.0, 0.3)):
-        opts = _opts(alpha, lam, div, order)
+        opts = op_opts(alpha, lam, div, order)
         ref_rows, ref_grad = ref_rows_and_grad(s, t, **opts)
         rows, grad = _op_rows_and_grad(s, t, **opts)
         assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
@@ -253,7 +246,7 @@ def test_huge_logits():
     """Logits of magnitude 1e4 (and a constant offset of 1e6 in float64): shift-invariance holds."""
     s, t = make_logits(4, 100, scale=1.0)
     for div, order in PAIRS:
-        opts = _opts(0.5, 0.5, div, order)
+        opts = op_opts(0.5, 0.5, div, order)
         s32, t32 = (s * 1e4).float(), (t * 1e4).float()
         ref_rows, ref_grad = ref_rows_and_grad(s32, t32, **opts)
         rows, grad = _op_rows_and_grad(s32, t32, **opts)
@@ -291,7 +284,7 @@ def test_neg_inf_logits(pattern, div, order):
     s, t = _masked_logits(pattern)
     for alpha in (-3.0, 0.0, 0.5, 1.0, 3.0):
         for lam in (0.0, 0.1, 0.5, 1.0):
-            opts = _opts(alpha, lam, div, order)
+            opts = op_opts(alpha, lam, div, order)
             ref_rows, ref_grad = ref_rows_and_grad(s, t, **opts)
             for gif in (True, False):
                 rows, grad = _op_rows_and_grad(s, t, grad_in_forward=gif, **opts)
@@ -327,11 +320,11 @@ def test_row_weight_zero_rows_are_skipped_and_not_read():
     t[3] = math.inf
     w = torch.tensor([0.5, 0.0, 2.0, 0.0, 1.0], dtype=torch.float64)
     for gif in (True, False):
-        rows, grad = _op_rows_and_grad(s, t, weight=w, grad_in_forward=gif, **_opts(0.5, 0.5, "kl", "rq"))
+        rows, grad = _op_rows_and_grad(s, t, weight=w, grad_in_forward=gif, **op_opts(0.5, 0.5, "kl", "rq"))
         assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
         assert rows[1] == 0 and rows[3] == 0 and (grad[1] == 0).all() and (grad[3] == 0).all()
         keep = torch.tensor([0, 2, 4])
-        ref_rows, ref_grad = ref_rows_and_grad(s[keep], t[keep], weight=w[keep], **_opts(0.5, 0.5, "kl", "rq"))
+        ref_rows, ref_grad = ref_rows_and_grad(s[keep], t[keep], weight=w[keep], **op_opts(0.5, 0.5, "kl", "rq"))
         assert_loss_close(rows[keep], w[keep] * ref_rows, torch.float64)
         assert_grad_close(grad[keep], ref_grad, torch.float64)
 
@@ -343,17 +336,17 @@ def test_nan_or_posinf_logits_give_a_nan_row(bad, where):
     s, t = make_logits(3, 20)
     (t if where == "teacher" else s)[1, 7] = bad
     for gif in (True, False):
-        rows, grad = _op_rows_and_grad(s, t, grad_in_forward=gif, **_opts(0.5, 0.5, "kl", "pr"))
+        rows, grad = _op_rows_and_grad(s, t, grad_in_forward=gif, **op_opts(0.5, 0.5, "kl", "pr"))
         assert torch.isnan(rows[1]) and torch.isnan(grad[1]).all()
         assert torch.isfinite(rows[[0, 2]]).all() and torch.isfinite(grad[[0, 2]]).all()
-        ref_rows, ref_grad = ref_rows_and_grad(s[[0, 2]], t[[0, 2]], **_opts(0.5, 0.5, "kl", "pr"))
+        ref_rows, ref_grad = ref_rows_and_grad(s[[0, 2]], t[[0, 2]], **op_opts(0.5, 0.5, "kl", "pr"))
         assert_loss_close(rows[[0, 2]], ref_rows, torch.float64)
 
 
 def test_all_neg_inf_row_is_nan():
     s, t = make_logits(2, 10)
     t[0] = -math.inf
-    rows, grad = _op_rows_and_grad(s, t, **_opts(0.5, 0.5, "kl", "pr"))
+    rows, grad = _op_rows_and_grad(s, t, **op_opts(0.5, 0.5, "kl", "pr"))
     assert torch.isnan(rows[0]) and torch.isnan(grad[0]).all() and torch.isfinite(rows[1])
 
 
@@ -362,7 +355,7 @@ def test_row_strided_inputs():
     s_wide, t_wide = make_logits(6, 80, dtype=torch.float32)
     s, t = s_wide[:, 5:55], t_wide[::1, 10:60]
     assert not s.is_contiguous() and s.stride(1) == 1
-    opts = _opts(0.5, 0.3, "kl", "rq")
+    opts = op_opts(0.5, 0.3, "kl", "rq")
     rows, grad = _op_rows_and_grad(s, t, **opts)
     rows_c, grad_c = _op_rows_and_grad(s.contiguous(), t.contiguous(), **opts)
     assert torch.equal(rows, rows_c) and torch.equal(grad, grad_c)
@@ -377,9 +370,9 @@ def test_row_strided_inputs():
 def test_empty_batch(device):
     s = torch.empty(0, 17, device=device)
     t = torch.empty(0, 17, device=device)
-    rows, stats, grad = amid.ops.amid_loss_fwd(s, t, None, compute_grad=True, **_opts(0.5, 0.5, "kl", "pr"))
+    rows, stats, grad = amid.ops.amid_loss_fwd(s, t, None, compute_grad=True, **op_opts(0.5, 0.5, "kl", "pr"))
     assert rows.shape == (0,) and stats.shape == (0, 5) and grad.shape == (0, 17)
-    g = amid.ops.amid_loss_bwd(rows, s, t, None, stats, **_opts(0.5, 0.5, "kl", "pr"))
+    g = amid.ops.amid_loss_bwd(rows, s, t, None, stats, **op_opts(0.5, 0.5, "kl", "pr"))
     assert g.shape == (0, 17)
     sr = s.clone().requires_grad_(True)
     loss = amid.amid_loss(sr, t, torch.empty(0, dtype=torch.long, device=device), alpha=0.5, lam=0.5)
@@ -419,7 +412,7 @@ def test_grad_output_not_one():
     """Per-row random grad_output (the loss is not the last layer), both backward paths."""
     s, t = make_logits(5, 30)
     gout = torch.randn(5, dtype=torch.float64)
-    opts = _opts(0.5, 0.3, "kl", "rp")
+    opts = op_opts(0.5, 0.3, "kl", "rp")
     ref_rows, _ = ref_rows_and_grad(s, t, **opts)
     s64 = s.clone().requires_grad_(True)
     rows_ref = amid.reference.amid_loss_rows(s64, t, **opts)

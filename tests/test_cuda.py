@@ -20,7 +20,7 @@ import torch
 
 import amid
 from conftest import HAS_CUDA
-from utils import (ALPHAS, LAMS, PAIRS, assert_grad_close, assert_loss_close, make_logits, normwise_err,
+from utils import (ALPHAS, LAMS, PAIRS, assert_grad_close, assert_loss_close, make_logits, normwise_err, op_opts,
                    ref_rows_and_grad)
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and amid's CUDA kernels")
@@ -48,19 +48,12 @@ def _cuda_rows_and_grad(s, t, weight=None, grad_in_forward=True, **opts):
     return rows.detach().cpu(), grad.cpu()
 
 
-def _opts(alpha, lam, div, order, **kw):
-    o = dict(alpha=alpha, lam=lam, divergence=div, order=order, ab_alpha=0.2, ab_beta=0.7, temperature=1.0,
-             detach_assistant=False)
-    o.update(kw)
-    return o
-
-
 @pytest.mark.parametrize("div,order", PAIRS)
 @pytest.mark.parametrize("alpha", ALPHAS)
 def test_small_grid_float64(path, alpha, div, order):
     s, t = make_logits(7, 33)
     for lam in LAMS:
-        opts = _opts(alpha, lam, div, order)
+        opts = op_opts(alpha, lam, div, order)
         ref_rows, ref_grad = ref_rows_and_grad(s, t, **opts)
         for gif in (True, False):
             rows, grad = _cuda_rows_and_grad(s, t, grad_in_forward=gif, **opts)
@@ -72,8 +65,8 @@ def test_small_grid_float64(path, alpha, div, order):
 @pytest.mark.parametrize("div", ["kl", "ab"])
 def test_small_detach_and_temperature(path, div, order):
     s, t = make_logits(7, 40)
-    for opts in (_opts(0.5, 0.3, div, order, detach_assistant=True), _opts(-2.0, 0.6, div, order, temperature=3.0),
-                 _opts(1.0, 0.4, div, order, ab_alpha=0.5, ab_beta=1.5)):
+    for opts in (op_opts(0.5, 0.3, div, order, detach_assistant=True), op_opts(-2.0, 0.6, div, order, temperature=3.0),
+                 op_opts(1.0, 0.4, div, order, ab_alpha=0.5, ab_beta=1.5)):
         ref_rows, ref_grad = ref_rows_and_grad(s, t, **opts)
         rows, grad = _cuda_rows_and_grad(s, t, **opts)
         assert_loss_close(rows, ref_rows, torch.float64)
@@ -85,7 +78,7 @@ def test_small_detach_and_temperature(path, div, order):
 def test_vocab_sizes(path, v, dtype):
     s, t = make_logits(3, v, dtype=dtype)
     for div, order, alpha, lam in (("kl", "pr", 0.5, 0.5), ("ab", "rq", -1.0, 0.3), ("kl", "qr", 3.0, 0.7)):
-        opts = _opts(alpha, lam, div, order)
+        opts = op_opts(alpha, lam, div, order)
         ref_rows, ref_grad = ref_rows_and_grad(s, t, **opts)
         rows, grad = _cuda_rows_and_grad(s, t, **opts)
         assert rows.dtype == torch.float32 and grad.dtype == dtype
@@ -99,7 +92,7 @@ def test_low_precision_within_twice_eager_error(path, dtype, div, order):
     """bf16 / fp16 gradients: at most 2x the error of eager PyTorch computing the same loss in that
     dtype on the GPU, both against float64."""
     s, t = make_logits(16, 4096, dtype=dtype)
-    opts = _opts(0.5, 0.3, div, order)
+    opts = op_opts(0.5, 0.3, div, order)
     ref_rows, ref_grad = ref_rows_and_grad(s, t, **opts)
     rows, grad = _cuda_rows_and_grad(s, t, **opts)
     se = s.cuda().requires_grad_(True)
@@ -173,7 +166,7 @@ def test_edge_neg_inf(path, pattern):
         s[:, cols] = -math.inf
     for div, order in PAIRS:
         for alpha, lam in ((0.5, 0.5), (-3.0, 0.1), (1.0, 0.5), (3.0, 0.3)):
-            opts = _opts(alpha, lam, div, order)
+            opts = op_opts(alpha, lam, div, order)
             ref_rows, ref_grad = ref_rows_and_grad(s, t, **opts)
             rows, grad = _cuda_rows_and_grad(s, t, **opts)
             assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
@@ -184,7 +177,7 @@ def test_edge_neg_inf(path, pattern):
 def test_edge_invalid_rows_are_nan(path):
     s, t = make_logits(3, 100, dtype=torch.float32)
     t[1, 3] = math.inf
-    rows, grad = _cuda_rows_and_grad(s, t, **_opts(0.5, 0.5, "kl", "pr"))
+    rows, grad = _cuda_rows_and_grad(s, t, **op_opts(0.5, 0.5, "kl", "pr"))
     assert torch.isnan(rows[1]) and torch.isnan(grad[1]).all() and torch.isfinite(rows[[0, 2]]).all()
 
 
@@ -198,7 +191,7 @@ def test_small_divergence(path, div, order):
     s = (t + 0.01 * torch.randn(t.shape, generator=g, dtype=torch.float64)).float()
     t = t.float()
     for alpha, lam in ((0.5, 0.5), (-3.0, 0.1), (1.0, 0.9), (3.0, 0.5)):
-        opts = _opts(alpha, lam, div, order)
+        opts = op_opts(alpha, lam, div, order)
         rows, grad = _cuda_rows_and_grad(t, t.clone(), **opts)
         assert torch.equal(rows, torch.zeros_like(rows)) and torch.equal(grad, torch.zeros_like(grad)), opts
         ref_rows, ref_grad = ref_rows_and_grad(s.double(), t.double(), **opts)
@@ -216,7 +209,7 @@ def test_edge_logit_scales_and_layouts(path, scale):
     wide_s, wide_t = make_logits(6, 1200, dtype=torch.bfloat16, scale=scale)
     for off, v in ((0, 1024), (3, 1001), (8, 1100)):
         s, t = wide_s[:, off:off + v], wide_t[:, off:off + v]
-        opts = _opts(0.5, 0.4, "kl", "rq")
+        opts = op_opts(0.5, 0.4, "kl", "rq")
         ref_rows, ref_grad = ref_rows_and_grad(s, t, **opts)
         rows, grad = _cuda_rows_and_grad(s, t, **opts)
         assert_loss_close(rows, ref_rows, torch.bfloat16)

@@ -49,6 +49,14 @@ def assert_grad_close(g: torch.Tensor, ref: torch.Tensor, dtype, msg="", floor: 
     assert err <= GRAD_TOL[dtype], f"{msg}: normwise gradient error {err:.3g} > {GRAD_TOL[dtype]:.3g}"
 
 
+def op_opts(alpha, lam, div, order, **kw):
+    """Every option of the op, as keywords: the defaults below, overridden by kw."""
+    opts = dict(alpha=alpha, lam=lam, divergence=div, order=order, ab_alpha=0.2, ab_beta=0.7, temperature=1.0,
+                detach_assistant=False)
+    opts.update(kw)
+    return opts
+
+
 def ref_rows_and_grad(s: torch.Tensor, t: torch.Tensor, weight: Optional[torch.Tensor] = None, **opts):
     """float64 reference per-row losses and d(sum(weight * rows))/ds via autograd."""
     import amid

@@ -141,16 +141,14 @@ AMID_CPU_CLONES void pass_scale(acc_t* x, int64_t V, acc_t c) {
   for (int64_t v = 0; v < V; ++v) x[v] *= c;
 }
 
-// lt, w and d = lt - l_ref per element (amid_math.h: mixture); lp - lq is formed from the scaled
-// logits' difference and A - B, which keeps it accurate when p ~ q.
+// lt, w and d = lt - l_ref per element (amid_math.h: mixture_from_logits).
 template <MixMode MODE, bool REF_P, typename acc_t>
 AMID_CPU_CLONES void pass_mixture(const LossParams<acc_t>& P, const acc_t* tf, const acc_t* sf, int64_t V, acc_t A,
                                   acc_t B, acc_t* lt, acc_t* w, acc_t* d) {
-  const acc_t AmB = A - B;
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) {
-    acc_t ltv, wv, dv;
-    mixture<MODE, REF_P, M>(P, tf[v] - A, sf[v] - B, (tf[v] - sf[v]) - AmB, ltv, wv, dv);
+    acc_t lpv, lqv, ltv, wv, dv;
+    mixture_from_logits<MODE, REF_P, M>(P, tf[v], sf[v], A, B, lpv, lqv, ltv, wv, dv);
     lt[v] = ltv;
     w[v] = wv;
     d[v] = dv;

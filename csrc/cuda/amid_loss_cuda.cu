@@ -71,6 +71,20 @@ __global__ void __launch_bounds__(kThreads) scale_grad_kernel(scalar_t* grad, co
 // ------------------------------------------------------------------------------------------------
 // Host wrappers
 
+// The kernels' view of the inputs (both logits with their row strides, the row weights, the sizes);
+// the outputs stay null for the caller to set.
+template <typename scalar_t, typename acc_t>
+RowArgs<scalar_t, acc_t> input_args(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                                    const at::Tensor& weight) {
+  RowArgs<scalar_t, acc_t> a{};
+  a.t = teacher_logits.const_data_ptr<scalar_t>();
+  a.s = student_logits.const_data_ptr<scalar_t>();
+  a.row_weight = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+  a.N = student_logits.size(0), a.V = student_logits.size(1);
+  a.ldt = teacher_logits.stride(0), a.lds = student_logits.stride(0);
+  return a;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> amid_loss_fwd_cuda(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& row_weight,
     double alpha, double lam, std::string_view divergence, std::string_view order, double ab_alpha, double ab_beta,
@@ -90,15 +104,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> amid_loss_fwd_cuda(
     const auto P = make_params<acc_t>(op, alpha, lam, std::string(divergence), std::string(order), ab_alpha, ab_beta,
                                       temperature, detach_assistant);
     if (N == 0) return;
-    RowArgs<scalar_t, acc_t> a;
-    a.t = teacher_logits.const_data_ptr<scalar_t>();
-    a.s = student_logits.const_data_ptr<scalar_t>();
+    auto a = input_args<scalar_t, acc_t>(student_logits, teacher_logits, weight);
     a.grad = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
-    a.row_weight = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
-    a.grad_loss = nullptr;
     a.loss = loss.data_ptr<acc_t>();
     a.stats = stats.data_ptr<acc_t>();
-    a.N = N, a.V = V, a.ldt = teacher_logits.stride(0), a.lds = student_logits.stride(0);
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
       launch_fwd<scalar_t, decltype(dc)::value, decltype(oc)::value>(a, P, stream);
@@ -125,15 +134,10 @@ at::Tensor amid_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& stu
     const auto P = make_params<acc_t>(op, alpha, lam, std::string(divergence), std::string(order), ab_alpha, ab_beta,
                                       temperature, detach_assistant);
     if (N == 0) return;
-    RowArgs<scalar_t, acc_t> a;
-    a.t = teacher_logits.const_data_ptr<scalar_t>();
-    a.s = student_logits.const_data_ptr<scalar_t>();
+    auto a = input_args<scalar_t, acc_t>(student_logits, teacher_logits, weight);
     a.grad = grad.data_ptr<scalar_t>();
-    a.row_weight = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
     a.grad_loss = gl.const_data_ptr<acc_t>();
-    a.loss = nullptr;
     a.stats = const_cast<acc_t*>(st.const_data_ptr<acc_t>());
-    a.N = N, a.V = V, a.ldt = teacher_logits.stride(0), a.lds = student_logits.stride(0);
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
       launch_bwd<scalar_t, decltype(dc)::value, decltype(oc)::value>(a, P, stream);

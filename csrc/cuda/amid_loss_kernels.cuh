@@ -56,16 +56,14 @@ __device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const
                                                scalar_t* g, int64_t len, bool vec_ok, acc_t A, acc_t B, acc_t Z,
                                                acc_t S_G, acc_t K, acc_t scale) {
   constexpr int kW = VecWidth<scalar_t>::value;
-  const acc_t invT = P.inv_temperature, AmB = A - B;
+  const acc_t invT = P.inv_temperature;
   visit_row(t, s, len, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
     constexpr int n = decltype(nc)::value;
     alignas(16) scalar_t out[kW];
 #pragma unroll
     for (int j = 0; j < n; ++j) {
-      const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
-      const acc_t lp = tf - A, lq = sf - B;
-      acc_t lt, w, d;
-      mixture<ref_is_p<O>(), M>(P, lp, lq, (tf - sf) - AmB, lt, w, d);
+      acc_t lp, lq, lt, w, d;
+      mixture_from_logits<ref_is_p<O>(), M>(P, acc_t(tv[j]) * invT, acc_t(sv[j]) * invT, A, B, lp, lq, lt, w, d);
       const acc_t lr = lt - Z;
       const acc_t p = M::exp(lp), q = M::exp(lq), r = M::exp(lr);
       const Terms<acc_t> o = element_terms<D, O, M>(P, p, q, r, lp, lq, lr, d - Z);
@@ -73,6 +71,20 @@ __device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const
     }
     store_chunk<n>(g, i, out);
   });
+}
+
+// A row that is not computed: `value` into this CTA's slice of the gradient row (if any) and, from
+// the lead thread, into the row's loss and stats (0 for ignored rows, NaN for invalid ones).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void fill_row(const RowArgs<scalar_t, acc_t>& a, int64_t row, scalar_t* g, int64_t len,
+                                         bool lead, acc_t value) {
+  if (g) {
+    for (int64_t i = threadIdx.x; i < len; i += blockDim.x) g[i] = scalar_t(value);
+  }
+  if (lead) {
+    a.loss[row] = value;
+    for (int k = 0; k < kNumStats; ++k) a.stats[row * kNumStats + k] = value;
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -118,13 +130,7 @@ __global__ void __launch_bounds__(kThreads, 2) amid_fwd_kernel(const RowArgs<sca
     scalar_t* g = a.grad ? a.grad + row * a.V + v0 : nullptr;
     const bool lead = rank == 0 && threadIdx.x == 0;
     if (weight == acc_t(0)) {  // ignored row: not read
-      if (g) {
-        for (int64_t i = threadIdx.x; i < len; i += blockDim.x) g[i] = scalar_t(0);
-      }
-      if (lead) {
-        a.loss[row] = 0;
-        for (int k = 0; k < kNumStats; ++k) a.stats[row * kNumStats + k] = 0;
-      }
+      fill_row(a, row, g, len, lead, acc_t(0));
       continue;
     }
     const scalar_t* t = a.t + row * a.ldt + v0;
@@ -159,26 +165,18 @@ __global__ void __launch_bounds__(kThreads, 2) amid_fwd_kernel(const RowArgs<sca
     lse = cluster_reduce<acc_t>(lse, lse_scratch, lse_slot, round++, merge_lse);
     const bool bad_row = lse.bad != acc_t(0) || lse.t.m == neg_inf<acc_t>() || lse.s.m == neg_inf<acc_t>();
     if (bad_row) {  // NaN / +inf, or an all -inf row: the row's loss, stats and gradient are NaN
-      if (g) {
-        for (int64_t i = threadIdx.x; i < len; i += blockDim.x) g[i] = scalar_t(nan_v<acc_t>());
-      }
-      if (lead) {
-        a.loss[row] = nan_v<acc_t>();
-        for (int k = 0; k < kNumStats; ++k) a.stats[row * kNumStats + k] = nan_v<acc_t>();
-      }
+      fill_row(a, row, g, len, lead, nan_v<acc_t>());
       continue;
     }
-    const acc_t A = lse.t.m + M::log(lse.t.s), B = lse.s.m + M::log(lse.s.s), AmB = A - B;
+    const acc_t A = lse.t.m + M::log(lse.t.s), B = lse.s.m + M::log(lse.s.s);
 
     // R2: the mixture per element; Z and the loss-specific sums in online form.
     Acc acc;
     visit_row(t, s, len, vec_ok, [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {
 #pragma unroll
       for (int j = 0; j < decltype(nc)::value; ++j) {
-        const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
-        const acc_t lp = tf - A, lq = sf - B;
-        acc_t lt, w, d;
-        mixture<ref_is_p<O>(), M>(P, lp, lq, (tf - sf) - AmB, lt, w, d);
+        acc_t lp, lq, lt, w, d;
+        mixture_from_logits<ref_is_p<O>(), M>(P, acc_t(tv[j]) * invT, acc_t(sv[j]) * invT, A, B, lp, lq, lt, w, d);
         acc.template rebase<M>(P, lt);
         acc.template add<M>(P, lp, lq, lt, w, d);
       }
@@ -187,13 +185,7 @@ __global__ void __launch_bounds__(kThreads, 2) amid_fwd_kernel(const RowArgs<sca
     acc_t Z, L, S_G, K;
     const bool ok = acc.template finalize<M>(P, M::log(acc.S), Z, L, S_G, K);
     if (!ok) {  // alpha >= 1 with disjoint supports: the assistant is undefined
-      if (g) {
-        for (int64_t i = threadIdx.x; i < len; i += blockDim.x) g[i] = scalar_t(nan_v<acc_t>());
-      }
-      if (lead) {
-        a.loss[row] = nan_v<acc_t>();
-        for (int k = 0; k < kNumStats; ++k) a.stats[row * kNumStats + k] = nan_v<acc_t>();
-      }
+      fill_row(a, row, g, len, lead, nan_v<acc_t>());
       continue;
     }
     if (lead) {

@@ -103,10 +103,8 @@ static void online_row(const amid::LossParams<T>& P, const T* s, const T* t, int
   for (int c : order) {
     amid::RowAcc<D, O, T> part;
     for (int64_t v = cuts[c]; v < cuts[c + 1]; ++v) {
-      T lt, w, d;
-      const T tf = t[v] * invT, sf = s[v] * invT;
-      const T lp = tf - A, lq = sf - B;
-      amid::mixture<amid::ref_is_p<O>(), M>(P, lp, lq, (tf - sf) - (A - B), lt, w, d);
+      T lp, lq, lt, w, d;
+      amid::mixture_from_logits<amid::ref_is_p<O>(), M>(P, t[v] * invT, s[v] * invT, A, B, lp, lq, lt, w, d);
       part.template rebase<M>(P, lt);
       part.template add<M>(P, lp, lq, lt, w, d);
     }
@@ -118,10 +116,8 @@ static void online_row(const amid::LossParams<T>& P, const T* s, const T* t, int
   out[0] = A, out[1] = B, out[2] = Z, out[3] = S_G, out[4] = K, out[5] = L;
   if (grad) {
     for (int64_t v = 0; v < V; ++v) {
-      const T tf = t[v] * invT, sf = s[v] * invT;
-      const T lp = tf - A, lq = sf - B;
-      T lt, w, d;
-      amid::mixture<amid::ref_is_p<O>(), M>(P, lp, lq, (tf - sf) - (A - B), lt, w, d);
+      T lp, lq, lt, w, d;
+      amid::mixture_from_logits<amid::ref_is_p<O>(), M>(P, t[v] * invT, s[v] * invT, A, B, lp, lq, lt, w, d);
       const T lr = lt - Z, p = M::exp(lp), q = M::exp(lq), r = M::exp(lr);
       const auto o = amid::element_terms<D, O, M>(P, p, q, r, lp, lq, lr, d - Z);
       grad[v] = double(amid::element_grad(P.detach, w, q, r, o, S_G, K) * invT);
