@@ -23,7 +23,13 @@ __all__ = [
     "ab_divergence",
 ]
 
-_REDUCTIONS = ("mean", "sum", "none")
+_REDUCTIONS = ("mean", "batchmean", "sum", "none")
+
+#: Defaults of ``alpha`` and ``lam`` (functions and modules): λ = 0.1 is the paper's setting for its
+#: main table (D_AB) and its task-specific runs (D_KL); the paper does not report α per table, and
+#: α = 0.5 is the official code's default (an intermediate α ∈ (-1, 1), which the paper finds best).
+DEFAULT_ALPHA = 0.5
+DEFAULT_LAM = 0.1
 _warned_fallback = set()
 
 
@@ -52,14 +58,43 @@ def _use_kernels(device: torch.device, backend: str) -> bool:
 
 def _check_reduction_args(fn: str, reduction: str, normalizer) -> None:
     if reduction not in _REDUCTIONS:
-        raise _error(fn, f"expected reduction to be one of 'mean', 'sum', 'none', but got '{reduction}'")
-    if normalizer is not None and reduction != "mean":
-        raise _error(fn, f"expected normalizer only with reduction='mean', but got reduction='{reduction}'")
+        raise _error(fn, f"expected reduction to be one of 'mean', 'batchmean', 'sum', 'none', but got '{reduction}'")
+    if normalizer is not None and reduction not in ("mean", "batchmean"):
+        raise _error(fn, f"expected normalizer only with reduction='mean' or 'batchmean', but got "
+                         f"reduction='{reduction}'")
     if isinstance(normalizer, Tensor):
         if normalizer.numel() != 1:
             raise _error(fn, f"expected normalizer to be a number or a 0-D tensor, but got shape {_shape(normalizer)}")
     elif normalizer is not None and not (math.isfinite(normalizer) and normalizer > 0):
         raise _error(fn, f"expected normalizer > 0, but got {normalizer}")
+
+
+def _normalizer_alias(fn: str, normalizer, num_items_in_batch):
+    """``num_items_in_batch`` (the name HF Trainer, TRL and DistillKit use) is ``normalizer``."""
+    if num_items_in_batch is None:
+        return normalizer
+    if normalizer is not None:
+        raise _error(fn, "expected at most one of normalizer and num_items_in_batch (the same argument under "
+                         "two names), but got both")
+    return num_items_in_batch
+
+
+def _batchmean_denominator(mask: Optional[Tensor], lead: torch.Size) -> Optional[int]:
+    """'batchmean' divides by the number of kept rows when labels are given (= 'mean'), else by the
+    size of the first dimension of the [B, ..., V] input, as torch.nn.functional.kl_div and TRL do
+    (B sequences of [B, S, V] logits, N rows of [N, V]; 1 for a single row [V])."""
+    if mask is not None:
+        return None
+    return max(int(lead[0]), 1) if len(lead) >= 1 else 1
+
+
+def _check_vocab_size(fn: str, vocab_size, student_v: int, teacher_v: int, what: str = "logits") -> int:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise _error(fn, f"expected vocab_size to be None or an integer >= 1, but got {vocab_size!r}")
+    if vocab_size > min(student_v, teacher_v):
+        raise _error(fn, f"expected vocab_size <= the student's and the teacher's vocabulary sizes ({student_v} and "
+                         f"{teacher_v} in the {what}), but got {vocab_size}")
+    return vocab_size
 
 
 def _check_labels(fn: str, labels: Tensor, lead: torch.Size, device: torch.device, what: str = "logits") -> None:
@@ -97,8 +132,8 @@ def amid_loss(
     teacher_logits: Tensor,
     labels: Optional[Tensor] = None,
     *,
-    alpha: float,
-    lam: float,
+    alpha: float = DEFAULT_ALPHA,
+    lam: float = DEFAULT_LAM,
     divergence: str = "kl",
     order: str = "pr",
     ab_alpha: float = 0.2,
@@ -111,6 +146,8 @@ def amid_loss(
     normalizer: Optional[Union[float, Tensor]] = None,
     grad_in_forward: Optional[bool] = None,
     backend: str = "auto",
+    num_items_in_batch: Optional[Union[float, Tensor]] = None,
+    vocab_size: Optional[int] = None,
     _fn: str = "amid_loss",
 ) -> Tensor:
     r"""AMiD distillation loss: a divergence between two of teacher, student and their α-mixture.
@@ -132,17 +169,30 @@ def amid_loss(
         teacher_logits: ``[..., V]`` teacher logits, same shape, dtype and device; must not require grad.
         labels: optional ``[...]`` integer labels; rows equal to ``ignore_index`` contribute nothing
             (zero loss, zero gradient) and are skipped by the kernels.
-        alpha: α of the mixture (any real number). lam: λ ∈ [0, 1], the teacher's weight in the mixture.
+        alpha: α of the mixture (any real number); default 0.5. lam: λ ∈ [0, 1], the teacher's weight in
+            the mixture; default 0.1. (λ = 0.1 is the paper's setting in its main table, with D_AB, and
+            in its task-specific runs, with D_KL; the paper does not state α per table and reports its
+            best results at α ∉ {-1, 1}: 0.5 is the official code's default.)
         divergence: ``'kl'`` or ``'ab'``. order: ``'pr'``, ``'qr'``, ``'rp'`` or ``'rq'``.
         ab_alpha, ab_beta: the α-β divergence exponents (> 0), defaults (0.2, 0.7) as in AMiD/ABKD.
         temperature: T > 0; both logits are divided by T. scale_by_t2: multiply the loss by T².
         detach_assistant: no gradient through the student inside r (TAID); only for 'qr' / 'rq'.
-        reduction: ``'mean'`` over non-ignored rows (0 when all are ignored), ``'sum'``, or ``'none'``
-            (per-row losses of shape ``[...]``, zero on ignored rows).
+        reduction: ``'mean'`` over non-ignored rows (0 when all are ignored); ``'batchmean'``: with
+            labels the same as ``'mean'``, without labels the sum divided by the first dimension of the
+            ``[B, ..., V]`` input (``torch.nn.functional.kl_div``'s and TRL's meaning: per sequence for
+            ``[B, S, V]``, per row for ``[N, V]``); ``'sum'``; or ``'none'`` (per-row losses of shape
+            ``[...]``, zero on ignored rows). None of them divides by V (TRL's and ``kl_div``'s
+            ``'mean'`` do; see the README's table of reductions).
         normalizer: with ``'mean'``, divide the sum by this (a number or a 0-d tensor) instead of the
             number of non-ignored rows in this call: pass the number of non-ignored tokens of the
             whole accumulated batch so that gradient accumulation over micro-batches gives the
-            gradient of one big batch.
+            gradient of one big batch. Also with ``'batchmean'``.
+        num_items_in_batch: another name for ``normalizer`` (HF Trainer's, TRL's and DistillKit's); give
+            at most one of the two.
+        vocab_size: compare only the first ``vocab_size`` entries of the vocabulary: both logits are
+            cut to ``[..., :vocab_size]`` (the shared real vocabulary of heads padded to different
+            sizes, e.g. 151936 vs 152064 in the Qwen family; the padded student columns get a zero
+            gradient). Without it the two last dimensions must be equal; nothing is ever padded.
         grad_in_forward: write the gradient in the forward pass (one read of the logits, the backward
             only scales it in place). Default: when grad is enabled and ``student_logits`` requires
             grad. With ``False`` the backward recomputes it from the logits (kept alive until then).
@@ -151,6 +201,11 @@ def amid_loss(
 
     Returns:
         A scalar (``'mean'``/``'sum'``) or ``[...]`` tensor, float32 (float64 for float64 logits).
+
+    Teacher log-probabilities (what vLLM and SGLang return) can be passed as ``teacher_logits``: the
+    loss depends on each row only up to an additive constant, so ``log_softmax(t)`` gives the same
+    loss and gradient as ``t``, at any ``temperature`` (log-probabilities sampled at temperature T'
+    are the logits ``t / T'``, not ``t``).
 
     Shapes and dtypes: logits may be float16, bfloat16, float32 or float64; math and accumulation
     are in float32 (float64 for float64); the gradient has the logits' dtype. NaN or +inf logits in
@@ -165,12 +220,21 @@ def amid_loss(
         raise _error(fn, "expected student_logits and teacher_logits to be tensors")
     if student_logits.dim() < 1:
         raise _error(fn, "expected student_logits of shape [..., V], but got a 0-D tensor")
+    if vocab_size is not None and student_logits.dim() == teacher_logits.dim() \
+            and student_logits.shape[:-1] == teacher_logits.shape[:-1]:
+        vocab_size = _check_vocab_size(fn, vocab_size, student_logits.shape[-1], teacher_logits.shape[-1])
+        student_logits, teacher_logits = student_logits[..., :vocab_size], teacher_logits[..., :vocab_size]
     if student_logits.shape != teacher_logits.shape:
+        hint = ""
+        if student_logits.dim() == teacher_logits.dim() and student_logits.shape[:-1] == teacher_logits.shape[:-1]:
+            hint = (" (heads padded to different vocabulary sizes with one tokenizer: pass vocab_size= the real "
+                    "vocabulary size to compare the shared part)")
         raise _error(fn, "expected student_logits and teacher_logits to have the same shape, but got "
-                         f"{_shape(student_logits)} and {_shape(teacher_logits)}")
+                         f"{_shape(student_logits)} and {_shape(teacher_logits)}{hint}")
     if teacher_logits.requires_grad and torch.is_grad_enabled():
         raise _error(fn, "expected teacher_logits not to require grad (detach the teacher or run it under "
                          "torch.no_grad()), but it requires grad")
+    normalizer = _normalizer_alias(fn, normalizer, num_items_in_batch)
     _check_reduction_args(fn, reduction, normalizer)
     if backend not in ("auto", "kernels", "reference"):
         raise _error(fn, f"expected backend to be one of 'auto', 'kernels', 'reference', but got '{backend}'")
@@ -191,6 +255,10 @@ def amid_loss(
 
     # Per-row weights: the reduction, the ignored rows and the T^2 scale in one [N] vector.
     mask = None if labels is None else (labels.reshape(-1) != ignore_index)
+    if reduction == "batchmean":
+        reduction = "mean"
+        if normalizer is None:
+            normalizer = _batchmean_denominator(mask, lead)
     weight = _base_row_weights(mask, n, reduction, normalizer, ldt, s.device)
     if scale_by_t2 and temperature != 1.0:
         t2 = float(temperature) ** 2
@@ -264,18 +332,35 @@ def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Opti
 
 
 def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
-                    beta: float = 0.5, **kwargs) -> Tensor:
+                    beta: float = 0.5, endpoints: str = "kl", **kwargs) -> Tensor:
     r"""GKD's generalized JSD(β) :math:`\beta\,\mathrm{KL}(p\|m)+(1-\beta)\,\mathrm{KL}(q\|m)`, m = βp + (1-β)q.
 
-    = β·AMiD(α=-1, λ=β, kl, 'pr') + (1-β)·AMiD(α=-1, λ=β, kl, 'qr') (two passes of the op that share
-    the mixture). This is the textbook definition, which is 0 at β ∈ {0, 1}; TRL and Liger instead
-    special-case β = 0 as forward KL and β = 1 as reverse KL (use :func:`forward_kl` /
-    :func:`reverse_kl` for those).
+    Teacher p, student q. For 0 < β < 1 this is β·AMiD(α=-1, λ=β, kl, 'pr') + (1-β)·AMiD(α=-1, λ=β,
+    kl, 'qr') (two passes of the op that share the mixture), exactly TRL's ``generalized_jsd_loss``
+    and Liger's ``LigerJSD`` (same β, same mixture weights).
+
+    ``endpoints``: what β = 0 and β = 1 mean.
+
+    - ``'kl'`` (default; TRL's and Liger's convention): β = 0 is the forward KL :math:`\mathrm{KL}(p\|q)`
+      and β = 1 the reverse KL :math:`\mathrm{KL}(q\|p)`, so code ported from TRL / Liger with
+      ``beta=0`` or ``beta=1`` trains on the same objective. (Not continuous: as β → 0 or 1 the JSD
+      itself goes to 0.)
+    - ``'limit'``: the textbook value, the limit of the formula, which is identically 0 at both ends
+      (zero loss and zero gradient).
+
+    ``kwargs``: as :func:`amid_loss` (temperature, scale_by_t2, ignore_index, reduction, normalizer /
+    num_items_in_batch, vocab_size, grad_in_forward, backend).
     """
     _check_unit("generalized_jsd", "beta", beta)
+    if endpoints not in ("kl", "limit"):
+        raise _error("generalized_jsd", f"expected endpoints to be 'kl' or 'limit', but got {endpoints!r}")
     beta = float(beta)
     kw = dict(alpha=-1.0, lam=beta, divergence="kl", _fn="generalized_jsd", **kwargs)
     if beta == 0.0 or beta == 1.0:
+        if endpoints == "kl":
+            # TRL / Liger: beta = 0 -> KL(p || q), beta = 1 -> KL(q || p) (lam = 0: r = q).
+            kw.update(alpha=1.0, lam=0.0)
+            return amid_loss(student_logits, teacher_logits, labels, order="pr" if beta == 0.0 else "rp", **kw)
         # m equals one of the two distributions: both terms vanish identically.
         return 0.0 * amid_loss(student_logits, teacher_logits, labels, order="pr", **kw)
     return (beta * amid_loss(student_logits, teacher_logits, labels, order="pr", **kw)

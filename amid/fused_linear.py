@@ -43,7 +43,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import ops as _ops
-from .functional import _base_row_weights, _check_labels, _check_reduction_args, _error, _shape, _use_kernels
+from .functional import (DEFAULT_ALPHA, DEFAULT_LAM, _base_row_weights, _batchmean_denominator, _check_labels,
+                         _check_reduction_args, _check_vocab_size, _error, _normalizer_alias, _shape, _use_kernels)
 
 __all__ = ["fused_linear_amid_loss", "FusedLinearAMiDLoss", "default_chunk_size", "DEFAULT_CHUNK_BUDGET_BYTES"]
 
@@ -98,6 +99,7 @@ class _Config:
     use_kernels: bool
     want: Tuple[bool, bool, bool]  # gradients of (student_hidden, student_weight, student_bias)
     reduction_none: bool
+    components: bool = False  # also compute the unweighted kd / ce / z rows (return_components)
 
 
 def _fused_accum(acc: Tensor, a: Tensor) -> bool:
@@ -134,20 +136,27 @@ def _kd_chunk(s: Tensor, t: Tensor, w: Tensor, cfg: _Config, compute_grad: bool)
     return rows.detach(), g
 
 
-def _ce_z_chunk(s: Tensor, g: Optional[Tensor], y: Tensor, ce_w: Tensor, z_w: Tensor, cfg: _Config,
-                compute_grad: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    """Rows ce_w·(lse − s_y) + z_w·lse² and their gradient added to g. Consumes s (in place)."""
+def _ce_z_chunk(s: Tensor, g: Optional[Tensor], y: Optional[Tensor], ce_w: Tensor, z_w: Tensor, cfg: _Config,
+                compute_grad: bool, raw: Optional[Tuple[Optional[Tensor], Tensor]] = None
+                ) -> Tuple[Tensor, Optional[Tensor]]:
+    """Rows ce_w·(lse − s_y) + z_w·lse² and their gradient added to g. Consumes s (in place).
+    With ``raw = (ce_raw, z_raw)`` (return_components) also writes the unweighted rows lse − s_y
+    (when ``ce_raw`` is not None, i.e. labels were given) and lse² into those chunk views."""
     ldt = _ops.loss_dtype(s.dtype)
     sf = s.to(ldt)  # a copy for low-precision logits; else s itself, which is dead after this
     lse = torch.logsumexp(sf, dim=1)
     rows = torch.zeros_like(lse)
+    if raw is not None:
+        if raw[0] is not None:
+            raw[0].copy_(lse - sf.gather(1, y.unsqueeze(1)).squeeze(1))
+        raw[1].copy_(lse * lse)
     if cfg.ce_on:
         rows = rows + ce_w * (lse - sf.gather(1, y.unsqueeze(1)).squeeze(1))
     if cfg.z_on:
         rows = rows + z_w * lse * lse
     # Rows of weight 0 (ignored) are exactly 0, even if their logits are not finite.
     rows = torch.where((ce_w != 0) | (z_w != 0), rows, torch.zeros_like(rows))
-    if compute_grad:
+    if compute_grad and (cfg.ce_on or cfg.z_on):
         coef = ce_w + 2.0 * z_w * lse if cfg.z_on else ce_w
         p = sf.sub_(lse.unsqueeze(1)).exp_().mul_(coef.unsqueeze(1))  # coef · softmax(s)
         if g is None:
@@ -162,7 +171,7 @@ def _ce_z_chunk(s: Tensor, g: Optional[Tensor], y: Tensor, ce_w: Tensor, z_w: Te
 
 def _run_chunks(sh: Tensor, sw: Tensor, sb: Optional[Tensor], th: Tensor, tw: Tensor, tb: Optional[Tensor],
                 y: Optional[Tensor], kd_w: Tensor, ce_w: Tensor, z_w: Tensor, cfg: _Config,
-                want: Tuple[bool, bool, bool]):
+                want: Tuple[bool, bool, bool], comps: Optional[list] = None):
     n, hs = sh.shape
     v = sw.shape[0]
     dtype = sh.dtype
@@ -173,7 +182,18 @@ def _run_chunks(sh: Tensor, sw: Tensor, sb: Optional[Tensor], th: Tensor, tw: Te
     gh = torch.zeros((n, hs), dtype=dtype, device=sh.device) if want_h else None
     gw = torch.zeros((v, hs), dtype=cfg.accum_dtype, device=sh.device) if want_w else None
     gb = torch.zeros((v,), dtype=ldt, device=sh.device) if want_b else None
-    if not (cfg.kd_on or cfg.ce_on or cfg.z_on):
+    # return_components: unweighted per-row kd (carries the reduction weight and T², not kd_weight), ce
+    # and z rows, filled in below and reduced by the caller. The kd kernel then runs with the
+    # unweighted row weight kd_w and its rows and gradient are scaled by kd_weight (comps[3]) here.
+    raw = None
+    kd_factor = None
+    if comps is not None:
+        kd_factor = comps[3]
+        raw = [torch.zeros(n, dtype=ldt, device=sh.device) if cfg.kd_on else None,
+               torch.zeros(n, dtype=ldt, device=sh.device) if y is not None and comps[4] else None,
+               torch.zeros(n, dtype=ldt, device=sh.device)]
+        comps[:3] = raw
+    if not (cfg.kd_on or cfg.ce_on or cfg.z_on or comps is not None):
         return rows, gh, gw, gb
     for c0 in range(0, n, cfg.chunk):
         c1 = min(n, c0 + cfg.chunk)
@@ -186,12 +206,20 @@ def _run_chunks(sh: Tensor, sw: Tensor, sb: Optional[Tensor], th: Tensor, tw: Te
                 t = t.to(dtype)
             kd_rows, g = _kd_chunk(s, t, kd_w[c0:c1], cfg, compute_grad)
             del t
+            if raw is not None:
+                raw[0][c0:c1] = kd_rows
+                if not (isinstance(kd_factor, float) and kd_factor == 1.0):
+                    kd_rows = kd_rows * kd_factor
+                    if g is not None:
+                        g.mul_(kd_factor.to(g.dtype) if isinstance(kd_factor, Tensor) else kd_factor)
             rows[c0:c1] += kd_rows
-        if cfg.ce_on or cfg.z_on:
-            extra, g = _ce_z_chunk(s, g, y[c0:c1], ce_w[c0:c1], z_w[c0:c1], cfg, compute_grad)
+        if cfg.ce_on or cfg.z_on or raw is not None:
+            extra, g = _ce_z_chunk(s, g, None if y is None else y[c0:c1], ce_w[c0:c1], z_w[c0:c1], cfg,
+                                   compute_grad, None if raw is None else
+                                   (None if raw[1] is None else raw[1][c0:c1], raw[2][c0:c1]))
             rows[c0:c1] += extra
         del s
-        if compute_grad:
+        if compute_grad and g is not None:
             if want_h:
                 torch.mm(g, sw, out=gh[c0:c1])
             if want_w:
@@ -217,14 +245,15 @@ class _FusedLinearAMiD(torch.autograd.Function):
     """Gradients written in the forward (mean / sum) or recomputed chunk by chunk (none)."""
 
     @staticmethod
-    def forward(ctx, sh, sw, sb, th, tw, tb, y, kd_w, ce_w, z_w, cfg):
+    def forward(ctx, sh, sw, sb, th, tw, tb, y, kd_w, ce_w, z_w, cfg, comps=None):
         ctx.cfg = cfg
         ctx.dtypes = (sh.dtype, sw.dtype, None if sb is None else sb.dtype)
         if cfg.reduction_none:
-            rows = _run_chunks(sh, sw, sb, th, tw, tb, y, kd_w, ce_w, z_w, cfg, (False, False, False))[0]
+            rows = _run_chunks(sh, sw, sb, th, tw, tb, y, kd_w, ce_w, z_w, cfg, (False, False, False), comps)[0]
+            ctx.kd_factor = None if comps is None else comps[3]
             ctx.save_for_backward(sh, sw, sb, th, tw, tb, y, kd_w, ce_w, z_w)
             return rows
-        rows, gh, gw, gb = _run_chunks(sh, sw, sb, th, tw, tb, y, kd_w, ce_w, z_w, cfg, cfg.want)
+        rows, gh, gw, gb = _run_chunks(sh, sw, sb, th, tw, tb, y, kd_w, ce_w, z_w, cfg, cfg.want, comps)
         ctx.grads = (gh, gw, gb)
         return rows.sum()
 
@@ -236,6 +265,8 @@ class _FusedLinearAMiD(torch.autograd.Function):
         if cfg.reduction_none:
             sh, sw, sb, th, tw, tb, y, kd_w, ce_w, z_w = ctx.saved_tensors
             go = grad_out.to(kd_w.dtype).reshape(-1)
+            if ctx.kd_factor is not None:  # return_components: kd_w is unweighted, kd_weight applied here
+                kd_w = kd_w * ctx.kd_factor
             _, gh, gw, gb = _run_chunks(sh, sw, sb, th, tw, tb, y, kd_w * go, ce_w * go, z_w * go, cfg, want)
             scale = None
         else:
@@ -251,7 +282,7 @@ class _FusedLinearAMiD(torch.autograd.Function):
         gh = _finish(gh, scale, hd) if want[0] else None
         gw = _finish(gw, scale, wd) if want[1] else None
         gb = _finish(gb, scale, bd) if want[2] else None
-        return (gh, gw, gb) + (None,) * 8
+        return (gh, gw, gb) + (None,) * 9
 
 
 # ------------------------------------------------------------------------------------------------
@@ -279,7 +310,8 @@ def _weight_value(fn: str, name: str, x: Union[Number, Tensor]) -> Union[float, 
 def _fused_linear_amid_loss(fn, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *,
                             student_bias, teacher_bias, alpha, lam, divergence, order, ab_alpha, ab_beta,
                             temperature, scale_by_t2, detach_assistant, ignore_index, reduction, normalizer,
-                            kd_weight, ce_weight, z_loss_weight, chunk_size, accum_dtype) -> Tensor:
+                            kd_weight, ce_weight, z_loss_weight, chunk_size, accum_dtype, num_items_in_batch=None,
+                            vocab_size=None, return_components=False):
     # ---- argument checks (messages: "amid.<fn>: expected ..., but got ...")
     named = (("student_hidden", student_hidden), ("student_weight", student_weight),
              ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight))
@@ -298,10 +330,21 @@ def _fused_linear_amid_loss(fn, student_hidden, student_weight, teacher_hidden, 
     for name, x, h in (("student_weight", student_weight, "Hs"), ("teacher_weight", teacher_weight, "Ht")):
         if x.dim() != 2:
             raise _error(fn, f"expected {name} to be 2-D [V, {h}], but got shape {_shape(x)}")
+    if vocab_size is not None:
+        vocab_size = _check_vocab_size(fn, vocab_size, student_weight.shape[0], teacher_weight.shape[0],
+                                       what="LM-head weights")
+        # Cut the heads (and biases, checked below against the cut size) to the shared real vocabulary.
+        student_weight, teacher_weight = student_weight[:vocab_size], teacher_weight[:vocab_size]
+        if isinstance(student_bias, Tensor) and student_bias.dim() == 1:
+            student_bias = student_bias[:vocab_size]
+        if isinstance(teacher_bias, Tensor) and teacher_bias.dim() == 1:
+            teacher_bias = teacher_bias[:vocab_size]
     v = student_weight.shape[0]
     if teacher_weight.shape[0] != v:
         raise _error(fn, "expected student_weight [V, Hs] and teacher_weight [V, Ht] to have the same vocabulary "
-                         f"size V, but got {_shape(student_weight)} and {_shape(teacher_weight)}")
+                         f"size V, but got {_shape(student_weight)} and {_shape(teacher_weight)} (heads padded to "
+                         "different vocabulary sizes with one tokenizer: pass vocab_size= the real vocabulary size "
+                         "to compare the shared part)")
     if v < 1:
         raise _error(fn, f"expected a vocabulary of at least 1 entry, but got student_weight of shape "
                          f"{_shape(student_weight)}")
@@ -338,6 +381,7 @@ def _fused_linear_amid_loss(fn, student_hidden, student_weight, teacher_hidden, 
             if x is not None and x.requires_grad:
                 raise _error(fn, f"expected {name} not to require grad (no gradient flows to the teacher: detach it, "
                                  "freeze the teacher or run it under torch.no_grad()), but it requires grad")
+    normalizer = _normalizer_alias(fn, normalizer, num_items_in_batch)
     _check_reduction_args(fn, reduction, normalizer)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise _error(fn, f"expected chunk_size to be None or an integer >= 1, but got {chunk_size!r}")
@@ -364,6 +408,10 @@ def _fused_linear_amid_loss(fn, student_hidden, student_weight, teacher_hidden, 
     dtype = sh.dtype
     ldt = _ops.loss_dtype(dtype)
     mask = None if labels is None else (labels.reshape(-1) != ignore_index)
+    if reduction == "batchmean":
+        reduction = "mean"
+        if normalizer is None:
+            normalizer = _batchmean_denominator(mask, lead)
     base = _base_row_weights(mask, n, reduction, normalizer, ldt, device)
     if base is None:
         base = torch.ones(n, dtype=ldt, device=device)
@@ -372,11 +420,18 @@ def _fused_linear_amid_loss(fn, student_hidden, student_weight, teacher_hidden, 
     def _term(wt):
         return base * (wt.to(device=device, dtype=ldt) if isinstance(wt, Tensor) else float(wt))
 
-    kd_w = _term(kd_weight) * t2 if kd_on else torch.zeros_like(base)
+    comps = None
+    if return_components:
+        # [kd rows, ce rows, z rows (filled by the chunk loop), kd_weight, whether to compute ce]
+        comps = [None, None, None, kd_weight.to(device=device, dtype=ldt) if isinstance(kd_weight, Tensor)
+                 else float(kd_weight), labels is not None]
+        kd_w = base * t2 if kd_on else torch.zeros_like(base)  # kd_weight is applied in the chunk loop
+    else:
+        kd_w = _term(kd_weight) * t2 if kd_on else torch.zeros_like(base)
     ce_w = _term(ce_weight) if ce_on else torch.zeros_like(base)
     z_w = _term(z_loss_weight) if z_on else torch.zeros_like(base)
     y = None
-    if ce_on or z_on:
+    if ce_on or z_on or (return_components and labels is not None):
         y = (torch.zeros(n, dtype=torch.long, device=device) if labels is None
              else torch.where(mask, labels.reshape(-1), 0).long())
 
@@ -391,15 +446,28 @@ def _fused_linear_amid_loss(fn, student_hidden, student_weight, teacher_hidden, 
             fused_accum=_fused_accum(torch.empty(0, dtype=acc, device=device), probe))
     cfg = _Config(options=options, kd_on=kd_on, ce_on=ce_on, z_on=z_on, chunk=int(chunk_size), accum_dtype=acc,
                   use_kernels=_use_kernels(device, "auto") if kd_on else True, want=want,
-                  reduction_none=(reduction == "none"))
+                  reduction_none=(reduction == "none"), components=bool(return_components))
     if any(want):
         out = _FusedLinearAMiD.apply(sh, student_weight, student_bias, th, teacher_weight, teacher_bias, y, kd_w,
-                                     ce_w, z_w, cfg)
+                                     ce_w, z_w, cfg, comps)
     else:
         rows = _run_chunks(sh, student_weight, student_bias, th, teacher_weight, teacher_bias, y, kd_w, ce_w, z_w,
-                           cfg, (False, False, False))[0]
+                           cfg, (False, False, False), comps)[0]
         out = rows if reduction == "none" else rows.sum()
-    return out.reshape(lead) if reduction == "none" else out
+    out = out.reshape(lead) if reduction == "none" else out
+    if not return_components:
+        return out
+
+    def _reduce(raw, weight):
+        if raw is None:
+            return None
+        # Ignored rows are exactly 0 (even with non-finite logits there); no gradient (for logging).
+        r = torch.where(weight != 0, raw * weight, torch.zeros_like(raw)) if weight is not None else raw
+        return r.reshape(lead) if reduction == "none" else r.sum()
+
+    kd_raw, ce_raw, z_raw = comps[:3]
+    kd = _reduce(kd_raw, None)  # the kernel's rows already carry the reduction weight and T²
+    return out, kd, _reduce(ce_raw, base), _reduce(z_raw, base)
 
 
 def fused_linear_amid_loss(
@@ -411,8 +479,8 @@ def fused_linear_amid_loss(
     *,
     student_bias: Optional[Tensor] = None,
     teacher_bias: Optional[Tensor] = None,
-    alpha: float,
-    lam: float,
+    alpha: float = DEFAULT_ALPHA,
+    lam: float = DEFAULT_LAM,
     divergence: str = "kl",
     order: str = "pr",
     ab_alpha: float = 0.2,
@@ -428,7 +496,10 @@ def fused_linear_amid_loss(
     z_loss_weight: Union[float, Tensor] = 0.0,
     chunk_size: Optional[int] = None,
     accum_dtype: Optional[torch.dtype] = None,
-) -> Tensor:
+    num_items_in_batch: Optional[Union[float, Tensor]] = None,
+    vocab_size: Optional[int] = None,
+    return_components: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor]]:
     r"""AMiD distillation loss (plus optional CE and z-loss) from hidden states and LM heads, chunked.
 
     With student logits :math:`s = h_s W_s^\top + b_s` and teacher logits :math:`t = h_t W_t^\top + b_t`
@@ -453,17 +524,28 @@ def fused_linear_amid_loss(
             required when ``ce_weight != 0``.
         student_bias, teacher_bias: optional ``[V]`` head biases.
         alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, scale_by_t2, detach_assistant,
-            ignore_index, reduction, normalizer: as in :func:`amid.amid_loss`.
+            ignore_index, reduction, normalizer, num_items_in_batch: as in :func:`amid.amid_loss` (defaults
+            α = 0.5, λ = 0.1; ``'batchmean'`` without labels divides by the first dimension of
+            ``student_hidden``).
+        vocab_size: use only the first ``vocab_size`` rows of both heads (and biases): the shared real
+            vocabulary of heads padded to different sizes; the student's padded rows get a zero gradient.
+            Without it both heads must have the same V; nothing is ever padded.
         kd_weight, ce_weight, z_loss_weight: weights of the three terms (numbers or 0-D tensors, not
             differentiated); a term whose weight is the number 0 is skipped (kd_weight=0 skips the teacher GEMM).
         chunk_size: token rows per chunk; default :func:`default_chunk_size` (≈256 MiB of [chunk, V]
             temporaries).
         accum_dtype: dtype of the weight-gradient accumulator: None = the weight's dtype, or
             ``torch.float32`` / ``torch.float64`` (see the module docstring).
+        return_components: also return the three terms, unweighted and without gradient, for logging
+            (Liger's ``return_soft_hard_loss``): ``(total, kd, ce, z)`` with
+            ``total = kd_weight·kd + ce_weight·ce + z_loss_weight·z``, ``kd`` the AMiD value (None when
+            ``kd_weight`` is the number 0: its teacher GEMM is skipped), ``ce`` the cross-entropy (None
+            without labels; computed even when ``ce_weight`` is 0) and ``z`` the mean of
+            ``logsumexp(s)²`` (likewise), each reduced like the loss. Costs one log-sum-exp per row.
 
     Returns:
         A scalar (``'mean'``/``'sum'``) or ``[...]`` per-row losses (``'none'``), float32 (float64 for
-        float64 inputs).
+        float64 inputs); with ``return_components`` the tuple above.
 
     Shapes and dtypes: hidden and head of one model share a dtype (float16/bfloat16/float32/float64);
     the teacher's logits are cast to the student's dtype chunk by chunk. Gradients are in the
@@ -479,15 +561,17 @@ def fused_linear_amid_loss(
         order=order, ab_alpha=ab_alpha, ab_beta=ab_beta, temperature=temperature, scale_by_t2=scale_by_t2,
         detach_assistant=detach_assistant, ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
         kd_weight=kd_weight, ce_weight=ce_weight, z_loss_weight=z_loss_weight, chunk_size=chunk_size,
-        accum_dtype=accum_dtype)
+        accum_dtype=accum_dtype, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size,
+        return_components=return_components)
 
 
 class FusedLinearAMiDLoss(nn.Module):
     r"""Module form of :func:`amid.fused_linear_amid_loss` (see there for the math and every option).
 
     ``forward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
-    student_bias=None, teacher_bias=None, normalizer=None)``. The options are plain attributes
-    (``loss_fn.lam = schedule.value`` works between steps).
+    student_bias=None, teacher_bias=None, normalizer=None, num_items_in_batch=None)``. The options are
+    plain attributes (``loss_fn.lam = schedule.value`` works between steps). No arguments: α = 0.5,
+    λ = 0.1, KL(p‖r). ``return_components=True`` makes forward return ``(total, kd, ce, z)``.
 
     Example (transformers)::
 
@@ -498,11 +582,13 @@ class FusedLinearAMiDLoss(nn.Module):
         loss = loss_fn(hs, student.lm_head.weight, ht, teacher.lm_head.weight, labels[:, 1:])
     """
 
-    def __init__(self, alpha: float, lam: float, divergence: str = "kl", order: str = "pr", *,
+    def __init__(self, alpha: float = DEFAULT_ALPHA, lam: float = DEFAULT_LAM, divergence: str = "kl",
+                 order: str = "pr", *,
                  ab_alpha: float = 0.2, ab_beta: float = 0.7, temperature: float = 1.0, scale_by_t2: bool = False,
                  detach_assistant: bool = False, ignore_index: int = -100, reduction: str = "mean",
                  kd_weight: float = 1.0, ce_weight: float = 0.0, z_loss_weight: float = 0.0,
-                 chunk_size: Optional[int] = None, accum_dtype: Optional[torch.dtype] = None) -> None:
+                 chunk_size: Optional[int] = None, accum_dtype: Optional[torch.dtype] = None,
+                 vocab_size: Optional[int] = None, return_components: bool = False) -> None:
         super().__init__()
         self.alpha, self.lam, self.divergence, self.order = float(alpha), float(lam), divergence, order
         self.ab_alpha, self.ab_beta = float(ab_alpha), float(ab_beta)
@@ -511,10 +597,12 @@ class FusedLinearAMiDLoss(nn.Module):
         self.ignore_index, self.reduction = int(ignore_index), reduction
         self.kd_weight, self.ce_weight, self.z_loss_weight = kd_weight, ce_weight, z_loss_weight
         self.chunk_size, self.accum_dtype = chunk_size, accum_dtype
+        self.vocab_size, self.return_components = vocab_size, bool(return_components)
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
                 labels: Optional[Tensor] = None, student_bias: Optional[Tensor] = None,
-                teacher_bias: Optional[Tensor] = None, normalizer: Optional[Union[float, Tensor]] = None) -> Tensor:
+                teacher_bias: Optional[Tensor] = None, normalizer: Optional[Union[float, Tensor]] = None,
+                num_items_in_batch: Optional[Union[float, Tensor]] = None):
         return _fused_linear_amid_loss(
             "FusedLinearAMiDLoss", student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
             student_bias=student_bias, teacher_bias=teacher_bias, alpha=self.alpha, lam=self.lam,
@@ -522,7 +610,8 @@ class FusedLinearAMiDLoss(nn.Module):
             temperature=self.temperature, scale_by_t2=self.scale_by_t2, detach_assistant=self.detach_assistant,
             ignore_index=self.ignore_index, reduction=self.reduction, normalizer=normalizer,
             kd_weight=self.kd_weight, ce_weight=self.ce_weight, z_loss_weight=self.z_loss_weight,
-            chunk_size=self.chunk_size, accum_dtype=self.accum_dtype)
+            chunk_size=self.chunk_size, accum_dtype=self.accum_dtype, num_items_in_batch=num_items_in_batch,
+            vocab_size=self.vocab_size, return_components=self.return_components)
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, lam={self.lam}, divergence='{self.divergence}', order='{self.order}', "

@@ -105,14 +105,16 @@ def test_python_api_errors():
     A = dict(alpha=0.5, lam=0.5)
     cases = [
         (lambda: amid.amid_loss(x, torch.randn(3, 9), **A),
-         "amid.amid_loss: expected student_logits and teacher_logits to have the same shape, but got [3, 8] and [3, 9]"),
+         "amid.amid_loss: expected student_logits and teacher_logits to have the same shape, but got [3, 8] and [3, 9] "
+         "(heads padded to different vocabulary sizes with one tokenizer: pass vocab_size= the real vocabulary size "
+         "to compare the shared part)"),
         (lambda: amid.amid_loss(x, y.clone().requires_grad_(True), **A),
          "amid.amid_loss: expected teacher_logits not to require grad (detach the teacher or run it under "
          "torch.no_grad()), but it requires grad"),
-        (lambda: amid.amid_loss(x, y, reduction="batchmean", **A),
-         "amid.amid_loss: expected reduction to be one of 'mean', 'sum', 'none', but got 'batchmean'"),
+        (lambda: amid.amid_loss(x, y, reduction="avg", **A),
+         "amid.amid_loss: expected reduction to be one of 'mean', 'batchmean', 'sum', 'none', but got 'avg'"),
         (lambda: amid.amid_loss(x, y, reduction="sum", normalizer=3, **A),
-         "amid.amid_loss: expected normalizer only with reduction='mean', but got reduction='sum'"),
+         "amid.amid_loss: expected normalizer only with reduction='mean' or 'batchmean', but got reduction='sum'"),
         (lambda: amid.amid_loss(x, y, normalizer=0, **A), "amid.amid_loss: expected normalizer > 0, but got 0"),
         (lambda: amid.amid_loss(x, y, torch.zeros(3), **A),
          "amid.amid_loss: expected labels to be an integer tensor, but got torch.float32"),
