@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(kThreads, 2) amid_fwd_kernel(const RowArgs<sca
       scalar_t* ss = reinterpret_cast<scalar_t*>(smem_raw) + cap + pad;
       __syncthreads();  // the previous row's readers are done with the buffer
       const bool copy_vec = same_misalignment(t, s, sizeof(scalar_t));
-      visit_row(t, s, len, copy_vec, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
+      visit_row(t, s, len, copy_vec, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {  // gauge:stage
         store_chunk<decltype(nc)::value>(st, i, tv);
         store_chunk<decltype(nc)::value>(ss, i, sv);
       });
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kThreads, 2) amid_fwd_kernel(const RowArgs<sca
 
     // R1: log-sum-exps of the scaled rows, and the validity flag.
     Lse lse;
-    visit_row(t, s, len, vec_ok, [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {
+    visit_row(t, s, len, vec_ok, [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {  // gauge:R1
 #pragma unroll
       for (int j = 0; j < decltype(nc)::value; ++j) lse.template add<M>(acc_t(tv[j]) * invT, acc_t(sv[j]) * invT);
     });
@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(kThreads, 2) amid_fwd_kernel(const RowArgs<sca
 
     // R2: the mixture per element; Z and the loss-specific sums in online form.
     Acc acc;
-    visit_row(t, s, len, vec_ok, [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {
+    visit_row(t, s, len, vec_ok, [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {  // gauge:R2
 #pragma unroll
       for (int j = 0; j < decltype(nc)::value; ++j) {
         acc_t lp, lq, lt, w, d;
@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(kThreads, 2) amid_fwd_kernel(const RowArgs<sca
     // W: the gradient row (chain rule through s/T: the 1/T factor).
     if (g) {
       const acc_t scale = weight * invT;
-      write_grad_row<D, O>(P, t, s, g, len, vec_ok, A, B, Z, S_G, K, scale);
+      write_grad_row<D, O>(P, t, s, g, len, vec_ok, A, B, Z, S_G, K, scale);  // gauge:W
     }
   }
   cluster_exit_barrier();
@@ -223,7 +223,7 @@ __global__ void __launch_bounds__(kThreads) amid_bwd_kernel(const RowArgs<scalar
     const scalar_t* t = a.t + row * a.ldt;
     const scalar_t* s = a.s + row * a.lds;
     const bool vec_ok = same_misalignment(t, s, sizeof(scalar_t)) && same_misalignment(t, g, sizeof(scalar_t));
-    write_grad_row<D, O>(P, t, s, g, a.V, vec_ok, A, B, Z, S_G, K, scale);
+    write_grad_row<D, O>(P, t, s, g, a.V, vec_ok, A, B, Z, S_G, K, scale);  // gauge:W
   }
 }
 

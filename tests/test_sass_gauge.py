@@ -1,0 +1,133 @@
+"""bench/sass_gauge.py: the SASS parser and hot-loop counter on a hand-written kernel, and the gauge on the
+built library's sm_90a cubins when amid was built with the CUDA kernels (no GPU needed)."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import sass_gauge as g  # noqa: E402
+
+# One kernel with a vectorised loop (two 128-bit loads per iteration = 8 bf16 elements) holding: a
+# diamond whose cold side is a new-max region of amid_online.h, a slow path that CALLs, and a
+# masked-element skip whose longer side must count.
+SASS = """
+.text._ZN4amid9cuda_impl15amid_fwd_kernelIN3c108BFloat16ELNS_10DivergenceE0ELNS_5OrderE0ELb1EEEvNS0_7RowArgsIT_N2at10OpMathTypeIS7_E4typeEEENS_10LossParamsISB_EE:
+	//## File "{K}", line 3
+        /*0000*/                   MOV R1, RZ ;
+.L_x_1:
+	//## File "{K}", line 5
+        /*0010*/                   LDS.128 R4, [R2] ;
+        /*0020*/                   LDS.128 R8, [R3] ;
+        /*0030*/                   FSETP.GEU.AND P1, PT, R20, R4, PT ;
+        /*0040*/              @!P1 BRA `(.L_x_2) ;
+        /*0050*/                   FADD R5, R5, R4 ;
+        /*0060*/                   MUFU.EX2 R5, R5 ;
+        /*0070*/                   BRA `(.L_x_3) ;
+.L_x_2:
+	//## File "{O}", line 4 inlined at "{K}", line 5
+	//## File "{K}", line 5
+        /*0080*/                   FADD R6, R6, R4 ;
+        /*0090*/                   MUFU.EX2 R6, R6 ;
+        /*00a0*/                   FMUL R6, R6, R6 ;
+        /*00b0*/                   FMUL R6, R6, R6 ;
+        /*00c0*/                   FMUL R6, R6, R6 ;
+.L_x_3:
+	//## File "{K}", line 5
+        /*00d0*/                   FCHK P0, R5, R6 ;
+        /*00e0*/               @P0 BRA `(.L_x_4) ;
+        /*00f0*/                   MUFU.RCP R7, R6 ;
+        /*0100*/                   BRA `(.L_x_5) ;
+.L_x_4:
+        /*0110*/                   CALL.REL.NOINC `($__internal_div) ;
+        /*0120*/                   MOV R7, R0 ;
+.L_x_5:
+        /*0130*/                   FSETP.NEU.AND P2, PT, R4, -INF , PT ;
+        /*0140*/              @!P2 BRA `(.L_x_6) ;
+        /*0150*/                   MUFU.LG2 R9, R7 ;
+        /*0160*/                   FADD R10, R10, R9 ;
+.L_x_6:
+        /*0170*/                   IADD3 R2, R2, 0x10, RZ ;
+        /*0180*/                   ISETP.NE.AND P0, PT, R2, R12, PT ;
+        /*0190*/               @P0 BRA `(.L_x_1) ;
+	//## File "{K}", line 7
+        /*01a0*/                   EXIT ;
+        /*01b0*/                   BRA `(.L_x_7) ;
+.L_x_7:
+        /*01c0*/                   NOP ;
+"""
+
+
+def test_hot_loop_counting(tmp_path):
+    kern = tmp_path / "amid_loss_kernels.cuh"
+    kern.write_text("line 1\nline 2\nkernel entry\nline 4\n    visit_row(...);  // gauge:R1\nline 6\nexit\n")
+    online = tmp_path / "amid_online.h"
+    online.write_text("struct OnlineLSE {\n  void add(T x) {\n    if (x > m) {  // new max\n      s = s * e;\n"
+                      "      m = x;\n    }\n  }\n};\nstruct RowAcc {\n  void rebase(T mx) {\n    if (!(mx > m)) return;\n"
+                      "    if (m != neg_inf<T>()) {\n      S *= e;\n    }\n    m = mx;\n  }\n};\n")
+    text = SASS.replace("{K}", str(kern)).replace("{O}", str(online))
+    funcs = g.parse_sass(text)
+    (name, fn), = funcs.items()
+    assert g.classify(name) == ("fwd", "bf16", "kl", "pr", "resident")
+    assert len(fn.ins) == 29 and fn.labels[".L_x_1"] == 0x10
+    warnings = []
+    cold = g.cold_ranges([str(online)], warnings)
+    assert warnings == [] and cold == {str(online): [(4, 5, g.COLD_REGIONS[0][2]), (13, 13, g.COLD_REGIONS[1][2])]}
+    loops = g.hot_loops(fn, 2, cold, warnings)
+    assert list(loops) == ["R1"] and warnings == []
+    lc = loops["R1"]
+    # Hot path: 2 loads, compare, branch, FADD, EX2, BRA (the new-max side .L_x_2 is cold), FCHK, branch,
+    # RCP, BRA (the CALL side is cold), compare, branch, LG2, FADD (the longer side of the -inf skip),
+    # IADD3, ISETP, back branch = 18 instructions, MUFU EX2 + RCP + LG2; 8 elements per iteration.
+    assert (lc.elems_per_iter, lc.instr_per_iter, lc.mufu_per_iter) == (8, 18, 3)
+    assert lc.mufu_kinds == {"MUFU.EX2": 1, "MUFU.RCP": 1, "MUFU.LG2": 1}
+    assert lc.instr_per_elem == pytest.approx(18 / 8)
+
+
+def test_occupancy_and_resident_smem():
+    consts = {"threads": 256, "budget": 96 * 1024, "max_cluster": 16}
+    # V = 151936 bf16: cluster of 8, 2 * (18992 + 8) * 2 bytes per CTA.
+    assert g.resident_smem(151936, 2, 2800, consts) == (8, 76000)
+    # 71 registers -> 72 * 32 = 2304 per warp: 7 warps per sub-partition, 28 per SM, 3 CTAs of 8 warps;
+    # 2800 + 76000 + 1024 bytes of shared memory -> 2 CTAs.
+    assert g.ctas_per_sm(71, 2800, 76000, 256) == (2, "shared memory")
+    assert g.ctas_per_sm(71, 0, 0, 256) == (3, "registers")
+    assert g.ctas_per_sm(32, 1024, 0, 256) == (8, "registers/warps")
+
+
+def _cuda_library():
+    import amid
+
+    info = amid.build_info()
+    if not info.get("cuda_kernels") or "sm_90a" not in " ".join(info.get("cuda_archs") or []):
+        return None
+    return info["library"]
+
+
+def test_gauge_on_built_library(tmp_path, capsys):
+    lib = _cuda_library()
+    if lib is None:
+        pytest.skip("amid was built without CUDA kernels for sm_90a: nothing to disassemble")
+    try:
+        g.find_tool("cuobjdump"), g.find_tool("nvdisasm")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    cubins = [c for c in g.extract_cubins(lib, str(tmp_path)) if "bf16" in os.path.basename(c)]
+    assert cubins, f"no bf16 sm_90a cubin in {lib}"
+    warnings = []
+    rows = g.gauge_cubin(cubins[0], ["bf16"], warnings)
+    # 8 losses x (fwd resident, fwd stream, bwd)
+    assert len(rows) == 24, [(r["kernel"], r["loss"], r["path"]) for r in rows]
+    for r in rows:
+        assert r["registers"] > 0 and r["ctas_per_sm"] >= 1
+        passes = ("R1", "R2", "W") if r["kernel"] == "fwd" else ("W",)
+        for p in passes:
+            assert r[f"{p}_instr_per_elem"] != "", (r["kernel"], r["loss"], r["path"], p, warnings)
+            assert r[f"{p}_instr_per_elem"] > 1 and r[f"{p}_mufu_per_elem"] > 0
+        if r["path"] == "resident":
+            assert r["dyn_smem"] > 0 and r["cluster"] >= 1
+    targets = {r["loss"]: r["target"] for r in rows if r["target"]}
+    assert set(targets) == {"kl/pr", "ab/rq"}
+    with capsys.disabled():  # the report, met or not
+        print("\n" + g.format_table(rows))
