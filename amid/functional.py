@@ -9,6 +9,7 @@ gradient in its single pass.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Optional, Union
 
@@ -41,6 +42,39 @@ def _shape(x: Tensor) -> str:
     return "[" + ", ".join(str(d) for d in x.shape) + "]"
 
 
+def _real(fn: str, name: str, x) -> float:
+    """A real-valued option (a Python or numpy number, or a one-element tensor) as a float."""
+    if not isinstance(x, (str, bytes, bool)) and x is not None:
+        try:
+            return float(x)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise _error(fn, f"expected {name} to be a real number, but got {x!r}")
+
+
+def _integer(fn: str, name: str, x) -> int:
+    """An integer option (Python or numpy integer) in the int64 range (what labels hold) as an int."""
+    if isinstance(x, numbers.Integral) and not isinstance(x, bool) and -2 ** 63 <= int(x) < 2 ** 63:
+        return int(x)
+    raise _error(fn, f"expected {name} to be an integer in the int64 range, but got {x!r}")
+
+
+def _option_str(fn: str, name: str, x, allowed: tuple) -> str:
+    """A string option; its value is checked by the op (same message), its type here."""
+    if not isinstance(x, str):
+        raise _error(fn, f"expected {name} to be one of {', '.join(repr(a) for a in allowed)}, but got {x!r}")
+    return x
+
+
+def _loss_options(fn: str, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant) -> dict:
+    """The op's options with their Python types checked (their ranges are checked by the op)."""
+    return dict(alpha=_real(fn, "alpha", alpha), lam=_real(fn, "lam", lam),
+                divergence=_option_str(fn, "divergence", divergence, _ops.DIVERGENCES),
+                order=_option_str(fn, "order", order, _ops.ORDERS), ab_alpha=_real(fn, "ab_alpha", ab_alpha),
+                ab_beta=_real(fn, "ab_beta", ab_beta), temperature=_real(fn, "temperature", temperature),
+                detach_assistant=bool(detach_assistant))
+
+
 def _use_kernels(device: torch.device, backend: str) -> bool:
     if backend == "reference":
         return False
@@ -65,8 +99,21 @@ def _check_reduction_args(fn: str, reduction: str, normalizer) -> None:
     if isinstance(normalizer, Tensor):
         if normalizer.numel() != 1:
             raise _error(fn, f"expected normalizer to be a number or a 0-D tensor, but got shape {_shape(normalizer)}")
-    elif normalizer is not None and not (math.isfinite(normalizer) and normalizer > 0):
-        raise _error(fn, f"expected normalizer > 0, but got {normalizer}")
+        if normalizer.dtype.is_complex or normalizer.dtype == torch.bool:
+            raise _error(fn, f"expected a real normalizer tensor, but got dtype {normalizer.dtype}")
+        # A CPU value costs no device sync: checked here like a number. On an accelerator (or while
+        # compiling or under torch.func) it is not read back: _base_row_weights turns a value that is
+        # not finite and > 0 into a NaN loss and gradient instead.
+        if (normalizer.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not torch._C._functorch.is_functorch_wrapped_tensor(normalizer)):
+            value = normalizer.detach().reshape(()).item()
+            if not (math.isfinite(value) and value > 0):
+                raise _error(fn, f"expected normalizer > 0, but got {value} (a tensor)")
+    elif normalizer is not None:
+        if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
+            raise _error(fn, f"expected normalizer to be a number or a 0-D tensor, but got {normalizer!r}")
+        if not (math.isfinite(normalizer) and normalizer > 0):
+            raise _error(fn, f"expected normalizer > 0, but got {normalizer}")
 
 
 def _normalizer_alias(fn: str, normalizer, num_items_in_batch):
@@ -116,9 +163,13 @@ def _base_row_weights(mask: Optional[Tensor], n: int, reduction: str, normalizer
     all-ignored gives 0, never NaN). None means all ones."""
     weight = None if mask is None else mask.to(dtype)
     if reduction == "mean":
-        if normalizer is not None:
-            denom = (normalizer.detach().reshape(()).to(device=device, dtype=dtype) if isinstance(normalizer, Tensor)
-                     else float(normalizer))
+        if isinstance(normalizer, Tensor):
+            denom = normalizer.detach().reshape(()).to(device=device, dtype=dtype)
+            # Not checked on the host (no sync): a value that is not finite and > 0 gives NaN, never
+            # a silently wrong finite loss (0 -> inf, -2 -> a negated loss).
+            denom = torch.where((denom > 0) & torch.isfinite(denom), denom, torch.full_like(denom, math.nan))
+        elif normalizer is not None:
+            denom = float(normalizer)
         elif mask is not None:
             denom = mask.sum().clamp_min(1).to(dtype)
         else:
@@ -186,7 +237,9 @@ def amid_loss(
         normalizer: with ``'mean'``, divide the sum by this (a number or a 0-d tensor) instead of the
             number of non-ignored rows in this call: pass the number of non-ignored tokens of the
             whole accumulated batch so that gradient accumulation over micro-batches gives the
-            gradient of one big batch. Also with ``'batchmean'``.
+            gradient of one big batch. Also with ``'batchmean'``. It must be finite and > 0: a number
+            or a CPU tensor is checked (ValueError); a tensor on an accelerator is not read back (no
+            host sync), and a value that is not finite and > 0 makes the loss and gradient NaN.
         num_items_in_batch: another name for ``normalizer`` (HF Trainer's, TRL's and DistillKit's); give
             at most one of the two.
         vocab_size: compare only the first ``vocab_size`` entries of the vocabulary: both logits are
@@ -231,9 +284,14 @@ def amid_loss(
                     "vocabulary size to compare the shared part)")
         raise _error(fn, "expected student_logits and teacher_logits to have the same shape, but got "
                          f"{_shape(student_logits)} and {_shape(teacher_logits)}{hint}")
+    if student_logits.shape[-1] < 1:
+        raise _error(fn, "expected a vocabulary of at least 1 entry (logits of shape [..., V] with V >= 1), but "
+                         f"got student_logits of shape {_shape(student_logits)}")
     if teacher_logits.requires_grad and torch.is_grad_enabled():
         raise _error(fn, "expected teacher_logits not to require grad (detach the teacher or run it under "
                          "torch.no_grad()), but it requires grad")
+    options = _loss_options(fn, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant)
+    ignore_index = _integer(fn, "ignore_index", ignore_index)
     normalizer = _normalizer_alias(fn, normalizer, num_items_in_batch)
     _check_reduction_args(fn, reduction, normalizer)
     if backend not in ("auto", "kernels", "reference"):
@@ -245,11 +303,12 @@ def amid_loss(
 
     s = student_logits.reshape(-1, V)
     t = teacher_logits.reshape(-1, V)
-    # The kernels need unit stride along V (any row stride): copy only when that is not the case.
+    # The kernels need unit stride along V (any row stride): copy only when that is not the case
+    # (an empty tensor counts as contiguous whatever its strides, so it is re-strided by clone).
     if V > 1 and s.stride(-1) != 1:
-        s = s.contiguous()
+        s = s.contiguous() if s.numel() else s.clone(memory_format=torch.contiguous_format)
     if V > 1 and t.stride(-1) != 1:
-        t = t.contiguous()
+        t = t.contiguous() if t.numel() else t.clone(memory_format=torch.contiguous_format)
     n = s.shape[0]
     ldt = _ops.loss_dtype(s.dtype)
 
@@ -260,16 +319,18 @@ def amid_loss(
         if normalizer is None:
             normalizer = _batchmean_denominator(mask, lead)
     weight = _base_row_weights(mask, n, reduction, normalizer, ldt, s.device)
-    if scale_by_t2 and temperature != 1.0:
-        t2 = float(temperature) ** 2
+    if scale_by_t2 and options["temperature"] != 1.0:
+        t2 = options["temperature"] ** 2
         weight = weight * t2 if weight is not None else torch.full((n,), t2, dtype=ldt, device=s.device)
 
-    options = dict(alpha=float(alpha), lam=float(lam), divergence=divergence, order=order, ab_alpha=float(ab_alpha),
-                   ab_beta=float(ab_beta), temperature=float(temperature), detach_assistant=bool(detach_assistant))
+    if _ops.forward_ad_active(s):
+        raise _error(fn, _ops.FORWARD_AD_ERROR)
     if _use_kernels(s.device, backend):
         wants_grad = torch.is_grad_enabled() and s.requires_grad
         if wants_grad and grad_in_forward is not False:
-            rows = _ops.GradInForward.apply(s, t, weight, *options.values())
+            rows = _ops.GradInForward.apply(s, t, weight, *options.values())[0]
+        elif wants_grad:  # the backward recomputes the gradient, differentiably (create_graph=True)
+            rows = _ops.RecomputeGrad.apply(s, t, weight, *options.values())[0]
         else:
             rows = _ops.amid_loss_fwd(s, t, weight, compute_grad=False, **options)[0]
     else:

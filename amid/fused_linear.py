@@ -34,6 +34,7 @@ gradient (V values) is always accumulated in float32 (float64 for float64 weight
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -45,6 +46,7 @@ from torch.autograd.function import once_differentiable
 from . import ops as _ops
 from .functional import (DEFAULT_ALPHA, DEFAULT_LAM, _base_row_weights, _batchmean_denominator, _check_labels,
                          _check_reduction_args, _check_vocab_size, _error, _normalizer_alias, _shape, _use_kernels)
+from .functional import _integer, _loss_options, _real
 
 __all__ = ["fused_linear_amid_loss", "FusedLinearAMiDLoss", "default_chunk_size", "DEFAULT_CHUNK_BUDGET_BYTES"]
 
@@ -302,9 +304,24 @@ def _weight_value(fn: str, name: str, x: Union[Number, Tensor]) -> Union[float, 
         if x.dim() != 0:
             raise _error(fn, f"expected {name} to be a number or a 0-D tensor, but got shape {_shape(x)}")
         return x.detach()
-    if not math.isfinite(float(x)):
+    x = _real(fn, name, x)
+    if not math.isfinite(x):
         raise _error(fn, f"expected a finite {name}, but got {x}")
-    return float(x)
+    return x
+
+
+def _guard_labels(fn: str, y: Tensor, ce_w: Tensor, v: int, ignore_index: int, on_host: bool):
+    """Kept labels ``y`` (ignored rows already 0) must index the vocabulary [0, V). ``on_host`` (CPU
+    tensors: no device sync): a ValueError naming the first bad label. Otherwise they are not read
+    back; a bad row's label becomes 0 (no out-of-bounds gather) and its CE weight NaN, so that
+    row's loss and gradient are NaN rather than silently wrong."""
+    bad = (y < 0) | (y >= v)
+    if on_host:
+        if bool(bad.any()):
+            raise _error(fn, f"expected labels in [0, {v}) (the vocabulary) or equal to ignore_index={ignore_index}, "
+                             f"but got {int(y[bad][0])}")
+        return y, ce_w
+    return torch.where(bad, 0, y), torch.where(bad, math.nan, ce_w)
 
 
 def _fused_linear_amid_loss(fn, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *,
@@ -324,6 +341,12 @@ def _fused_linear_amid_loss(fn, student_hidden, student_weight, teacher_hidden, 
     for name, x in named + (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
         if x is not None:
             _check_float(fn, name, x)
+    if not torch.compiler.is_compiling() and any(
+            isinstance(x, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x)
+            for _, x in named + (("student_bias", student_bias), ("teacher_bias", teacher_bias), ("labels", labels))):
+        raise _error(fn, "torch.func transforms (grad, vjp, jacrev, vmap, jvp) are not supported: the gradients are "
+                         "computed chunk by chunk inside the forward; use amid.amid_loss on the logits, which "
+                         "supports torch.func.grad, vjp, jacrev and vmap")
     for name, x in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
         if x.dim() < 1:
             raise _error(fn, f"expected {name} of shape [..., H], but got a 0-D tensor")
@@ -383,8 +406,10 @@ def _fused_linear_amid_loss(fn, student_hidden, student_weight, teacher_hidden, 
                                  "freeze the teacher or run it under torch.no_grad()), but it requires grad")
     normalizer = _normalizer_alias(fn, normalizer, num_items_in_batch)
     _check_reduction_args(fn, reduction, normalizer)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+                                   or chunk_size < 1):
         raise _error(fn, f"expected chunk_size to be None or an integer >= 1, but got {chunk_size!r}")
+    ignore_index = _integer(fn, "ignore_index", ignore_index)
     if accum_dtype is not None and accum_dtype not in (torch.float32, torch.float64, student_weight.dtype):
         raise _error(fn, "expected accum_dtype to be None, torch.float32, torch.float64 or the weight's dtype "
                          f"{student_weight.dtype}, but got {accum_dtype}")
@@ -397,8 +422,8 @@ def _fused_linear_amid_loss(fn, student_hidden, student_weight, teacher_hidden, 
     elif ce_on:
         raise _error(fn, "expected labels with ce_weight != 0 (the cross-entropy needs hard labels), but got None")
     # The op's own option checks (same messages as the kernels), also when no chunk calls it.
-    options = (float(alpha), float(lam), divergence, order, float(ab_alpha), float(ab_beta), float(temperature),
-               bool(detach_assistant))
+    options = tuple(_loss_options(fn, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature,
+                                  detach_assistant).values())
     _ops.check_options("amid_loss_fwd", *options)
 
     # ---- flatten and build the per-row weights (mask, reduction, normaliser, T², term weights)
@@ -434,6 +459,9 @@ def _fused_linear_amid_loss(fn, student_hidden, student_weight, teacher_hidden, 
     if ce_on or z_on or (return_components and labels is not None):
         y = (torch.zeros(n, dtype=torch.long, device=device) if labels is None
              else torch.where(mask, labels.reshape(-1), 0).long())
+        if labels is not None:
+            y, ce_w = _guard_labels(fn, y, ce_w, v, ignore_index,
+                                    on_host=device.type == "cpu" and not torch.compiler.is_compiling())
 
     want = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
                  for x in (student_hidden, student_weight, student_bias))
@@ -590,11 +618,13 @@ class FusedLinearAMiDLoss(nn.Module):
                  chunk_size: Optional[int] = None, accum_dtype: Optional[torch.dtype] = None,
                  vocab_size: Optional[int] = None, return_components: bool = False) -> None:
         super().__init__()
-        self.alpha, self.lam, self.divergence, self.order = float(alpha), float(lam), divergence, order
-        self.ab_alpha, self.ab_beta = float(ab_alpha), float(ab_beta)
-        self.temperature, self.scale_by_t2 = float(temperature), bool(scale_by_t2)
+        fn = "FusedLinearAMiDLoss"
+        self.alpha, self.lam = _real(fn, "alpha", alpha), _real(fn, "lam", lam)
+        self.divergence, self.order = divergence, order
+        self.ab_alpha, self.ab_beta = _real(fn, "ab_alpha", ab_alpha), _real(fn, "ab_beta", ab_beta)
+        self.temperature, self.scale_by_t2 = _real(fn, "temperature", temperature), bool(scale_by_t2)
         self.detach_assistant = bool(detach_assistant)
-        self.ignore_index, self.reduction = int(ignore_index), reduction
+        self.ignore_index, self.reduction = _integer(fn, "ignore_index", ignore_index), reduction
         self.kd_weight, self.ce_weight, self.z_loss_weight = kd_weight, ce_weight, z_loss_weight
         self.chunk_size, self.accum_dtype = chunk_size, accum_dtype
         self.vocab_size, self.return_components = vocab_size, bool(return_components)

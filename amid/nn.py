@@ -32,11 +32,13 @@ class AMiDLoss(nn.Module):
                  grad_in_forward: Optional[bool] = None, backend: str = "auto",
                  vocab_size: Optional[int] = None) -> None:
         super().__init__()
-        self.alpha, self.lam, self.divergence, self.order = float(alpha), float(lam), divergence, order
-        self.ab_alpha, self.ab_beta = float(ab_alpha), float(ab_beta)
-        self.temperature, self.scale_by_t2 = float(temperature), bool(scale_by_t2)
+        fn = "AMiDLoss"
+        self.alpha, self.lam = F._real(fn, "alpha", alpha), F._real(fn, "lam", lam)
+        self.divergence, self.order = divergence, order
+        self.ab_alpha, self.ab_beta = F._real(fn, "ab_alpha", ab_alpha), F._real(fn, "ab_beta", ab_beta)
+        self.temperature, self.scale_by_t2 = F._real(fn, "temperature", temperature), bool(scale_by_t2)
         self.detach_assistant = bool(detach_assistant)
-        self.ignore_index, self.reduction = int(ignore_index), reduction
+        self.ignore_index, self.reduction = F._integer(fn, "ignore_index", ignore_index), reduction
         self.grad_in_forward, self.backend = grad_in_forward, backend
         self.vocab_size = vocab_size
 

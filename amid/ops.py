@@ -10,6 +10,14 @@ that computes the loss, so the logits are read once. The backward then only appl
 ``grad_loss`` to that stored gradient in place (``scale_grad_``, which leaves rows whose
 ``grad_loss`` is exactly 1 untouched and needs no host sync) and returns it. Without a stored
 gradient the backward recomputes it from the logits and the per-row stats (``amid_loss_bwd``).
+
+Higher derivatives. The stored gradient is a constant, so the gradient-in-forward path refuses
+create_graph=True (CREATE_GRAPH_ERROR) rather than hand out a gradient whose derivative would be
+silently zero. The recomputing path (``grad_in_forward=False``; the op with ``compute_grad=False``)
+is differentiable to every order: its gradient comes from ``amid_loss_bwd`` (LossGrad), whose own
+derivatives (Hessian-vector products) are taken by torch.func through the pure-PyTorch reference.
+The autograd.Functions used by amid.amid_loss (GradInForward, RecomputeGrad, LossGrad) work under
+torch.func.grad / vjp / jacrev / vmap; forward mode (jvp) is refused in amid.amid_loss.
 """
 from __future__ import annotations
 
@@ -22,7 +30,8 @@ from . import _library
 
 _library.load()
 
-__all__ = ["amid_loss_fwd", "amid_loss_bwd", "scale_grad_", "GradInForward", "NUM_STATS", "DIVERGENCES", "ORDERS"]
+__all__ = ["amid_loss_fwd", "amid_loss_bwd", "scale_grad_", "GradInForward", "RecomputeGrad", "LossGrad", "NUM_STATS",
+           "DIVERGENCES", "ORDERS"]
 
 NUM_STATS = 5  # [A, B, Z, S_G, K] per row; csrc/amid_math.h kNumStats
 DIVERGENCES = ("kl", "ab")
@@ -144,6 +153,56 @@ def _check_backward_inputs(ctx) -> None:
                            "pass a row_weight that does not require grad")
 
 
+#: Raised when a gradient written in the forward (a constant) would be differentiated again.
+CREATE_GRAPH_ERROR = (
+    "amid::amid_loss_fwd: create_graph=True (double backward, e.g. Hessian-vector products) through a loss whose "
+    "gradient was computed in the forward (grad_in_forward=True, the default when the student requires grad) is "
+    "not supported: that gradient is a constant, so its derivatives would be silently wrong; call the loss with "
+    "grad_in_forward=False to differentiate its gradient")
+
+
+FORWARD_AD_ERROR = (
+    "forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) is not supported; use reverse "
+    "mode (torch.func.grad, vjp, jacrev; torch.autograd.grad with grad_in_forward=False for second derivatives)")
+
+
+def forward_ad_active(x: Tensor) -> bool:
+    """Whether ``x`` carries a forward-mode tangent (torch.func.jvp or torch.autograd.forward_ad)."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        if any(i.key() == torch._C._functorch.TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
+            return True
+    import torch.autograd.forward_ad as fwad
+
+    return fwad._current_level >= 0 and fwad.unpack_dual(x).tangent is not None
+
+
+def _functorch_level() -> Optional[int]:
+    """The torch.func transform level of the current call (None outside torch.func)."""
+    if torch.compiler.is_compiling():
+        return None
+    return torch._C._functorch.maybe_current_level()
+
+
+def _refuse_create_graph(level: Optional[int]) -> None:
+    """In the backward of a gradient written in the forward (recorded at torch.func ``level``):
+    raise CREATE_GRAPH_ERROR when that backward is itself being differentiated, i.e. under
+    create_graph=True, or when a differentiating torch.func transform other than the one that
+    recorded the node is active (nested grad / vjp / jacrev). One torch.func.grad or vjp alone runs
+    its backward with create_graph=True as well, but differentiates only once: allowed."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    diff = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+    others = [i for i in retrieve_all_functorch_interpreters() if i.key() in diff and i.level() != level]
+    if level is None or others:
+        raise RuntimeError(CREATE_GRAPH_ERROR)
+
+
 def _fwd_backward(ctx, grad_loss, _grad_stats, _grad_grad):
     # The op-level formula is functional (the gradient output may be held by the caller, so it is
     # never modified); amid.amid_loss uses the in-place fast path of GradInForward below.
@@ -153,10 +212,12 @@ def _fwd_backward(ctx, grad_loss, _grad_stats, _grad_grad):
         return (None,) + nones
     if ctx.compute_grad:
         (grad,) = ctx.saved_tensors
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # (never under torch.func)
+            raise RuntimeError(CREATE_GRAPH_ERROR)
         return ((grad * grad_loss.unsqueeze(-1)).to(grad.dtype),) + nones
     student_logits, teacher_logits, row_weight, stats = ctx.saved_tensors
-    grad = torch.ops.amid.amid_loss_bwd.default(grad_loss, student_logits, teacher_logits, row_weight, stats,
-                                                *ctx.options)
+    # Differentiable (create_graph=True): LossGrad's backward is the reference's second derivative.
+    grad = LossGrad.apply(grad_loss, student_logits, teacher_logits, row_weight, stats, *ctx.options)
     return (grad,) + nones
 
 
@@ -167,30 +228,151 @@ class GradInForward(torch.autograd.Function):
     """Training fast path of amid.amid_loss: the op writes the gradient in the forward (one read of
     the logits); the backward applies grad_loss to it in place (rows with grad_loss == 1 are not
     touched, no host sync) and hands it out. The gradient is private to this node, so the in-place
-    update is invisible to the caller; a second backward through the node is refused."""
+    update is invisible to the caller; a second backward through the node is refused, and so is
+    create_graph=True (CREATE_GRAPH_ERROR: the handed-out gradient is a constant).
+
+    ``apply(...)`` returns (loss, grad); callers use only the loss. The forward/setup_context split
+    makes it usable under torch.func transforms (torch.func.grad, vjp, jacrev)."""
+
+    generate_vmap_rule = True  # torch.func.vmap runs the ops once per sample
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, row_weight, alpha, lam, divergence, order, ab_alpha, ab_beta,
+    def forward(student_logits, teacher_logits, row_weight, alpha, lam, divergence, order, ab_alpha, ab_beta,
                 temperature, detach_assistant):
         loss, _stats, grad = torch.ops.amid.amid_loss_fwd.default(
             student_logits, teacher_logits, row_weight, alpha, lam, divergence, order, ab_alpha, ab_beta,
             temperature, detach_assistant, True)
-        ctx.save_for_backward(grad)
-        ctx.grad_consumed = False
-        return loss
+        return loss, grad
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def setup_context(ctx, inputs, output):
+        _loss, grad = output
+        ctx.mark_non_differentiable(grad)
+        ctx.save_for_backward(grad)
+        ctx.grad_consumed = False
+        ctx.functorch_level = _functorch_level()
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_grad):
         _check_backward_inputs(ctx)
         if ctx.grad_consumed:
             raise RuntimeError(
                 "amid::amid_loss_fwd: backward ran a second time through a loss whose gradient was computed in "
                 "the forward and already handed out; call the loss with grad_in_forward=False to backpropagate "
                 "through it more than once")
+        _refuse_create_graph(ctx.functorch_level)
         ctx.grad_consumed = True
         (grad,) = ctx.saved_tensors
+        if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(grad):
+            # under torch.func.vmap (no batching rule for the in-place op): out of place
+            return ((grad * grad_loss.unsqueeze(-1)).to(grad.dtype),) + (None,) * 10
         torch.ops.amid.scale_grad_.default(grad, grad_loss.contiguous())
         return (grad,) + (None,) * 10
+
+
+class RecomputeGrad(torch.autograd.Function):
+    """amid.amid_loss with grad_in_forward=False: the forward keeps the logits and the per-row stats,
+    the backward recomputes the gradient with amid_loss_bwd (through LossGrad, so the gradient is
+    itself differentiable: create_graph=True, Hessian-vector products). The same formula as the
+    op's registered autograd, as a torch.func-compatible Function. ``apply`` returns (loss, stats)."""
+
+    generate_vmap_rule = True  # torch.func.vmap runs the ops once per sample
+
+    @staticmethod
+    def forward(student_logits, teacher_logits, row_weight, alpha, lam, divergence, order, ab_alpha, ab_beta,
+                temperature, detach_assistant):
+        loss, stats, _grad = torch.ops.amid.amid_loss_fwd.default(
+            student_logits, teacher_logits, row_weight, alpha, lam, divergence, order, ab_alpha, ab_beta,
+            temperature, detach_assistant, False)
+        return loss, stats
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        student_logits, teacher_logits, row_weight = inputs[:3]
+        ctx.options = tuple(inputs[3:])
+        _loss, stats = output
+        ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(student_logits, teacher_logits, row_weight, stats)
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        _check_backward_inputs(ctx)
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 11
+        student_logits, teacher_logits, row_weight, stats = ctx.saved_tensors
+        grad = LossGrad.apply(grad_loss, student_logits, teacher_logits, row_weight, stats, *ctx.options)
+        return (grad,) + (None,) * 10
+
+
+_OPTION_NAMES = ("alpha", "lam", "divergence", "order", "ab_alpha", "ab_beta", "temperature", "detach_assistant")
+
+
+def _reference_grad_vjp(grad_loss: Tensor, student_logits: Tensor, teacher_logits: Tensor,
+                        row_weight: Optional[Tensor], v: Tensor, options: tuple, need_grad_loss: bool,
+                        need_student: bool):
+    """Derivatives of <v, G> with G = d(sum grad_loss * row_weight * L)/d student_logits (what
+    amid_loss_bwd returns), w.r.t. grad_loss and student_logits: the second derivative of the loss,
+    by torch.func through the pure-PyTorch reference (amid.reference) in the loss dtype. It is
+    itself differentiable (create_graph=True again, or nested torch.func transforms), so every
+    order works."""
+    from .reference import amid_loss_rows
+
+    ldt = loss_dtype(student_logits.dtype)
+    opts = dict(zip(_OPTION_NAMES, options))
+    t = teacher_logits.detach().to(ldt)
+    rw = None if row_weight is None else row_weight.detach()
+    zero = torch.zeros((), dtype=ldt, device=student_logits.device)
+
+    def grad_of_loss(s: Tensor, gl: Tensor) -> Tensor:
+        w = gl if rw is None else gl * rw
+        keep = w != 0
+
+        def total(s_: Tensor) -> Tensor:
+            # Skipped rows (weight 0) may hold anything (NaN logits): they enter as zeros, as in the kernels.
+            sx = torch.where(keep.unsqueeze(-1), s_.to(ldt), zero)
+            tx = torch.where(keep.unsqueeze(-1), t, zero)
+            rows = amid_loss_rows(sx, tx, **opts)
+            return torch.where(keep, rows * w, torch.zeros_like(rows)).sum()
+
+        return torch.func.grad(total)(s)
+
+    _g, vjp_fn = torch.func.vjp(grad_of_loss, student_logits, grad_loss)
+    g_s, g_gl = vjp_fn(v.to(student_logits.dtype))
+    return (g_gl if need_grad_loss else None), (g_s if need_student else None)
+
+
+class LossGrad(torch.autograd.Function):
+    """G = amid_loss_bwd(grad_loss, student_logits, ...) as a differentiable function of grad_loss and
+    student_logits: the value from the kernel, its derivatives (second derivatives of the loss:
+    Hessian-vector products, create_graph=True) from the reference (_reference_grad_vjp)."""
+
+    generate_vmap_rule = True  # torch.func.vmap runs the ops once per sample
+
+    @staticmethod
+    def forward(grad_loss, student_logits, teacher_logits, row_weight, stats, alpha, lam, divergence, order,
+                ab_alpha, ab_beta, temperature, detach_assistant):
+        return torch.ops.amid.amid_loss_bwd.default(grad_loss, student_logits, teacher_logits, row_weight, stats,
+                                                    alpha, lam, divergence, order, ab_alpha, ab_beta, temperature,
+                                                    detach_assistant)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_loss, student_logits, teacher_logits, row_weight = inputs[:4]
+        ctx.options = tuple(inputs[5:])
+        ctx.save_for_backward(grad_loss, student_logits, teacher_logits, row_weight)
+
+    @staticmethod
+    def backward(ctx, v):
+        if ctx.needs_input_grad[2]:
+            raise RuntimeError("amid::amid_loss_bwd: gradients with respect to teacher_logits are not supported; "
+                               "detach the teacher (compute it under torch.no_grad())")
+        if ctx.needs_input_grad[3]:
+            raise RuntimeError("amid::amid_loss_bwd: gradients with respect to row_weight are not supported; "
+                               "pass a row_weight that does not require grad")
+        grad_loss, student_logits, teacher_logits, row_weight = ctx.saved_tensors
+        g_gl, g_s = _reference_grad_vjp(grad_loss, student_logits, teacher_logits, row_weight, v, ctx.options,
+                                        ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return (g_gl, g_s) + (None,) * 11
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,12 +406,15 @@ def _amid_loss_bwd_fake(grad_loss, student_logits, teacher_logits, row_weight, s
     return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
 
 
-def _bwd_backward(ctx, *grads):
-    raise RuntimeError("amid::amid_loss_bwd: double backward is not supported")
-
-
 def _bwd_setup_context(ctx, inputs, output):
-    pass
+    grad_loss, student_logits, teacher_logits, row_weight = inputs[:4]
+    ctx.options = tuple(inputs[5:])
+    ctx.save_for_backward(grad_loss, student_logits, teacher_logits, row_weight)
+
+
+def _bwd_backward(ctx, v):
+    # The op called directly and differentiated (create_graph=True): same formula as LossGrad.
+    return LossGrad.backward(ctx, v)
 
 
 torch.library.register_autograd("amid::amid_loss_bwd", _bwd_backward, setup_context=_bwd_setup_context)

@@ -150,9 +150,155 @@ def test_gradient_to_teacher_or_row_weight_is_refused_at_op_level():
         loss.sum().backward()
 
 
-def test_double_backward_is_refused():
+def test_double_backward_on_the_default_path_is_refused():
+    """The gradient written in the forward is a constant: create_graph=True gets amid's message,
+    naming create_graph and the way out (grad_in_forward=False, see tests/test_double_backward.py)."""
     x = torch.randn(2, 5, requires_grad=True)
-    loss = amid.amid_loss(x, t, alpha=0.5, lam=0.5, grad_in_forward=False)
-    (g,) = torch.autograd.grad(loss, x, create_graph=True)
-    with pytest.raises(RuntimeError, match="amid::amid_loss_bwd: double backward is not supported"):
-        g.sum().backward()
+    loss = amid.amid_loss(x, t, alpha=0.5, lam=0.5)
+    with pytest.raises(RuntimeError) as info:
+        torch.autograd.grad(loss, x, create_graph=True)
+    assert str(info.value) == (
+        "amid::amid_loss_fwd: create_graph=True (double backward, e.g. Hessian-vector products) through a loss "
+        "whose gradient was computed in the forward (grad_in_forward=True, the default when the student requires "
+        "grad) is not supported: that gradient is a constant, so its derivatives would be silently wrong; call the "
+        "loss with grad_in_forward=False to differentiate its gradient")
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 15 item 12: every bad argument is named (functions, modules, the fused loss), and
+# numpy integers / empty tensors with odd strides are accepted.
+
+def _bad_argument_cases():
+    import numpy as np
+
+    x, y = torch.randn(3, 8), torch.randn(3, 8)
+    lab = torch.zeros(3, dtype=torch.long)
+    h, w = torch.randn(4, 8), torch.randn(6, 8)
+    A = dict(alpha=0.5, lam=0.5)
+    fused = amid.fused_linear_amid_loss
+    return [
+        (lambda: amid.amid_loss(torch.randn(3, 0), torch.randn(3, 0), **A),
+         "amid.amid_loss: expected a vocabulary of at least 1 entry (logits of shape [..., V] with V >= 1), but got "
+         "student_logits of shape [3, 0]"),
+        (lambda: amid.amid_loss(x, y, lab, ignore_index=2 ** 70, **A),
+         "amid.amid_loss: expected ignore_index to be an integer in the int64 range, but got 1180591620717411303424"),
+        (lambda: amid.amid_loss(x, y, lab, ignore_index=1.5, **A),
+         "amid.amid_loss: expected ignore_index to be an integer in the int64 range, but got 1.5"),
+        (lambda: amid.amid_loss(x, y, normalizer="3", **A),
+         "amid.amid_loss: expected normalizer to be a number or a 0-D tensor, but got '3'"),
+        (lambda: amid.amid_loss(x, y, normalizer=torch.tensor(True), **A),
+         "amid.amid_loss: expected a real normalizer tensor, but got dtype torch.bool"),
+        (lambda: amid.amid_loss(x, y, alpha="x", lam=0.5),
+         "amid.amid_loss: expected alpha to be a real number, but got 'x'"),
+        (lambda: amid.amid_loss(x, y, alpha=0.5, lam=None),
+         "amid.amid_loss: expected lam to be a real number, but got None"),
+        (lambda: amid.amid_loss(x, y, temperature="2", **A),
+         "amid.amid_loss: expected temperature to be a real number, but got '2'"),
+        (lambda: amid.amid_loss(x, y, ab_beta=torch.ones(2), **A),
+         "amid.amid_loss: expected ab_beta to be a real number, but got tensor([1., 1.])"),
+        (lambda: amid.amid_loss(x, y, divergence=3, **A),
+         "amid.amid_loss: expected divergence to be one of 'kl', 'ab', but got 3"),
+        (lambda: amid.forward_kl(x, y, temperature="x"),
+         "amid.forward_kl: expected temperature to be a real number, but got 'x'"),
+        (lambda: amid.AMiDLoss(alpha="x", lam=0.5),
+         "amid.AMiDLoss: expected alpha to be a real number, but got 'x'"),
+        (lambda: amid.AMiDLoss(alpha=0.5, lam=0.5, ignore_index=2 ** 70),
+         "amid.AMiDLoss: expected ignore_index to be an integer in the int64 range, but got 1180591620717411303424"),
+        (lambda: amid.AMiDLoss(**A)(x, y, normalizer="3"),
+         "amid.AMiDLoss: expected normalizer to be a number or a 0-D tensor, but got '3'"),
+        (lambda: amid.FusedLinearAMiDLoss(alpha=0.5, lam="x"),
+         "amid.FusedLinearAMiDLoss: expected lam to be a real number, but got 'x'"),
+        (lambda: fused(h, w, h, w, torch.tensor([0, 1, 7, 2]), ce_weight=1.0, **A),
+         "amid.fused_linear_amid_loss: expected labels in [0, 6) (the vocabulary) or equal to ignore_index=-100, "
+         "but got 7"),
+        (lambda: fused(h, w, h, w, torch.tensor([0, -5, -100, 2]), ce_weight=1.0, **A),
+         "amid.fused_linear_amid_loss: expected labels in [0, 6) (the vocabulary) or equal to ignore_index=-100, "
+         "but got -5"),
+        (lambda: fused(h, w, h, w, alpha="x", lam=0.5),
+         "amid.fused_linear_amid_loss: expected alpha to be a real number, but got 'x'"),
+        (lambda: fused(h, w, h, w, ce_weight="x", **A),
+         "amid.fused_linear_amid_loss: expected ce_weight to be a real number, but got 'x'"),
+        (lambda: fused(h, w, h, w, normalizer="3", **A),
+         "amid.fused_linear_amid_loss: expected normalizer to be a number or a 0-D tensor, but got '3'"),
+        (lambda: fused(h, w, h, w, torch.zeros(4, dtype=torch.long), ignore_index=2 ** 70, **A),
+         "amid.fused_linear_amid_loss: expected ignore_index to be an integer in the int64 range, but got "
+         "1180591620717411303424"),
+        (lambda: fused(h, w, h, w, chunk_size=np.float64(4.0), **A),
+         "amid.fused_linear_amid_loss: expected chunk_size to be None or an integer >= 1, but got np.float64(4.0)"),
+        (lambda: fused(h, w[:0], h, w[:0], **A),
+         "amid.fused_linear_amid_loss: expected a vocabulary of at least 1 entry, but got student_weight of shape "
+         "[0, 8]"),
+        (lambda: torch.func.grad(lambda z: fused(z, w, h, w, **A))(h),
+         "amid.fused_linear_amid_loss: torch.func transforms (grad, vjp, jacrev, vmap, jvp) are not supported: the "
+         "gradients are computed chunk by chunk inside the forward; use amid.amid_loss on the logits, which "
+         "supports torch.func.grad, vjp, jacrev and vmap"),
+    ]
+
+
+def test_bad_arguments_are_named():
+    for fn, expected in _bad_argument_cases():
+        with pytest.raises(ValueError) as info:
+            fn()
+        assert str(info.value) == expected
+
+
+def test_numpy_scalars_and_empty_tensors_are_accepted():
+    import numpy as np
+
+    h, w = torch.randn(4, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
+    ht = torch.randn(4, 8, dtype=torch.float64)
+    labels = torch.tensor([0, 5, -100, 2])
+    base = amid.fused_linear_amid_loss(h, w, ht, w, labels, alpha=0.5, lam=0.5, ce_weight=0.5, chunk_size=4)
+    for cs in (np.int64(4), np.int32(4)):
+        got = amid.fused_linear_amid_loss(h, w, ht, w, labels, alpha=np.float64(0.5), lam=np.float32(0.5),
+                                          ce_weight=0.5, chunk_size=cs, ignore_index=np.int64(-100))
+        assert torch.equal(got, base)
+    s, t = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    lab = torch.tensor([1, 2, 3])
+    torch.testing.assert_close(amid.amid_loss(s, t, lab, alpha=np.float64(0.5), lam=torch.tensor(0.5),
+                                              ignore_index=np.int64(2), normalizer=np.float32(4.0)),
+                               amid.amid_loss(s, t, lab, alpha=0.5, lam=0.5, ignore_index=2, normalizer=4.0))
+    # an empty [0, V] tensor is accepted whatever its strides (it was rejected on stride 0)
+    for strides in ((0, 0), (1, 7), (8, 1)):
+        e = torch.empty_strided((0, 8), strides, dtype=torch.float64).requires_grad_(True)
+        te = torch.empty_strided((0, 8), strides, dtype=torch.float64)
+        for reduction in ("mean", "sum"):
+            loss = amid.amid_loss(e, te, alpha=0.5, lam=0.5, reduction=reduction)
+            assert loss.item() == 0.0
+        assert amid.amid_loss(e, te, alpha=0.5, lam=0.5, reduction="none").shape == (0,)
+        loss.backward()
+        assert e.grad.shape == (0, 8)
+
+
+def test_tensor_normalizer_is_validated_without_a_host_sync():
+    """Issue 15 item 7: a 0-D tensor normalizer of 0 or < 0 gave inf / a negated loss. A CPU tensor
+    is checked like a number; an accelerator tensor is not read back: the loss becomes NaN."""
+    from amid.functional import _base_row_weights
+
+    s, t = torch.randn(3, 8), torch.randn(3, 8)
+    for bad in (torch.tensor(0.0), torch.tensor(-2.0), torch.tensor(float("inf")), torch.tensor(0)):
+        with pytest.raises(ValueError, match=r"^amid.amid_loss: expected normalizer > 0, but got .* \(a tensor\)$"):
+            amid.amid_loss(s, t, alpha=0.5, lam=0.5, normalizer=bad)
+        with pytest.raises(ValueError, match=r"^amid.fused_linear_amid_loss: expected normalizer > 0"):
+            amid.fused_linear_amid_loss(s, torch.randn(5, 8), t, torch.randn(5, 8), alpha=0.5, lam=0.5,
+                                        normalizer=bad)
+        # the path of a device tensor (no host read): the row weights, hence loss and gradient, are NaN
+        wts = _base_row_weights(None, 3, "mean", bad, torch.float32, torch.device("cpu"))
+        assert torch.isnan(wts).all()
+    good = _base_row_weights(None, 3, "mean", torch.tensor(4), torch.float32, torch.device("cpu"))
+    assert torch.equal(good, torch.full((3,), 0.25))
+    torch.testing.assert_close(amid.amid_loss(s, t, alpha=0.5, lam=0.5, normalizer=torch.tensor(6.0)),
+                               amid.amid_loss(s, t, alpha=0.5, lam=0.5, normalizer=6.0))
+
+
+def test_fused_labels_outside_the_vocabulary_without_a_host_sync():
+    """On an accelerator the fused CE does not read labels back: a bad label makes its row NaN."""
+    from amid.fused_linear import _guard_labels
+
+    y = torch.tensor([0, 7, 2, -3])
+    ce_w = torch.full((4,), 0.25)
+    y2, w2 = _guard_labels("f", y, ce_w, 6, -100, on_host=False)
+    assert y2.tolist() == [0, 0, 2, 0]
+    assert torch.isnan(w2[[1, 3]]).all() and w2[[0, 2]].tolist() == [0.25, 0.25]
+    with pytest.raises(ValueError, match=r"^amid.f: expected labels in \[0, 6\)"):
+        _guard_labels("f", y, ce_w, 6, -100, on_host=True)
