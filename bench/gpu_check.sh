@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# One-shot GPU verification of amid: build with the CUDA kernels, run the CUDA tests, the
-# benchmarks, a counter profile of the headline kernel (where the time goes: DRAM bandwidth vs the
-# special-function unit) and a compute-sanitizer memcheck on small cases, in that order.
+# One-shot GPU verification of amid: build with the CUDA kernels, run the CUDA tests, the clustered
+# sanitizer case (poisoned gradient buffers compared with the CPU op; compute-sanitizer racecheck and
+# synccheck), the benchmarks, a counter profile of the headline kernel (where the time goes: DRAM
+# bandwidth vs the special-function unit vs instruction issue) and a compute-sanitizer memcheck on
+# small cases, in that order.
 #
 #   bash bench/gpu_check.sh all                  # every stage, in order, within $BUDGET seconds
-#   bash bench/gpu_check.sh build test           # any subset of: build test bench profile memcheck
+#   bash bench/gpu_check.sh build test           # any subset of: build test sanitize bench profile memcheck
 #
 # Sized for a short GPU lease (the device tool: 10 min per command, 15 min per session): the whole
 # run stops after BUDGET seconds (default 540), each stage has its own cap (CAP_<STAGE>, seconds),
@@ -74,6 +76,21 @@ if want test; then
   tail -25 "$WORK/pytest_cuda.log" | tee -a "$SUMMARY"
 fi
 
+if want sanitize; then
+  # bench/sanitize_case.py: V = 151936 bf16 (clusters of 8), N = 3 x the clusters that fit at once, rows
+  # mixing NaN / +inf, ignored and -inf-masked; the gradient buffers are poisoned with NaN before each op
+  # call. First the comparison with the CPU op, then the kernels alone under racecheck (shared and
+  # distributed shared memory hazards) and synccheck (barrier misuse), instrumenting amid's kernels only.
+  run_capped sanitize_compare "${CAP_SANITIZE:-45}" sanitize_compare.log $PY bench/sanitize_case.py
+  tail -14 "$WORK/sanitize_compare.log" | tee -a "$SUMMARY"
+  for tool in racecheck synccheck; do
+    capvar=CAP_${tool^^}
+    run_capped "$tool" "${!capvar:-60}" "$tool.log" compute-sanitizer --tool "$tool" --error-exitcode 1 \
+      --kernel-name kns=amid_ $PY bench/sanitize_case.py --no-compare
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|hazard|Barrier|Invalid|error" "$WORK/$tool.log" | head -8 | tee -a "$SUMMARY"
+  done
+fi
+
 if want bench; then
   # CSVs: bench/results/cuda-<gpu>-{amid_loss,fused_linear}.csv, one row written per measurement.
   run_capped bench_amid_loss "${CAP_BENCH_LOSS:-150}" bench_amid_loss.log $PY bench/bench_amid_loss.py --device cuda
@@ -89,10 +106,12 @@ if want profile; then
   # forward). --clock-control none: the card's clocks are left as they are.
   run_capped profile "${CAP_PROFILE:-60}" profile.log ncu --clock-control none -k regex:amid_fwd \
     --launch-skip 2 --launch-count 1 --section SpeedOfLight --section ComputeWorkloadAnalysis \
-    --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy --print-details all \
-    $PY bench/profile_step.py
-  grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|XU|Registers|Occupancy|Block Size|Cluster" \
-    "$WORK/profile.log" | head -30 | tee -a "$SUMMARY"
+    --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy --section InstructionStats \
+    --section WarpStateStats --print-details all $PY bench/profile_step.py
+  # InstructionStats: executed / issued instructions (compare with bench/sass_gauge.py's per-element
+  # counts x N x V); WarpStateStats: what the warps wait on (stall reasons).
+  grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|XU|Registers|Occupancy|Block Size|Cluster|Executed Instructions|Issued Instructions|Issue Slots|Executed Ipc|Warp Cycles Per|Stall" \
+    "$WORK/profile.log" | head -45 | tee -a "$SUMMARY"
 fi
 if want memcheck; then
   run_capped memcheck "${CAP_MEMCHECK:-60}" memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 \

@@ -1,0 +1,131 @@
+"""The CUDA checks of bench/gpu_check.sh's `sanitize` stage: a clustered case with awkward rows, compared
+with the CPU op, on gradient buffers poisoned with NaN.
+
+The case: V = 151936 bf16 (the resident path with clusters of 8 on sm_90), N = 3 x the clusters that fit
+on the GPU at once (so every CTA handles several rows: the row loop's reuse of shared memory and of the
+cluster reduction slots is exercised), rows mixing
+  * plain rows (randn * 3),
+  * rows with a NaN (teacher or student) or +inf logit: NaN loss / stats / gradient row,
+  * ignored rows (row_weight 0): zero loss and gradient, the logits not read,
+  * rows with -inf-masked vocabulary entries (the same ~10 % of positions on both sides),
+  * and weights other than 0 / 1.
+Before each op call a tensor of the gradient's size is filled with NaN and freed, so the caching
+allocator hands that memory to the op's gradient (the script checks the pointer): any element the
+kernel fails to write stays NaN and the comparison with the CPU op catches it.
+
+  python bench/sanitize_case.py                 # forward (gradient in the forward) + backward, compare
+  python bench/sanitize_case.py --no-compare    # the kernels only (under compute-sanitizer: fast)
+Exit status 0 when every comparison passes.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+
+import amid  # noqa: F401  (loads the ops)
+
+V = 151936
+LOSSES = [("kl", "pr", 0.5, 0.5), ("ab", "rq", 0.5, 0.1)]
+
+
+def make_case(n: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(n, V, generator=g) * 3
+    s = torch.randn(n, V, generator=g) * 3
+    w = torch.ones(n)
+    kinds = []
+    for r in range(n):
+        k = r % 6
+        if k == 1:
+            (t if r % 12 == 1 else s)[r, int(torch.randint(V, (1,), generator=g))] = math.nan
+            kinds.append("nan")
+        elif k == 2:
+            w[r] = 0.0
+            t[r, :7] = math.nan  # never read: must not leak into the row
+            kinds.append("ignored")
+        elif k == 3:
+            mask = torch.rand(V, generator=g) < 0.1
+            t[r, mask] = -math.inf
+            s[r, mask] = -math.inf
+            kinds.append("masked")
+        elif k == 4:
+            s[r, int(torch.randint(V, (1,), generator=g))] = math.inf
+            kinds.append("posinf")
+        else:
+            w[r] = 0.25 + float(torch.rand(1, generator=g))
+            kinds.append("plain")
+    return t.to(dtype), s.to(dtype), w, kinds
+
+
+def poison(shape, dtype, device) -> int:
+    """Fill a block of the gradient's size with NaN and free it; returns its address."""
+    buf = torch.full(shape, math.nan, dtype=dtype, device=device)
+    ptr = buf.data_ptr()
+    del buf
+    return ptr
+
+
+def check(name: str, got: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float) -> bool:
+    got, ref = got.float().cpu(), ref.float().cpu()
+    same_nan = torch.equal(torch.isnan(got), torch.isnan(ref))
+    fin = ~torch.isnan(ref)
+    err = (got[fin] - ref[fin]).abs()
+    bound = atol + rtol * ref[fin].abs()
+    ok = same_nan and bool((err <= bound).all())
+    worst = float((err / bound).max()) if err.numel() else 0.0
+    print(f"  {name}: {'ok' if ok else 'MISMATCH'} (NaN pattern {'equal' if same_nan else 'DIFFERS'}, "
+          f"max err / tolerance {worst:.3f}, NaN entries {int(torch.isnan(got).sum())} vs {int(torch.isnan(ref).sum())})")
+    return ok
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--no-compare", action="store_true", help="run the CUDA ops only (for compute-sanitizer)")
+    ap.add_argument("--rows", type=int, default=0, help="N (default: 3 x the clusters of 8 that fit at once)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available() or not amid.cuda_kernels_available():
+        print("sanitize_case: expected a GPU and amid's CUDA kernels, but got none", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    # Two resident CTAs per SM (bench/sass_gauge.py: shared memory bound), clusters of 8.
+    n = args.rows or 3 * max(1, (2 * sms) // 8)
+    dtype = torch.bfloat16
+    t, s, w, kinds = make_case(n, dtype)
+    print(f"sanitize_case: N = {n} ({sms} SMs), V = {V}, {dtype}; rows: "
+          + ", ".join(f"{k} {kinds.count(k)}" for k in sorted(set(kinds))))
+    td, sd, wd = t.to(dev), s.to(dev), w.to(dev)
+    ok = True
+    for div, order, alpha, lam in LOSSES:
+        opts = (alpha, lam, div, order, 0.5, 0.5, 1.0, False)
+        p = poison((n, V), dtype, dev)
+        loss, stats, grad = torch.ops.amid.amid_loss_fwd(sd, td, wd, *opts, True)
+        reused = grad.data_ptr() == p
+        gl = (torch.rand(n, generator=torch.Generator().manual_seed(1)) + 0.5).to(loss.dtype)
+        p2 = poison((n, V), dtype, dev)
+        gb = torch.ops.amid.amid_loss_bwd(gl.to(dev), sd, td, wd, stats, *opts)
+        reused2 = gb.data_ptr() == p2
+        torch.cuda.synchronize()
+        print(f"{div}/{order} alpha={alpha} lam={lam}: poisoned buffer reused by fwd grad: {reused}, bwd grad: {reused2}")
+        if args.no_compare:
+            continue
+        lc, stc, gc = torch.ops.amid.amid_loss_fwd(s, t, w, *opts, True)
+        gbc = torch.ops.amid.amid_loss_bwd(gl, s, t, w, stc, *opts)
+        ok &= check("loss", loss, lc, 1e-4, 1e-6)
+        ok &= check("stats", stats, stc, 1e-4, 1e-5)
+        # bf16 gradients: one rounding of a value computed in fp32 on both sides (a 1-ulp split allowed).
+        ok &= check("grad (fwd)", grad, gc, 2 ** -7, 1e-9)
+        ok &= check("grad (bwd)", gb, gbc, 2 ** -7, 1e-9)
+        ign = torch.tensor([k == "ignored" for k in kinds])
+        z = bool((grad.cpu()[ign] == 0).all()) and bool((gb.cpu()[ign] == 0).all())
+        print(f"  ignored rows: gradient exactly 0: {z}")
+        ok &= z
+    print("sanitize_case: " + ("PASS" if ok else "FAIL"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
