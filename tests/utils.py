@@ -94,3 +94,106 @@ def paper_rows(s: torch.Tensor, t: torch.Tensor, alpha: float, lam: float, diver
 
 # The official code's formula lives in the package (the benchmarks use it too).
 from amid.reference import official_amid_loss as official_amid  # noqa: E402,F401
+
+
+# ------------------------------------------------------------------------------------------------
+# High-precision ground truth (mpmath): where float64 itself is not enough (alpha within ~1e-7 of
+# 1, tiny divergences, tiny alpha-beta exponents, float32 relative-error budgets).
+
+def mp_row_loss(s_row, t_row, alpha: float, lam: float, divergence: str = "kl", order: str = "pr",
+                ab_alpha: float = 0.2, ab_beta: float = 0.7, temperature: float = 1.0, dps: int = 50):
+    """The loss of one row by the spec's definition (shared/docs/amid-math.md §1-2), evaluated in
+    ``dps``-digit arithmetic from the given float logits (exactly as stored; -inf = masked entry).
+
+    p = softmax(t/T), q = softmax(s/T); r~ = (lam p^k + (1-lam) q^k)^(1/k), k = (1-alpha)/2, or
+    p^lam q^(1-lam) at alpha = 1 (r = q at lam = 0, r = p at lam = 1); r = r~ / sum r~. 'kl' sums
+    x (log x - log y) over the entries where neither logit is -inf; 'ab' is
+    -(1/(ab)) [sum x^a y^b - a/(a+b) sum x^(a+b) - b/(a+b) sum y^(a+b)]. Returns an mpmath mpf
+    (nan for a row whose student or teacher logits are all -inf or not < +inf)."""
+    import mpmath as mp
+
+    vals_s = [x if isinstance(x, mp.mpf) else float(x) for x in s_row]
+    vals_t = [x if isinstance(x, mp.mpf) else float(x) for x in t_row]
+    # Extra digits where the formulas cancel: alpha near 1 (division by k) and small a*b.
+    extra = 0
+    if alpha != 1.0:
+        extra += max(0, int(-math.log10(abs(0.5 * (1.0 - alpha)))) + 1)
+    if divergence == "ab":
+        extra += max(0, int(-math.log10(ab_alpha * ab_beta)) + 1)
+    ninf = mp.ninf
+    with mp.workdps(dps + extra):
+        if any(not (x < math.inf) for x in vals_s + vals_t) or all(x == -math.inf for x in vals_s) \
+                or all(x == -math.inf for x in vals_t):
+            return mp.nan
+        T = mp.mpf(temperature)
+        s = [ninf if x == -math.inf else mp.mpf(x) / T for x in vals_s]
+        t = [ninf if x == -math.inf else mp.mpf(x) / T for x in vals_t]
+
+        def log_softmax(x):
+            m = max(v for v in x if v != ninf)
+            lse = m + mp.log(mp.fsum(mp.exp(v - m) for v in x if v != ninf))
+            return [ninf if v == ninf else v - lse for v in x]
+
+        lp, lq = log_softmax(t), log_softmax(s)
+        lam_ = mp.mpf(lam)
+        if lam == 0.0:
+            lrt = lq
+        elif lam == 1.0:
+            lrt = lp
+        elif alpha == 1.0:
+            lrt = [ninf if ninf in (a, b) else lam_ * a + (1 - lam_) * b for a, b in zip(lp, lq)]
+        else:
+            k = (1 - mp.mpf(alpha)) / 2
+            lrt = []
+            for a, b in zip(lp, lq):
+                if a != ninf and b != ninf:
+                    lrt.append(mp.log(lam_ * mp.exp(k * a) + (1 - lam_) * mp.exp(k * b)) / k)
+                elif a != ninf:  # q = 0: r~ = (lam p^k)^(1/k) for k > 0, 0 for k < 0
+                    lrt.append(a + mp.log(lam_) / k if k > 0 else ninf)
+                elif b != ninf:
+                    lrt.append(b + mp.log(1 - lam_) / k if k > 0 else ninf)
+                else:
+                    lrt.append(ninf)
+        finite = [v for v in lrt if v != ninf]
+        m = max(finite)
+        z = m + mp.log(mp.fsum(mp.exp(v - m) for v in finite))
+        lr = [ninf if v == ninf else v - z for v in lrt]
+        lx, ly = {"pr": (lp, lr), "qr": (lq, lr), "rp": (lr, lp), "rq": (lr, lq)}[order]
+        if divergence == "kl":
+            return mp.fsum(mp.exp(x) * (x - y) for x, y, a, b in zip(lx, ly, lp, lq) if a != ninf and b != ninf)
+        a, b = mp.mpf(ab_alpha), mp.mpf(ab_beta)
+        g = a + b
+
+        def e(v):
+            return mp.mpf(0) if v == ninf else mp.exp(v)
+
+        cross = mp.fsum(e(a * x + b * y) if ninf not in (x, y) else 0 for x, y in zip(lx, ly))
+        sx = mp.fsum(e(g * x) for x in lx)
+        sy = mp.fsum(e(g * y) for y in ly)
+        return -(cross - a / g * sx - b / g * sy) / (a * b)
+
+
+def mp_rows(s: torch.Tensor, t: torch.Tensor, **opts) -> list:
+    """mp_row_loss for every row of [N, V] logits (as stored: float32 values are taken exactly)."""
+    s64, t64 = s.detach().double().cpu(), t.detach().double().cpu()
+    return [mp_row_loss(s64[i].tolist(), t64[i].tolist(), **opts) for i in range(s64.shape[0])]
+
+
+def mp_row_grad(s_row, t_row, dps: int = 60, **opts) -> list:
+    """d(mp_row_loss)/d(student logit v) for one row, by central differences in high precision
+    (step 1e-25 at ``dps`` digits: truncation ~1e-50, far below any float64 budget); 0 at -inf."""
+    import mpmath as mp
+
+    with mp.workdps(dps):
+        h = mp.mpf("1e-25")
+        base = [mp.mpf(float(x)) for x in s_row]
+        out = []
+        for v, x in enumerate(base):
+            if x == mp.ninf:
+                out.append(0.0)
+                continue
+            up = base[:v] + [x + h] + base[v + 1:]
+            dn = base[:v] + [x - h] + base[v + 1:]
+            d = (mp_row_loss(up, t_row, dps=dps, **opts) - mp_row_loss(dn, t_row, dps=dps, **opts)) / (2 * h)
+            out.append(float(d))
+        return out
