@@ -424,7 +424,7 @@ def _fused_linear_amid_loss(fn, student_hidden, student_weight, teacher_hidden, 
     # The op's own option checks (same messages as the kernels), also when no chunk calls it.
     options = tuple(_loss_options(fn, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature,
                                   detach_assistant).values())
-    _ops.check_options("amid_loss_fwd", *options)
+    _ops.check_options("amid_loss_fwd", *options, student_hidden.dtype)
 
     # ---- flatten and build the per-row weights (mask, reduction, normaliser, T², term weights)
     sh = student_hidden.reshape(-1, student_hidden.shape[-1])

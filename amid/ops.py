@@ -33,7 +33,8 @@ _library.load()
 __all__ = ["amid_loss_fwd", "amid_loss_bwd", "scale_grad_", "GradInForward", "RecomputeGrad", "LossGrad", "NUM_STATS",
            "DIVERGENCES", "ORDERS"]
 
-NUM_STATS = 5  # [A, B, Z, S_G, K] per row; csrc/amid_math.h kNumStats
+NUM_STATS = 7  # [A_max, B_max, Z, S_G, K, A_log, B_log] per row; csrc/amid_math.h kNumStats
+MIN_AB_EXPONENT = 1e-30  # csrc/checks.h kMinAbExponent
 DIVERGENCES = ("kl", "ab")
 ORDERS = ("pr", "qr", "rp", "rq")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -88,16 +89,24 @@ def check_row_vector(op: str, name: str, x: Tensor, logits: Tensor) -> None:
 
 
 def check_options(op: str, alpha: float, lam: float, divergence: str, order: str, ab_alpha: float,
-                  ab_beta: float, temperature: float, detach_assistant: bool) -> None:
+                  ab_beta: float, temperature: float, detach_assistant: bool,
+                  math_dtype: torch.dtype = torch.float32) -> None:
     import math
     _check(math.isfinite(alpha), op, lambda: f"expected a finite alpha, but got {_fmt_float(alpha)}")
     _check(0.0 <= lam <= 1.0, op, lambda: f"expected lam in [0, 1], but got {_fmt_float(lam)}")
     _check(math.isfinite(temperature) and temperature > 0.0, op, lambda: f"expected temperature > 0, but got {_fmt_float(temperature)}")
+    # The kernels multiply by 1/T in the math dtype (float64 for float64 logits, else float32).
+    fmax = torch.finfo(torch.float64 if math_dtype == torch.float64 else torch.float32).max
+    _check(1.0 / temperature <= fmax, op, lambda: (
+        f"expected temperature >= {_fmt_float(1.0 / fmax)} (its inverse must be finite in "
+        f"{'float64' if math_dtype == torch.float64 else 'float32'} math), but got {_fmt_float(temperature)}"))
     _check(divergence in DIVERGENCES, op, lambda: f"expected divergence to be one of 'kl', 'ab', but got '{divergence}'")
     _check(order in ORDERS, op, lambda: f"expected order to be one of 'pr', 'qr', 'rp', 'rq', but got '{order}'")
     if divergence == "ab":
         _check(math.isfinite(ab_alpha) and ab_alpha > 0.0, op, lambda: f"expected ab_alpha > 0 for the alpha-beta divergence, but got {_fmt_float(ab_alpha)}")
         _check(math.isfinite(ab_beta) and ab_beta > 0.0, op, lambda: f"expected ab_beta > 0 for the alpha-beta divergence, but got {_fmt_float(ab_beta)}")
+        _check(ab_alpha >= MIN_AB_EXPONENT, op, lambda: f"expected ab_alpha >= {_fmt_float(MIN_AB_EXPONENT)} for the alpha-beta divergence, but got {_fmt_float(ab_alpha)}")
+        _check(ab_beta >= MIN_AB_EXPONENT, op, lambda: f"expected ab_beta >= {_fmt_float(MIN_AB_EXPONENT)} for the alpha-beta divergence, but got {_fmt_float(ab_beta)}")
     _check(not detach_assistant or order in ("qr", "rq"), op, lambda: (
         f"expected order 'qr' or 'rq' with detach_assistant=True (in '{order}' the student enters only "
         f"through the assistant, so detaching it leaves no gradient), but got order '{order}'"))
@@ -122,7 +131,8 @@ def _amid_loss_fwd_fake(student_logits, teacher_logits, row_weight, alpha, lam, 
     check_logits_pair(op, student_logits, teacher_logits)
     if row_weight is not None:
         check_row_vector(op, "row_weight", row_weight, student_logits)
-    check_options(op, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant)
+    check_options(op, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant,
+                  student_logits.dtype)
     n, v = student_logits.shape
     ldt = loss_dtype(student_logits.dtype)
     loss = student_logits.new_empty((n,), dtype=ldt)
@@ -402,7 +412,8 @@ def _amid_loss_bwd_fake(grad_loss, student_logits, teacher_logits, row_weight, s
     _check(stats.dtype == want, op, lambda: f"expected stats of dtype {_dt(want)}, but got {_dt(stats.dtype)}")
     _check(stats.device == student_logits.device, op,
            lambda: f"expected stats on device {student_logits.device}, but got {stats.device}")
-    check_options(op, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant)
+    check_options(op, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant,
+                  student_logits.dtype)
     return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
 
 

@@ -67,7 +67,8 @@ def amid_loss_rows(student_logits: Tensor, teacher_logits: Tensor, *, alpha: flo
     """
     op = "amid_loss_fwd"
     _ops.check_logits_pair(op, student_logits, teacher_logits)
-    _ops.check_options(op, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant)
+    _ops.check_options(op, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant,
+                       student_logits.dtype)
     s = student_logits / temperature
     t = teacher_logits / temperature
     bad_t = ~(t < math.inf).all(-1) | (t == -math.inf).all(-1)  # NaN / +inf / all -inf rows

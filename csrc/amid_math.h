@@ -52,10 +52,11 @@ enum class MixMode : int {
 };
 
 // Number of per-row statistics the forward op returns and the backward op consumes:
-// [A, B, Z, S_G, K] (log-sum-exps of the scaled teacher/student logits and of lt, and the two
-// row scalars of the gradient; for kl the shifted S_G', K' of element_terms). Keep in sync with
-// amid/ops.py (NUM_STATS).
-constexpr int kNumStats = 5;
+// [A_max, B_max, Z, S_G, K, A_log, B_log]: the log-sum-exps of the scaled teacher / student logits in
+// two parts (A = A_max + A_log, see RowLse), the LSE of lt, and the two row scalars of the gradient
+// (for kl the shifted S_G', K' of element_terms). Keep in sync with amid/ops.py (NUM_STATS).
+constexpr int kNumStats = 7;
+enum StatIndex : int { kStatAMax = 0, kStatBMax = 1, kStatZ = 2, kStatSG = 3, kStatK = 4, kStatALog = 5, kStatBLog = 6 };
 
 // Coefficients kept for the series of the alpha-beta element function phi (see ab_parts).
 constexpr int kAbPhiTerms = 18;
@@ -67,11 +68,19 @@ struct LossParams {
   Order order;
   bool detach;      // gradient does not flow through the student inside r (qr / rq only)
   T lam, one_minus_lam;
+  // log(lam), log(1 - lam) and log((1 - lam) / lam), computed in double on the host (exact even where
+  // 1 - lam rounds to 1 in T, or lam underflows in T); lam_ratio = lam / (1 - lam). kPower only.
+  T log_lam, log_1m_lam, log_odds, lam_ratio;
   T k, inv_k;       // k = (1 - alpha) / 2, used by kPower only
   T ab_a, ab_b;     // alpha-beta divergence exponents (a on the first argument)
   T ab_g, ab_a_over_g, ab_b_over_g, inv_ab, inv_a, inv_b;  // a+b, a/(a+b), b/(a+b), 1/(ab), 1/a, 1/b
   T ab_c, ab_c_over_g;  // c: the exponent of the assistant in x^a y^b (b in pr / qr, a in rp / rq)
   T ab_phi[kAbPhiTerms];  // phi(v) = sum_{n>=2} ab_phi[n-2] v^n, ab_phi[n-2] = c (c^(n-1) - g^(n-1)) / n!
+  // The other exponent d = g - c (exact: a in pr / qr, b in rp / rq; c d = a b) and the inverses the
+  // element terms use, so that nothing divides a difference of nearly equal powers by a tiny a or b:
+  // phi(v) / (c d) = -sum_{n>=2} ab_phi_cd[n-2] v^n with ab_phi_cd[n-2] = sum_{j<n-1} c^j g^(n-2-j) / n!.
+  T ab_d, inv_c, inv_d, inv_g;
+  T ab_phi_cd[kAbPhiTerms];
   T inv_temperature;
 };
 
@@ -96,6 +105,12 @@ struct LibMath {
            x * (1.0f / 720 + x * (1.0f / 5040 + x * (1.0f / 40320))))))));
   }
   static AMID_HD double expm1_small(double x) { return ::expm1(x); }
+  // expm1(x) / x for |x| < 1/2 (1 at x = 0; < 1 ulp; stays accurate for subnormal x).
+  static AMID_HD float expm1_div(float x) {
+    return 1.0f + x * (0.5f + x * (1.0f / 6 + x * (1.0f / 24 + x * (1.0f / 120 + x * (1.0f / 720 +
+           x * (1.0f / 5040 + x * (1.0f / 40320 + x * (1.0f / 362880))))))));
+  }
+  static AMID_HD double expm1_div(double x) { return x == 0.0 ? 1.0 : ::expm1(x) / x; }
   // expm1(x) given e = exp(x) (so no second special-function call in float): e - 1 is exact enough
   // once |x| >= 1/2 (|e - 1| >= 0.39: < 2 ulp relative); below, the polynomial. This matters as
   // alpha -> 1, where lt - lq = log1p(lam expm1(k d)) / k amplifies the absolute error of expm1 by
@@ -138,14 +153,20 @@ AMID_HD void mixture(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& 
     w_ = P.one_minus_lam;
     d_ = REF_P ? -P.one_minus_lam * dpq : P.lam * dpq;
   } else {
-    // Reference the larger of p^k, q^k (the branch's "base") so the expm1 argument is <= 0
-    // (spec §3.2), and share e = exp(-|k dpq|) between the mixture and the weight
-    // w = sigmoid(log((1-lam)/lam) - k dpq). With B the base and N the other side,
-    //   lt = l_B + log1p(lam_N em1) / k,   em1 = expm1(-|x|),  x = k dpq.
-    // d = lt - l_ref: when the base is the loss's reference ("own" branch) that log1p term is d
-    // itself; otherwise d = l_N - l_ref + (that term), which cancels as r -> ref, so it is taken
-    // as log1p(lam_N' expm1(|x|)) / k with expm1(|x|) = -em1 / e (lam_N' = the weight of the
-    // non-reference side), unless |x| > 80 where e^|x| nears float's range (and d is large).
+    // Reference the larger of p^k, q^k (the branch's "base" B; N the other side) so that, with
+    // x = k dpq and e = exp(-|x|) <= 1 (spec §3.2),
+    //   lt = l_B + L / k,   L = log(lam_B + lam_N e)  (<= 0),
+    // and w = sigmoid(log((1-lam)/lam) - x) shares e. L is log1p(lam_N expm1(-|x|)) while that
+    // argument is >= -1/2: accurate to the last bit near L = 0 (the small-divergence regime, spec
+    // §5.6). Below, 1 + lam_N expm1(.) would stand for lam_B + lam_N e with lam_B = 1 - lam_N
+    // implied, which is lost once lam_B < eps (1 - lam rounds to 1): the error grows like eps / lam_B
+    // and becomes log1p(-1) = -inf. There L is the log-sum-exp of log(lam_B) and log(lam_N) - |x|,
+    // from logs computed in double on the host: no cancellation, any lam in (0, 1).
+    // d = lt - l_ref: when B is the loss's reference side ("own" branch) d = L / k; otherwise
+    // d = l_N - l_ref + L / k, which cancels as r -> ref, so it is taken as
+    // log1p(lam_N' expm1(|x|)) / k (lam_N' the weight of the non-reference side; the argument is
+    // >= 0, so no cancellation) with expm1(|x|) = -em1 / e, unless |x| > 80 where e^|x| nears
+    // float's range (and d is large).
     const T x = P.k * dpq;  // NaN when both are -inf (handled by the last select)
     const bool q_base = x <= T(0);
     const T ax = q_base ? x : -x;  // -|x|
@@ -154,15 +175,23 @@ AMID_HD void mixture(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& 
     const bool own = REF_P ? !q_base : q_base;
     const bool big = ax < T(-80);
     const T lam_nonref = REF_P ? P.one_minus_lam : P.lam;  // weight of the side that is not l_ref
-    const T lam_ref = REF_P ? P.lam : P.one_minus_lam;
-    const T arg = own ? lam_nonref * em1 : (big ? lam_ref * em1 : -lam_nonref * em1 / e);
-    const T c = M::log1p(arg) * P.inv_k;
+    const T lam_N = q_base ? P.lam : P.one_minus_lam;      // weight of the non-base side
+    const T log_lam_B = q_base ? P.log_1m_lam : P.log_lam, log_lam_N = q_base ? P.log_lam : P.log_1m_lam;
+    const T a_B = lam_N * em1;  // in [-lam_N, 0]
+    const T u = (log_lam_N + ax) - log_lam_B;  // log(lam_N e / lam_B)
+    const T L_lse = (u > T(0) ? log_lam_N + ax : log_lam_B) + M::log1p(M::exp(u > T(0) ? -u : u));
+    const T L = a_B >= T(-0.5) ? M::log1p(a_B) : L_lse;
+    const T c_up = M::log1p(-lam_nonref * em1 / e) * P.inv_k;  // d of the non-own branch, not big
+    const T c_B = L * P.inv_k;
     const T l_ref = REF_P ? lp : lq, l_non = REF_P ? lq : lp;
-    const bool direct = own | !big;
-    d_ = direct ? c : (l_non - l_ref) + c;
-    lt_ = direct ? l_ref + c : l_non + c;
-    w_ = q_base ? P.one_minus_lam / (P.one_minus_lam + P.lam * e)
-                : P.one_minus_lam * e / (P.one_minus_lam * e + P.lam);
+    d_ = own ? c_B : (big ? (l_non - l_ref) + c_B : c_up);
+    lt_ = own ? l_ref + c_B : (big ? l_non + c_B : l_ref + c_up);
+    // w: (1-lam) / ((1-lam) + lam e) with q as the base, else e / (e + lam / (1-lam)); both terms of
+    // each denominator are >= 0. If both vanish in T (lam / (1-lam) and e underflow), w is the
+    // sigmoid's saturated value, 1 or 0 by the sign of log((1-lam)/lam) - |x|.
+    const T den = e + P.lam_ratio;
+    const T w_p = den > T(0) ? e / den : (P.log_odds + ax > T(0) ? T(1) : T(0));
+    w_ = q_base ? T(1) / (T(1) + P.lam_ratio * e) : w_p;
   }
   lt = both_masked ? neg_inf<T>() : lt_;
   w = both_masked ? T(0) : w_;
@@ -180,21 +209,64 @@ AMID_HD void mixture(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& 
   }
 }
 
-// The mixture from the temperature-scaled logits tf, sf and their log-sum-exps A, B, returning lp
-// and lq too; the one place that forms lp - lq as (tf - sf) - (A - B) (see mixture). The first form
-// takes the mode as a template argument, the second reads it from P.
+// A row's log-sum-exp in two parts, LSE = m + l: m the row maximum (exact) and l = log sum e^(x - m)
+// in [0, log V]. log p = (x - m) - l keeps its accuracy at any logit scale (x - m is exact near the
+// maximum), where x - LSE would carry LSE's rounding, eps |LSE|: 1e-3 at logits of 1e4, everything
+// at 1e30. A single LSE is the case l = 0.
+template <typename T>
+struct RowLse {
+  T m, l;
+};
+
+// A finite logit never gives log p = -inf (which would read as a masked entry): the difference
+// x - max saturates at float's lowest value instead (p = 0 either way), e.g. for logits of opposite
+// signs near 3e38.
+template <typename T>
+AMID_HD T log_prob(T x, RowLse<T> a) {
+  const T y = (x - a.m) - a.l;
+  return (y == neg_inf<T>()) & (x != neg_inf<T>()) ? std::numeric_limits<T>::lowest() : y;
+}
+
+// lp - lq for one element, in whichever of two forms carries the smaller rounding error: (tf - sf) -
+// (A - B) (exact when the student is close to its teacher, where lp - lq would carry eps |lp|: the
+// small-divergence regime, spec §5.6), or lp - lq (when tf - sf is large or overflows, e.g. logits
+// of opposite signs near 3e38). dAB = A - B is a row constant (formed in double by the caller).
+template <typename T>
+AMID_HD T logit_gap(T tf, T sf, T lp, T lq, T dAB) {
+  const T ts = tf - sf;
+  const T abs_ts = ts < T(0) ? -ts : ts, abs_d = dAB < T(0) ? -dAB : dAB;
+  const T abs_lp = lp < T(0) ? -lp : lp, abs_lq = lq < T(0) ? -lq : lq;
+  return abs_ts + abs_d <= abs_lp + abs_lq ? ts - dAB : lp - lq;  // NaN / inf bounds: lp - lq
+}
+
+// The mixture from the temperature-scaled logits tf, sf and their log-sum-exps A, B (dAB = A - B),
+// returning lp and lq too; the one place that forms lp, lq and lp - lq from the logits (see
+// mixture, logit_gap). The first form takes the mode as a template argument, the second reads it
+// from P; the last two take single log-sum-exps (l = 0).
+template <MixMode MODE, bool REF_P, class M, typename T>
+AMID_HD void mixture_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T& lp, T& lq,
+                                 T& lt, T& w, T& d) {
+  lp = log_prob(tf, A);
+  lq = log_prob(sf, B);
+  mixture<MODE, REF_P, M>(P, lp, lq, logit_gap(tf, sf, lp, lq, dAB), lt, w, d);
+}
+
+template <bool REF_P, class M, typename T>
+AMID_HD void mixture_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T& lp, T& lq,
+                                 T& lt, T& w, T& d) {
+  lp = log_prob(tf, A);
+  lq = log_prob(sf, B);
+  mixture<REF_P, M>(P, lp, lq, logit_gap(tf, sf, lp, lq, dAB), lt, w, d);
+}
+
 template <MixMode MODE, bool REF_P, class M, typename T>
 AMID_HD void mixture_from_logits(const LossParams<T>& P, T tf, T sf, T A, T B, T& lp, T& lq, T& lt, T& w, T& d) {
-  lp = tf - A;
-  lq = sf - B;
-  mixture<MODE, REF_P, M>(P, lp, lq, (tf - sf) - (A - B), lt, w, d);
+  mixture_from_logits<MODE, REF_P, M>(P, tf, sf, RowLse<T>{A, T(0)}, RowLse<T>{B, T(0)}, A - B, lp, lq, lt, w, d);
 }
 
 template <bool REF_P, class M, typename T>
 AMID_HD void mixture_from_logits(const LossParams<T>& P, T tf, T sf, T A, T B, T& lp, T& lq, T& lt, T& w, T& d) {
-  lp = tf - A;
-  lq = sf - B;
-  mixture<REF_P, M>(P, lp, lq, (tf - sf) - (A - B), lt, w, d);
+  mixture_from_logits<REF_P, M>(P, tf, sf, RowLse<T>{A, T(0)}, RowLse<T>{B, T(0)}, A - B, lp, lq, lt, w, d);
 }
 
 // tau = r~ - o for one element (o = e^l_ref, d = lt - l_ref), without cancellation when r~ ~ o.
@@ -257,6 +329,40 @@ AMID_HD AbParts<T> ab_parts(const LossParams<T>& P, T lo, T lx, T v, T og) {
   return r;
 }
 
+// The element terms of the alpha-beta loss, scaled so that no small exponent divides a difference
+// of nearly equal powers (a, b -> 0; issue: ab_alpha = 1e-20 gave 0, ab_beta = 1e-8 in float32 the
+// wrong sign). With c the assistant's exponent, dd = g - c the other one (c dd = a b) and v = lx - lo:
+//   Pcd = o^g phi(v) / (c dd)          (the loss term is -Pcd),
+//   Gd  = (x^g - o^dd x^c) / dd        (= dD/dlr: G),
+//   Hc  = o^g expm1(c v) / c = Xc / c  (qr / rq: H = -Hc).
+// Gd and Hc use expm1(y)/y for |y| < 1/2; Pcd is a series in v with row-constant coefficients for
+// |g v| < 1/2, else from Hc and Xg = x^g - o^g (no cancellation there) by whichever of
+// phi / (c dd) = (Hc - Xg / g) / dd  (c <= dd)  or  (Xg / g - Gd) / c  (c > dd)
+// divides by the exponent that is not small. Masked sides (-inf) need no special case: every
+// power is formed from logs (exp(-inf) = 0).
+template <typename T>
+struct AbTerms {
+  T Pcd, Gd, Hc;
+};
+
+template <class M, typename T>
+AMID_HD AbTerms<T> ab_terms(const LossParams<T>& P, T lo, T lx, T v) {
+  const T c = P.ab_c, dd = P.ab_d, g = P.ab_g;
+  const T og = M::exp(g * lo), xg = M::exp(g * lx), xc_od = M::exp(c * lx + dd * lo);  // o^g, x^g, x^c o^dd
+  const T cv = c * v, dv = dd * v, gv = g * v;
+  const bool small_c = (cv > T(-0.5)) & (cv < T(0.5));  // false for NaN / inf v
+  const bool small_d = (dv > T(-0.5)) & (dv < T(0.5));
+  const bool small_g = (gv > T(-0.5)) & (gv < T(0.5));
+  AbTerms<T> r;
+  r.Gd = small_d ? xc_od * v * M::expm1_div(dv) : (xg - xc_od) * P.inv_d;
+  r.Hc = small_c ? og * v * M::expm1_div(cv) : (xc_od - og) * P.inv_c;
+  const T Xg_g = (xg - og) * P.inv_g;
+  const T p_series = -og * v * v * horner<0, std::is_same<T, double>::value ? kAbPhiTerms : 10>(P.ab_phi_cd, v);
+  const T p_big = c <= dd ? (r.Hc - Xg_g) * P.inv_d : (Xg_g - r.Gd) * P.inv_c;
+  r.Pcd = small_g ? p_series : p_big;
+  return r;
+}
+
 // ------------------------------------------------------------------------------------------------
 // Per-element loss term l (summing to the row loss L) and the two gradient terms, from the
 // probabilities, their logs, and e = lr - l_ref (formed by the caller as d - Z: accurate when r ~
@@ -271,6 +377,23 @@ AMID_HD AbParts<T> ab_parts(const LossParams<T>& P, T lo, T lx, T v, T og) {
 // number. S0, K0: pr (-1, 0), qr (-1, 1), rp (1, 0), rq (1, -1). kl uses the official masked
 // semantics: where a logit is -inf the loss term and G, H are dropped while r~ stays in Z, so there
 // G' = -r S0, H' = -q K0. ab needs no mask (exp(-inf) = 0) and no shift (S0 = K0 = 0).
+// (e^x - 1 - x) / x^2 and (1 + (x - 1) e^x) / x^2 for |x| < 1/2: the second-order KL element
+// functions divided by x^2 (coefficients 1/n! and (n-1)/n!, n >= 2), < 1 ulp with these terms.
+template <typename T>
+AMID_HD T phi1_div(T x) {
+  const T c[13] = {T(1.0 / 2), T(1.0 / 6), T(1.0 / 24), T(1.0 / 120), T(1.0 / 720), T(1.0 / 5040),
+                   T(1.0 / 40320), T(1.0 / 362880), T(1.0 / 3628800), T(1.0 / 39916800),
+                   T(1.0 / 479001600), T(1.0 / 6227020800.0), T(1.0 / 87178291200.0)};
+  return horner<0, std::is_same<T, double>::value ? 13 : 8>(c, x);
+}
+template <typename T>
+AMID_HD T phi2_div(T x) {
+  const T c[13] = {T(1.0 / 2), T(2.0 / 6), T(3.0 / 24), T(4.0 / 120), T(5.0 / 720), T(6.0 / 5040),
+                   T(7.0 / 40320), T(8.0 / 362880), T(9.0 / 3628800), T(10.0 / 39916800),
+                   T(11.0 / 479001600), T(12.0 / 6227020800.0), T(13.0 / 87178291200.0)};
+  return horner<0, std::is_same<T, double>::value ? 13 : 9>(c, x);
+}
+
 template <typename T>
 struct Terms {
   T l, G, H;
@@ -283,35 +406,42 @@ AMID_HD Terms<T> element_terms(const LossParams<T>& P, T p, T q, T r, T lp, T lq
     const bool keep = (lp != neg_inf<T>()) & (lq != neg_inf<T>());
     const T ref = ref_is_p<O>() ? p : q;
     // r - ref: ref expm1(e) near r = ref, the plain difference once |e| >= 1/2 (no cancellation).
-    const T diff = (e > T(-0.5)) & (e < T(0.5)) ? ref * M::expm1_small(e) : r - ref;
-    T l, G, H, G_out, H_out;
+    const bool small = (e > T(-0.5)) & (e < T(0.5));
+    const T diff = small ? ref * M::expm1_small(e) : r - ref;
+    // The loss term in second-order form, exact where the divergence is tiny (spec §5.6): with
+    // sum r = sum ref = 1, KL(ref || r) = sum ref (e^e - 1 - e) and KL(r || ref) = sum ref (1 + (e - 1) e^e),
+    // both >= 0 per element and O(e^2), so no first-order terms cancel in the row sum. Masked
+    // elements (dropped terms) keep the identity exact with the term +-(r - ref) (element_terms' l).
+    const T e2 = e * e;
+    T l, G, H, G_out, H_out, l_out;
     if constexpr (O == Order::kPR || O == Order::kQR) {  // KL(x || r): l = x (lx - lr) = -x e
-      l = -ref * e;
+      l = small ? ref * e2 * phi1_div(e) : diff - ref * e;
+      l_out = r - ref;
       G = diff;                                    // -x + r
       H = O == Order::kQR ? -q * e : T(0);         // q (1 - e) - q
       G_out = r;
       H_out = O == Order::kQR ? -q : T(0);
     } else {  // KL(r || y): l = r (lr - ly) = r e
-      l = r * e;
+      l = small ? ref * e2 * phi2_div(e) : r * e - diff;
+      l_out = ref - r;
       G = r * e;                                   // r (e + 1) - r
       H = O == Order::kRQ ? -diff : T(0);          // -r + q
       G_out = -r;
       H_out = O == Order::kRQ ? q : T(0);
     }
-    o.l = keep ? l : T(0);
+    o.l = keep ? l : l_out;
     o.G = keep ? G : G_out;
     o.H = keep ? H : H_out;
   } else {
     // alpha-beta divergence D(x||y) = -(1/(ab)) sum[x^a y^b - (a/g) x^g - (b/g) y^g], g = a + b,
-    // dD/dlx = (x^g - x^a y^b)/b, dD/dly = (y^g - x^a y^b)/a; in the parts of ab_parts with
-    // v = e = lr - l_ref: l = -Phi/(ab); G = dD/dlr = (Xg - Xc)/a (pr / qr) or /b (rp / rq);
-    // qr: H = dD/dlq = -Xc/b; rq: H = -Xc/a.
-    constexpr bool x_r = (O == Order::kPR || O == Order::kQR);
+    // dD/dlx = (x^g - x^a y^b)/b, dD/dly = (y^g - x^a y^b)/a; with the assistant's exponent c and
+    // the other one dd (ab_terms, v = e = lr - l_ref): l = -Pcd, G = dD/dlr = Gd, and
+    // qr: H = dD/dlq = -Xc/b, rq: H = -Xc/a, both -Hc (c = b in qr, a in rq).
     const T lo = ref_is_p<O>() ? lp : lq;
-    const AbParts<T> t = ab_parts<M>(P, lo, lr, e, M::exp(P.ab_g * lo));
-    o.l = -t.Phi * P.inv_ab;
-    o.G = (t.Xg - t.Xc) * (x_r ? P.inv_a : P.inv_b);
-    o.H = O == Order::kQR ? -t.Xc * P.inv_b : (O == Order::kRQ ? -t.Xc * P.inv_a : T(0));
+    const AbTerms<T> t = ab_terms<M>(P, lo, lr, e);
+    o.l = -t.Pcd;
+    o.G = t.Gd;
+    o.H = (O == Order::kQR || O == Order::kRQ) ? -t.Hc : T(0);
   }
   return o;
 }

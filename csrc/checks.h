@@ -8,12 +8,17 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
+#include <type_traits>
 #include <optional>
 #include <string>
 
 #include "amid_math.h"
 
 namespace amid {
+
+// The smallest alpha-beta exponent accepted (1/a, 1/b and 1/(ab) stay finite in float32 math).
+constexpr double kMinAbExponent = 1e-30;
 
 #define AMID_CHECK(cond, op, ...) TORCH_CHECK((cond), "amid::", op, ": ", __VA_ARGS__)
 
@@ -137,6 +142,10 @@ LossParams<T> make_params(const char* op, double alpha, double lam, const std::s
   AMID_CHECK(lam >= 0.0 && lam <= 1.0, op, "expected lam in [0, 1], but got ", lam);
   AMID_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
              "expected temperature > 0, but got ", temperature);
+  // The kernels multiply by 1/T in the math dtype: it must be finite there.
+  AMID_CHECK(1.0 / temperature <= double(std::numeric_limits<T>::max()), op,
+             "expected temperature >= ", 1.0 / double(std::numeric_limits<T>::max()), " (its inverse must be finite in ",
+             std::is_same<T, double>::value ? "float64" : "float32", " math), but got ", temperature);
   LossParams<T> P;
   P.divergence = parse_divergence(op, divergence);
   P.order = parse_order(op, order);
@@ -145,6 +154,11 @@ LossParams<T> make_params(const char* op, double alpha, double lam, const std::s
                "expected ab_alpha > 0 for the alpha-beta divergence, but got ", ab_alpha);
     AMID_CHECK(std::isfinite(ab_beta) && ab_beta > 0.0, op,
                "expected ab_beta > 0 for the alpha-beta divergence, but got ", ab_beta);
+    // 1/a and 1/b must be finite in float32 math (the limits a, b -> 0 are not implemented).
+    AMID_CHECK(ab_alpha >= kMinAbExponent, op, "expected ab_alpha >= ", kMinAbExponent,
+               " for the alpha-beta divergence, but got ", ab_alpha);
+    AMID_CHECK(ab_beta >= kMinAbExponent, op, "expected ab_beta >= ", kMinAbExponent,
+               " for the alpha-beta divergence, but got ", ab_beta);
   }
   AMID_CHECK(!detach_assistant || P.order == Order::kQR || P.order == Order::kRQ, op,
              "expected order 'qr' or 'rq' with detach_assistant=True (in '", order,
@@ -153,6 +167,10 @@ LossParams<T> make_params(const char* op, double alpha, double lam, const std::s
   P.detach = detach_assistant;
   P.lam = T(lam);
   P.one_minus_lam = T(1.0 - lam);
+  P.log_lam = T(std::log(lam));
+  P.log_1m_lam = T(std::log1p(-lam));
+  P.log_odds = T(std::log1p(-lam) - std::log(lam));
+  P.lam_ratio = T(lam / (1.0 - lam));
   const double k = 0.5 * (1.0 - alpha);
   P.k = T(k);
   P.inv_k = k != 0.0 ? T(1.0 / k) : T(0);
@@ -183,6 +201,20 @@ LossParams<T> make_params(const char* op, double alpha, double lam, const std::s
     cp *= c;
     gp *= g;
     P.ab_phi[n - 2] = T(c * (cp - gp) / fact);
+  }
+  // The element terms' form (ab_terms): the other exponent dd = g - c, exact, and the series of
+  // phi / (c dd) with coefficients sum_{j<n-1} c^j g^(n-2-j) / n!, summed without cancellation.
+  const double dd = x_r ? ab_alpha : ab_beta;
+  P.ab_d = T(dd);
+  P.inv_c = T(1.0 / c);
+  P.inv_d = T(1.0 / dd);
+  P.inv_g = T(1.0 / g);
+  double S = 1.0, cpow = 1.0, nfact = 2.0;  // S_n = sum_{j<n-1} c^j g^(n-2-j), S_2 = 1
+  for (int n = 2; n < 2 + kAbPhiTerms; ++n) {
+    P.ab_phi_cd[n - 2] = T(S / nfact);
+    cpow *= c;
+    S = g * S + cpow;
+    nfact *= n + 1;
   }
   P.inv_temperature = T(1.0 / temperature);
   return P;

@@ -239,7 +239,9 @@ def test_logit_scales(scale, div, order):
         rows, grad = _op_rows_and_grad(s, t, **opts)
         assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
         assert_loss_close(rows, ref_rows, torch.float32, str(opts))
-        assert_grad_close(grad, ref_grad, torch.float32, str(opts))
+        # Very peaked rows (x30) can have gradients of ~1e-9 built from O(1) probabilities: fp32 can
+        # only give them to an absolute ~eps, so compare with an absolute floor (as test_huge_logits).
+        assert_grad_close(grad, ref_grad, torch.float32, str(opts), floor=1e-3 if scale >= 30 else 1e-6)
 
 
 def test_huge_logits():
@@ -371,7 +373,7 @@ def test_empty_batch(device):
     s = torch.empty(0, 17, device=device)
     t = torch.empty(0, 17, device=device)
     rows, stats, grad = amid.ops.amid_loss_fwd(s, t, None, compute_grad=True, **op_opts(0.5, 0.5, "kl", "pr"))
-    assert rows.shape == (0,) and stats.shape == (0, 5) and grad.shape == (0, 17)
+    assert rows.shape == (0,) and stats.shape == (0, amid.ops.NUM_STATS) and grad.shape == (0, 17)
     g = amid.ops.amid_loss_bwd(rows, s, t, None, stats, **op_opts(0.5, 0.5, "kl", "pr"))
     assert g.shape == (0, 17)
     sr = s.clone().requires_grad_(True)

@@ -127,6 +127,13 @@ AMID_CPU_CLONES void pass_exp(const acc_t* x, int64_t V, acc_t m, acc_t* out) {
   for (int64_t v = 0; v < V; ++v) out[v] = M::exp(x[v] - m);
 }
 
+// out = e^(log_prob(x, a)) elementwise.
+template <typename acc_t>
+AMID_CPU_CLONES void pass_exp_lse(const acc_t* x, int64_t V, RowLse<acc_t> a, acc_t* out) {
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) out[v] = M::exp(log_prob(x[v], a));
+}
+
 template <typename acc_t>
 AMID_CPU_CLONES double pass_sum(const acc_t* x, int64_t V) {
   double sum = 0;
@@ -143,12 +150,12 @@ AMID_CPU_CLONES void pass_scale(acc_t* x, int64_t V, acc_t c) {
 
 // lt, w and d = lt - l_ref per element (amid_math.h: mixture_from_logits).
 template <MixMode MODE, bool REF_P, typename acc_t>
-AMID_CPU_CLONES void pass_mixture(const LossParams<acc_t>& P, const acc_t* tf, const acc_t* sf, int64_t V, acc_t A,
-                                  acc_t B, acc_t* lt, acc_t* w, acc_t* d) {
+AMID_CPU_CLONES void pass_mixture(const LossParams<acc_t>& P, const acc_t* tf, const acc_t* sf, int64_t V,
+                                  RowLse<acc_t> A, RowLse<acc_t> B, acc_t dAB, acc_t* lt, acc_t* w, acc_t* d) {
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) {
     acc_t lpv, lqv, ltv, wv, dv;
-    mixture_from_logits<MODE, REF_P, M>(P, tf[v], sf[v], A, B, lpv, lqv, ltv, wv, dv);
+    mixture_from_logits<MODE, REF_P, M>(P, tf[v], sf[v], A, B, dAB, lpv, lqv, ltv, wv, dv);
     lt[v] = ltv;
     w[v] = wv;
     d[v] = dv;
@@ -168,12 +175,13 @@ struct Sums {
 
 // Per-element terms into scratch (G -> gs, H -> hs, l -> ls), then the row sums in a plain loop.
 template <Divergence D, Order O, typename acc_t>
-AMID_CPU_CLONES void pass_terms(const LossParams<acc_t>& P, const acc_t* tf, const acc_t* sf, int64_t V, acc_t A,
-                                acc_t B, acc_t Z, const acc_t* p, const acc_t* q, const acc_t* r, const acc_t* lt,
+AMID_CPU_CLONES void pass_terms(const LossParams<acc_t>& P, const acc_t* tf, const acc_t* sf, int64_t V,
+                                RowLse<acc_t> A, RowLse<acc_t> B, acc_t Z, const acc_t* p, const acc_t* q, const acc_t* r, const acc_t* lt,
                                 const acc_t* d, acc_t* ls, acc_t* gs, acc_t* hs) {
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) {
-    const Terms<acc_t> o = element_terms<D, O, M>(P, p[v], q[v], r[v], tf[v] - A, sf[v] - B, lt[v] - Z, d[v] - Z);
+    const Terms<acc_t> o = element_terms<D, O, M>(P, p[v], q[v], r[v], log_prob(tf[v], A), log_prob(sf[v], B),
+                                                     lt[v] - Z, d[v] - Z);
     ls[v] = o.l;
     gs[v] = o.G;
     hs[v] = o.H;
@@ -225,7 +233,8 @@ void fill_nan_row(double* loss, double* stats, scalar_t* grad, int64_t V) {
 
 // The per-element terms for the loss (D, O) selected at run time.
 template <typename acc_t>
-void terms_row(const LossParams<acc_t>& P, int64_t V, acc_t A, acc_t B, acc_t Z, RowScratch<acc_t>& S) {
+void terms_row(const LossParams<acc_t>& P, int64_t V, RowLse<acc_t> A, RowLse<acc_t> B, acc_t Z,
+               RowScratch<acc_t>& S) {
   dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
     pass_terms<decltype(dc)::value, decltype(oc)::value>(P, S.tf.data(), S.sf.data(), V, A, B, Z, S.p.data(),
                                                          S.q.data(), S.r.data(), S.lt.data(), S.d.data(),
@@ -239,18 +248,20 @@ bool row_ref_is_p(const LossParams<acc_t>& P) {
 }
 
 template <typename acc_t>
-void mixture_row(const LossParams<acc_t>& P, int64_t V, acc_t A, acc_t B, RowScratch<acc_t>& S) {
+void mixture_row(const LossParams<acc_t>& P, int64_t V, RowLse<acc_t> A, RowLse<acc_t> B, RowScratch<acc_t>& S) {
+  // A - B in double, rounded once (logit_gap's row constant).
+  const acc_t dAB = acc_t((double(A.m) - double(B.m)) + (double(A.l) - double(B.l)));
   dispatch_mode(P.mode, [&](auto mode) {
     constexpr MixMode MODE = decltype(mode)::value;
     if (row_ref_is_p(P)) {
-      pass_mixture<MODE, true>(P, S.tf.data(), S.sf.data(), V, A, B, S.lt.data(), S.w.data(), S.d.data());
+      pass_mixture<MODE, true>(P, S.tf.data(), S.sf.data(), V, A, B, dAB, S.lt.data(), S.w.data(), S.d.data());
     } else {
-      pass_mixture<MODE, false>(P, S.tf.data(), S.sf.data(), V, A, B, S.lt.data(), S.w.data(), S.d.data());
+      pass_mixture<MODE, false>(P, S.tf.data(), S.sf.data(), V, A, B, dAB, S.lt.data(), S.w.data(), S.d.data());
     }
   });
 }
 
-// Forward of one row: loss (times weight), the 5 stats and, if grad != nullptr, the gradient row
+// Forward of one row: loss (times weight), the kNumStats stats and, if grad != nullptr, the gradient row
 // d(weight * L)/ds.
 template <typename scalar_t, typename acc_t>
 void forward_row(const LossParams<acc_t>& P, const scalar_t* s, const scalar_t* t, int64_t V, double weight,
@@ -269,7 +280,8 @@ void forward_row(const LossParams<acc_t>& P, const scalar_t* s, const scalar_t* 
   pass_exp(S.tf.data(), V, mt, S.p.data());
   pass_exp(S.sf.data(), V, ms, S.q.data());
   const double st = pass_sum(S.p.data(), V), ss = pass_sum(S.q.data(), V);
-  const acc_t A = acc_t(mt + std::log(st)), B = acc_t(ms + std::log(ss));
+  // Each as max + log(sum) (amid_math.h: RowLse): log p keeps its accuracy at any logit scale.
+  const RowLse<acc_t> A{mt, acc_t(std::log(st))}, B{ms, acc_t(std::log(ss))};
   pass_scale(S.p.data(), V, acc_t(1.0 / st));
   pass_scale(S.q.data(), V, acc_t(1.0 / ss));
   // The mixture and Z = LSE(lt), then r.
@@ -292,11 +304,13 @@ void forward_row(const LossParams<acc_t>& P, const scalar_t* s, const scalar_t* 
   const Sums sums = pass_sums(V, S.ls.data(), S.gs.data(), S.hs.data(), S.r.data(), S.w.data());
   const double K = row_K(P.detach, sums.S_G, sums.S_Gw, sums.S_H, sums.Wbar);
   *loss = weight * sums.L;
-  stats[0] = A;
-  stats[1] = B;
-  stats[2] = Z;
-  stats[3] = sums.S_G;
-  stats[4] = K;
+  stats[kStatAMax] = A.m;
+  stats[kStatALog] = A.l;
+  stats[kStatBMax] = B.m;
+  stats[kStatBLog] = B.l;
+  stats[kStatZ] = Z;
+  stats[kStatSG] = sums.S_G;
+  stats[kStatK] = K;
   if (grad) {
     pass_grad(P.detach, V, S.gs.data(), S.hs.data(), S.q.data(), S.r.data(), S.w.data(), acc_t(sums.S_G), acc_t(K),
               acc_t(weight) * invT, S.tf.data());
@@ -304,16 +318,18 @@ void forward_row(const LossParams<acc_t>& P, const scalar_t* s, const scalar_t* 
   }
 }
 
-// Backward of one row from its stats (A, B, Z, S_G, K): the same passes without the reductions.
+// Backward of one row from its stats (A, B in two parts, Z, S_G, K): the same passes without the
+// reductions.
 template <typename scalar_t, typename acc_t>
 void backward_row(const LossParams<acc_t>& P, const scalar_t* s, const scalar_t* t, int64_t V, acc_t scale,
                   const acc_t* st, RowScratch<acc_t>& S, scalar_t* grad) {
   const acc_t invT = P.inv_temperature;
-  const acc_t A = st[0], B = st[1], Z = st[2], S_G = st[3], K = st[4];
+  const RowLse<acc_t> A{st[kStatAMax], st[kStatALog]}, B{st[kStatBMax], st[kStatBLog]};
+  const acc_t Z = st[kStatZ], S_G = st[kStatSG], K = st[kStatK];
   load_scaled(t, V, invT, S.tf.data());
   load_scaled(s, V, invT, S.sf.data());
-  pass_exp(S.tf.data(), V, A, S.p.data());  // p, q, r directly from the saved log-normalisers
-  pass_exp(S.sf.data(), V, B, S.q.data());
+  pass_exp_lse(S.tf.data(), V, A, S.p.data());  // p, q, r directly from the saved log-normalisers
+  pass_exp_lse(S.sf.data(), V, B, S.q.data());
   mixture_row(P, V, A, B, S);
   pass_exp(S.lt.data(), V, Z, S.r.data());
   terms_row(P, V, A, B, Z, S);

@@ -76,11 +76,13 @@ struct VecMath {
 
   static AMID_HD float expm1_small(float x) { return LibMath::expm1_small(x); }
   static AMID_HD float expm1_from_exp(float x, float e) { return LibMath::expm1_from_exp(x, e); }
+  static AMID_HD float expm1_div(float x) { return LibMath::expm1_div(x); }
 
   static AMID_HD double exp(double x) { return std::exp(x); }
   static AMID_HD double log1p(double x) { return std::log1p(x); }
   static AMID_HD double expm1_small(double x) { return LibMath::expm1_small(x); }
   static AMID_HD double expm1_from_exp(double x, double e) { return LibMath::expm1_from_exp(x, e); }
+  static AMID_HD double expm1_div(double x) { return LibMath::expm1_div(x); }
 };
 
 }  // namespace amid

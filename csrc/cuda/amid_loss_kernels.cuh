@@ -191,7 +191,9 @@ __global__ void __launch_bounds__(kThreads, 2) amid_fwd_kernel(const RowArgs<sca
     if (lead) {
       a.loss[row] = weight * L;
       acc_t* st = a.stats + row * kNumStats;
-      st[0] = A, st[1] = B, st[2] = Z, st[3] = S_G, st[4] = K;
+      // A, B as single log-sum-exps: max part A, log part 0 (amid_math.h: RowLse, kNumStats).
+      st[kStatAMax] = A, st[kStatBMax] = B, st[kStatZ] = Z, st[kStatSG] = S_G, st[kStatK] = K;
+      st[kStatALog] = acc_t(0), st[kStatBLog] = acc_t(0);
     }
 
     // W: the gradient row (chain rule through s/T: the 1/T factor).
@@ -218,7 +220,8 @@ __global__ void __launch_bounds__(kThreads) amid_bwd_kernel(const RowArgs<scalar
       continue;
     }
     const acc_t* st = a.stats + row * kNumStats;
-    const acc_t A = st[0], B = st[1], Z = st[2], S_G = st[3], K = st[4];
+    const acc_t A = st[kStatAMax] + st[kStatALog], B = st[kStatBMax] + st[kStatBLog];
+    const acc_t Z = st[kStatZ], S_G = st[kStatSG], K = st[kStatK];
     const acc_t scale = a.grad_loss[row] * weight * P.inv_temperature;
     const scalar_t* t = a.t + row * a.ldt;
     const scalar_t* s = a.s + row * a.lds;

@@ -197,7 +197,13 @@ static void test_online_reductions() {
                                                                      t[n].data_ptr<double>(), V, rng, out);
               });
               for (int i = 0; i < 6; ++i) {
-                const double want = i < 5 ? stats[n][i].item<double>() : loss[n].item<double>();
+                // out: A, B, Z, S_G, K (single log-sum-exps), then the loss; the op's stats keep A, B in
+                // two parts (amid_math.h: kNumStats).
+                auto st = [&](int j) { return stats[n][j].item<double>(); };
+                const double want = i == 0   ? st(amid::kStatAMax) + st(amid::kStatALog)
+                                    : i == 1 ? st(amid::kStatBMax) + st(amid::kStatBLog)
+                                    : i < 5  ? st(i)
+                                             : loss[n].item<double>();
                 const double err = std::abs(out[i] - want) / (1.0 + std::abs(want));
                 worst = std::max(worst, err);
                 if (err > 1e-10) {
