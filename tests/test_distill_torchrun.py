@@ -59,7 +59,32 @@ def _torchrun(root, out, *extra, script=None, env=None, expect_ok=True):
     if not expect_ok:
         return root / out, res
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    assert "terminate called" not in res.stderr, res.stderr[-6000:]
     return root / out
+
+
+# Runs the CLI, then checks that the process group was really torn down before the process exits:
+# no gloo thread may be left (a group kept alive by a leftover reference is torn down during
+# interpreter shutdown instead, racing the peer's exit: a finished run then aborted now and then
+# with "terminate called without an active exception", SIGABRT). Exit code 3 flags a leftover.
+_CLEAN_EXIT = """
+import os, sys
+from amid.distill import cli
+rc = cli.main(sys.argv[1:])
+task = "/proc/self/task"
+if os.path.isdir(task):
+    names = [open(os.path.join(task, t, "comm")).read().strip() for t in os.listdir(task)]
+    left = [n for n in names if "gloo" in n]
+    if left:
+        print(f"process group still alive after amid-distill returned: threads {left}", file=sys.stderr)
+        sys.exit(3)
+sys.exit(rc)
+"""
+
+
+def _torchrun_clean(root, out, *extra):
+    (root / "clean_exit.py").write_text(_CLEAN_EXIT)
+    return _torchrun(root, out, *extra, script=root / "clean_exit.py")
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +126,13 @@ def _run_kind(out):
 
 
 def test_ddp_two_processes_match_one_process(run_setup, single):
-    out = _torchrun(run_setup, "ddp")
+    out = _torchrun_clean(run_setup, "ddp")
     assert _run_kind(single) == ("none", 1) and _run_kind(out) == ("ddp", 2)
     _compare(single, out)
 
 
 def test_fsdp_two_processes_match_one_process(run_setup, single):
-    out = _torchrun(run_setup, "fsdp", "--strategy", "fsdp")
+    out = _torchrun_clean(run_setup, "fsdp", "--strategy", "fsdp")
     assert _run_kind(out) == ("fsdp", 2)
     _compare(single, out)
 

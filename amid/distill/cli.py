@@ -118,19 +118,79 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .trainer import Distiller
 
     try:
-        summary = Distiller(cfg).train()
+        summary = _train(cfg, Distiller)
     except ValueError as e:
         # Our own input errors (config, data files, tokenizers) carry the tool's name: no traceback.
+        # Every rank checks the same inputs, so every rank stops here: the group can be shut down.
         if not str(e).startswith("amid-distill"):
             raise
         print(str(e), file=sys.stderr)
+        _shutdown_process_group()
         return 2
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    # Any other exception propagates without shutting the group down: a peer may still be inside a
+    # collective (destroying the group would then hang), and torchrun stops the other workers.
+    _shutdown_process_group()
     return 0 if summary is not None else 1
+
+
+def _train(cfg: DistillConfig, distiller_cls) -> Optional[Dict[str, Any]]:
+    # The Distiller (and its DDP / FSDP module, which hold the process group) lives only in this
+    # frame, so it is gone before the process group is destroyed.
+    return distiller_cls(cfg).train()
+
+
+def _shutdown_process_group() -> None:
+    """Destroy the process group so that its backend (gloo's threads and sockets) is torn down now.
+
+    The trainer's objects form reference cycles (modules, optimizer, schedulers), so they are
+    collected first: otherwise the DDP / FSDP module keeps the group alive after
+    ``destroy_process_group`` and gloo would be torn down during interpreter shutdown, racing the
+    peer's exit (a finished run then aborts with "terminate called without an active exception").
+    Every rank has passed the trainer's final barrier, so no collective is in flight.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    _clear_dtensor_caches()
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        gc.collect()
+
+
+def _clear_dtensor_caches() -> None:
+    """Drop DTensor's caches, which keep FSDP2's device mesh (and so the process group) alive.
+
+    The sharding-propagation, redistribution-planner and mesh-topology caches of
+    ``torch.distributed.tensor`` are ``functools`` caches keyed by specs that hold the mesh
+    (torch 2.14); every such cache in those modules is cleared. Private to torch, so best effort.
+    """
+    names = [n for n in list(sys.modules) if n == "torch.distributed.tensor" or n.startswith("torch.distributed.tensor.")]
+    if not names:
+        return
+    try:
+        from torch.distributed.tensor import debug
+
+        debug._clear_sharding_prop_cache()  # also the C++ fast-path cache
+    except Exception:  # noqa: BLE001
+        pass
+    for name in names:
+        mod = sys.modules.get(name)
+        for obj in list(vars(mod).values()) if mod is not None else []:
+            members = [obj]
+            if isinstance(obj, type) and obj.__module__ == name:
+                members += [getattr(v, "__func__", v) for v in vars(obj).values()]
+            for m in members:
+                clear = getattr(m, "cache_clear", None)
+                if callable(clear):
+                    try:
+                        clear()
+                    except Exception:  # noqa: BLE001
+                        pass
+        planner = getattr(mod, "_planner_cache", None)
+        if isinstance(planner, dict):
+            planner.clear()
 
 
 if __name__ == "__main__":

@@ -241,6 +241,21 @@ def checkpoint_problem(path: str) -> Optional[str]:
     return None
 
 
+def _import_before_process_group() -> None:
+    """Import what would otherwise be imported after ``init_process_group`` and pin the group.
+
+    Importing ``torch._dynamo`` while a process group exists (DDP and transformers import it
+    lazily) leaves references to that group behind (torch 2.14), so ``destroy_process_group``
+    no longer frees it: gloo's threads then live until interpreter shutdown, where tearing them
+    down races the peer's exit and can abort a finished run ("terminate called without an
+    active exception", SIGABRT). Imported first, nothing holds on to the group.
+    """
+    try:
+        import torch._dynamo  # noqa: F401
+    except Exception:  # noqa: BLE001 - an optional part of torch; without it there is nothing to pin
+        pass
+
+
 def _rng_state(device: torch.device) -> Dict[str, Any]:
     st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -421,6 +436,7 @@ class Distiller:
         self.distributed = world_env > 1 and cfg.strategy != "none"
         if self.distributed:
             if not dist.is_initialized():
+                _import_before_process_group()
                 dist.init_process_group("nccl" if want_cuda else "gloo")
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
             local = int(os.environ.get("LOCAL_RANK", "0"))
