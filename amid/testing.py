@@ -89,6 +89,7 @@ class CaseResult:
     value_err: float = 0.0
     grad_err: float = 0.0
     message: str = ""
+    cause: str = ""  # short form of the mismatch: the diagnosed cause, or the size of the error
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,7 +313,8 @@ def check(loss_fn: Callable, kind: str, *, conventions: Union[None, Dict[str, An
         try:
             out = _call(loss_fn, conv, xg, t.to(dtype), labels if conv.labels else None)
         except Exception as e:  # noqa: BLE001 - reported, not hidden
-            results.append(CaseResult(name, False, message=f"raised {type(e).__name__}: {e}"))
+            results.append(CaseResult(name, False, message=f"raised {type(e).__name__}: {e}",
+                                      cause=f"raised {type(e).__name__}"))
             continue
         if not isinstance(out, Tensor):
             results.append(CaseResult(name, False, message=f"returned {type(out).__name__}, expected a tensor"))
@@ -332,7 +334,8 @@ def check(loss_fn: Callable, kind: str, *, conventions: Union[None, Dict[str, An
             rel = verr / max(float(ref.abs().max()), 1e-300) if torch.isfinite(got).all() else math.nan
             msg = (f"value {[float(f'{x:.6g}') for x in got.flatten()[:3].tolist()]} vs reference "
                    f"{[float(f'{x:.6g}') for x in ref.flatten()[:3].tolist()]}, relative error {rel:.2g}")
-            results.append(CaseResult(name, False, value_err=verr, message=msg + (f" ({why})" if why else "")))
+            results.append(CaseResult(name, False, value_err=verr, message=msg + (f" ({why})" if why else ""),
+                                      cause=why or f"value off by {rel:.2g} (relative)"))
             continue
         gerr = 0.0
         if check_grad:
@@ -347,7 +350,8 @@ def check(loss_fn: Callable, kind: str, *, conventions: Union[None, Dict[str, An
             if not (torch.isfinite(g).all() and gerr <= atol + rtol * scale):
                 why = "non-finite gradient" if not torch.isfinite(g).all() else f"max |difference| {gerr:.3g}"
                 results.append(CaseResult(name, False, value_err=verr, grad_err=gerr,
-                                          message=f"gradient differs from the reference ({why})"))
+                                          message=f"gradient differs from the reference ({why})",
+                                          cause=f"gradient off by {gerr / scale:.2g} (relative)"))
                 continue
         results.append(CaseResult(name, True, value_err=verr, grad_err=gerr))
     return results
@@ -470,7 +474,10 @@ def _main() -> None:  # python -m amid.testing: the conformance table of the ins
         what = e["kind"] + "".join(f" {k}={v:g}" for k, v in e["params"].items())
         conv = {k: v for k, v in e["conventions"].items()}
         what += "".join(f", {k}={v}" for k, v in conv.items())
-        fails = "; ".join(f"{r.case}: {r.message}" for r in bad) if bad else "–"
+        groups: Dict[str, List[str]] = {}
+        for r in bad:
+            groups.setdefault(r.cause or r.message, []).append(r.case)
+        fails = "; ".join(f"{', '.join(c)}: {why}" for why, c in groups.items()) if bad else "–"
         print(f"| {name} | {what} | {len(ok)}/{len(run)} | {fails.replace('|', '/')} |")
 
 

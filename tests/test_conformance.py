@@ -131,3 +131,27 @@ def test_peers_present_when_installed():
         except Exception:  # noqa: BLE001
             continue
         assert any(n.startswith(prefix) for n in PEERS), f"{mod} is installed but no {prefix} entry was built"
+
+
+@pytest.mark.parametrize("beta,order", [(0.0, "pr"), (1.0, "rp")])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_liger_fused_linear_port(beta, order, temperature):
+    """The README's port of LigerFusedLinearJSDLoss (soft + hard loss) at its KL ends: same loss and gradients."""
+    chunked = pytest.importorskip("liger_kernel.chunked_loss")
+    g = torch.Generator().manual_seed(0)
+    n, v = 12, 20
+    hs = torch.randn(n, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(v, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    ht, wt = torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randn(v, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::3] = -100
+    liger = chunked.LigerFusedLinearJSDLoss(weight_hard_loss=0.5, weight_soft_loss=0.5, beta=beta,
+                                            temperature=temperature, compiled=False)
+    a = liger(hs, ws, ht, wt, y)
+    ga = torch.autograd.grad(a, (hs, ws))
+    b = amid.fused_linear_amid_loss(hs, ws, ht, wt, y, alpha=1.0, lam=0.0, order=order, temperature=temperature,
+                                    kd_weight=0.5, ce_weight=0.5)
+    gb = torch.autograd.grad(b, (hs, ws))
+    torch.testing.assert_close(a.double(), b, atol=1e-6, rtol=1e-6)  # Liger returns a float32 value
+    for x, y_ in zip(ga, gb):
+        torch.testing.assert_close(x, y_, atol=1e-7, rtol=1e-5)  # Liger accumulates in float32
