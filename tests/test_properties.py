@@ -53,8 +53,9 @@ def problems(draw, max_n=3, max_v=12, scales=(3.0, 1.0, 8.0, 0.1)):
     seed = draw(st.integers(0, 2 ** 31 - 1))
     scale = draw(st.sampled_from(scales))
     g = torch.Generator().manual_seed(seed)
-    s = torch.randn(n, v, generator=g, dtype=torch.float64) * scale + torch.randn(n, 1, generator=g, dtype=torch.float64)
-    t = torch.randn(n, v, generator=g, dtype=torch.float64) * scale + torch.randn(n, 1, generator=g, dtype=torch.float64)
+    f64 = torch.float64
+    s = torch.randn(n, v, generator=g, dtype=f64) * scale + torch.randn(n, 1, generator=g, dtype=f64)
+    t = torch.randn(n, v, generator=g, dtype=f64) * scale + torch.randn(n, 1, generator=g, dtype=f64)
     mask = draw(st.sampled_from(["none", "teacher", "student", "both", "shared"]))
     if mask != "none" and v >= 2:
         m = torch.rand(n, v, generator=g) < 0.3
@@ -73,7 +74,8 @@ def problems(draw, max_n=3, max_v=12, scales=(3.0, 1.0, 8.0, 0.1)):
                 temperature=draw(temperatures),
                 detach_assistant=order in ("qr", "rq") and draw(st.booleans()))
     if divergence == "ab":
-        opts.update(ab_alpha=draw(st.sampled_from([0.2, 0.5, 1.0, 2.0])), ab_beta=draw(st.sampled_from([0.7, 0.3, 1.5])))
+        opts.update(ab_alpha=draw(st.sampled_from([0.2, 0.5, 1.0, 2.0])),
+                    ab_beta=draw(st.sampled_from([0.7, 0.3, 1.5])))
     ignored = draw(st.lists(st.booleans(), min_size=n, max_size=n))
     labels = torch.tensor([-100 if i else 0 for i in ignored])
     return s, t, labels, opts
