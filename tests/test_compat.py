@@ -17,6 +17,15 @@ B, S, V = 3, 5, 17
 BETAS = [0.0, 0.1, 0.5, 0.9, 1.0]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models and tensors: one intra-op thread is fastest, and keeps the suite quick on a busy machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def data(b=B, s=S, v=V, ignore=True, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, s, v, generator=g, dtype=F64) * 2

@@ -7,6 +7,15 @@ import torch.nn.functional as F
 import amid
 from amid.testing import CASES, ConformanceError, Conventions, assert_matches, check, check_peer, peer_losses
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models and tensors: one intra-op thread is fastest, and keeps the suite quick on a busy machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 AMID_KINDS = [
     ("forward_kl", amid.forward_kl, {}),
     ("reverse_kl", amid.reverse_kl, {}),

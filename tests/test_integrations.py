@@ -20,6 +20,15 @@ VOCAB, SEQ, NSAMP = 48, 10, 8
 OPTS = dict(alpha=0.5, lam=0.3, divergence="ab", order="pr")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models and tensors: one intra-op thread is fastest, and keeps the suite quick on a busy machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_llama(seed, hidden=32, layers=2):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
