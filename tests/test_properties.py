@@ -190,8 +190,7 @@ def test_float64_alpha_near_one_against_high_precision(problem, alpha):
         assert _close(x, e, 1e-11, 1e-9), f"row {i}: kernel {x!r}, high precision {e!r}, options {opts}"
 
 
-@pytest.mark.xfail(strict=False, reason="issue 15 item 2 (float64 part): lead fixing (csrc math)")
-@settings(max_examples=30, **NO_SHRINK)
+@settings(max_examples=30, **SETTINGS)
 @given(problems(max_n=2, max_v=8, scales=(3.0, 8.0)), st.one_of(st.sampled_from([-8.0, -12.0, -323.5, -17.0]),
                                                                 st.floats(-323.5, -3.0)), st.booleans())
 def test_float64_extreme_lam(problem, log10_lam, near_one):
@@ -253,8 +252,7 @@ ORDINARY = dict(lam=0.3, alpha=0.5)  # the regime tests below vary one thing at 
 XFAIL = "issue 15 item {}: lead fixing (csrc math)"
 
 
-@pytest.mark.xfail(strict=False, reason=XFAIL.format(3))
-@settings(max_examples=60, **NO_SHRINK)
+@settings(max_examples=60, **SETTINGS)
 @given(problems(max_n=2, max_v=12, scales=(1.0, 3.0, 8.0)), st.floats(0.05, 0.95), st.floats(-10.0, 10.0))
 def test_float32_ordinary_lam(problem, lam, alpha):
     """lam in [0.05, 0.95], alpha in [-10, 10], logits of moderate scale."""
@@ -300,8 +298,7 @@ SMALL_EXP = st.one_of(st.sampled_from([-8.0, -6.0, -4.0, -2.0, 0.0]), st.floats(
 TINY_EXP = st.one_of(st.sampled_from([-30.0, -20.0, -17.0, -12.0, -8.0]), st.floats(-30.0, -8.0))
 
 
-@pytest.mark.xfail(strict=False, reason=XFAIL.format(4))
-@settings(max_examples=40, **NO_SHRINK)
+@settings(max_examples=40, **SETTINGS)
 @given(problems(max_n=2, max_v=10, scales=(1.0, 3.0)), SMALL_EXP, SMALL_EXP)
 def test_float32_small_ab_exponents(problem, log10_a, log10_b):
     """Issue 15 item 4: alpha-beta exponents down to 1e-8 in float32, budget 1e-4 relative."""
@@ -310,8 +307,7 @@ def test_float32_small_ab_exponents(problem, log10_a, log10_b):
                               ab_beta=10.0 ** log10_b))
 
 
-@pytest.mark.xfail(strict=False, reason=XFAIL.format(4))
-@settings(max_examples=40, **NO_SHRINK)
+@settings(max_examples=40, **SETTINGS)
 @given(problems(max_n=2, max_v=6, scales=(1.0, 3.0)), TINY_EXP, st.one_of(TINY_EXP, SMALL_EXP))
 @example(_issue(), -20.0, math.log10(0.7))  # ab_alpha = 1e-20 gave exactly 0
 def test_float64_tiny_ab_exponents(problem, log10_a, log10_b):
