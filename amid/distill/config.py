@@ -6,11 +6,13 @@ in [0, 1], but got 1.5``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import importlib.util
 import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 __all__ = ["DistillConfig", "ConfigError", "demo_data_path", "prepare_output_dir", "DEMO_TEACHER", "DEMO_GGUF_FILE"]
 
@@ -23,6 +25,29 @@ _ORDERS = ("pr", "qr", "rp", "rq")
 _LAM_SCHEDULES = ("constant", "linear", "taid")
 _REPLAY_RATIOS = ("constant", "increasing", "decreasing")
 _STRATEGIES = ("auto", "none", "ddp", "fsdp")
+#: ``transformers.get_scheduler`` names offered (``cosine`` with ``min_lr_ratio`` > 0 is HF's cosine_with_min_lr).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup")
+#: teacher_dtype values and the torch dtype each means.
+TEACHER_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                  "float16": "float16", "fp16": "float16"}
+REPORT_TO = ("none", "tensorboard", "wandb")
+#: The allowed values of the choice fields (listed by ``--help``; bf16 also takes YAML booleans).
+CHOICES: Dict[str, tuple] = {
+    "divergence": _DIVERGENCES, "order": _ORDERS, "lam_schedule": _LAM_SCHEDULES, "sgo_replay_ratio": _REPLAY_RATIOS,
+    "strategy": _STRATEGIES, "bf16": ("auto", "true", "false"), "lr_scheduler_type": LR_SCHEDULERS,
+    "teacher_dtype": tuple(TEACHER_DTYPES),
+}
+
+#: Field names of Hugging Face's TrainingArguments / TRL's configs accepted as aliases (flags and
+#: config files), mapped to amid-distill's own field.
+ALIASES: Dict[str, str] = {
+    "learning_rate": "lr", "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum_steps", "num_train_epochs": "num_epochs",
+    "logging_steps": "log_every", "save_steps": "save_every", "eval_steps": "eval_every",
+    "per_device_eval_batch_size": "eval_batch_size", "model_name_or_path": "student",
+    "teacher_model_name_or_path": "teacher", "max_seq_length": "max_length",
+    "resume_from_checkpoint": "resume",
+}
 
 
 #: One line per field, shown by ``amid-distill --help``.
@@ -59,22 +84,32 @@ FIELD_HELP: Dict[str, str] = {
     "sgo_replay_ratio": "constant, increasing or decreasing share of fresh samples vs replay",
     "gen_temperature": "sampling temperature of student generation", "gen_top_p": "nucleus sampling p",
     "gen_top_k": "top-k sampling (0: off)", "gen_max_new_tokens": "maximum tokens of a sampled answer",
-    "lr": "peak learning rate (AdamW)", "min_lr_ratio": "final learning rate / peak (cosine decay)",
+    "lr": "peak learning rate (AdamW)", "min_lr_ratio": "final learning rate / peak (cosine schedules only)",
     "weight_decay": "AdamW weight decay (matrices only)", "adam_beta1": "AdamW beta1", "adam_beta2": "AdamW beta2",
     "warmup_steps": "linear warm-up steps", "max_grad_norm": "gradient clipping norm (0: off)",
     "micro_batch_size": "sequences per micro-batch and process", "grad_accum_steps": "micro-batches per step",
     "max_steps": "optimizer steps (default: num_epochs of the training set)",
     "num_epochs": "epochs when max_steps is not set", "seed": "random seed",
     "bf16": "bf16 autocast: auto (on for GPUs that support it), true or false",
-    "device": "auto, cpu, cuda or cuda:N", "strategy": "under torchrun: auto/ddp (DDP), fsdp (FSDP2), none",
-    "cache_teacher": "keep the teacher's hidden states of each example (the teacher is frozen)",
+    "device": "one of auto, cpu, cuda, cuda:N", "strategy": "under torchrun: auto/ddp (DDP), fsdp (FSDP2), none",
+    "cache_teacher": "keep the teacher's hidden states of examples in memory (the teacher is frozen), up to "
+                     "teacher_cache_mb",
+    "teacher_cache_mb": "memory budget of the teacher cache in MB; once full, further examples are not cached",
+    "teacher_dtype": "teacher weights' dtype: " + ", ".join(TEACHER_DTYPES),
+    "teacher_load_kwargs": "extra from_pretrained keywords for the teacher, JSON (e.g. {\"device_map\": \"auto\"})",
+    "student_load_kwargs": "extra from_pretrained keywords for the student, JSON",
+    "attn_implementation": "attention implementation of both models (eager, sdpa, flash_attention_2, ...)",
+    "lr_scheduler_type": "learning-rate schedule (transformers.get_scheduler): " + ", ".join(LR_SCHEDULERS),
+    "warmup_ratio": "warm-up as a share of the steps, used when warmup_steps is 0",
+    "report_to": "experiment tracker: none, tensorboard (output_dir/runs) or wandb (offline); comma-separated",
     "eval_every": "validation losses every N steps (0: only before and after)",
     "eval_generate_every": "validation generation (ROUGE-L) every N steps (0: only before and after)",
     "eval_batch_size": "prompts per generation batch", "eval_max_examples": "use only the first N eval examples",
     "eval_max_new_tokens": "maximum tokens of a greedy answer", "eval_teacher": "evaluate the teacher before training",
     "output_dir": "where metrics, plots, checkpoints and the final student go",
     "save_every": "checkpoint every N steps (the last step is always saved)",
-    "save_total_limit": "checkpoints kept", "resume": "continue from the last checkpoint in output_dir",
+    "save_total_limit": "checkpoints kept",
+    "resume": "continue a run: true/latest (the newest complete checkpoint-N in output_dir) or a checkpoint path",
     "log_every": "metrics line every N steps", "progress": "show the progress bar", "plots": "write PNG plots",
 }
 
@@ -110,6 +145,10 @@ class DistillConfig:
     student_gguf_file: Optional[str] = None
     student_num_layers: int = 4
     student_layers: Optional[List[int]] = None
+    teacher_dtype: str = "float32"
+    teacher_load_kwargs: Optional[Dict[str, Any]] = None
+    student_load_kwargs: Optional[Dict[str, Any]] = None
+    attn_implementation: Optional[str] = None
 
     # --- data -----------------------------------------------------------------------------------
     train_file: Optional[str] = None
@@ -152,11 +191,13 @@ class DistillConfig:
 
     # --- optimisation -----------------------------------------------------------------------------
     lr: float = 5e-4
+    lr_scheduler_type: str = "cosine"
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0
     max_grad_norm: float = 1.0
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
@@ -167,6 +208,7 @@ class DistillConfig:
     device: str = "auto"
     strategy: str = "auto"
     cache_teacher: bool = True
+    teacher_cache_mb: float = 1024.0
 
     # --- evaluation -----------------------------------------------------------------------------
     eval_every: int = 0
@@ -180,10 +222,11 @@ class DistillConfig:
     output_dir: str = "amid-distill-output"
     save_every: int = 0
     save_total_limit: int = 2
-    resume: bool = False
+    resume: Union[bool, str] = False
     log_every: int = 1
     progress: bool = True
     plots: bool = True
+    report_to: str = "none"
 
     # ------------------------------------------------------------------------------------------------
     @classmethod
@@ -197,12 +240,17 @@ class DistillConfig:
             raise ConfigError(f"amid-distill: {source}: expected a mapping of field names to values, "
                               f"but got {type(data).__name__}")
         names = set(cls.field_names())
-        unknown = sorted(k for k in data if k.replace("-", "_") not in names)
-        if unknown:
-            raise ConfigError(f"amid-distill: {source}: unknown config field(s) {unknown}; valid fields are "
-                              f"{sorted(names)}")
-        cfg = cls(**{k.replace("-", "_"): v for k, v in data.items()})
-        return cfg
+        values: Dict[str, Any] = {}
+        for key, v in data.items():
+            k = str(key).replace("-", "_")
+            k = ALIASES.get(k, k)
+            if k not in names:
+                raise ConfigError(f"amid-distill: {source}: unknown config field '{key}'{did_you_mean(str(key))}")
+            if k in values:
+                raise ConfigError(f"amid-distill: {source}: config field '{k}' is given twice (as '{key}' and "
+                                  "an alias or spelling of it)")
+            values[k] = v
+        return cls(**values)
 
     @classmethod
     def from_file(cls, path: str) -> "DistillConfig":
@@ -275,6 +323,20 @@ class DistillConfig:
                 raise _err("student_layers", "a non-empty list of teacher layer indices (integers >= 0) or null",
                            self.student_layers)
         integer("max_length", 8)
+        if not isinstance(self.teacher_dtype, str) or self.teacher_dtype.lower() not in TEACHER_DTYPES:
+            raise _err("teacher_dtype", "one of " + ", ".join(repr(o) for o in TEACHER_DTYPES), self.teacher_dtype)
+        for name in ("teacher_load_kwargs", "student_load_kwargs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, dict) or not all(isinstance(k, str) for k in v)):
+                raise _err(name, "a mapping of from_pretrained keyword names to values (JSON object) or null", v)
+            reserved = sorted(set(v or {}) & {"dtype", "torch_dtype", "gguf_file", "local_files_only"})
+            if reserved:
+                raise ConfigError(f"amid-distill: config field '{name}': {reserved} are set by amid-distill (use "
+                                  "teacher_dtype / *_gguf_file); expected other from_pretrained keywords")
+        if self.attn_implementation is not None and (not isinstance(self.attn_implementation, str)
+                                                     or not self.attn_implementation):
+            raise _err("attn_implementation", "an attention implementation name (eager, sdpa, ...) or null",
+                       self.attn_implementation)
 
         number("kd_weight", 0.0, 1.0)
         number("alpha")
@@ -283,9 +345,17 @@ class DistillConfig:
         number("ab_alpha", 0.0, lo_open=True, what="a number > 0")
         number("ab_beta", 0.0, lo_open=True, what="a number > 0")
         number("temperature", 0.0, lo_open=True, what="a number > 0")
-        for name in ("scale_by_t2", "detach_assistant", "fused_linear", "student_gen", "resume", "progress", "plots",
+        for name in ("scale_by_t2", "detach_assistant", "fused_linear", "student_gen", "progress", "plots",
                      "cache_teacher", "eval_teacher"):
             boolean(name)
+        if not isinstance(self.resume, (bool, str)) or self.resume == "":
+            raise _err("resume", "true, false, 'latest' or a checkpoint directory", self.resume)
+        if isinstance(self.resume, str) and self.resume.lower() in ("true", "false"):
+            self.resume = self.resume.lower() == "true"
+        if isinstance(self.resume, str) and self.resume != "latest" and not os.path.isdir(self.resume):
+            raise ConfigError(f"amid-distill: config field 'resume': the checkpoint directory '{self.resume}' does "
+                              "not exist (expected 'latest' or a checkpoint-N directory)")
+        number("teacher_cache_mb", 0.0, what="a number of megabytes >= 0")
         if self.detach_assistant and self.order not in ("qr", "rq"):
             raise ConfigError("amid-distill: config field 'detach_assistant': the assistant can only be detached "
                               f"with order 'qr' or 'rq' (the student must appear outside r), but got order "
@@ -311,7 +381,13 @@ class DistillConfig:
         integer("gen_max_new_tokens", 1)
 
         number("lr", 0.0, lo_open=True, what="a number > 0")
+        choice("lr_scheduler_type", LR_SCHEDULERS)
         number("min_lr_ratio", 0.0, 1.0)
+        if self.min_lr_ratio > 0 and self.lr_scheduler_type not in ("cosine", "cosine_with_min_lr"):
+            raise ConfigError("amid-distill: config field 'min_lr_ratio': only the cosine schedules have a final "
+                              f"learning rate floor, so expected 0 with lr_scheduler_type '{self.lr_scheduler_type}', "
+                              f"but got {self.min_lr_ratio}")
+        number("warmup_ratio", 0.0, 1.0)
         number("weight_decay", 0.0)
         number("adam_beta1", 0.0, 1.0, hi_open=True)
         number("adam_beta2", 0.0, 1.0, hi_open=True)
@@ -337,7 +413,34 @@ class DistillConfig:
         integer("save_every", 0)
         integer("save_total_limit", 1)
         integer("log_every", 1)
+        trackers = self.report_trackers() if isinstance(self.report_to, str) else None
+        if trackers is None or any(t not in REPORT_TO for t in trackers):
+            raise _err("report_to", "'none', 'tensorboard', 'wandb' or a comma-separated list of them", self.report_to)
+        for t, module, pip_name in (("tensorboard", "tensorboard", "tensorboard"), ("wandb", "wandb", "wandb")):
+            if t in trackers and importlib.util.find_spec(module) is None:
+                raise ConfigError(f"amid-distill: config field 'report_to': '{t}' needs the {pip_name} package "
+                                  f"(pip install {pip_name}), which is not installed")
         return self
+
+    def report_trackers(self) -> List[str]:
+        """The trackers of ``report_to`` (``[]`` for ``none``)."""
+        parts = [p.strip().lower() for p in str(self.report_to).split(",") if p.strip()]
+        return [p for p in parts if p != "none"]
+
+    @property
+    def teacher_torch_dtype(self) -> str:
+        return TEACHER_DTYPES[self.teacher_dtype.lower()]
+
+
+def did_you_mean(name: str, flag: bool = False) -> str:
+    """`` (did you mean 'x'?)`` for the closest field or alias name, or ``''``."""
+    key = name.lstrip("-").replace("-", "_")
+    cands = DistillConfig.field_names() + list(ALIASES)
+    best = difflib.get_close_matches(key, cands, n=1, cutoff=0.6)
+    if not best:
+        return ""
+    shown = "--" + best[0].replace("_", "-") if flag else best[0]
+    return f" (did you mean '{shown}'?)"
 
 
 def prepare_output_dir(path: str) -> None:

@@ -63,16 +63,22 @@ def load_tokenizer(path: str, gguf_file: Optional[str] = None):
     return tok
 
 
-def load_causal_lm(path: str, gguf_file: Optional[str] = None, *, role: str = "model") -> nn.Module:
-    """A float32 ``AutoModelForCausalLM`` from a local directory (GGUF files are dequantised)."""
+def load_causal_lm(path: str, gguf_file: Optional[str] = None, *, role: str = "model",
+                   dtype: torch.dtype = torch.float32, extra: Optional[dict] = None) -> nn.Module:
+    """An ``AutoModelForCausalLM`` from a local directory in ``dtype`` (GGUF files are dequantised).
+
+    ``extra``: further ``from_pretrained`` keywords (``attn_implementation``, ``device_map``, ...).
+    """
     from transformers import AutoModelForCausalLM
 
     import transformers
 
-    kwargs: dict = {"gguf_file": gguf_file} if gguf_file else {}
+    kwargs: dict = dict(extra or {})
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
     # The keyword was renamed from torch_dtype to dtype in transformers 4.56.
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    kwargs["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = torch.float32
+    kwargs["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - OSError, ValueError, SafetensorError, torch.load's RuntimeError, ...

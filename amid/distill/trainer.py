@@ -13,11 +13,14 @@ student-generated answers (``student_gen``) only the AMiD term is used: CE again
 own samples would only sharpen it. Padded head rows past the tokenizer's vocabulary are cut off
 (masked) for both models.
 
-Checkpoints (``output_dir/checkpoints/step-XXXXXXXX``): the student in Hugging Face format under
-``model/`` plus ``trainer_state.pt`` (optimizer, LR scheduler, λ schedule, SGO state, replay buffer,
-sampler and RNG states of every rank). They are written to a temporary folder and renamed, and
-``checkpoints/latest`` is replaced atomically, so a run killed at any moment resumes from the last
-complete checkpoint.
+Output (``output_dir``), laid out as Hugging Face users expect: the final student in HF format
+(``AutoModelForCausalLM.from_pretrained(output_dir)`` loads it) with its tokenizer and a model card
+``README.md``; the run's own config in ``distill_config.json``; checkpoints as ``checkpoint-N/``:
+the student in HF format plus ``trainer_state.json`` (step, log history and the whole trainer state:
+optimizer, LR scheduler, λ schedule, SGO state, replay buffer, sampler and RNG states of every
+rank; its tensors in ``trainer_state.safetensors``, nothing pickled) and ``manifest.json`` (size and
+SHA-256 of every file). A checkpoint is written to a temporary folder, synced and renamed, so a run
+killed at any moment resumes from the last complete checkpoint.
 """
 from __future__ import annotations
 
@@ -46,11 +49,16 @@ from .config import ConfigError, DistillConfig, prepare_output_dir
 from .data import IGNORE_INDEX, Example, StepSampler, collate_train, encode_records, load_records
 from .evaluate import generate_ids, score_predictions
 from .schedules import make_schedule
+from .state_io import load_state, save_state
 from .sgo import DATA, GENERATE, REPLAY, AdaptiveSGO, ReplayBuffer
 
 __all__ = ["Distiller", "StudentEngine"]
 
-_STATE_FILE = "trainer_state.pt"
+_STATE_FILE = "trainer_state.json"
+_TENSORS_FILE = "trainer_state.safetensors"
+#: The run's own config (``config.json`` in the output directory is the student's HF config).
+RUN_CONFIG_FILE = "distill_config.json"
+_CKPT_PREFIX = "checkpoint-"
 #: Written last into every checkpoint: each file's size and SHA-256, so a truncated or corrupt
 #: checkpoint is recognised (and skipped by ``--resume``) before anything is loaded from it.
 _MANIFEST = "manifest.json"
@@ -223,22 +231,30 @@ def checkpoint_problem(path: str) -> Optional[str]:
                 return f"{rel} does not match its SHA-256 in {_MANIFEST} (corrupt)"
         return None
     if not os.path.isfile(os.path.join(path, _STATE_FILE)):
-        return f"it has no {_STATE_FILE} (an incomplete checkpoint)"
-    model_dir = os.path.join(path, "model")
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        return "it has no model/config.json"
-    weights = [n for n in os.listdir(model_dir) if n.endswith(".safetensors")]
-    if not weights:
-        return "it has no model/*.safetensors"
+        return f"it has no {_STATE_FILE} (not a checkpoint, or an incomplete one)"
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return "it has no config.json"
+    weights = [n for n in os.listdir(path) if n.endswith(".safetensors")]
+    if not any(n.startswith("model") for n in weights):
+        return "it has no model*.safetensors"
     try:
         from safetensors import safe_open
 
         for n in weights:
-            with safe_open(os.path.join(model_dir, n), framework="pt"):
+            with safe_open(os.path.join(path, n), framework="pt"):
                 pass
     except Exception as e:  # noqa: BLE001 - SafetensorError / OSError on a truncated file
-        return f"model/{n} is unreadable ({M.one_line(e)})"
+        return f"{n} is unreadable ({M.one_line(e)})"
     return None
+
+
+def list_checkpoints(output_dir: str) -> List[str]:
+    """The ``checkpoint-N`` folders of a run, newest (largest N) first."""
+    names = []
+    for d in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        if d.startswith(_CKPT_PREFIX) and d[len(_CKPT_PREFIX):].isdigit():
+            names.append((int(d[len(_CKPT_PREFIX):]), d))
+    return [os.path.join(output_dir, d) for _, d in sorted(names, reverse=True)]
 
 
 def _import_before_process_group() -> None:
@@ -293,10 +309,11 @@ class Distiller:
     """Distil a student causal LM from a frozen teacher with the AMiD loss.
 
     ``Distiller(config).train()`` runs the whole job: evaluation before training (teacher and
-    student), the loop (with evaluation every ``eval_every`` steps and checkpoints every
-    ``save_every`` steps), the final evaluation, the final model in ``output_dir/final``, the
-    metrics (``metrics.jsonl``), the plots (``plots/*.png``) and the summary table
-    (``summary.md`` / ``summary.json``). It returns the summary.
+    student), the loop (with evaluation every ``eval_every`` steps and checkpoints
+    ``checkpoint-N/`` every ``save_every`` steps), the final evaluation, the final model in
+    ``output_dir`` itself (Hugging Face layout, with a model card ``README.md``), the metrics
+    (``metrics.jsonl``), the plots (``plots/*.png``) and the summary table (``summary.md`` /
+    ``summary.json``). It returns the summary.
 
     Models may be given as objects instead of paths (``teacher=``, ``student=``, ``tokenizer=``),
     e.g. for tests; the teacher is put in eval mode and frozen, and only ever runs under
@@ -321,21 +338,36 @@ class Distiller:
 
         # --- resume: find the checkpoint first, since it supplies the student weights --------------
         self.resume_dir: Optional[str] = self._find_checkpoint() if cfg.resume else None
+        self._resume_state: Optional[Dict[str, Any]] = None
+        if self.resume_dir is not None:
+            try:
+                self._resume_state = load_state(os.path.join(self.resume_dir, _STATE_FILE))["state"]
+            except Exception as e:  # noqa: BLE001 - a damaged state file of a checkpoint without a manifest
+                raise ConfigError(f"amid-distill: --resume: cannot read {os.path.join(self.resume_dir, _STATE_FILE)}: "
+                                  f"{M.one_line(e)}") from None
 
         # --- models and tokenizers --------------------------------------------------------------
+        attn = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+        t_dtype = getattr(torch, cfg.teacher_torch_dtype)
         if teacher is None:
             t_path, t_gguf = M.resolve_model_path(cfg.teacher, cfg.teacher_gguf_file)
             tokenizer = M.load_tokenizer(t_path, t_gguf)
-            teacher = M.load_causal_lm(t_path, t_gguf, role="teacher")
+            teacher = M.load_causal_lm(t_path, t_gguf, role="teacher", dtype=t_dtype,
+                                       extra={**attn, **(cfg.teacher_load_kwargs or {})})
+        elif next(teacher.parameters()).dtype != t_dtype and not getattr(teacher, "hf_device_map", None):
+            teacher = teacher.to(t_dtype)
         self.tokenizer = tokenizer
+        s_extra = {**attn, **(cfg.student_load_kwargs or {})}
         if self.resume_dir is not None:
-            student = M.load_causal_lm(os.path.join(self.resume_dir, "model"), role="student checkpoint")
+            student = M.load_causal_lm(self.resume_dir, role="student checkpoint", extra=s_extra)
         elif student is None and cfg.student is not None:
             s_path, s_gguf = M.resolve_model_path(cfg.student, cfg.student_gguf_file)
             student_tokenizer = M.load_tokenizer(s_path, s_gguf)
-            student = M.load_causal_lm(s_path, s_gguf, role="student")
+            student = M.load_causal_lm(s_path, s_gguf, role="student", extra=s_extra)
         elif student is None:
             student = M.build_student_from_teacher(teacher, cfg.student_num_layers, cfg.student_layers)
+            if student.dtype != torch.float32:  # a bf16 / fp16 teacher: the student trains in float32
+                student = student.float()
         self.n_vocab = M.shared_vocab_size(tokenizer, student_tokenizer, teacher, student)
         self.v_teacher = M.output_head(teacher).weight.shape[0]
         self.v_student = M.output_head(student).weight.shape[0]
@@ -357,7 +389,8 @@ class Distiller:
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        self.teacher = teacher.to(self.device)
+        # A teacher placed by accelerate (device_map, possibly with CPU offload) stays where it is.
+        self.teacher = teacher if getattr(teacher, "hf_device_map", None) else teacher.to(self.device)
         student = student.to(self.device)
         student.train()
         self.student = student
@@ -393,7 +426,7 @@ class Distiller:
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.scheduler = self._make_lr_scheduler()
         self.lam_schedule = make_schedule(cfg)
         self.sgo = AdaptiveSGO(cfg.sgo_init_threshold, cfg.sgo_loss_eps, cfg.sgo_replay_ratio,
                                seed=cfg.seed + 17) if cfg.student_gen else None
@@ -406,7 +439,9 @@ class Distiller:
             {k: ReplayBuffer(slot_cap, seed=cfg.seed * 7919 + k) for k in self.my_slots} if cfg.student_gen else None)
         self.step = 0
         self._teacher_cache: Dict[Tuple[str, int], Tensor] = {}
+        self._teacher_cache_bytes = 0
         self._records: List[Dict[str, Any]] = []
+        self._trackers = None
         self._window: Dict[str, Any] = self._new_window()
         self._pbar = None
 
@@ -420,8 +455,12 @@ class Distiller:
             if self._rank0:
                 open(self._metrics_path, "w").close()
         if self._rank0:
-            with open(os.path.join(cfg.output_dir, "config.json"), "w", encoding="utf-8") as f:
+            with open(os.path.join(cfg.output_dir, RUN_CONFIG_FILE), "w", encoding="utf-8") as f:
                 json.dump(cfg.to_dict(), f, indent=2)
+        if self._rank0 and cfg.report_trackers():
+            from .report import Trackers
+
+            self._trackers = Trackers(cfg, resume_step=self.step)
 
     # ------------------------------------------------------------------------------------------
     # setup
@@ -477,14 +516,18 @@ class Distiller:
             return engine
         return engine
 
-    def _lr_factor(self, step: int) -> float:
+    def _make_lr_scheduler(self):
+        """``transformers.get_scheduler`` (HF's warm-up: the LR rises from 0 over the warm-up steps)."""
+        from transformers import get_scheduler
+
         cfg = self.cfg
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        span = max(1, self.total_steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / span)
-        cos = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cos
+        warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
+        name = cfg.lr_scheduler_type
+        kwargs: Dict[str, Any] = {}
+        if name == "cosine_with_min_lr" or (name == "cosine" and cfg.min_lr_ratio > 0):
+            name, kwargs = "cosine_with_min_lr", {"min_lr_rate": cfg.min_lr_ratio}
+        return get_scheduler(name, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps,
+                             scheduler_specific_kwargs=kwargs or None)
 
     @property
     def _metrics_path(self) -> str:
@@ -495,6 +538,8 @@ class Distiller:
         if self._rank0:
             with open(self._metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            if self._trackers is not None:
+                self._trackers.log(record)
 
     def _say(self, msg: str) -> None:
         if self._rank0 and self.cfg.progress:
@@ -511,7 +556,9 @@ class Distiller:
         """Teacher's final hidden states at the rows that predict a response token, ``[N, Ht]``.
 
         With ``cache_teacher`` they are kept per example (on CPU) and reused: the teacher is
-        frozen and deterministic, and caching saves its forward pass on every later epoch.
+        frozen and deterministic, and caching saves its forward pass on every later epoch. The
+        cache holds at most ``teacher_cache_mb``; once full, new examples are not cached (the
+        cached ones keep their hits; evicting would miss every time on a cyclic epoch order).
         """
         use_cache = self.cfg.cache_teacher and keys is not None
         if use_cache and all(k in self._teacher_cache for k in keys):
@@ -522,8 +569,13 @@ class Distiller:
                                           use_cache=False)
         h = out.last_hidden_state[:, :-1][row_mask]
         if use_cache:
+            budget = self.cfg.teacher_cache_mb * 2**20
             for k, part in zip(keys, torch.split(h, row_mask.sum(1).tolist())):
+                size = part.numel() * part.element_size()
+                if k in self._teacher_cache or self._teacher_cache_bytes + size > budget:
+                    continue  # full: the examples already cached stay, the others are recomputed
                 self._teacher_cache[k] = part.to("cpu", copy=True)
+                self._teacher_cache_bytes += size
         return h
 
     def _teacher_head(self) -> Tuple[Tensor, Optional[Tensor], Any]:
@@ -782,20 +834,22 @@ class Distiller:
     # ------------------------------------------------------------------------------------------
     # checkpoints
 
-    def _checkpoint_root(self) -> str:
-        return os.path.join(self.cfg.output_dir, "checkpoints")
-
     def _find_checkpoint(self) -> str:
-        """The newest complete checkpoint (incomplete ones are skipped, saying why), else a ConfigError."""
-        root = self._checkpoint_root()
-        names = sorted((d for d in (os.listdir(root) if os.path.isdir(root) else []) if d.startswith("step-")),
-                       reverse=True)
-        if not names:
-            raise ConfigError(f"amid-distill: --resume: no checkpoint in '{root}' to resume from (run without "
-                              "--resume to start a new run)")
+        """The checkpoint to resume from: ``resume`` is a path, or true/'latest' for the newest complete
+        ``checkpoint-N`` in output_dir (incomplete ones are skipped, saying why); else a ConfigError."""
+        cfg = self.cfg
+        if isinstance(cfg.resume, str) and cfg.resume != "latest":
+            problem = checkpoint_problem(cfg.resume)
+            if problem is not None:
+                raise ConfigError(f"amid-distill: config field 'resume': '{cfg.resume}' is not a complete checkpoint: "
+                                  f"{problem}")
+            return cfg.resume
+        cands = list_checkpoints(cfg.output_dir)
+        if not cands:
+            raise ConfigError(f"amid-distill: --resume: no checkpoint-N in '{cfg.output_dir}' to resume from (run "
+                              "without --resume to start a new run)")
         skipped = []
-        for name in names:
-            path = os.path.join(root, name)
+        for path in cands:
             problem = checkpoint_problem(path)
             if problem is None:
                 if skipped and _is_rank0():
@@ -803,7 +857,7 @@ class Distiller:
                         print(f"[amid-distill] --resume: skipped {p}", flush=True)
                 return path
             skipped.append(f"{path}: {problem}")
-        raise ConfigError(f"amid-distill: --resume: no complete checkpoint in '{root}' ("
+        raise ConfigError(f"amid-distill: --resume: no complete checkpoint in '{cfg.output_dir}' ("
                           + "; ".join(skipped) + ")")
 
     def _student_state_dict(self) -> Dict[str, Tensor]:
@@ -824,7 +878,7 @@ class Distiller:
         return self.optimizer.state_dict()
 
     def save_checkpoint(self) -> Optional[str]:
-        """Write ``checkpoints/step-XXXXXXXX`` atomically (rank 0 writes; every rank takes part)."""
+        """Write ``output_dir/checkpoint-N`` atomically (rank 0 writes; every rank takes part)."""
         cfg = self.cfg
         sd = self._student_state_dict()
         optim = self._optimizer_state()
@@ -833,16 +887,15 @@ class Distiller:
                                             if self.replay is not None else None)})
         path = None
         if self._rank0:
-            root = self._checkpoint_root()
-            os.makedirs(root, exist_ok=True)
-            name = f"step-{self.step:08d}"
+            root = cfg.output_dir
+            name = f"{_CKPT_PREFIX}{self.step}"
             path = os.path.join(root, name)
             tmp = os.path.join(root, f".tmp-{name}")
             if os.path.exists(tmp):
                 shutil.rmtree(tmp)
             os.makedirs(tmp)
-            self.engine_core.student.save_pretrained(os.path.join(tmp, "model"), state_dict=sd)
-            self.tokenizer.save_pretrained(os.path.join(tmp, "model"))
+            self.engine_core.student.save_pretrained(tmp, state_dict=sd)
+            self.tokenizer.save_pretrained(tmp)
             state = {
                 "step": self.step, "total_steps": self.total_steps, "world_size": self.world,
                 "optimizer": optim, "scheduler": self.scheduler.state_dict(),
@@ -850,28 +903,27 @@ class Distiller:
                 "sampler": self.sampler.state_dict(), "per_rank": per_rank, "config": cfg.to_dict(),
                 "records": self._records,
             }
-            torch.save(state, os.path.join(tmp, _STATE_FILE))
+            # The readable part first, as in Hugging Face's trainer_state.json.
+            head = {"global_step": self.step, "max_steps": self.total_steps,
+                    "log_history": [r for r in self._records if r.get("type") == "train"], "format": "amid-distill/1"}
+            save_state(state, os.path.join(tmp, _STATE_FILE), os.path.join(tmp, _TENSORS_FILE), extra=head)
             _write_manifest(tmp)
             _fsync_tree(tmp)
             if os.path.exists(path):
                 shutil.rmtree(path)
             os.rename(tmp, path)
-            _atomic_write_text(os.path.join(root, "latest"), name)
-            done = sorted(d for d in os.listdir(root) if d.startswith("step-"))
-            for old in done[:-cfg.save_total_limit]:
-                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+            for old in list_checkpoints(root)[cfg.save_total_limit:]:
+                shutil.rmtree(old, ignore_errors=True)
         if self.distributed:
             dist.barrier()
         return path
 
     def _load_checkpoint(self, path: str) -> None:
-        try:
-            state = torch.load(os.path.join(path, _STATE_FILE), map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - a corrupt state file of a checkpoint without a manifest
-            raise ConfigError(f"amid-distill: --resume: cannot read {os.path.join(path, _STATE_FILE)}: "
-                              f"{M.one_line(e)}") from None
+        state = self._resume_state
+        self._resume_state = None
         saved_cfg = state.get("config", {})
-        ignore = {"resume", "output_dir", "progress", "plots", "log_every", "save_every", "save_total_limit"}
+        ignore = {"resume", "output_dir", "progress", "plots", "log_every", "save_every", "save_total_limit",
+                  "report_to", "cache_teacher", "teacher_cache_mb"}
         diffs = sorted(k for k, v in self.cfg.to_dict().items() if k not in ignore and saved_cfg.get(k, v) != v)
         if diffs:
             warnings.warn(f"amid-distill: --resume: these config fields differ from the checkpoint's: {diffs}; "
@@ -968,7 +1020,12 @@ class Distiller:
             if self._pbar is not None:
                 self._pbar.close()
                 self._pbar = None
-        return self._finish(time.perf_counter() - t_start)
+            if self._trackers is not None:
+                self._trackers.flush()
+        summary = self._finish(time.perf_counter() - t_start)
+        if self._trackers is not None:
+            self._trackers.close()
+        return summary
 
     def _after_step(self, out: Dict[str, Any]) -> None:
         cfg = self.cfg
@@ -1008,19 +1065,22 @@ class Distiller:
         cfg = self.cfg
         for split in self.eval_sets:
             self.evaluate(split, "student", generate=True, phase="final")
-        final_dir = os.path.join(cfg.output_dir, "final")
+        final_dir = cfg.output_dir  # HF layout: from_pretrained(output_dir) loads the student
         sd = self._student_state_dict()
         if self._rank0:
             self.engine_core.student.save_pretrained(final_dir, state_dict=sd)
             self.tokenizer.save_pretrained(final_dir)
         summary = self._summary(train_time)
         if self._rank0:
-            from .report import write_plots
+            from .report import model_card, write_plots
 
             with open(os.path.join(cfg.output_dir, "summary.json"), "w", encoding="utf-8") as f:
                 json.dump(summary, f, indent=2)
             with open(os.path.join(cfg.output_dir, "summary.md"), "w", encoding="utf-8") as f:
                 f.write(summary["table"] + "\n")
+            _atomic_write_text(os.path.join(cfg.output_dir, "README.md"),
+                               model_card(cfg, summary, type(self.engine_core.student).__name__,
+                                          self.engine_core.student.config.num_hidden_layers))
             if cfg.plots:
                 summary["plots"] = write_plots(self._records, os.path.join(cfg.output_dir, "plots"))
             print("\n" + summary["table"] + "\n", flush=True)
