@@ -3,7 +3,8 @@
 #
 # Contract shared with CMakeLists.txt (keep the two in step): both compile exactly the sources
 # csrc/*.cpp + csrc/cpu/*.cpp (+ csrc/cuda/*.cu with CUDA), define AMID_WITH_CUDA when the CUDA
-# sources are in, and honour TORCH_CUDA_ARCH_LIST (default here: 8.0;9.0a, i.e. sm_80 + sm_90a).
+# sources are in, and honour TORCH_CUDA_ARCH_LIST (default here: 8.0;9.0a;10.0+PTX, i.e. sm_80 + sm_90a +
+# sm_100 with compute_100 PTX for later GPUs; 8.0;9.0a with an nvcc older than 12.8).
 #
 # Environment knobs (printed at build time):
 #   AMID_FORCE_CUDA=1    build the CUDA kernels or fail with the reason
@@ -16,6 +17,7 @@
 # Install with `pip install --no-build-isolation .` so the build uses the torch already installed.
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -59,6 +61,17 @@ def _find_cuda_home():
     return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
 
 
+def _nvcc_version(home):
+    """(major, minor) of the toolkit's nvcc; (0, 0) when it cannot be asked."""
+    try:
+        out = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return (0, 0)
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
 FORCE_CUDA = _flag("AMID_FORCE_CUDA")
 DISABLE_CUDA = _flag("AMID_DISABLE_CUDA")
 DEBUG = _flag("DEBUG")
@@ -94,7 +107,7 @@ sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.jo
 if use_cuda:
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a;10.0+PTX" if _nvcc_version(cuda_home) >= (12, 8) else "8.0;9.0a"
     arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
 else:
     arch_list = ""

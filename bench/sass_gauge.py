@@ -48,6 +48,7 @@ Method (what is counted, and how)
 6. Per element = per iteration / elements per iteration. "all passes" = R1 + R2 + W of the forward
    kernel (the forward computes the gradient: the product's fused step), the stage copy excluded.
 
+Static shared memory is ptxas's (cuobjdump -res-usage's SHARED minus the 1 KiB reservation it includes).
 Occupancy follows cuda_occupancy.h for sm_90 (65536 registers per SM in 4 sub-partitions, 256-register
 allocation per warp, 64 warps and 32 CTAs per SM, 228 KiB of shared memory per SM with 1 KiB reserved
 per CTA, 128-byte granules). The dynamic shared memory of a resident kernel is the launcher's choice
@@ -172,9 +173,15 @@ def nvcc_include_flags() -> List[str]:
 
 
 def compile_cubin(dtype: str, workdir: str, arch: str = ARCH) -> str:
-    """nvcc -cubin of csrc/cuda/amid_loss_<dtype>.cu with setup.py's flags (and torch's defines)."""
+    """nvcc -cubin of csrc/cuda/amid_loss_<dtype>.cu with setup.py's flags (and torch's defines).
+
+    Compiled from a snapshot of csrc/ in `workdir`, so the line info (and the pass tags read back from
+    it) match the code compiled even when csrc/ is edited meanwhile."""
     nvcc = find_tool("nvcc")
-    tu = os.path.join(ROOT, "csrc", "cuda", f"amid_loss_{DTYPES[dtype][2]}.cu")
+    snap = os.path.join(workdir, "csrc")
+    if not os.path.isdir(snap):
+        shutil.copytree(os.path.join(ROOT, "csrc"), snap)
+    tu = os.path.join(snap, "cuda", f"amid_loss_{DTYPES[dtype][2]}.cu")
     out = os.path.join(workdir, f"amid_loss_{dtype}.{arch}.cubin")
     cmd = [nvcc, "-cubin", f"-arch={arch}", "-O3", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++20",
            "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
@@ -587,11 +594,16 @@ def gauge_cubin(cubin: str, dtypes: Sequence[str], warnings: List[str]) -> List[
         kind, dtype, div, order, path = cls
         eb = DTYPES[dtype][1]
         r = res.get(name, {})
-        regs, static = r.get("REG", 0), r.get("SHARED", 0)
+        # cuobjdump's SHARED includes the 1 KiB the driver reserves per CTA (sm_80+: a kernel without
+        # __shared__ variables shows 1024; ptxas -v prints the static size without it).
+        regs, static = r.get("REG", 0), max(0, r.get("SHARED", 0) - SM90["smem_reserved"])
         spills = sum(1 for x in fn.ins if x.base in ("STL", "LDL"))
         cluster, dyn = (resident_smem(V_GAUGE, eb, static, consts) if path == "resident" else (1, 0))
         ctas, limiter = ctas_per_sm(regs, static, dyn, consts["threads"])
         loops = hot_loops(fn, eb, cold, warnings)
+        if kind == "fwd" and not loops:
+            warnings.append("no pass-tagged hot loop in the forward kernels: is csrc/ the source the cubins "
+                            "were built from (the line info must match the `// gauge:` tags)?")
         row: Dict[str, object] = dict(kernel=kind, dtype=dtype, loss=f"{div}/{order}", path=path, registers=regs,
                                       spill_instructions=spills, local_bytes=r.get("LOCAL", 0),
                                       static_smem=static, dyn_smem=dyn, cluster=cluster, ctas_per_sm=ctas,

@@ -93,7 +93,9 @@ def test_occupancy_and_resident_smem():
     # 2800 + 76000 + 1024 bytes of shared memory -> 2 CTAs.
     assert g.ctas_per_sm(71, 2800, 76000, 256) == (2, "shared memory")
     assert g.ctas_per_sm(71, 0, 0, 256) == (3, "registers")
-    assert g.ctas_per_sm(32, 1024, 0, 256) == (8, "registers/warps")
+    assert g.ctas_per_sm(32, 0, 0, 256) == (8, "registers/warps")
+    # 528 static bytes (reduction scratch for 8 warps) fit three such CTAs: 3 x (528 + 76000 + 1024) <= 228 KiB.
+    assert g.ctas_per_sm(75, 528, 76000, 256) == (3, "registers/shared memory")
 
 
 def _cuda_library():
