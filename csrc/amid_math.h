@@ -397,6 +397,10 @@ AMID_HD T phi2_div(T x) {
 template <typename T>
 struct Terms {
   T l, G, H;
+  // kl only: the first-order loss term (-ref e kept, 0 masked) and the masked mass (r + ref where a
+  // logit is -inf). The row loss takes the sum of l while the masked mass is at most |sum l| (no
+  // cancellation between the second-order terms and the masked corrections), else the sum of l1.
+  T l1 = T(0), mm = T(0);
 };
 
 template <Divergence D, Order O, class M, typename T>
@@ -432,6 +436,8 @@ AMID_HD Terms<T> element_terms(const LossParams<T>& P, T p, T q, T r, T lp, T lq
     o.l = keep ? l : l_out;
     o.G = keep ? G : G_out;
     o.H = keep ? H : H_out;
+    o.l1 = keep ? (O == Order::kPR || O == Order::kQR ? -ref * e : r * e) : T(0);
+    o.mm = keep ? T(0) : r + ref;
   } else {
     // alpha-beta divergence D(x||y) = -(1/(ab)) sum[x^a y^b - (a/g) x^g - (b/g) y^g], g = a + b,
     // dD/dlx = (x^g - x^a y^b)/b, dD/dly = (y^g - x^a y^b)/a; with the assistant's exponent c and
@@ -451,6 +457,12 @@ AMID_HD Terms<T> element_terms(const LossParams<T>& P, T p, T q, T r, T lp, T lq
 template <typename T>
 AMID_HD T element_grad(bool detach, T w, T q, T r, const Terms<T>& o, T S_G, T K) {
   return detach ? o.H - q * K : w * (o.G - r * S_G) + o.H - q * K;
+}
+
+// The kl row loss from the sums of Terms::l (second order), l1 (first order) and mm (masked mass).
+template <typename S>
+AMID_HD S kl_row_loss(S sum_l, S sum_l1, S masked_mass) {
+  return masked_mass <= (sum_l < S(0) ? -sum_l : sum_l) ? sum_l : sum_l1;
 }
 
 // The row scalar K of the gradient from the row sums; detached, only the explicit part stays.

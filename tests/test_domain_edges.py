@@ -174,3 +174,23 @@ def test_tiny_temperature_is_rejected_for_its_math_dtype():
     loss = amid.amid_loss(s.double() * 1e-40, t.double() * 1e-40, alpha=0.5, lam=0.5, temperature=1e-40)
     want = amid.amid_loss(s.double(), t.double(), alpha=0.5, lam=0.5)
     assert torch.isfinite(loss) and loss.item() == pytest.approx(want.item(), rel=1e-9)
+
+
+def test_tiny_valid_temperature_saturates_instead_of_nan():
+    """float32, T = 1e-38 (valid: 1/T is finite): logits / T overflowed to +inf and the row read as
+    invalid (NaN). Scaled logits now saturate at the float limit: finite, and equal to float64 (which
+    has the range) when at most one entry per row saturates."""
+    s = torch.tensor([[-0.9173, 0.5006, 1.7042], [0.3, -0.2, 0.1]])
+    t = torch.tensor([[5.5156, 3.0529, -math.inf], [0.25, 0.5, -0.5]])
+    for div, order in PAIRS:
+        opts = dict(alpha=-8.245, lam=1e-3, divergence=div, order=order, temperature=1e-38, reduction="none")
+        x = s.clone().requires_grad_()
+        rows = amid.amid_loss(x, t, **opts)
+        rows.sum().backward()
+        assert torch.isfinite(rows).all(), (div, order)
+        # The gradient is 1/T = 1e38 times O(loss): finite unless the loss itself is huge (KL(r || p)
+        # with the assistant's mass where the teacher's is e^(-1e38): loss ~1e38, true gradient ~1e76).
+        moderate = rows.detach().abs() < 1e6
+        assert torch.isfinite(x.grad[moderate]).all(), (div, order)
+        want = amid.amid_loss(s.double(), t.double(), **opts)
+        assert torch.allclose(rows.double(), want, rtol=1e-5, atol=0), (div, order, rows, want)

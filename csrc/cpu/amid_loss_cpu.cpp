@@ -11,7 +11,7 @@
 // The backward (from the saved stats) rebuilds p, q, lt, w, r with the same passes and writes the
 // gradient row.
 //
-// Threads own whole rows (at::parallel_for); each thread keeps eleven [V] scratch arrays in the math
+// Threads own whole rows (at::parallel_for); each thread keeps thirteen [V] scratch arrays in the math
 // type (the scaled logits, p, q, lt, w, d = lt - l_ref, r and the per-element terms), so nothing of size [N, V]
 // exists besides the gradient. Each pass is one branch-free loop over scratch: with float math
 // (16/32-bit inputs) the loops vectorise (an AVX2 clone is chosen at load time where the CPU has
@@ -57,22 +57,33 @@ constexpr T kInf = std::numeric_limits<T>::infinity();
 // their bit patterns (c10's conversions keep loops scalar): bf16 -> float is a shift, fp16 -> float
 // the exponent-rebias trick (exact, also for subnormals, inf and NaN).
 
+// x * scale for one finite x, saturated at the type's largest magnitude instead of overflowing to
+// +-inf (a tiny temperature times a large logit; +inf would read as an invalid row, -inf as a masked
+// entry): the scaled row then ranks as before, with entries beyond the range tied at the limit.
+template <typename acc_t>
+AMID_HD acc_t scale_logit(acc_t x, acc_t scale) {
+  const acc_t y = x * scale;
+  const bool over = (y == kInf<acc_t>) | (y == -kInf<acc_t>);
+  const bool finite_x = (x < kInf<acc_t>) & (x > -kInf<acc_t>);
+  return over & finite_x ? (y > acc_t(0) ? std::numeric_limits<acc_t>::max() : std::numeric_limits<acc_t>::lowest()) : y;
+}
+
 template <typename scalar_t, typename acc_t>
 AMID_CPU_CLONES void load_scaled(const scalar_t* x, int64_t V, acc_t scale, acc_t* out) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
 #pragma omp simd
-    for (int64_t v = 0; v < V; ++v) out[v] = bit_cast<float>(uint32_t(x[v].x) << 16) * scale;
+    for (int64_t v = 0; v < V; ++v) out[v] = scale_logit(bit_cast<float>(uint32_t(x[v].x) << 16), scale);
   } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
 #pragma omp simd
     for (int64_t v = 0; v < V; ++v) {
       const uint32_t h = x[v].x, em = h & 0x7fffu;
       const float mag = em >= 0x7c00u ? bit_cast<float>((em << 13) | 0x7f800000u)   // inf / NaN
                                       : bit_cast<float>(em << 13) * 0x1p+112f;       // (sub)normal
-      out[v] = bit_cast<float>(bit_cast<uint32_t>(mag) | ((h & 0x8000u) << 16)) * scale;
+      out[v] = scale_logit(bit_cast<float>(bit_cast<uint32_t>(mag) | ((h & 0x8000u) << 16)), scale);
     }
   } else {
 #pragma omp simd
-    for (int64_t v = 0; v < V; ++v) out[v] = acc_t(x[v]) * scale;
+    for (int64_t v = 0; v < V; ++v) out[v] = scale_logit(acc_t(x[v]), scale);
   }
 }
 
@@ -173,11 +184,24 @@ struct Sums {
   double L, S_G, S_Gw, S_H, Wbar;
 };
 
+// kl: the first-order loss sum and the masked mass (amid_math.h: Terms, kl_row_loss).
+template <typename acc_t>
+AMID_CPU_CLONES void pass_kl_loss_parts(int64_t V, const acc_t* l1, const acc_t* mm, double& sum_l1, double& mass) {
+  double a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+  for (int64_t v = 0; v < V; ++v) {
+    a += double(l1[v]);
+    b += double(mm[v]);
+  }
+  sum_l1 = a;
+  mass = b;
+}
+
 // Per-element terms into scratch (G -> gs, H -> hs, l -> ls), then the row sums in a plain loop.
 template <Divergence D, Order O, typename acc_t>
 AMID_CPU_CLONES void pass_terms(const LossParams<acc_t>& P, const acc_t* tf, const acc_t* sf, int64_t V,
                                 RowLse<acc_t> A, RowLse<acc_t> B, acc_t Z, const acc_t* p, const acc_t* q, const acc_t* r, const acc_t* lt,
-                                const acc_t* d, acc_t* ls, acc_t* gs, acc_t* hs) {
+                                const acc_t* d, acc_t* ls, acc_t* gs, acc_t* hs, acc_t* l1s, acc_t* mms) {
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) {
     const Terms<acc_t> o = element_terms<D, O, M>(P, p[v], q[v], r[v], log_prob(tf[v], A), log_prob(sf[v], B),
@@ -185,6 +209,10 @@ AMID_CPU_CLONES void pass_terms(const LossParams<acc_t>& P, const acc_t* tf, con
     ls[v] = o.l;
     gs[v] = o.G;
     hs[v] = o.H;
+    if constexpr (D == Divergence::kKL) {
+      l1s[v] = o.l1;
+      mms[v] = o.mm;
+    }
   }
 }
 
@@ -220,8 +248,9 @@ AMID_CPU_CLONES void pass_grad(bool detach, int64_t V, const acc_t* gs, const ac
 // Per-thread scratch, reused across its rows: the scaled logits, p, q, lt, w, d, r and the terms.
 template <typename acc_t>
 struct RowScratch {
-  std::vector<acc_t> tf, sf, p, q, lt, w, d, r, ls, gs, hs;
-  explicit RowScratch(int64_t V) : tf(V), sf(V), p(V), q(V), lt(V), w(V), d(V), r(V), ls(V), gs(V), hs(V) {}
+  std::vector<acc_t> tf, sf, p, q, lt, w, d, r, ls, gs, hs, l1s, mms;
+  explicit RowScratch(int64_t V)
+      : tf(V), sf(V), p(V), q(V), lt(V), w(V), d(V), r(V), ls(V), gs(V), hs(V), l1s(V), mms(V) {}
 };
 
 template <typename scalar_t>
@@ -238,7 +267,8 @@ void terms_row(const LossParams<acc_t>& P, int64_t V, RowLse<acc_t> A, RowLse<ac
   dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
     pass_terms<decltype(dc)::value, decltype(oc)::value>(P, S.tf.data(), S.sf.data(), V, A, B, Z, S.p.data(),
                                                          S.q.data(), S.r.data(), S.lt.data(), S.d.data(),
-                                                         S.ls.data(), S.gs.data(), S.hs.data());
+                                                         S.ls.data(), S.gs.data(), S.hs.data(), S.l1s.data(),
+                                                         S.mms.data());
   });
 }
 
@@ -303,7 +333,13 @@ void forward_row(const LossParams<acc_t>& P, const scalar_t* s, const scalar_t* 
   terms_row(P, V, A, B, Z, S);
   const Sums sums = pass_sums(V, S.ls.data(), S.gs.data(), S.hs.data(), S.r.data(), S.w.data());
   const double K = row_K(P.detach, sums.S_G, sums.S_Gw, sums.S_H, sums.Wbar);
-  *loss = weight * sums.L;
+  double L = sums.L;
+  if (P.divergence == Divergence::kKL) {
+    double sum_l1, mass;
+    pass_kl_loss_parts(V, S.l1s.data(), S.mms.data(), sum_l1, mass);
+    L = kl_row_loss(L, sum_l1, mass);
+  }
+  *loss = weight * L;
   stats[kStatAMax] = A.m;
   stats[kStatALog] = A.l;
   stats[kStatBMax] = B.m;
