@@ -121,6 +121,7 @@ def test_op_level_double_backward():
 CREATE_GRAPH_MSG = "amid::amid_loss_fwd: create_graph=True (double backward, e.g. Hessian-vector products)"
 
 
+@pytest.mark.filterwarnings("ignore:Using backward.. with create_graph=True")
 def test_default_path_refuses_create_graph():
     """The issue's repro on the default path: an error naming create_graph (and the way out), not a
     constant gradient; also a plain double backward, and the op with compute_grad=True."""
@@ -179,6 +180,7 @@ def test_torch_func(gif):
         torch.testing.assert_close(h, torch.func.jacrev(torch.func.grad(fr))(s))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # inside torch's forward AD
 def test_forward_mode_is_refused():
     """Forward-mode AD used to give a zero tangent silently; now a clear error."""
     s, t = make_logits(2, 5, dtype=torch.float64)
