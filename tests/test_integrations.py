@@ -285,3 +285,14 @@ def test_trl_distillation_trainer_fused_loss(tmp_path):
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(math.isfinite(h["loss"]) and h["amid_kd"] > 0 and h["amid_ce"] > 0 for h in logs)
+
+
+def test_hf_hook_skips_generation():
+    student, teacher = tiny_llama(1), tiny_llama(2)
+    calls = []
+    teacher.register_forward_pre_hook(lambda m, a: calls.append(1))
+    AMiDComputeLoss(teacher, student)
+    ids = batch_of(samples(2))["input_ids"][:, :4]
+    student.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                     pad_token_id=0)
+    assert calls == []  # generate() asks for a KV cache: the teacher is not run

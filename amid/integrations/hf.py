@@ -12,7 +12,8 @@
 How it works. ``Trainer.compute_loss`` pops the labels, calls ``model(**inputs)`` and hands only the
 outputs and labels to ``compute_loss_func``. :class:`AMiDComputeLoss` therefore registers a
 forward pre-hook on the student that runs the frozen teacher (``eval()``, ``torch.no_grad()``) on
-the same ``input_ids`` / ``attention_mask`` and keeps its logits for the loss call that follows.
+the same ``input_ids`` / ``attention_mask`` and keeps its logits for the loss call that follows
+(not for calls that ask for a KV cache, ``use_cache=True`` or a cache given: ``generate()``).
 The loss is the one of ``amid-distill``:
 
     kd_weight · AMiD(student, teacher) + (1 − kd_weight) · CE(student, labels)
@@ -134,6 +135,8 @@ class AMiDComputeLoss:
             self._handle = None
 
     def _run_teacher(self, module, args, kwargs):
+        if kwargs.get("use_cache") is True or any(kwargs.get(k) is not None for k in ("past_key_values", "cache")):
+            return None  # generate() (it asks for a KV cache): no loss follows
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("amid.integrations.hf.AMiDComputeLoss: expected the student to be called with "
