@@ -296,3 +296,22 @@ def test_hf_hook_skips_generation():
     student.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
                      pad_token_id=0)
     assert calls == []  # generate() asks for a KV cache: the teacher is not run
+
+
+def test_schedule_state_in_checkpoints(tmp_path):
+    student, teacher = tiny_llama(1), tiny_llama(2)
+    loss_fn = AMiDComputeLoss(teacher, student, **OPTS)
+    taid = TAIDSchedule()
+    cb = LambdaScheduleCallback(taid, loss_fn)
+    trainer = Trainer(model=student, args=args_for(tmp_path, max_steps=2, save_strategy="steps", save_steps=1,
+                                                   gradient_accumulation_steps=1, per_device_train_batch_size=8),
+                      train_dataset=samples(), data_collator=default_data_collator, compute_loss_func=loss_fn,
+                      callbacks=[cb])
+    trainer.train()
+    after_two = taid.state_dict()
+    fresh = TAIDSchedule()
+    LambdaScheduleCallback(fresh, loss_fn).load_checkpoint(str(tmp_path / "checkpoint-2"))
+    assert fresh.state_dict() == after_two and loss_fn.lam == after_two["t"]
+    one = TAIDSchedule()
+    LambdaScheduleCallback(one, loss_fn).load_checkpoint(str(tmp_path / "checkpoint-1"))
+    assert one.state_dict() != after_two and one.prev_loss is not None  # the state as of step 1
