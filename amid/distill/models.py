@@ -142,6 +142,10 @@ def build_student_from_teacher(teacher: nn.Module, num_layers: int, layers: Opti
     """
     t_layers = decoder_layers(teacher)
     n = len(t_layers)
+    if any(p.device.type == "meta" for p in teacher.parameters()):
+        raise ConfigError("amid-distill: config field 'student': the teacher is offloaded (device_map in "
+                          "teacher_load_kwargs), so its weights cannot be copied into a student; expected a --student "
+                          "directory with such a device_map")
     if layers is None and num_layers > n:
         raise ConfigError(f"amid-distill: config field 'student_num_layers': expected at most the teacher's {n} "
                           f"decoder layers (the student is built from a subset of them), but got {num_layers}")

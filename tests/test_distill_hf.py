@@ -1,0 +1,234 @@
+"""amid-distill as Hugging Face / TRL users expect it: CLI spellings and aliases, output layout, teacher
+precision and load options, transformers' LR schedules, the bounded teacher cache, TensorBoard."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from test_distill import make_model, make_teacher, make_tokenizer, tiny_config, train_records  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from amid.distill import ConfigError, DistillConfig  # noqa: E402
+from amid.distill import cli as distill_cli  # noqa: E402
+from amid.distill.trainer import Distiller  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _one_line_error(capsys):
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    assert err.startswith("amid-distill"), err
+    return err
+
+
+@pytest.fixture
+def saved_teacher(tmp_path):
+    tok = make_tokenizer()
+    d = tmp_path / "teacher"
+    make_teacher(tok).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI: both spellings, HF/TRL aliases, choices in --help, one-line errors with "did you mean".
+
+def test_cli_spellings_aliases_and_config_file_aliases(tmp_path):
+    base = ["--teacher", "/x", "--train-file", "t.jsonl"]
+    for flags in (["--kd-weight", "0.25", "--micro-batch-size", "3"], ["--kd_weight", "0.25", "--micro_batch_size", "3"],
+                  ["--kd_weight", "0.25", "--per_device_train_batch_size", "3"],
+                  ["--kd-weight", "0.25", "--per-device-train-batch-size", "3"]):
+        cfg = distill_cli.resolve_config(base + flags)
+        assert (cfg.kd_weight, cfg.micro_batch_size) == (0.25, 3), flags
+    cfg = distill_cli.resolve_config(base + ["--learning_rate", "2e-3", "--gradient_accumulation_steps", "4",
+                                             "--num_train_epochs", "3", "--logging_steps", "5", "--save_steps", "7",
+                                             "--teacher_model_name_or_path", "/t", "--model_name_or_path", "/s",
+                                             "--no-scale_by_t2", "--teacher-load-kwargs", '{"low_cpu_mem_usage": true}'])
+    assert (cfg.lr, cfg.grad_accum_steps, cfg.num_epochs, cfg.log_every, cfg.save_every) == (2e-3, 4, 3.0, 5, 7)
+    assert (cfg.teacher, cfg.student, cfg.scale_by_t2) == ("/t", "/s", False)
+    assert cfg.teacher_load_kwargs == {"low_cpu_mem_usage": True}
+    # --resume: bare = latest, a path, or --no-resume.
+    assert distill_cli.resolve_config(base + ["--resume"]).resume == "latest"
+    assert distill_cli.resolve_config(base + ["--resume", "/ckpt"]).resume == "/ckpt"
+    assert distill_cli.resolve_config(base + ["--resume", "--no-resume"]).resume is False
+    # Config files take the HF names too, and a name given twice is an error.
+    f = tmp_path / "run.yaml"
+    f.write_text("teacher: /x\ntrain_file: t.jsonl\nlearning_rate: 0.01\nper_device_train_batch_size: 2\n"
+                 "resume_from_checkpoint: latest\n")
+    cfg = distill_cli.resolve_config(["--config", str(f)])
+    assert (cfg.lr, cfg.micro_batch_size, cfg.resume) == (0.01, 2, "latest")
+    with pytest.raises(ConfigError, match="config field 'lr' is given twice"):
+        DistillConfig.from_dict({"lr": 1.0, "learning_rate": 2.0})
+
+
+def test_cli_help_lists_choices_and_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        distill_cli.main(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for choices in ("{kl,ab}", "{pr,qr,rp,rq}", "{constant,linear,taid}", "{auto,none,ddp,fsdp}",
+                    "{linear,cosine,cosine_with_min_lr,constant,constant_with_warmup}", "{constant,increasing,decreasing}",
+                    "{float32,fp32,bfloat16,bf16,float16,fp16}", "{auto,true,false}", "one of auto, cpu, cuda, cuda:N",
+                    "--learning_rate"):
+        assert choices in out, choices
+    for argv, expected in (
+            (["--kd-wieght", "0.5"], "unknown flag '--kd-wieght' (did you mean '--kd-weight'?)"),
+            (["--learning-rat", "0.5"], "unknown flag '--learning-rat' (did you mean '--learning-rate'?)"),
+            (["--kd-weight", "half"], "argument --kd-weight/--kd_weight: invalid float value: 'half'"),
+            (["--divergence", "js"], "argument --divergence: invalid choice: 'js'"),
+            (["--teacher-load-kwargs", "[1]"], "expected a JSON object, but got '[1]'")):
+        with pytest.raises(SystemExit) as e:
+            distill_cli.main(argv)
+        assert e.value.code == 2
+        assert expected in _one_line_error(capsys), argv
+
+
+def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(tmp_path, saved_teacher, capsys):
+    cfg = tiny_config(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("keep\n")
+    base = ["--teacher", str(saved_teacher), "--train-file", cfg.train_file, "--output-dir", str(out), "--no-progress"]
+    cases = [
+        (["--validation-file", str(tmp_path / "missing.jsonl")], "config field 'validation_file': the file"),
+        (["--config", str(tmp_path / "missing.yaml")], "the config file"),
+        (["--resume", str(tmp_path)], f"config field 'resume': '{tmp_path}' is not a complete checkpoint"),
+        (["--resume", str(tmp_path / "nope")], "config field 'resume': the checkpoint directory"),
+        (["--teacher-dtype", "int8"], "invalid choice: 'int8'"),
+        (["--report-to", "mlflow"], "config field 'report_to'"),
+        (["--lr-scheduler-type", "linear", "--min-lr-ratio", "0.1"], "config field 'min_lr_ratio'"),
+        (["--teacher-load-kwargs", '{"dtype": "float16"}'], "config field 'teacher_load_kwargs'"),
+    ]
+    for extra, expected in cases:
+        with pytest.raises(SystemExit) if "invalid choice" in expected else _NoRaise() as e:
+            rc = distill_cli.main(base + extra)
+        code = e.value.code if isinstance(e, pytest.ExceptionInfo) else rc
+        assert code == 2, extra
+        assert expected in _one_line_error(capsys), extra
+    assert sorted(os.listdir(out)) == ["metrics.jsonl"] and (out / "metrics.jsonl").read_text() == "keep\n"
+
+
+class _NoRaise:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ------------------------------------------------------------------------------------------------
+# Output layout: from_pretrained(output_dir), model card, checkpoint-N with JSON trainer state,
+# --resume latest / PATH; LR schedule from transformers; TensorBoard events.
+
+def test_output_layout_resume_path_lr_schedule_and_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tok = make_tokenizer()
+    teacher = make_teacher(tok)
+    cfg = tiny_config(tmp_path, max_steps=6, save_every=2, save_total_limit=3, eval_teacher=False, kd_weight=0.5,
+                      lr=1e-3, lr_scheduler_type="linear", warmup_steps=2, report_to="tensorboard")
+    d = Distiller(cfg, teacher=teacher, tokenizer=tok, student=make_model(len(tok), layers=1, seed=5))
+    d.train()
+    out = cfg.output_dir
+    # The final student: plain Hugging Face loading from the output directory.
+    model = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(model.lm_head.weight, d.student.lm_head.weight)
+    assert json.load(open(os.path.join(out, "distill_config.json")))["kd_weight"] == 0.5
+    card = open(os.path.join(out, "README.md")).read()
+    assert card.startswith("---\nlibrary_name: transformers\n") and "| objective | 0.5 * AMiD + 0.5 * CE" in card
+    assert "student (after)" in card and "test ROUGE-L" in card
+    # Checkpoints checkpoint-N with a JSON trainer state (HF's global_step / log_history, no pickle).
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-4",
+                                                                                 "checkpoint-6"]
+    state = json.load(open(os.path.join(out, "checkpoint-4", "trainer_state.json")))
+    assert state["global_step"] == 4 and [r["step"] for r in state["log_history"]] == [1, 2, 3, 4]
+    assert not any(n.endswith((".pt", ".bin", ".pkl")) for n in os.listdir(os.path.join(out, "checkpoint-4")))
+    AutoModelForCausalLM.from_pretrained(os.path.join(out, "checkpoint-4"))
+    # HF's linear schedule with 2 warm-up steps: 0, 1/2, 1, then linear decay to 0 at step 6.
+    lrs = [r["lr"] for r in train_records(out)]
+    assert lrs == pytest.approx([1e-3 * f for f in (0, 0.5, 1, 0.75, 0.5, 0.25)])
+    # TensorBoard: the event files hold the logged curves.
+    acc = EventAccumulator(os.path.join(out, "runs"))
+    acc.Reload()
+    tb_loss = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert tb_loss == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in train_records(out)]
+    assert "eval/test/student/rouge_l" in acc.Tags()["scalars"]
+    # --resume with an explicit checkpoint path (not the newest) and with 'latest'.
+    again = Distiller(cfg.replace(resume=os.path.join(out, "checkpoint-2"), report_to="none"), teacher=teacher,
+                      tokenizer=tok)
+    assert again.step == 2 and again.scheduler.get_last_lr()[0] == pytest.approx(1e-3)
+    latest = Distiller(cfg.replace(resume="latest", report_to="none"), teacher=teacher, tokenizer=tok)
+    assert latest.step == 6
+
+
+# ------------------------------------------------------------------------------------------------
+# Teacher precision, load options, the bounded teacher cache.
+
+def test_teacher_dtype_and_load_options(tmp_path, saved_teacher):
+    tok = make_tokenizer()
+    sdir = tmp_path / "student"
+    make_model(len(tok), layers=1, seed=5).save_pretrained(sdir)
+    tok.save_pretrained(sdir)
+    losses = {}
+    for dt in ("float32", "bf16"):
+        cfg = tiny_config(tmp_path, teacher=str(saved_teacher), student=str(sdir), output_dir=str(tmp_path / dt),
+                          max_steps=2,
+                          eval_teacher=False, teacher_dtype=dt, attn_implementation="eager",
+                          teacher_load_kwargs={"low_cpu_mem_usage": True})
+        d = Distiller(cfg)
+        want = torch.bfloat16 if dt == "bf16" else torch.float32
+        assert {p.dtype for p in d.teacher.parameters()} == {want}
+        assert {p.dtype for p in d.student.parameters()} == {torch.float32}  # the student trains in float32
+        assert d.teacher.config._attn_implementation == "eager"
+        d.eval_sets = {}
+        d.train()
+        losses[dt] = [r["loss"] for r in train_records(cfg.output_dir)]
+        assert all(math.isfinite(x) for x in losses[dt])
+    assert losses["bf16"] == pytest.approx(losses["float32"], rel=2e-2)
+    # device_map with offload: accelerate places the teacher (layer 1 offloaded to disk, loaded per
+    # forward) and amid-distill leaves it there; the run matches the plain float32 one.
+    pytest.importorskip("accelerate")
+    dm = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+          "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    cfg = tiny_config(tmp_path, teacher=str(saved_teacher), student=str(sdir), output_dir=str(tmp_path / "dm"),
+                      max_steps=2, eval_teacher=False, attn_implementation="eager",
+                      teacher_load_kwargs={"device_map": dm, "offload_folder": str(tmp_path / "offload")})
+    with pytest.raises(ConfigError, match="the teacher is offloaded"):  # no weights to build a student from
+        Distiller(cfg.replace(student=None))
+    d = Distiller(cfg)
+    assert d.teacher.hf_device_map == dm
+    assert d.teacher.model.layers[1].mlp.up_proj.weight.device.type == "meta"  # still offloaded
+    d.eval_sets = {}
+    d.train()
+    assert [r["loss"] for r in train_records(cfg.output_dir)] == pytest.approx(losses["float32"], rel=1e-5)
+
+
+def test_teacher_cache_is_bounded(tmp_path):
+    tok = make_tokenizer()
+    teacher = make_teacher(tok)
+    sizes = {}
+    for mb in (0.0, 0.004, 1024.0):
+        cfg = tiny_config(tmp_path, output_dir=str(tmp_path / f"c{mb}"), max_steps=24, eval_teacher=False,
+                          teacher_cache_mb=mb)
+        d = Distiller(cfg, teacher=teacher, tokenizer=tok, student=make_model(len(tok), layers=1, seed=5))
+        d.eval_sets = {}
+        d.train()  # 24 steps of 4 = two epochs of the 48 examples
+        nbytes = sum(t.numel() * t.element_size() for t in d._teacher_cache.values())
+        assert nbytes == d._teacher_cache_bytes <= mb * 2**20
+        sizes[mb] = (len(d._teacher_cache), [r["loss"] for r in train_records(cfg.output_dir)])
+    assert sizes[0.0][0] == 0 and 0 < sizes[0.004][0] < 48 and sizes[1024.0][0] == 48
+    # Caching never changes the result.
+    assert sizes[0.004][1] == pytest.approx(sizes[0.0][1], rel=1e-6)
+    assert sizes[1024.0][1] == pytest.approx(sizes[0.0][1], rel=1e-6)
