@@ -315,3 +315,39 @@ def test_schedule_state_in_checkpoints(tmp_path):
     one = TAIDSchedule()
     LambdaScheduleCallback(one, loss_fn).load_checkpoint(str(tmp_path / "checkpoint-1"))
     assert one.state_dict() != after_two and one.prev_loss is not None  # the state as of step 1
+
+
+def test_trl_gkd_on_policy_with_sgo_callback(tmp_path):
+    """GKD's own on-policy path (student generations, TRL's chat collator) with amid's loss; the
+    adaptive SGO callback sets the trainer's lmbda."""
+    pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from amid.integrations.trl import AMiDGKDConfig, AMiDGKDTrainer
+
+    student, teacher = tiny_llama(1), tiny_llama(2, hidden=48)
+    tok = _tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    rows = [{"messages": [{"role": "user", "content": " ".join(f"w{3 + (i * 5 + j) % 40}" for j in range(3))},
+                          {"role": "assistant", "content": " ".join(f"w{3 + (i * 3 + j) % 40}" for j in range(4))}]}
+            for i in range(8)]
+    args = AMiDGKDConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=2,
+                         report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
+                         lmbda=0.0, max_new_tokens=4, max_length=32, bf16=False, amid_kd_weight=1.0)
+    trainer = AMiDGKDTrainer(model=student, teacher_model=teacher, args=args,
+                             train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    generated = []
+    orig = trainer.generate_on_policy_outputs
+
+    def counting(*a, **k):
+        out = orig(*a, **k)
+        generated.append(out[0].shape)
+        return out
+
+    trainer.generate_on_policy_outputs = counting
+    sgo = AdaptiveSGO(init_threshold=1.0, replay_ratio="decreasing")  # share = 1 - step / max_steps
+    trainer.add_callback(AdaptiveSGOCallback(sgo, trainer))
+    trainer.train()
+    # step 0: lmbda = 1 (GKD always generates); step 1: lmbda = 0.5
+    assert trainer.lmbda == pytest.approx(0.5) and 1 <= len(generated) <= 2
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) and h["amid_kd"] == pytest.approx(h["loss"]) for h in logs)
