@@ -41,7 +41,6 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from . import ops as _ops
 from .functional import (DEFAULT_ALPHA, DEFAULT_LAM, _base_row_weights, _batchmean_denominator, _check_labels,
@@ -260,8 +259,13 @@ class _FusedLinearAMiD(torch.autograd.Function):
         return rows.sum()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            # (what @once_differentiable would do hands out gradients whose derivative is silently 0)
+            raise RuntimeError(
+                "amid.fused_linear_amid_loss: create_graph=True (double backward, e.g. Hessian-vector products) is "
+                "not supported: the gradients are computed chunk by chunk without a graph; use amid.amid_loss on "
+                "the logits with grad_in_forward=False to differentiate its gradient")
         cfg = ctx.cfg
         want = cfg.want
         if cfg.reduction_none:

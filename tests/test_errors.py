@@ -302,3 +302,17 @@ def test_fused_labels_outside_the_vocabulary_without_a_host_sync():
     assert torch.isnan(w2[[1, 3]]).all() and w2[[0, 2]].tolist() == [0.25, 0.25]
     with pytest.raises(ValueError, match=r"^amid.f: expected labels in \[0, 6\)"):
         _guard_labels("f", y, ce_w, 6, -100, on_host=True)
+
+
+def test_fused_loss_refuses_create_graph():
+    """The fused loss's gradients are computed without a graph: under create_graph=True it used to
+    hand out a gradient whose derivative was silently 0 (H·v = v for loss + |h|²/2)."""
+    h = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    w, ht = torch.randn(6, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    for reduction in ("mean", "none"):
+        out = amid.fused_linear_amid_loss(h, w, ht, w, alpha=0.5, lam=0.3, reduction=reduction).sum()
+        with pytest.raises(RuntimeError) as info:
+            torch.autograd.grad(out + 0.5 * (h ** 2).sum(), h, create_graph=True)
+        assert str(info.value).startswith("amid.fused_linear_amid_loss: create_graph=True (double backward")
+    (g,) = torch.autograd.grad(amid.fused_linear_amid_loss(h, w, ht, w, alpha=0.5, lam=0.3), h)
+    assert torch.isfinite(g).all() and not g.requires_grad
