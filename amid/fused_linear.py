@@ -261,7 +261,7 @@ class _FusedLinearAMiD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if torch.is_grad_enabled():
-            # (what @once_differentiable would do hands out gradients whose derivative is silently 0)
+            # (@once_differentiable would hand out gradients whose derivative is silently 0)
             raise RuntimeError(
                 "amid.fused_linear_amid_loss: create_graph=True (double backward, e.g. Hessian-vector products) is "
                 "not supported: the gradients are computed chunk by chunk without a graph; use amid.amid_loss on "
