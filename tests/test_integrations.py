@@ -68,9 +68,10 @@ def hand_loss(student, teacher, batch, kd_weight, lam=OPTS["lam"]):
 
 
 def hand_step(student, teacher, rows, kd_weight, lr):
-    """One AdamW step (the Trainer's defaults: betas 0.9/0.999, eps 1e-8, no decay, clip 1.0)."""
+    """One plain SGD step with the Trainer's gradient clipping (norm 1). SGD, not Adam: Adam's first
+    step is ~lr·sign(g), which would magnify float32 rounding of tiny gradient entries."""
     student = copy.deepcopy(student).train()
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    opt = torch.optim.SGD(student.parameters(), lr=lr)
     loss = hand_loss(student, teacher, batch_of(rows), kd_weight)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -81,7 +82,8 @@ def hand_step(student, teacher, rows, kd_weight, lr):
 def args_for(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
                 learning_rate=1e-3, max_steps=1, lr_scheduler_type="constant", report_to=[], use_cpu=True,
-                logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0)
+                logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0,
+                optim="sgd")
     base.update(kw)
     return TrainingArguments(**base)
 
@@ -95,12 +97,12 @@ def max_param_diff(a, b):
 def test_hf_trainer_step_equals_hand_written_step(tmp_path):
     student, teacher = tiny_llama(1), tiny_llama(2, hidden=48)
     rows = samples()
-    want, want_loss = hand_step(student, teacher, rows, kd_weight=0.5, lr=1e-3)
+    want, want_loss = hand_step(student, teacher, rows, kd_weight=0.5, lr=0.5)
     loss_fn = AMiDComputeLoss(teacher, student, kd_weight=0.5, **OPTS)
     # the whole data set is one optimizer step (2 micro-batches of 4): the order inside the step does
     # not matter because both micro-batches are divided by the step's kept-token count
-    trainer = Trainer(model=student, args=args_for(tmp_path), train_dataset=rows, data_collator=default_data_collator,
-                      compute_loss_func=loss_fn)
+    trainer = Trainer(model=student, args=args_for(tmp_path, learning_rate=0.5), train_dataset=rows,
+                      data_collator=default_data_collator, compute_loss_func=loss_fn)
     trainer.train()
     assert max_param_diff(student, want) < 1e-6
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -217,6 +219,7 @@ def _gkd(tmp_path, student, teacher, rows, **kw):
     base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
                 learning_rate=1e-3, max_steps=1, lr_scheduler_type="constant", report_to=[], use_cpu=True,
                 logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True, lmbda=0.0, max_length=SEQ,
+                optim="sgd",
                 amid_alpha=OPTS["alpha"], amid_lam=OPTS["lam"], amid_divergence=OPTS["divergence"],
                 amid_order=OPTS["order"], amid_kd_weight=0.5, bf16=False)
     base.update(kw)
@@ -229,8 +232,8 @@ def _gkd(tmp_path, student, teacher, rows, **kw):
 def test_trl_gkd_step_equals_hand_written_step(tmp_path, fused):
     student, teacher = tiny_llama(1), tiny_llama(2, hidden=48)
     rows = samples()
-    want, want_loss = hand_step(student, teacher, rows, kd_weight=0.5, lr=1e-3)
-    trainer = _gkd(tmp_path, student, teacher, rows, amid_fused_linear=fused)
+    want, want_loss = hand_step(student, teacher, rows, kd_weight=0.5, lr=0.5)
+    trainer = _gkd(tmp_path, student, teacher, rows, amid_fused_linear=fused, learning_rate=0.5)
     trainer.train()
     assert max_param_diff(trainer.model, want) < 1e-6
     logs = [h for h in trainer.state.log_history if "loss" in h]
