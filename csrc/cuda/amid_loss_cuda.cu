@@ -8,11 +8,13 @@
 //                                                                -> Z, L, S_G, K
 //   W   (compute_grad) the gradient row, written once.
 // Two ways to read the row in the three passes:
-//   * resident: each CTA first copies its slice of t and s into shared memory (16-byte loads), and
-//     R1 / R2 / W read shared memory: the logits are read from device memory once, so forward +
-//     backward moves the 6 bytes / element (bf16) floor. Used when a slice fits the shared-memory
-//     budget with a cluster of at most 8 (16 non-portable) CTAs, and on sm_80 when the whole row
-//     fits one CTA;
+//   * resident: each CTA copies its slice of t and s into shared memory (16-byte loads), running
+//     R1 on the loaded registers, and R2 / W read shared memory: the logits are read from device
+//     memory once, so forward + backward moves the 6 bytes / element (bf16) floor. Used when a
+//     slice fits the shared-memory budget (kResidentBudget, and always the device's opt-in limit
+//     minus the static size) with a cluster of at most 8 (16 non-portable) CTAs, and on sm_80 when
+//     the whole row fits one CTA; the launch passes the cluster size in, the kernel traps on a
+//     mismatch (code built without clusters, e.g. JIT from sm_80 PTX, never gets a cluster);
 //   * streaming: the three passes read device memory (the re-reads mostly hit L2); the fallback
 //     for long rows without clusters.
 // Rows whose weight is 0 are skipped (no read; zero gradient). Loss and stats in fp32 (fp64 for
@@ -63,8 +65,9 @@ __global__ void __launch_bounds__(kThreads) scale_grad_kernel(scalar_t* grad, co
   for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
     const loss_t f = grad_loss[row];
     if (f == loss_t(1)) continue;
-    scalar_t* g = grad + row * V;
-    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) g[i] = scalar_t(acc_t(g[i]) * acc_t(f));
+    const acc_t fa = acc_t(f);
+    // 16-byte loads and stores between a scalar head and tail (utils.cuh: map_vec).
+    map_vec(grad + row * V, V, [fa](scalar_t x) { return scalar_t(acc_t(x) * fa); });
   }
 }
 

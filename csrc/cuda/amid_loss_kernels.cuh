@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <limits>
+#include <mutex>
 #include <string>
 
 #include "../amid_math.h"
@@ -44,6 +45,7 @@ struct RowArgs {
   loss_t* loss;       // [N]
   loss_t* stats;      // [N, kNumStats]
   int64_t N, V, ldt, lds;
+  int cluster;        // CTAs per cluster of the launch (1: none); the forward kernel traps on a mismatch
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -69,7 +71,7 @@ __device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const
       const Terms<acc_t> o = element_terms<D, O, M>(P, p, q, r, lp, lq, lr, d - Z);
       out[j] = scalar_t(scale * element_grad(P.detach, w, q, r, o, S_G, K));
     }
-    store_chunk<n>(g, i, out);
+    store_chunk_global<n>(g, i, out);
   });
 }
 
@@ -78,9 +80,7 @@ __device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void fill_row(const RowArgs<scalar_t, acc_t>& a, int64_t row, scalar_t* g, int64_t len,
                                          bool lead, acc_t value) {
-  if (g) {
-    for (int64_t i = threadIdx.x; i < len; i += blockDim.x) g[i] = scalar_t(value);
-  }
+  if (g) fill_vec(g, len, scalar_t(value));
   if (lead) {
     a.loss[row] = value;
     for (int k = 0; k < kNumStats; ++k) a.stats[row * kNumStats + k] = value;
@@ -104,15 +104,21 @@ __global__ void __launch_bounds__(kThreads, 2) amid_fwd_kernel(const RowArgs<sca
 
   // Reduction scratch as raw storage (the accumulators have member initialisers, which shared
   // variables cannot run); every slot is written before it is read.
-  __shared__ __align__(16) unsigned char lse_mem[sizeof(Lse) * (kMaxWarps + 2)];
-  __shared__ __align__(16) unsigned char acc_mem[sizeof(Acc) * (kMaxWarps + 2)];
+  // Sized by the real warp count (kThreads / 32; the launch bounds forbid larger CTAs): every byte
+  // counts, three resident kl CTAs per SM need static + dynamic shared memory <= 76.8 KB each.
+  constexpr int kWarps = kThreads / kWarpSize;
+  __shared__ __align__(16) unsigned char lse_mem[sizeof(Lse) * (kWarps + 2)];
+  __shared__ __align__(16) unsigned char acc_mem[sizeof(Acc) * (kWarps + 2)];
   Lse* lse_scratch = reinterpret_cast<Lse*>(lse_mem);
-  Lse* lse_slot = lse_scratch + kMaxWarps;
+  Lse* lse_slot = lse_scratch + kWarps;
   Acc* acc_scratch = reinterpret_cast<Acc*>(acc_mem);
-  Acc* acc_slot = acc_scratch + kMaxWarps;
+  Acc* acc_slot = acc_scratch + kWarps;
   extern __shared__ __align__(16) unsigned char smem_raw[];
 
   const unsigned C = cluster_size(), rank = cluster_rank();
+  // The launch's cluster shape must be the one this code sees: a kernel built without cluster support
+  // (e.g. JIT-compiled from sm_80 PTX) launched with clusters would read past its row slice.
+  if (C != unsigned(a.cluster)) __trap();
   const int64_t cluster_id = blockIdx.x / C, n_clusters = gridDim.x / C;
   // This CTA's slice [v0, v1) of every row: whole multiples of the vector width.
   const int64_t part = ((a.V + C - 1) / C + kW - 1) / kW * kW;
@@ -137,31 +143,35 @@ __global__ void __launch_bounds__(kThreads, 2) amid_fwd_kernel(const RowArgs<sca
     const scalar_t* s = a.s + row * a.lds + v0;
     bool vec_ok = same_misalignment(t, s, sizeof(scalar_t)) && (g == nullptr || same_misalignment(t, g, sizeof(scalar_t)));
 
+    // R1: log-sum-exps of the scaled rows, and the validity flag.
+    Lse lse;
     if constexpr (RESIDENT) {
       // Stage the slice in shared memory at the same 16-byte misalignment as the global row, so
-      // the visitor's vector chunks line up with the gradient row's.
+      // the visitor's vector chunks line up with the gradient row's. R1 runs on the registers the
+      // copy just loaded (no second read of the slice; the loads overlap the exponentials).
       const int64_t pad = (reinterpret_cast<uintptr_t>(t) / sizeof(scalar_t)) % kW;
       const int64_t cap = part + kW;
       scalar_t* st = reinterpret_cast<scalar_t*>(smem_raw) + pad;
       scalar_t* ss = reinterpret_cast<scalar_t*>(smem_raw) + cap + pad;
       __syncthreads();  // the previous row's readers are done with the buffer
       const bool copy_vec = same_misalignment(t, s, sizeof(scalar_t));
-      visit_row(t, s, len, copy_vec, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {  // gauge:stage
-        store_chunk<decltype(nc)::value>(st, i, tv);
-        store_chunk<decltype(nc)::value>(ss, i, sv);
+      visit_row(t, s, len, copy_vec, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {  // gauge:R1
+        constexpr int n = decltype(nc)::value;
+        store_chunk<n>(st, i, tv);
+        store_chunk<n>(ss, i, sv);
+#pragma unroll
+        for (int j = 0; j < n; ++j) lse.template add<M>(acc_t(tv[j]) * invT, acc_t(sv[j]) * invT);
       });
       __syncthreads();
       t = st;
       s = ss;
       vec_ok = g == nullptr || same_misalignment(st, g, sizeof(scalar_t));
-    }
-
-    // R1: log-sum-exps of the scaled rows, and the validity flag.
-    Lse lse;
-    visit_row(t, s, len, vec_ok, [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {  // gauge:R1
+    } else {
+      visit_row(t, s, len, vec_ok, [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {  // gauge:R1
 #pragma unroll
-      for (int j = 0; j < decltype(nc)::value; ++j) lse.template add<M>(acc_t(tv[j]) * invT, acc_t(sv[j]) * invT);
-    });
+        for (int j = 0; j < decltype(nc)::value; ++j) lse.template add<M>(acc_t(tv[j]) * invT, acc_t(sv[j]) * invT);
+      });
+    }
     lse = cluster_reduce<acc_t>(lse, lse_scratch, lse_slot, round++, merge_lse);
     const bool bad_row = lse.bad != acc_t(0) || lse.t.m == neg_inf<acc_t>() || lse.s.m == neg_inf<acc_t>();
     if (bad_row) {  // NaN / +inf, or an all -inf row: the row's loss, stats and gradient are NaN
@@ -216,7 +226,7 @@ __global__ void __launch_bounds__(kThreads) amid_bwd_kernel(const RowArgs<scalar
     const acc_t weight = a.row_weight ? a.row_weight[row] : acc_t(1);
     scalar_t* g = a.grad + row * a.V;
     if (weight == acc_t(0)) {
-      for (int64_t i = threadIdx.x; i < a.V; i += blockDim.x) g[i] = scalar_t(0);
+      fill_vec(g, a.V, scalar_t(0));
       continue;
     }
     const acc_t* st = a.stats + row * kNumStats;
@@ -243,17 +253,52 @@ inline std::string forced_path() {
 }
 
 
+// What the launcher needs to know about the resident kernel on one device, found once per (kernel,
+// device): whether the code that runs supports clusters, its static shared memory, and the largest
+// dynamic shared memory it may use (the device's opt-in limit minus the static part).
+struct ResidentInfo {
+  bool clusters = false;
+  int max_cluster = 1;  // 8 (portable) or kMaxCluster when non-portable sizes are allowed
+  int static_smem = 0;
+  int max_dynamic_smem = 0;
+};
+
+// Clusters need an sm_90+ device *and* code compiled for sm_90+: a kernel JIT-compiled on Hopper from
+// sm_80 PTX (TORCH_CUDA_ARCH_LIST="8.0+PTX") has binaryVersion 90 but was written without clusters
+// (utils.cuh: cluster_size() is 1 there), so only the PTX version tells. The kernel also checks the
+// cluster size it is launched with (RowArgs::cluster) and traps on a mismatch.
+//
+// The dynamic-shared-memory limit is a per-function, process-wide attribute: it is set here once per
+// device, to the maximum, under std::call_once, so that concurrent launches from several host threads
+// (with different row lengths) never race on it. The same for the non-portable cluster size.
 template <typename Kernel>
-bool kernel_has_clusters(Kernel kernel) {
-  // Clusters need an sm_90+ device *and* code compiled for it (a build for sm_80 only runs on
-  // Hopper through the PTX JIT or not at all; the cubin's version tells).
-  if (at::cuda::getCurrentDeviceProperties()->major < 9) return false;
-  cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return attr.binaryVersion >= 90 || attr.ptxVersion >= 90;
+const ResidentInfo& resident_info(Kernel kernel) {
+  constexpr int kMaxDevices = 64;
+  static std::once_flag once[kMaxDevices];
+  static ResidentInfo info[kMaxDevices];
+  const int dev = c10::cuda::current_device();
+  TORCH_CHECK(dev >= 0 && dev < kMaxDevices, "amid: expected a CUDA device index below ", kMaxDevices, ", but got ",
+              dev);
+  std::call_once(once[dev], [&] {
+    const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    ResidentInfo r;
+    r.clusters = prop->major >= 9 && attr.ptxVersion >= 90;
+    r.static_smem = int(attr.sharedSizeBytes);
+    r.max_dynamic_smem = std::max(0, int(prop->sharedMemPerBlockOptin) - r.static_smem);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, r.max_dynamic_smem));
+    if (r.clusters) {
+      r.max_cluster = 8;
+      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) {
+        r.max_cluster = kMaxCluster;
+      } else {
+        (void)cudaGetLastError();  // no non-portable clusters on this device: at most 8 CTAs
+      }
+    }
+    info[dev] = r;
+  });
+  return info[dev];
 }
 
 template <typename scalar_t, Divergence D, Order O>
@@ -264,11 +309,15 @@ void launch_fwd(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a, const Los
   auto slice_bytes = [&](int64_t C) { return 2 * (((a.V + C - 1) / C + kW - 1) / kW * kW + kW) * int64_t(sizeof(scalar_t)); };
 
   auto resident = amid_fwd_kernel<scalar_t, D, O, true>;
-  const bool clusters = kernel_has_clusters(resident);
+  const ResidentInfo& info = resident_info(resident);
+  // The slice must fit the opt-in limit (minus static shared memory) on this device; the default path
+  // also keeps it within kResidentBudget. Otherwise: streaming (also when AMID_CUDA_PATH=resident).
+  const int64_t budget = path == "resident" ? int64_t(info.max_dynamic_smem)
+                                            : std::min<int64_t>(kResidentBudget, info.max_dynamic_smem);
   int C = 0;  // 0: streaming
   if (path != "stream") {
-    for (int c = 1; c <= (clusters ? kMaxCluster : 1); c *= 2) {
-      if (slice_bytes(c) <= kResidentBudget || (path == "resident" && slice_bytes(c) <= 200 * 1024)) {
+    for (int c = 1; c <= info.max_cluster; c *= 2) {
+      if (slice_bytes(c) <= budget) {
         C = c;
         break;
       }
@@ -276,8 +325,8 @@ void launch_fwd(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a, const Los
   }
   if (C > 0) {
     const int64_t smem = slice_bytes(C);
-    C10_CUDA_CHECK(cudaFuncSetAttribute(resident, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    if (C > 8) C10_CUDA_CHECK(cudaFuncSetAttribute(resident, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    RowArgs<scalar_t, at::opmath_type<scalar_t>> args = a;
+    args.cluster = C;
     cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute attr[1];
     cfg.blockDim = dim3(kThreads);
@@ -306,7 +355,7 @@ void launch_fwd(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a, const Los
       const int64_t clusters_needed = a.N;
       const int64_t n_clusters = clusters_needed < active ? clusters_needed : active;
       cfg.gridDim = dim3(unsigned(n_clusters * C));
-      C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, resident, a, P));
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, resident, args, P));
       return;
     }
     // The cluster shape cannot be scheduled on this device: fall back to streaming.
@@ -315,7 +364,9 @@ void launch_fwd(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a, const Los
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, streaming, kThreads, 0));
   const int64_t blocks = std::min<int64_t>(a.N, int64_t(std::max(per_sm, 1)) * sm_count());
-  streaming<<<unsigned(blocks), kThreads, 0, stream>>>(a, P);
+  RowArgs<scalar_t, at::opmath_type<scalar_t>> args = a;
+  args.cluster = 1;
+  streaming<<<unsigned(blocks), kThreads, 0, stream>>>(args, P);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

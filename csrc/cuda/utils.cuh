@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace amid {
@@ -42,7 +43,7 @@ __device__ __forceinline__ Acc warp_reduce(Acc a, Merge&& merge) {
   return a;
 }
 
-// CTA-wide reduction; `scratch` holds kMaxWarps Accs of shared memory. All threads get the result.
+// CTA-wide reduction; `scratch` holds one Acc of shared memory per warp of the CTA. All threads get the result.
 // The leading __syncthreads protects `scratch` from the previous call's readers.
 template <typename T, typename Acc, typename Merge>
 __device__ __forceinline__ Acc block_reduce(Acc a, Acc* scratch, Merge&& merge) {
@@ -60,7 +61,18 @@ __device__ __forceinline__ Acc block_reduce(Acc a, Acc* scratch, Merge&& merge) 
 // Cluster-wide reduction through distributed shared memory (sm_90+): each CTA publishes its CTA
 // result in `slot[round & 1]` (two alternating slots, so a CTA that runs ahead to the next round
 // cannot overwrite a slot a peer is still reading: one cluster barrier separates rounds k and
-// k + 2), then every CTA combines all ranks' slots in rank order. With one CTA it is the CTA result.
+// k + 2). Then one warp gathers: lane k < C reads rank k's slot (C remote reads per CTA instead of
+// C per thread) and the C lanes merge in a butterfly, the same order in every CTA of the cluster
+// (C is a power of two <= 16, so the lane groups are closed under the xor offsets), and lane 0
+// hands the result to the CTA through scratch[0]. The cluster barrier is also a CTA barrier: every
+// thread has finished reading `scratch` (block_reduce) before lane 0 overwrites scratch[0]; the
+// next block_reduce starts with __syncthreads, after the readers below. With one CTA it is the
+// CTA result.
+//
+// Barrier semantics: cluster.sync() is barrier.cluster.arrive.release + wait.acquire; on sm_90a
+// ptxas implements any release / fence at cluster scope as MEMBAR.ALL.GPU and the acquire as an L1
+// invalidate (checked in the SASS; a relaxed arrive plus fence.acq_rel.cluster compiles to the
+// same), so nothing weaker is available short of an mbarrier + st.async protocol.
 template <typename T, typename Acc, typename Merge>
 __device__ __forceinline__ Acc cluster_reduce(Acc a, Acc* scratch, Acc* slot, int round, Merge&& merge) {
   Acc r = block_reduce<T>(a, scratch, merge);
@@ -72,8 +84,17 @@ __device__ __forceinline__ Acc cluster_reduce(Acc a, Acc* scratch, Acc* slot, in
     Acc* mine = slot + (round & 1);
     if (threadIdx.x == 0) *mine = r;
     cluster.sync();  // release our slot, acquire the peers'
-    r = *cluster.map_shared_rank(mine, 0);
-    for (unsigned k = 1; k < nblocks; ++k) merge(r, *cluster.map_shared_rank(mine, k));
+    if (threadIdx.x < kWarpSize) {
+      const unsigned lane = threadIdx.x;
+      Acc x = lane < nblocks ? *cluster.map_shared_rank(mine, lane) : r;
+      for (unsigned offset = nblocks / 2; offset > 0; offset >>= 1) {
+        const Acc o = shfl_xor_acc<T>(x, int(offset));
+        merge(x, o);
+      }
+      if (lane == 0) *scratch = x;
+    }
+    __syncthreads();
+    r = *scratch;
   }
 #endif
   return r;
@@ -166,6 +187,58 @@ __device__ __forceinline__ void store_chunk(scalar_t* g, int64_t i, const scalar
 #pragma unroll
     for (int j = 0; j < n; ++j) g[i + j] = vals[j];
   }
+}
+
+// Stores n (1 or kW) values at g[i] of a *global* row, with one 16-byte store (STG.E.128) when n == kW
+// (then g + i is aligned). The packed registers go through st.global.v4 explicitly: a plain uint4
+// assignment from the per-element array was split into four 32-bit stores by the compiler, and
+// __stwb compiles to a STG.E.128.STRONG.SM. No "memory" clobber: nothing in the kernels reads a
+// gradient element after writing it (the values stored depend on the loads that precede them).
+template <int n, typename scalar_t>
+__device__ __forceinline__ void store_chunk_global(scalar_t* g, int64_t i, const scalar_t* vals) {
+  constexpr int kW = VecWidth<scalar_t>::value;
+  if constexpr (n == kW) {
+    uint4 v;
+    static_assert(sizeof(v) == kW * sizeof(scalar_t), "a chunk is 16 bytes");
+    memcpy(&v, vals, sizeof(v));
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(g + i), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+  } else {
+#pragma unroll
+    for (int j = 0; j < n; ++j) g[i + j] = vals[j];
+  }
+}
+
+// g[0, len) = value for this CTA's threads, in 16-byte stores between a scalar head and tail.
+template <typename scalar_t>
+__device__ __forceinline__ void fill_vec(scalar_t* g, int64_t len, scalar_t value) {
+  constexpr int kW = VecWidth<scalar_t>::value;
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const int64_t head = vector_head(g, len), nvec = (len - head) / kW;
+  alignas(16) scalar_t chunk[kW];
+#pragma unroll
+  for (int j = 0; j < kW; ++j) chunk[j] = value;
+  for (int64_t i = tid; i < head; i += nt) g[i] = value;
+  for (int64_t c = tid; c < nvec; c += nt) store_chunk_global<kW>(g + head, c * kW, chunk);
+  for (int64_t i = head + nvec * kW + tid; i < len; i += nt) g[i] = value;
+}
+
+// g[0, len) = f(g[i]) for this CTA's threads, with 16-byte loads and stores between a scalar head and tail.
+template <typename scalar_t, typename F>
+__device__ __forceinline__ void map_vec(scalar_t* g, int64_t len, F&& f) {
+  constexpr int kW = VecWidth<scalar_t>::value;
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const int64_t head = vector_head(g, len), nvec = (len - head) / kW;
+  for (int64_t i = tid; i < head; i += nt) g[i] = f(g[i]);
+  for (int64_t c = tid; c < nvec; c += nt) {
+    scalar_t* p = g + head + c * kW;
+    const uint4 in = *reinterpret_cast<const uint4*>(p);
+    alignas(16) scalar_t v[kW];
+    memcpy(v, &in, sizeof(in));
+#pragma unroll
+    for (int j = 0; j < kW; ++j) v[j] = f(v[j]);
+    store_chunk_global<kW>(p, 0, v);
+  }
+  for (int64_t i = head + nvec * kW + tid; i < len; i += nt) g[i] = f(g[i]);
 }
 
 }  // namespace cuda_detail
