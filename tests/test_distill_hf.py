@@ -232,3 +232,36 @@ def test_teacher_cache_is_bounded(tmp_path):
     # Caching never changes the result.
     assert sizes[0.004][1] == pytest.approx(sizes[0.0][1], rel=1e-6)
     assert sizes[1024.0][1] == pytest.approx(sizes[0.0][1], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hub ids (offline: from the local Hugging Face cache) and data through `datasets` files.
+
+def _fake_hub_cache(cache, repo_id, src):
+    """A Hugging Face cache entry for repo_id holding the files of src (as huggingface_hub lays it out)."""
+    import shutil
+
+    entry = cache / ("models--" + repo_id.replace("/", "--"))
+    snap = entry / "snapshots" / ("0" * 40)
+    shutil.copytree(src, snap)
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text("0" * 40)
+
+
+def test_hub_ids_resolve_offline_from_the_cache(tmp_path, saved_teacher, monkeypatch, capsys):
+    import huggingface_hub.constants as hub_constants
+
+    cache = tmp_path / "hub"
+    _fake_hub_cache(cache, "someorg/tiny-teacher", saved_teacher)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    cfg = tiny_config(tmp_path, teacher="someorg/tiny-teacher", max_steps=1, eval_teacher=False)
+    d = Distiller(cfg)
+    assert d.teacher.config.num_hidden_layers == 2
+    # A Hub id that is not in the cache: one line naming the field and the id, exit code 2.
+    capsys.readouterr()
+    assert distill_cli.main(["--teacher", "someorg/not-there", "--train-file", cfg.train_file, "--output-dir",
+                             str(tmp_path / "o2"), "--no-progress"]) == 2
+    err = _one_line_error(capsys)
+    assert "config field 'teacher': 'someorg/not-there' is neither a local directory nor in the Hugging Face " \
+           "cache" in err, err

@@ -301,10 +301,10 @@ class DistillConfig:
         elif self.teacher is None or not isinstance(self.teacher, str) or not self.teacher:
             raise _err("teacher", f"a Hugging Face model directory or '{DEMO_TEACHER}' (use --demo for the "
                                   "offline demo)", self.teacher)
-        elif self.teacher != DEMO_TEACHER and not os.path.isdir(self.teacher):
+        elif self.teacher != DEMO_TEACHER and not os.path.isdir(self.teacher) and not is_hub_id(self.teacher):
             raise ConfigError(f"amid-distill: config field 'teacher': the teacher directory '{self.teacher}' "
-                              "does not exist (expected a local Hugging Face model directory)")
-        if self.student is not None and not os.path.isdir(self.student):
+                              "does not exist (expected a local Hugging Face model directory or a Hub id)")
+        if self.student is not None and not os.path.isdir(self.student) and not is_hub_id(self.student):
             raise ConfigError(f"amid-distill: config field 'student': the student directory '{self.student}' "
                               "does not exist (expected a local Hugging Face model directory, or null to "
                               "build the student from the teacher's layers)")
@@ -430,6 +430,14 @@ class DistillConfig:
     @property
     def teacher_torch_dtype(self) -> str:
         return TEACHER_DTYPES[self.teacher_dtype.lower()]
+
+
+def is_hub_id(name: Any) -> bool:
+    """Whether ``name`` looks like a Hugging Face Hub model id (``org/name``), not a path."""
+    import re
+
+    return (isinstance(name, str) and not name.startswith((".", "/", "~")) and not os.path.exists(name)
+            and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None)
 
 
 def did_you_mean(name: str, flag: bool = False) -> str:

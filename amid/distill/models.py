@@ -39,11 +39,33 @@ def demo_teacher_dir() -> str:
     return folder
 
 
-def resolve_model_path(path: str, gguf_file: Optional[str]) -> Tuple[str, Optional[str]]:
-    """``(directory, gguf_file)`` for a config value (``'smollm2'`` is the demo teacher)."""
+def resolve_model_path(path: str, gguf_file: Optional[str], *, field: str = "teacher") -> Tuple[str, Optional[str]]:
+    """``(directory, gguf_file)`` for a config value (``'smollm2'`` is the demo teacher).
+
+    A Hub id (``org/name``) is looked up in the local Hugging Face cache; it is downloaded only when
+    ``HF_HUB_OFFLINE`` is off (amid-distill turns it on unless told otherwise).
+    """
     if path == DEMO_TEACHER:
         return demo_teacher_dir(), gguf_file or DEMO_GGUF_FILE
-    return path, gguf_file
+    from .config import is_hub_id
+
+    if os.path.isdir(path) or not is_hub_id(path):
+        return path, gguf_file
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants as hub_constants
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        raise ConfigError(f"amid-distill: config field '{field}': '{path}' is not a local directory (Hub ids need "
+                          "huggingface_hub)") from None
+    offline = bool(hub_constants.HF_HUB_OFFLINE)
+    try:
+        local = huggingface_hub.snapshot_download(repo_id=path, local_files_only=offline)
+    except Exception as e:  # noqa: BLE001 - LocalEntryNotFoundError, RepositoryNotFoundError, network errors
+        how = ("HF_HUB_OFFLINE=1, so nothing is downloaded: fetch it once with `hf download " + path +
+               "` (or set HF_HUB_OFFLINE=0)" if offline else one_line(e))
+        raise ConfigError(f"amid-distill: config field '{field}': '{path}' is neither a local directory nor in the "
+                          f"Hugging Face cache ({how})") from None
+    return local, gguf_file
 
 
 def load_tokenizer(path: str, gguf_file: Optional[str] = None):

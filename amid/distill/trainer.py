@@ -361,7 +361,7 @@ class Distiller:
         if self.resume_dir is not None:
             student = M.load_causal_lm(self.resume_dir, role="student checkpoint", extra=s_extra)
         elif student is None and cfg.student is not None:
-            s_path, s_gguf = M.resolve_model_path(cfg.student, cfg.student_gguf_file)
+            s_path, s_gguf = M.resolve_model_path(cfg.student, cfg.student_gguf_file, field="student")
             student_tokenizer = M.load_tokenizer(s_path, s_gguf)
             student = M.load_causal_lm(s_path, s_gguf, role="student", extra=s_extra)
         elif student is None:
