@@ -233,10 +233,13 @@ AMID_HD T log_prob(T x, RowLse<T> a) {
 // of opposite signs near 3e38). dAB = A - B is a row constant (formed in double by the caller).
 template <typename T>
 AMID_HD T logit_gap(T tf, T sf, T lp, T lq, T dAB) {
+  // Error bounds (up to a factor 2) as maxima, not sums, so that they cannot overflow: an infinite
+  // ts or dAB (logits of opposite signs near 3e38) always selects lp - lq, which stays finite.
   const T ts = tf - sf;
   const T abs_ts = ts < T(0) ? -ts : ts, abs_d = dAB < T(0) ? -dAB : dAB;
   const T abs_lp = lp < T(0) ? -lp : lp, abs_lq = lq < T(0) ? -lq : lq;
-  return abs_ts + abs_d <= abs_lp + abs_lq ? ts - dAB : lp - lq;  // NaN / inf bounds: lp - lq
+  const T b1 = abs_ts > abs_d ? abs_ts : abs_d, b2 = abs_lp > abs_lq ? abs_lp : abs_lq;
+  return b1 <= b2 ? ts - dAB : lp - lq;  // NaN bounds: lp - lq
 }
 
 // The mixture from the temperature-scaled logits tf, sf and their log-sum-exps A, B (dAB = A - B),
@@ -397,10 +400,8 @@ AMID_HD T phi2_div(T x) {
 template <typename T>
 struct Terms {
   T l, G, H;
-  // kl only: the first-order loss term (-ref e kept, 0 masked) and the masked mass (r + ref where a
-  // logit is -inf). The row loss takes the sum of l while the masked mass is at most |sum l| (no
-  // cancellation between the second-order terms and the masked corrections), else the sum of l1.
-  T l1 = T(0), mm = T(0);
+  // kl only: the first-order loss term (-ref e or r e where kept, 0 where masked); see kl_row_loss.
+  T l1 = T(0);
 };
 
 template <Divergence D, Order O, class M, typename T>
@@ -437,7 +438,6 @@ AMID_HD Terms<T> element_terms(const LossParams<T>& P, T p, T q, T r, T lp, T lq
     o.G = keep ? G : G_out;
     o.H = keep ? H : H_out;
     o.l1 = keep ? (O == Order::kPR || O == Order::kQR ? -ref * e : r * e) : T(0);
-    o.mm = keep ? T(0) : r + ref;
   } else {
     // alpha-beta divergence D(x||y) = -(1/(ab)) sum[x^a y^b - (a/g) x^g - (b/g) y^g], g = a + b,
     // dD/dlx = (x^g - x^a y^b)/b, dD/dly = (y^g - x^a y^b)/a; with the assistant's exponent c and
@@ -459,10 +459,14 @@ AMID_HD T element_grad(bool detach, T w, T q, T r, const Terms<T>& o, T S_G, T K
   return detach ? o.H - q * K : w * (o.G - r * S_G) + o.H - q * K;
 }
 
-// The kl row loss from the sums of Terms::l (second order), l1 (first order) and mm (masked mass).
+// The kl row loss: the sum of the second-order terms Terms::l or of the first-order ones l1, whichever
+// carries the smaller rounding error. Both are exact in exact arithmetic; sum l is exact to the last
+// bit for a tiny divergence (every term >= 0, O(e^2)), but with -inf masks its masked corrections
+// (+-(r - ref)) can cancel against the rest; sum l1 depends on Z at first order. Error bounds, in
+// units of eps: sum |l| and sum |l1| + |Z|.
 template <typename S>
-AMID_HD S kl_row_loss(S sum_l, S sum_l1, S masked_mass) {
-  return masked_mass <= (sum_l < S(0) ? -sum_l : sum_l) ? sum_l : sum_l1;
+AMID_HD S kl_row_loss(S sum_l, S abs_l, S sum_l1, S abs_l1, S Z) {
+  return abs_l <= abs_l1 + (Z < S(0) ? -Z : Z) ? sum_l : sum_l1;
 }
 
 // The row scalar K of the gradient from the row sums; detached, only the explicit part stays.

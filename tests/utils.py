@@ -120,6 +120,9 @@ def mp_row_loss(s_row, t_row, alpha: float, lam: float, divergence: str = "kl", 
         extra += max(0, int(-math.log10(abs(0.5 * (1.0 - alpha)))) + 1)
     if divergence == "ab":
         extra += max(0, int(-math.log10(ab_alpha * ab_beta)) + 1)
+    # Logits of magnitude 10^m spend m digits before the point: log-softmax keeps dps - m of them.
+    finite = [abs(x) for x in vals_s + vals_t if math.isfinite(x)]
+    extra += max(0, int(math.log10(max(finite + [1.0]) / temperature)) + 1)
     ninf = mp.ninf
     with mp.workdps(dps + extra):
         if any(not (x < math.inf) for x in vals_s + vals_t) or all(x == -math.inf for x in vals_s) \
