@@ -77,8 +77,8 @@ def check_logits_pair(op: str, s: Tensor, t: Tensor) -> None:
     _check(s.dtype == t.dtype, op, lambda: f"expected student_logits and teacher_logits to have the same dtype, but got {_dt(s.dtype)} and {_dt(t.dtype)}")
     _check(s.dtype in _DTYPES, op, lambda: f"expected student_logits of dtype float16, bfloat16, float32 or float64, but got {_dt(s.dtype)}")
     _check(s.device == t.device, op, lambda: f"expected student_logits and teacher_logits on the same device, but got {s.device} and {t.device}")
-    _check(s.size(1) <= 1 or s.stride(1) == 1, op, lambda: f"expected student_logits to have stride 1 in the last dimension, but got stride {s.stride(1)}")
-    _check(t.size(1) <= 1 or t.stride(1) == 1, op, lambda: f"expected teacher_logits to have stride 1 in the last dimension, but got stride {t.stride(1)}")
+    _check(s.size(1) <= 1 or s.numel() == 0 or s.stride(1) == 1, op, lambda: f"expected student_logits to have stride 1 in the last dimension, but got stride {s.stride(1)}")
+    _check(t.size(1) <= 1 or t.numel() == 0 or t.stride(1) == 1, op, lambda: f"expected teacher_logits to have stride 1 in the last dimension, but got stride {t.stride(1)}")
 
 
 def check_row_vector(op: str, name: str, x: Tensor, logits: Tensor) -> None:

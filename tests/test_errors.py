@@ -316,3 +316,14 @@ def test_fused_loss_refuses_create_graph():
         assert str(info.value).startswith("amid.fused_linear_amid_loss: create_graph=True (double backward")
     (g,) = torch.autograd.grad(amid.fused_linear_amid_loss(h, w, ht, w, alpha=0.5, lam=0.3), h)
     assert torch.isfinite(g).all() and not g.requires_grad
+
+
+def test_op_accepts_empty_logits_with_any_strides():
+    """An empty [0, V] pair is valid whatever its strides (e.g. (0, 0) from expand or empty_strided):
+    nothing is read, so the unit-stride rule does not apply (eager and fake kernels alike)."""
+    s = torch.empty_strided((0, 5), (0, 0))
+    t = torch.empty_strided((0, 5), (0, 0))
+    for fn in (lambda a, b: amid.ops.amid_loss_fwd(a, b, None, *OPTS, True),
+               torch.compile(lambda a, b: amid.ops.amid_loss_fwd(a, b, None, *OPTS, True), backend="eager")):
+        rows, stats, grad = fn(s, t)
+        assert rows.shape == (0,) and stats.shape == (0, amid.ops.NUM_STATS) and grad.shape == (0, 5)

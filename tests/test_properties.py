@@ -216,8 +216,8 @@ def test_float64_extreme_lam(problem, log10_lam, near_one):
 
 # ------------------------------------------------------------------------------------------------
 # float32 against high precision, with the issue's budgets (loss relative error <= 1e-5 for kl,
-# <= 1e-4 for ab), on the float32 values themselves. One test per regime, so that what is still
-# covered (issue 15 items 2-6) shows precisely.
+# <= 1e-4 for ab), on the float32 values themselves. One test per regime (issue 15 items 2-6), so
+# that a failure names its regime.
 
 LOSS_RTOL32 = {"kl": 1e-5, "ab": 1e-4}
 ATOL32 = 1e-30  # below any float32 normal number: the budget is relative
