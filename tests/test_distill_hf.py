@@ -265,3 +265,31 @@ def test_hub_ids_resolve_offline_from_the_cache(tmp_path, saved_teacher, monkeyp
     err = _one_line_error(capsys)
     assert "config field 'teacher': 'someorg/not-there' is neither a local directory nor in the Hugging Face " \
            "cache" in err, err
+
+
+def test_data_from_parquet_and_hub_dataset_ids(tmp_path, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    from test_distill import write_data
+
+    from amid.distill.data import load_records
+
+    paths = write_data(str(tmp_path / "data"))
+    rows = [json.loads(x) for x in open(paths["train"])]
+    pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "train.parquet"))
+    assert load_records(str(tmp_path / "train.parquet")) == load_records(paths["train"])
+    # TRL's prompt-completion rows are read too.
+    trl_rows = [{"prompt": r["prompt"], "completion": r["response"], "answer": r["answer"]} for r in rows]
+    pq.write_table(pa.Table.from_pylist(trl_rows), str(tmp_path / "trl.parquet"))
+    assert load_records(str(tmp_path / "trl.parquet")) == load_records(paths["train"])
+    # A Hub dataset id goes to datasets.load_dataset, with the split named after the field or given.
+    datasets = pytest.importorskip("datasets")
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: calls.append((name, split)) or rows)
+    assert load_records("someorg/letters", split="validation") == load_records(paths["train"])
+    assert load_records("someorg/letters:dev") == load_records(paths["train"])
+    assert calls == [("someorg/letters", "validation"), ("someorg/letters", "dev")]
+    DistillConfig(teacher="smollm2", train_file="someorg/letters:train").validate()  # accepted as a source
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"the dataset 'someorg/not-there' is neither a local file nor loadable"):
+        load_records("someorg/not-there")

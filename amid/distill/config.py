@@ -312,9 +312,10 @@ class DistillConfig:
             path = getattr(self, name)
             if path is None:
                 if name == "train_file":
-                    raise _err(name, "a JSONL file of {prompt, response} or {messages} records", None)
+                    raise _err(name, "a JSONL / Parquet file or a Hub dataset id of {prompt, response} or "
+                                     "{messages} records", None)
                 continue
-            if not os.path.isfile(path):
+            if not isinstance(path, str) or not (os.path.isfile(path) or is_dataset_id(path)):
                 raise ConfigError(f"amid-distill: config field '{name}': the file '{path}' does not exist")
         integer("student_num_layers", 1)
         if self.student_layers is not None:
@@ -438,6 +439,16 @@ def is_hub_id(name: Any) -> bool:
 
     return (isinstance(name, str) and not name.startswith((".", "/", "~")) and not os.path.exists(name)
             and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None)
+
+
+def is_dataset_id(name: Any) -> bool:
+    """Whether ``name`` looks like a Hub dataset id (``name``/``org/name``, optionally ``:split``), not a path."""
+    import re
+
+    return (isinstance(name, str) and not name.startswith((".", "/", "~")) and not os.path.exists(name)
+            and not name.endswith((".jsonl", ".json", ".parquet"))
+            and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?(:[A-Za-z0-9_.-]+)?", name)
+            is not None)
 
 
 def did_you_mean(name: str, flag: bool = False) -> str:

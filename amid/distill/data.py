@@ -1,4 +1,4 @@
-"""Data: JSONL instruction records -> chat-templated token ids with masked prompts, batches, sampler.
+"""Data: JSONL / Parquet / Hub-dataset instruction records -> chat-templated token ids with masked prompts, batches, sampler.
 
 Records are ``{"prompt": ..., "response": ...}`` (optionally ``"system"`` and ``"answer"``) or
 ``{"messages": [{"role": ..., "content": ...}, ...]}`` whose last message is the assistant's answer.
@@ -40,43 +40,83 @@ def _fail(path: str, line: int, msg: str) -> ValueError:
     return ValueError(f"amid-distill: {path} line {line}: {msg}")
 
 
-def load_records(path: str) -> List[Dict[str, Any]]:
-    """Read and check a JSONL file; returns a list of ``{"messages", "answer"}`` dicts."""
-    if not os.path.isfile(path):
+def _rows(path: str, split: str):
+    """``(where, row)`` pairs of a data source: JSONL (``where`` = line number), Parquet, or a
+    Hugging Face dataset id ``org/name`` (``org/name:split`` picks the split; default ``split``)."""
+    if os.path.isfile(path) and path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"amid-distill: reading '{path}' needs pyarrow (pip install pyarrow)") from None
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # noqa: BLE001 - ArrowInvalid etc. on a damaged file
+            raise ValueError(f"amid-distill: '{path}' is not a readable Parquet file: "
+                             f"{' '.join(str(e).split())[:300]}") from None
+        for i, row in enumerate(rows, 1):
+            yield f"row {i}", row
+        return
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise _fail(path, i, f"expected a JSON object, but the line is not valid JSON ({e})") from e
+                yield f"line {i}", rec
+        return
+    from .config import is_dataset_id
+
+    if not is_dataset_id(path):
         raise ValueError(f"amid-distill: the data file '{path}' does not exist")
+    name, _, sp = path.partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"amid-distill: '{path}' is not a local file, and Hub datasets need the datasets package "
+                         "(pip install datasets)") from None
+    try:
+        ds = datasets.load_dataset(name, split=sp or split)
+    except Exception as e:  # noqa: BLE001 - offline miss, unknown split, ...
+        raise ValueError(f"amid-distill: the dataset '{path}' is neither a local file nor loadable with "
+                         f"datasets.load_dataset (offline, only the local cache is read): "
+                         f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+    for i, row in enumerate(ds, 1):
+        yield f"row {i}", row
+
+
+def load_records(path: str, split: str = "train") -> List[Dict[str, Any]]:
+    """Read and check a data source (JSONL, Parquet or a Hub dataset id); returns ``{"messages", "answer"}`` dicts.
+
+    Rows are ``{prompt, response}`` (or TRL's ``{prompt, completion}``) or ``{messages}``.
+    """
     out: List[Dict[str, Any]] = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise _fail(path, i, f"expected a JSON object, but the line is not valid JSON ({e})") from e
-            if not isinstance(rec, dict):
-                raise _fail(path, i, f"expected a JSON object, but got {type(rec).__name__}")
-            if "messages" in rec:
-                msgs = rec["messages"]
-                if (not isinstance(msgs, list) or len(msgs) < 2
-                        or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                   and isinstance(m.get("content"), str) for m in msgs)):
-                    raise _fail(path, i, "expected 'messages' to be a list of at least two {role, content} objects")
-                if msgs[-1]["role"] != "assistant":
-                    raise _fail(path, i, f"expected the last message to have role 'assistant', but got "
-                                         f"'{msgs[-1]['role']}'")
-                messages = [{"role": m["role"], "content": m["content"]} for m in msgs]
-            elif "prompt" in rec and "response" in rec:
-                if not isinstance(rec["prompt"], str) or not isinstance(rec["response"], str):
-                    raise _fail(path, i, "expected 'prompt' and 'response' to be strings")
-                messages = [{"role": "user", "content": rec["prompt"]},
-                            {"role": "assistant", "content": rec["response"]}]
-                if isinstance(rec.get("system"), str):
-                    messages.insert(0, {"role": "system", "content": rec["system"]})
-            else:
-                raise _fail(path, i, f"expected keys 'prompt' and 'response', or 'messages', but got "
-                                     f"{sorted(rec.keys())}")
-            answer = rec.get("answer")
-            out.append({"messages": messages, "answer": None if answer is None else str(answer)})
+    for where, rec in _rows(path, split):
+        if not isinstance(rec, dict):
+            raise ValueError(f"amid-distill: {path} {where}: expected a JSON object, but got {type(rec).__name__}")
+        fail = lambda msg: ValueError(f"amid-distill: {path} {where}: {msg}")  # noqa: E731
+        if rec.get("messages") is not None:
+            msgs = rec["messages"]
+            if (not isinstance(msgs, list) or len(msgs) < 2
+                    or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                               and isinstance(m.get("content"), str) for m in msgs)):
+                raise fail("expected 'messages' to be a list of at least two {role, content} objects")
+            if msgs[-1]["role"] != "assistant":
+                raise fail(f"expected the last message to have role 'assistant', but got '{msgs[-1]['role']}'")
+            messages = [{"role": m["role"], "content": m["content"]} for m in msgs]
+        elif "prompt" in rec and ("response" in rec or "completion" in rec):
+            response = rec["response"] if "response" in rec else rec["completion"]
+            if not isinstance(rec["prompt"], str) or not isinstance(response, str):
+                raise fail("expected 'prompt' and 'response' to be strings")
+            messages = [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": response}]
+            if isinstance(rec.get("system"), str):
+                messages.insert(0, {"role": "system", "content": rec["system"]})
+        else:
+            raise fail(f"expected keys 'prompt' and 'response', or 'messages', but got {sorted(rec.keys())}")
+        answer = rec.get("answer")
+        out.append({"messages": messages, "answer": None if answer is None else str(answer)})
     if not out:
         raise ValueError(f"amid-distill: the data file '{path}' holds no records")
     return out

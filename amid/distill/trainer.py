@@ -400,7 +400,7 @@ class Distiller:
         def enc(path: Optional[str], name: str) -> Optional[List[Example]]:
             if path is None:
                 return None
-            return encode_records(tokenizer, load_records(path), system_prompt=cfg.system_prompt,
+            return encode_records(tokenizer, load_records(path, split=name), system_prompt=cfg.system_prompt,
                                   max_length=cfg.max_length, source=path)
 
         self.train_set = enc(cfg.train_file, "train")
