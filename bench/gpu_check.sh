@@ -66,6 +66,10 @@ if want build; then
   # Registers, stack and spills per kernel, as ptxas reported them.
   grep -E "ptxas info *: (Compiling|Function properties|Used)|spill" "$WORK/build.log" > "$WORK/ptxas.txt"
   say "ptxas: $(grep -cE '[1-9][0-9]* bytes spill (stores|loads)' "$WORK/ptxas.txt") kernel(s) with spills (see ptxas.txt)"
+  # The SASS gauge of the library just built (per-element instructions / MUFU ops, CTAs per SM), to set
+  # beside ncu's InstructionStats of the profile stage.
+  timeout 120 $PY bench/sass_gauge.py --csv "$WORK/sass_gauge.csv" > "$WORK/sass_gauge.txt" 2>&1
+  grep -E "kl/pr +resident|ab/rq +resident" "$WORK/sass_gauge.txt" | cut -c1-200 | tee -a "$SUMMARY"
 fi
 
 if want test; then
