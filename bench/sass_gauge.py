@@ -563,7 +563,8 @@ def ctas_per_sm(regs: int, static_smem: int, dyn_smem: int, threads: int) -> Tup
 # ------------------------------------------------------------------------------------------------
 # The gauge
 
-_KERNEL_RE = re.compile(r"amid_(fwd|bwd)_kernelI(\S+?)ELNS_10DivergenceE(\d)ELNS_5OrderE(\d)(?:ELb([01]))?E")
+# The dtype is a nested name (N3c108BFloat16E) or a builtin type code (f, d).
+_KERNEL_RE = re.compile(r"amid_(fwd|bwd)_kernelI(N\w+?E|[a-z])LNS_10DivergenceE(\d)ELNS_5OrderE(\d)(?:ELb([01]))?E")
 
 
 def classify(name: str) -> Optional[Tuple[str, str, str, str, str]]:
@@ -572,7 +573,7 @@ def classify(name: str) -> Optional[Tuple[str, str, str, str, str]]:
     if not m:
         return None
     kind, targ, d, o, res = m.groups()
-    dtype = next((k for k, v in DTYPES.items() if targ == v[0] or targ + "E" == v[0]), None)
+    dtype = next((k for k, v in DTYPES.items() if targ == v[0]), None)
     if dtype is None:
         return None
     path = "resident" if res == "1" else ("stream" if kind == "fwd" else "-")
