@@ -2,6 +2,8 @@
 
     amid-distill --demo                                   # offline demo: SmolLM2-135M-Instruct -> 6-layer student
     amid-distill --config run.yaml --max-steps 200        # a config file, with flags overriding it
+    amid-distill cache-teacher --config run.yaml --teacher-cache DIR   # offline: run the teacher once,
+    amid-distill --config run.yaml --teacher-cache DIR                 # then train without it
     torchrun --nproc_per_node 2 -m amid.distill.cli --config run.yaml   # DDP (add --strategy fsdp for FSDP)
 
 Every field of :class:`amid.distill.DistillConfig` is a flag (``--kd-weight 0.5`` or ``--kd_weight 0.5``,
@@ -151,6 +153,11 @@ def resolve_config(argv: Optional[List[str]] = None) -> DistillConfig:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    args_in = sys.argv[1:] if argv is None else list(argv)
+    if args_in[:1] == ["cache-teacher"]:  # offline distillation: run the teacher once (amid/distill/cache.py)
+        from .cache import main as cache_main
+
+        return cache_main(args_in[1:])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

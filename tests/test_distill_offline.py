@@ -1,0 +1,209 @@
+"""Offline distillation (issue 10): amid-distill cache-teacher, then training from the cache with no teacher model.
+
+The 'hidden' cache stores the teacher's final hidden states and head, so training from it must equal
+online distillation (float32: loss and gradients to 1e-6 relative).
+"""
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from test_distill import make_model, make_teacher, make_tokenizer, tiny_config, train_records  # noqa: E402
+
+from amid.distill import ConfigError  # noqa: E402
+from amid.distill import cli as distill_cli  # noqa: E402
+from amid.distill.cache import INDEX_FILE, OfflineTeacher, cache_teacher  # noqa: E402
+from amid.distill.trainer import Distiller  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def world():
+    tok = make_tokenizer()
+    return tok, make_teacher(tok)
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_hidden_cache_equals_online(tmp_path, world, fused):
+    tok, teacher = world
+    cfg = tiny_config(tmp_path, kd_weight=0.6, alpha=0.3, lam=0.2, divergence="ab", order="rq", fused_linear=fused,
+                      grad_accum_steps=2, micro_batch_size=3, eval_teacher=True, cache_teacher=False)
+    cache = str(tmp_path / "cache")
+    # Small shards: several per split, so lookups cross shard boundaries.
+    summary = cache_teacher(cfg, cache, teacher=teacher, tokenizer=tok, shard_mb=0.02, batch_size=5, progress=False)
+    assert summary["shards"] > 3 and summary["tokens"] > 0
+    assert summary["bytes_per_token"] == pytest.approx(32 * 4, rel=0.2)  # H = 32 float32 values (+ offsets)
+    online = Distiller(cfg.replace(output_dir=str(tmp_path / "on")), teacher=teacher, tokenizer=tok,
+                       student=make_model(len(tok), layers=1, seed=5))
+    offline = Distiller(cfg.replace(output_dir=str(tmp_path / "off"), teacher_cache=cache), tokenizer=tok,
+                        student=make_model(len(tok), layers=1, seed=5))
+    assert offline.offline is not None and not hasattr(offline.teacher, "model")  # no teacher model loaded
+    # One accumulated step on uneven micro-batches (train split), loss and every gradient.
+    idx = [[0, 7, 3], [11, 2]]
+    res = {}
+    for name, d in (("on", online), ("off", offline)):
+        items = [[{"input_ids": d.train_set[i].input_ids, "labels": d.train_set[i].labels} for i in mb] for mb in idx]
+        d.optimizer.zero_grad(set_to_none=True)
+        sums = d._accumulate(items, [[("train", i) for i in mb] for mb in idx], ce_on=True)
+        res[name] = (float(sums["loss"]), _grads(d.student))
+    assert res["off"][0] == pytest.approx(res["on"][0], rel=1e-6)
+    assert res["off"][1].keys() == res["on"][1].keys()
+    for n, g in res["on"][1].items():
+        assert _rel(res["off"][1][n], g) <= 1e-6, n
+    # Whole runs (3 steps with accumulation, evaluation of teacher and student from the cached splits).
+    for d in (online, offline):
+        d.optimizer.zero_grad(set_to_none=True)
+    on_cfg = cfg.replace(output_dir=str(tmp_path / "on2"), max_steps=3, eval_every=2)
+    a = Distiller(on_cfg, teacher=teacher, tokenizer=tok, student=make_model(len(tok), layers=1, seed=5))
+    b = Distiller(on_cfg.replace(output_dir=str(tmp_path / "off2"), teacher_cache=cache), tokenizer=tok,
+                  student=make_model(len(tok), layers=1, seed=5))
+    a.train()
+    b.train()
+    ra, rb = train_records(a.cfg.output_dir), train_records(b.cfg.output_dir)
+    assert [r["loss"] for r in rb] == pytest.approx([r["loss"] for r in ra], rel=1e-5)
+    for n, p in a.student.state_dict().items():
+        torch.testing.assert_close(b.student.state_dict()[n], p, rtol=1e-5, atol=1e-6)
+    evals = lambda d: sorted((r["phase"], r["model"], r["split"], r["kl"], r["ce"])  # noqa: E731
+                             for r in map(json.loads, open(os.path.join(d, "metrics.jsonl"))) if r["type"] == "eval")
+    ea, eb = evals(a.cfg.output_dir), evals(b.cfg.output_dir)
+    assert [e[:3] for e in ea] == [e[:3] for e in eb]
+    for x, y in zip(ea, eb):
+        assert y[4] == pytest.approx(x[4], rel=1e-5) and (x[3] is None or y[3] == pytest.approx(x[3], rel=1e-5, abs=1e-7))
+
+
+def test_cache_resume_from_checkpoint_and_student_from_cache(tmp_path, world):
+    tok, teacher = world
+    cfg = tiny_config(tmp_path, kd_weight=0.7, max_steps=4, save_every=2, eval_teacher=False, eval_every=0)
+    cache = str(tmp_path / "cache")
+    cache_teacher(cfg, cache, teacher=teacher, tokenizer=tok, progress=False)
+    # No student in the config: the cache holds the student built from the teacher's layers.
+    off = cfg.replace(teacher_cache=cache)
+    full = Distiller(off.replace(output_dir=str(tmp_path / "full")))  # tokenizer from the cache too
+    online = Distiller(cfg.replace(output_dir=str(tmp_path / "online")), teacher=teacher, tokenizer=tok)
+    for n, p in online.student.state_dict().items():
+        torch.testing.assert_close(full.student.state_dict()[n], p, rtol=0, atol=0)
+    full.train()
+    split = off.replace(output_dir=str(tmp_path / "split"))
+    first = Distiller(split)
+    assert first.train(stop_after=2) is None
+    second = Distiller(split.replace(resume=True))
+    assert second.step == 2
+    second.train()
+    for n, p in full.student.state_dict().items():
+        torch.testing.assert_close(second.student.state_dict()[n], p, rtol=1e-5, atol=1e-6)
+    # A config asking for another student than the cached one is refused, naming the field.
+    with pytest.raises(ConfigError, match="'student_num_layers' differs"):
+        Distiller(off.replace(output_dir=str(tmp_path / "x"), student_num_layers=2))
+
+
+def test_cache_writing_is_resumable_and_atomic(tmp_path, world):
+    tok, teacher = world
+    cfg = tiny_config(tmp_path)
+    ref = str(tmp_path / "ref")
+    s_ref = cache_teacher(cfg, ref, teacher=teacher, tokenizer=tok, shard_mb=0.02, progress=False)
+    cache = str(tmp_path / "cache")
+    with pytest.raises(KeyboardInterrupt):
+        cache_teacher(cfg, cache, teacher=teacher, tokenizer=tok, shard_mb=0.02, progress=False, _stop_after_shards=2)
+    assert not os.path.exists(os.path.join(cache, INDEX_FILE))
+    assert not [f for f in os.listdir(cache) if ".tmp" in f]
+    with pytest.raises(ConfigError, match="interrupted cache-teacher run"):
+        OfflineTeacher.open(cache)
+    s = cache_teacher(cfg, cache, teacher=teacher, tokenizer=tok, shard_mb=0.02, progress=False)
+    assert s["shards_written"] == s_ref["shards"] - 2
+    man = lambda d: json.load(open(os.path.join(d, INDEX_FILE)))["shards"]  # noqa: E731
+    assert [(x["file"], x["sha256"]) for x in man(cache)] == [(x["file"], x["sha256"]) for x in man(ref)]
+    # A finished cache is left alone; one built for other options is refused.
+    assert cache_teacher(cfg, cache, teacher=teacher, tokenizer=tok, shard_mb=0.02, progress=False)[
+        "shards_written"] == 0
+    with pytest.raises(ConfigError, match="holds a cache of another teacher, data or options"):
+        cache_teacher(cfg.replace(max_length=40), cache, teacher=teacher, tokenizer=tok, shard_mb=0.02, progress=False)
+
+
+def test_bad_caches_are_refused(tmp_path, world):
+    tok, teacher = world
+    cfg = tiny_config(tmp_path, eval_teacher=False)
+    cache = str(tmp_path / "cache")
+    cache_teacher(cfg, cache, teacher=teacher, tokenizer=tok, shard_mb=0.02, progress=False)
+    student = lambda: make_model(len(tok), layers=1, seed=5)  # noqa: E731
+    off = cfg.replace(teacher_cache=cache, output_dir=str(tmp_path / "o"))
+    # Other data, another tokenizer, other data options, student generation.
+    other = tiny_config(tmp_path / "other")
+    with open(other.train_file, "a") as f:
+        f.write(json.dumps({"prompt": "copy a b", "response": "a b"}) + "\n")
+    with pytest.raises(ConfigError, match="field 'train_file' differs"):
+        Distiller(off.replace(train_file=other.train_file), tokenizer=tok, student=student())
+    tok2 = make_tokenizer(extra_words=["zz"])
+    with pytest.raises(ConfigError, match="field 'tokenizer' differs"):
+        Distiller(off, tokenizer=tok2, student=make_model(len(tok2), layers=1))
+    with pytest.raises(ConfigError, match="field 'max_length' differs"):
+        Distiller(off.replace(max_length=40), tokenizer=tok, student=student())
+    with pytest.raises(ConfigError, match="student_gen needs a live teacher"):
+        Distiller(off.replace(student_gen=True), tokenizer=tok, student=student())
+    with pytest.raises(ConfigError, match="a teacher model object was passed too"):
+        Distiller(off, teacher=teacher, tokenizer=tok, student=student())
+    shards = sorted(x["file"] for x in json.load(open(os.path.join(cache, INDEX_FILE)))["shards"])
+    victim = os.path.join(cache, shards[1])
+    data = open(victim, "rb").read()
+    # Corrupted (same size): found by its SHA-256 when the shard is first read.
+    with open(victim, "r+b") as f:
+        f.seek(len(data) - 3)
+        f.write(bytes([data[-3] ^ 0xFF]))
+    d = Distiller(off, tokenizer=tok, student=student())
+    split, first = json.load(open(os.path.join(cache, INDEX_FILE)))["shards"][1]["split"], None
+    for x in json.load(open(os.path.join(cache, INDEX_FILE)))["shards"]:
+        if x["file"] == shards[1]:
+            split, first = x["split"], x["first_example"]
+    with pytest.raises(ConfigError, match=f"{shards[1]} does not match its SHA-256"):
+        d.offline.hidden([(split, first)], torch.device("cpu"))
+    # Truncated, missing: refused when the cache is opened.
+    with open(victim, "wb") as f:
+        f.write(data[:-10])
+    with pytest.raises(ConfigError, match=f"{shards[1]} has {len(data) - 10} bytes, expected {len(data)}"):
+        Distiller(off, tokenizer=tok, student=student())
+    os.remove(victim)
+    with pytest.raises(ConfigError, match=f"the shard .*{shards[1]} is missing"):
+        Distiller(off, tokenizer=tok, student=student())
+    with pytest.raises(ConfigError, match="index.json is missing"):
+        Distiller(off.replace(teacher_cache=str(tmp_path)), tokenizer=tok, student=student())
+
+
+def test_cli_two_command_flow(tmp_path, world, capsys):
+    """CI: the documented flow on a tiny config: cache-teacher, then train from the cache."""
+    tok, teacher = world
+    teacher.save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    cfg = tiny_config(tmp_path, teacher=str(tmp_path / "teacher"), max_steps=2, eval_teacher=False, device="cpu")
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(cfg.to_dict()))
+    cache = str(tmp_path / "cache")
+    assert distill_cli.main(["cache-teacher", "--config", str(cfg_path), "--teacher-cache", cache, "--dtype",
+                             "bfloat16", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "bytes/token" in out and "tokens/s" in out
+    assert json.load(open(os.path.join(cache, INDEX_FILE)))["identity"]["store_dtype"] == "bfloat16"
+    assert distill_cli.main(["--config", str(cfg_path), "--teacher-cache", cache]) == 0
+    assert len(train_records(cfg.output_dir)) == 2
+    assert os.path.isfile(os.path.join(cfg.output_dir, "model.safetensors"))
+    # Errors are one line, exit 2.
+    assert distill_cli.main(["--config", str(cfg_path), "--teacher-cache", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert distill_cli.main(["cache-teacher", "--config", str(cfg_path)]) == 2
