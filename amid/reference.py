@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import ops as _ops
 
-__all__ = ["amid_loss_rows", "amid_loss", "mixture_log", "official_amid_loss"]
+__all__ = ["amid_loss_rows", "amid_loss", "mixture_log", "official_amid_loss", "amid_loss_topk_rows"]
 
 
 def mixture_log(lp: Tensor, lq: Tensor, alpha: float, lam: float) -> Tensor:
@@ -144,3 +144,32 @@ def official_amid_loss(logits: Tensor, teacher_logits: Tensor, labels: Tensor, a
     per_row = -(t1 - a / g * t2 - b / g * t3) / (a * b)
     per_row = torch.where(torch.isfinite(per_row), per_row, torch.zeros_like(per_row))
     return (per_row * mask).sum() / mask.sum()
+
+
+def amid_loss_topk_rows(student_logits: Tensor, teacher_logprobs: Tensor, teacher_indices: Tensor, *,
+                        tail: str = "bucket", teacher_tail_logmass: Optional[Tensor] = None, **options) -> Tensor:
+    """Per-row :func:`amid.amid_loss_topk` ([N, V] student, [N, k] teacher), spelled out in torch ops
+    (docs/topk.md): ``renorm`` is the dense loss with teacher log-probabilities -inf outside the top-k;
+    ``bucket`` the dense loss on the k + 1 bins (top-k tokens, then the tail), both distributions
+    coarsened in probability space: log q of the bins is [log q_I, log(sum of q outside I)].
+    ``options`` as in :func:`amid_loss_rows`."""
+    n, v = student_logits.shape
+    idx = teacher_indices.long()
+    lp = teacher_logprobs.to(student_logits.dtype)
+    if tail == "renorm":
+        t = torch.full((n, v), -math.inf, dtype=student_logits.dtype, device=student_logits.device)
+        return amid_loss_rows(student_logits, t.scatter(1, idx, lp), **options)
+    lq = torch.log_softmax(student_logits, -1)
+    in_top = torch.zeros((n, v), dtype=torch.bool, device=student_logits.device).scatter(1, idx, True)
+    rest = torch.where(in_top, torch.full_like(lq, -math.inf), lq)
+    empty = (rest == -math.inf).all(-1, keepdim=True)
+    q_tail = torch.where(empty, torch.full_like(lq[:, :1], -math.inf),
+                         torch.logsumexp(torch.where(empty, torch.zeros_like(rest), rest), -1, keepdim=True))
+    if teacher_tail_logmass is None:
+        mass = lp.exp().sum(-1, keepdim=True)
+        p_tail = torch.where(mass < 1, torch.log(torch.clamp(1 - mass, min=1e-300)), torch.full_like(mass, -math.inf))
+    else:
+        p_tail = teacher_tail_logmass.to(lp.dtype).reshape(n, 1)
+    cs = torch.cat([lq.gather(1, idx), q_tail], -1)
+    ct = torch.cat([lp, p_tail], -1)
+    return amid_loss_rows(cs, ct, **options)
