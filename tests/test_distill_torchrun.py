@@ -137,6 +137,20 @@ def test_fsdp_two_processes_match_one_process(run_setup, single):
     _compare(single, out)
 
 
+def test_fsdp_with_a_sharded_teacher_matches_one_process(run_setup, single):
+    # The teacher's layers sharded over the ranks (forward only; no cache, synced generation): the
+    # gathered weights are the same, so the run equals the one-process run with a whole teacher.
+    out = _torchrun_clean(run_setup, "fsdp_teacher", "--strategy", "fsdp", "--shard-teacher")
+    assert _run_kind(out) == ("fsdp", 2)
+    _compare(single, out)
+    # Each rank holds the whole embeddings and head plus half of the decoder layers (and final norm).
+    whole = json.load(open(single / "summary.json"))["per_rank"][0]["teacher_params"]
+    per_rank = [r["teacher_params"] for r in json.load(open(out / "summary.json"))["per_rank"]]
+    teacher = make_teacher(make_tokenizer())
+    sharded = sum(p.numel() for m in (teacher.model.layers, teacher.model.norm) for p in m.parameters())
+    assert per_rank == [whole - sharded // 2] * 2, (per_rank, whole, sharded)
+
+
 # A real kill: every rank SIGKILLs itself right after the checkpoint of step 2 (no clean-up, no
 # exit handlers, torchrun's agent sees the workers die); `--resume` under torchrun then finishes the
 # run, which must equal the uninterrupted one.

@@ -94,6 +94,8 @@ FIELD_HELP: Dict[str, str] = {
     "device": "one of auto, cpu, cuda, cuda:N", "strategy": "under torchrun: auto/ddp (DDP), fsdp (FSDP2), none",
     "cache_teacher": "keep the teacher's hidden states of examples in memory (the teacher is frozen), up to "
                      "teacher_cache_mb",
+    "shard_teacher": "under torchrun with strategy fsdp: shard the teacher's decoder layers over the ranks "
+                     "(FSDP2, forward only; the teacher cache is then off)",
     "teacher_cache_mb": "memory budget of the teacher cache in MB; once full, further examples are not cached",
     "teacher_dtype": "teacher weights' dtype: " + ", ".join(TEACHER_DTYPES),
     "teacher_load_kwargs": "extra from_pretrained keywords for the teacher, JSON (e.g. {\"device_map\": \"auto\"})",
@@ -209,6 +211,7 @@ class DistillConfig:
     strategy: str = "auto"
     cache_teacher: bool = True
     teacher_cache_mb: float = 1024.0
+    shard_teacher: bool = False
 
     # --- evaluation -----------------------------------------------------------------------------
     eval_every: int = 0
@@ -347,8 +350,11 @@ class DistillConfig:
         number("ab_beta", 0.0, lo_open=True, what="a number > 0")
         number("temperature", 0.0, lo_open=True, what="a number > 0")
         for name in ("scale_by_t2", "detach_assistant", "fused_linear", "student_gen", "progress", "plots",
-                     "cache_teacher", "eval_teacher"):
+                     "cache_teacher", "eval_teacher", "shard_teacher"):
             boolean(name)
+        if self.shard_teacher and self.strategy != "fsdp":
+            raise ConfigError("amid-distill: config field 'shard_teacher': sharding the teacher needs strategy 'fsdp' "
+                              f"(under torchrun), but got strategy '{self.strategy}'")
         if not isinstance(self.resume, (bool, str)) or self.resume == "":
             raise _err("resume", "true, false, 'latest' or a checkpoint directory", self.resume)
         if isinstance(self.resume, str) and self.resume.lower() in ("true", "false"):

@@ -272,6 +272,16 @@ def _import_before_process_group() -> None:
         pass
 
 
+def _peak_rss_mb() -> Optional[float]:
+    """This process's peak resident memory in MiB (None where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
 def _rng_state(device: torch.device) -> Dict[str, Any]:
     st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -391,6 +401,9 @@ class Distiller:
             p.requires_grad_(False)
         # A teacher placed by accelerate (device_map, possibly with CPU offload) stays where it is.
         self.teacher = teacher if getattr(teacher, "hf_device_map", None) else teacher.to(self.device)
+        self._teacher_sharded = cfg.shard_teacher and self.strategy == "fsdp"
+        if self._teacher_sharded:
+            self._shard_teacher()
         student = student.to(self.device)
         student.train()
         self.student = student
@@ -516,6 +529,29 @@ class Distiller:
             return engine
         return engine
 
+    def _shard_teacher(self) -> None:
+        """FSDP2 over the teacher's decoder layers (forward only: no gradients, no optimizer state).
+
+        Each layer is gathered for its forward and freed after it, so a rank holds 1/world of the
+        layers plus one layer at a time. The embeddings and the output head stay whole on every rank
+        (``ignored_params``): the loss reads the head's weight directly, and a tied head shares it.
+        Every rank then runs the teacher in lockstep: the cache is off (hits would differ per rank)
+        and teacher generation is synced.
+        """
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch < 2.6
+            from torch.distributed._composable.fsdp import fully_shard
+
+        if getattr(self.teacher, "hf_device_map", None):
+            raise ConfigError("amid-distill: config field 'shard_teacher': the teacher is placed by a device_map; "
+                              "expected one or the other")
+        base = self.teacher.base_model
+        ignored = set(M.output_head(self.teacher).parameters()) | set(self.teacher.get_input_embeddings().parameters())
+        for layer in M.decoder_layers(self.teacher):
+            fully_shard(layer, reshard_after_forward=True)
+        fully_shard(base, reshard_after_forward=True, ignored_params=ignored)
+
     def _make_lr_scheduler(self):
         """``transformers.get_scheduler`` (HF's warm-up: the LR rises from 0 over the warm-up steps)."""
         from transformers import get_scheduler
@@ -560,7 +596,7 @@ class Distiller:
         cache holds at most ``teacher_cache_mb``; once full, new examples are not cached (the
         cached ones keep their hits; evicting would miss every time on a cyclic epoch order).
         """
-        use_cache = self.cfg.cache_teacher and keys is not None
+        use_cache = self.cfg.cache_teacher and keys is not None and not self._teacher_sharded
         if use_cache and all(k in self._teacher_cache for k in keys):
             return torch.cat([self._teacher_cache[k] for k in keys]).to(self.device)
         row_mask = batch["labels"][:, 1:] != IGNORE_INDEX
@@ -797,6 +833,7 @@ class Distiller:
                 if model_is_teacher:
                     gen = generate_ids(self.teacher, prompts, pad_id=self.pad_id, eos_ids=self.eos_ids,
                                        max_new_tokens=cfg.eval_max_new_tokens, device=self.device, n_vocab=self.n_vocab,
+                                       synced_gpus=self._teacher_sharded,
                                        autocast=self._autocast if self.use_bf16 else None)
                 else:
                     gen = self._gen_call(prompts, do_sample=False, max_new_tokens=cfg.eval_max_new_tokens)
@@ -1071,6 +1108,15 @@ class Distiller:
             self.engine_core.student.save_pretrained(final_dir, state_dict=sd)
             self.tokenizer.save_pretrained(final_dir)
         summary = self._summary(train_time)
+        # Memory per rank: the teacher's parameters this rank holds (shards count their local part)
+        # and the process's peak resident memory.
+        local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in self.teacher.parameters())
+        t_bytes = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
+                      for p in self.teacher.parameters())
+        summary["per_rank"] = self._gather({"teacher_params": int(local), "teacher_mb": t_bytes / 2**20,
+                                            "peak_rss_mb": _peak_rss_mb()})
+        summary["teacher_sharded"] = self._teacher_sharded
+        summary["teacher_dtype"] = self.cfg.teacher_torch_dtype
         if self._rank0:
             from .report import model_card, write_plots
 
