@@ -97,6 +97,8 @@ FIELD_HELP: Dict[str, str] = {
     "shard_teacher": "under torchrun with strategy fsdp: shard the teacher's decoder layers over the ranks "
                      "(FSDP2, forward only; the teacher cache is then off)",
     "teacher_cache_mb": "memory budget of the teacher cache in MB; once full, further examples are not cached",
+    "teacher_cache": "offline distillation: a directory written by `amid-distill cache-teacher`; training then loads "
+                     "no teacher model and reads the teacher's outputs from it",
     "teacher_dtype": "teacher weights' dtype: " + ", ".join(TEACHER_DTYPES),
     "teacher_load_kwargs": "extra from_pretrained keywords for the teacher, JSON (e.g. {\"device_map\": \"auto\"})",
     "student_load_kwargs": "extra from_pretrained keywords for the student, JSON",
@@ -210,6 +212,7 @@ class DistillConfig:
     device: str = "auto"
     strategy: str = "auto"
     cache_teacher: bool = True
+    teacher_cache: Optional[str] = None
     teacher_cache_mb: float = 1024.0
     shard_teacher: bool = False
 
@@ -299,7 +302,7 @@ class DistillConfig:
             if not isinstance(getattr(self, name), bool):
                 raise _err(name, "true or false", getattr(self, name))
 
-        if teacher_given and self.teacher is None:
+        if (teacher_given or self.teacher_cache) and self.teacher is None:
             pass
         elif self.teacher is None or not isinstance(self.teacher, str) or not self.teacher:
             raise _err("teacher", f"a Hugging Face model directory or '{DEMO_TEACHER}' (use --demo for the "
@@ -363,6 +366,16 @@ class DistillConfig:
             raise ConfigError(f"amid-distill: config field 'resume': the checkpoint directory '{self.resume}' does "
                               "not exist (expected 'latest' or a checkpoint-N directory)")
         number("teacher_cache_mb", 0.0, what="a number of megabytes >= 0")
+        if self.teacher_cache is not None and (not isinstance(self.teacher_cache, str) or not self.teacher_cache):
+            raise _err("teacher_cache", "a teacher-cache directory (written by amid-distill cache-teacher) or null",
+                       self.teacher_cache)
+        if self.teacher_cache and self.student_gen:
+            raise ConfigError("amid-distill: config field 'teacher_cache': student_gen needs a live teacher (it scores "
+                              "the student's own samples, which no cache holds); expected student_gen false with a "
+                              "teacher cache")
+        if self.teacher_cache and self.shard_teacher:
+            raise ConfigError("amid-distill: config field 'teacher_cache': with a teacher cache no teacher model is "
+                              "loaded, so there is nothing to shard; expected shard_teacher false")
         if self.detach_assistant and self.order not in ("qr", "rq"):
             raise ConfigError("amid-distill: config field 'detach_assistant': the assistant can only be detached "
                               f"with order 'qr' or 'rq' (the student must appear outside r), but got order "

@@ -359,6 +359,13 @@ class Distiller:
         # --- models and tokenizers --------------------------------------------------------------
         attn = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
         t_dtype = getattr(torch, cfg.teacher_torch_dtype)
+        self.offline = None  # offline distillation (teacher_cache): no teacher model, see amid/distill/cache.py
+        if cfg.teacher_cache:
+            from .cache import open_for_training
+
+            self.offline, teacher, tokenizer, student = open_for_training(
+                cfg, teacher, tokenizer, student, resume=self.resume_dir is not None,
+                student_extra={**attn, **(cfg.student_load_kwargs or {})})
         if teacher is None:
             t_path, t_gguf = M.resolve_model_path(cfg.teacher, cfg.teacher_gguf_file)
             tokenizer = M.load_tokenizer(t_path, t_gguf)
@@ -417,9 +424,13 @@ class Distiller:
                                   max_length=cfg.max_length, source=path)
 
         self.train_set = enc(cfg.train_file, "train")
+        if self.offline is not None:
+            self.offline.check_split("train", self.train_set, "train_file")
         self.eval_sets: Dict[str, List[Example]] = {}
         for name, path in (("validation", cfg.validation_file), ("test", cfg.test_file)):
             ex = enc(path, name)
+            if ex is not None and self.offline is not None:
+                self.offline.check_split(name, ex, f"{name}_file")
             if ex is not None:
                 self.eval_sets[name] = ex[: cfg.eval_max_examples] if cfg.eval_max_examples else ex
         self.sampler = StepSampler(len(self.train_set), cfg.micro_batch_size, cfg.grad_accum_steps, self.world,
@@ -596,6 +607,8 @@ class Distiller:
         cache holds at most ``teacher_cache_mb``; once full, new examples are not cached (the
         cached ones keep their hits; evicting would miss every time on a cyclic epoch order).
         """
+        if self.offline is not None:
+            return self.offline.hidden(keys, self.device)
         use_cache = self.cfg.cache_teacher and keys is not None and not self._teacher_sharded
         if use_cache and all(k in self._teacher_cache for k in keys):
             return torch.cat([self._teacher_cache[k] for k in keys]).to(self.device)
@@ -1021,7 +1034,8 @@ class Distiller:
         for split in self.eval_sets:
             if cfg.eval_teacher and not self._has_record(type="eval", phase="before", model="teacher", split=split):
                 # The frozen teacher is evaluated once; its (slow) generations only on the summary's split.
-                self.evaluate(split, "teacher", generate=split == gen_split, phase="before")
+                self.evaluate(split, "teacher", generate=split == gen_split and self.offline is None,
+                              phase="before")
             if not self._has_record(type="eval", phase="before", model="student", split=split):
                 rec = self.evaluate(split, "student", generate=True, phase="before")
                 if split == "validation" and self.sgo is not None and self.sgo.ref_loss is None:
