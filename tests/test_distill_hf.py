@@ -109,7 +109,12 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(tmp_path, saved_tea
         (["--report-to", "mlflow"], "config field 'report_to'"),
         (["--lr-scheduler-type", "linear", "--min-lr-ratio", "0.1"], "config field 'min_lr_ratio'"),
         (["--teacher-load-kwargs", '{"dtype": "float16"}'], "config field 'teacher_load_kwargs'"),
+        (["--shard-teacher"], "config field 'shard_teacher': sharding the teacher needs strategy 'fsdp'"),
     ]
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        cases.append((["--report-to", "tensorboard,wandb"], "'wandb' needs the wandb package"))
     for extra, expected in cases:
         with pytest.raises(SystemExit) if "invalid choice" in expected else _NoRaise() as e:
             rc = distill_cli.main(base + extra)
