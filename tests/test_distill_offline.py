@@ -4,6 +4,7 @@ The 'hidden' cache stores the teacher's final hidden states and head, so trainin
 online distillation (float32: loss and gradients to 1e-6 relative).
 """
 import json
+import math
 import os
 
 import pytest
@@ -207,3 +208,45 @@ def test_cli_two_command_flow(tmp_path, world, capsys):
     assert distill_cli.main(["--config", str(cfg_path), "--teacher-cache", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert distill_cli.main(["cache-teacher", "--config", str(cfg_path)]) == 2
+
+
+def test_topk_cache_training(tmp_path, world):
+    tok, teacher = world
+    v = len(tok)
+    cfg = tiny_config(tmp_path, kd_weight=0.8, alpha=0.5, lam=0.2, cache_teacher=False, eval_teacher=True,
+                      max_steps=2, eval_every=1)
+    full = str(tmp_path / "full")  # k = V: the top-k teacher is the whole teacher, up to float16 rounding
+    s = cache_teacher(cfg, full, mode="topk", k=v, teacher=teacher, tokenizer=tok, progress=False)
+    assert s["bytes_per_token"] == pytest.approx(v * 6 + 4, rel=0.05)
+    online = Distiller(cfg.replace(output_dir=str(tmp_path / "on")), teacher=teacher, tokenizer=tok,
+                       student=make_model(v, layers=1, seed=5))
+    res = {}
+    for name, tail in (("online", None), ("bucket", "bucket"), ("renorm", "renorm")):
+        d = online if tail is None else Distiller(
+            cfg.replace(output_dir=str(tmp_path / name), teacher_cache=full, topk_tail=tail), tokenizer=tok,
+            student=make_model(v, layers=1, seed=5))
+        items = [{"input_ids": d.train_set[i].input_ids, "labels": d.train_set[i].labels} for i in range(5)]
+        d.optimizer.zero_grad(set_to_none=True)
+        sums = d._accumulate([items[:2], items[2:]], [[("train", i) for i in range(2)],
+                                                      [("train", i) for i in range(2, 5)]], ce_on=True)
+        res[name] = (float(sums["loss"]), _grads(d.student))
+    for name in ("bucket", "renorm"):
+        assert res[name][0] == pytest.approx(res["online"][0], rel=2e-3)
+        for n, g in res["online"][1].items():
+            assert _rel(res[name][1][n], g) < 3e-2, (name, n)
+    # A small k trains and evaluates (KL against the renormalised top-k teacher); no teacher evaluation.
+    small = str(tmp_path / "small")
+    cache_teacher(cfg, small, mode="topk", k=4, dtype="bfloat16", teacher=teacher, tokenizer=tok, progress=False)
+    d = Distiller(cfg.replace(output_dir=str(tmp_path / "k4"), teacher_cache=small), tokenizer=tok,
+                  student=make_model(v, layers=1, seed=5))
+    d.train()
+    recs = [json.loads(x) for x in open(os.path.join(d.cfg.output_dir, "metrics.jsonl"))]
+    assert all(r["model"] == "student" for r in recs if r["type"] == "eval")
+    assert all(math.isfinite(r["loss"]) for r in recs if r["type"] == "train")
+    assert all(math.isfinite(r["kl"]) for r in recs if r["type"] == "eval")
+    with pytest.raises(ConfigError, match="needs temperature 1"):
+        Distiller(cfg.replace(output_dir=str(tmp_path / "x"), teacher_cache=small, temperature=2.0), tokenizer=tok,
+                  student=make_model(v, layers=1, seed=5))
+    with pytest.raises(ConfigError, match="expected fused_linear false"):
+        Distiller(cfg.replace(output_dir=str(tmp_path / "x"), teacher_cache=small, fused_linear=True), tokenizer=tok,
+                  student=make_model(v, layers=1, seed=5))

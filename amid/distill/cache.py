@@ -13,8 +13,8 @@ Modes (``--mode``):
   bytes per token.
 * ``topk`` (approximate): the teacher's top-k log-probabilities (float16 / bfloat16), their indices
   (int32) and the log of the tail mass (float32) per kept token, for the sparse-teacher loss
-  :func:`amid.amid_loss_topk`. k × 6 + 4 bytes per token. (Written by cache-teacher; training
-  from it is not wired into the trainer yet.)
+  :func:`amid.amid_loss_topk` (config ``topk_tail``: ``bucket`` or ``renorm``). k × 6 + 4 bytes per
+  token. Training from it is approximate; evaluation uses the renormalised top-k teacher.
 
 Layout of a cache directory::
 
@@ -519,7 +519,7 @@ class OfflineTeacher:
                 str(s["file"]), int(s["bytes"]), str(s["sha256"]), int(s["first_example"]), int(s["num_examples"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CacheError(f"{tag}: {index} is unreadable ({type(e).__name__}: {e})") from None
-        files = [s["file"] for s in shards] + ([HEAD_FILE] if ident["mode"] == "hidden" else [])
+        files = ([HEAD_FILE] if ident["mode"] == "hidden" else []) + [s["file"] for s in shards]
         for name in files:
             path = os.path.join(cache_dir, name)
             if not os.path.isfile(path):
@@ -559,9 +559,14 @@ class OfflineTeacher:
         if cfg.teacher and t["name"] != cfg.teacher:
             raise CacheError(f"{_tag(self.dir)}: field 'teacher' differs: the cache holds the outputs of {t['name']!r}, "
                              f"but this run names {cfg.teacher!r}")
-        if self.mode != "hidden":
-            raise CacheError(f"{_tag(self.dir)}: the cache is in mode {self.mode!r}; training reads mode 'hidden' "
-                             "caches (training from 'topk' caches is not implemented yet)")
+        if self.mode == "topk" and cfg.fused_linear:
+            raise CacheError(f"{_tag(self.dir)}: a 'topk' cache holds no teacher head, so the fused head + loss cannot "
+                             "run; expected fused_linear false (the student's logits are formed chunk-free)")
+        if self.mode == "topk" and cfg.topk_tail == "bucket" and cfg.temperature != 1.0:
+            raise CacheError(f"{_tag(self.dir)}: topk_tail 'bucket' needs temperature 1 (the teacher's tail mass at "
+                             f"another temperature is not in the cache), but got temperature {cfg.temperature}; use "
+                             "topk_tail 'renorm' or a 'hidden' cache")
+        self.tail = cfg.topk_tail
 
     def check_split(self, name: str, examples: Sequence[Any], field: str) -> None:
         splits = self.identity["data"]["splits"]
@@ -588,9 +593,14 @@ class OfflineTeacher:
         return os.path.join(self.dir, STUDENT_DIR)
 
     def stand_in(self, eos=None) -> nn.Module:
-        """A module with the teacher's output head (``get_output_embeddings``) and its logit transform."""
+        """A module with the teacher's output head (``get_output_embeddings``) and its logit transform
+        (topk mode: a [V, 1] zero placeholder of the head, only its number of rows is used)."""
         from safetensors.torch import load_file
 
+        if self.mode == "topk":
+            v = self.identity["head"]["vocab_rows"]
+            return _StandInHead(torch.zeros(v, 1, dtype=getattr(torch, self.identity["teacher"]["dtype"])), None,
+                                self.identity, eos)
         path = os.path.join(self.dir, HEAD_FILE)
         try:
             t = load_file(path)
@@ -640,7 +650,43 @@ class OfflineTeacher:
         if keys is None:
             raise CacheError(f"{_tag(self.dir)}: a batch without cached teacher outputs (student-generated); expected "
                              "student_gen false with a teacher cache")
+        if self.mode == "topk":
+            out = {name: self.rows(keys, name).to(device) for name in ("logprobs", "indices", "tail_logmass")}
+            out["tail"] = getattr(self, "tail", "bucket")
+            return out
         return self.rows(keys, "hidden").to(device)
+
+    @staticmethod
+    def dense_logits(teacher: Dict[str, Any], vocab: int) -> Tensor:
+        """[N, V] float32 teacher logits of a top-k batch: the top-k log-probabilities, -inf elsewhere
+        (the renormalised teacher; for evaluation)."""
+        from ..topk import renorm_teacher_logits
+
+        return renorm_teacher_logits(teacher["logprobs"], teacher["indices"], vocab, torch.float32)
+
+
+def topk_loss(s: Tensor, teacher: Dict[str, Any], labels: Tensor, opts: Dict[str, Any], normalizer: Tensor,
+              kd_weight: float, ce_weight: float) -> Dict[str, Optional[Tensor]]:
+    """The trainer's loss (StudentEngine) against a top-k teacher batch: kd_weight · amid_loss_topk +
+    ce_weight · CE, both normalised like the dense path."""
+    import torch.nn.functional as F
+
+    from ..topk import amid_loss_topk
+
+    kd = None
+    if kd_weight > 0:
+        tl = teacher["tail_logmass"] if teacher["tail"] == "bucket" else None
+        kd = amid_loss_topk(s, teacher["logprobs"], teacher["indices"], None, tail=teacher["tail"],
+                            teacher_tail_logmass=tl, reduction="mean", normalizer=normalizer, validate=False, **opts)
+    ce = (F.cross_entropy(s.float(), labels, reduction="sum") / normalizer) if ce_weight > 0 else None
+    loss = 0.0
+    if kd is not None:
+        loss = loss + kd_weight * kd
+    if ce is not None:
+        loss = loss + ce_weight * ce
+    if kd is None and ce is None:
+        loss = s.sum() * 0.0
+    return {"loss": loss, "kd": kd, "ce": ce}
 
 
 def open_for_training(cfg: DistillConfig, teacher, tokenizer, student, *, resume: bool,

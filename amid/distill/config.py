@@ -35,7 +35,7 @@ REPORT_TO = ("none", "tensorboard", "wandb")
 CHOICES: Dict[str, tuple] = {
     "divergence": _DIVERGENCES, "order": _ORDERS, "lam_schedule": _LAM_SCHEDULES, "sgo_replay_ratio": _REPLAY_RATIOS,
     "strategy": _STRATEGIES, "bf16": ("auto", "true", "false"), "lr_scheduler_type": LR_SCHEDULERS,
-    "teacher_dtype": tuple(TEACHER_DTYPES),
+    "teacher_dtype": tuple(TEACHER_DTYPES), "topk_tail": ("bucket", "renorm"),
 }
 
 #: Field names of Hugging Face's TrainingArguments / TRL's configs accepted as aliases (flags and
@@ -99,6 +99,7 @@ FIELD_HELP: Dict[str, str] = {
     "teacher_cache_mb": "memory budget of the teacher cache in MB; once full, further examples are not cached",
     "teacher_cache": "offline distillation: a directory written by `amid-distill cache-teacher`; training then loads "
                      "no teacher model and reads the teacher's outputs from it",
+    "topk_tail": "with a topk teacher cache: the tail rule of amid.amid_loss_topk, bucket (k + 1 bins) or renorm",
     "teacher_dtype": "teacher weights' dtype: " + ", ".join(TEACHER_DTYPES),
     "teacher_load_kwargs": "extra from_pretrained keywords for the teacher, JSON (e.g. {\"device_map\": \"auto\"})",
     "student_load_kwargs": "extra from_pretrained keywords for the student, JSON",
@@ -213,6 +214,7 @@ class DistillConfig:
     strategy: str = "auto"
     cache_teacher: bool = True
     teacher_cache: Optional[str] = None
+    topk_tail: str = "bucket"
     teacher_cache_mb: float = 1024.0
     shard_teacher: bool = False
 
@@ -373,6 +375,7 @@ class DistillConfig:
             raise ConfigError("amid-distill: config field 'teacher_cache': student_gen needs a live teacher (it scores "
                               "the student's own samples, which no cache holds); expected student_gen false with a "
                               "teacher cache")
+        choice("topk_tail", ("bucket", "renorm"))
         if self.teacher_cache and self.shard_teacher:
             raise ConfigError("amid-distill: config field 'teacher_cache': with a teacher cache no teacher model is "
                               "loaded, so there is nothing to shard; expected shard_teacher false")

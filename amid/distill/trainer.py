@@ -132,6 +132,11 @@ class StudentEngine(nn.Module):
         w, b = self._head()
         tw, tb, ttransform = teacher_head
         opts = dict(self.loss_options, lam=float(lam))
+        if isinstance(teacher_hidden, dict):  # a top-k teacher cache: amid.amid_loss_topk (amid/distill/cache.py)
+            from .cache import topk_loss
+
+            return topk_loss(_apply_head(h, w, b, self.transform), teacher_hidden, labels, opts, normalizer,
+                             kd_weight, ce_weight)
         if self.fused_linear:
             # The fused op wants each model's hidden states in its head's dtype and manages its own
             # precision, so it runs outside autocast (the heads' GEMMs in the weights' dtype).
@@ -816,7 +821,8 @@ class Distiller:
             labels = b["labels"][:, 1:][row_mask]
             th = self._teacher_hidden(b, [(split, i) for i in batch_idx])
             tw, tb, tt = self._teacher_head()
-            t_logits = _apply_head(th.to(tw.dtype), tw, tb, tt).float()
+            t_logits = (self.offline.dense_logits(th, self.n_vocab) if isinstance(th, dict)  # top-k cache
+                        else _apply_head(th.to(tw.dtype), tw, tb, tt).float())
             if model_is_teacher:
                 s_logits = t_logits
             else:
@@ -1032,7 +1038,8 @@ class Distiller:
         cfg = self.cfg
         gen_split = "test" if "test" in self.eval_sets else "validation"
         for split in self.eval_sets:
-            if cfg.eval_teacher and not self._has_record(type="eval", phase="before", model="teacher", split=split):
+            if (cfg.eval_teacher and (self.offline is None or self.offline.mode == "hidden")
+                    and not self._has_record(type="eval", phase="before", model="teacher", split=split)):
                 # The frozen teacher is evaluated once; its (slow) generations only on the summary's split.
                 self.evaluate(split, "teacher", generate=split == gen_split and self.offline is None,
                               phase="before")
