@@ -287,6 +287,18 @@ def _peak_rss_mb() -> Optional[float]:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
+def _rss_mb() -> Optional[float]:
+    """This process's resident memory now, in MiB (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def _rng_state(device: torch.device) -> Dict[str, Any]:
     st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -1135,7 +1147,7 @@ class Distiller:
         t_bytes = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
                       for p in self.teacher.parameters())
         summary["per_rank"] = self._gather({"teacher_params": int(local), "teacher_mb": t_bytes / 2**20,
-                                            "peak_rss_mb": _peak_rss_mb()})
+                                            "peak_rss_mb": _peak_rss_mb(), "rss_mb": _rss_mb()})
         summary["teacher_sharded"] = self._teacher_sharded
         summary["teacher_dtype"] = self.cfg.teacher_torch_dtype
         if self._rank0:
