@@ -160,8 +160,10 @@ AMID_HD void mixture(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& 
     // argument is >= -1/2: accurate to the last bit near L = 0 (the small-divergence regime, spec
     // §5.6). Below, 1 + lam_N expm1(.) would stand for lam_B + lam_N e with lam_B = 1 - lam_N
     // implied, which is lost once lam_B < eps (1 - lam rounds to 1): the error grows like eps / lam_B
-    // and becomes log1p(-1) = -inf. There L is the log-sum-exp of log(lam_B) and log(lam_N) - |x|,
-    // from logs computed in double on the host: no cancellation, any lam in (0, 1).
+    // and becomes log1p(-1) = -inf. There L is the log of lam_B + lam_N e itself (a sum of two
+    // non-negative terms, |L| >= log 2: relative accuracy ~eps), or, where lam_B is not a normal
+    // number of T, the log-sum-exp of log(lam_B) and log(lam_N) - |x| (logs computed in double on the
+    // host): no cancellation, any lam in (0, 1).
     // d = lt - l_ref: when B is the loss's reference side ("own" branch) d = L / k; otherwise
     // d = l_N - l_ref + L / k, which cancels as r -> ref, so it is taken as
     // log1p(lam_N' expm1(|x|)) / k (lam_N' the weight of the non-reference side; the argument is
@@ -177,10 +179,16 @@ AMID_HD void mixture(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& 
     const T lam_nonref = REF_P ? P.one_minus_lam : P.lam;  // weight of the side that is not l_ref
     const T lam_N = q_base ? P.lam : P.one_minus_lam;      // weight of the non-base side
     const T log_lam_B = q_base ? P.log_1m_lam : P.log_lam, log_lam_N = q_base ? P.log_lam : P.log_1m_lam;
-    const T a_B = lam_N * em1;  // in [-lam_N, 0]
-    const T u = (log_lam_N + ax) - log_lam_B;  // log(lam_N e / lam_B)
-    const T L_lse = (u > T(0) ? log_lam_N + ax : log_lam_B) + M::log1p(M::exp(u > T(0) ? -u : u));
-    const T L = a_B >= T(-0.5) ? M::log1p(a_B) : L_lse;
+    const T lam_B = q_base ? P.one_minus_lam : P.lam;
+    const T a_B = lam_N * em1;           // in [-lam_N, 0]
+    const T s_B = lam_B + lam_N * e;     // both terms >= 0: no cancellation
+    T L = a_B >= T(-0.5) ? M::log1p(a_B) : M::log(s_B);
+    if (s_B < T(16) * std::numeric_limits<T>::min()) {
+      // Only where lam_B itself is below the normal range of T (lam or 1 - lam < 2e-37 in float):
+      // the log-sum-exp of the logs (a branch that no ordinary row takes on the GPU).
+      const T u = (log_lam_N + ax) - log_lam_B;  // log(lam_N e / lam_B)
+      L = (u > T(0) ? log_lam_N + ax : log_lam_B) + M::log1p(M::exp(u > T(0) ? -u : u));
+    }
     const T c_up = M::log1p(-lam_nonref * em1 / e) * P.inv_k;  // d of the non-own branch, not big
     const T c_B = L * P.inv_k;
     const T l_ref = REF_P ? lp : lq, l_non = REF_P ? lq : lp;

@@ -283,7 +283,9 @@ def test_float32_gradient_ordinary_lam(problem, lam, alpha):
     g_ref = torch.autograd.grad(ref, y, allow_unused=True, materialize_grads=True)[0] if ref.requires_grad \
         else torch.zeros_like(y)
     assert g.dtype == torch.float32
-    err = normwise_err(g, g_ref)
+    # Peaked rows can have gradients of 1e-7 built from O(1) probabilities, which fp32 resolves only
+    # to an absolute ~1e-7: the norm gets a floor of 1e-3 (as tests/test_amid_loss.py's peaked rows).
+    err = normwise_err(g, g_ref, floor=1e-3)
     assert err <= GRAD_TOL[torch.float32], f"float32 gradient error {err:.3g} (normwise), options {opts}"
 
 

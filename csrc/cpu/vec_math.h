@@ -74,12 +74,20 @@ struct VecMath {
     return u > 0.0f ? res : -std::numeric_limits<float>::infinity();
   }
 
+  // log(u) for u >= 0 (subnormal u scaled by 2^24 first; 0 gives -inf).
+  static AMID_HD float log(float u) {
+    const bool sub = u < 1.17549435e-38f;
+    const float lu = log_pos(sub ? u * 16777216.0f : u) - (sub ? 16.6355323334f : 0.0f);
+    return u > 0.0f ? lu : -std::numeric_limits<float>::infinity();
+  }
+
   static AMID_HD float expm1_small(float x) { return LibMath::expm1_small(x); }
   static AMID_HD float expm1_from_exp(float x, float e) { return LibMath::expm1_from_exp(x, e); }
   static AMID_HD float expm1_div(float x) { return LibMath::expm1_div(x); }
 
   static AMID_HD double exp(double x) { return std::exp(x); }
   static AMID_HD double log1p(double x) { return std::log1p(x); }
+  static AMID_HD double log(double x) { return std::log(x); }
   static AMID_HD double expm1_small(double x) { return LibMath::expm1_small(x); }
   static AMID_HD double expm1_from_exp(double x, double e) { return LibMath::expm1_from_exp(x, e); }
   static AMID_HD double expm1_div(double x) { return LibMath::expm1_div(x); }

@@ -71,18 +71,27 @@ static void test_vec_math() {
     worst_log1p = std::max(worst_log1p, ulp_err(amid::VecMath::log1p(pos), std::log1p(double(pos))));
   }
   EXPECT(worst_log1p <= 2.5);
+  double worst_log = 0;
+  for (int i = 1; i <= 2000000; ++i) {  // u over (0, 1] (the mixture's lam_B + lam_N e) and down to subnormals
+    const float u = float(i) / 2000000.0f;
+    worst_log = std::max(worst_log, ulp_err(amid::VecMath::log(u), std::log(double(u))));
+    const float tiny = std::pow(10.0f, -44.0f * float(i) / 2000000.0f);
+    worst_log = std::max(worst_log, ulp_err(amid::VecMath::log(tiny), std::log(double(tiny))));
+  }
+  EXPECT(worst_log <= 2.0);
+  EXPECT(amid::VecMath::log(0.0f) == -INFINITY && amid::VecMath::log(1.0f) == 0.0f);
   EXPECT(amid::VecMath::log1p(-1.0f) == -INFINITY && amid::VecMath::log1p(0.0f) == 0.0f);
-  std::printf("vec_math: exp worst %.2f ulp, log1p worst %.2f ulp\n", worst_exp, worst_log1p);
+  std::printf("vec_math: exp worst %.2f ulp, log1p worst %.2f ulp, log worst %.2f ulp\n", worst_exp, worst_log1p,
+              worst_log);
 }
 
 // The online (chunked, merged-in-any-order) row reductions that the CUDA kernels use
 // (csrc/amid_online.h), run on the host against the CPU op, which sums whole rows directly. In
 // math type T (float: what the CUDA kernels do for 16/32-bit inputs). With `grad`, also the
 // kernels' W pass (the gradient row from the stats), as write_grad_row does it.
-template <amid::Divergence D, amid::Order O, typename T>
+template <amid::Divergence D, amid::Order O, typename T, class M = amid::LibMath>
 static void online_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_t V, std::mt19937& rng,
                        double out[6], double* grad = nullptr) {
-  using M = amid::LibMath;
   // random chunking of the row, merged in a random order
   std::vector<int64_t> cuts = {0, V};
   for (int i = 0; i < 6; ++i) cuts.push_back(std::uniform_int_distribution<int64_t>(0, V)(rng));
@@ -129,7 +138,8 @@ static void online_row(const amid::LossParams<T>& P, const T* s, const T* t, int
 // and gradients to 1e-4 of the double CPU op on the same (float) inputs (plain float sums of O(1)
 // terms, as here, carry ~1e-6 absolute error; the losses are 1e-7 .. 1e-5). (The ab loss keeps the
 // plain form in the online reductions: its float error is absolute, ~1e-6; the CPU op is exact-er.)
-static void test_online_float_small_divergence() {
+template <class M>
+static void test_online_float_small_divergence(const char* math) {
   std::mt19937 rng(11);
   at::manual_seed(11);
   const int64_t V = 5003;
@@ -146,8 +156,8 @@ static void test_online_float_small_divergence() {
         double out[6];
         std::vector<double> g(V);
         amid::dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
-          online_row<decltype(dc)::value, decltype(oc)::value>(P, s.data_ptr<float>(), t.data_ptr<float>(), V, rng,
-                                                               out, g.data());
+          online_row<decltype(dc)::value, decltype(oc)::value, float, M>(P, s.data_ptr<float>(), t.data_ptr<float>(),
+                                                                         V, rng, out, g.data());
         });
         const double want = loss[0].item<double>();
         const double rel = std::abs(out[5] - want) / want;
@@ -161,15 +171,63 @@ static void test_online_float_small_divergence() {
         worst_grad = std::max(worst_grad, emax / gmax);
         if (!(rel <= (std::string(div) == "kl" ? 1e-3 : 1e-4)) || !(emax <= 1e-4 * gmax)) {
           ++failures;
-          std::fprintf(stderr, "FAILED online float %s/%s alpha=%g lam=%g: loss %.9g vs %.9g, grad err %.3g of %.3g\n",
-                       div, ord, alpha, lam, out[5], want, emax, gmax);
+          std::fprintf(stderr, "FAILED online float (%s) %s/%s alpha=%g lam=%g: loss %.9g vs %.9g, grad err %.3g of %.3g\n",
+                       math, div, ord, alpha, lam, out[5], want, emax, gmax);
         }
       }
     }
   }
   }
-  std::printf("online reductions in float, student within 1%% of teacher: loss worst rel. %.3g, "
-              "gradient worst %.3g\n", worst_loss, worst_grad);
+  std::printf("online reductions in float (%s), student within 1%% of teacher: loss worst rel. %.3g, "
+              "gradient worst %.3g\n", math, worst_loss, worst_grad);
+}
+
+// Ordinary inputs (logits of scale 3, lam 0.1 .. 0.9, alpha -3 .. 3, all 8 losses), the CUDA
+// kernels' float math against the double CPU op on the same float inputs. Issue 9's budgets are 1e-5
+// (loss, relative) and 1e-4 (gradient, normwise); the online float sums meet neither yet (measured
+// 3.6e-5 and 3.2e-4, worst in ab and at lam 0.1): the bounds below guard against regressions.
+template <class M>
+static void test_online_float_ordinary(const char* math) {
+  std::mt19937 rng(5);
+  at::manual_seed(5);
+  const int64_t V = 2001;
+  double worst_loss = 0, worst_grad = 0;
+  for (const char* div : {"kl", "ab"}) {
+    for (const char* ord : {"pr", "qr", "rp", "rq"}) {
+      for (double alpha : {-3.0, 0.5, 1.0, 3.0}) {
+        for (double lam : {0.1, 0.5, 0.9}) {
+          at::Tensor t = (at::randn({1, V}, at::kDouble) * 3).to(at::kFloat);
+          at::Tensor s = (at::randn({1, V}, at::kDouble) * 3).to(at::kFloat);
+          auto [loss, stats, grad] = amid::amid_loss_fwd(s.to(at::kDouble), t.to(at::kDouble), std::nullopt, alpha,
+                                                         lam, div, ord, 0.2, 0.7, 1.0, false, true);
+          const auto P = amid::make_params<float>("test", alpha, lam, div, ord, 0.2, 0.7, 1.0, false);
+          double out[6];
+          std::vector<double> g(V);
+          amid::dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
+            online_row<decltype(dc)::value, decltype(oc)::value, float, M>(P, s.data_ptr<float>(),
+                                                                           t.data_ptr<float>(), V, rng, out, g.data());
+          });
+          const double want = loss[0].item<double>();
+          const double rel = std::abs(out[5] - want) / std::abs(want);
+          double gmax = 0, emax = 0;
+          for (int64_t v = 0; v < V; ++v) {
+            const double gw = grad[0][v].item<double>();
+            gmax = std::max(gmax, std::abs(gw));
+            emax = std::max(emax, std::abs(g[v] - gw));
+          }
+          worst_loss = std::max(worst_loss, rel);
+          worst_grad = std::max(worst_grad, emax / gmax);
+          if (!(rel <= 1e-4) || !(emax <= 1e-3 * gmax)) {
+            ++failures;
+            std::fprintf(stderr, "FAILED online float ordinary (%s) %s/%s alpha=%g lam=%g: loss %.9g vs %.9g, "
+                         "grad err %.3g of %.3g\n", math, div, ord, alpha, lam, out[5], want, emax, gmax);
+          }
+        }
+      }
+    }
+  }
+  std::printf("online reductions in float (%s), ordinary inputs: loss worst rel. %.3g, gradient worst %.3g\n",
+              math, worst_loss, worst_grad);
 }
 
 static void test_online_reductions() {
@@ -225,7 +283,8 @@ static void test_online_reductions() {
 int main(int argc, char** argv) {
   test_vec_math();
   test_online_reductions();
-  test_online_float_small_divergence();
+  test_online_float_small_divergence<amid::LibMath>("accurate");
+  test_online_float_ordinary<amid::LibMath>("accurate");
 
   // 1. Schemas.
   if (argc > 1) {
