@@ -213,6 +213,17 @@ def _refuse_create_graph(level: Optional[int]) -> None:
         raise RuntimeError(CREATE_GRAPH_ERROR)
 
 
+def _scaled_copy(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """grad * grad_loss[:, None] in grad's dtype, without the fp32 [N, V] temporary that multiplying a
+    bf16 / fp16 gradient by an fp32 vector makes: a copy scaled in place by the scale_grad_ op (fp32 math per
+    element, as the product). Out of place under torch.func.vmap (no batching rule for the in-place op)."""
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(grad):
+        return (grad * grad_loss.unsqueeze(-1)).to(grad.dtype)
+    out = grad.clone()
+    torch.ops.amid.scale_grad_.default(out, grad_loss.contiguous())
+    return out
+
+
 def _fwd_backward(ctx, grad_loss, _grad_stats, _grad_grad):
     # The op-level formula is functional (the gradient output may be held by the caller, so it is
     # never modified); amid.amid_loss uses the in-place fast path of GradInForward below.
@@ -224,7 +235,7 @@ def _fwd_backward(ctx, grad_loss, _grad_stats, _grad_grad):
         (grad,) = ctx.saved_tensors
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # (never under torch.func)
             raise RuntimeError(CREATE_GRAPH_ERROR)
-        return ((grad * grad_loss.unsqueeze(-1)).to(grad.dtype),) + nones
+        return (_scaled_copy(grad, grad_loss),) + nones
     student_logits, teacher_logits, row_weight, stats = ctx.saved_tensors
     # Differentiable (create_graph=True): LossGrad's backward is the reference's second derivative.
     grad = LossGrad.apply(grad_loss, student_logits, teacher_logits, row_weight, stats, *ctx.options)
