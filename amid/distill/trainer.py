@@ -287,6 +287,16 @@ def _peak_rss_mb() -> Optional[float]:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
+def _malloc_trim() -> None:
+    """Return freed heap memory to the operating system (glibc only; elsewhere nothing happens)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _rss_mb() -> Optional[float]:
     """This process's resident memory now, in MiB (Linux; None elsewhere)."""
     try:
@@ -579,6 +589,12 @@ class Distiller:
         for layer in M.decoder_layers(self.teacher):
             fully_shard(layer, reshard_after_forward=True)
         fully_shard(base, reshard_after_forward=True, ignored_params=ignored)
+        # The whole layers this rank loaded are garbage now: hand their memory back to the system
+        # (glibc keeps freed blocks otherwise, and the rank would hold as much as an unsharded one).
+        import gc
+
+        gc.collect()
+        _malloc_trim()
 
     def _make_lr_scheduler(self):
         """``transformers.get_scheduler`` (HF's warm-up: the LR rises from 0 over the warm-up steps)."""
