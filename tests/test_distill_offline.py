@@ -132,6 +132,29 @@ def test_cache_writing_is_resumable_and_atomic(tmp_path, world):
     assert s["shards_written"] == s_ref["shards"] - 2
     man = lambda d: json.load(open(os.path.join(d, INDEX_FILE)))["shards"]  # noqa: E731
     assert [(x["file"], x["sha256"]) for x in man(cache)] == [(x["file"], x["sha256"]) for x in man(ref)]
+    # A full disk while writing a shard: one line, no partial file, and the same command continues.
+    import safetensors.torch
+
+    orig, calls = safetensors.torch.save_file, []
+
+    def full_disk(tensors, path, metadata=None):
+        if "-of-" not in os.path.basename(path):  # the head file is written; the first shard hits the full disk
+            return orig(tensors, path, metadata=metadata)
+        calls.append(path)
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    disk = str(tmp_path / "disk")
+    safetensors.torch.save_file = full_disk
+    try:
+        with pytest.raises(ConfigError, match="failed \\(No space left on device\\); the 0 finished shards are kept"):
+            cache_teacher(cfg, disk, teacher=teacher, tokenizer=tok, shard_mb=0.02, progress=False)
+    finally:
+        safetensors.torch.save_file = orig
+    assert calls and not [f for f in os.listdir(disk) if ".tmp" in f or f.startswith("train-")]
+    assert cache_teacher(cfg, disk, teacher=teacher, tokenizer=tok, shard_mb=0.02, progress=False)["shards_written"] \
+        == s_ref["shards"]
     # A finished cache is left alone; one built for other options is refused.
     assert cache_teacher(cfg, cache, teacher=teacher, tokenizer=tok, shard_mb=0.02, progress=False)[
         "shards_written"] == 0
@@ -250,3 +273,42 @@ def test_topk_cache_training(tmp_path, world):
     with pytest.raises(ConfigError, match="expected fused_linear false"):
         Distiller(cfg.replace(output_dir=str(tmp_path / "x"), teacher_cache=small, fused_linear=True), tokenizer=tok,
                   student=make_model(v, layers=1, seed=5))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with the gloo backend")
+def test_ddp_from_cache_matches_one_process(tmp_path, world):
+    """torchrun, 2 processes (gloo): each rank reads its own samples from the cache; equals one process."""
+    from safetensors.torch import load_file
+    from test_distill_torchrun import _torchrun
+
+    from test_distill import write_data
+
+    tok, teacher = world
+    root = tmp_path
+    teacher.save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    student = make_model(len(tok), layers=1, seed=5)
+    student.save_pretrained(root / "student")
+    tok.save_pretrained(root / "student")
+    paths = write_data(str(root / "data"), n_train=16)
+    cfg = {"teacher": str(root / "teacher"), "student": str(root / "student"), "train_file": paths["train"],
+           "validation_file": paths["validation"], "max_steps": 2, "lr": 1e-2, "kd_weight": 0.5, "alpha": 0.5,
+           "lam": 0.2, "max_length": 48, "eval_max_new_tokens": 4, "eval_batch_size": 4, "plots": False,
+           "progress": False, "seed": 0, "device": "cpu", "teacher_cache": str(root / "cache")}
+    (root / "cfg.json").write_text(json.dumps(cfg))
+    assert distill_cli.main(["cache-teacher", "--config", str(root / "cfg.json")]) == 0
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert distill_cli.main(["--config", str(root / "cfg.json"), "--output-dir", str(root / "single"),
+                                 "--micro-batch-size", "2", "--grad-accum-steps", "2"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    out = _torchrun(root, "ddp")
+    assert json.load(open(out / "summary.json"))["world_size"] == 2
+    wa, wb = load_file(str(root / "single" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+    la, lb = train_records(str(root / "single")), train_records(str(out))
+    assert [r["loss"] for r in lb] == pytest.approx([r["loss"] for r in la], rel=1e-4)

@@ -263,6 +263,9 @@ def cache_teacher(config: DistillConfig, cache_dir: Optional[str] = None, *, mod
     if not (shard_mb > 0 and math.isfinite(shard_mb)):
         raise ConfigError(f"amid-distill cache-teacher: --shard-mb: expected a number > 0, but got {shard_mb!r}")
     cfg.validate(teacher_given=teacher is not None)
+    if teacher is None and not cfg.teacher:
+        raise ConfigError("amid-distill cache-teacher: config field 'teacher': expected the teacher to run (a model "
+                          "directory, Hub id or 'smollm2'), but got none")
     progress = cfg.progress if progress is None else progress
     os.makedirs(cache_dir, exist_ok=True)
     t0 = time.perf_counter()
@@ -352,8 +355,14 @@ def cache_teacher(config: DistillConfig, cache_dir: Optional[str] = None, *, mod
         if head.bias is not None:
             tensors["bias"] = head.bias.detach().to("cpu").contiguous()
         tmp = os.path.join(cache_dir, f".{HEAD_FILE}.tmp{os.getpid()}")
-        save_file(tensors, tmp, metadata={"format": FORMAT})
-        os.replace(tmp, os.path.join(cache_dir, HEAD_FILE))
+        try:
+            save_file(tensors, tmp, metadata={"format": FORMAT})
+            os.replace(tmp, os.path.join(cache_dir, HEAD_FILE))
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise CacheError(f"amid-distill cache-teacher: writing {os.path.join(cache_dir, HEAD_FILE)} failed "
+                             f"({e.strerror or e}); rerun the same command to continue") from None
 
     # Shards.
     plans = {name: _plan_shards(_rows_per_example(ex), bytes_per_row, int(shard_mb * 2**20))
@@ -430,6 +439,9 @@ def cache_teacher(config: DistillConfig, cache_dir: Optional[str] = None, *, mod
                 sh["bytes"] = os.path.getsize(tmp)
                 sh["sha256"] = _sha256_file(tmp)
                 os.replace(tmp, fpath)
+            except OSError as e:  # e.g. a full disk
+                raise CacheError(f"amid-distill cache-teacher: writing {fpath} failed ({e.strerror or e}); the "
+                                 f"{len(done)} finished shards are kept: rerun the same command to continue") from None
             finally:
                 if os.path.exists(tmp):
                     os.remove(tmp)  # e.g. a full disk: no half shard is left behind
