@@ -230,7 +230,8 @@ def _clear_dtensor_caches() -> None:
     ``torch.distributed.tensor`` are ``functools`` caches keyed by specs that hold the mesh
     (torch 2.14); every such cache in those modules is cleared. Private to torch, so best effort.
     """
-    names = [n for n in list(sys.modules) if n == "torch.distributed.tensor" or n.startswith("torch.distributed.tensor.")]
+    names = [n for n in list(sys.modules)
+             if n == "torch.distributed.tensor" or n.startswith("torch.distributed.tensor.")]
     if not names:
         return
     try:

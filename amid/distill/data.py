@@ -1,4 +1,5 @@
-"""Data: JSONL / Parquet / Hub-dataset instruction records -> chat-templated token ids with masked prompts, batches, sampler.
+"""Data: JSONL / Parquet / Hub-dataset instruction records -> chat-templated token ids with masked
+prompts, batches, sampler.
 
 Records are ``{"prompt": ..., "response": ...}`` (optionally ``"system"`` and ``"answer"``) or
 ``{"messages": [{"role": ..., "content": ...}, ...]}`` whose last message is the assistant's answer.
