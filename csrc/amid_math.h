@@ -408,8 +408,10 @@ AMID_HD T phi2_div(T x) {
 template <typename T>
 struct Terms {
   T l, G, H;
-  // kl only: the first-order loss term (-ref e or r e where kept, 0 where masked); see kl_row_loss.
-  T l1 = T(0);
+  // kl only: the first-order loss term (-ref e or r e where kept, 0 where masked) and the size of
+  // l's rounding error (|l| where kept; r + ref where masked: l = +-(r - ref) is a difference of
+  // those two); see kl_row_loss.
+  T l1 = T(0), lb = T(0);
 };
 
 template <Divergence D, Order O, class M, typename T>
@@ -446,6 +448,7 @@ AMID_HD Terms<T> element_terms(const LossParams<T>& P, T p, T q, T r, T lp, T lq
     o.G = keep ? G : G_out;
     o.H = keep ? H : H_out;
     o.l1 = keep ? (O == Order::kPR || O == Order::kQR ? -ref * e : r * e) : T(0);
+    o.lb = keep ? (l < T(0) ? -l : l) : r + ref;
   } else {
     // alpha-beta divergence D(x||y) = -(1/(ab)) sum[x^a y^b - (a/g) x^g - (b/g) y^g], g = a + b,
     // dD/dlx = (x^g - x^a y^b)/b, dD/dly = (y^g - x^a y^b)/a; with the assistant's exponent c and
@@ -470,11 +473,11 @@ AMID_HD T element_grad(bool detach, T w, T q, T r, const Terms<T>& o, T S_G, T K
 // The kl row loss: the sum of the second-order terms Terms::l or of the first-order ones l1, whichever
 // carries the smaller rounding error. Both are exact in exact arithmetic; sum l is exact to the last
 // bit for a tiny divergence (every term >= 0, O(e^2)), but with -inf masks its masked corrections
-// (+-(r - ref)) can cancel against the rest; sum l1 depends on Z at first order. Error bounds, in
-// units of eps: sum |l| and sum |l1| + |Z|.
+// (+-(r - ref), each off by eps (r + ref)) can cancel against the rest; sum l1 depends on Z at
+// first order. Error bounds, in units of eps: sum lb and sum |l1| + |Z|.
 template <typename S>
-AMID_HD S kl_row_loss(S sum_l, S abs_l, S sum_l1, S abs_l1, S Z) {
-  return abs_l <= abs_l1 + (Z < S(0) ? -Z : Z) ? sum_l : sum_l1;
+AMID_HD S kl_row_loss(S sum_l, S bound_l, S sum_l1, S abs_l1, S Z) {
+  return bound_l <= abs_l1 + (Z < S(0) ? -Z : Z) ? sum_l : sum_l1;
 }
 
 // The row scalar K of the gradient from the row sums; detached, only the explicit part stays.

@@ -126,11 +126,16 @@ def _grads_match_reference(g, g_ref, s, t, row_coef, opts, tol):
         if not finite_rows.any():
             return 0.0
         err = (g - ref)[finite_rows].abs().max().item()
-        return err / max(ref[finite_rows].abs().max().item(), 1e-6)
+        # Floor 1e-4: a gradient of 1e-8 built from O(1) probabilities is resolved to ~1e-16 absolute.
+        return err / max(ref[finite_rows].abs().max().item(), 1e-4)
 
     err = normwise(g_ref)
     if err <= tol:
         return
+    # mp_row_grad differentiates the loss itself: the detached (TAID) gradient is not that derivative,
+    # so with detach_assistant the float64 reference's autograd is the only ground truth.
+    assert not opts.get("detach_assistant"), (f"gradient error {err:.3g} (normwise) against the float64 "
+                                              f"reference, options {opts}")
     exact = torch.zeros_like(g_ref)
     for n in range(s.shape[0]):
         if row_coef[n] != 0:

@@ -11,7 +11,7 @@
 // The backward (from the saved stats) rebuilds p, q, lt, w, r with the same passes and writes the
 // gradient row.
 //
-// Threads own whole rows (at::parallel_for); each thread keeps twelve [V] scratch arrays in the math
+// Threads own whole rows (at::parallel_for); each thread keeps thirteen [V] scratch arrays in the math
 // type (the scaled logits, p, q, lt, w, d = lt - l_ref, r and the per-element terms), so nothing of size [N, V]
 // exists besides the gradient. Each pass is one branch-free loop over scratch: with float math
 // (16/32-bit inputs) the loops vectorise (an AVX2 clone is chosen at load time where the CPU has
@@ -184,18 +184,18 @@ struct Sums {
   double L, S_G, S_Gw, S_H, Wbar;
 };
 
-// kl: sum |l|, sum l1 and sum |l1| (amid_math.h: Terms, kl_row_loss).
+// kl: sum lb, sum l1 and sum |l1| (amid_math.h: Terms, kl_row_loss).
 template <typename acc_t>
-AMID_CPU_CLONES void pass_kl_loss_parts(int64_t V, const acc_t* l, const acc_t* l1, double& abs_l, double& sum_l1,
+AMID_CPU_CLONES void pass_kl_loss_parts(int64_t V, const acc_t* lb, const acc_t* l1, double& bound_l, double& sum_l1,
                                         double& abs_l1) {
   double a = 0, b = 0, c = 0;
 #pragma omp simd reduction(+ : a, b, c)
   for (int64_t v = 0; v < V; ++v) {
-    a += std::abs(double(l[v]));
+    a += double(lb[v]);
     b += double(l1[v]);
     c += std::abs(double(l1[v]));
   }
-  abs_l = a;
+  bound_l = a;
   sum_l1 = b;
   abs_l1 = c;
 }
@@ -204,7 +204,7 @@ AMID_CPU_CLONES void pass_kl_loss_parts(int64_t V, const acc_t* l, const acc_t* 
 template <Divergence D, Order O, typename acc_t>
 AMID_CPU_CLONES void pass_terms(const LossParams<acc_t>& P, const acc_t* tf, const acc_t* sf, int64_t V,
                                 RowLse<acc_t> A, RowLse<acc_t> B, acc_t Z, const acc_t* p, const acc_t* q, const acc_t* r, const acc_t* lt,
-                                const acc_t* d, acc_t* ls, acc_t* gs, acc_t* hs, acc_t* l1s) {
+                                const acc_t* d, acc_t* ls, acc_t* gs, acc_t* hs, acc_t* l1s, acc_t* lbs) {
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) {
     const Terms<acc_t> o = element_terms<D, O, M>(P, p[v], q[v], r[v], log_prob(tf[v], A), log_prob(sf[v], B),
@@ -212,7 +212,10 @@ AMID_CPU_CLONES void pass_terms(const LossParams<acc_t>& P, const acc_t* tf, con
     ls[v] = o.l;
     gs[v] = o.G;
     hs[v] = o.H;
-    if constexpr (D == Divergence::kKL) l1s[v] = o.l1;
+    if constexpr (D == Divergence::kKL) {
+      l1s[v] = o.l1;
+      lbs[v] = o.lb;
+    }
   }
 }
 
@@ -248,9 +251,9 @@ AMID_CPU_CLONES void pass_grad(bool detach, int64_t V, const acc_t* gs, const ac
 // Per-thread scratch, reused across its rows: the scaled logits, p, q, lt, w, d, r and the terms.
 template <typename acc_t>
 struct RowScratch {
-  std::vector<acc_t> tf, sf, p, q, lt, w, d, r, ls, gs, hs, l1s;
+  std::vector<acc_t> tf, sf, p, q, lt, w, d, r, ls, gs, hs, l1s, lbs;
   explicit RowScratch(int64_t V)
-      : tf(V), sf(V), p(V), q(V), lt(V), w(V), d(V), r(V), ls(V), gs(V), hs(V), l1s(V) {}
+      : tf(V), sf(V), p(V), q(V), lt(V), w(V), d(V), r(V), ls(V), gs(V), hs(V), l1s(V), lbs(V) {}
 };
 
 template <typename scalar_t>
@@ -267,7 +270,8 @@ void terms_row(const LossParams<acc_t>& P, int64_t V, RowLse<acc_t> A, RowLse<ac
   dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
     pass_terms<decltype(dc)::value, decltype(oc)::value>(P, S.tf.data(), S.sf.data(), V, A, B, Z, S.p.data(),
                                                          S.q.data(), S.r.data(), S.lt.data(), S.d.data(),
-                                                         S.ls.data(), S.gs.data(), S.hs.data(), S.l1s.data());
+                                                         S.ls.data(), S.gs.data(), S.hs.data(), S.l1s.data(),
+                                                         S.lbs.data());
   });
 }
 
@@ -334,9 +338,9 @@ void forward_row(const LossParams<acc_t>& P, const scalar_t* s, const scalar_t* 
   const double K = row_K(P.detach, sums.S_G, sums.S_Gw, sums.S_H, sums.Wbar);
   double L = sums.L;
   if (P.divergence == Divergence::kKL) {
-    double abs_l, sum_l1, abs_l1;
-    pass_kl_loss_parts(V, S.ls.data(), S.l1s.data(), abs_l, sum_l1, abs_l1);
-    L = kl_row_loss(L, abs_l, sum_l1, abs_l1, double(Z));
+    double bound_l, sum_l1, abs_l1;
+    pass_kl_loss_parts(V, S.lbs.data(), S.l1s.data(), bound_l, sum_l1, abs_l1);
+    L = kl_row_loss(L, bound_l, sum_l1, abs_l1, double(Z));
   }
   *loss = weight * L;
   stats[kStatAMax] = A.m;
