@@ -1,0 +1,257 @@
+"""Offline distillation benchmark (issue 10): online teacher vs a 'hidden' cache vs 'topk' caches.
+
+    python bench/bench_offline.py                 # CPU, the demo models (SmolLM2-135M-Instruct -> 6 layers)
+
+Writes bench/results/<device>-offline.csv (per mode: cache bytes per token, cache build time,
+training step time, peak RSS of the training process) and <device>-topk-error.csv (loss and
+gradient relative error of amid.amid_loss_topk against the exact loss, as a function of k, at the
+demo's V = 49152, on real teacher / student logits of demo response tokens), and a plot.
+
+Each training measurement runs in its own process (a fresh peak RSS): the online process loads the
+teacher, the cached ones do not. Step times are the mean of the timed steps after one warm-up step.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+MODES = [("online", None), ("hidden", None), ("topk", 16), ("topk", 64), ("topk", 256)]
+
+
+def _config(work: str, n_train: int, **kw):
+    from amid.distill import DistillConfig
+    from amid.distill.config import demo_data_path
+    from amid.distill.demo import demo_settings
+
+    train = os.path.join(work, "train.jsonl")
+    if not os.path.isfile(train):
+        with open(demo_data_path("train")) as f, open(train, "w") as g:
+            for i, line in enumerate(f):
+                if i >= n_train:
+                    break
+                g.write(line)
+    d = demo_settings()
+    d.update(train_file=train, validation_file=None, test_file=None, progress=False, plots=False, eval_teacher=False,
+             micro_batch_size=4, grad_accum_steps=1, max_steps=100, device="cpu", output_dir=os.path.join(work, "out"),
+             cache_teacher=False)
+    d.update(kw)
+    return DistillConfig(**d)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build(work: str, n_train: int, threads: int) -> None:
+    """Build the caches (the teacher loaded once) and measure the top-k error against exact."""
+    import torch
+
+    import amid
+    from amid.distill import models as M
+    from amid.distill.cache import cache_teacher
+    from amid.distill.data import IGNORE_INDEX, collate_train, encode_records, load_records
+
+    torch.set_num_threads(threads)
+    cfg = _config(work, n_train)
+    p, g = M.resolve_model_path(cfg.teacher, cfg.teacher_gguf_file)
+    tok = M.load_tokenizer(p, g)
+    teacher = M.load_causal_lm(p, g, role="teacher")
+    out = {}
+    for mode, k in MODES[1:]:
+        name = mode if k is None else f"{mode}{k}"
+        t0 = time.perf_counter()
+        s = cache_teacher(cfg, os.path.join(work, f"cache-{name}"), mode=mode, k=k or 64, teacher=teacher,
+                          tokenizer=tok, progress=False)
+        out[name] = {"bytes_per_token": s["bytes_per_token"], "cache_build_s": time.perf_counter() - t0,
+                     "tokens": s["tokens"]}
+    out["n_vocab"] = len(tok)
+    out["peak_rss_mb"] = _peak_rss_mb()
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def error(work: str, n_train: int, threads: int) -> None:
+    """Top-k error against exact, on real logits (student = the 6-layer student built from the teacher):
+    with the log-probabilities stored in float16 (as the cache does) and exact (float64)."""
+    import torch
+
+    import amid
+    from amid.distill import models as M
+    from amid.distill.data import IGNORE_INDEX, collate_train, encode_records, load_records
+
+    torch.set_num_threads(threads)
+    cfg = _config(work, n_train)
+    p, g = M.resolve_model_path(cfg.teacher, cfg.teacher_gguf_file)
+    tok = M.load_tokenizer(p, g)
+    teacher = M.load_causal_lm(p, g, role="teacher")
+    out = {}
+    student = M.build_student_from_teacher(teacher, cfg.student_num_layers)
+    ex = encode_records(tok, load_records(cfg.train_file), system_prompt=cfg.system_prompt, max_length=cfg.max_length)
+    b = collate_train([{"input_ids": e.input_ids, "labels": e.labels} for e in ex[:8]], tok.pad_token_id)
+    rows = b["labels"][:, 1:] != IGNORE_INDEX
+    with torch.no_grad():
+        t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1][rows].double()
+        s = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1][rows].double()
+    v = len(tok)
+    t, s = t[:, :v], s[:, :v]
+    opts = dict(alpha=cfg.alpha, lam=cfg.lam, divergence=cfg.divergence, order=cfg.order)
+
+    def lg(fn):
+        x = s.clone().requires_grad_(True)
+        loss = fn(x)
+        (gr,) = torch.autograd.grad(loss, x)
+        return float(loss), gr
+
+    exact, g_exact = lg(lambda x: amid.amid_loss(x, t, **opts))
+    lp_full = torch.log_softmax(t, -1)
+    err = []
+    for k in (1, 4, 16, 64, 256, 1024, 4096, 16384):
+        lp, idx = torch.topk(lp_full, k, dim=-1)
+        tail = (1 - lp.exp().sum(-1)).clamp_min(0)
+        for tl, store in itertools.product(("bucket", "renorm"), ("float16", "float64")):
+            lpk = lp.half() if store == "float16" else lp  # float16: as stored by the cache
+            loss, gk = lg(lambda x: amid.amid_loss_topk(x, lpk, idx.int(), tail=tl, **opts))
+            err.append({"k": k, "tail": tl, "logprobs": store, "V": v, "rows": int(t.shape[0]), "loss": loss,
+                        "exact_loss": exact,
+                        "loss_rel_err": abs(loss - exact) / abs(exact),
+                        "grad_rel_err": float((gk - g_exact).norm() / g_exact.norm()),
+                        "teacher_tail_mass_mean": float(tail.mean())})
+    out["topk_error"] = err
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def train(work: str, n_train: int, mode: str, k: int, steps: int, threads: int) -> None:
+    import torch
+
+    from amid.distill.trainer import Distiller
+
+    torch.set_num_threads(threads)
+    name = mode if mode in ("online", "hidden") else f"{mode}{k}"
+    kw = {"output_dir": os.path.join(work, f"out-{name}")}
+    if mode != "online":
+        kw["teacher_cache"] = os.path.join(work, f"cache-{name}")
+    t0 = time.perf_counter()
+    d = Distiller(_config(work, n_train, **kw))
+    setup = time.perf_counter() - t0
+    d.eval_sets = {}
+    d.train_step()  # warm-up
+    times, cpu = [], []
+    for _ in range(steps):
+        t1, c1 = time.perf_counter(), time.process_time()
+        d.train_step()
+        times.append(time.perf_counter() - t1)
+        cpu.append(time.process_time() - c1)
+    # CPU seconds of this process per step (all its threads): robust on a machine shared with other jobs.
+    print("RESULT " + json.dumps({"mode": name, "step_s": sum(times) / len(times), "step_s_min": min(times),
+                                  "step_cpu_s": sum(cpu) / len(cpu), "step_cpu_s_min": min(cpu),
+                                  "setup_s": setup, "peak_rss_mb": _peak_rss_mb(), "steps": steps}), flush=True)
+
+
+def _run(args) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    p = subprocess.run([sys.executable, os.path.abspath(__file__)] + args, capture_output=True, text=True, env=env)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"bench_offline {args}: no result\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n-train", type=int, default=32, help="demo training examples cached")
+    ap.add_argument("--steps", type=int, default=3, help="timed training steps per mode")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--worker", choices=["build", "train", "error"])
+    ap.add_argument("--work", help="working directory; with built.json in it (a previous run) the caches are reused")
+    ap.add_argument("--mode", default="online")
+    ap.add_argument("--k", type=int, default=0)
+    a = ap.parse_args()
+    if a.worker == "build":
+        return build(a.work, a.n_train, a.threads)
+    if a.worker == "error":
+        return error(a.work, a.n_train, a.threads)
+    if a.worker == "train":
+        return train(a.work, a.n_train, a.mode, a.k, a.steps, a.threads)
+
+    from common import RESULTS_DIR, device_name, git_sha  # noqa: E402
+
+    work = a.work or tempfile.mkdtemp(prefix="amid-bench-offline-")
+    common = ["--work", work, "--n-train", str(a.n_train), "--threads", str(a.threads)]
+    t0 = time.perf_counter()
+    built_path = os.path.join(work, "built.json")
+    if os.path.isfile(built_path):
+        built = json.load(open(built_path))
+    else:
+        built = _run(["--worker", "build"] + common)
+        json.dump(built, open(built_path, "w"))
+    print(f"caches built in {time.perf_counter() - t0:.0f} s ({work})", flush=True)
+    err_path = os.path.join(work, "error.json")
+    if not os.path.isfile(err_path):
+        json.dump(_run(["--worker", "error"] + common), open(err_path, "w"))
+    built.update(json.load(open(err_path)))
+    rows = []
+    for mode, k in MODES:
+        r = _run(["--worker", "train", "--mode", mode, "--k", str(k or 0), "--steps", str(a.steps)] + common)
+        r.update(built.get(r["mode"], {}))
+        rows.append(r)
+        print(r, flush=True)
+    import csv
+
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    meta = {"device": device_name("cpu"), "git": git_sha()}
+    path = os.path.join(RESULTS_DIR, "cpu-offline.csv")
+    base = rows[0]["step_s_min"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        # The best step (after one warm-up) is the headline: on a shared machine the means mostly measure
+        # the other jobs (the same run repeated gave online means from 5 to 15 s for a best of 1.0 s).
+        w.writerow(["mode", "step_s_min", "speedup_min", "step_s", "step_cpu_s_min", "peak_rss_mb", "bytes_per_token",
+                    "cache_build_s", "cached_tokens", "steps", "device", "git", "threads", "note"])
+        for r in rows:
+            w.writerow([r["mode"], f"{r['step_s_min']:.3f}", f"{base / r['step_s_min']:.2f}", f"{r['step_s']:.3f}",
+                        f"{r['step_cpu_s_min']:.3f}", f"{r['peak_rss_mb']:.0f}",
+                        f"{r['bytes_per_token']:.0f}" if "bytes_per_token" in r else "",
+                        f"{r['cache_build_s']:.1f}" if "cache_build_s" in r else "", r.get("tokens", ""), r["steps"],
+                        meta["device"], meta["git"], a.threads,
+                        f"best of {r['steps']} steps after 1 warm-up; means are distorted by other jobs on the machine"])
+    epath = os.path.join(RESULTS_DIR, "cpu-topk-error.csv")
+    with open(epath, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["k", "tail", "logprobs", "V", "rows", "loss_rel_err", "grad_rel_err", "teacher_tail_mass_mean"])
+        for e in built["topk_error"]:
+            w.writerow([e["k"], e["tail"], e["logprobs"], e["V"], e["rows"], f"{e['loss_rel_err']:.3e}", f"{e['grad_rel_err']:.3e}",
+                        f"{e['teacher_tail_mass_mean']:.3e}"])
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for tl in ("bucket", "renorm"):
+            es = [e for e in built["topk_error"] if e["tail"] == tl and e["logprobs"] == "float16"]
+            ax.loglog([e["k"] for e in es], [e["loss_rel_err"] for e in es], "o-", label=f"{tl}: loss")
+            ax.loglog([e["k"] for e in es], [e["grad_rel_err"] for e in es], "s--", label=f"{tl}: gradient")
+        ax.set_xlabel("k (teacher tokens kept)")
+        ax.set_ylabel("relative error vs exact")
+        ax.set_title(f"amid_loss_topk (fp16 log-probs) vs exact, V = {built['n_vocab']}", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(RESULTS_DIR, "cpu-topk-error.png"), dpi=110)
+    except ImportError:
+        pass
+    print(f"wrote {path} and {epath} ({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
