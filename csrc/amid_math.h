@@ -247,7 +247,9 @@ AMID_HD T logit_gap(T tf, T sf, T lp, T lq, T dAB) {
   const T abs_ts = ts < T(0) ? -ts : ts, abs_d = dAB < T(0) ? -dAB : dAB;
   const T abs_lp = lp < T(0) ? -lp : lp, abs_lq = lq < T(0) ? -lq : lq;
   const T b1 = abs_ts > abs_d ? abs_ts : abs_d, b2 = abs_lp > abs_lq ? abs_lp : abs_lq;
-  return b1 <= b2 ? ts - dAB : lp - lq;  // NaN bounds: lp - lq
+  const T f1 = ts - dAB;  // may overflow where lp - lq does not (|lp|, |lq| <= float max): then lp - lq
+  const bool f1_finite = (f1 < std::numeric_limits<T>::infinity()) & (f1 > -std::numeric_limits<T>::infinity());
+  return (b1 <= b2) & f1_finite ? f1 : lp - lq;  // NaN bounds: lp - lq
 }
 
 // The mixture from the temperature-scaled logits tf, sf and their log-sum-exps A, B (dAB = A - B),

@@ -194,3 +194,18 @@ def test_tiny_valid_temperature_saturates_instead_of_nan():
         assert torch.isfinite(x.grad[moderate]).all(), (div, order)
         want = amid.amid_loss(s.double(), t.double(), **opts)
         assert torch.allclose(rows.double(), want, rtol=1e-5, atol=0), (div, order, rows, want)
+
+
+def test_huge_logit_gaps_where_t_minus_s_overflows():
+    """(t - s) - (A - B) can overflow where lp - lq cannot (|lp|, |lq| <= float max): forward KL
+    KL(q || p) with logits near +-3e38 was NaN (inf * 0 in the gradient terms)."""
+    s = torch.tensor([[-1.098287510847385e+38, 3.299999965482712e+38], [3.299999965482712e+38, -1.155640486131823e+38]])
+    t = torch.tensor([[1.20411303654841e+37, 1.000504074642762e+37], [1.000504074642762e+37, -3.6799047598723347e+37]])
+    for alpha, lam in ((0.5, 1.0), (0.5, 0.0), (1.0, 0.5), (-1.0, 0.3)):
+        for div, order in PAIRS:
+            x = s.clone().requires_grad_()
+            rows = amid.amid_loss(x, t, alpha=alpha, lam=lam, divergence=div, order=order, reduction="none")
+            assert torch.isfinite(rows).all(), (alpha, lam, div, order, rows)
+    # KL(q || p) = sum q (lq - lp): q is one-hot on entry 1 where lp = -(t0 - t1) = -2.0e36.
+    got = amid.amid_loss(s[:1], t[:1], alpha=0.5, lam=1.0, order="qr", reduction="sum").item()
+    assert got == pytest.approx(1.20411303654841e+37 - 1.000504074642762e+37, rel=1e-6)
