@@ -200,10 +200,12 @@ def test_float64_alpha_near_one_against_high_precision(problem, alpha):
                                                                 st.floats(-323.5, -3.0)), st.booleans())
 def test_float64_extreme_lam(problem, log10_lam, near_one):
     """lam in [1e-323, 1e-3] (down to the smallest subnormal) or 1 - lam in [1.1e-16, 1e-3], in
-    float64: the same budgets as the parity test, values and gradients."""
+    float64: the same budgets as the parity test, values and gradients. Not detached: the ground
+    truth here is the high-precision derivative of the loss (the float64 reference's own formulas
+    lose accuracy like eps / lam), and the detached gradient is not that derivative."""
     s, t, _, opts = problem
     gap = 10.0 ** log10_lam
-    opts = dict(opts, lam=1.0 - max(gap, 2.0 ** -53) if near_one else gap)
+    opts = dict(opts, lam=1.0 - max(gap, 2.0 ** -53) if near_one else gap, detach_assistant=False)
     rows = amid.amid_loss(s, t, reduction="none", **opts)
     exact = [float(e) for e in mp_rows(s, t, **_mp_opts(opts))]
     for i, (x, e) in enumerate(zip(rows.tolist(), exact)):
@@ -233,8 +235,9 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 
 # A kl row with -inf entries is not a divergence (its masked terms are dropped: the official
 # semantics), so it can be ~0 or negative through cancellation of first-order terms; there the budget
-# has an absolute part, fp32's resolution of those terms (they are O(lam) at lam -> 0, O(1) at most).
-MASKED_KL_ATOL32 = 1e-12
+# has an absolute part, fp32's resolution of those terms: ~8 eps times the probability mass (of p and
+# q) on the masked entries.
+MASKED_KL_ATOL32_PER_MASS = 1e-6
 
 
 def _float32_errors(s64, t64, opts):
@@ -243,13 +246,16 @@ def _float32_errors(s64, t64, opts):
     s, t = s64.float(), t64.float()
     rows = amid.amid_loss(s, t, reduction="none", **opts).tolist()
     exact = [float(e) for e in mp_rows(s, t, **_mp_opts(opts))]
-    masked = ((s == -math.inf) | (t == -math.inf)).any(-1).tolist()
+    T = opts.get("temperature", 1.0)
+    mask = (s == -math.inf) | (t == -math.inf)
+    mass = ((torch.softmax(s.double() / T, -1) + torch.softmax(t.double() / T, -1)) * mask).sum(-1)
+    masked = (mask.any(-1) * mass).tolist()
     errs = []
     for x, e, m in zip(rows, exact, masked):
         if abs(e) > FLOAT32_MAX:
             errs.append(0.0 if x == math.copysign(math.inf, e) else math.inf)
         else:
-            floor = MASKED_KL_ATOL32 if m and opts["divergence"] == "kl" else ATOL32
+            floor = MASKED_KL_ATOL32_PER_MASS * m if m and opts["divergence"] == "kl" else ATOL32
             err = max(0.0, abs(x - e) - floor) / max(abs(e), ATOL32)
             errs.append(err if math.isfinite(x) else math.inf)
     return rows, exact, errs
@@ -288,9 +294,9 @@ def test_float32_gradient_ordinary_lam(problem, lam, alpha):
     g_ref = torch.autograd.grad(ref, y, allow_unused=True, materialize_grads=True)[0] if ref.requires_grad \
         else torch.zeros_like(y)
     assert g.dtype == torch.float32
-    # Peaked rows can have gradients of 1e-7 built from O(1) probabilities, which fp32 resolves only
-    # to an absolute ~1e-7: the norm gets a floor of 1e-3 (as tests/test_amid_loss.py's peaked rows).
-    err = normwise_err(g, g_ref, floor=1e-3)
+    # Peaked rows can have gradients of 1e-7 .. 1e-5 built from O(1) probabilities, which fp32 resolves
+    # only to an absolute ~1e-6 (worst of 3,000 random rows: 1.04e-6): the norm gets a floor of 2e-3.
+    err = normwise_err(g, g_ref, floor=2e-3)
     assert err <= GRAD_TOL[torch.float32], f"float32 gradient error {err:.3g} (normwise), options {opts}"
 
 
