@@ -132,6 +132,24 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+def one_line_error(capsys) -> str:
+    """The CLI's stderr: one line starting with 'amid-distill', no traceback."""
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    assert err.startswith("amid-distill"), err
+    return err
+
+
+@pytest.fixture
+def saved_teacher(tmp_path):
+    """The tiny teacher and its tokenizer saved as a Hugging Face model folder."""
+    tok = make_tokenizer()
+    d = tmp_path / "teacher"
+    make_teacher(tok).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
 def train_records(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [r for r in map(json.loads, f) if r["type"] == "train"]

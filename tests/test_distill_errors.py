@@ -7,39 +7,16 @@ import os
 import shutil
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 
-from test_distill import make_model, make_teacher, make_tokenizer, tiny_config, train_records  # noqa: E402
+from test_distill import (_one_thread, make_model, make_teacher, make_tokenizer, one_line_error,  # noqa: E402,F401
+                         saved_teacher, tiny_config, train_records)
 
 from amid.distill import ConfigError  # noqa: E402
 from amid.distill import cli as distill_cli  # noqa: E402
 from amid.distill.trainer import Distiller, checkpoint_problem  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _one_line_error(capsys):
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "Traceback" not in err, err
-    assert err.startswith("amid-distill"), err
-    return err
-
-
-@pytest.fixture
-def saved_teacher(tmp_path):
-    tok = make_tokenizer()
-    d = tmp_path / "teacher"
-    make_teacher(tok).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
 def _truncate(path, keep=0.5):
@@ -83,15 +60,15 @@ def test_bad_output_dir_fails_first_with_one_line(tmp_path, saved_teacher, capsy
     a_file = tmp_path / "a_file"
     a_file.write_text("not a directory\n")
     assert distill_cli.main(base + ["--output-dir", str(a_file)]) == 2
-    err = _one_line_error(capsys)
+    err = one_line_error(capsys)
     assert f"config field 'output_dir': expected a directory, but '{a_file}' is a file" in err
     assert a_file.read_text() == "not a directory\n"  # nothing overwritten
     assert distill_cli.main(base + ["--output-dir", str(a_file / "sub")]) == 2
-    err = _one_line_error(capsys)
+    err = one_line_error(capsys)
     assert f"config field 'output_dir': cannot create the directory '{a_file / 'sub'}'" in err
     # With a good output directory, the truncated teacher weights give one line naming the path.
     assert distill_cli.main(base + ["--output-dir", str(tmp_path / "out")]) == 2
-    err = _one_line_error(capsys)
+    err = one_line_error(capsys)
     assert f"could not load the teacher from '{broken}'" in err and "SafetensorError" in err, err
 
 
@@ -157,7 +134,7 @@ def test_resume_without_a_complete_checkpoint_stops_with_one_line(two_checkpoint
     capsys.readouterr()
     assert distill_cli.main(["--teacher", str(tdir), "--train-file", cfg.train_file, "--output-dir", cfg.output_dir,
                              "--student-num-layers", "1", "--resume", "--no-progress"]) == 2
-    assert "no complete checkpoint" in _one_line_error(capsys)
+    assert "no complete checkpoint" in one_line_error(capsys)
     assert open(os.path.join(cfg.output_dir, "metrics.jsonl")).read() == metrics
     assert len(train_records(cfg.output_dir)) == 4
     # No checkpoint at all: not a silent restart from step 0 either.

@@ -9,36 +9,14 @@ import torch
 
 pytest.importorskip("transformers")
 
-from test_distill import make_model, make_teacher, make_tokenizer, tiny_config, train_records  # noqa: E402
+from test_distill import (_one_thread, make_model, make_teacher, make_tokenizer, one_line_error,  # noqa: E402,F401
+                         saved_teacher, tiny_config, train_records)
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from amid.distill import ConfigError, DistillConfig  # noqa: E402
 from amid.distill import cli as distill_cli  # noqa: E402
 from amid.distill.trainer import Distiller  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _one_line_error(capsys):
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "Traceback" not in err, err
-    assert err.startswith("amid-distill"), err
-    return err
-
-
-@pytest.fixture
-def saved_teacher(tmp_path):
-    tok = make_tokenizer()
-    d = tmp_path / "teacher"
-    make_teacher(tok).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,7 +69,7 @@ def test_cli_help_lists_choices_and_errors_are_one_line(capsys):
         with pytest.raises(SystemExit) as e:
             distill_cli.main(argv)
         assert e.value.code == 2
-        assert expected in _one_line_error(capsys), argv
+        assert expected in one_line_error(capsys), argv
 
 
 def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(tmp_path, saved_teacher, capsys):
@@ -120,7 +98,7 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(tmp_path, saved_tea
             rc = distill_cli.main(base + extra)
         code = e.value.code if isinstance(e, pytest.ExceptionInfo) else rc
         assert code == 2, extra
-        assert expected in _one_line_error(capsys), extra
+        assert expected in one_line_error(capsys), extra
     assert sorted(os.listdir(out)) == ["metrics.jsonl"] and (out / "metrics.jsonl").read_text() == "keep\n"
 
 
@@ -267,7 +245,7 @@ def test_hub_ids_resolve_offline_from_the_cache(tmp_path, saved_teacher, monkeyp
     capsys.readouterr()
     assert distill_cli.main(["--teacher", "someorg/not-there", "--train-file", cfg.train_file, "--output-dir",
                              str(tmp_path / "o2"), "--no-progress"]) == 2
-    err = _one_line_error(capsys)
+    err = one_line_error(capsys)
     assert "config field 'teacher': 'someorg/not-there' is neither a local directory nor in the Hugging Face " \
            "cache" in err, err
 

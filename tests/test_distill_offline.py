@@ -13,20 +13,13 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from test_distill import make_model, make_teacher, make_tokenizer, tiny_config, train_records  # noqa: E402
+from test_distill import (_one_thread, make_model, make_teacher, make_tokenizer, tiny_config,  # noqa: E402,F401
+                         train_records)
 
 from amid.distill import ConfigError  # noqa: E402
 from amid.distill import cli as distill_cli  # noqa: E402
 from amid.distill.cache import INDEX_FILE, OfflineTeacher, cache_teacher  # noqa: E402
 from amid.distill.trainer import Distiller  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
