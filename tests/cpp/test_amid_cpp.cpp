@@ -89,9 +89,10 @@ static void test_vec_math() {
 // (csrc/amid_online.h), run on the host against the CPU op, which sums whole rows directly. In
 // math type T (float: what the CUDA kernels do for 16/32-bit inputs). With `grad`, also the
 // kernels' W pass (the gradient row from the stats), as write_grad_row does it.
-template <amid::Divergence D, amid::Order O, typename T, class M = amid::LibMath>
+template <amid::Divergence D, amid::Order O, typename T>
 static void online_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_t V, std::mt19937& rng,
                        double out[6], double* grad = nullptr) {
+  using M = amid::LibMath;
   // random chunking of the row, merged in a random order
   std::vector<int64_t> cuts = {0, V};
   for (int i = 0; i < 6; ++i) cuts.push_back(std::uniform_int_distribution<int64_t>(0, V)(rng));
@@ -134,78 +135,42 @@ static void online_row(const amid::LossParams<T>& P, const T* s, const T* t, int
   }
 }
 
-// The CUDA math in float on a student within 1% of its teacher (spec §5.6): kl row losses to 1e-3
-// and gradients to 1e-4 of the double CPU op on the same (float) inputs (plain float sums of O(1)
-// terms, as here, carry ~1e-6 absolute error; the losses are 1e-7 .. 1e-5). (The ab loss keeps the
-// plain form in the online reductions: its float error is absolute, ~1e-6; the CPU op is exact-er.)
-template <class M>
-static void test_online_float_small_divergence(const char* math) {
-  std::mt19937 rng(11);
-  at::manual_seed(11);
-  const int64_t V = 5003;
-  double worst_loss = 0, worst_grad = 0;
-  for (const char* div : {"kl", "ab"}) {
-  for (const char* ord : {"pr", "qr", "rp", "rq"}) {
-    for (double alpha : {-3.0, 0.5, 1.0, 3.0}) {
-      for (double lam : {0.1, 0.5, 0.9}) {
-        at::Tensor t = (at::randn({1, V}, at::kDouble) * 3).to(at::kFloat);
-        at::Tensor s = (t.to(at::kDouble) + at::randn({1, V}, at::kDouble) * 0.01).to(at::kFloat);
-        auto [loss, stats, grad] = amid::amid_loss_fwd(s.to(at::kDouble), t.to(at::kDouble), std::nullopt, alpha, lam,
-                                                       div, ord, 0.2, 0.7, 1.0, false, true);
-        const auto P = amid::make_params<float>("test", alpha, lam, div, ord, 0.2, 0.7, 1.0, false);
-        double out[6];
-        std::vector<double> g(V);
-        amid::dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
-          online_row<decltype(dc)::value, decltype(oc)::value, float, M>(P, s.data_ptr<float>(), t.data_ptr<float>(),
-                                                                         V, rng, out, g.data());
-        });
-        const double want = loss[0].item<double>();
-        const double rel = std::abs(out[5] - want) / want;
-        double gmax = 0, emax = 0;
-        for (int64_t v = 0; v < V; ++v) {
-          const double gw = grad[0][v].item<double>();
-          gmax = std::max(gmax, std::abs(gw));
-          emax = std::max(emax, std::abs(g[v] - gw));
-        }
-        worst_loss = std::max(worst_loss, rel);
-        worst_grad = std::max(worst_grad, emax / gmax);
-        if (!(rel <= (std::string(div) == "kl" ? 1e-3 : 1e-4)) || !(emax <= 1e-4 * gmax)) {
-          ++failures;
-          std::fprintf(stderr, "FAILED online float (%s) %s/%s alpha=%g lam=%g: loss %.9g vs %.9g, grad err %.3g of %.3g\n",
-                       math, div, ord, alpha, lam, out[5], want, emax, gmax);
-        }
-      }
-    }
-  }
-  }
-  std::printf("online reductions in float (%s), student within 1%% of teacher: loss worst rel. %.3g, "
-              "gradient worst %.3g\n", math, worst_loss, worst_grad);
-}
+// The CUDA kernels' float math (the online reductions and the W pass) against the double CPU op on the
+// same float inputs, all 8 losses, alpha -3 .. 3, lam 0.1 .. 0.9, logits of scale 3, in two regimes:
+//  * a student within 1% of its teacher (spec §5.6): kl row losses to 1e-3 and ab to 1e-4 (the losses
+//    are 1e-7 .. 1e-5 and plain float sums of O(1) terms carry ~1e-6 absolute error; the CPU op is
+//    exact-er), gradients to 1e-4 normwise;
+//  * ordinary inputs (student independent of the teacher): issue 9's budgets are 1e-5 (loss) and 1e-4
+//    (gradient); the online float sums meet neither yet (measured 3.6e-5 and 3.2e-4, worst in ab and at
+//    lam 0.1), so the bounds 1e-4 / 1e-3 only guard against regressions.
+struct FloatRegime {
+  const char* name;
+  unsigned seed;
+  int64_t V;
+  double student_noise;  // s = t + noise * N(0, 1), or 0: s independent of t
+  double kl_loss_tol, ab_loss_tol, grad_tol;
+};
 
-// Ordinary inputs (logits of scale 3, lam 0.1 .. 0.9, alpha -3 .. 3, all 8 losses), the CUDA
-// kernels' float math against the double CPU op on the same float inputs. Issue 9's budgets are 1e-5
-// (loss, relative) and 1e-4 (gradient, normwise); the online float sums meet neither yet (measured
-// 3.6e-5 and 3.2e-4, worst in ab and at lam 0.1): the bounds below guard against regressions.
-template <class M>
-static void test_online_float_ordinary(const char* math) {
-  std::mt19937 rng(5);
-  at::manual_seed(5);
-  const int64_t V = 2001;
+static void test_online_float(const FloatRegime& R) {
+  std::mt19937 rng(R.seed);
+  at::manual_seed(R.seed);
+  const int64_t V = R.V;
   double worst_loss = 0, worst_grad = 0;
   for (const char* div : {"kl", "ab"}) {
     for (const char* ord : {"pr", "qr", "rp", "rq"}) {
       for (double alpha : {-3.0, 0.5, 1.0, 3.0}) {
         for (double lam : {0.1, 0.5, 0.9}) {
           at::Tensor t = (at::randn({1, V}, at::kDouble) * 3).to(at::kFloat);
-          at::Tensor s = (at::randn({1, V}, at::kDouble) * 3).to(at::kFloat);
+          at::Tensor s = (R.student_noise > 0 ? t.to(at::kDouble) + at::randn({1, V}, at::kDouble) * R.student_noise
+                                              : at::randn({1, V}, at::kDouble) * 3).to(at::kFloat);
           auto [loss, stats, grad] = amid::amid_loss_fwd(s.to(at::kDouble), t.to(at::kDouble), std::nullopt, alpha,
                                                          lam, div, ord, 0.2, 0.7, 1.0, false, true);
           const auto P = amid::make_params<float>("test", alpha, lam, div, ord, 0.2, 0.7, 1.0, false);
           double out[6];
           std::vector<double> g(V);
           amid::dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
-            online_row<decltype(dc)::value, decltype(oc)::value, float, M>(P, s.data_ptr<float>(),
-                                                                           t.data_ptr<float>(), V, rng, out, g.data());
+            online_row<decltype(dc)::value, decltype(oc)::value>(P, s.data_ptr<float>(), t.data_ptr<float>(), V,
+                                                                 rng, out, g.data());
           });
           const double want = loss[0].item<double>();
           const double rel = std::abs(out[5] - want) / std::abs(want);
@@ -217,17 +182,18 @@ static void test_online_float_ordinary(const char* math) {
           }
           worst_loss = std::max(worst_loss, rel);
           worst_grad = std::max(worst_grad, emax / gmax);
-          if (!(rel <= 1e-4) || !(emax <= 1e-3 * gmax)) {
+          const double loss_tol = std::string(div) == "kl" ? R.kl_loss_tol : R.ab_loss_tol;
+          if (!(rel <= loss_tol) || !(emax <= R.grad_tol * gmax)) {
             ++failures;
-            std::fprintf(stderr, "FAILED online float ordinary (%s) %s/%s alpha=%g lam=%g: loss %.9g vs %.9g, "
-                         "grad err %.3g of %.3g\n", math, div, ord, alpha, lam, out[5], want, emax, gmax);
+            std::fprintf(stderr, "FAILED online float (%s) %s/%s alpha=%g lam=%g: loss %.9g vs %.9g, grad err %.3g of %.3g\n",
+                         R.name, div, ord, alpha, lam, out[5], want, emax, gmax);
           }
         }
       }
     }
   }
-  std::printf("online reductions in float (%s), ordinary inputs: loss worst rel. %.3g, gradient worst %.3g\n",
-              math, worst_loss, worst_grad);
+  std::printf("online reductions in float, %s: loss worst rel. %.3g, gradient worst %.3g\n", R.name, worst_loss,
+              worst_grad);
 }
 
 static void test_online_reductions() {
@@ -283,8 +249,8 @@ static void test_online_reductions() {
 int main(int argc, char** argv) {
   test_vec_math();
   test_online_reductions();
-  test_online_float_small_divergence<amid::LibMath>("accurate");
-  test_online_float_ordinary<amid::LibMath>("accurate");
+  test_online_float({"student within 1% of teacher", 11, 5003, 0.01, 1e-3, 1e-4, 1e-4});
+  test_online_float({"ordinary inputs", 5, 2001, 0.0, 1e-4, 1e-4, 1e-3});
 
   // 1. Schemas.
   if (argc > 1) {
