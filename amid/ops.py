@@ -213,11 +213,16 @@ def _refuse_create_graph(level: Optional[int]) -> None:
         raise RuntimeError(CREATE_GRAPH_ERROR)
 
 
+def _is_functorch_wrapped(x: torch.Tensor) -> bool:
+    """x is a torch.func (vmap / grad) wrapper, where the in-place scale_grad_ has no batching rule."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
 def _scaled_copy(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     """grad * grad_loss[:, None] in grad's dtype, without the fp32 [N, V] temporary that multiplying a
     bf16 / fp16 gradient by an fp32 vector makes: a copy scaled in place by the scale_grad_ op (fp32 math per
     element, as the product). Out of place under torch.func.vmap (no batching rule for the in-place op)."""
-    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(grad):
+    if _is_functorch_wrapped(grad):
         return (grad * grad_loss.unsqueeze(-1)).to(grad.dtype)
     out = grad.clone()
     torch.ops.amid.scale_grad_.default(out, grad_loss.contiguous())
@@ -284,9 +289,8 @@ class GradInForward(torch.autograd.Function):
         _refuse_create_graph(ctx.functorch_level)
         ctx.grad_consumed = True
         (grad,) = ctx.saved_tensors
-        if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(grad):
-            # under torch.func.vmap (no batching rule for the in-place op): out of place
-            return ((grad * grad_loss.unsqueeze(-1)).to(grad.dtype),) + (None,) * 10
+        if _is_functorch_wrapped(grad):  # under torch.func.vmap: out of place (see _scaled_copy)
+            return (_scaled_copy(grad, grad_loss),) + (None,) * 10
         torch.ops.amid.scale_grad_.default(grad, grad_loss.contiguous())
         return (grad,) + (None,) * 10
 

@@ -54,6 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ConfigError, DistillConfig
+from .state_io import sha256_file
 
 __all__ = ["cache_teacher", "OfflineTeacher", "CacheError", "main", "INDEX_FILE", "FORMAT"]
 
@@ -82,14 +83,6 @@ def _tag(cache_dir: str) -> str:
 
 # ------------------------------------------------------------------------------------------------
 # Fingerprints
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def data_fingerprint(examples: Sequence[Any]) -> str:
     """SHA-256 of tokenized records: every example's input ids and labels, in order."""
@@ -437,7 +430,7 @@ def cache_teacher(config: DistillConfig, cache_dir: Optional[str] = None, *, mod
                 with open(tmp, "rb") as f:
                     os.fsync(f.fileno())
                 sh["bytes"] = os.path.getsize(tmp)
-                sh["sha256"] = _sha256_file(tmp)
+                sh["sha256"] = sha256_file(tmp)
                 os.replace(tmp, fpath)
             except OSError as e:  # e.g. a full disk
                 raise CacheError(f"amid-distill cache-teacher: writing {fpath} failed ({e.strerror or e}); the "
@@ -634,7 +627,7 @@ class OfflineTeacher:
             path = os.path.join(self.dir, sh["file"])
             if not os.path.isfile(path):
                 raise CacheError(f"{_tag(self.dir)}: the shard {path} is missing")
-            digest = _sha256_file(path)
+            digest = sha256_file(path)
             if digest != sh["sha256"]:
                 raise CacheError(f"{_tag(self.dir)}: the shard {path} does not match its SHA-256 in {INDEX_FILE} "
                                  "(corrupt or replaced); rebuild the cache")

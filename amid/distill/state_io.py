@@ -9,6 +9,7 @@ resume, so a checkpoint from elsewhere cannot run code.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any, Dict, Optional
@@ -16,9 +17,18 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-__all__ = ["save_state", "load_state", "encode", "decode"]
+__all__ = ["save_state", "load_state", "encode", "decode", "sha256_file"]
 
 _T, _A, _TUP, _ITEMS = "__tensor__", "__ndarray__", "__tuple__", "__items__"
+
+
+def sha256_file(path: str) -> str:
+    """SHA-256 of a file's bytes (checkpoint and teacher-cache manifests)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def encode(x: Any, tensors: Dict[str, torch.Tensor], where: str = "state") -> Any:

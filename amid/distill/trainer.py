@@ -25,7 +25,6 @@ killed at any moment resumes from the last complete checkpoint.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -49,7 +48,7 @@ from .config import ConfigError, DistillConfig, prepare_output_dir
 from .data import IGNORE_INDEX, Example, StepSampler, collate_train, encode_records, load_records
 from .evaluate import generate_ids, score_predictions
 from .schedules import make_schedule
-from .state_io import load_state, save_state
+from .state_io import load_state, save_state, sha256_file
 from .sgo import DATA, GENERATE, REPLAY, AdaptiveSGO, ReplayBuffer
 
 __all__ = ["Distiller", "StudentEngine"]
@@ -184,14 +183,6 @@ def _fsync_tree(path: str) -> None:
                 os.fsync(f.fileno())
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_manifest(folder: str) -> None:
     """``manifest.json``: size and SHA-256 of every file below ``folder`` (written last)."""
     files = {}
@@ -199,7 +190,7 @@ def _write_manifest(folder: str) -> None:
         for name in sorted(names):
             full = os.path.join(root, name)
             rel = os.path.relpath(full, folder).replace(os.sep, "/")
-            files[rel] = {"size": os.path.getsize(full), "sha256": _sha256(full)}
+            files[rel] = {"size": os.path.getsize(full), "sha256": sha256_file(full)}
     with open(os.path.join(folder, _MANIFEST), "w", encoding="utf-8") as f:
         json.dump({"files": files}, f, indent=1, sort_keys=True)
 
@@ -232,7 +223,7 @@ def checkpoint_problem(path: str) -> Optional[str]:
             if size != int(info["size"]):
                 return f"{rel} has {size} bytes, expected {int(info['size'])} (truncated?)"
         for rel, info in items:
-            if _sha256(os.path.join(path, rel)) != info["sha256"]:
+            if sha256_file(os.path.join(path, rel)) != info["sha256"]:
                 return f"{rel} does not match its SHA-256 in {_MANIFEST} (corrupt)"
         return None
     if not os.path.isfile(os.path.join(path, _STATE_FILE)):
