@@ -235,6 +235,12 @@ AMID_HD T log_prob(T x, RowLse<T> a) {
   return (y == neg_inf<T>()) & (x != neg_inf<T>()) ? std::numeric_limits<T>::lowest() : y;
 }
 
+// A - B of two row log-sum-exps, formed in double (a row constant: the caller computes it once).
+template <typename T>
+AMID_HD T row_lse_gap(RowLse<T> A, RowLse<T> B) {
+  return T((double(A.m) - double(B.m)) + (double(A.l) - double(B.l)));
+}
+
 // lp - lq for one element, in whichever of two forms carries the smaller rounding error: (tf - sf) -
 // (A - B) (exact when the student is close to its teacher, where lp - lq would carry eps |lp|: the
 // small-divergence regime, spec §5.6), or lp - lq (when tf - sf is large or overflows, e.g. logits

@@ -76,15 +76,19 @@ struct LseAcc {
 // amid_math.h: mixture, assistant_excess), U the unmasked elements.
 template <Divergence D, Order O, typename T>
 struct RowAcc {
-  static constexpr int kF = D == Divergence::kKL ? 5 : 12;
+  static constexpr int kF = D == Divergence::kKL ? ((O == Order::kPR || O == Order::kQR) ? 8 : 9) : 12;
   T m = neg_inf<T>(), S = T(0), Wb = T(0);
   T f[kF] = {};
 
   // Exponent of field i:
   //   kl pr / qr: f0 = -sum_U o d, f1 = sum_U o w, f2 = sum_notU o, f3 = sum tau,
   //               f4 = sum_U tau w + sum_notU r~ w                                       c = 0
+  //               f5 = sum_U o phi1(d), f6 = sum_notU r~, f7 = sum_U o |d|                c = 0
   //   kl rp / rq: f0 = sum_U rho, f1 = sum_U rho d, f2 = sum_U rho w, f3 = sum_U rho w d  (c = 1),
-  //               f4 = sum tau                                                            (c = 0)
+  //               f4 = sum tau, f5 = sum_U o phi2(d), f6 = sum_notU r~, f7 = sum_U o |d|,
+  //               f8 = sum_notU o                                                         (c = 0)
+  //   (phi1(d) = e^d - 1 - d and phi2(d) = 1 + (d - 1) e^d: the second-order KL element functions of
+  //   amid_math.h's element_terms, here of d = lt - l_ref, before Z is known; see finalize.)
   //   ab pr / qr: f0 = sum x^a rho^b, f1 = sum x^a rho^b w (c = b), f2 = sum x^g (c = 0),
   //               f3 = sum rho^g, f4 = sum rho^g w (c = g)     (x = p or q, g = a + b)
   //   ab rp / rq: f0 = sum rho^a y^b, f1 = sum rho^a y^b w (c = a), f2 = sum y^g (c = 0),
@@ -132,22 +136,33 @@ struct RowAcc {
       const T tau = assistant_excess<M>(o, d, lt);
       f[x_r ? 3 : 4] += tau;
       const bool keep = (lp != neg_inf<T>()) & (lq != neg_inf<T>());
-      if constexpr (x_r) {
-        if (!keep) {
+      if (!keep) {
+        f[6] += o + tau;  // r~
+        if constexpr (x_r) {
           f[2] += o;
           f[4] += (o + tau) * w;
-          return;
+        } else {
+          f[8] += o;
         }
+        return;
+      }
+      // o phi(d), second order in d for |d| < 1/2 (the series of element_terms), else from tau =
+      // o expm1(d) = r~ - o: phi1: tau - o d; phi2: o + (d - 1) r~ = d (o + tau) - tau.
+      const bool small = (d > T(-0.5)) & (d < T(0.5));
+      const T d2 = d * d;
+      if constexpr (x_r) {
         f[0] -= o * d;
         f[1] += o * w;
         f[4] += tau * w;
+        f[5] += small ? o * d2 * phi1_div(d) : tau - o * d;
       } else {
-        if (!keep) return;
         f[0] += rho;
         f[1] += rho * d;
         f[2] += rho * w;
         f[3] += rho * w * d;
+        f[5] += small ? o * d2 * phi2_div(d) : d * (o + tau) - tau;
       }
+      f[7] += o * (d < T(0) ? -d : d);  // the error bound of the first-order form
     } else {
       const T lo = (O == Order::kPR || O == Order::kRP) ? lp : lq;  // the non-assistant side
       // x^a rho^b (pr/qr) or rho^a y^b (rp/rq), all in log space: -inf gives 0.
@@ -200,6 +215,17 @@ struct RowAcc {
       const T tau_sum = f[(O == Order::kPR || O == Order::kQR) ? 3 : 4];
       const bool near = (tau_sum > T(-0.5)) & (tau_sum < T(0.5));
       Z = near ? M::log1p(tau_sum) : Z;
+      // The row loss in two forms, as the CPU kernel's kl_row_loss chooses: first order (below; its
+      // terms cancel when the divergence is small, leaving eps / loss relative error), and second
+      // order from the sums of o phi(d) (spec §5.6): with e = d - Z, E = e^-Z and sum o = 1,
+      //   o phi1(e) = E o phi1(d) + phi1(-Z) o + expm1(-Z) o d,
+      //   o phi2(e) = E o phi2(d) + phi2(-Z) o - Z E tau,
+      // and -o e = o phi1(e) - (r - o), r e = o phi2(e) + (r - o) on U, where sum_U (r - o) =
+      // f_m - E sum_notU r~ (f_m = sum_notU o): every term is second order in the divergence, or a
+      // masked mass. Error bounds in units of eps: the sum of the terms' magnitudes, and sum_U o |d| + |Z|.
+      const T E = M::exp(-Z), em1 = M::expm1_from_exp(-Z, E);
+      const bool zs = (Z > T(-0.5)) & (Z < T(0.5));
+      const T mz = -Z;
       if constexpr (O == Order::kPR || O == Order::kQR) {
         // L = sum_U o (lo - lr) = Z (1 - f_m) - sum_U o d, with the masked mass f_m = sum_notU o;
         // S_G' = sum_U (r - o) + sum_notU r = f_m; sum G' w = sum_U (r - o) w + sum_notU r w,
@@ -207,7 +233,11 @@ struct RowAcc {
         // small sums instead: with r = r~ / (1 + S) and r~ = o + tau, (f4 - S sum_U o w) / (1 + S).
         // qr: sum H' = sum_U (-q e) - f_m = L - f_m.
         const T f_m = f[2];
-        L = f[0] + Z * (T(1) - f_m);
+        const T L1 = f[0] + Z * (T(1) - f_m);
+        const T phi_z = zs ? mz * mz * phi1_div(mz) : em1 + Z;  // phi1(-Z) = expm1(-Z) + Z
+        const T L2 = E * (f[5] + f[6]) + phi_z * (T(1) - f_m) - em1 * f[0] - f_m;
+        const T b2 = E * (f[5] + f[6]) + phi_z * (T(1) - f_m) + (em1 * f[0] < T(0) ? -em1 * f[0] : em1 * f[0]) + f_m;
+        L = kl_row_loss(L2, b2, L1, f[7], Z);
         S_G = f_m;
         S_Gw = near ? (f[4] - tau_sum * f[1]) / (T(1) + tau_sum) : Wbar - f[1];
         S_H = O == Order::kQR ? L - f_m : T(0);
@@ -216,13 +246,22 @@ struct RowAcc {
         // L = sum_U r (d - Z); S_G' = sum_U r e - sum_notU r = L - R_m;
         // sum G' w = sum_U r w e - sum_notU r w; rq: sum H' = sum_U (q - r) + sum_notU q = R_m.
         const T Sr = f[0] * inv_S, R_m = (S - f[0]) * inv_S;
-        L = f[1] * inv_S - Z * Sr;
+        const T L1 = f[1] * inv_S - Z * Sr;
+        const T O_m = f[8], T_U = f[4] - (f[6] - O_m);  // sum_U tau = sum tau - sum_notU (r~ - o)
+        const T phi_z = zs ? mz * mz * phi2_div(mz) : T(1) - (Z + T(1)) * E;  // phi2(-Z)
+        const T zt = Z * E * T_U;
+        const T L2 = E * f[5] + phi_z * (T(1) - O_m) - zt + O_m - E * f[6];
+        const T b2 = E * f[5] + phi_z * (T(1) - O_m) + (zt < T(0) ? -zt : zt) + O_m + E * f[6];
+        L = kl_row_loss(L2, b2, L1, f[7], Z);  // sum_U o |d| stands for sum_U r |d| (the same to first order)
         S_G = L - R_m;
         const T Rw = f[2] * inv_S;
         S_Gw = (f[3] * inv_S - Z * Rw) - (Wb - f[2]) * inv_S;
         S_H = O == Order::kRQ ? R_m : T(0);
       }
-    } else if ((f[11] > T(-0.5)) & (f[11] < T(0.5))) {
+    } else if (f[11] > T(-0.75)) {
+      // (f11 = sum tau = e^Z - 1 <= 1 for every alpha; below -3/4 the assistant's mass is mostly
+      // missing and log1p(f11) loses digits: then the sums relative to the running max, below. The
+      // sums relative to o are the more accurate ones wherever both apply: measured in tests/cpp.)
       // Near Z = 0 (r~ sums to about 1), relative to o, where the sums f5.. are small (spec
       // §5.6, as ab_parts): with e = d - Z, e^(c e) = e^(c d) (1 + m_c), m_c = expm1(-c Z),
       //   sum o^g phi(e) = O phi(-Z) + Phi + m_c Xc - (c/g) m_g Xg          (O = sum o^g),

@@ -283,7 +283,7 @@ bool row_ref_is_p(const LossParams<acc_t>& P) {
 template <typename acc_t>
 void mixture_row(const LossParams<acc_t>& P, int64_t V, RowLse<acc_t> A, RowLse<acc_t> B, RowScratch<acc_t>& S) {
   // A - B in double, rounded once (logit_gap's row constant).
-  const acc_t dAB = acc_t((double(A.m) - double(B.m)) + (double(A.l) - double(B.l)));
+  const acc_t dAB = row_lse_gap(A, B);
   dispatch_mode(P.mode, [&](auto mode) {
     constexpr MixMode MODE = decltype(mode)::value;
     if (row_ref_is_p(P)) {

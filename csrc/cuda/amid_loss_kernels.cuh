@@ -55,8 +55,8 @@ struct RowArgs {
 
 template <Divergence D, Order O, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const scalar_t* t, const scalar_t* s,
-                                               scalar_t* g, int64_t len, bool vec_ok, acc_t A, acc_t B, acc_t Z,
-                                               acc_t S_G, acc_t K, acc_t scale) {
+                                               scalar_t* g, int64_t len, bool vec_ok, RowLse<acc_t> A,
+                                               RowLse<acc_t> B, acc_t dAB, acc_t Z, acc_t S_G, acc_t K, acc_t scale) {
   constexpr int kW = VecWidth<scalar_t>::value;
   const acc_t invT = P.inv_temperature;
   visit_row(t, s, len, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
@@ -65,7 +65,7 @@ __device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const
 #pragma unroll
     for (int j = 0; j < n; ++j) {
       acc_t lp, lq, lt, w, d;
-      mixture_from_logits<ref_is_p<O>(), M>(P, acc_t(tv[j]) * invT, acc_t(sv[j]) * invT, A, B, lp, lq, lt, w, d);
+      mixture_from_logits<ref_is_p<O>(), M>(P, acc_t(tv[j]) * invT, acc_t(sv[j]) * invT, A, B, dAB, lp, lq, lt, w, d);
       const acc_t lr = lt - Z;
       const acc_t p = M::exp(lp), q = M::exp(lq), r = M::exp(lr);
       const Terms<acc_t> o = element_terms<D, O, M>(P, p, q, r, lp, lq, lr, d - Z);
@@ -178,7 +178,10 @@ __global__ void __launch_bounds__(kThreads, 2) amid_fwd_kernel(const RowArgs<sca
       fill_row(a, row, g, len, lead, nan_v<acc_t>());
       continue;
     }
-    const acc_t A = lse.t.m + M::log(lse.t.s), B = lse.s.m + M::log(lse.s.s);
+    // Each log-sum-exp as max + log(sum) (amid_math.h: RowLse), and A - B in double: log p and the
+    // logit gap keep their accuracy at any logit scale, as in the CPU kernel.
+    const RowLse<acc_t> A{lse.t.m, M::log(lse.t.s)}, B{lse.s.m, M::log(lse.s.s)};
+    const acc_t dAB = row_lse_gap(A, B);
 
     // R2: the mixture per element; Z and the loss-specific sums in online form.
     Acc acc;
@@ -186,7 +189,7 @@ __global__ void __launch_bounds__(kThreads, 2) amid_fwd_kernel(const RowArgs<sca
 #pragma unroll
       for (int j = 0; j < decltype(nc)::value; ++j) {
         acc_t lp, lq, lt, w, d;
-        mixture_from_logits<ref_is_p<O>(), M>(P, acc_t(tv[j]) * invT, acc_t(sv[j]) * invT, A, B, lp, lq, lt, w, d);
+        mixture_from_logits<ref_is_p<O>(), M>(P, acc_t(tv[j]) * invT, acc_t(sv[j]) * invT, A, B, dAB, lp, lq, lt, w, d);
         acc.template rebase<M>(P, lt);
         acc.template add<M>(P, lp, lq, lt, w, d);
       }
@@ -201,15 +204,14 @@ __global__ void __launch_bounds__(kThreads, 2) amid_fwd_kernel(const RowArgs<sca
     if (lead) {
       a.loss[row] = weight * L;
       acc_t* st = a.stats + row * kNumStats;
-      // A, B as single log-sum-exps: max part A, log part 0 (amid_math.h: RowLse, kNumStats).
-      st[kStatAMax] = A, st[kStatBMax] = B, st[kStatZ] = Z, st[kStatSG] = S_G, st[kStatK] = K;
-      st[kStatALog] = acc_t(0), st[kStatBLog] = acc_t(0);
+      st[kStatAMax] = A.m, st[kStatBMax] = B.m, st[kStatZ] = Z, st[kStatSG] = S_G, st[kStatK] = K;
+      st[kStatALog] = A.l, st[kStatBLog] = B.l;
     }
 
     // W: the gradient row (chain rule through s/T: the 1/T factor).
     if (g) {
       const acc_t scale = weight * invT;
-      write_grad_row<D, O>(P, t, s, g, len, vec_ok, A, B, Z, S_G, K, scale);  // gauge:W
+      write_grad_row<D, O>(P, t, s, g, len, vec_ok, A, B, dAB, Z, S_G, K, scale);  // gauge:W
     }
   }
   cluster_exit_barrier();
@@ -230,13 +232,14 @@ __global__ void __launch_bounds__(kThreads) amid_bwd_kernel(const RowArgs<scalar
       continue;
     }
     const acc_t* st = a.stats + row * kNumStats;
-    const acc_t A = st[kStatAMax] + st[kStatALog], B = st[kStatBMax] + st[kStatBLog];
+    const RowLse<acc_t> A{st[kStatAMax], st[kStatALog]}, B{st[kStatBMax], st[kStatBLog]};
+    const acc_t dAB = row_lse_gap(A, B);
     const acc_t Z = st[kStatZ], S_G = st[kStatSG], K = st[kStatK];
     const acc_t scale = a.grad_loss[row] * weight * P.inv_temperature;
     const scalar_t* t = a.t + row * a.ldt;
     const scalar_t* s = a.s + row * a.lds;
     const bool vec_ok = same_misalignment(t, s, sizeof(scalar_t)) && same_misalignment(t, g, sizeof(scalar_t));
-    write_grad_row<D, O>(P, t, s, g, a.V, vec_ok, A, B, Z, S_G, K, scale);  // gauge:W
+    write_grad_row<D, O>(P, t, s, g, a.V, vec_ok, A, B, dAB, Z, S_G, K, scale);  // gauge:W
   }
 }
 

@@ -86,12 +86,11 @@ static void test_vec_math() {
 }
 
 // The online (chunked, merged-in-any-order) row reductions that the CUDA kernels use
-// (csrc/amid_online.h), run on the host against the CPU op, which sums whole rows directly. In
-// math type T (float: what the CUDA kernels do for 16/32-bit inputs). With `grad`, also the
-// kernels' W pass (the gradient row from the stats), as write_grad_row does it.
+// (csrc/amid_online.h), run on the host against the CPU op, which sums whole rows directly: in
+// double, random chunks merged in a random order (any order must give the same statistics).
 template <amid::Divergence D, amid::Order O, typename T>
 static void online_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_t V, std::mt19937& rng,
-                       double out[6], double* grad = nullptr) {
+                       double out[6]) {
   using M = amid::LibMath;
   // random chunking of the row, merged in a random order
   std::vector<int64_t> cuts = {0, V};
@@ -107,14 +106,15 @@ static void online_row(const amid::LossParams<T>& P, const T* s, const T* t, int
     for (int64_t v = cuts[c]; v < cuts[c + 1]; ++v) part.template add<M>(t[v] * invT, s[v] * invT);
     r1.template merge<M>(part);
   }
-  const T A = r1.t.value(M::log(r1.t.s)), B = r1.s.value(M::log(r1.s.s));
+  const amid::RowLse<T> A{r1.t.m, M::log(r1.t.s)}, B{r1.s.m, M::log(r1.s.s)};
+  const T dAB = amid::row_lse_gap(A, B);
   std::shuffle(order.begin(), order.end(), rng);
   amid::RowAcc<D, O, T> r2;
   for (int c : order) {
     amid::RowAcc<D, O, T> part;
     for (int64_t v = cuts[c]; v < cuts[c + 1]; ++v) {
       T lp, lq, lt, w, d;
-      amid::mixture_from_logits<amid::ref_is_p<O>(), M>(P, t[v] * invT, s[v] * invT, A, B, lp, lq, lt, w, d);
+      amid::mixture_from_logits<amid::ref_is_p<O>(), M>(P, t[v] * invT, s[v] * invT, A, B, dAB, lp, lq, lt, w, d);
       part.template rebase<M>(P, lt);
       part.template add<M>(P, lp, lq, lt, w, d);
     }
@@ -123,43 +123,106 @@ static void online_row(const amid::LossParams<T>& P, const T* s, const T* t, int
   T Z = 0, L = 0, S_G = 0, K = 0;
   const bool ok = r2.template finalize<M>(P, M::log(r2.S), Z, L, S_G, K);
   EXPECT(ok);
-  out[0] = A, out[1] = B, out[2] = Z, out[3] = S_G, out[4] = K, out[5] = L;
-  if (grad) {
-    for (int64_t v = 0; v < V; ++v) {
-      T lp, lq, lt, w, d;
-      amid::mixture_from_logits<amid::ref_is_p<O>(), M>(P, t[v] * invT, s[v] * invT, A, B, lp, lq, lt, w, d);
-      const T lr = lt - Z, p = M::exp(lp), q = M::exp(lq), r = M::exp(lr);
-      const auto o = amid::element_terms<D, O, M>(P, p, q, r, lp, lq, lr, d - Z);
-      grad[v] = double(amid::element_grad(P.detach, w, q, r, o, S_G, K) * invT);
+  out[0] = A.m + A.l, out[1] = B.m + B.l, out[2] = Z, out[3] = S_G, out[4] = K, out[5] = L;
+}
+
+// The same row as the forward CUDA kernel reduces it, in the same order (amid_loss_kernels.cuh,
+// cuda/utils.cuh): C CTAs of kThreads threads each take a slice of ceil(V / C) elements rounded up to the
+// vector width kW; thread i accumulates the kW-element chunks i, i + kThreads, ... of its CTA's slice
+// in sequence (rows aligned: no scalar head; the scalar tail elements go to threads 0, 1, ...); then
+// the warp butterfly (lane l merges lane l ^ offset, offsets 16 .. 1), the warps in order, and the C
+// CTAs' results in a butterfly. Float sums in this order carry the rounding the GPU's do, which
+// sequential sums over long chunks exaggerate.
+template <typename Acc, typename Add, typename Merge>
+static Acc gpu_order_reduce(int64_t V, int C, int kW, Add&& add, Merge&& merge) {
+  constexpr int kThreads = 256, kWarp = 32;
+  auto butterfly = [&](std::vector<Acc>& x) {  // lane 0's result of the xor butterfly
+    for (size_t off = x.size() / 2; off > 0; off /= 2)
+      for (size_t i = 0; i < off; ++i) merge(x[i], x[i + off]);
+    return x[0];
+  };
+  const int64_t part = ((V + C - 1) / C + kW - 1) / kW * kW;
+  std::vector<Acc> ctas;
+  for (int rank = 0; rank < C; ++rank) {
+    const int64_t v0 = std::min<int64_t>(rank * part, V), v1 = std::min<int64_t>(v0 + part, V), len = v1 - v0;
+    std::vector<Acc> th(kThreads);
+    const int64_t nvec = len / kW;
+    for (int64_t c = 0; c < nvec; ++c)
+      for (int j = 0; j < kW; ++j) add(th[c % kThreads], v0 + c * kW + j);
+    for (int64_t i = nvec * kW; i < len; ++i) add(th[(i - nvec * kW) % kThreads], v0 + i);
+    std::vector<Acc> warps;
+    for (int w = 0; w < kThreads / kWarp; ++w) {
+      std::vector<Acc> lanes(th.begin() + w * kWarp, th.begin() + (w + 1) * kWarp);
+      warps.push_back(butterfly(lanes));
     }
+    Acc r = warps[0];
+    for (size_t w = 1; w < warps.size(); ++w) merge(r, warps[w]);
+    ctas.push_back(r);
+  }
+  return butterfly(ctas);
+}
+
+// The forward CUDA kernel's float math for one row, in its reduction order (gpu_order_reduce): R1,
+// R2, the closing formulas, and the W pass as write_grad_row does it. out: A, B, Z, S_G, K, L.
+template <amid::Divergence D, amid::Order O, typename T>
+static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_t V, int C, double out[6],
+                    double* grad) {
+  using M = amid::LibMath;
+  const int kW = 8;  // bf16 / fp16 chunks (16 bytes)
+  const T invT = P.inv_temperature;
+  const auto r1 = gpu_order_reduce<amid::LseAcc<T>>(
+      V, C, kW, [&](amid::LseAcc<T>& a, int64_t v) { a.template add<M>(t[v] * invT, s[v] * invT); },
+      [](amid::LseAcc<T>& x, const amid::LseAcc<T>& y) { x.template merge<M>(y); });
+  const amid::RowLse<T> A{r1.t.m, M::log(r1.t.s)}, B{r1.s.m, M::log(r1.s.s)};
+  const T dAB = amid::row_lse_gap(A, B);
+  const auto r2 = gpu_order_reduce<amid::RowAcc<D, O, T>>(
+      V, C, kW,
+      [&](amid::RowAcc<D, O, T>& a, int64_t v) {
+        T lp, lq, lt, w, d;
+        amid::mixture_from_logits<amid::ref_is_p<O>(), M>(P, t[v] * invT, s[v] * invT, A, B, dAB, lp, lq, lt, w, d);
+        a.template rebase<M>(P, lt);
+        a.template add<M>(P, lp, lq, lt, w, d);
+      },
+      [&](amid::RowAcc<D, O, T>& x, const amid::RowAcc<D, O, T>& y) { x.template merge<M>(P, y); });
+  T Z = 0, L = 0, S_G = 0, K = 0;
+  const bool ok = r2.template finalize<M>(P, M::log(r2.S), Z, L, S_G, K);
+  EXPECT(ok);
+  out[0] = A.m + A.l, out[1] = B.m + B.l, out[2] = Z, out[3] = S_G, out[4] = K, out[5] = L;
+  for (int64_t v = 0; v < V; ++v) {
+    T lp, lq, lt, w, d;
+    amid::mixture_from_logits<amid::ref_is_p<O>(), M>(P, t[v] * invT, s[v] * invT, A, B, dAB, lp, lq, lt, w, d);
+    const T lr = lt - Z, p = M::exp(lp), q = M::exp(lq), r = M::exp(lr);
+    const auto o = amid::element_terms<D, O, M>(P, p, q, r, lp, lq, lr, d - Z);
+    grad[v] = double(amid::element_grad(P.detach, w, q, r, o, S_G, K) * invT);
   }
 }
 
-// The CUDA kernels' float math (the online reductions and the W pass) against the double CPU op on the
-// same float inputs, all 8 losses, alpha -3 .. 3, lam 0.1 .. 0.9, logits of scale 3, in two regimes:
-//  * a student within 1% of its teacher (spec §5.6): kl row losses to 1e-3 and ab to 1e-4 (the losses
-//    are 1e-7 .. 1e-5 and plain float sums of O(1) terms carry ~1e-6 absolute error; the CPU op is
-//    exact-er), gradients to 1e-4 normwise;
-//  * ordinary inputs (student independent of the teacher): issue 9's budgets are 1e-5 (loss) and 1e-4
-//    (gradient); the online float sums meet neither yet (measured 3.6e-5 and 3.2e-4, worst in ab and at
-//    lam 0.1), so the bounds 1e-4 / 1e-3 only guard against regressions.
+// The CUDA kernels' float math (the online reductions in the kernel's reduction order, and the W pass)
+// against the double CPU op on the same float inputs: all 8 losses, alpha -10 .. 10, lam 0.02 .. 0.98,
+// logits of scale 3, in two regimes: a student within 1% of its teacher (spec §5.6: losses 1e-7 ..
+// 1e-5, where first-order closing formulas lost up to 4e-4 relative), and ordinary inputs (student
+// independent of the teacher). Issue 9's budgets: loss 1e-5 relative, gradient 1e-4 normwise. Measured
+// (this order of reduction): loss 2.5e-6 / 5.9e-6 (both regimes meet it); gradient 1.9e-5 / 2.1e-4:
+// above 1e-4 only for qr / rq with lam <= 0.1 (5 of 240 cases: the assistant ~ the student, where the
+// row scalars S_G, K are small differences of first-order online sums; the CPU kernel, which sums with
+// Z known, has 2.5e-5 there), so the gradient bound is 3e-4 until that is fixed.
 struct FloatRegime {
   const char* name;
   unsigned seed;
   int64_t V;
   double student_noise;  // s = t + noise * N(0, 1), or 0: s independent of t
-  double kl_loss_tol, ab_loss_tol, grad_tol;
+  double loss_tol, grad_tol;
 };
 
 static void test_online_float(const FloatRegime& R) {
-  std::mt19937 rng(R.seed);
   at::manual_seed(R.seed);
   const int64_t V = R.V;
   double worst_loss = 0, worst_grad = 0;
+  int n_case = 0;  // odd cases: one CTA; even: a cluster of 8 (the cluster merge)
   for (const char* div : {"kl", "ab"}) {
     for (const char* ord : {"pr", "qr", "rp", "rq"}) {
-      for (double alpha : {-3.0, 0.5, 1.0, 3.0}) {
-        for (double lam : {0.1, 0.5, 0.9}) {
+      for (double alpha : {-10.0, -3.0, 0.5, 1.0, 3.0, 10.0}) {
+        for (double lam : {0.02, 0.1, 0.5, 0.9, 0.98}) {
           at::Tensor t = (at::randn({1, V}, at::kDouble) * 3).to(at::kFloat);
           at::Tensor s = (R.student_noise > 0 ? t.to(at::kDouble) + at::randn({1, V}, at::kDouble) * R.student_noise
                                               : at::randn({1, V}, at::kDouble) * 3).to(at::kFloat);
@@ -169,8 +232,8 @@ static void test_online_float(const FloatRegime& R) {
           double out[6];
           std::vector<double> g(V);
           amid::dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
-            online_row<decltype(dc)::value, decltype(oc)::value>(P, s.data_ptr<float>(), t.data_ptr<float>(), V,
-                                                                 rng, out, g.data());
+            gpu_row<decltype(dc)::value, decltype(oc)::value>(P, s.data_ptr<float>(), t.data_ptr<float>(), V,
+                                                              (++n_case % 2) ? 1 : 8, out, g.data());
           });
           const double want = loss[0].item<double>();
           const double rel = std::abs(out[5] - want) / std::abs(want);
@@ -182,8 +245,7 @@ static void test_online_float(const FloatRegime& R) {
           }
           worst_loss = std::max(worst_loss, rel);
           worst_grad = std::max(worst_grad, emax / gmax);
-          const double loss_tol = std::string(div) == "kl" ? R.kl_loss_tol : R.ab_loss_tol;
-          if (!(rel <= loss_tol) || !(emax <= R.grad_tol * gmax)) {
+          if (!(rel <= R.loss_tol) || !(emax <= R.grad_tol * gmax)) {
             ++failures;
             std::fprintf(stderr, "FAILED online float (%s) %s/%s alpha=%g lam=%g: loss %.9g vs %.9g, grad err %.3g of %.3g\n",
                          R.name, div, ord, alpha, lam, out[5], want, emax, gmax);
@@ -249,8 +311,8 @@ static void test_online_reductions() {
 int main(int argc, char** argv) {
   test_vec_math();
   test_online_reductions();
-  test_online_float({"student within 1% of teacher", 11, 5003, 0.01, 1e-3, 1e-4, 1e-4});
-  test_online_float({"ordinary inputs", 5, 2001, 0.0, 1e-4, 1e-4, 1e-3});
+  test_online_float({"student within 1% of teacher", 11, 5003, 0.01, 1e-5, 1e-4});
+  test_online_float({"ordinary inputs", 5, 2001, 0.0, 1e-5, 3e-4});
 
   // 1. Schemas.
   if (argc > 1) {
