@@ -282,3 +282,12 @@ def test_bad_indices_rejected_by_the_op():
         # the same op keeps working afterwards (per-thread index marks cleared)
         loss, _g = _op_rows(s, lp, idx, tail, OPTS[0])
         assert torch.isfinite(loss).all()
+    # a row far from the first, with V large enough that rows are spread over threads (grain 1): the
+    # error raised in a worker thread reaches the caller
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(6, 40000, generator=g)
+    idx = torch.stack([torch.randperm(40000, generator=g)[:3] for _ in range(6)])
+    lp = torch.log_softmax(torch.randn(6, 3, generator=g), -1) - 1.0
+    idx[5, 2] = 40000
+    with pytest.raises(RuntimeError, match=r"but got 40000 in row 5"):
+        _op_rows(s, lp, idx, "bucket", OPTS[0])
