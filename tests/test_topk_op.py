@@ -42,7 +42,8 @@ def test_op_rows_and_grad_vs_float64_reference(tail):
     # The op's per-row losses and its gradient (row weights, an ignored row) against torch.func on the reference.
     s, _t, lp, idx = _data(v=24, k=6)
     w = torch.tensor([1.0, 0.0, 0.5, 2.0, 1.0, 0.25], dtype=torch.float64)
-    for o in OPTS:
+    # half of the grid, chosen so that every (divergence, order) pair meets two of the four mixture regimes
+    for o in [o for i, o in enumerate(OPTS) if (i + i // 8) % 2 == 0]:
         loss, grad = _op_rows(s, lp, idx.int(), tail, o, w=w)
         ref = amid_loss_topk_rows(s, lp, idx, tail=tail, **o) * w
         gref = torch.func.grad(lambda x: (amid_loss_topk_rows(x, lp, idx, tail=tail, **o) * w).sum())(s)
