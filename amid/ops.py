@@ -31,7 +31,7 @@ from . import _library
 _library.load()
 
 __all__ = ["amid_loss_fwd", "amid_loss_bwd", "scale_grad_", "GradInForward", "RecomputeGrad", "LossGrad", "NUM_STATS",
-           "DIVERGENCES", "ORDERS"]
+           "DIVERGENCES", "ORDERS", "amid_loss_topk_fwd", "amid_loss_topk_bwd", "TopkGradInForward", "TAILS"]
 
 NUM_STATS = 7  # [A_max, B_max, Z, S_G, K, A_log, B_log] per row; csrc/amid_math.h kNumStats
 MIN_AB_EXPONENT = 1e-30  # csrc/checks.h kMinAbExponent
@@ -463,3 +463,194 @@ def _scale_grad_fake(grad, grad_loss):
            lambda: f"expected grad of dtype float16, bfloat16, float32 or float64, but got {_dt(grad.dtype)}")
     check_row_vector(op, "grad_loss", grad_loss, grad)
     return None
+
+
+# ------------------------------------------------------------------------------------------------
+# amid_loss_topk_fwd / amid_loss_topk_bwd: AMiD against a sparse (top-k) teacher (docs/topk.md).
+# Autograd as for amid_loss_fwd: with compute_grad the forward wrote the gradient (the backward
+# scales a copy; amid.amid_loss_topk scales it in place through TopkGradInForward), else the
+# backward recomputes it with amid_loss_topk_bwd. Second derivatives are not supported.
+
+TAILS = ("renorm", "bucket")
+_INDEX_DTYPES = (torch.int32, torch.int64)
+#: Whether the loaded native library has the sparse-teacher ops (a library built before them has not:
+#: amid.amid_loss_topk then runs its dense-op path).
+HAS_TOPK_OP = hasattr(torch.ops.amid, "amid_loss_topk_fwd")
+
+
+def check_topk_args(op: str, s: Tensor, lp: Tensor, idx: Tensor, tail_logmass: Optional[Tensor],
+                    row_weight: Optional[Tensor], tail: str, temperature: float) -> None:
+    """csrc/cpu/amid_loss_cpu.cpp check_topk_args (parse_tail first), message for message."""
+    _check(tail in TAILS, op, lambda: f"expected tail to be one of 'renorm', 'bucket', but got '{tail}'")
+    _check(s.dim() == 2, op, lambda: f"expected student_logits to be 2-D [N, V], but got a {s.dim()}-D tensor of shape {_shape(s)}")
+    _check(s.size(1) >= 1, op, lambda: f"expected a vocabulary of at least 1 entry, but got student_logits of shape {_shape(s)}")
+    _check(s.dtype in _DTYPES, op, lambda: f"expected student_logits of dtype float16, bfloat16, float32 or float64, but got {_dt(s.dtype)}")
+    _check(s.size(1) <= 1 or s.numel() == 0 or s.stride(1) == 1, op, lambda: f"expected student_logits to have stride 1 in the last dimension, but got stride {s.stride(1)}")
+    n, v = s.shape
+    _check(lp.dim() == 2 and lp.size(0) == n and 1 <= lp.size(1) <= v, op,
+           lambda: f"expected teacher_logprobs of shape [N, k] with N = {n} and 1 <= k <= V = {v}, but got {_shape(lp)}")
+    want = loss_dtype(s.dtype)
+    _check(lp.dtype == want, op, lambda: f"expected teacher_logprobs of dtype {_dt(want)}, but got {_dt(lp.dtype)}")
+    _check(lp.device == s.device, op, lambda: f"expected teacher_logprobs on device {s.device}, but got {lp.device}")
+    _check(idx.shape == lp.shape, op, lambda: f"expected teacher_indices of shape {_shape(lp)}, but got {_shape(idx)}")
+    _check(idx.dtype in _INDEX_DTYPES, op, lambda: f"expected teacher_indices of dtype Int or Long, but got {_dt(idx.dtype)}")
+    _check(idx.device == s.device, op, lambda: f"expected teacher_indices on device {s.device}, but got {idx.device}")
+    if tail_logmass is not None:
+        _check(tail == "bucket", op, "expected teacher_tail_logmass only with tail 'bucket', but got it with tail 'renorm'")
+        check_row_vector(op, "teacher_tail_logmass", tail_logmass, s)
+    if row_weight is not None:
+        check_row_vector(op, "row_weight", row_weight, s)
+    _check(tail != "bucket" or temperature == 1.0, op, lambda: (
+        "expected temperature 1 with tail 'bucket' (the teacher's tail mass at another temperature is not "
+        f"determined by its top-k log-probabilities), but got {_fmt_float(temperature)}"))
+
+
+def amid_loss_topk_fwd(student_logits: Tensor, teacher_logprobs: Tensor, teacher_indices: Tensor,
+                       teacher_tail_logmass: Optional[Tensor], row_weight: Optional[Tensor], tail: str, alpha: float,
+                       lam: float, divergence: str, order: str, ab_alpha: float, ab_beta: float, temperature: float,
+                       detach_assistant: bool, compute_grad: bool) -> Tuple[Tensor, Tensor]:
+    """Per-row sparse-teacher AMiD; see the schema comment in csrc/ops.cpp. Returns (loss [N], grad)."""
+    return torch.ops.amid.amid_loss_topk_fwd.default(
+        student_logits, teacher_logprobs, teacher_indices, teacher_tail_logmass, row_weight, tail, float(alpha),
+        float(lam), divergence, order, float(ab_alpha), float(ab_beta), float(temperature), bool(detach_assistant),
+        bool(compute_grad))
+
+
+def _amid_loss_topk_fwd_fake(student_logits, teacher_logprobs, teacher_indices, teacher_tail_logmass, row_weight,
+                             tail, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant,
+                             compute_grad):
+    op = "amid_loss_topk_fwd"
+    check_topk_args(op, student_logits, teacher_logprobs, teacher_indices, teacher_tail_logmass, row_weight, tail,
+                    temperature)
+    check_options(op, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant,
+                  student_logits.dtype)
+    n, v = student_logits.shape
+    loss = student_logits.new_empty((n,), dtype=loss_dtype(student_logits.dtype))
+    grad = student_logits.new_empty((n, v) if compute_grad else (0,))
+    return loss, grad
+
+
+def _topk_check_backward_inputs(ctx, op: str) -> None:
+    for i, name in ((1, "teacher_logprobs"), (3, "teacher_tail_logmass"), (4, "row_weight")):
+        if ctx.needs_input_grad[i]:
+            raise RuntimeError(f"amid::{op}: gradients with respect to {name} are not supported; pass a {name} "
+                               "that does not require grad")
+
+
+def _topk_fwd_setup_context(ctx, inputs, output):
+    student_logits, lp, idx, tl, row_weight = inputs[:5]
+    _loss, grad = output
+    ctx.mark_non_differentiable(grad)
+    ctx.compute_grad = inputs[-1]
+    ctx.options = tuple(inputs[5:-1])  # tail, alpha, ..., detach_assistant
+    if ctx.compute_grad:
+        ctx.save_for_backward(grad)
+    else:
+        ctx.save_for_backward(student_logits, lp, idx, tl, row_weight)
+
+
+def _topk_fwd_backward(ctx, grad_loss, _grad_grad):
+    _topk_check_backward_inputs(ctx, "amid_loss_topk_fwd")
+    nones = (None,) * 14
+    if not ctx.needs_input_grad[0]:
+        return (None,) + nones
+    if ctx.compute_grad:
+        (grad,) = ctx.saved_tensors
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError(CREATE_GRAPH_ERROR.replace("amid::amid_loss_fwd", "amid::amid_loss_topk_fwd"))
+        return (_scaled_copy(grad, grad_loss),) + nones
+    student_logits, lp, idx, tl, row_weight = ctx.saved_tensors
+    grad = torch.ops.amid.amid_loss_topk_bwd.default(grad_loss.contiguous(), student_logits, lp, idx, tl, row_weight,
+                                                     *ctx.options)
+    return (grad,) + nones
+
+
+
+
+def amid_loss_topk_bwd(grad_loss: Tensor, student_logits: Tensor, teacher_logprobs: Tensor, teacher_indices: Tensor,
+                       teacher_tail_logmass: Optional[Tensor], row_weight: Optional[Tensor], tail: str, alpha: float,
+                       lam: float, divergence: str, order: str, ab_alpha: float, ab_beta: float, temperature: float,
+                       detach_assistant: bool) -> Tensor:
+    """Gradient of sum(grad_loss * loss) of amid_loss_topk_fwd w.r.t. student_logits (recomputed)."""
+    return torch.ops.amid.amid_loss_topk_bwd.default(
+        grad_loss, student_logits, teacher_logprobs, teacher_indices, teacher_tail_logmass, row_weight, tail,
+        float(alpha), float(lam), divergence, order, float(ab_alpha), float(ab_beta), float(temperature),
+        bool(detach_assistant))
+
+
+def _amid_loss_topk_bwd_fake(grad_loss, student_logits, teacher_logprobs, teacher_indices, teacher_tail_logmass,
+                             row_weight, tail, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature,
+                             detach_assistant):
+    op = "amid_loss_topk_bwd"
+    check_topk_args(op, student_logits, teacher_logprobs, teacher_indices, teacher_tail_logmass, row_weight, tail,
+                    temperature)
+    check_row_vector(op, "grad_loss", grad_loss, student_logits)
+    check_options(op, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant,
+                  student_logits.dtype)
+    return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
+
+
+#: Raised when the recomputed sparse-teacher gradient is differentiated again.
+TOPK_DOUBLE_BACKWARD_ERROR = (
+    "amid::amid_loss_topk_bwd: second derivatives (create_graph=True, Hessian-vector products) of the sparse-teacher "
+    "loss are not supported")
+
+
+def _topk_bwd_setup_context(ctx, inputs, output):
+    pass
+
+
+def _topk_bwd_backward(ctx, _v):
+    raise RuntimeError(TOPK_DOUBLE_BACKWARD_ERROR)
+
+
+if HAS_TOPK_OP:
+    torch.library.register_fake("amid::amid_loss_topk_fwd")(_amid_loss_topk_fwd_fake)
+    torch.library.register_autograd("amid::amid_loss_topk_fwd", _topk_fwd_backward,
+                                    setup_context=_topk_fwd_setup_context)
+    torch.library.register_fake("amid::amid_loss_topk_bwd")(_amid_loss_topk_bwd_fake)
+    torch.library.register_autograd("amid::amid_loss_topk_bwd", _topk_bwd_backward,
+                                    setup_context=_topk_bwd_setup_context)
+
+
+class TopkGradInForward(torch.autograd.Function):
+    """amid.amid_loss_topk's training path: the op writes the gradient in the forward; the backward
+    scales it in place (rows with grad_loss == 1 untouched, no host sync) and hands it out once, as
+    GradInForward does for the dense op. ``apply(...)`` returns (loss, grad)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(student_logits, teacher_logprobs, teacher_indices, teacher_tail_logmass, row_weight, tail, alpha,
+                lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant):
+        return torch.ops.amid.amid_loss_topk_fwd.default(
+            student_logits, teacher_logprobs, teacher_indices, teacher_tail_logmass, row_weight, tail, alpha, lam,
+            divergence, order, ab_alpha, ab_beta, temperature, detach_assistant, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _loss, grad = output
+        ctx.mark_non_differentiable(grad)
+        ctx.save_for_backward(grad)
+        ctx.grad_consumed = False
+        ctx.functorch_level = _functorch_level()
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_grad):
+        _topk_check_backward_inputs(ctx, "amid_loss_topk_fwd")
+        if ctx.grad_consumed:
+            raise RuntimeError(
+                "amid::amid_loss_topk_fwd: backward ran a second time through a loss whose gradient was computed in "
+                "the forward and already handed out; call the loss with grad_in_forward=False to backpropagate "
+                "through it more than once")
+        try:
+            _refuse_create_graph(ctx.functorch_level)
+        except RuntimeError:
+            raise RuntimeError(CREATE_GRAPH_ERROR.replace("amid::amid_loss_fwd", "amid::amid_loss_topk_fwd")) from None
+        ctx.grad_consumed = True
+        (grad,) = ctx.saved_tensors
+        nones = (None,) * 13
+        if _is_functorch_wrapped(grad):
+            return (_scaled_copy(grad, grad_loss),) + nones
+        torch.ops.amid.scale_grad_.default(grad, grad_loss.contiguous())
+        return (grad,) + nones

@@ -12,12 +12,14 @@ Math and gradients: docs/topk.md. Two documented tail rules:
   tail bin (the teacher's tail mass ``teacher_tail_logmass``, or 1 − Σ top-k; the student's
   Σ_{v ∉ top-k} q_v), and AMiD taken exactly on those bins.
 
-Implementation (honest status): both rules run on the dense op ``torch.ops.amid.amid_loss_fwd``,
-which makes them exact, and the gradient reaches the student logits through autograd:
-``renorm`` builds the [N, V] teacher logits (−inf outside the top-k) and calls the dense op on
-[N, V]; ``bucket`` builds coarsened [N, k + 1] logits (a gather and a log-sum-exp over the tail)
-and calls the dense op on them, so its op cost is O(k) per row plus one pass over V for the
-tail. There is no dedicated sparse C++/CUDA kernel yet.
+Implementation: the dedicated op ``torch.ops.amid.amid_loss_topk_fwd`` (C++ CPU kernel, gradient
+written in the forward; ``amid_loss_topk_bwd`` recomputes it when the forward stored none). No
+[N, V] teacher tensor is built: ``renorm`` runs the dense row math on a per-thread [V] row (the
+top-k log-probabilities, −inf elsewhere), ``bucket`` on k + 1 bins built from a gather and the
+student's tail log-sum-exp, and spreads the tail bin's gradient over the tail tokens. The op has no
+CUDA kernel yet: on other devices (and with ``backend="dense"``) the loss runs the original path on
+the dense op, ``amid_loss_topk_dense`` (renorm: an [N, V] teacher with −inf outside the top-k;
+bucket: coarsened [N, k + 1] logits; autograd for the gradient), which is also the tests' reference.
 """
 from __future__ import annotations
 
@@ -27,9 +29,12 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import _library
+from . import functional as _F
+from . import ops as _ops
 from .functional import DEFAULT_ALPHA, DEFAULT_LAM, amid_loss
 
-__all__ = ["amid_loss_topk", "topk_tail_mass", "TAILS"]
+__all__ = ["amid_loss_topk", "amid_loss_topk_dense", "topk_tail_mass", "TAILS"]
 
 TAILS = ("renorm", "bucket")
 
@@ -77,7 +82,7 @@ def check_topk_inputs(student_logits: Tensor, teacher_logprobs: Tensor, teacher_
             want = "[" + ", ".join(str(d) for d in s.shape[:-1]) + "]"
             raise _err(f"expected a floating-point teacher_tail_logmass of shape {want}, but got "
                        f"{_shape(t) if isinstance(t, Tensor) else type(t).__name__}")
-    if not validate or idx.numel() == 0:
+    if not validate or idx.numel() == 0 or torch.compiler.is_compiling():  # (the op checks indices itself)
         return
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= v:
@@ -131,7 +136,7 @@ def renorm_teacher_logits(teacher_logprobs: Tensor, teacher_indices: Tensor, voc
     return t.scatter_(1, teacher_indices.long(), teacher_logprobs.to(dtype))
 
 
-def amid_loss_topk(
+def amid_loss_topk_dense(
     student_logits: Tensor,
     teacher_logprobs: Tensor,
     teacher_indices: Tensor,
@@ -155,7 +160,10 @@ def amid_loss_topk(
     grad_in_forward: Optional[bool] = None,
     validate: bool = True,
 ) -> Tensor:
-    r"""AMiD loss against a sparse teacher: its top-k log-probabilities and their token indices.
+    r""":func:`amid_loss_topk` on the dense op (no dedicated kernel): the path on devices without the
+    sparse-teacher op, and the reference the op is tested against. Same arguments.
+
+    AMiD loss against a sparse teacher: its top-k log-probabilities and their token indices.
 
     Args:
         student_logits: ``[..., V]`` student logits (receives the gradient).
@@ -211,3 +219,110 @@ def topk_tail_mass(student_logits: Tensor, teacher_logprobs: Tensor, teacher_ind
     s_tail = (_masked_tail_lse(s, idx) - torch.logsumexp(s, -1)).exp()
     lead = student_logits.shape[:-1]
     return t_tail.reshape(lead), s_tail.reshape(lead)
+
+
+def amid_loss_topk(
+    student_logits: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_indices: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    tail: str = "bucket",
+    teacher_tail_logmass: Optional[Tensor] = None,
+    alpha: float = DEFAULT_ALPHA,
+    lam: float = DEFAULT_LAM,
+    divergence: str = "kl",
+    order: str = "pr",
+    ab_alpha: float = 0.2,
+    ab_beta: float = 0.7,
+    temperature: float = 1.0,
+    scale_by_t2: bool = False,
+    detach_assistant: bool = False,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: Optional[Union[float, Tensor]] = None,
+    num_items_in_batch: Optional[Union[float, Tensor]] = None,
+    grad_in_forward: Optional[bool] = None,
+    validate: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    r"""AMiD loss against a sparse teacher: its top-k log-probabilities and their token indices.
+
+    Args:
+        student_logits: ``[..., V]`` student logits (receives the gradient).
+        teacher_logprobs: ``[..., k]`` teacher log-probabilities (of the full softmax; any float dtype,
+            e.g. float16 from a cache; the op reads them in float32, float64 for float64 logits), 1 ≤ k ≤ V.
+        teacher_indices: ``[..., k]`` their token ids (int32 / int64), distinct per row, in [0, V).
+        labels: optional ``[...]`` labels; rows equal to ``ignore_index`` contribute nothing (and are
+            not read by the op).
+        tail: ``'renorm'`` or ``'bucket'`` (module docstring, docs/topk.md).
+        teacher_tail_logmass: ``[...]`` log of the teacher's mass outside its top-k (``'bucket'``;
+            default log(1 − Σ exp(teacher_logprobs))).
+        alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, scale_by_t2, detach_assistant,
+            ignore_index, reduction, normalizer, num_items_in_batch, grad_in_forward: as in
+            :func:`amid.amid_loss`. ``'bucket'`` needs temperature 1 (the tail mass at another
+            temperature is not determined by the top-k).
+        validate: check index range / duplicates and log-probability values up front with a
+            ValueError (one host sync). The op checks indices itself as it reads each kept row
+            (RuntimeError naming the row), so ``validate=False`` is still safe.
+        backend: ``'auto'`` (the sparse-teacher op on CPU tensors, the dense-op path elsewhere: the op
+            has no CUDA kernel yet), ``'op'`` or ``'dense'`` (:func:`amid_loss_topk_dense`).
+
+    Returns the reduced loss (float32, float64 for float64 logits), like :func:`amid.amid_loss`.
+    """
+    fn = "amid_loss_topk"
+    if backend not in ("auto", "op", "dense"):
+        raise _err(f"expected backend to be one of 'auto', 'op', 'dense', but got {backend!r}")
+    if backend == "op" and not _ops.HAS_TOPK_OP:
+        raise _err(f"backend='op': the loaded native library has no amid_loss_topk_fwd op (build info: "
+                   f"{_library.build_info()}); rebuild amid")
+    use_op = backend == "op" or (backend == "auto" and _ops.HAS_TOPK_OP and isinstance(student_logits, Tensor)
+                                 and student_logits.device.type == "cpu")
+    if not use_op:
+        return amid_loss_topk_dense(
+            student_logits, teacher_logprobs, teacher_indices, labels, tail=tail,
+            teacher_tail_logmass=teacher_tail_logmass, alpha=alpha, lam=lam, divergence=divergence, order=order,
+            ab_alpha=ab_alpha, ab_beta=ab_beta, temperature=temperature, scale_by_t2=scale_by_t2,
+            detach_assistant=detach_assistant, ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
+            num_items_in_batch=num_items_in_batch, grad_in_forward=grad_in_forward, validate=validate)
+    check_topk_inputs(student_logits, teacher_logprobs, teacher_indices, teacher_tail_logmass, tail, validate)
+    if tail == "bucket" and float(temperature) != 1.0:
+        raise _err(f"expected temperature 1 with tail='bucket' (the teacher's tail mass at another temperature is not "
+                   f"determined by its top-k log-probabilities), but got {float(temperature)}; use tail='renorm'")
+    options = _F._loss_options(fn, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant)
+    ignore_index = _F._integer(fn, "ignore_index", ignore_index)
+    normalizer = _F._normalizer_alias(fn, normalizer, num_items_in_batch)
+    _F._check_reduction_args(fn, reduction, normalizer)
+    lead = student_logits.shape[:-1]
+    v, k = student_logits.shape[-1], teacher_logprobs.shape[-1]
+    if labels is not None:
+        _F._check_labels(fn, labels, lead, student_logits.device)
+    s = student_logits.reshape(-1, v)
+    if v > 1 and s.stride(-1) != 1:
+        s = s.contiguous() if s.numel() else s.clone(memory_format=torch.contiguous_format)
+    n = s.shape[0]
+    ldt = _ops.loss_dtype(s.dtype)
+    lp = teacher_logprobs.detach().reshape(-1, k).to(ldt).contiguous()
+    idx = teacher_indices.reshape(-1, k).contiguous()
+    tl = None if teacher_tail_logmass is None else teacher_tail_logmass.detach().reshape(-1).to(ldt).contiguous()
+
+    mask = None if labels is None else (labels.reshape(-1) != ignore_index)
+    if reduction == "batchmean":
+        reduction = "mean"
+        if normalizer is None:
+            normalizer = _F._batchmean_denominator(mask, lead)
+    weight = _F._base_row_weights(mask, n, reduction, normalizer, ldt, s.device)
+    if scale_by_t2 and options["temperature"] != 1.0:
+        t2 = options["temperature"] ** 2
+        weight = weight * t2 if weight is not None else torch.full((n,), t2, dtype=ldt, device=s.device)
+
+    if _ops.forward_ad_active(s):
+        raise _err(_ops.FORWARD_AD_ERROR)
+    wants_grad = torch.is_grad_enabled() and s.requires_grad
+    if wants_grad and grad_in_forward is not False:
+        rows = _ops.TopkGradInForward.apply(s, lp, idx, tl, weight, tail, *options.values())[0]
+    else:  # without grad: the loss only; with grad_in_forward=False: the op's autograd recomputes it
+        rows = _ops.amid_loss_topk_fwd(s, lp, idx, tl, weight, tail, compute_grad=False, **options)[0]
+    if reduction == "none":
+        return rows.reshape(lead)
+    return rows.sum()

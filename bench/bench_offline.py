@@ -2,6 +2,8 @@
 
     python bench/bench_offline.py                 # CPU, the demo models (SmolLM2-135M-Instruct -> 6 layers)
 
+    python bench/bench_offline.py --op-only       # the loss op alone: sparse-teacher op vs dense-op path
+
 Writes bench/results/<device>-offline.csv (per mode: cache bytes per token, cache build time,
 training step time, peak RSS of the training process) and <device>-topk-error.csv (loss and
 gradient relative error of amid.amid_loss_topk against the exact loss, as a function of k, at the
@@ -157,6 +159,68 @@ def train(work: str, n_train: int, mode: str, k: int, steps: int, threads: int) 
                                   "setup_s": setup, "peak_rss_mb": _peak_rss_mb(), "steps": steps}), flush=True)
 
 
+def op_timing(threads: int, reps: int, rows: int = 256, vocab: int = 49152) -> list:
+    """The loss alone (no model), forward + backward (gradient written in the forward) on random logits
+    [rows, V]: the sparse-teacher op (amid_loss_topk, backend 'op') against the former dense-op path
+    (backend 'dense': renorm builds an [N, V] teacher, bucket [N, k + 1] bins + autograd) and the dense
+    loss with a full teacher. Median and min of ``reps`` timed calls after one warm-up."""
+    import statistics
+
+    import torch
+
+    import amid
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        s = (torch.randn(rows, vocab, generator=g) * 3).to(dtype)
+        t = (torch.randn(rows, vocab, generator=g) * 3).to(dtype)
+        lp_full = torch.log_softmax(t.float(), -1)
+
+        def timed(fn):
+            ts = []
+            for i in range(reps + 1):
+                x = s.clone().requires_grad_(True)
+                t0 = time.perf_counter()
+                fn(x).backward()
+                if i:
+                    ts.append(time.perf_counter() - t0)
+            return statistics.median(ts), min(ts)
+
+        med, best = timed(lambda x: amid.amid_loss(x, t))
+        out.append({"provider": "dense amid_loss (full teacher)", "tail": "", "k": vocab, "dtype": str(dtype)[6:],
+                    "ms_p50": med * 1e3, "ms_min": best * 1e3})
+        for k in (16, 64, 256):
+            lp, idx = torch.topk(lp_full, k, dim=-1)
+            lp, idx = lp.half(), idx.int()  # as stored by a topk cache
+            for tail in ("bucket", "renorm"):
+                for backend in ("op", "dense"):
+                    med, best = timed(lambda x: amid.amid_loss_topk(x, lp, idx, tail=tail, backend=backend,
+                                                                    validate=False))
+                    out.append({"provider": f"amid_loss_topk backend={backend}", "tail": tail, "k": k,
+                                "dtype": str(dtype)[6:], "ms_p50": med * 1e3, "ms_min": best * 1e3})
+                    print(out[-1], flush=True)
+    return out
+
+
+def _write_op_csv(rows: list, threads: int, n_rows: int, vocab: int, reps: int) -> str:
+    import csv
+
+    from common import RESULTS_DIR, device_name, git_sha  # noqa: E402
+
+    path = os.path.join(RESULTS_DIR, "cpu-topk-op.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["provider", "tail", "k", "N", "V", "dtype", "fwd_bwd_ms_p50", "fwd_bwd_ms_min", "reps", "device",
+                    "git", "threads", "note"])
+        for r in rows:
+            w.writerow([r["provider"], r["tail"], r["k"], n_rows, vocab, r["dtype"], f"{r['ms_p50']:.2f}",
+                        f"{r['ms_min']:.2f}", reps, device_name("cpu"), git_sha(), threads,
+                        "loss forward + backward on random logits; shared machine: the minimum is the headline"])
+    return path
+
+
 def _run(args) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     p = subprocess.run([sys.executable, os.path.abspath(__file__)] + args, capture_output=True, text=True, env=env)
@@ -175,7 +239,14 @@ def main() -> None:
     ap.add_argument("--work", help="working directory; with built.json in it (a previous run) the caches are reused")
     ap.add_argument("--mode", default="online")
     ap.add_argument("--k", type=int, default=0)
+    ap.add_argument("--op-only", action="store_true",
+                    help="only the loss-op timing (no models): bench/results/cpu-topk-op.csv")
+    ap.add_argument("--op-reps", type=int, default=5, help="timed calls per op-timing row")
     a = ap.parse_args()
+    if a.op_only:
+        rows = op_timing(a.threads, a.op_reps)
+        print("wrote " + _write_op_csv(rows, a.threads, 256, 49152, a.op_reps))
+        return None
     if a.worker == "build":
         return build(a.work, a.n_train, a.threads)
     if a.worker == "error":

@@ -39,6 +39,31 @@ at::Tensor amid_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& student_
                  divergence, order, ab_alpha, ab_beta, temperature, detach_assistant);
 }
 
+std::tuple<at::Tensor, at::Tensor> amid_loss_topk_fwd(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logprobs, const at::Tensor& teacher_indices,
+    const std::optional<at::Tensor>& teacher_tail_logmass, const std::optional<at::Tensor>& row_weight,
+    std::string_view tail, double alpha, double lam, std::string_view divergence, std::string_view order,
+    double ab_alpha, double ab_beta, double temperature, bool detach_assistant, bool compute_grad) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("amid::amid_loss_topk_fwd", "")
+                       .typed<decltype(amid_loss_topk_fwd)>();
+  return op.call(student_logits, teacher_logprobs, teacher_indices, teacher_tail_logmass, row_weight, tail, alpha,
+                 lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant, compute_grad);
+}
+
+at::Tensor amid_loss_topk_bwd(const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                              const at::Tensor& teacher_logprobs, const at::Tensor& teacher_indices,
+                              const std::optional<at::Tensor>& teacher_tail_logmass,
+                              const std::optional<at::Tensor>& row_weight, std::string_view tail, double alpha,
+                              double lam, std::string_view divergence, std::string_view order, double ab_alpha,
+                              double ab_beta, double temperature, bool detach_assistant) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("amid::amid_loss_topk_bwd", "")
+                       .typed<decltype(amid_loss_topk_bwd)>();
+  return op.call(grad_loss, student_logits, teacher_logprobs, teacher_indices, teacher_tail_logmass, row_weight,
+                 tail, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant);
+}
+
 void scale_grad_(at::Tensor& grad, const at::Tensor& grad_loss) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("amid::scale_grad_", "")
@@ -93,6 +118,29 @@ TORCH_LIBRARY(amid, m) {
   // In place grad[n, :] *= grad_loss[n]; rows whose grad_loss is exactly 1 are not touched, so
   // applying grad_output to a gradient written in the forward costs nothing in the common case.
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_loss) -> ()");
+  // AMiD against a sparse (top-k) teacher (docs/topk.md), gradient optionally in the same pass.
+  //   student_logits: [N, V] (f16/bf16/f32/f64, unit stride along V).
+  //   teacher_logprobs: [N, k] teacher log-probabilities, 1 <= k <= V, in the loss dtype (float32;
+  //     float64 for float64 logits). teacher_indices: [N, k] int32/int64, distinct per row, in [0, V)
+  //     (checked while the row is read: an error names the row).
+  //   teacher_tail_logmass: [N] log of the teacher's mass outside its top-k (tail 'bucket' only;
+  //     None = log(1 - sum exp(teacher_logprobs))). row_weight: as in amid_loss_fwd (0 = skipped row).
+  //   tail: 'renorm' (the teacher renormalised on its top-k: the dense loss with -inf outside) or
+  //     'bucket' (k + 1 bins, the top-k tokens and one tail bin; temperature must be 1).
+  //   Returns loss [N] = row_weight * L_n and grad [N, V] = d(sum loss)/d student_logits in the
+  //   logits dtype if compute_grad, else [0].
+  m.def(
+      "amid_loss_topk_fwd(Tensor student_logits, Tensor teacher_logprobs, Tensor teacher_indices, "
+      "Tensor? teacher_tail_logmass, Tensor? row_weight, str tail, float alpha, float lam, str divergence, "
+      "str order, float ab_alpha, float ab_beta, float temperature, bool detach_assistant, bool compute_grad) "
+      "-> (Tensor loss, Tensor grad)");
+  // Gradient of sum_n grad_loss_n * loss_n of amid_loss_topk_fwd w.r.t. student_logits, recomputed
+  // from the inputs (the path when the forward stored no gradient).
+  m.def(
+      "amid_loss_topk_bwd(Tensor grad_loss, Tensor student_logits, Tensor teacher_logprobs, "
+      "Tensor teacher_indices, Tensor? teacher_tail_logmass, Tensor? row_weight, str tail, float alpha, "
+      "float lam, str divergence, str order, float ab_alpha, float ab_beta, float temperature, "
+      "bool detach_assistant) -> Tensor");
   // "torch=<version>;cuda=<0|1>;cuda_archs=<sm_80/sm_90a...>": how this library was built.
   m.def("_build_info() -> str", &build_info);
 }

@@ -32,6 +32,23 @@ at::Tensor amid_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& student_
                          std::string_view order, double ab_alpha, double ab_beta,
                          double temperature, bool detach_assistant);
 
+// AMiD of student logits [N, V] against a sparse teacher: top-k log-probabilities [N, k] (loss dtype)
+// at int32/int64 indices [N, k], with tail rule "renorm" or "bucket" (docs/topk.md; schema comment in
+// ops.cpp). Returns (loss [N], grad [N, V] if compute_grad else empty). CPU only for now.
+std::tuple<at::Tensor, at::Tensor> amid_loss_topk_fwd(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logprobs, const at::Tensor& teacher_indices,
+    const std::optional<at::Tensor>& teacher_tail_logmass, const std::optional<at::Tensor>& row_weight,
+    std::string_view tail, double alpha, double lam, std::string_view divergence, std::string_view order,
+    double ab_alpha, double ab_beta, double temperature, bool detach_assistant, bool compute_grad);
+
+// Gradient of sum_n grad_loss_n * loss_n of amid_loss_topk_fwd, recomputed from the inputs.
+at::Tensor amid_loss_topk_bwd(const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                              const at::Tensor& teacher_logprobs, const at::Tensor& teacher_indices,
+                              const std::optional<at::Tensor>& teacher_tail_logmass,
+                              const std::optional<at::Tensor>& row_weight, std::string_view tail, double alpha,
+                              double lam, std::string_view divergence, std::string_view order, double ab_alpha,
+                              double ab_beta, double temperature, bool detach_assistant);
+
 // In place: grad[n, :] *= grad_loss[n], skipping rows where grad_loss[n] == 1 (no host sync).
 void scale_grad_(at::Tensor& grad, const at::Tensor& grad_loss);
 

@@ -16,7 +16,9 @@ pytest.importorskip("safetensors")
 from test_distill import (_one_thread, make_model, make_teacher, make_tokenizer, tiny_config,  # noqa: E402,F401
                          train_records)
 
+import amid.topk  # noqa: E402
 from amid.distill import ConfigError  # noqa: E402
+from amid.distill.data import collate_train  # noqa: E402
 from amid.distill import cli as distill_cli  # noqa: E402
 from amid.distill.cache import INDEX_FILE, OfflineTeacher, cache_teacher  # noqa: E402
 from amid.distill.trainer import Distiller  # noqa: E402
@@ -246,6 +248,11 @@ def test_topk_cache_training(tmp_path, world):
         sums = d._accumulate([items[:2], items[2:]], [[("train", i) for i in range(2)],
                                                       [("train", i) for i in range(2, 5)]], ce_on=True)
         res[name] = (float(sums["loss"]), _grads(d.student))
+        # the tail's share is logged only from a top-k cache; with k = V there is no tail (up to the
+        # float16 rounding of the cached log-probabilities)
+        assert ("tail_teacher" in sums) == (tail is not None)
+        if tail is not None:
+            assert float(sums["tail_teacher"]) < 1e-2 and float(sums["tail_student"]) < 1e-6
     for name in ("bucket", "renorm"):
         assert res[name][0] == pytest.approx(res["online"][0], rel=2e-3)
         for n, g in res["online"][1].items():
@@ -255,8 +262,24 @@ def test_topk_cache_training(tmp_path, world):
     cache_teacher(cfg, small, mode="topk", k=4, dtype="bfloat16", teacher=teacher, tokenizer=tok, progress=False)
     d = Distiller(cfg.replace(output_dir=str(tmp_path / "k4"), teacher_cache=small), tokenizer=tok,
                   student=make_model(v, layers=1, seed=5))
+    # The tail's share (mean over kept tokens): the teacher's from the cache, the student's on the same tokens.
+    items = [{"input_ids": d.train_set[i].input_ids, "labels": d.train_set[i].labels} for i in range(5)]
+    keys = [("train", i) for i in range(5)]
+    sums = d._accumulate([items], [keys], ce_on=True)
+    d.optimizer.zero_grad(set_to_none=True)
+    t_rows = d.offline.hidden(keys, d.device)
+    assert float(sums["tail_teacher"]) == pytest.approx(float(t_rows["tail_logmass"].exp().mean()), rel=1e-5)
+    b = collate_train(items, d.pad_id)
+    with torch.no_grad():
+        logits = d.engine(task="logits", input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                          row_mask=b["labels"][:, 1:] != -100)
+    _t, s_share = amid.topk.topk_tail_mass(logits, t_rows["logprobs"], t_rows["indices"])
+    assert float(sums["tail_student"]) == pytest.approx(float(s_share.mean()), rel=1e-4)
+    assert 0.0 < float(sums["tail_teacher"]) < 1.0 and 0.0 < float(sums["tail_student"]) < 1.0
     d.train()
     recs = [json.loads(x) for x in open(os.path.join(d.cfg.output_dir, "metrics.jsonl"))]
+    train = [r for r in recs if r["type"] == "train"]
+    assert train and all(0.0 < r["topk_tail_teacher"] < 1.0 and 0.0 < r["topk_tail_student"] < 1.0 for r in train)
     assert all(r["model"] == "student" for r in recs if r["type"] == "eval")
     assert all(math.isfinite(r["loss"]) for r in recs if r["type"] == "train")
     assert all(math.isfinite(r["kl"]) for r in recs if r["type"] == "eval")

@@ -11,7 +11,7 @@ from conftest import DEVICES
 from utils import make_logits
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "op_schemas.txt")
-OPS = ["amid_loss_fwd", "amid_loss_bwd", "scale_grad_", "_build_info"]
+OPS = ["amid_loss_fwd", "amid_loss_bwd", "scale_grad_", "_build_info", "amid_loss_topk_fwd", "amid_loss_topk_bwd"]
 
 
 def test_schemas_match_golden_file():

@@ -691,7 +691,22 @@ def topk_loss(s: Tensor, teacher: Dict[str, Any], labels: Tensor, opts: Dict[str
         loss = loss + ce_weight * ce
     if kd is None and ce is None:
         loss = s.sum() * 0.0
-    return {"loss": loss, "kd": kd, "ce": ce}
+    t_tail, s_tail = tail_shares(s, teacher)
+    return {"loss": loss, "kd": kd, "ce": ce, "tail_teacher": t_tail.sum() / normalizer,
+            "tail_student": s_tail.sum() / normalizer}
+
+
+@torch.no_grad()
+def tail_shares(s: Tensor, teacher: Dict[str, Any]) -> Tuple[Tensor, Tensor]:
+    """Per-row tail shares of a top-k batch (float32 [N], for the trainer's log): the teacher's mass
+    outside its top-k (the cache's ``tail_logmass``) and the student's mass on those same tokens,
+    1 − Σ_{v ∈ top-k} softmax(s)_v, as −expm1(LSE(s_I) − LSE(s)). One pass over the [N, V] logits."""
+    x = s.detach()
+    lse = torch.logsumexp(x.float(), dim=-1)
+    top = torch.logsumexp(x.gather(1, teacher["indices"].long()).float(), dim=-1)
+    s_tail = (-torch.expm1(torch.clamp(top - lse, max=0.0))).clamp_min(0.0)
+    t_tail = teacher["tail_logmass"].float().exp()
+    return t_tail, s_tail
 
 
 def open_for_training(cfg: DistillConfig, teacher, tokenizer, student, *, resume: bool,

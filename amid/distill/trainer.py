@@ -750,6 +750,9 @@ class Distiller:
                 sums["kd"] += out["kd"].detach().float()
             if out["ce"] is not None:
                 sums["ce"] += out["ce"].detach().float()
+            for k in ("tail_teacher", "tail_student"):  # a top-k teacher cache: the tail's share (cache.tail_shares)
+                if out.get(k) is not None:
+                    sums[k] = sums.get(k, torch.zeros((), device=self.device)) + out[k].detach().float()
         sums["tokens"] = counts[1]
         sums["response_tokens"] = counts[0]
         return sums
@@ -1111,6 +1114,9 @@ class Distiller:
         w["kinds"][out["kind"]] += 1
         for k in ("loss", "kd", "ce"):
             w[k] = w[k] + out["sums"][k]
+        for k in ("tail_teacher", "tail_student"):
+            if k in out["sums"]:
+                w[k] = w.get(k, 0.0) + out["sums"][k]
         w["tokens"] = w["tokens"] + out["sums"]["tokens"]
         w["grad_norm"] = out["grad_norm"]
         if self._pbar is not None:
@@ -1129,6 +1135,11 @@ class Distiller:
         if self.sgo is not None:
             rec.update(sgo_threshold=self.sgo.threshold, generated_share=self.sgo.generated_share,
                        replay_size=self.replay_size)
+        if "tail_teacher" in w:
+            # Training from a top-k cache: the mean over kept tokens of the teacher's probability mass
+            # outside its top-k, and of the student's mass on those same tokens.
+            tails = self._global_mean(torch.stack([w["tail_teacher"], w["tail_student"]]).float() / w["steps"]).tolist()
+            rec.update(topk_tail_teacher=tails[0], topk_tail_student=tails[1])
         self._log(rec)
         if self._pbar is not None:
             post = {"loss": f"{vals[0]:.4f}", "lam": f"{out['lam']:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}

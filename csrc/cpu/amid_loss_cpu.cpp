@@ -489,6 +489,296 @@ void scale_grad_cpu_(at::Tensor& grad, const at::Tensor& grad_loss) {
   });
 }
 
+
+// ------------------------------------------------------------------------------------------------
+// Sparse teacher (amid_loss_topk_fwd / _bwd; math and gradients: docs/topk.md). The teacher of a
+// row is its top-k log-probabilities lp [k] at distinct token indices I [k]. Each row is turned into
+// a dense row of float math values and handed to forward_row above (the same element math, row sums
+// and gradient as the dense op; forward_row with scalar_t = acc_t reads and writes math values):
+//   renorm: student s [V], teacher lp on I and -inf elsewhere (the dense loss with a masked
+//           teacher, at any temperature); the gradient row is the dense one.
+//   bucket: k + 1 bins, student c = [s_I, LSE_{v not in I} s_v], teacher [lp, log P_tail] (the given
+//           tail log-mass, else log(1 - sum exp lp)); T = 1. The bin gradient G [k + 1] goes back
+//           to the V positions: G_b at i_b, G_tail * exp(s_v - c_tail) at every v not in I (the
+//           derivative of c_tail is q_v / Q_tail).
+// Indices are validated per row with a [V] marker array (range and duplicates); ignored rows
+// (weight 0) are not read at all.
+
+enum class TopkTail { kRenorm, kBucket };
+
+inline TopkTail parse_tail(const char* op, std::string_view tail) {
+  if (tail == "renorm") return TopkTail::kRenorm;
+  if (tail == "bucket") return TopkTail::kBucket;
+  AMID_CHECK(false, op, "expected tail to be one of 'renorm', 'bucket', but got '", std::string(tail), "'");
+  return TopkTail::kRenorm;
+}
+
+// The tensor arguments of the topk ops, checked in this order (amid/ops.py repeats the messages).
+void check_topk_args(const char* op, const at::Tensor& s, const at::Tensor& lp, const at::Tensor& idx,
+                     const std::optional<at::Tensor>& tail_logmass, const std::optional<at::Tensor>& row_weight,
+                     TopkTail tail, double temperature) {
+  AMID_CHECK(s.dim() == 2, op, "expected student_logits to be 2-D [N, V], but got a ", s.dim(),
+             "-D tensor of shape ", shape_str(s));
+  AMID_CHECK(s.size(1) >= 1, op, "expected a vocabulary of at least 1 entry, but got student_logits of shape ",
+             shape_str(s));
+  AMID_CHECK(is_supported_dtype(s.scalar_type()), op,
+             "expected student_logits of dtype float16, bfloat16, float32 or float64, but got ", s.scalar_type());
+  AMID_CHECK(s.size(1) <= 1 || s.numel() == 0 || s.stride(1) == 1, op,
+             "expected student_logits to have stride 1 in the last dimension, but got stride ", s.stride(1));
+  const int64_t N = s.size(0), V = s.size(1);
+  AMID_CHECK(lp.dim() == 2 && lp.size(0) == N && lp.size(1) >= 1 && lp.size(1) <= V, op,
+             "expected teacher_logprobs of shape [N, k] with N = ", N, " and 1 <= k <= V = ", V, ", but got ",
+             shape_str(lp));
+  const auto want = loss_dtype(s.scalar_type());
+  AMID_CHECK(lp.scalar_type() == want, op, "expected teacher_logprobs of dtype ", want, ", but got ",
+             lp.scalar_type());
+  AMID_CHECK(lp.device() == s.device(), op, "expected teacher_logprobs on device ", s.device(), ", but got ",
+             lp.device());
+  AMID_CHECK(idx.sizes() == lp.sizes(), op, "expected teacher_indices of shape ", shape_str(lp), ", but got ",
+             shape_str(idx));
+  AMID_CHECK(idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong, op,
+             "expected teacher_indices of dtype Int or Long, but got ", idx.scalar_type());
+  AMID_CHECK(idx.device() == s.device(), op, "expected teacher_indices on device ", s.device(), ", but got ",
+             idx.device());
+  if (tail_logmass) {
+    AMID_CHECK(tail == TopkTail::kBucket, op,
+               "expected teacher_tail_logmass only with tail 'bucket', but got it with tail 'renorm'");
+    check_row_vector(op, "teacher_tail_logmass", *tail_logmass, s);
+  }
+  if (row_weight) check_row_vector(op, "row_weight", *row_weight, s);
+  AMID_CHECK(tail != TopkTail::kBucket || temperature == 1.0, op,
+             "expected temperature 1 with tail 'bucket' (the teacher's tail mass at another temperature is not "
+             "determined by its top-k log-probabilities), but got ", temperature);
+}
+
+template <typename acc_t>
+AMID_CPU_CLONES void pass_fill(acc_t* x, int64_t V, acc_t c) {
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) x[v] = c;
+}
+
+// out = g * e^(x - c) elementwise (the tail bin's gradient spread over the tail tokens).
+template <typename acc_t>
+AMID_CPU_CLONES void pass_tail_grad(const acc_t* x, int64_t V, acc_t c, acc_t g, acc_t* out) {
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) out[v] = g * M::exp(x[v] - c);
+}
+
+template <typename acc_t>
+struct TopkScratch {
+  RowScratch<acc_t> row;           // forward_row's scratch: [V] (renorm) or [k + 1] (bucket)
+  std::vector<acc_t> sx, tx, gx;   // the row handed to forward_row and its gradient
+  std::vector<acc_t> full, tmp;    // bucket: the student row [V] and a [V] work row
+  std::vector<uint8_t> mark;       // [V]: 1 at the row's teacher indices
+  TopkScratch(TopkTail tail, int64_t V, int64_t k)
+      : row(tail == TopkTail::kRenorm ? V : k + 1),
+        sx(tail == TopkTail::kRenorm ? V : k + 1),
+        tx(tail == TopkTail::kRenorm ? V : k + 1),
+        gx(tail == TopkTail::kRenorm ? V : k + 1),
+        full(tail == TopkTail::kBucket ? V : 0),
+        tmp(tail == TopkTail::kBucket ? V : 0),
+        mark(V, 0) {}
+};
+
+// Marks the row's indices, refusing out-of-range or repeated ones (the marks are cleared on error).
+template <typename index_t>
+void mark_indices(const char* op, const index_t* idx, int64_t k, int64_t V, int64_t row, uint8_t* mark) {
+  for (int64_t b = 0; b < k; ++b) {
+    const int64_t i = int64_t(idx[b]);
+    const bool in_range = i >= 0 && i < V;
+    const bool repeated = in_range && mark[i];
+    if (!in_range || repeated) {
+      for (int64_t c = 0; c < b; ++c) mark[int64_t(idx[c])] = 0;
+      AMID_CHECK(in_range, op, "expected teacher_indices in [0, V) with V = ", V, ", but got ", i, " in row ", row);
+      AMID_CHECK(!repeated, op, "expected distinct teacher_indices in each row, but row ", row, " repeats index ", i);
+    }
+    mark[i] = 1;
+  }
+}
+
+template <typename index_t>
+void unmark_indices(const index_t* idx, int64_t k, uint8_t* mark) {
+  for (int64_t b = 0; b < k; ++b) mark[int64_t(idx[b])] = 0;
+}
+
+// One row of the sparse-teacher loss: loss = weight * L and, if grad != nullptr, d(weight * L)/ds.
+template <typename scalar_t, typename acc_t, typename index_t>
+void topk_row(const char* op, const LossParams<acc_t>& P, TopkTail tail, const scalar_t* s, const acc_t* lp,
+              const index_t* idx, const acc_t* tail_logmass, int64_t V, int64_t k, int64_t row, double weight,
+              TopkScratch<acc_t>& S, double* loss, scalar_t* grad) {
+  double stats[kNumStats];
+  mark_indices(op, idx, k, V, row, S.mark.data());
+  if (tail == TopkTail::kRenorm) {
+    load_scaled(s, V, acc_t(1), S.sx.data());
+    pass_fill(S.tx.data(), V, -kInf<acc_t>);
+    for (int64_t b = 0; b < k; ++b) S.tx[int64_t(idx[b])] = lp[b];
+    forward_row<acc_t, acc_t>(P, S.sx.data(), S.tx.data(), V, weight, S.row, loss, stats,
+                              grad ? S.gx.data() : nullptr);
+    if (grad) store_row(S.gx.data(), V, grad);
+  } else {
+    acc_t* full = S.full.data();
+    acc_t* tmp = S.tmp.data();
+    load_scaled(s, V, acc_t(1), full);
+    acc_t mx, unused;
+    bool bad;
+    pass_max(full, full, V, mx, unused, bad);
+    // The student's tail bin c = LSE over the tokens outside I (-inf when there are none; NaN when
+    // the row holds NaN or +inf anywhere, which makes the row NaN as in the dense op).
+    std::copy(full, full + V, tmp);
+    for (int64_t b = 0; b < k; ++b) {
+      const int64_t i = int64_t(idx[b]);
+      S.sx[b] = full[i];
+      tmp[i] = -kInf<acc_t>;
+    }
+    acc_t c;
+    const acc_t m = pass_max_of(tmp, V);
+    if (bad) {
+      c = std::numeric_limits<acc_t>::quiet_NaN();
+    } else if (m == -kInf<acc_t>) {
+      c = -kInf<acc_t>;
+    } else {
+      pass_exp(tmp, V, m, tmp);
+      c = acc_t(double(m) + std::log(pass_sum(tmp, V)));
+    }
+    S.sx[k] = c;
+    // The teacher's bins: lp and the log of its tail mass.
+    double top_max = -std::numeric_limits<double>::infinity();
+    for (int64_t b = 0; b < k; ++b) {
+      S.tx[b] = lp[b];
+      top_max = std::max(top_max, double(lp[b]));
+    }
+    if (tail_logmass) {
+      S.tx[k] = *tail_logmass;
+    } else {
+      // log(1 - sum_b exp(lp_b)), -inf when the top-k hold all the mass (or more, after rounding).
+      double top = top_max;
+      if (top_max > -std::numeric_limits<double>::infinity() && top_max < std::numeric_limits<double>::infinity()) {
+        double sum = 0;
+        for (int64_t b = 0; b < k; ++b) sum += std::exp(double(lp[b]) - top_max);
+        top = top_max + std::log(sum);
+      }
+      S.tx[k] = acc_t(top < 0 ? std::log(-std::expm1(top)) : (top >= 0 ? -std::numeric_limits<double>::infinity()
+                                                                          : std::numeric_limits<double>::quiet_NaN()));
+    }
+    forward_row<acc_t, acc_t>(P, S.sx.data(), S.tx.data(), k + 1, weight, S.row, loss, stats,
+                              grad ? S.gx.data() : nullptr);
+    if (grad) {
+      const acc_t g_tail = S.gx[k];
+      if (c == -kInf<acc_t>) {
+        pass_fill(tmp, V, acc_t(0));  // no tail tokens with mass: nothing to spread
+      } else {
+        pass_tail_grad(full, V, c, g_tail, tmp);
+      }
+      for (int64_t b = 0; b < k; ++b) tmp[int64_t(idx[b])] = S.gx[b];
+      store_row(tmp, V, grad);
+    }
+  }
+  unmark_indices(idx, k, S.mark.data());
+}
+
+// Shared by the forward (weight = row_weight) and the backward (weight = grad_loss * row_weight,
+// gradient always written): every row with weight != 0 through topk_row.
+void topk_rows(const char* op, const at::Tensor& student_logits, const at::Tensor& teacher_logprobs,
+               const at::Tensor& teacher_indices, const std::optional<at::Tensor>& tail_logmass,
+               const at::Tensor& weight, TopkTail tail, double alpha, double lam, std::string_view divergence,
+               std::string_view order, double ab_alpha, double ab_beta, double temperature, bool detach_assistant,
+               at::Tensor& loss, at::Tensor* grad) {
+  const int64_t N = student_logits.size(0), V = student_logits.size(1), k = teacher_logprobs.size(1);
+  at::Tensor lpc = teacher_logprobs.contiguous(), idxc = teacher_indices.contiguous();
+  at::Tensor tlc = tail_logmass ? tail_logmass->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student_logits.scalar_type(), "amid_loss_topk_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto P = make_params<acc_t>(op, alpha, lam, std::string(divergence), std::string(order), ab_alpha, ab_beta,
+                                      temperature, detach_assistant);
+    if (N == 0) return;
+    AT_DISPATCH_INDEX_TYPES(idxc.scalar_type(), "amid_loss_topk_cpu_idx", [&] {
+      const scalar_t* s = student_logits.const_data_ptr<scalar_t>();
+      const int64_t lds = student_logits.stride(0);
+      const acc_t* lpp = lpc.const_data_ptr<acc_t>();
+      const index_t* ip = idxc.const_data_ptr<index_t>();
+      const acc_t* tlp = tlc.defined() ? tlc.const_data_ptr<acc_t>() : nullptr;
+      const double* wp = weight.defined() ? weight.const_data_ptr<double>() : nullptr;
+      double* lossp = loss.data_ptr<double>();
+      scalar_t* gp = grad ? grad->data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+        TopkScratch<acc_t> scratch(tail, V, k);
+        for (int64_t n = begin; n < end; ++n) {
+          const double wn = wp ? wp[n] : 1.0;
+          scalar_t* grow = gp ? gp + n * V : nullptr;
+          if (wn == 0.0) {  // ignored row: not read (not even its indices), zero loss and gradient
+            if (grow) std::fill(grow, grow + V, scalar_t(0));
+            continue;
+          }
+          topk_row<scalar_t, acc_t, index_t>(op, P, tail, s + n * lds, lpp + n * k, ip + n * k,
+                                             tlp ? tlp + n : nullptr, V, k, n, wn, scratch, lossp + n, grow);
+        }
+      });
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> amid_loss_topk_fwd_cpu(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logprobs, const at::Tensor& teacher_indices,
+    const std::optional<at::Tensor>& teacher_tail_logmass, const std::optional<at::Tensor>& row_weight,
+    std::string_view tail, double alpha, double lam, std::string_view divergence, std::string_view order,
+    double ab_alpha, double ab_beta, double temperature, bool detach_assistant, bool compute_grad) {
+  constexpr const char* op = "amid_loss_topk_fwd";
+  const TopkTail tl = parse_tail(op, tail);
+  check_topk_args(op, student_logits, teacher_logprobs, teacher_indices, teacher_tail_logmass, row_weight, tl,
+                  temperature);
+  const int64_t N = student_logits.size(0), V = student_logits.size(1);
+  at::Tensor loss = at::zeros({N}, student_logits.options().dtype(at::kDouble));
+  at::Tensor grad = compute_grad ? at::empty({N, V}, student_logits.options()) : at::empty({0}, student_logits.options());
+  at::Tensor weight = row_weight ? row_weight->to(at::kDouble).contiguous() : at::Tensor();
+  topk_rows(op, student_logits, teacher_logprobs, teacher_indices, teacher_tail_logmass, weight, tl, alpha, lam,
+            divergence, order, ab_alpha, ab_beta, temperature, detach_assistant, loss,
+            compute_grad ? &grad : nullptr);
+  return {loss.to(loss_dtype(student_logits.scalar_type())), grad};
+}
+
+at::Tensor amid_loss_topk_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                                  const at::Tensor& teacher_logprobs, const at::Tensor& teacher_indices,
+                                  const std::optional<at::Tensor>& teacher_tail_logmass,
+                                  const std::optional<at::Tensor>& row_weight, std::string_view tail, double alpha,
+                                  double lam, std::string_view divergence, std::string_view order, double ab_alpha,
+                                  double ab_beta, double temperature, bool detach_assistant) {
+  constexpr const char* op = "amid_loss_topk_bwd";
+  const TopkTail tl = parse_tail(op, tail);
+  check_topk_args(op, student_logits, teacher_logprobs, teacher_indices, teacher_tail_logmass, row_weight, tl,
+                  temperature);
+  check_row_vector(op, "grad_loss", grad_loss, student_logits);
+  const int64_t N = student_logits.size(0), V = student_logits.size(1);
+  at::Tensor loss = at::zeros({N}, student_logits.options().dtype(at::kDouble));
+  at::Tensor grad = at::empty({N, V}, student_logits.options());
+  at::Tensor weight = grad_loss.to(at::kDouble);
+  if (row_weight) weight = weight * row_weight->to(at::kDouble);
+  weight = weight.contiguous();
+  topk_rows(op, student_logits, teacher_logprobs, teacher_indices, teacher_tail_logmass, weight, tl, alpha, lam,
+            divergence, order, ab_alpha, ab_beta, temperature, detach_assistant, loss, &grad);
+  return grad;
+}
+
+// No CUDA kernel for the sparse-teacher ops yet: a clear error instead of the dispatcher's.
+[[noreturn]] void topk_no_cuda(const char* op) {
+  AMID_CHECK(false, op, "expected CPU tensors: this op has no CUDA kernel yet (amid.amid_loss_topk runs the "
+             "dense op, amid_loss_fwd, on CUDA tensors instead), but got CUDA tensors");
+  throw;  // unreachable
+}
+
+std::tuple<at::Tensor, at::Tensor> amid_loss_topk_fwd_no_cuda(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, std::string_view, double, double, std::string_view, std::string_view, double,
+    double, double, bool, bool) {
+  topk_no_cuda("amid_loss_topk_fwd");
+}
+
+at::Tensor amid_loss_topk_bwd_no_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                      std::string_view, double, double, std::string_view, std::string_view, double,
+                                      double, double, bool) {
+  topk_no_cuda("amid_loss_topk_bwd");
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------
@@ -498,6 +788,14 @@ TORCH_LIBRARY_IMPL(amid, CPU, m) {
   m.impl("amid_loss_fwd", &amid_loss_fwd_cpu);
   m.impl("amid_loss_bwd", &amid_loss_bwd_cpu);
   m.impl("scale_grad_", &scale_grad_cpu_);
+  m.impl("amid_loss_topk_fwd", &amid_loss_topk_fwd_cpu);
+  m.impl("amid_loss_topk_bwd", &amid_loss_topk_bwd_cpu);
+}
+
+// The sparse-teacher ops have no CUDA kernel yet: registered here so that CUDA tensors get a clear error.
+TORCH_LIBRARY_IMPL(amid, CUDA, m) {
+  m.impl("amid_loss_topk_fwd", &amid_loss_topk_fwd_no_cuda);
+  m.impl("amid_loss_topk_bwd", &amid_loss_topk_bwd_no_cuda);
 }
 
 }  // namespace amid

@@ -333,7 +333,7 @@ int main(int argc, char** argv) {
       }
       ++n;
     }
-    EXPECT(n == 4);
+    EXPECT(n == 6);
   }
 
   // 2. Forward against the naive loop, and the gradient against finite differences.
@@ -364,6 +364,33 @@ int main(int argc, char** argv) {
   at::Tensor g3 = grad.clone();
   amid::scale_grad_(g3, at::tensor({1.0, 2.0, 0.0}, at::kDouble));
   EXPECT(at::allclose(g3[1], 2 * grad[1]) && at::allclose(g3[0], grad[0]) && g3[2].abs().max().item<double>() == 0);
+
+  // The sparse-teacher op through the C++ API: with k = V (indices in reverse order) both tail rules
+  // are the dense loss above; the recomputing backward op gives the same gradient.
+  {
+    const at::Tensor lp_full = at::log_softmax(t, 1);
+    const at::Tensor idx = at::arange(V - 1, -1, -1, at::kLong).repeat({N, 1});
+    const at::Tensor lp = lp_full.gather(1, idx);
+    for (const char* tail : {"renorm", "bucket"}) {
+      auto [tl, tg] = amid::amid_loss_topk_fwd(s, lp, idx, std::nullopt, std::nullopt, tail, alpha, lam, "kl", "pr",
+                                               0.2, 0.7, 1.0, false, true);
+      EXPECT(at::allclose(tl, loss, 1e-10, 1e-13));
+      EXPECT(at::allclose(tg, grad, 1e-9, 1e-13));
+      at::Tensor tb = amid::amid_loss_topk_bwd(at::ones({N}, at::kDouble), s, lp, idx, std::nullopt, std::nullopt, tail,
+                                               alpha, lam, "kl", "pr", 0.2, 0.7, 1.0, false);
+      EXPECT(at::allclose(tb, tg, 1e-12, 1e-15));
+    }
+    bool threw_idx = false;
+    try {
+      amid::amid_loss_topk_fwd(s, lp, idx.clamp_max(V - 2), std::nullopt, std::nullopt, "bucket", alpha, lam, "kl",
+                               "pr", 0.2, 0.7, 1.0, false, false);
+    } catch (const c10::Error& e) {
+      threw_idx = std::string(e.what_without_backtrace()).find(
+                      "amid::amid_loss_topk_fwd: expected distinct teacher_indices in each row, but row") !=
+                  std::string::npos;
+    }
+    EXPECT(threw_idx);
+  }
 
   // 3. Errors are exceptions (never exit), with the op-prefixed message.
   bool threw = false;
