@@ -564,20 +564,26 @@ def ctas_per_sm(regs: int, static_smem: int, dyn_smem: int, threads: int) -> Tup
 # The gauge
 
 # The dtype is a nested name (N3c108BFloat16E) or a builtin type code (f, d).
-_KERNEL_RE = re.compile(r"amid_(fwd|bwd)_kernelI(N\w+?E|[a-z])LNS_10DivergenceE(\d)ELNS_5OrderE(\d)(?:ELb([01]))?E")
+# Template arguments after the order: fwd <RESIDENT, POWER>, bwd <POWER>; kernels built before the
+# mixture split (one kernel for every mode) have no POWER argument.
+_KERNEL_RE = re.compile(r"amid_(fwd|bwd)_kernelI(N\w+?E|[a-z])LNS_10DivergenceE(\d)ELNS_5OrderE(\d)"
+                        r"(?:ELb([01]))?(?:ELb([01]))?E")
 
 
-def classify(name: str) -> Optional[Tuple[str, str, str, str, str]]:
-    """(kind, dtype, divergence, order, path) of an amid kernel's mangled name."""
+def classify(name: str) -> Optional[Tuple[str, str, str, str, str, str]]:
+    """(kind, dtype, divergence, order, path, mixture) of an amid kernel's mangled name. mixture: "power"
+    (the power-mean kernels, kPower), "cheap" (lam in {0, 1} or alpha = 1), or "any" (older builds)."""
     m = _KERNEL_RE.search(name)
     if not m:
         return None
-    kind, targ, d, o, res = m.groups()
+    kind, targ, d, o, b1, b2 = m.groups()
     dtype = next((k for k, v in DTYPES.items() if targ == v[0]), None)
     if dtype is None:
         return None
+    res, power = (b1, b2) if kind == "fwd" else (None, b1)
     path = "resident" if res == "1" else ("stream" if kind == "fwd" else "-")
-    return kind, dtype, DIVERGENCES[int(d)], ORDERS[int(o)], path
+    mixture = "any" if power is None else ("power" if power == "1" else "cheap")
+    return kind, dtype, DIVERGENCES[int(d)], ORDERS[int(o)], path, mixture
 
 
 def gauge_cubin(cubin: str, dtypes: Sequence[str], warnings: List[str]) -> List[Dict[str, object]]:
@@ -592,7 +598,7 @@ def gauge_cubin(cubin: str, dtypes: Sequence[str], warnings: List[str]) -> List[
         cls = classify(name)
         if not cls or cls[1] not in dtypes:
             continue
-        kind, dtype, div, order, path = cls
+        kind, dtype, div, order, path, mixture = cls
         eb = DTYPES[dtype][1]
         r = res.get(name, {})
         # cuobjdump's SHARED includes the 1 KiB the driver reserves per CTA (sm_80+: a kernel without
@@ -605,7 +611,8 @@ def gauge_cubin(cubin: str, dtypes: Sequence[str], warnings: List[str]) -> List[
         if kind == "fwd" and not loops:
             warnings.append("no pass-tagged hot loop in the forward kernels: is csrc/ the source the cubins "
                             "were built from (the line info must match the `// gauge:` tags)?")
-        row: Dict[str, object] = dict(kernel=kind, dtype=dtype, loss=f"{div}/{order}", path=path, registers=regs,
+        row: Dict[str, object] = dict(kernel=kind, dtype=dtype, loss=f"{div}/{order}", path=path, mixture=mixture,
+                                      registers=regs,
                                       spill_instructions=spills, local_bytes=r.get("LOCAL", 0),
                                       static_smem=static, dyn_smem=dyn, cluster=cluster, ctas_per_sm=ctas,
                                       cta_limit=limiter)
@@ -621,7 +628,7 @@ def gauge_cubin(cubin: str, dtypes: Sequence[str], warnings: List[str]) -> List[
                 tot_m += lc.mufu_per_elem
         row["all_instr_per_elem"] = round(tot_i, 2)
         row["all_mufu_per_elem"] = round(tot_m, 3)
-        if kind == "fwd" and path == "resident" and dtype == "bf16" and order in ("pr", "rq") and \
+        if kind == "fwd" and path == "resident" and dtype == "bf16" and mixture != "cheap" and \
                 f"{div}/{order}" in ("kl/pr", "ab/rq"):
             ti, tm = TARGETS[div]
             missing = [p for p in ("R1", "R2", "W") if p not in loops]
@@ -633,7 +640,8 @@ def gauge_cubin(cubin: str, dtypes: Sequence[str], warnings: List[str]) -> List[
             row["target"] = ""
         rows.append(row)
     order_key = {"fwd": 0, "bwd": 1}
-    rows.sort(key=lambda r: (r["dtype"], order_key[r["kernel"]], r["loss"], r["path"]))
+    mix_key = {"power": 0, "any": 0, "cheap": 1}
+    rows.sort(key=lambda r: (r["dtype"], mix_key[r["mixture"]], order_key[r["kernel"]], r["loss"], r["path"]))
     return rows
 
 
@@ -656,7 +664,7 @@ def tool_version() -> str:
 
 
 def format_table(rows: Sequence[Dict[str, object]]) -> str:
-    hdr = ["kernel", "dtype", "loss", "path", "regs", "spill", "smem", "dyn", "C", "CTA/SM", "R1 i/m", "R2 i/m",
+    hdr = ["kernel", "dtype", "loss", "path", "mix", "regs", "spill", "smem", "dyn", "C", "CTA/SM", "R1 i/m", "R2 i/m",
            "W i/m", "all i/m", "stage i", "target"]
     out = [hdr]
     for r in rows:
@@ -664,7 +672,7 @@ def format_table(rows: Sequence[Dict[str, object]]) -> str:
             i = r[f"{p}_instr_per_elem"]
             return "-" if i == "" else f"{float(i):.1f}/{float(r[f'{p}_mufu_per_elem']):.2f}"
         st = r["stage_instr_per_elem"]
-        out.append([r["kernel"], r["dtype"], r["loss"], r["path"], str(r["registers"]), str(r["spill_instructions"]),
+        out.append([r["kernel"], r["dtype"], r["loss"], r["path"], str(r["mixture"]), str(r["registers"]), str(r["spill_instructions"]),
                     str(r["static_smem"]), str(r["dyn_smem"]), str(r["cluster"]), f"{r['ctas_per_sm']} ({r['cta_limit']})",
                     im("R1"), im("R2"), im("W"), f"{float(r['all_instr_per_elem']):.1f}/{float(r['all_mufu_per_elem']):.2f}",
                     "-" if st == "" else f"{float(st):.1f}", str(r["target"])])
@@ -685,12 +693,13 @@ def readme_table(csv_path: str) -> str:
     lines = [f"SASS gauge of the {r0['arch']} kernels (`{os.path.basename(csv_path)}`: commit {r0['commit']}, "
              f"nvdisasm {r0['tools']}, source {r0['source']}). Per element: issued instructions / MUFU ops in the hot "
              f"loop of each pass (method: `bench/sass_gauge.py`); CTAs per SM on sm_90 at V = {V_GAUGE}. "
-             "Streaming variants in the CSV.",
+             "The power-mean kernels (the mixture of 0 < λ < 1, α ≠ 1); the streaming variants and the "
+             "cheap-mode kernels (λ ∈ {0, 1} or α = 1: no special function in the mixture) in the CSV.",
              "",
              "| kernel | loss | path | regs | spills | smem static + dyn (cluster) | CTAs/SM | R1 | R2 | W | R1+R2+W | target |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["dtype"] != "bf16" or r["path"] == "stream":  # streaming rows: in the CSV
+        if r["dtype"] != "bf16" or r["path"] == "stream" or r.get("mixture", "any") == "cheap":  # in the CSV
             continue
 
         def im(p: str) -> str:

@@ -90,7 +90,8 @@ AMID_HD T neg_inf() {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Math policy: the C / CUDA math library (accurate to ~1 ulp).
+// Math policy: the C / CUDA math library (accurate to ~1 ulp), plus the reciprocal and the
+// one-logarithm log1p / log selection the mixture uses (rcp, log_sel).
 
 struct LibMath {
   static AMID_HD float exp(float x) { return ::expf(x); }
@@ -119,6 +120,40 @@ struct LibMath {
     return (x > -0.5f) & (x < 0.5f) ? expm1_small(x) : e - 1.0f;
   }
   static AMID_HD double expm1_from_exp(double x, double /*e*/) { return ::expm1(x); }
+  // 1 / x. On the GPU the approximate reciprocal (one MUFU.RCP, flushes subnormals) refined by one
+  // Newton step (< 1 ulp for normal x): an IEEE division is ~10 instructions plus a slow-path check.
+  // Callers guard x = 0 and x = inf with selects (the step gives NaN there). The host (and the C++ tests'
+  // emulation of the GPU math) divides.
+  static AMID_HD float rcp(float x) {
+#if defined(__CUDA_ARCH__)
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return fmaf(r, fmaf(-x, r, 1.0f), r);
+#else
+    return 1.0f / x;
+#endif
+  }
+  static AMID_HD double rcp(double x) { return 1.0 / x; }
+  // 1 / x to ~1 ulp, for corrections that are themselves an ulp of the result (GPU: one MUFU.RCP).
+  static AMID_HD float rcp_approx(float x) {
+#if defined(__CUDA_ARCH__)
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+#else
+    return 1.0f / x;
+#endif
+  }
+  // use_log1p ? log1p(y) : log(s) with one logarithm: u = 1 + y (rounded) or s, and for log1p the
+  // rounding of u corrected to first order, log1p(y) = log(u) + (y - (u - 1)) / u (u - 1 is exact for
+  // u in [1/2, 2]; the log1p arm is used for y >= -1/2 only). As accurate as log1pf there, for about
+  // half its instructions, and the mixture needs no second special function for the other arm.
+  static AMID_HD float log_sel(bool use_log1p, float y, float s) {
+    const float u = use_log1p ? 1.0f + y : s;
+    const float l = ::logf(u);
+    return use_log1p ? l + (y - (u - 1.0f)) * rcp_approx(u) : l;
+  }
+  static AMID_HD double log_sel(bool use_log1p, double y, double s) { return use_log1p ? ::log1p(y) : ::log(s); }
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -182,14 +217,15 @@ AMID_HD void mixture(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& 
     const T lam_B = q_base ? P.one_minus_lam : P.lam;
     const T a_B = lam_N * em1;           // in [-lam_N, 0]
     const T s_B = lam_B + lam_N * e;     // both terms >= 0: no cancellation
-    T L = a_B >= T(-0.5) ? M::log1p(a_B) : M::log(s_B);
+    T L = M::log_sel(a_B >= T(-0.5), a_B, s_B);
     if (s_B < T(16) * std::numeric_limits<T>::min()) {
       // Only where lam_B itself is below the normal range of T (lam or 1 - lam < 2e-37 in float):
       // the log-sum-exp of the logs (a branch that no ordinary row takes on the GPU).
       const T u = (log_lam_N + ax) - log_lam_B;  // log(lam_N e / lam_B)
       L = (u > T(0) ? log_lam_N + ax : log_lam_B) + M::log1p(M::exp(u > T(0) ? -u : u));
     }
-    const T c_up = M::log1p(-lam_nonref * em1 / e) * P.inv_k;  // d of the non-own branch, not big
+    // d of the non-own branch (not big: e >= e^-80 is a normal number, 1 / e finite)
+    const T c_up = M::log_sel(true, -lam_nonref * em1 * M::rcp(e), T(1)) * P.inv_k;
     const T c_B = L * P.inv_k;
     const T l_ref = REF_P ? lp : lq, l_non = REF_P ? lq : lp;
     d_ = own ? c_B : (big ? (l_non - l_ref) + c_B : c_up);
@@ -197,9 +233,10 @@ AMID_HD void mixture(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& 
     // w: (1-lam) / ((1-lam) + lam e) with q as the base, else e / (e + lam / (1-lam)); both terms of
     // each denominator are >= 0. If both vanish in T (lam / (1-lam) and e underflow), w is the
     // sigmoid's saturated value, 1 or 0 by the sign of log((1-lam)/lam) - |x|.
-    const T den = e + P.lam_ratio;
-    const T w_p = den > T(0) ? e / den : (P.log_odds + ax > T(0) ? T(1) : T(0));
-    w_ = q_base ? T(1) / (T(1) + P.lam_ratio * e) : w_p;
+    // One reciprocal: w = num / den with the form of the branch (den >= 1 with q as the base).
+    const T num = q_base ? T(1) : e;
+    const T den = q_base ? T(1) + P.lam_ratio * e : e + P.lam_ratio;
+    w_ = den > T(0) ? num * M::rcp(den) : (P.log_odds + ax > T(0) ? T(1) : T(0));
   }
   lt = both_masked ? neg_inf<T>() : lt_;
   w = both_masked ? T(0) : w_;
@@ -276,6 +313,26 @@ AMID_HD void mixture_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A
   lp = log_prob(tf, A);
   lq = log_prob(sf, B);
   mixture<REF_P, M>(P, lp, lq, logit_gap(tf, sf, lp, lq, dAB), lt, w, d);
+}
+
+// The GPU kernels' split: POWER kernels compile only the power mean (kPower, the one mode with special
+// functions); the others choose among the three cheap modes at run time, so that no kernel carries
+// the power mean's code and registers beside a per-element switch.
+template <bool POWER, bool REF_P, class M, typename T>
+AMID_HD void mixture_from_logits_split(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T& lp,
+                                       T& lq, T& lt, T& w, T& d) {
+  lp = log_prob(tf, A);
+  lq = log_prob(sf, B);
+  const T dpq = logit_gap(tf, sf, lp, lq, dAB);
+  if constexpr (POWER) {
+    mixture<MixMode::kPower, REF_P, M>(P, lp, lq, dpq, lt, w, d);
+  } else {
+    switch (P.mode) {
+      case MixMode::kStudent: mixture<MixMode::kStudent, REF_P, M>(P, lp, lq, dpq, lt, w, d); return;
+      case MixMode::kTeacher: mixture<MixMode::kTeacher, REF_P, M>(P, lp, lq, dpq, lt, w, d); return;
+      default: mixture<MixMode::kGeometric, REF_P, M>(P, lp, lq, dpq, lt, w, d); return;
+    }
+  }
 }
 
 template <MixMode MODE, bool REF_P, class M, typename T>

@@ -69,7 +69,7 @@ def test_hot_loop_counting(tmp_path):
     text = SASS.replace("{K}", str(kern)).replace("{O}", str(online))
     funcs = g.parse_sass(text)
     (name, fn), = funcs.items()
-    assert g.classify(name) == ("fwd", "bf16", "kl", "pr", "resident")
+    assert g.classify(name) == ("fwd", "bf16", "kl", "pr", "resident", "any")  # a build before the mixture split
     assert len(fn.ins) == 29 and fn.labels[".L_x_1"] == 0x10
     warnings = []
     cold = g.cold_ranges([str(online)], warnings)
@@ -83,6 +83,16 @@ def test_hot_loop_counting(tmp_path):
     assert (lc.elems_per_iter, lc.instr_per_iter, lc.mufu_per_iter) == (8, 18, 3)
     assert lc.mufu_kinds == {"MUFU.EX2": 1, "MUFU.RCP": 1, "MUFU.LG2": 1}
     assert lc.instr_per_elem == pytest.approx(18 / 8)
+
+
+def test_classify_kernel_names():
+    pre = "_ZN4amid9cuda_impl15amid_"
+    post = "EEvNS0_7RowArgsIT_N2at10OpMathTypeIS7_E4typeEEENS_10LossParamsISB_EE"
+    fwd = pre + "fwd_kernelIN3c108BFloat16ELNS_10DivergenceE1ELNS_5OrderE3ELb0ELb1" + post
+    bwd = pre + "bwd_kernelIfLNS_10DivergenceE0ELNS_5OrderE1ELb0" + post
+    assert g.classify(fwd) == ("fwd", "bf16", "ab", "rq", "stream", "power")
+    assert g.classify(bwd) == ("bwd", "f32", "kl", "qr", "-", "cheap")
+    assert g.classify("_ZN4amid9cuda_impl8fill_vecIfEEvPT_lS2_") is None
 
 
 def test_occupancy_and_resident_smem():

@@ -81,6 +81,14 @@ struct VecMath {
     return u > 0.0f ? lu : -std::numeric_limits<float>::infinity();
   }
 
+  // use_log1p ? log1p(y) : log(s) with one logarithm (as LibMath::log_sel; Goldberg's form, as log1p).
+  static AMID_HD float log_sel(bool use_log1p, float y, float s) {
+    const float u = use_log1p ? 1.0f + y : s;
+    const float lu = log(u);
+    const float d = u - 1.0f;
+    return use_log1p ? (d == 0.0f ? y : lu * (y / d)) : lu;
+  }
+  static AMID_HD float rcp(float x) { return 1.0f / x; }
   static AMID_HD float expm1_small(float x) { return LibMath::expm1_small(x); }
   static AMID_HD float expm1_from_exp(float x, float e) { return LibMath::expm1_from_exp(x, e); }
   static AMID_HD float expm1_div(float x) { return LibMath::expm1_div(x); }
@@ -88,6 +96,8 @@ struct VecMath {
   static AMID_HD double exp(double x) { return std::exp(x); }
   static AMID_HD double log1p(double x) { return std::log1p(x); }
   static AMID_HD double log(double x) { return std::log(x); }
+  static AMID_HD double log_sel(bool use_log1p, double y, double s) { return LibMath::log_sel(use_log1p, y, s); }
+  static AMID_HD double rcp(double x) { return 1.0 / x; }
   static AMID_HD double expm1_small(double x) { return LibMath::expm1_small(x); }
   static AMID_HD double expm1_from_exp(double x, double e) { return LibMath::expm1_from_exp(x, e); }
   static AMID_HD double expm1_div(double x) { return LibMath::expm1_div(x); }

@@ -11,7 +11,9 @@
 #include <algorithm>
 #include <cstdlib>
 #include <limits>
+#include <map>
 #include <mutex>
+#include <utility>
 #include <string>
 
 #include "../amid_math.h"
@@ -53,7 +55,7 @@ struct RowArgs {
 // `len` elements from the row statistics, g = scale * (w (G - r S_G) + H - q K) (amid_math.h:
 // element_terms; for kl G, H, S_G, K are the shifted ones).
 
-template <Divergence D, Order O, typename scalar_t, typename acc_t>
+template <Divergence D, Order O, bool POWER, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const scalar_t* t, const scalar_t* s,
                                                scalar_t* g, int64_t len, bool vec_ok, RowLse<acc_t> A,
                                                RowLse<acc_t> B, acc_t dAB, acc_t Z, acc_t S_G, acc_t K, acc_t scale) {
@@ -65,7 +67,8 @@ __device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const
 #pragma unroll
     for (int j = 0; j < n; ++j) {
       acc_t lp, lq, lt, w, d;
-      mixture_from_logits<ref_is_p<O>(), M>(P, acc_t(tv[j]) * invT, acc_t(sv[j]) * invT, A, B, dAB, lp, lq, lt, w, d);
+      mixture_from_logits_split<POWER, ref_is_p<O>(), M>(P, acc_t(tv[j]) * invT, acc_t(sv[j]) * invT, A, B, dAB,
+                                                         lp, lq, lt, w, d);
       const acc_t lr = lt - Z;
       const acc_t p = M::exp(lp), q = M::exp(lq), r = M::exp(lr);
       const Terms<acc_t> o = element_terms<D, O, M>(P, p, q, r, lp, lq, lr, d - Z);
@@ -88,14 +91,16 @@ __device__ __forceinline__ void fill_row(const RowArgs<scalar_t, acc_t>& a, int6
 }
 
 // ------------------------------------------------------------------------------------------------
-// Forward kernel (optionally writing the gradient). Template: input dtype, divergence, order, and
-// whether the row slice is staged in shared memory.
+// Forward kernel (optionally writing the gradient). Template: input dtype, divergence, order,
+// whether the row slice is staged in shared memory, and whether the mixture is the power mean
+// (kPower) or one of the cheap modes.
 
-// Launch bounds (256, 2): ptxas then keeps every variant unspilled (sm_90a: kl 66-78 registers,
-// three CTAs per SM; ab 88-94, two). Without the minimum it capped them at 64 and the ab streaming
-// variants spilled. Which occupancy is faster is for the GPU benchmark to say (not yet measured).
-template <typename scalar_t, Divergence D, Order O, bool RESIDENT>
-__global__ void __launch_bounds__(kThreads, 2) amid_fwd_kernel(const RowArgs<scalar_t, at::opmath_type<scalar_t>> a,
+// Launch bounds: at least three kl CTAs per SM (<= 80 registers: the resident row slices of three
+// CTAs fit in shared memory, bench/sass_gauge.py checks both) and two ab CTAs; ptxas keeps every
+// variant unspilled under these (without a minimum it capped them at 64 and the ab streaming variants
+// spilled). Which occupancy is fastest is for the GPU benchmark to say (not yet measured).
+template <typename scalar_t, Divergence D, Order O, bool RESIDENT, bool POWER>
+__global__ void __launch_bounds__(kThreads, D == Divergence::kKL ? 3 : 2) amid_fwd_kernel(const RowArgs<scalar_t, at::opmath_type<scalar_t>> a,
                                                             const LossParams<at::opmath_type<scalar_t>> P) {
   using acc_t = at::opmath_type<scalar_t>;
   using Lse = LseAcc<acc_t>;
@@ -189,7 +194,8 @@ __global__ void __launch_bounds__(kThreads, 2) amid_fwd_kernel(const RowArgs<sca
 #pragma unroll
       for (int j = 0; j < decltype(nc)::value; ++j) {
         acc_t lp, lq, lt, w, d;
-        mixture_from_logits<ref_is_p<O>(), M>(P, acc_t(tv[j]) * invT, acc_t(sv[j]) * invT, A, B, dAB, lp, lq, lt, w, d);
+        mixture_from_logits_split<POWER, ref_is_p<O>(), M>(P, acc_t(tv[j]) * invT, acc_t(sv[j]) * invT, A, B, dAB,
+                                                           lp, lq, lt, w, d);
         acc.template rebase<M>(P, lt);
         acc.template add<M>(P, lp, lq, lt, w, d);
       }
@@ -211,7 +217,7 @@ __global__ void __launch_bounds__(kThreads, 2) amid_fwd_kernel(const RowArgs<sca
     // W: the gradient row (chain rule through s/T: the 1/T factor).
     if (g) {
       const acc_t scale = weight * invT;
-      write_grad_row<D, O>(P, t, s, g, len, vec_ok, A, B, dAB, Z, S_G, K, scale);  // gauge:W
+      write_grad_row<D, O, POWER>(P, t, s, g, len, vec_ok, A, B, dAB, Z, S_G, K, scale);  // gauge:W
     }
   }
   cluster_exit_barrier();
@@ -220,7 +226,7 @@ __global__ void __launch_bounds__(kThreads, 2) amid_fwd_kernel(const RowArgs<sca
 // ------------------------------------------------------------------------------------------------
 // Backward kernel: the W pass from the saved stats (no reductions), one CTA per row.
 
-template <typename scalar_t, Divergence D, Order O>
+template <typename scalar_t, Divergence D, Order O, bool POWER>
 __global__ void __launch_bounds__(kThreads) amid_bwd_kernel(const RowArgs<scalar_t, at::opmath_type<scalar_t>> a,
                                                             const LossParams<at::opmath_type<scalar_t>> P) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -239,7 +245,7 @@ __global__ void __launch_bounds__(kThreads) amid_bwd_kernel(const RowArgs<scalar
     const scalar_t* t = a.t + row * a.ldt;
     const scalar_t* s = a.s + row * a.lds;
     const bool vec_ok = same_misalignment(t, s, sizeof(scalar_t)) && same_misalignment(t, g, sizeof(scalar_t));
-    write_grad_row<D, O>(P, t, s, g, a.V, vec_ok, A, B, dAB, Z, S_G, K, scale);  // gauge:W
+    write_grad_row<D, O, POWER>(P, t, s, g, a.V, vec_ok, A, B, dAB, Z, S_G, K, scale);  // gauge:W
   }
 }
 
@@ -272,46 +278,47 @@ struct ResidentInfo {
 // cluster size it is launched with (RowArgs::cluster) and traps on a mismatch.
 //
 // The dynamic-shared-memory limit is a per-function, process-wide attribute: it is set here once per
-// device, to the maximum, under std::call_once, so that concurrent launches from several host threads
-// (with different row lengths) never race on it. The same for the non-portable cluster size.
+// (kernel, device), to the maximum, under a mutex, so that concurrent launches from several host threads
+// (with different row lengths) never race on it. The same for the non-portable cluster size. The cache
+// is keyed by the kernel's address: every kernel variant of one dtype has the same C++ type, so a cache
+// per type (a function-local static of a template on the kernel's type) would set the attribute for
+// the first variant launched only, and the others would fail to launch with more than 48 KB.
 template <typename Kernel>
 const ResidentInfo& resident_info(Kernel kernel) {
-  constexpr int kMaxDevices = 64;
-  static std::once_flag once[kMaxDevices];
-  static ResidentInfo info[kMaxDevices];
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, ResidentInfo> cache;  // node-based: references stay valid
   const int dev = c10::cuda::current_device();
-  TORCH_CHECK(dev >= 0 && dev < kMaxDevices, "amid: expected a CUDA device index below ", kMaxDevices, ", but got ",
-              dev);
-  std::call_once(once[dev], [&] {
-    const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-    cudaFuncAttributes attr;
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-    ResidentInfo r;
-    r.clusters = prop->major >= 9 && attr.ptxVersion >= 90;
-    r.static_smem = int(attr.sharedSizeBytes);
-    r.max_dynamic_smem = std::max(0, int(prop->sharedMemPerBlockOptin) - r.static_smem);
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, r.max_dynamic_smem));
-    if (r.clusters) {
-      r.max_cluster = 8;
-      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) {
-        r.max_cluster = kMaxCluster;
-      } else {
-        (void)cudaGetLastError();  // no non-portable clusters on this device: at most 8 CTAs
-      }
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), dev);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  ResidentInfo r;
+  r.clusters = prop->major >= 9 && attr.ptxVersion >= 90;
+  r.static_smem = int(attr.sharedSizeBytes);
+  r.max_dynamic_smem = std::max(0, int(prop->sharedMemPerBlockOptin) - r.static_smem);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, r.max_dynamic_smem));
+  if (r.clusters) {
+    r.max_cluster = 8;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) {
+      r.max_cluster = kMaxCluster;
+    } else {
+      (void)cudaGetLastError();  // no non-portable clusters on this device: at most 8 CTAs
     }
-    info[dev] = r;
-  });
-  return info[dev];
+  }
+  return cache.emplace(key, r).first->second;
 }
 
-template <typename scalar_t, Divergence D, Order O>
-void launch_fwd(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a, const LossParams<at::opmath_type<scalar_t>>& P,
-                cudaStream_t stream) {
+template <typename scalar_t, Divergence D, Order O, bool POWER>
+void launch_fwd_mode(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a,
+                     const LossParams<at::opmath_type<scalar_t>>& P, cudaStream_t stream) {
   constexpr int kW = VecWidth<scalar_t>::value;
   const std::string path = forced_path();
   auto slice_bytes = [&](int64_t C) { return 2 * (((a.V + C - 1) / C + kW - 1) / kW * kW + kW) * int64_t(sizeof(scalar_t)); };
 
-  auto resident = amid_fwd_kernel<scalar_t, D, O, true>;
+  auto resident = amid_fwd_kernel<scalar_t, D, O, true, POWER>;
   const ResidentInfo& info = resident_info(resident);
   // The slice must fit the opt-in limit (minus static shared memory) on this device; the default path
   // also keeps it within kResidentBudget. Otherwise: streaming (also when AMID_CUDA_PATH=resident).
@@ -363,7 +370,7 @@ void launch_fwd(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a, const Los
     }
     // The cluster shape cannot be scheduled on this device: fall back to streaming.
   }
-  auto streaming = amid_fwd_kernel<scalar_t, D, O, false>;
+  auto streaming = amid_fwd_kernel<scalar_t, D, O, false, POWER>;
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, streaming, kThreads, 0));
   const int64_t blocks = std::min<int64_t>(a.N, int64_t(std::max(per_sm, 1)) * sm_count());
@@ -373,15 +380,37 @@ void launch_fwd(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a, const Los
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename scalar_t, Divergence D, Order O>
-void launch_bwd(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a, const LossParams<at::opmath_type<scalar_t>>& P,
-                cudaStream_t stream) {
-  auto kernel = amid_bwd_kernel<scalar_t, D, O>;
+template <typename scalar_t, Divergence D, Order O, bool POWER>
+void launch_bwd_mode(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a,
+                     const LossParams<at::opmath_type<scalar_t>>& P, cudaStream_t stream) {
+  auto kernel = amid_bwd_kernel<scalar_t, D, O, POWER>;
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
   const int64_t blocks = std::min<int64_t>(a.N, int64_t(std::max(per_sm, 1)) * sm_count());
   kernel<<<unsigned(blocks), kThreads, 0, stream>>>(a, P);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The launchers: the power-mean kernels for kPower, the cheap-mode kernels otherwise
+// (amid_math.h: mixture_from_logits_split).
+template <typename scalar_t, Divergence D, Order O>
+void launch_fwd(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a, const LossParams<at::opmath_type<scalar_t>>& P,
+                cudaStream_t stream) {
+  if (P.mode == MixMode::kPower) {
+    launch_fwd_mode<scalar_t, D, O, true>(a, P, stream);
+  } else {
+    launch_fwd_mode<scalar_t, D, O, false>(a, P, stream);
+  }
+}
+
+template <typename scalar_t, Divergence D, Order O>
+void launch_bwd(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a, const LossParams<at::opmath_type<scalar_t>>& P,
+                cudaStream_t stream) {
+  if (P.mode == MixMode::kPower) {
+    launch_bwd_mode<scalar_t, D, O, true>(a, P, stream);
+  } else {
+    launch_bwd_mode<scalar_t, D, O, false>(a, P, stream);
+  }
 }
 
 
