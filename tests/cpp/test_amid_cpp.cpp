@@ -271,7 +271,7 @@ int main(int argc, char** argv) {
       }
       ++n;
     }
-    EXPECT(n == 4);
+    EXPECT(n == 7);
   }
 
   // 2. Forward against the naive loop, and the gradient against finite differences.
