@@ -276,8 +276,9 @@ def _exchange(fn: str, group, info: Tensor, local_error: Optional[BaseException]
     import torch.distributed as dist
 
     P = dist.get_world_size(group)
-    out = torch.empty(P, _INFO, dtype=torch.int64, device=info.device)
-    dist.all_gather_into_tensor(out, info, group=group)
+    outs = [torch.empty_like(info) for _ in range(P)]
+    dist.all_gather(outs, info, group=group)
+    out = torch.stack(outs)
     if local_error is not None:
         raise local_error
     bad = (out[:, 0] == 0).nonzero().flatten().tolist()
@@ -372,7 +373,10 @@ def vocab_parallel_amid_loss(
             raise _error(fn, f"expected logits on the CPU: this build has no vocab-parallel kernels for device "
                              f"type '{device.type}' (the CUDA partial ops are not written yet)")
         options = _loss_options(fn, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant)
-        _ops.check_options(fn, *options.values(), _ops.loss_dtype(student_shard.dtype))
+        try:  # the op's range checks, here so that a bad value on one rank is reported to all
+            _ops.check_options(fn, *options.values(), _ops.loss_dtype(student_shard.dtype))
+        except RuntimeError as e:
+            raise _error(fn, str(e).split(": ", 1)[-1]) from None
         ignore_index = _integer(fn, "ignore_index", ignore_index)
         normalizer = _normalizer_alias(fn, normalizer, num_items_in_batch)
         _check_reduction_args(fn, reduction, normalizer)
@@ -423,8 +427,8 @@ def vocab_parallel_amid_loss(
         s, t = s[..., :w_keep], t[..., :w_keep]
     lead = s.shape[:-1]
     Vr = s.shape[-1]
-    s2 = s.reshape(-1, Vr)
-    t2 = t.reshape(-1, Vr)
+    s2 = s.reshape(math.prod(lead), Vr)
+    t2 = t.reshape(math.prod(lead), Vr)
     if Vr > 1 and s2.stride(-1) != 1:
         s2 = s2.contiguous()
     if Vr > 1 and t2.stride(-1) != 1:

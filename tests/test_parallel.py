@@ -127,3 +127,126 @@ def test_partial_op_errors():
         with pytest.raises(RuntimeError, match=rf"amid::{op}: expected stats of shape \[3, 7\]"):
             getattr(torch.ops.amid, op)(s.to("meta"), t.to("meta"), None, bad[:, :5].double().to("meta"), 0.5, 0.3,
                                         "kl", "pr", 0.2, 0.7, 1.0, False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-process (gloo, CPU): one spawn per world size runs every case; each rank builds the same full
+# logits, runs the single-process op on them and the vocab-parallel loss on its shard, and writes the
+# failures (or "OK") to a file.
+
+SHARD_CUTS = {2: (0, 17, 41), 4: (0, 10, 11, 30, 41)}  # uneven; a 1-column shard at P = 4
+
+
+def _free_port():
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
+def _dist_cases(rank, world, group, fails):
+    import torch.distributed as dist
+    from amid.parallel import vocab_parallel_amid_loss as _vp
+
+    def vocab_parallel_amid_loss(*args, **kw):
+        return _vp(*args, group=group, **kw)
+
+    cuts = SHARD_CUTS[world]
+    lo, hi = cuts[rank], cuts[rank + 1]
+
+    def check(name, got, ref, tol=RTOL):
+        err = _rel(got, ref)
+        if not err <= tol:
+            fails.append(f"{name}: rel. error {err:.3g}")
+
+    def run(name, s, t, labels=None, tol=RTOL, **kw):
+        sr = s.clone().requires_grad_(True)
+        ref = amid.amid_loss(sr, t, labels, **{k: v for k, v in kw.items() if k != "check_inputs"})
+        ref.sum().backward()
+        ss = s[..., lo:hi].clone().requires_grad_(True)
+        got = vocab_parallel_amid_loss(ss, t[..., lo:hi].clone(), labels, **kw)
+        got.sum().backward()
+        check(name + " loss", got.detach(), ref.detach(), tol)
+        check(name + " grad", ss.grad, sr.grad[..., lo:hi], tol)
+
+    torch.manual_seed(7)
+    s, t = _seam_logits()
+    labels = torch.tensor([1, 2, 3, -100, 5, 6, 7, 8, 9])
+    for div, order, alpha, lam in GRID:  # (the input exchange is tested below)
+        run(f"{div}/{order} alpha={alpha} lam={lam}", s, t, labels, reduction="none", check_inputs=False,
+            **_opts(div, order, alpha, lam))
+    ok = slice(0, 1)  # one ordinary row for the reductions (the seam rows make them NaN)
+    s3, t3 = make_logits(3, 4 * 41, dtype=torch.float64)
+    s3, t3 = s3.reshape(3, 4, 41), t3.reshape(3, 4, 41)
+    y3 = torch.tensor([[1, -100, 2, 3], [-100, -100, 4, 5], [6, 7, 8, -1]])
+    for red in ("mean", "sum", "batchmean", "none"):
+        run(f"3-D {red}", s3, t3, y3, reduction=red, ignore_index=-1)
+        run(f"3-D {red} no labels, T=2, T^2", s3, t3, None, reduction=red, temperature=2.0, scale_by_t2=True,
+            alpha=-1.0, lam=0.3, divergence="ab", order="rq")
+    run("detach qr", s3, t3, y3, detach_assistant=True, order="qr", alpha=0.5, lam=0.3)
+    run("grad_in_forward=False", s3, t3, y3, grad_in_forward=False, order="rp", alpha=2.0, lam=0.3)
+    run("normalizer tensor", s3, t3, y3, normalizer=torch.tensor(5.0))
+    run("num_items_in_batch", s3, t3, y3, num_items_in_batch=7, reduction="batchmean")
+    run("vocab_size", s3, t3, y3, vocab_size=15)  # cuts every shard past column 15 (empty at P = 4)
+    run("all rows ignored", s3, t3, torch.full((3, 4), -100))
+    run("all rows ignored, none", s3, t3, torch.full((3, 4), -100), reduction="none")
+    run("seam rows, mean", s[ok], t[ok], labels[ok])
+    f32 = [x.float() for x in (s3, t3)]
+    run("float32", *f32, y3, tol=1e-5, alpha=0.5, lam=0.3)
+
+    # Errors: every rank raises (no rank waits in a collective), and the group stays usable.
+    def expect_error(name, match, *args, **kw):
+        try:
+            vocab_parallel_amid_loss(*args, **kw)
+            fails.append(f"{name}: no error")
+        except ValueError as e:
+            if not any(m in str(e) for m in match):
+                fails.append(f"{name}: unexpected message {e}")
+
+    sh, th = s3[..., lo:hi], t3[..., lo:hi]
+    expect_error("rows differ", ["same row count"], sh[: 2 if rank == 0 else 3], th[: 2 if rank == 0 else 3])
+    expect_error("labels differ", ["same labels"], sh, th, y3 + (rank == 1))
+    expect_error("bad shape on rank 0", ["same shape", "rank(s) [0]"],
+                 sh, th[..., :-1] if rank == 0 and hi - lo > 1 else th)
+    expect_error("bad option on the last rank", ["expected lam in [0, 1]", f"rank(s) [{world - 1}]"],
+                 sh, th, lam=2.0 if rank == world - 1 else 0.1)
+    expect_error("vocab_size too big", ["expected vocab_size <="], sh, th, vocab_size=42)
+    dist.barrier(group)
+    run("after errors", s3, t3, y3)
+
+
+def _dist_worker(rank, world, port, out_dir):
+    """World of 4: the 2-process cases on the pairs {0, 1} and {2, 3} (at the same time), then the
+    4-process cases on the whole world."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    fails = []
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        _dist_cases(rank % 2, 2, pairs[rank // 2], fails)
+        fails = [f"P=2: {f}" for f in fails]
+        _dist_cases(rank, world, None, fails)
+    except Exception:
+        fails.append(traceback.format_exc())
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write("\n".join(fails) if fails else "OK")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_vocab_parallel_gloo(tmp_path):
+    # fork where there is one (no re-import of torch per process: seconds instead of tens of seconds
+    # on a busy machine); the workers use one thread.
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    world = 4
+    mp.start_processes(_dist_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True,
+                       start_method=method)
+    for r in range(world):
+        text = (tmp_path / f"rank{r}.txt").read_text()
+        assert text == "OK", f"rank {r}:\n{text[:4000]}"
