@@ -62,7 +62,8 @@ from torch import Tensor
 
 from . import ops as _ops
 from .functional import (DEFAULT_ALPHA, DEFAULT_LAM, _base_row_weights, _batchmean_denominator, _check_labels,
-                         _check_reduction_args, _error, _integer, _loss_options, _normalizer_alias, _shape)
+                         _check_reduction_args, _error, _integer, _is_dtensor, _loss_options, _normalizer_alias,
+                         _shape)
 
 __all__ = ["vocab_parallel_amid_loss", "vocab_parallel_rows", "merged_rows_from_slices", "CommCounter"]
 
@@ -467,3 +468,50 @@ def vocab_parallel_rows(student_shard: Tensor, teacher_shard: Tensor, row_weight
     rows, stats = _merged_forward([(student_shard, teacher_shard)], row_weight, opts,
                                   _GroupComm(group, comm_counter), student_shard.shape[0], student_shard.device)
     return rows.to(_ops.loss_dtype(student_shard.dtype)), stats
+
+
+# ------------------------------------------------------------------------------------------------
+# DTensor
+
+is_dtensor = _is_dtensor
+
+
+def _local_replicated(fn: str, name: str, x):
+    """A replicated DTensor (labels, normaliser) as its local tensor; anything else unchanged."""
+    if not is_dtensor(x):
+        return x
+    if not all(p.is_replicate() for p in x.placements):
+        raise _error(fn, f"expected {name} as a plain tensor or a replicated DTensor, but got placements "
+                         f"{list(x.placements)}")
+    return x.to_local()
+
+
+def dtensor_amid_loss(student_logits, teacher_logits, labels=None, *, _fn: str = "amid_loss", **kwargs) -> Tensor:
+    """amid.amid_loss on DTensor logits sharded on the last dimension over a 1-D DeviceMesh
+    (placements ``[Shard(-1)]``, even or uneven): :func:`vocab_parallel_amid_loss` on the local shards
+    with the mesh's process group. The gradient reaches ``student_logits`` as a DTensor with the same
+    placements. Returns the loss as a plain tensor, the same on every rank of the mesh."""
+    fn = _fn
+    if not (is_dtensor(student_logits) and is_dtensor(teacher_logits)):
+        raise _error(fn, "expected student_logits and teacher_logits to be both DTensors or both plain tensors, "
+                         f"but got {type(student_logits).__name__} and {type(teacher_logits).__name__}")
+    mesh = student_logits.device_mesh
+    if teacher_logits.device_mesh != mesh:
+        raise _error(fn, "expected student_logits and teacher_logits on the same DeviceMesh")
+    if mesh.ndim != 1:
+        raise _error(fn, f"expected DTensor logits on a 1-D DeviceMesh (the tensor-parallel group), but got a "
+                         f"{mesh.ndim}-D mesh of shape {tuple(mesh.shape)}")
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        (p,) = x.placements
+        if not (p.is_shard() and p.dim in (-1, x.dim() - 1)):
+            raise _error(fn, f"expected {name} sharded on the last dimension (placements [Shard(-1)]), but got "
+                             f"placements {list(x.placements)}")
+    if student_logits.shape != teacher_logits.shape:
+        raise _error(fn, "expected student_logits and teacher_logits to have the same shape, but got "
+                         f"{_shape(student_logits)} and {_shape(teacher_logits)}")
+    labels = _local_replicated(fn, "labels", labels)
+    for key in ("normalizer", "num_items_in_batch"):
+        if key in kwargs:
+            kwargs[key] = _local_replicated(fn, key, kwargs[key])
+    return vocab_parallel_amid_loss(student_logits.to_local(), teacher_logits.to_local(), labels,
+                                    group=mesh.get_group(), _fn=fn, **kwargs)

@@ -102,7 +102,7 @@ def test_merge_rule_low_precision(dtype):
 
 
 def test_opcheck_partial_ops():
-    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+    for dtype in (torch.float64, torch.bfloat16):
         s, t = make_logits(5, 23, dtype=dtype)
         ldt = amid.ops.loss_dtype(dtype)
         w = torch.tensor([1.0, 0.0, 0.5, 2.0, 1.0], dtype=ldt)
@@ -127,6 +127,20 @@ def test_partial_op_errors():
         with pytest.raises(RuntimeError, match=rf"amid::{op}: expected stats of shape \[3, 7\]"):
             getattr(torch.ops.amid, op)(s.to("meta"), t.to("meta"), None, bad[:, :5].double().to("meta"), 0.5, 0.3,
                                         "kl", "pr", 0.2, 0.7, 1.0, False)
+
+
+def test_no_process_group_is_amid_loss():
+    # Without an initialised process group (or with a group of one) the vocab-parallel loss is amid_loss.
+    from amid.parallel import vocab_parallel_amid_loss
+
+    s, t = make_logits(4, 13)
+    y = torch.tensor([1, -100, 2, 3])
+    sa, sb = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    a = amid.amid_loss(sa, t, y, alpha=-1.0, lam=0.3, divergence="ab", order="rq")
+    b = vocab_parallel_amid_loss(sb, t, y, alpha=-1.0, lam=0.3, divergence="ab", order="rq")
+    a.backward()
+    b.backward()
+    assert torch.equal(a, b) and torch.equal(sa.grad, sb.grad)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,6 +226,39 @@ def _dist_cases(rank, world, group, fails):
     expect_error("vocab_size too big", ["expected vocab_size <="], sh, th, vocab_size=42)
     dist.barrier(group)
     run("after errors", s3, t3, y3)
+    if group is None:
+        _dtensor_cases(rank, world, fails, s3, t3, y3)
+
+
+def _dtensor_cases(rank, world, fails, s3, t3, y3):
+    # amid.amid_loss on DTensor logits sharded on the last dim (41 over 4: 11, 11, 11, 8) == one process.
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    for kw in (dict(), dict(divergence="ab", order="qr", alpha=-1.0, lam=0.3, reduction="none"),
+               dict(order="rq", alpha=2.0, lam=0.3, grad_in_forward=False, temperature=1.5)):
+        for dim in (-1, 2):
+            sr = s3.clone().requires_grad_(True)
+            ref = amid.amid_loss(sr, t3, y3, **kw)
+            ref.sum().backward()
+            sd = distribute_tensor(s3.clone(), mesh, [Shard(dim)]).requires_grad_(True)
+            td = distribute_tensor(t3.clone(), mesh, [Shard(dim)])
+            yd = distribute_tensor(y3, mesh, [Replicate()]) if kw else y3
+            got = amid.amid_loss(sd, td, yd, **kw)
+            got.sum().backward()
+            name = f"DTensor Shard({dim}) {kw}"
+            if type(got) is not torch.Tensor:
+                fails.append(f"{name}: returned {type(got).__name__}")
+            if _rel(got.detach(), ref.detach()) > RTOL:
+                fails.append(f"{name} loss: {got} vs {ref}")
+            if _rel(sd.grad.full_tensor(), sr.grad) > RTOL:
+                fails.append(f"{name} grad")
+    try:
+        amid.amid_loss(distribute_tensor(s3, mesh, [Shard(0)]), distribute_tensor(t3, mesh, [Shard(0)]))
+        fails.append("DTensor Shard(0): no error")
+    except ValueError as e:
+        if "expected student_logits sharded on the last dimension (placements [Shard(-1)])" not in str(e):
+            fails.append(f"DTensor Shard(0): {e}")
 
 
 def _dist_worker(rank, world, port, out_dir):
@@ -236,17 +283,27 @@ def _dist_worker(rank, world, port, out_dir):
             dist.destroy_process_group()
 
 
-def test_vocab_parallel_gloo(tmp_path):
-    # fork where there is one (no re-import of torch per process: seconds instead of tens of seconds
-    # on a busy machine); the workers use one thread.
+def _launch(out_dir):
+    """Run in a fresh interpreter (no autograd thread started yet, so fork is safe): fork four workers
+    where the platform has fork (no re-import of torch per process: seconds instead of tens of
+    seconds on a busy machine), else spawn."""
     import multiprocessing
 
     import torch.multiprocessing as mp
 
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    world = 4
-    mp.start_processes(_dist_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True,
-                       start_method=method)
-    for r in range(world):
+    mp.start_processes(_dist_worker, args=(4, _free_port(), out_dir), nprocs=4, join=True, start_method=method)
+
+
+def test_vocab_parallel_gloo(tmp_path):
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = f"import sys; sys.path.insert(0, {here!r}); import test_parallel; test_parallel._launch({str(tmp_path)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(here), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for r in range(4):
         text = (tmp_path / f"rank{r}.txt").read_text()
         assert text == "OK", f"rank {r}:\n{text[:4000]}"
