@@ -65,7 +65,8 @@ from .functional import (DEFAULT_ALPHA, DEFAULT_LAM, _base_row_weights, _batchme
                          _check_reduction_args, _error, _integer, _is_dtensor, _loss_options, _normalizer_alias,
                          _shape)
 
-__all__ = ["vocab_parallel_amid_loss", "vocab_parallel_rows", "merged_rows_from_slices", "CommCounter"]
+__all__ = ["vocab_parallel_amid_loss", "vocab_parallel_fused_linear_amid_loss", "vocab_parallel_rows",
+           "merged_rows_from_slices", "dtensor_amid_loss", "CommCounter"]
 
 _NEG_INF = -math.inf
 _A_MAX, _B_MAX, _Z, _SG, _K, _A_LOG, _B_LOG = range(7)
@@ -515,3 +516,198 @@ def dtensor_amid_loss(student_logits, teacher_logits, labels=None, *, _fn: str =
             kwargs[key] = _local_replicated(fn, key, kwargs[key])
     return vocab_parallel_amid_loss(student_logits.to_local(), teacher_logits.to_local(), labels,
                                     group=mesh.get_group(), _fn=fn, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Column-parallel LM heads: the fused linear path
+
+class _VocabParallelFusedLinear(torch.autograd.Function):
+    """Row losses from replicated hidden states and this rank's rows of the heads, chunk by chunk.
+    The forward keeps only the merged per-row stats; the backward recomputes each chunk's logits
+    (two GEMMs), takes the shard's gradient with amid_loss_bwd and all-reduces the hidden states'
+    gradient over the group (every rank must run the backward)."""
+
+    @staticmethod
+    def forward(ctx, hs, ws, bs, ht, wt, bt, weight, comm, chunk, reduce_hidden_grad, *opts):
+        n = hs.shape[0]
+        options = dict(zip(_ops._OPTION_NAMES, opts))
+        rows = hs.new_empty((n,), dtype=torch.float64)
+        stats = hs.new_empty((n, 7), dtype=torch.float64)
+        for a in range(0, max(n, 1), chunk):  # at least one pass, so that every rank enters the collectives
+            b = min(a + chunk, n)
+            s = torch.nn.functional.linear(hs[a:b], ws, bs)
+            t = torch.nn.functional.linear(ht[a:b], wt, bt).to(s.dtype)
+            w = None if weight is None else weight[a:b]
+            rows[a:b], stats[a:b] = _merged_forward([(s, t)], w, options, comm, b - a, s.device)
+        ctx.opts, ctx.comm, ctx.chunk, ctx.reduce_hidden_grad = opts, comm, chunk, reduce_hidden_grad
+        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, weight, stats)
+        ctx.mark_non_differentiable(stats)
+        return rows.to(_ops.loss_dtype(hs.dtype)), stats
+
+    @staticmethod
+    def backward(ctx, grad_rows, _grad_stats):
+        import torch.distributed as dist
+
+        hs, ws, bs, ht, wt, bt, weight, stats = ctx.saved_tensors
+        if any(ctx.needs_input_grad[i] for i in (3, 4, 5)):
+            raise RuntimeError("amid.vocab_parallel_fused_linear_amid_loss: gradients with respect to the teacher "
+                               "are not supported; detach the teacher")
+        n = hs.shape[0]
+        ldt = _ops.loss_dtype(hs.dtype)
+        gh = torch.zeros_like(hs)
+        gw = torch.zeros_like(ws) if ctx.needs_input_grad[1] else None
+        gb = torch.zeros(ws.shape[0], dtype=ldt, device=ws.device) if bs is not None and ctx.needs_input_grad[2] \
+            else None
+        grad_rows = grad_rows.to(ldt).contiguous()
+        for a in range(0, n, ctx.chunk):
+            b = min(a + ctx.chunk, n)
+            if ws.shape[0] == 0:
+                break
+            s = torch.nn.functional.linear(hs[a:b], ws, bs)
+            t = torch.nn.functional.linear(ht[a:b], wt, bt).to(s.dtype)
+            w = None if weight is None else weight[a:b]
+            g = _ops.amid_loss_bwd(grad_rows[a:b], s, t, w, stats[a:b].to(ldt), *ctx.opts)
+            gh[a:b] = g @ ws
+            if gw is not None:
+                gw.addmm_(g.t(), hs[a:b])
+            if gb is not None:
+                gb += g.sum(0, dtype=ldt)
+        if ctx.reduce_hidden_grad and isinstance(ctx.comm, _GroupComm):
+            dist.all_reduce(gh, op=dist.ReduceOp.SUM, group=ctx.comm.group)  # the column-parallel backward
+        return (gh, gw, None if gb is None else gb.to(bs.dtype), None, None, None) + (None,) * (5 + len(ctx.opts))
+
+
+def vocab_parallel_fused_linear_amid_loss(
+    student_hidden: Tensor,
+    student_weight_shard: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight_shard: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    group=None,
+    student_bias_shard: Optional[Tensor] = None,
+    teacher_bias_shard: Optional[Tensor] = None,
+    alpha: float = DEFAULT_ALPHA,
+    lam: float = DEFAULT_LAM,
+    divergence: str = "kl",
+    order: str = "pr",
+    ab_alpha: float = 0.2,
+    ab_beta: float = 0.7,
+    temperature: float = 1.0,
+    scale_by_t2: bool = False,
+    detach_assistant: bool = False,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: Optional[Union[float, Tensor]] = None,
+    num_items_in_batch: Optional[Union[float, Tensor]] = None,
+    chunk_size: Optional[int] = None,
+    reduce_hidden_grad: bool = True,
+    comm_counter: Optional[CommCounter] = None,
+) -> Tensor:
+    r"""AMiD loss of column-parallel LM heads: :func:`amid.fused_linear_amid_loss`'s AMiD term when each
+    rank of ``group`` holds the rows ``[v_r, v_r + V_r)`` of both heads and the hidden states are
+    replicated. Never forms more than a ``[chunk, V_r]`` block of logits per rank.
+
+    ``student_hidden`` ``[..., Hs]`` / ``teacher_hidden`` ``[..., Ht]``: the same on every rank.
+    ``student_weight_shard`` ``[V_r, Hs]``, ``teacher_weight_shard`` ``[V_r, Ht]`` (and the optional
+    ``[V_r]`` bias shards): this rank's rows of the heads, the same vocabulary rows for both.
+    Options as :func:`amid.amid_loss`. Returns the loss of the whole vocabulary, the same on every
+    rank. The forward runs five all-reduces of O(chunk) values per chunk; it keeps the per-row stats
+    only, and the backward recomputes each chunk's two GEMMs. Gradients: the student head shard (and
+    bias shard) get their own rows' gradient; ``student_hidden``'s gradient is all-reduced over the
+    group in the backward (every rank gets the full gradient, as Megatron's column-parallel layer
+    does; pass ``reduce_hidden_grad=False`` if your framework all-reduces it itself), so every rank
+    must run the backward. Not here (use :func:`amid.fused_linear_amid_loss` in one process): the
+    CE / z-loss terms, ``kd_weight``, ``vocab_size``, ``accum_dtype`` and ``return_components``.
+    """
+    import torch.distributed as dist
+
+    fn = "vocab_parallel_fused_linear_amid_loss"
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        from .fused_linear import fused_linear_amid_loss
+
+        return fused_linear_amid_loss(
+            student_hidden, student_weight_shard, teacher_hidden, teacher_weight_shard, labels,
+            student_bias=student_bias_shard, teacher_bias=teacher_bias_shard, alpha=alpha, lam=lam,
+            divergence=divergence, order=order, ab_alpha=ab_alpha, ab_beta=ab_beta, temperature=temperature,
+            scale_by_t2=scale_by_t2, detach_assistant=detach_assistant, ignore_index=ignore_index, reduction=reduction,
+            normalizer=normalizer, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size)
+    err: Optional[BaseException] = None
+    info = [0] * _INFO
+    try:
+        for name, x in (("student_hidden", student_hidden), ("student_weight_shard", student_weight_shard),
+                        ("teacher_hidden", teacher_hidden), ("teacher_weight_shard", teacher_weight_shard)):
+            if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
+                raise _error(fn, f"expected {name} to be a floating-point tensor")
+        if student_weight_shard.dim() != 2 or teacher_weight_shard.dim() != 2 \
+                or student_weight_shard.shape[0] != teacher_weight_shard.shape[0]:
+            raise _error(fn, "expected student_weight_shard [V_r, Hs] and teacher_weight_shard [V_r, Ht] with the same "
+                             f"V_r, but got {_shape(student_weight_shard)} and {_shape(teacher_weight_shard)}")
+        if student_hidden.shape[:-1] != teacher_hidden.shape[:-1] or student_hidden.dim() < 1:
+            raise _error(fn, "expected student_hidden and teacher_hidden with the same leading dimensions, but got "
+                             f"{_shape(student_hidden)} and {_shape(teacher_hidden)}")
+        if student_hidden.shape[-1] != student_weight_shard.shape[1] \
+                or teacher_hidden.shape[-1] != teacher_weight_shard.shape[1]:
+            raise _error(fn, "expected the hidden sizes to match the heads' (student "
+                             f"{_shape(student_hidden)} x {_shape(student_weight_shard)}, teacher "
+                             f"{_shape(teacher_hidden)} x {_shape(teacher_weight_shard)})")
+        for name, x in (("teacher_hidden", teacher_hidden), ("teacher_weight_shard", teacher_weight_shard),
+                        ("teacher_bias_shard", teacher_bias_shard)):
+            if x is not None and x.requires_grad and torch.is_grad_enabled():
+                raise _error(fn, f"expected {name} not to require grad (detach the teacher), but it requires grad")
+        options = _loss_options(fn, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant)
+        try:
+            _ops.check_options(fn, *options.values(), _ops.loss_dtype(student_hidden.dtype))
+        except RuntimeError as e:
+            raise _error(fn, str(e).split(": ", 1)[-1]) from None
+        ignore_index = _integer(fn, "ignore_index", ignore_index)
+        normalizer = _normalizer_alias(fn, normalizer, num_items_in_batch)
+        _check_reduction_args(fn, reduction, normalizer)
+        lead = student_hidden.shape[:-1]
+        if labels is not None:
+            _check_labels(fn, labels, lead, student_hidden.device, what="hidden states")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise _error(fn, f"expected chunk_size to be None or an integer >= 1, but got {chunk_size!r}")
+        info = [1, math.prod(lead), student_weight_shard.shape[0], _crc((tuple(lead), student_hidden.shape[-1])),
+                _crc(str(student_hidden.dtype)),
+                _crc((tuple(options.values()), bool(scale_by_t2), ignore_index, reduction, chunk_size,
+                      None if isinstance(normalizer, Tensor) else normalizer)),
+                int(_labels_hash(labels)) if labels is not None else 0, int(labels is not None)]
+    except (ValueError, RuntimeError, TypeError) as e:
+        err = e
+    device = student_hidden.device if isinstance(student_hidden, Tensor) else torch.device("cpu")
+    got = _exchange(fn, group, torch.tensor(info, dtype=torch.int64, device=_comm_device(group, device)), err)
+    for col, what in ((1, "row count"), (3, "hidden shapes"), (4, "dtype"), (5, "loss options"),
+                      (7, "presence of labels"), (6, "labels")):
+        if len(set(got[:, col].tolist())) != 1:
+            raise _error(fn, f"expected every rank of the group to pass the same {what}, but ranks differ")
+    v_max = max(got[:, 2].tolist())
+
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    n = hs.shape[0]
+    ldt = _ops.loss_dtype(hs.dtype)
+    mask = None if labels is None else (labels.reshape(-1) != ignore_index)
+    red = reduction
+    if red == "batchmean":
+        red = "mean"
+        if normalizer is None:
+            normalizer = _batchmean_denominator(mask, lead)
+    weight = _base_row_weights(mask, n, red, normalizer, ldt, hs.device)
+    if scale_by_t2 and options["temperature"] != 1.0:
+        t2s = options["temperature"] ** 2
+        weight = weight * t2s if weight is not None else torch.full((n,), t2s, dtype=ldt, device=hs.device)
+    if weight is not None:
+        weight = weight.contiguous()
+    if chunk_size is None:  # the same on every rank (from the widest shard), so the chunks' collectives pair up
+        from .fused_linear import default_chunk_size
+
+        chunk_size = default_chunk_size(max(n, 1), max(v_max, 1), hs.dtype)
+    comm = _GroupComm(group, comm_counter)
+    rows, _stats = _VocabParallelFusedLinear.apply(hs, student_weight_shard, student_bias_shard, ht,
+                                                   teacher_weight_shard, teacher_bias_shard, weight, comm,
+                                                   int(chunk_size), bool(reduce_hidden_grad), *options.values())
+    if red == "none":
+        return rows.reshape(lead)
+    return rows.sum()

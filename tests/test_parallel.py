@@ -141,6 +141,12 @@ def test_no_process_group_is_amid_loss():
     a.backward()
     b.backward()
     assert torch.equal(a, b) and torch.equal(sa.grad, sb.grad)
+    from amid.parallel import vocab_parallel_fused_linear_amid_loss
+
+    h, w = torch.randn(4, 5, dtype=torch.float64), torch.randn(13, 5, dtype=torch.float64)
+    a = amid.fused_linear_amid_loss(h, w, h, w.flip(0), y, lam=0.3)
+    b = vocab_parallel_fused_linear_amid_loss(h, w, h, w.flip(0), y, lam=0.3)
+    assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,6 +234,41 @@ def _dist_cases(rank, world, group, fails):
     run("after errors", s3, t3, y3)
     if group is None:
         _dtensor_cases(rank, world, fails, s3, t3, y3)
+        _fused_linear_cases(rank, world, fails, lo, hi)
+
+
+def _fused_linear_cases(rank, world, fails, lo, hi):
+    # Column-parallel heads: rank r holds rows [lo, hi) of both heads (and biases); hidden replicated.
+    from amid.parallel import vocab_parallel_fused_linear_amid_loss
+
+    g = torch.Generator().manual_seed(11)
+    H, Ht, V = 8, 6, 41
+    hs = torch.randn(3, 4, H, generator=g, dtype=torch.float64)
+    ht = torch.randn(3, 4, Ht, generator=g, dtype=torch.float64)
+    ws = torch.randn(V, H, generator=g, dtype=torch.float64)
+    wt = torch.randn(V, Ht, generator=g, dtype=torch.float64)
+    bs = torch.randn(V, generator=g, dtype=torch.float64)
+    bt = torch.randn(V, generator=g, dtype=torch.float64)
+    y = torch.tensor([[1, -100, 2, 3], [-100, -100, 4, 5], [6, 7, 8, 9]])
+    for kw in (dict(), dict(divergence="ab", order="rq", alpha=-1.0, lam=0.3, reduction="none", chunk_size=5),
+               dict(order="qr", alpha=2.0, lam=0.3, temperature=1.7, scale_by_t2=True, chunk_size=1)):
+        leaves = [x.clone().requires_grad_(True) for x in (hs, ws, bs)]
+        s = torch.nn.functional.linear(leaves[0], leaves[1], leaves[2])
+        t = torch.nn.functional.linear(ht, wt, bt)
+        ref = amid.amid_loss(s, t, y, **{k: v for k, v in kw.items() if k != "chunk_size"})
+        ref.sum().backward()
+        mine = [hs.clone().requires_grad_(True), ws[lo:hi].clone().requires_grad_(True),
+                bs[lo:hi].clone().requires_grad_(True)]
+        got = vocab_parallel_fused_linear_amid_loss(mine[0], mine[1], ht, wt[lo:hi], y, student_bias_shard=mine[2],
+                                                    teacher_bias_shard=bt[lo:hi], **kw)
+        got.sum().backward()
+        name = f"fused linear {kw}"
+        if _rel(got.detach(), ref.detach()) > RTOL:
+            fails.append(f"{name} loss")
+        for what, a, b in (("hidden", mine[0].grad, leaves[0].grad), ("weight", mine[1].grad, leaves[1].grad[lo:hi]),
+                           ("bias", mine[2].grad, leaves[2].grad[lo:hi])):
+            if _rel(a, b) > RTOL:
+                fails.append(f"{name} grad {what}: {_rel(a, b):.3g}")
 
 
 def _dtensor_cases(rank, world, fails, s3, t3, y3):
