@@ -21,8 +21,16 @@ student requires grad, or recomputed in the backward with ``grad_in_forward=Fals
 (and every reduction of it) is the same on every rank; each rank's backward gives its slice's
 gradient. The backward runs no collective.
 
-Semantics at the seams: identical to ``amid.amid_loss`` on the gathered logits (to rounding: the
-partial sums are added in another order; measured ≤ 1e-12 relative in float64).
+Compute: the one-process kernel forms the mixture once per element (all of a row is in one thread's
+scratch); here R2, R3 and the gradient pass each form it again on the shard (the merges sit between
+them), so a rank spends about three single-op passes over its V/P columns (measured on CPU: see
+bench/bench_vocab_parallel.py --passes and the README). Caching the mixture between the passes would
+trade that for three [N, V/P] float32 buffers; not done.
+
+Semantics at the seams: identical to ``amid.amid_loss`` on the gathered logits, up to rounding (the
+partial sums are added in another order): tested to 1e-10 relative in float64 for 2 and 4 ranks,
+every divergence × order, α ∈ {-3, -1, 0, 0.5, 1, 2}, λ ∈ {0, 0.3, 1} (tests/test_parallel.py; the
+one-process merge of the same grid differs by ≤ 4e-15).
 
 * Uneven shards (V not divisible by P): any widths ≥ 0 (a rank may even hold no column after
   ``vocab_size`` cuts it); only the concatenation matters.
@@ -48,8 +56,11 @@ DTensor: ``amid.amid_loss`` given ``DTensor`` logits sharded on the last dimensi
 ``DeviceMesh`` (placements ``[Shard(-1)]``) calls :func:`vocab_parallel_amid_loss` on the local
 shards with the mesh's group.
 
-Run ``torchrun --nproc-per-node 2 -m amid.parallel`` for a small demo (CPU, gloo) that checks the
-vocab-parallel loss and gradient against one process.
+Demo (CPU, gloo; checks the loss and gradient against one process):
+``torchrun --nproc-per-node 2 examples/vocab_parallel_demo.py``.
+
+Not yet: CUDA kernels of the three partial ops (on CUDA tensors the vocab-parallel path raises a
+clear error), and in the fused linear path the CE / z-loss terms and the gradient in the forward.
 """
 from __future__ import annotations
 
@@ -148,8 +159,8 @@ def _merged_forward(slices: List[Tuple[Tensor, Tensor]], weight: Optional[Tensor
     keep = torch.ones(n, dtype=torch.bool, device=device) if weight is None else weight != 0
 
     # R1: A, B.
-    parts = [_ops.amid_partial_lse(s, t, weight, T) if s.shape[1] else _empty_part(n, (_NEG_INF, 0, _NEG_INF, 0, 0), device)
-             for s, t in slices]
+    parts = [_ops.amid_partial_lse(s, t, weight, T) if s.shape[1]
+             else _empty_part(n, (_NEG_INF, 0, _NEG_INF, 0, 0), device) for s, t in slices]
     mx = comm.max([p[:, [0, 2, 4]] for p in parts])
     Mt, Ms, bad = mx.unbind(1)
     sums = comm.sum([torch.stack([_rescale(p[:, 1], p[:, 0], Mt), _rescale(p[:, 3], p[:, 2], Ms)], 1) for p in parts])
@@ -166,8 +177,8 @@ def _merged_forward(slices: List[Tuple[Tensor, Tensor]], weight: Optional[Tensor
     stats = finish(stats, valid)
 
     # R2: Z.
-    parts = [_ops.amid_partial_mix(s, t, weight, stats, *opts) if s.shape[1] else _empty_part(n, (_NEG_INF, 0, 0), device)
-             for s, t in slices]
+    parts = [_ops.amid_partial_mix(s, t, weight, stats, *opts) if s.shape[1]
+             else _empty_part(n, (_NEG_INF, 0, 0), device) for s, t in slices]
     M2 = comm.max([p[:, :1] for p in parts])[:, 0]
     sums = comm.sum([torch.stack([_rescale(p[:, 1], p[:, 0], M2), p[:, 2]], 1) for p in parts])
     sr, tau = sums.unbind(1)
@@ -190,6 +201,17 @@ def _merged_forward(slices: List[Tuple[Tensor, Tensor]], weight: Optional[Tensor
     return rows, stats
 
 
+def _options_from(fn: str, options: dict) -> dict:
+    """The loss options (amid_loss's defaults) from keywords, types checked."""
+    unknown = set(options) - set(_ops._OPTION_NAMES)
+    if unknown:
+        raise _error(fn, f"unexpected options {sorted(unknown)}; expected some of {list(_ops._OPTION_NAMES)}")
+    get = options.get
+    return _loss_options(fn, get("alpha", DEFAULT_ALPHA), get("lam", DEFAULT_LAM), get("divergence", "kl"),
+                         get("order", "pr"), get("ab_alpha", 0.2), get("ab_beta", 0.7), get("temperature", 1.0),
+                         get("detach_assistant", False))
+
+
 def merged_rows_from_slices(student_slices: Sequence[Tensor], teacher_slices: Sequence[Tensor],
                             row_weight: Optional[Tensor] = None, **options) -> Tuple[Tensor, Tensor]:
     """The vocab-parallel computation in one process: the partial ops on each slice ([N, V_i] each,
@@ -197,10 +219,7 @@ def merged_rows_from_slices(student_slices: Sequence[Tensor], teacher_slices: Se
     Returns (row losses [N] in the loss dtype, stats [N, 7] float64). For tests of the ops and the
     merge rule without a process group."""
     s0 = student_slices[0]
-    opts = _loss_options("merged_rows_from_slices", options.get("alpha", DEFAULT_ALPHA), options.get("lam", DEFAULT_LAM),
-                         options.get("divergence", "kl"), options.get("order", "pr"), options.get("ab_alpha", 0.2),
-                         options.get("ab_beta", 0.7), options.get("temperature", 1.0),
-                         options.get("detach_assistant", False))
+    opts = _options_from("merged_rows_from_slices", options)
     rows, stats = _merged_forward(list(zip(student_slices, teacher_slices)), row_weight, opts, _LocalComm,
                                   s0.shape[0], s0.device)
     return rows.to(_ops.loss_dtype(s0.dtype)), stats
@@ -462,10 +481,7 @@ def vocab_parallel_rows(student_shard: Tensor, teacher_shard: Tensor, row_weight
                         group=None, comm_counter: Optional[CommCounter] = None, **options) -> Tuple[Tensor, Tensor]:
     """Low level: (row losses [N], stats [N, 7]) of 2-D shards [N, V_r] with a row weight, no checks,
     no autograd; every rank must call it with the same N and options."""
-    opts = _loss_options("vocab_parallel_rows", options.get("alpha", DEFAULT_ALPHA), options.get("lam", DEFAULT_LAM),
-                         options.get("divergence", "kl"), options.get("order", "pr"), options.get("ab_alpha", 0.2),
-                         options.get("ab_beta", 0.7), options.get("temperature", 1.0),
-                         options.get("detach_assistant", False))
+    opts = _options_from("vocab_parallel_rows", options)
     rows, stats = _merged_forward([(student_shard, teacher_shard)], row_weight, opts,
                                   _GroupComm(group, comm_counter), student_shard.shape[0], student_shard.device)
     return rows.to(_ops.loss_dtype(student_shard.dtype)), stats

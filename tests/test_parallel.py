@@ -210,6 +210,8 @@ def _dist_cases(rank, world, group, fails):
     run("all rows ignored", s3, t3, torch.full((3, 4), -100))
     run("all rows ignored, none", s3, t3, torch.full((3, 4), -100), reduction="none")
     run("seam rows, mean", s[ok], t[ok], labels[ok])
+    run("N = 0", s3[:0], t3[:0], y3[:0])
+    run("N = 0, none", s3[:0], t3[:0], y3[:0], reduction="none", grad_in_forward=False)
     f32 = [x.float() for x in (s3, t3)]
     run("float32", *f32, y3, tol=1e-5, alpha=0.5, lam=0.3)
 

@@ -605,7 +605,8 @@ void partial_rows(const at::Tensor& student_logits, const at::Tensor& teacher_lo
     RowScratch<acc_t> scratch(V);
     for (int64_t n = begin; n < end; ++n) {
       double* o = op + n * k;
-      const double wn = !wd ? 1.0 : (w64 ? weight.const_data_ptr<double>()[n] : double(weight.const_data_ptr<float>()[n]));
+      const double wn =
+          !wd ? 1.0 : (w64 ? weight.const_data_ptr<double>()[n] : double(weight.const_data_ptr<float>()[n]));
       if (wn == 0.0) {
         for (int64_t i = 0; i < k; ++i) o[i] = skipped ? skipped[i] : 0.0;
         continue;
