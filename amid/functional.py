@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import warnings
 from typing import Optional, Union
 
@@ -124,6 +125,12 @@ def _normalizer_alias(fn: str, normalizer, num_items_in_batch):
         raise _error(fn, "expected at most one of normalizer and num_items_in_batch (the same argument under "
                          "two names), but got both")
     return num_items_in_batch
+
+
+def _is_dtensor(x) -> bool:
+    """x is a torch.distributed.tensor.DTensor (no import of that module when it is not loaded)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(x, mod.DTensor)
 
 
 def _batchmean_denominator(mask: Optional[Tensor], lead: torch.Size) -> Optional[int]:
@@ -267,10 +274,24 @@ def amid_loss(
 
     Memory: with the gradient written in the forward, the op keeps only that gradient (the size
     of ``student_logits``) until backward; nothing else of size [N, V].
+
+    DTensor logits sharded on the last dimension over a 1-D ``DeviceMesh`` (placements
+    ``[Shard(-1)]``) take the vocab-parallel path (:func:`amid.parallel.vocab_parallel_amid_loss`:
+    exact, O(N) communication, no gathered logits); the loss is returned as a plain tensor, the same
+    on every rank.
     """
     fn = _fn
     if not isinstance(student_logits, Tensor) or not isinstance(teacher_logits, Tensor):
         raise _error(fn, "expected student_logits and teacher_logits to be tensors")
+    if not torch.compiler.is_compiling() and (_is_dtensor(student_logits) or _is_dtensor(teacher_logits)):
+        from .parallel import dtensor_amid_loss  # the vocabulary is sharded over a DeviceMesh
+
+        return dtensor_amid_loss(
+            student_logits, teacher_logits, labels, alpha=alpha, lam=lam, divergence=divergence, order=order,
+            ab_alpha=ab_alpha, ab_beta=ab_beta, temperature=temperature, scale_by_t2=scale_by_t2,
+            detach_assistant=detach_assistant, ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
+            grad_in_forward=grad_in_forward, backend=backend, num_items_in_batch=num_items_in_batch,
+            vocab_size=vocab_size, _fn=fn)
     if student_logits.dim() < 1:
         raise _error(fn, "expected student_logits of shape [..., V], but got a 0-D tensor")
     if vocab_size is not None and student_logits.dim() == teacher_logits.dim() \

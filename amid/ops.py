@@ -31,7 +31,8 @@ from . import _library
 _library.load()
 
 __all__ = ["amid_loss_fwd", "amid_loss_bwd", "scale_grad_", "GradInForward", "RecomputeGrad", "LossGrad", "NUM_STATS",
-           "DIVERGENCES", "ORDERS", "amid_loss_topk_fwd", "amid_loss_topk_bwd", "TopkGradInForward", "TAILS"]
+           "DIVERGENCES", "ORDERS", "amid_loss_topk_fwd", "amid_loss_topk_bwd", "TopkGradInForward", "TAILS",
+           "amid_partial_lse", "amid_partial_mix", "amid_partial_sums"]
 
 NUM_STATS = 7  # [A_max, B_max, Z, S_G, K, A_log, B_log] per row; csrc/amid_math.h kNumStats
 MIN_AB_EXPONENT = 1e-30  # csrc/checks.h kMinAbExponent
@@ -654,3 +655,75 @@ class TopkGradInForward(torch.autograd.Function):
             return (_scaled_copy(grad, grad_loss),) + nones
         torch.ops.amid.scale_grad_.default(grad, grad_loss.contiguous())
         return (grad,) + nones
+
+
+# ------------------------------------------------------------------------------------------------
+# Vocab-parallel partial rows: amid_partial_lse (R1), amid_partial_mix (R2), amid_partial_sums (R3).
+# Per-row states of a vocabulary slice, float64, merged across slices by amid.parallel. Not
+# differentiable themselves (amid.parallel's autograd.Function takes the gradient with
+# amid_loss_bwd from the merged stats).
+
+NUM_PARTIAL_LSE = 5   # [t_max, t_sum, s_max, s_sum, bad]
+NUM_PARTIAL_MIX = 3   # [lt_max, lt_sum, tau_sum]
+NUM_PARTIAL_SUMS = 8  # [L, S_G, S_Gw, S_H, Wbar, bound_l, sum_l1, abs_l1]
+
+
+def amid_partial_lse(student_logits: Tensor, teacher_logits: Tensor, row_weight: Optional[Tensor],
+                     temperature: float) -> Tensor:
+    """R1 of a vocabulary slice: [N, 5] float64 (t_max, t_sum, s_max, s_sum, bad); see csrc/ops.cpp."""
+    return torch.ops.amid.amid_partial_lse.default(student_logits, teacher_logits, row_weight, float(temperature))
+
+
+@torch.library.register_fake("amid::amid_partial_lse")
+def _amid_partial_lse_fake(student_logits, teacher_logits, row_weight, temperature):
+    op = "amid_partial_lse"
+    check_logits_pair(op, student_logits, teacher_logits)
+    if row_weight is not None:
+        check_row_vector(op, "row_weight", row_weight, student_logits)
+    check_options(op, 0.0, 0.0, "kl", "pr", 0.2, 0.7, temperature, False, student_logits.dtype)
+    return student_logits.new_empty((student_logits.size(0), NUM_PARTIAL_LSE), dtype=torch.float64)
+
+
+def _partial_pass_fake(op: str, cols: int, student_logits, teacher_logits, row_weight, stats, alpha, lam, divergence,
+                       order, ab_alpha, ab_beta, temperature, detach_assistant):
+    check_logits_pair(op, student_logits, teacher_logits)
+    if row_weight is not None:
+        check_row_vector(op, "row_weight", row_weight, student_logits)
+    n = student_logits.size(0)
+    _check(stats.dim() == 2 and stats.size(0) == n and stats.size(1) == NUM_STATS, op,
+           lambda: f"expected stats of shape [{n}, {NUM_STATS}], but got {_shape(stats)}")
+    _check(stats.dtype == torch.float64, op, lambda: f"expected stats of dtype Double, but got {_dt(stats.dtype)}")
+    _check(stats.device == student_logits.device, op,
+           lambda: f"expected stats on device {student_logits.device}, but got {stats.device}")
+    check_options(op, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant,
+                  student_logits.dtype)
+    return student_logits.new_empty((n, cols), dtype=torch.float64)
+
+
+def amid_partial_mix(student_logits: Tensor, teacher_logits: Tensor, row_weight: Optional[Tensor], stats: Tensor,
+                     alpha: float, lam: float, divergence: str, order: str, ab_alpha: float, ab_beta: float,
+                     temperature: float, detach_assistant: bool) -> Tensor:
+    """R2 of a vocabulary slice from the merged A, B in ``stats`` [N, 7] float64: [N, 3] (lt_max, lt_sum, tau_sum)."""
+    return torch.ops.amid.amid_partial_mix.default(student_logits, teacher_logits, row_weight, stats, float(alpha),
+                                                   float(lam), divergence, order, float(ab_alpha), float(ab_beta),
+                                                   float(temperature), bool(detach_assistant))
+
+
+@torch.library.register_fake("amid::amid_partial_mix")
+def _amid_partial_mix_fake(*args):
+    return _partial_pass_fake("amid_partial_mix", NUM_PARTIAL_MIX, *args)
+
+
+def amid_partial_sums(student_logits: Tensor, teacher_logits: Tensor, row_weight: Optional[Tensor], stats: Tensor,
+                      alpha: float, lam: float, divergence: str, order: str, ab_alpha: float, ab_beta: float,
+                      temperature: float, detach_assistant: bool) -> Tensor:
+    """R3 of a vocabulary slice from the merged A, B, Z in ``stats``: [N, 8] row sums (L, S_G, S_Gw, S_H, Wbar,
+    bound_l, sum_l1, abs_l1)."""
+    return torch.ops.amid.amid_partial_sums.default(student_logits, teacher_logits, row_weight, stats, float(alpha),
+                                                    float(lam), divergence, order, float(ab_alpha), float(ab_beta),
+                                                    float(temperature), bool(detach_assistant))
+
+
+@torch.library.register_fake("amid::amid_partial_sums")
+def _amid_partial_sums_fake(*args):
+    return _partial_pass_fake("amid_partial_sums", NUM_PARTIAL_SUMS, *args)

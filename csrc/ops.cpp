@@ -141,6 +141,24 @@ TORCH_LIBRARY(amid, m) {
       "Tensor teacher_indices, Tensor? teacher_tail_logmass, Tensor? row_weight, str tail, float alpha, "
       "float lam, str divergence, str order, float ab_alpha, float ab_beta, float temperature, "
       "bool detach_assistant) -> Tensor");
+  // Vocab-parallel partial rows (amid/parallel.py; kernels: cpu/amid_loss_cpu.cpp). The logits are a
+  // slice [N, V_r] of the vocabulary; each op returns per-row partial states in float64 that merge
+  // across slices (ranks) with max and sum; row_weight as in amid_loss_fwd (rows of weight 0 are
+  // not read). R1: [N, 5] = (t_max, sum e^(t/T - t_max), s_max, sum e^(s/T - s_max), bad).
+  m.def("amid_partial_lse(Tensor student_logits, Tensor teacher_logits, Tensor? row_weight, float temperature) "
+        "-> Tensor");
+  // R2, given stats [N, 7] float64 holding the merged A, B (other columns unread):
+  //   [N, 3] = (lt_max, sum e^(lt - lt_max), sum (r~ - o)).
+  m.def(
+      "amid_partial_mix(Tensor student_logits, Tensor teacher_logits, Tensor? row_weight, Tensor stats, "
+      "float alpha, float lam, str divergence, str order, float ab_alpha, float ab_beta, float temperature, "
+      "bool detach_assistant) -> Tensor");
+  // R3, given stats [N, 7] float64 holding the merged A, B, Z: the row sums
+  //   [N, 8] = (L, S_G, S_Gw, S_H, Wbar, bound_l, sum_l1, abs_l1) (the last three kl only, else 0).
+  m.def(
+      "amid_partial_sums(Tensor student_logits, Tensor teacher_logits, Tensor? row_weight, Tensor stats, "
+      "float alpha, float lam, str divergence, str order, float ab_alpha, float ab_beta, float temperature, "
+      "bool detach_assistant) -> Tensor");
   // "torch=<version>;cuda=<0|1>;cuda_archs=<sm_80/sm_90a...>": how this library was built.
   m.def("_build_info() -> str", &build_info);
 }

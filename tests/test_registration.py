@@ -11,7 +11,8 @@ from conftest import DEVICES
 from utils import make_logits
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "op_schemas.txt")
-OPS = ["amid_loss_fwd", "amid_loss_bwd", "scale_grad_", "_build_info", "amid_loss_topk_fwd", "amid_loss_topk_bwd"]
+OPS = ["amid_loss_fwd", "amid_loss_bwd", "scale_grad_", "_build_info", "amid_loss_topk_fwd", "amid_loss_topk_bwd",
+       "amid_partial_lse", "amid_partial_mix", "amid_partial_sums"]
 
 
 def test_schemas_match_golden_file():
@@ -22,7 +23,7 @@ def test_schemas_match_golden_file():
 
 
 def test_kernels_registered():
-    for name in ("amid_loss_fwd", "amid_loss_bwd", "scale_grad_"):
+    for name in ("amid_loss_fwd", "amid_loss_bwd", "scale_grad_", "amid_partial_lse", "amid_partial_mix", "amid_partial_sums"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"amid::{name}", "CPU")
     info = amid.build_info()
     assert info["version"] == amid.__version__ and info["library"].endswith(".so")

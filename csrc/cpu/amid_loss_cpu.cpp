@@ -779,6 +779,209 @@ at::Tensor amid_loss_topk_bwd_no_cuda(const at::Tensor&, const at::Tensor&, cons
   topk_no_cuda("amid_loss_topk_bwd");
 }
 
+// ------------------------------------------------------------------------------------------------
+// Vocab-parallel partial rows (amid/parallel.py). A rank holds the columns [v0, v0 + V_r) of every
+// row. The forward's three reductions become three passes over that slice whose per-row results
+// merge across slices with max and sum only (so across ranks with all_reduce MAX / SUM, O(N)):
+//   R1 amid_partial_lse:  (t_max, sum e^(t/T - t_max), s_max, sum e^(s/T - s_max), bad), merged as
+//       M = max m_r, S = sum S_r e^(m_r - M) into A = (M, log S), B likewise (RowLse form);
+//   R2 amid_partial_mix:  given merged A, B: (lt_max, sum e^(lt - lt_max), sum tau), merged the same
+//       way into Z (log1p(sum tau) or lt_max + log sum, as forward_row chooses);
+//   R3 amid_partial_sums: given A, B, Z: the loss and gradient row sums (L, S_G, S_Gw, S_H, Wbar and
+//       kl's bound_l, sum_l1, abs_l1), merged by sum; K and L follow as in forward_row.
+// The gradient of the slice is amid_loss_bwd on the slice with the merged stats (it reduces over
+// nothing). The passes and the element math are forward_row's / backward_row's; only the split of
+// the reductions is new. Outputs are float64 whatever the logits' dtype (the merge of partial sums
+// stays exact to double rounding). Rows with weight 0 are not read and get the neutral state
+// (-inf, 0, -inf, 0, 0) / zeros; rows whose input stats hold NaN (rows found invalid by an earlier
+// merge) get NaN.
+
+constexpr int kNumPartialLse = 5;   // [t_max, t_sum, s_max, s_sum, bad]
+constexpr int kNumPartialMix = 3;   // [lt_max, lt_sum, tau_sum]
+constexpr int kNumPartialSums = 8;  // [L, S_G, S_Gw, S_H, Wbar, bound_l, sum_l1, abs_l1]
+
+inline void check_partial_stats(const char* op, const at::Tensor& stats, const at::Tensor& logits) {
+  AMID_CHECK(stats.dim() == 2 && stats.size(0) == logits.size(0) && stats.size(1) == kNumStats, op,
+             "expected stats of shape [", logits.size(0), ", ", kNumStats, "], but got ", shape_str(stats));
+  AMID_CHECK(stats.scalar_type() == at::kDouble, op, "expected stats of dtype ", at::kDouble, ", but got ",
+             stats.scalar_type());
+  AMID_CHECK(stats.device() == logits.device(), op, "expected stats on device ", logits.device(), ", but got ",
+             stats.device());
+}
+
+template <typename scalar_t, typename acc_t>
+void partial_lse_row(acc_t invT, const scalar_t* s, const scalar_t* t, int64_t V, RowScratch<acc_t>& S,
+                     double* out) {
+  load_scaled(t, V, invT, S.tf.data());
+  load_scaled(s, V, invT, S.sf.data());
+  acc_t mt, ms;
+  bool bad;
+  pass_max(S.tf.data(), S.sf.data(), V, mt, ms, bad);
+  out[0] = -kInf<double>;
+  out[1] = 0;
+  out[2] = -kInf<double>;
+  out[3] = 0;
+  out[4] = bad ? 1.0 : 0.0;
+  if (bad) return;
+  if (mt != -kInf<acc_t>) {
+    pass_exp(S.tf.data(), V, mt, S.p.data());
+    out[0] = mt;
+    out[1] = pass_sum(S.p.data(), V);
+  }
+  if (ms != -kInf<acc_t>) {
+    pass_exp(S.sf.data(), V, ms, S.q.data());
+    out[2] = ms;
+    out[3] = pass_sum(S.q.data(), V);
+  }
+}
+
+// p, q (from the merged log-normalisers) and the mixture of a slice: backward_row's first passes.
+template <typename scalar_t, typename acc_t>
+void partial_mixture(const LossParams<acc_t>& P, const scalar_t* s, const scalar_t* t, int64_t V, RowLse<acc_t> A,
+                     RowLse<acc_t> B, RowScratch<acc_t>& S) {
+  load_scaled(t, V, P.inv_temperature, S.tf.data());
+  load_scaled(s, V, P.inv_temperature, S.sf.data());
+  pass_exp_lse(S.tf.data(), V, A, S.p.data());
+  pass_exp_lse(S.sf.data(), V, B, S.q.data());
+  mixture_row(P, V, A, B, S);
+}
+
+template <typename scalar_t, typename acc_t>
+void partial_mix_row(const LossParams<acc_t>& P, const scalar_t* s, const scalar_t* t, int64_t V, RowLse<acc_t> A,
+                     RowLse<acc_t> B, RowScratch<acc_t>& S, double* out) {
+  partial_mixture(P, s, t, V, A, B, S);
+  const acc_t m = pass_max_of(S.lt.data(), V);
+  out[0] = m;
+  out[1] = 0;
+  if (m != -kInf<acc_t>) {
+    pass_exp(S.lt.data(), V, m, S.r.data());
+    out[1] = pass_sum(S.r.data(), V);
+  }
+  pass_excess(row_ref_is_p(P) ? S.p.data() : S.q.data(), S.d.data(), S.lt.data(), V, S.ls.data());
+  out[2] = pass_sum(S.ls.data(), V);
+}
+
+template <typename scalar_t, typename acc_t>
+void partial_sums_row(const LossParams<acc_t>& P, const scalar_t* s, const scalar_t* t, int64_t V, RowLse<acc_t> A,
+                      RowLse<acc_t> B, acc_t Z, RowScratch<acc_t>& S, double* out) {
+  partial_mixture(P, s, t, V, A, B, S);
+  pass_exp(S.lt.data(), V, Z, S.r.data());  // r = e^(lt - Z) with the merged Z (as backward_row)
+  terms_row(P, V, A, B, Z, S);
+  const Sums sums = pass_sums(V, S.ls.data(), S.gs.data(), S.hs.data(), S.r.data(), S.w.data());
+  out[0] = sums.L;
+  out[1] = sums.S_G;
+  out[2] = sums.S_Gw;
+  out[3] = sums.S_H;
+  out[4] = sums.Wbar;
+  out[5] = out[6] = out[7] = 0;
+  if (P.divergence == Divergence::kKL) pass_kl_loss_parts(V, S.lbs.data(), S.l1s.data(), out[5], out[6], out[7]);
+}
+
+// The row loop shared by the three partial ops: skips rows of weight 0 (zeros, or `skipped` for
+// R1), fills rows whose input stats hold NaN with NaN, and calls row(n, s_row, t_row, out_row).
+template <typename scalar_t, typename F>
+void partial_rows(const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& weight,
+                  const double* stp, at::Tensor& out, const double* skipped, F&& row) {
+  const int64_t N = student_logits.size(0), V = student_logits.size(1), k = out.size(1);
+  if (N == 0) return;
+  const scalar_t* s = student_logits.const_data_ptr<scalar_t>();
+  const scalar_t* t = teacher_logits.const_data_ptr<scalar_t>();
+  const int64_t lds = student_logits.stride(0), ldt = teacher_logits.stride(0);
+  double* op = out.data_ptr<double>();
+  const bool wd = weight.defined();
+  const bool w64 = wd && weight.scalar_type() == at::kDouble;
+  at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+    using acc_t = at::opmath_type<scalar_t>;
+    RowScratch<acc_t> scratch(V);
+    for (int64_t n = begin; n < end; ++n) {
+      double* o = op + n * k;
+      const double wn =
+          !wd ? 1.0 : (w64 ? weight.const_data_ptr<double>()[n] : double(weight.const_data_ptr<float>()[n]));
+      if (wn == 0.0) {
+        for (int64_t i = 0; i < k; ++i) o[i] = skipped ? skipped[i] : 0.0;
+        continue;
+      }
+      if (stp) {
+        bool nan = false;
+        for (int i = 0; i < kNumStats; ++i) nan |= std::isnan(stp[n * kNumStats + i]);
+        if (nan) {
+          std::fill(o, o + k, std::numeric_limits<double>::quiet_NaN());
+          continue;
+        }
+      }
+      row(n, s + n * lds, t + n * ldt, V, scratch, o);
+    }
+  });
+}
+
+at::Tensor amid_partial_lse_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                                const std::optional<at::Tensor>& row_weight, double temperature) {
+  constexpr const char* op = "amid_partial_lse";
+  check_fwd_args(op, student_logits, teacher_logits, row_weight);
+  const int64_t N = student_logits.size(0);
+  at::Tensor out = at::empty({N, kNumPartialLse}, student_logits.options().dtype(at::kDouble));
+  at::Tensor weight = row_weight ? row_weight->contiguous() : at::Tensor();
+  static const double skipped[kNumPartialLse] = {-kInf<double>, 0.0, -kInf<double>, 0.0, 0.0};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student_logits.scalar_type(), "amid_partial_lse_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // Validates temperature exactly as the forward does (the other options are unused here).
+    const auto P = make_params<acc_t>(op, 0.0, 0.0, "kl", "pr", 0.2, 0.7, temperature, false);
+    partial_rows<scalar_t>(student_logits, teacher_logits, weight, nullptr, out, skipped,
+                           [&](int64_t, const scalar_t* s, const scalar_t* t, int64_t V, RowScratch<acc_t>& S,
+                               double* o) { partial_lse_row<scalar_t, acc_t>(P.inv_temperature, s, t, V, S, o); });
+  });
+  return out;
+}
+
+template <int kCols, bool kWithZ>
+at::Tensor amid_partial_pass_cpu(const char* op, const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                                 const std::optional<at::Tensor>& row_weight, const at::Tensor& stats, double alpha,
+                                 double lam, std::string_view divergence, std::string_view order, double ab_alpha,
+                                 double ab_beta, double temperature, bool detach_assistant) {
+  check_fwd_args(op, student_logits, teacher_logits, row_weight);
+  check_partial_stats(op, stats, student_logits);
+  const int64_t N = student_logits.size(0);
+  at::Tensor out = at::empty({N, kCols}, student_logits.options().dtype(at::kDouble));
+  at::Tensor weight = row_weight ? row_weight->contiguous() : at::Tensor();
+  at::Tensor st = stats.contiguous();
+  const double* stp = st.const_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student_logits.scalar_type(), "amid_partial_pass_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto P = make_params<acc_t>(op, alpha, lam, std::string(divergence), std::string(order), ab_alpha, ab_beta,
+                                      temperature, detach_assistant);
+    partial_rows<scalar_t>(
+        student_logits, teacher_logits, weight, stp, out, nullptr,
+        [&](int64_t n, const scalar_t* s, const scalar_t* t, int64_t V, RowScratch<acc_t>& S, double* o) {
+          const double* r = stp + n * kNumStats;
+          const RowLse<acc_t> A{acc_t(r[kStatAMax]), acc_t(r[kStatALog])}, B{acc_t(r[kStatBMax]), acc_t(r[kStatBLog])};
+          if constexpr (kWithZ) {
+            partial_sums_row<scalar_t, acc_t>(P, s, t, V, A, B, acc_t(r[kStatZ]), S, o);
+          } else {
+            partial_mix_row<scalar_t, acc_t>(P, s, t, V, A, B, S, o);
+          }
+        });
+  });
+  return out;
+}
+
+at::Tensor amid_partial_mix_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                                const std::optional<at::Tensor>& row_weight, const at::Tensor& stats, double alpha,
+                                double lam, std::string_view divergence, std::string_view order, double ab_alpha,
+                                double ab_beta, double temperature, bool detach_assistant) {
+  return amid_partial_pass_cpu<kNumPartialMix, false>("amid_partial_mix", student_logits, teacher_logits, row_weight,
+                                                      stats, alpha, lam, divergence, order, ab_alpha, ab_beta,
+                                                      temperature, detach_assistant);
+}
+
+at::Tensor amid_partial_sums_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                                 const std::optional<at::Tensor>& row_weight, const at::Tensor& stats, double alpha,
+                                 double lam, std::string_view divergence, std::string_view order, double ab_alpha,
+                                 double ab_beta, double temperature, bool detach_assistant) {
+  return amid_partial_pass_cpu<kNumPartialSums, true>("amid_partial_sums", student_logits, teacher_logits, row_weight,
+                                                      stats, alpha, lam, divergence, order, ab_alpha, ab_beta,
+                                                      temperature, detach_assistant);
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------
@@ -788,6 +991,9 @@ TORCH_LIBRARY_IMPL(amid, CPU, m) {
   m.impl("amid_loss_fwd", &amid_loss_fwd_cpu);
   m.impl("amid_loss_bwd", &amid_loss_bwd_cpu);
   m.impl("scale_grad_", &scale_grad_cpu_);
+  m.impl("amid_partial_lse", &amid_partial_lse_cpu);
+  m.impl("amid_partial_mix", &amid_partial_mix_cpu);
+  m.impl("amid_partial_sums", &amid_partial_sums_cpu);
   m.impl("amid_loss_topk_fwd", &amid_loss_topk_fwd_cpu);
   m.impl("amid_loss_topk_bwd", &amid_loss_topk_bwd_cpu);
 }

@@ -333,7 +333,7 @@ int main(int argc, char** argv) {
       }
       ++n;
     }
-    EXPECT(n == 6);
+    EXPECT(n == 9);
   }
 
   // 2. Forward against the naive loop, and the gradient against finite differences.
