@@ -7,12 +7,12 @@ import os
 from typing import List, Optional, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .config import DEMO_GGUF_FILE, DEMO_TEACHER, ConfigError
 
 __all__ = ["demo_teacher_dir", "resolve_model_path", "load_tokenizer", "load_causal_lm", "build_student_from_teacher",
-           "default_layer_subset", "shared_vocab_size", "decoder_layers", "output_head"]
+           "default_layer_subset", "shared_vocab_size", "decoder_layers", "output_head", "load_sharded_teacher"]
 
 
 def one_line(e: BaseException, limit: int = 400) -> str:
@@ -156,18 +156,14 @@ def default_layer_subset(n_teacher: int, k: int) -> List[int]:
     return sorted({round(i * (n_teacher - 1) / (k - 1)) for i in range(k)})
 
 
-def build_student_from_teacher(teacher: nn.Module, num_layers: int, layers: Optional[List[int]] = None) -> nn.Module:
-    """The teacher's architecture with a subset of its decoder layers (weights copied).
+def _student_skeleton(teacher: nn.Module, num_layers: int, layers: Optional[List[int]]) -> Tuple[nn.Module, List[int]]:
+    """A copy of ``teacher`` with only the decoder layers ``layers`` (or ``num_layers`` evenly spaced ones).
 
-    Embeddings, final norm and output head are copied too (tied heads stay tied). Each kept layer's
-    attention ``layer_idx`` is renumbered so the KV cache of the smaller model is indexed correctly.
+    Works on a meta-device teacher too (the copy is then on meta). Returns the copy and the kept
+    teacher layer indices.
     """
     t_layers = decoder_layers(teacher)
     n = len(t_layers)
-    if any(p.device.type == "meta" for p in teacher.parameters()):
-        raise ConfigError("amid-distill: config field 'student': the teacher is offloaded (device_map in "
-                          "teacher_load_kwargs), so its weights cannot be copied into a student; expected a --student "
-                          "directory with such a device_map")
     if layers is None and num_layers > n:
         raise ConfigError(f"amid-distill: config field 'student_num_layers': expected at most the teacher's {n} "
                           f"decoder layers (the student is built from a subset of them), but got {num_layers}")
@@ -190,10 +186,250 @@ def build_student_from_teacher(teacher: nn.Module, num_layers: int, layers: Opti
         val = getattr(cfg, attr, None)
         if isinstance(val, (list, tuple)) and len(val) == n:
             setattr(cfg, attr, [val[i] for i in idx])
+    return student, idx
+
+
+def build_student_from_teacher(teacher: nn.Module, num_layers: int, layers: Optional[List[int]] = None) -> nn.Module:
+    """The teacher's architecture with a subset of its decoder layers (weights copied).
+
+    Embeddings, final norm and output head are copied too (tied heads stay tied). Each kept layer's
+    attention ``layer_idx`` is renumbered so the KV cache of the smaller model is indexed correctly.
+    """
+    if any(p.device.type == "meta" for p in teacher.parameters()):
+        raise ConfigError("amid-distill: config field 'student': the teacher is offloaded (device_map in "
+                          "teacher_load_kwargs), so its weights cannot be copied into a student; expected a --student "
+                          "directory with such a device_map")
+    student, _ = _student_skeleton(teacher, num_layers, layers)
     for p in student.parameters():
         p.requires_grad_(True)
     student.train()
     return student
+
+
+# ------------------------------------------------------------------------------------------------
+# A teacher sharded over the ranks from the start (shard_teacher under torchrun with FSDP).
+
+class _SafetensorsSource:
+    """Reads rows of the tensors of a Hugging Face safetensors checkpoint (one file or an index).
+
+    ``get_slice`` reads only the requested rows from the memory-mapped file, so a rank never holds
+    a whole tensor it keeps only a shard of.
+    """
+
+    kind = "rank-local (safetensors)"
+
+    def __init__(self, folder: str, files: List[str], weight_map: dict) -> None:
+        from safetensors import safe_open
+
+        self.folder = folder
+        self._handles = {f: safe_open(os.path.join(folder, f), framework="pt") for f in files}
+        self.weight_map = weight_map
+        self.read_elements = 0
+
+    @classmethod
+    def open(cls, folder: str) -> Optional["_SafetensorsSource"]:
+        import json
+
+        index = os.path.join(folder, "model.safetensors.index.json")
+        single = os.path.join(folder, "model.safetensors")
+        try:
+            if os.path.isfile(index):
+                with open(index, encoding="utf-8") as f:
+                    weight_map = dict(json.load(f)["weight_map"])
+                return cls(folder, sorted(set(weight_map.values())), weight_map)
+            if os.path.isfile(single):
+                src = cls(folder, ["model.safetensors"], {})
+                src.weight_map = {k: "model.safetensors" for k in src._handles["model.safetensors"].keys()}
+                return src
+        except Exception as e:  # noqa: BLE001 - SafetensorError / OSError / JSON errors on a damaged checkpoint
+            raise ConfigError(f"amid-distill: could not load the teacher from '{folder}' as a Hugging Face causal LM "
+                              f"(a missing, truncated or corrupt weights file?): {one_line(e)}") from None
+        return None
+
+    def _key(self, name: str, prefix: str) -> str:
+        cands = [name]
+        if prefix and name.startswith(prefix + "."):
+            cands.append(name[len(prefix) + 1:])
+        elif prefix:
+            cands.append(f"{prefix}.{name}")
+        for k in cands:
+            if k in self.weight_map:
+                return k
+        raise ConfigError(f"amid-distill: could not load the teacher from '{self.folder}': its safetensors files have "
+                          f"no tensor '{name}' (expected the weights of a {prefix or 'Hugging Face'} causal LM)")
+
+    def read(self, name: str, shape: Tuple[int, ...], dtype: torch.dtype, rows: Optional[Tuple[int, int]],
+             prefix: str = "") -> Tensor:
+        key = self._key(name, prefix)
+        sl = self._handles[self.weight_map[key]].get_slice(key)
+        if tuple(sl.get_shape()) != tuple(shape):
+            raise ConfigError(f"amid-distill: could not load the teacher from '{self.folder}': tensor '{key}' has "
+                              f"shape {tuple(sl.get_shape())}, expected {tuple(shape)} (from its config.json)")
+        t = sl[rows[0]:rows[1]] if rows is not None else sl[:]
+        self.read_elements += t.numel()
+        return t.to(dtype)
+
+
+class _BroadcastSource:
+    """Rank 0 holds the whole model (a GGUF or ``.bin`` teacher cannot be read row by row) and
+    broadcasts one tensor at a time; the other ranks keep only their rows of it."""
+
+    kind = "rank 0 loads, broadcast"
+
+    def __init__(self, full: Optional[nn.Module], device: torch.device) -> None:
+        self.params = dict(full.named_parameters()) if full is not None else None
+        self.device = device
+        self.read_elements = 0
+
+    def read(self, name: str, shape: Tuple[int, ...], dtype: torch.dtype, rows: Optional[Tuple[int, int]],
+             prefix: str = "") -> Tensor:
+        import torch.distributed as dist
+
+        if self.params is not None:
+            t = self.params[name].detach().to(device=self.device, dtype=dtype).contiguous()
+        else:
+            t = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.broadcast(t, src=0)
+        out = t[rows[0]:rows[1]].clone() if rows is not None else t
+        self.read_elements += out.numel()
+        return out
+
+
+def _layers_prefix(model: nn.Module) -> str:
+    layers = decoder_layers(model)
+    for name, mod in model.named_modules():
+        if mod is layers:
+            return name
+    raise ConfigError(f"amid-distill: cannot find the decoder layers of {type(model).__name__}")  # pragma: no cover
+
+
+def _materialize(module: nn.Module, source, device: torch.device, read_dtype: torch.dtype,
+                 name_of=lambda n: n, prefix: str = "") -> int:
+    """Allocate the meta parameters of ``module`` on ``device`` (a sharded parameter: only this
+    rank's rows) and fill them from ``source``; the buffers keep the values computed at init.
+    Returns the number of parameter elements allocated."""
+    from torch.distributed.tensor import DTensor
+
+    buffers = {n: b.detach().clone() for n, b in module.named_buffers() if b.device.type != "meta"}
+    module.to_empty(device=device)
+    total = 0
+    with torch.no_grad():
+        for n, b in module.named_buffers():
+            if n in buffers:
+                b.copy_(buffers[n])
+        for name, p in module.named_parameters():
+            rows = None
+            local = p
+            if isinstance(p, DTensor):
+                local = p.to_local()
+                # FSDP2 shards dim 0 as torch.chunk does: ceil(n / world) rows per rank, the last ones fewer.
+                world = p.device_mesh.size()
+                rank = p.device_mesh.get_local_rank()
+                per = -(-p.shape[0] // world)
+                start = min(rank * per, p.shape[0])
+                rows = (start, start + local.shape[0])
+            t = source.read(name_of(name), tuple(p.shape), read_dtype, rows, prefix)
+            local.copy_(t.to(local.dtype))
+            total += local.numel()
+    return total
+
+
+def load_sharded_teacher(path: str, gguf_file: Optional[str], *, dtype: torch.dtype, device: torch.device,
+                         extra: Optional[dict] = None, student_layers: Optional[Tuple[int, Optional[List[int]]]] = None):
+    """The teacher with its decoder layers sharded over the ranks by FSDP2, loaded rank by rank.
+
+    The model is built on the ``meta`` device (no memory), its decoder layers are wrapped with
+    ``fully_shard`` (the embeddings and the output head stay whole on every rank), and only then are
+    the parameters allocated: each rank reads just its rows of each tensor from the safetensors
+    files. A rank's peak is then its shard plus the embeddings and head, never the whole teacher.
+    A teacher that cannot be read row by row (GGUF, ``pytorch_model.bin``) is loaded whole by rank
+    0 only, which broadcasts one tensor at a time (rank 0's peak is then the whole teacher).
+
+    ``student_layers``: ``(num_layers, layers)`` to also build the student from a subset of the
+    teacher's layers (float32, whole on every rank; the training wrapper shards it later).
+    Returns ``(teacher, student or None, info)`` with info: the loading mode and the teacher and
+    student elements this rank read.
+    """
+    import torch.distributed as dist
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+
+    extra = dict(extra or {})
+    rank = dist.get_rank()
+    source = None if gguf_file else _SafetensorsSource.open(path)
+    full = None
+    if source is not None:
+        try:
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"amid-distill: could not load the teacher's config.json from '{path}': "
+                              f"{one_line(e)}") from None
+    else:
+        # Rank 0 loads; an error there must reach every rank (they would wait in the broadcast otherwise).
+        msg = [None, None]
+        if rank == 0:
+            try:
+                full = load_causal_lm(path, gguf_file, role="teacher", dtype=dtype, extra=extra)
+                msg = [None, full.config]
+            except ConfigError as e:
+                msg = [str(e), None]
+        dist.broadcast_object_list(msg, src=0)
+        if msg[0] is not None:
+            raise ConfigError(msg[0])
+        config = msg[1]
+        source = _BroadcastSource(full, device)
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    kw = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
+    if extra.get("attn_implementation"):
+        kw["attn_implementation"] = extra["attn_implementation"]
+    # Parameters on meta, buffers (rotary frequencies, ...) computed for real: they are small.
+    with init_empty_weights(include_buffers=False):
+        teacher = AutoModelForCausalLM.from_config(config, **kw)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    prefix = getattr(teacher, "base_model_prefix", "") or ""
+
+    student = None
+    student_read = 0
+    if student_layers is not None:
+        num_layers, layers = student_layers
+        student, idx = _student_skeleton(teacher, num_layers, layers)
+        student = student.float()
+        lp = _layers_prefix(teacher) + "."
+
+        def teacher_name(n: str) -> str:
+            if n.startswith(lp):
+                j, rest = n[len(lp):].split(".", 1)
+                return f"{lp}{idx[int(j)]}.{rest}"
+            return n
+
+        before = source.read_elements
+        _materialize(student, source, device, dtype, teacher_name, prefix)
+        student_read = source.read_elements - before
+        for p in student.parameters():
+            p.requires_grad_(True)
+        student.train()
+
+    base = teacher.base_model
+    ignored = set(output_head(teacher).parameters()) | set(teacher.get_input_embeddings().parameters())
+    for layer in decoder_layers(teacher):
+        fully_shard(layer, reshard_after_forward=True)
+    fully_shard(base, reshard_after_forward=True, ignored_params=ignored)
+    before = source.read_elements
+    _materialize(teacher, source, device, dtype, prefix=prefix)
+    teacher_read = source.read_elements - before
+    _drop_gguf_marker(teacher)
+    mode = source.kind
+    del full, source
+    return teacher, student, {"mode": mode, "teacher_elements_read": int(teacher_read),
+                              "student_elements_read": int(student_read)}
 
 
 def shared_vocab_size(teacher_tok, student_tok, teacher: nn.Module, student: nn.Module) -> int:
