@@ -156,6 +156,80 @@ def test_output_layout_resume_path_lr_schedule_and_tensorboard(tmp_path):
     assert latest.step == 6
 
 
+def _wandb_records(run_file):
+    """The records of an offline W&B run file (``run-*.wandb``): a LevelDB-style log of protobuf
+    ``Record`` messages after a 7-byte header, in 32 KiB blocks of chunks (crc32, length, type)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = open(run_file, "rb").read()
+    assert data[:4] == b":W&B", data[:8]
+    block, pos, whole, part = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a chunk header is zero padding
+            pos += left
+            continue
+        _crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            pos += left
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind == 1:  # full
+            whole.append(chunk)
+        elif kind == 2:  # first
+            part = chunk
+        elif kind == 3:  # middle
+            part += chunk
+        else:  # last
+            whole.append(part + chunk)
+    out = []
+    for d in whole:
+        rec = pb.Record()
+        rec.ParseFromString(d)
+        out.append(rec)
+    return out
+
+
+def test_report_to_wandb_offline_logs_the_metrics(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    import glob
+
+    import wandb
+
+    for k in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(k, str(tmp_path / "wandb-home"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+    tok = make_tokenizer()
+    cfg = tiny_config(tmp_path, max_steps=3, eval_teacher=False, kd_weight=0.5, report_to="wandb", test_file=None)
+    try:
+        Distiller(cfg, teacher=make_teacher(tok), tokenizer=tok, student=make_model(len(tok), layers=1, seed=5)).train()
+    finally:
+        wandb.teardown()
+    runs = glob.glob(os.path.join(cfg.output_dir, "wandb", "offline-run-*", "run-*.wandb"))
+    assert len(runs) == 1, runs
+    records = _wandb_records(runs[0])
+    history = [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    train = [h for h in history if "train/loss" in h]
+    expected = train_records(cfg.output_dir)
+    assert [h["_step"] for h in train] == [r["step"] for r in expected] == [1, 2, 3]
+    assert [h["train/loss"] for h in train] == pytest.approx([r["loss"] for r in expected], rel=1e-6)
+    assert [h["train/lr"] for h in train] == pytest.approx([r["lr"] for r in expected], rel=1e-6)
+    val = [h for h in history if "eval/validation/student/ce" in h]
+    evals = [r for r in map(json.loads, open(os.path.join(cfg.output_dir, "metrics.jsonl")))
+             if r["type"] == "eval" and r["split"] == "validation" and r["model"] == "student"]
+    assert [h["eval/validation/student/ce"] for h in val] == pytest.approx([r["ce"] for r in evals], rel=1e-6)
+    # The run's config went along.
+    configs = {i.key: json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "run"
+               for i in r.run.config.update}
+    kd = configs.get("kd_weight")
+    assert (kd.get("value") if isinstance(kd, dict) else kd) == 0.5, sorted(configs)[:10]
+
+
 # ------------------------------------------------------------------------------------------------
 # Teacher precision, load options, the bounded teacher cache.
 

@@ -172,10 +172,13 @@ def _student_skeleton(teacher: nn.Module, num_layers: int, layers: Optional[List
     if bad or len(set(idx)) != len(idx):
         raise ConfigError(f"amid-distill: config field 'student_layers': expected distinct teacher layer indices in "
                           f"[0, {n - 1}], but got {idx}")
-    student = copy.deepcopy(teacher)
-    s_layers = decoder_layers(student)
-    kept = nn.ModuleList([s_layers[i] for i in idx])
-    student.base_model.layers = kept
+    # Only the kept layers are copied (the teacher's list is swapped for the copy, then put back).
+    teacher.base_model.layers = nn.ModuleList([t_layers[i] for i in idx])
+    try:
+        student = copy.deepcopy(teacher)
+    finally:
+        teacher.base_model.layers = t_layers
+    kept = decoder_layers(student)
     for new_i, layer in enumerate(kept):
         for mod in layer.modules():
             if hasattr(mod, "layer_idx"):
