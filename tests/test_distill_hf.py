@@ -230,6 +230,57 @@ def test_report_to_wandb_offline_logs_the_metrics(tmp_path, monkeypatch):
     assert (kd.get("value") if isinstance(kd, dict) else kd) == 0.5, sorted(configs)[:10]
 
 
+def _tree(root):
+    """Every file below ``root`` with its bytes' hash."""
+    import hashlib
+
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            full = os.path.join(d, n)
+            out[os.path.relpath(full, root)] = hashlib.sha256(open(full, "rb").read()).hexdigest()
+    return out
+
+
+def test_new_run_into_another_runs_output_dir_is_refused_unless_resumed_or_overwritten(tmp_path, saved_teacher,
+                                                                                        capsys):
+    cfg = tiny_config(tmp_path, teacher=str(saved_teacher), max_steps=2, save_every=1, eval_teacher=False,
+                      validation_file=None, test_file=None)
+    Distiller(cfg).train()
+    out = cfg.output_dir
+    before = _tree(out)
+    assert {"checkpoint-1/manifest.json", "checkpoint-2/manifest.json", "model.safetensors"} <= set(before)
+    base = ["--teacher", str(saved_teacher), "--train-file", cfg.train_file, "--output-dir", out,
+            "--student-num-layers", "1", "--max-steps", "2", "--validation-file", "none", "--test-file", "none",
+            "--no-eval-teacher", "--no-progress", "--no-plots", "--micro-batch-size", "4", "--lr", "3e-3",
+            "--max-length", "48", "--eval-max-new-tokens", "8"]
+    capsys.readouterr()
+    assert distill_cli.main(base) == 2
+    err = one_line_error(capsys)
+    assert (f"config field 'output_dir': '{out}' already holds another run (checkpoint-1/, checkpoint-2/, "
+            "model.safetensors); expected a new or empty directory: pass --resume to continue that run, "
+            "--overwrite-output-dir to replace it") in err, err
+    assert _tree(out) == before  # nothing written, nothing removed
+    # The Python API refuses it the same way.
+    with pytest.raises(ConfigError, match="already holds another run"):
+        Distiller(cfg)
+    # A final model alone (no checkpoints) counts as a run too.
+    only_model = tmp_path / "only_model"
+    only_model.mkdir()
+    (only_model / "model.safetensors").write_bytes(open(os.path.join(out, "model.safetensors"), "rb").read())
+    assert distill_cli.main(base[:5] + [str(only_model)] + base[6:]) == 2
+    assert f"'{only_model}' already holds another run (model.safetensors)" in one_line_error(capsys)
+    # --resume continues the run (here: already finished, so nothing more is trained).
+    assert distill_cli.main(base + ["--resume"]) == 0
+    assert len(train_records(out)) == 2
+    # --overwrite-output-dir replaces it: the old checkpoints go, the new run's are written.
+    capsys.readouterr()
+    assert distill_cli.main(base + ["--overwrite-output-dir", "--save-every", "0"]) == 0
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert [r["step"] for r in train_records(out)] == [1, 2]
+    assert _tree(out)["checkpoint-2/manifest.json"] != before["checkpoint-2/manifest.json"]
+
+
 # ------------------------------------------------------------------------------------------------
 # Teacher precision, load options, the bounded teacher cache.
 

@@ -164,10 +164,10 @@ def test_fsdp_with_a_sharded_teacher_matches_one_process(run_setup, single):
 def test_sharded_teacher_from_a_bin_file_with_a_built_student_matches_one_process(run_setup):
     # A teacher that cannot be read row by row (pytorch_model.bin, like GGUF): rank 0 loads it and
     # broadcasts tensor by tensor. The student is built from the teacher's layers (read the same
-    # way). Both must equal the one-process run that loads the teacher whole.
+    # way; the tied head stays tied). Both must equal the one-process run that loads the teacher whole.
     root = run_setup
     tok = make_tokenizer()
-    teacher = make_teacher(tok)
+    teacher = make_model(len(tok), layers=2, seed=3, tie=True)  # a tied head, as SmolLM2's
     bin_dir = root / "teacher_bin"
     teacher.config.save_pretrained(bin_dir)
     torch.save(teacher.state_dict(), bin_dir / "pytorch_model.bin")
@@ -184,6 +184,10 @@ def test_sharded_teacher_from_a_bin_file_with_a_built_student_matches_one_proces
     out = _torchrun(root, "bin_sharded", "--strategy", "fsdp", "--shard-teacher", *flags)
     a, b = root / "bin_single", out
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    # The FSDP run's full state dict may spell out the tied head; it must then equal the embeddings
+    # (an untied head would have trained apart from them).
+    if "lm_head.weight" in wb and "lm_head.weight" not in wa:
+        torch.testing.assert_close(wb.pop("lm_head.weight"), wb["model.embed_tokens.weight"], rtol=0, atol=0)
     assert wa.keys() == wb.keys() and len(wa) > 0
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)

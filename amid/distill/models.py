@@ -314,7 +314,16 @@ def _materialize(module: nn.Module, source, device: torch.device, read_dtype: to
     from torch.distributed.tensor import DTensor
 
     buffers = {n: b.detach().clone() for n, b in module.named_buffers() if b.device.type != "meta"}
+    # to_empty gives each module its own new Parameter, which unties a tied head: remember the ties.
+    shared: dict = {}
+    for n, p in module.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(n)
     module.to_empty(device=device)
+    for names in shared.values():
+        keep = module.get_parameter(names[0])
+        for n in names[1:]:
+            owner, _, attr = n.rpartition(".")
+            setattr(module.get_submodule(owner), attr, keep)
     total = 0
     with torch.no_grad():
         for n, b in module.named_buffers():
@@ -394,6 +403,7 @@ def load_sharded_teacher(path: str, gguf_file: Optional[str], *, dtype: torch.dt
     # Parameters on meta, buffers (rotary frequencies, ...) computed for real: they are small.
     with init_empty_weights(include_buffers=False):
         teacher = AutoModelForCausalLM.from_config(config, **kw)
+    teacher.tie_weights()  # init_empty_weights unties a tied head (new Parameter objects); tie it again
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

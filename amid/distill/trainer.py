@@ -356,7 +356,7 @@ class Distiller:
         cfg = config
         cfg.validate(teacher_given=teacher is not None)
         # The output directory first: a bad one fails in a second, before the models are loaded.
-        prepare_output_dir(cfg.output_dir)
+        prepare_output_dir(cfg.output_dir, existing_run_ok=bool(cfg.resume) or cfg.overwrite_output_dir)
         self.cfg = cfg
         self._setup_distributed()
         self._rank0 = self.rank == 0
@@ -505,6 +505,11 @@ class Distiller:
 
         if self._rank0:
             os.makedirs(cfg.output_dir, exist_ok=True)
+            if cfg.overwrite_output_dir and self.resume_dir is None:
+                # The replaced run's checkpoints go (a later --resume must not pick them up); everything
+                # else of it is overwritten by this run's files.
+                for old in list_checkpoints(cfg.output_dir):
+                    shutil.rmtree(old)
         if self.resume_dir is not None:
             self._load_checkpoint(self.resume_dir)
         else:
@@ -1015,7 +1020,7 @@ class Distiller:
         state = self._resume_state
         self._resume_state = None
         saved_cfg = state.get("config", {})
-        ignore = {"resume", "output_dir", "progress", "plots", "log_every", "save_every", "save_total_limit",
+        ignore = {"resume", "overwrite_output_dir", "output_dir", "progress", "plots", "log_every", "save_every", "save_total_limit",
                   "report_to", "cache_teacher", "teacher_cache_mb"}
         diffs = sorted(k for k, v in self.cfg.to_dict().items() if k not in ignore and saved_cfg.get(k, v) != v)
         if diffs:
