@@ -401,3 +401,55 @@ def test_data_from_parquet_and_hub_dataset_ids(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match=r"the dataset 'someorg/not-there' is neither a local file nor loadable"):
         load_records("someorg/not-there")
+
+
+# ------------------------------------------------------------------------------------------------
+# The student built from teacher layers, and the meta-device build used by the sharded loader.
+
+def test_student_from_teacher_layers_copies_only_the_kept_layers():
+    from amid.distill import models as M
+
+    tok = make_tokenizer()
+    teacher = make_model(len(tok), layers=3, seed=4, tie=True)
+    t_params = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    student = M.build_student_from_teacher(teacher, 2, [2, 0])
+    assert len(teacher.model.layers) == 3 and teacher.config.num_hidden_layers == 3  # the teacher is untouched
+    assert student.config.num_hidden_layers == 2 and len(student.model.layers) == 2
+    assert student.lm_head.weight is student.model.embed_tokens.weight  # still tied
+    for j, i in enumerate([2, 0]):
+        assert student.model.layers[j].self_attn.layer_idx == j
+        for n, p in student.model.layers[j].named_parameters():
+            torch.testing.assert_close(p, t_params[f"model.layers.{i}.{n}"], rtol=0, atol=0)
+            assert p.data_ptr() != teacher.model.layers[i].get_parameter(n).data_ptr()  # a copy
+    # The sharded loader's path: a meta skeleton materialised from a weight source gives the same student.
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        meta = AutoModelForCausalLM.from_config(teacher.config)
+    meta.tie_weights()
+    skel, idx = M._student_skeleton(meta, 2, [2, 0])
+
+    class Source:
+        read_elements = 0
+
+        def fill(self, name, shape, local, rows, dtype, prefix=""):
+            local.copy_(t_params[name].to(dtype))
+
+    layer = "model.layers."
+
+    def teacher_name(n):
+        if n.startswith(layer):
+            j, rest = n[len(layer):].split(".", 1)
+            return f"{layer}{idx[int(j)]}.{rest}"
+        return n
+
+    M._materialize(skel, Source(), torch.device("cpu"), torch.float32, teacher_name)
+    assert skel.lm_head.weight is skel.model.embed_tokens.weight
+    want = student.state_dict()
+    got = skel.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    ids = torch.randint(0, len(tok), (2, 7))
+    torch.testing.assert_close(skel(input_ids=ids).logits, student(input_ids=ids).logits, rtol=0, atol=0)

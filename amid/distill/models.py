@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 import os
 from typing import List, Optional, Tuple
 
@@ -21,6 +22,16 @@ def one_line(e: BaseException, limit: int = 400) -> str:
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return f"{type(e).__name__}: {text}"
+
+
+def malloc_trim() -> None:
+    """Return freed heap memory to the operating system (glibc only; elsewhere nothing happens)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def demo_teacher_dir() -> str:
@@ -212,21 +223,38 @@ def build_student_from_teacher(teacher: nn.Module, num_layers: int, layers: Opti
 # ------------------------------------------------------------------------------------------------
 # A teacher sharded over the ranks from the start (shard_teacher under torchrun with FSDP).
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
 class _SafetensorsSource:
     """Reads rows of the tensors of a Hugging Face safetensors checkpoint (one file or an index).
 
-    ``get_slice`` reads only the requested rows from the memory-mapped file, so a rank never holds
-    a whole tensor it keeps only a shard of.
+    The files are read with plain reads at the offsets of their headers (no memory map): a rank
+    reads just the bytes of the rows it keeps, straight into its parameter when the dtypes agree,
+    so neither a whole tensor it keeps a shard of nor mapped file pages add to its memory.
     """
 
     kind = "rank-local (safetensors)"
 
-    def __init__(self, folder: str, files: List[str], weight_map: dict) -> None:
-        from safetensors import safe_open
+    def __init__(self, folder: str, files: List[str]) -> None:
+        import json
+        import struct
 
         self.folder = folder
-        self._handles = {f: safe_open(os.path.join(folder, f), framework="pt") for f in files}
-        self.weight_map = weight_map
+        self.entries: dict = {}  # name -> (file, dtype, shape, absolute byte offset)
+        for fname in files:
+            full = os.path.join(folder, fname)
+            with open(full, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > os.path.getsize(full):
+                    raise ValueError(f"{fname}: header length {n} exceeds the file size")
+                header = json.loads(f.read(n))
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                self.entries[key] = (full, info["dtype"], tuple(info["shape"]), 8 + n + int(info["data_offsets"][0]))
         self.read_elements = 0
 
     @classmethod
@@ -238,13 +266,11 @@ class _SafetensorsSource:
         try:
             if os.path.isfile(index):
                 with open(index, encoding="utf-8") as f:
-                    weight_map = dict(json.load(f)["weight_map"])
-                return cls(folder, sorted(set(weight_map.values())), weight_map)
+                    files = sorted(set(json.load(f)["weight_map"].values()))
+                return cls(folder, files)
             if os.path.isfile(single):
-                src = cls(folder, ["model.safetensors"], {})
-                src.weight_map = {k: "model.safetensors" for k in src._handles["model.safetensors"].keys()}
-                return src
-        except Exception as e:  # noqa: BLE001 - SafetensorError / OSError / JSON errors on a damaged checkpoint
+                return cls(folder, ["model.safetensors"])
+        except Exception as e:  # noqa: BLE001 - OSError / JSON / struct errors on a damaged checkpoint
             raise ConfigError(f"amid-distill: could not load the teacher from '{folder}' as a Hugging Face causal LM "
                               f"(a missing, truncated or corrupt weights file?): {one_line(e)}") from None
         return None
@@ -256,26 +282,42 @@ class _SafetensorsSource:
         elif prefix:
             cands.append(f"{prefix}.{name}")
         for k in cands:
-            if k in self.weight_map:
+            if k in self.entries:
                 return k
         raise ConfigError(f"amid-distill: could not load the teacher from '{self.folder}': its safetensors files have "
                           f"no tensor '{name}' (expected the weights of a {prefix or 'Hugging Face'} causal LM)")
 
-    def read(self, name: str, shape: Tuple[int, ...], dtype: torch.dtype, rows: Optional[Tuple[int, int]],
-             prefix: str = "") -> Tensor:
+    def fill(self, name: str, shape: Tuple[int, ...], local: Tensor, rows: Optional[Tuple[int, int]],
+             dtype: torch.dtype, prefix: str = "") -> None:
+        """Copy the tensor ``name`` (its ``rows`` only, when given) into ``local``, through ``dtype``."""
         key = self._key(name, prefix)
-        sl = self._handles[self.weight_map[key]].get_slice(key)
-        if tuple(sl.get_shape()) != tuple(shape):
-            raise ConfigError(f"amid-distill: could not load the teacher from '{self.folder}': tensor '{key}' has "
-                              f"shape {tuple(sl.get_shape())}, expected {tuple(shape)} (from its config.json)")
-        t = sl[rows[0]:rows[1]] if rows is not None else sl[:]
-        self.read_elements += t.numel()
-        return t.to(dtype)
+        path, st_dtype, st_shape, offset = self.entries[key]
+        where = f"amid-distill: could not load the teacher from '{self.folder}': tensor '{key}'"
+        if st_shape != tuple(shape):
+            raise ConfigError(f"{where} has shape {st_shape}, expected {tuple(shape)} (from its config.json)")
+        if st_dtype not in _ST_DTYPES:
+            raise ConfigError(f"{where} has dtype {st_dtype}, expected one of {sorted(_ST_DTYPES)}")
+        stored = _ST_DTYPES[st_dtype]
+        row_elems = math.prod(shape[1:]) if len(shape) > 1 else 1
+        r0, r1 = rows if rows is not None else (0, shape[0] if shape else 1)
+        count = (r1 - r0) * row_elems
+        itemsize = torch.empty((), dtype=stored).element_size()
+        direct = stored == dtype == local.dtype and local.device.type == "cpu" and local.is_contiguous()
+        buf = local if direct else torch.empty(count, dtype=stored)
+        with open(path, "rb") as f:
+            f.seek(offset + r0 * row_elems * itemsize)
+            got = f.readinto(buf.detach().view(-1).view(torch.uint8).numpy()) if count else 0
+        if got != count * itemsize:
+            raise ConfigError(f"{where}: the file {path} ends early (truncated?)")
+        if not direct:
+            local.copy_(buf.view(local.shape).to(dtype))
+        self.read_elements += count
 
 
 class _BroadcastSource:
-    """Rank 0 holds the whole model (a GGUF or ``.bin`` teacher cannot be read row by row) and
-    broadcasts one tensor at a time; the other ranks keep only their rows of it."""
+    """Rank 0 holds the whole model (a GGUF or ``.bin`` teacher cannot be read row by row) and sends
+    one tensor at a time: a rank's rows of a sharded tensor by ``scatter`` (it never receives the
+    rest), a whole tensor by ``broadcast`` straight into the parameter."""
 
     kind = "rank 0 loads, broadcast"
 
@@ -284,18 +326,31 @@ class _BroadcastSource:
         self.device = device
         self.read_elements = 0
 
-    def read(self, name: str, shape: Tuple[int, ...], dtype: torch.dtype, rows: Optional[Tuple[int, int]],
-             prefix: str = "") -> Tensor:
+    def fill(self, name: str, shape: Tuple[int, ...], local: Tensor, rows: Optional[Tuple[int, int]],
+             dtype: torch.dtype, prefix: str = "") -> None:
         import torch.distributed as dist
 
-        if self.params is not None:
-            t = self.params[name].detach().to(device=self.device, dtype=dtype).contiguous()
+        src = self.params[name].detach() if self.params is not None else None
+        if rows is None:
+            direct = local.dtype == dtype and local.is_contiguous()
+            buf = local if direct else torch.empty(shape, dtype=dtype, device=self.device)
+            if src is not None:
+                buf.copy_(src)
+            dist.broadcast(buf, src=0)
+            if not direct:
+                local.copy_(buf)
         else:
-            t = torch.empty(shape, dtype=dtype, device=self.device)
-        dist.broadcast(t, src=0)
-        out = t[rows[0]:rows[1]].clone() if rows is not None else t
-        self.read_elements += out.numel()
-        return out
+            world = dist.get_world_size()
+            per = -(-shape[0] // world)
+            buf = torch.empty((per, *shape[1:]), dtype=dtype, device=self.device)
+            chunks = None
+            if src is not None:
+                padded = torch.zeros((per * world, *shape[1:]), dtype=dtype, device=self.device)
+                padded[: shape[0]].copy_(src)
+                chunks = list(padded.chunk(world))
+            dist.scatter(buf, chunks, src=0)
+            local.copy_(buf[: rows[1] - rows[0]])
+        self.read_elements += local.numel()
 
 
 def _layers_prefix(model: nn.Module) -> str:
@@ -340,8 +395,7 @@ def _materialize(module: nn.Module, source, device: torch.device, read_dtype: to
                 per = -(-p.shape[0] // world)
                 start = min(rank * per, p.shape[0])
                 rows = (start, start + local.shape[0])
-            t = source.read(name_of(name), tuple(p.shape), read_dtype, rows, prefix)
-            local.copy_(t.to(local.dtype))
+            source.fill(name_of(name), tuple(p.shape), local, rows, read_dtype, prefix)
             total += local.numel()
     return total
 
@@ -441,6 +495,11 @@ def load_sharded_teacher(path: str, gguf_file: Optional[str], *, dtype: torch.dt
     _drop_gguf_marker(teacher)
     mode = source.kind
     del full, source
+    # Hand the loading's freed buffers back to the system (glibc keeps them otherwise).
+    import gc
+
+    gc.collect()
+    malloc_trim()
     return teacher, student, {"mode": mode, "teacher_elements_read": int(teacher_read),
                               "student_elements_read": int(student_read)}
 
