@@ -10,7 +10,8 @@ part), the process's peak resident memory and its resident memory at the end of 
 torch, transformers, student, optimizer), and how a sharded teacher was loaded: built on the meta
 device, sharded, then each rank reads only its rows from the safetensors files ("rank-local"), or,
 for a teacher that cannot be read row by row (the demo's GGUF file), rank 0 loads it whole and
-broadcasts it tensor by tensor ("rank 0 loads": rank 0's peak then includes the whole teacher).
+scatters each rank's rows, tensor by tensor ("rank 0 loads, broadcast": rank 0's peak then includes
+the whole teacher).
 """
 from __future__ import annotations
 

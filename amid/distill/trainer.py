@@ -1020,8 +1020,8 @@ class Distiller:
         state = self._resume_state
         self._resume_state = None
         saved_cfg = state.get("config", {})
-        ignore = {"resume", "overwrite_output_dir", "output_dir", "progress", "plots", "log_every", "save_every", "save_total_limit",
-                  "report_to", "cache_teacher", "teacher_cache_mb"}
+        ignore = {"resume", "overwrite_output_dir", "output_dir", "progress", "plots", "log_every", "save_every",
+                  "save_total_limit", "report_to", "cache_teacher", "teacher_cache_mb"}
         diffs = sorted(k for k, v in self.cfg.to_dict().items() if k not in ignore and saved_cfg.get(k, v) != v)
         if diffs:
             warnings.warn(f"amid-distill: --resume: these config fields differ from the checkpoint's: {diffs}; "
