@@ -95,7 +95,8 @@ FIELD_HELP: Dict[str, str] = {
     "cache_teacher": "keep the teacher's hidden states of examples in memory (the teacher is frozen), up to "
                      "teacher_cache_mb",
     "shard_teacher": "under torchrun with strategy fsdp: shard the teacher's decoder layers over the ranks "
-                     "(FSDP2, forward only; the teacher cache is then off)",
+                     "(FSDP2, forward only; each rank reads only its shard of the weights; the teacher cache is then "
+                     "off)",
     "teacher_cache_mb": "memory budget of the teacher cache in MB; once full, further examples are not cached",
     "teacher_cache": "offline distillation: a directory written by `amid-distill cache-teacher`; training then loads "
                      "no teacher model and reads the teacher's outputs from it",
