@@ -7,9 +7,11 @@ and a synthetic larger Llama teacher with the same tokenizer.
 Each configuration is a short real run (2 optimizer steps, no evaluation); the numbers come from the
 run's summary.json: the teacher's parameters and MiB held by each rank (a shard counts its local
 part), the process's peak resident memory and its resident memory at the end of the run (everything:
-torch, transformers, student, optimizer). Every rank loads the whole teacher before sharding it, so the
-peak (reached while loading) does not shrink with sharding; the teacher's share and the memory held
-while training do.
+torch, transformers, student, optimizer), and how a sharded teacher was loaded: built on the meta
+device, sharded, then each rank reads only its rows from the safetensors files ("rank-local"), or,
+for a teacher that cannot be read row by row (the demo's GGUF file), rank 0 loads it whole and
+scatters each rank's rows, tensor by tensor ("rank 0 loads, broadcast": rank 0's peak then includes
+the whole teacher).
 """
 from __future__ import annotations
 
@@ -74,7 +76,9 @@ def main() -> None:
                 for rank, r in enumerate(s["per_rank"]):
                     rows.append({"teacher": name, "teacher_dtype": dtype, "sharded": sharded, "rank": rank,
                                  "teacher_params": r["teacher_params"], "teacher_mib": round(r["teacher_mb"], 1),
-                                 "peak_rss_mib": round(r["peak_rss_mb"], 1), "rss_end_mib": round(r["rss_mb"], 1)})
+                                 "peak_rss_mib": round(r["peak_rss_mb"], 1), "rss_end_mib": round(r["rss_mb"], 1),
+                                 "load": (s["teacher_load"][rank]["mode"].split(" (")[0] if s.get("teacher_load")
+                                          else "whole")})
                     print(rows[-1], flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w", newline="") as f:

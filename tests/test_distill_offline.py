@@ -223,8 +223,12 @@ def test_cli_two_command_flow(tmp_path, world, capsys):
     assert len(train_records(cfg.output_dir)) == 2
     assert os.path.isfile(os.path.join(cfg.output_dir, "model.safetensors"))
     # Errors are one line, exit 2.
-    assert distill_cli.main(["--config", str(cfg_path), "--teacher-cache", str(tmp_path / "nope")]) == 2
+    assert distill_cli.main(["--config", str(cfg_path), "--teacher-cache", str(tmp_path / "nope"), "--output-dir",
+                             str(tmp_path / "out2")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # The finished run's output directory is not reused for a new run.
+    assert distill_cli.main(["--config", str(cfg_path), "--teacher-cache", cache]) == 2
+    assert "already holds another run" in capsys.readouterr().err
     assert distill_cli.main(["cache-teacher", "--config", str(cfg_path)]) == 2
 
 

