@@ -36,7 +36,7 @@ __all__ = ["amid_loss_fwd", "amid_loss_bwd", "scale_grad_", "GradInForward", "Re
 NUM_STATS = 7  # [A_max, B_max, Z, S_G, K, A_log, B_log] per row; csrc/amid_math.h kNumStats
 MIN_AB_EXPONENT = 1e-30  # csrc/checks.h kMinAbExponent
 DIVERGENCES = ("kl", "ab")
-ORDERS = ("pr", "qr", "rp", "rq")
+ORDERS = ("pr", "qr", "rp", "rq", "jsd")  # "jsd": lam D(p||r) + (1 - lam) D(q||r), one pass
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # c10's names for dtypes (what C++ messages print), so fake-kernel messages match word for word.
 _DTYPE_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float", torch.float64: "Double",
@@ -101,12 +101,15 @@ def check_options(op: str, alpha: float, lam: float, divergence: str, order: str
         f"expected temperature >= {_fmt_float(1.0 / fmax)} (its inverse must be finite in "
         f"{'float64' if math_dtype == torch.float64 else 'float32'} math), but got {_fmt_float(temperature)}"))
     _check(divergence in DIVERGENCES, op, lambda: f"expected divergence to be one of 'kl', 'ab', but got '{divergence}'")
-    _check(order in ORDERS, op, lambda: f"expected order to be one of 'pr', 'qr', 'rp', 'rq', but got '{order}'")
+    _check(order in ORDERS, op, lambda: f"expected order to be one of 'pr', 'qr', 'rp', 'rq', 'jsd', but got '{order}'")
     if divergence == "ab":
         _check(math.isfinite(ab_alpha) and ab_alpha > 0.0, op, lambda: f"expected ab_alpha > 0 for the alpha-beta divergence, but got {_fmt_float(ab_alpha)}")
         _check(math.isfinite(ab_beta) and ab_beta > 0.0, op, lambda: f"expected ab_beta > 0 for the alpha-beta divergence, but got {_fmt_float(ab_beta)}")
         _check(ab_alpha >= MIN_AB_EXPONENT, op, lambda: f"expected ab_alpha >= {_fmt_float(MIN_AB_EXPONENT)} for the alpha-beta divergence, but got {_fmt_float(ab_alpha)}")
         _check(ab_beta >= MIN_AB_EXPONENT, op, lambda: f"expected ab_beta >= {_fmt_float(MIN_AB_EXPONENT)} for the alpha-beta divergence, but got {_fmt_float(ab_beta)}")
+    _check(not detach_assistant or order != "jsd", op, lambda: (
+        "expected detach_assistant=False with order 'jsd' (a detached assistant is supported for 'qr' and 'rq' "
+        "only), but got detach_assistant=True"))
     _check(not detach_assistant or order in ("qr", "rq"), op, lambda: (
         f"expected order 'qr' or 'rq' with detach_assistant=True (in '{order}' the student enters only "
         f"through the assistant, so detaching it leaves no gradient), but got order '{order}'"))

@@ -38,9 +38,12 @@
 
 namespace amid {
 
-// Divergence and order codes, parsed once on the host from the schema's strings.
+// Divergence and order codes, parsed once on the host from the schema's strings. kJSD ("jsd") is
+// the combined order lam D(p||r) + (1 - lam) D(q||r): both orders against the one assistant r,
+// weighted by the mixture's own weights (at alpha = -1 with kl, GKD's generalized JSD(beta = lam)),
+// computed in one set of passes (jsd_terms below).
 enum class Divergence : int { kKL = 0, kAB = 1 };
-enum class Order : int { kPR = 0, kQR = 1, kRP = 2, kRQ = 3 };
+enum class Order : int { kPR = 0, kQR = 1, kRP = 2, kRQ = 3, kJSD = 4 };
 
 // How lt = log r~ is formed; chosen on the host from (alpha, lam) so the kernels never branch on
 // floating-point parameter values per element.
@@ -214,6 +217,27 @@ AMID_HD void mixture(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& 
     case MixMode::kTeacher: mixture<MixMode::kTeacher, REF_P, M>(P, lp, lq, dpq, lt, w, d); return;
     case MixMode::kGeometric: mixture<MixMode::kGeometric, REF_P, M>(P, lp, lq, dpq, lt, w, d); return;
     default: mixture<MixMode::kPower, REF_P, M>(P, lp, lq, dpq, lt, w, d); return;
+  }
+}
+
+// The mixture for the combined order (kJSD): lt and w as above, and d relative to both sides,
+// dp = lt - lp and dq = lt - lq, each in the form that keeps its accuracy where r ~ that side (the
+// small-divergence regime of that term). Two evaluations of mixture that share their inputs (the
+// compiler merges the common exp / expm1); lt and w are those of the p-referenced one.
+template <MixMode MODE, class M, typename T>
+AMID_HD void mixture_both(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& dp, T& dq) {
+  T lt2, w2;
+  mixture<MODE, true, M>(P, lp, lq, dpq, lt, w, dp);
+  mixture<MODE, false, M>(P, lp, lq, dpq, lt2, w2, dq);
+}
+
+template <class M, typename T>
+AMID_HD void mixture_both(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& dp, T& dq) {
+  switch (P.mode) {
+    case MixMode::kStudent: mixture_both<MixMode::kStudent, M>(P, lp, lq, dpq, lt, w, dp, dq); return;
+    case MixMode::kTeacher: mixture_both<MixMode::kTeacher, M>(P, lp, lq, dpq, lt, w, dp, dq); return;
+    case MixMode::kGeometric: mixture_both<MixMode::kGeometric, M>(P, lp, lq, dpq, lt, w, dp, dq); return;
+    default: mixture_both<MixMode::kPower, M>(P, lp, lq, dpq, lt, w, dp, dq); return;
   }
 }
 
@@ -465,6 +489,27 @@ AMID_HD Terms<T> element_terms(const LossParams<T>& P, T p, T q, T r, T lp, T lq
   return o;
 }
 
+// The combined order (kJSD): the terms of pr (with e_p = lr - lp) and of qr (with e_q = lr - lq),
+// each with its own second-order form, and the gradient terms of lam pr + (1 - lam) qr. The lemma
+// is linear in (G, H), so the combined G, H (and their row sums S_G, K) are the weighted sums; for
+// kl the shifts add up too (S0 = -1, K0 = 1 - lam). The loss terms stay separate (pr in a, qr in b)
+// so that each row loss picks its own error bound (kl_row_loss) before they are combined.
+template <typename T>
+struct JsdTerms {
+  Terms<T> a, b;  // pr, qr (each unweighted)
+  T G, H;         // lam a.G + (1 - lam) b.G, lam a.H + (1 - lam) b.H
+};
+
+template <Divergence D, class M, typename T>
+AMID_HD JsdTerms<T> jsd_terms(const LossParams<T>& P, T p, T q, T r, T lp, T lq, T lr, T e_p, T e_q) {
+  JsdTerms<T> o;
+  o.a = element_terms<D, Order::kPR, M>(P, p, q, r, lp, lq, lr, e_p);
+  o.b = element_terms<D, Order::kQR, M>(P, p, q, r, lp, lq, lr, e_q);
+  o.G = P.lam * o.a.G + P.one_minus_lam * o.b.G;
+  o.H = P.lam * o.a.H + P.one_minus_lam * o.b.H;
+  return o;
+}
+
 // Gradient of the row loss with respect to the temperature-scaled student logits, for one element
 // (G, H, S_G, K shifted for kl as above).
 template <typename T>
@@ -505,6 +550,7 @@ inline void dispatch_loss(Divergence d, Order o, F&& f) {
       case Order::kPR: f(dc, OrderC<Order::kPR>{}); break;
       case Order::kQR: f(dc, OrderC<Order::kQR>{}); break;
       case Order::kRP: f(dc, OrderC<Order::kRP>{}); break;
+      case Order::kJSD: f(dc, OrderC<Order::kJSD>{}); break;
       default: f(dc, OrderC<Order::kRQ>{}); break;
     }
   };

@@ -173,6 +173,23 @@ AMID_CPU_CLONES void pass_mixture(const LossParams<acc_t>& P, const acc_t* tf, c
   }
 }
 
+// The combined order (kJSD): lt, w and d relative to both sides (amid_math.h: mixture_both).
+template <MixMode MODE, typename acc_t>
+AMID_CPU_CLONES void pass_mixture_both(const LossParams<acc_t>& P, const acc_t* tf, const acc_t* sf, int64_t V,
+                                       RowLse<acc_t> A, RowLse<acc_t> B, acc_t dAB, acc_t* lt, acc_t* w, acc_t* dp,
+                                       acc_t* dq) {
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) {
+    const acc_t lpv = log_prob(tf[v], A), lqv = log_prob(sf[v], B);
+    acc_t ltv, wv, dpv, dqv;
+    mixture_both<MODE, M>(P, lpv, lqv, logit_gap(tf[v], sf[v], lpv, lqv, dAB), ltv, wv, dpv, dqv);
+    lt[v] = ltv;
+    w[v] = wv;
+    dp[v] = dpv;
+    dq[v] = dqv;
+  }
+}
+
 // tau = r~ - o per element (amid_math.h: assistant_excess), for Z = log1p(sum tau).
 template <typename acc_t>
 AMID_CPU_CLONES void pass_excess(const acc_t* o, const acc_t* d, const acc_t* lt, int64_t V, acc_t* out) {
@@ -219,6 +236,32 @@ AMID_CPU_CLONES void pass_terms(const LossParams<acc_t>& P, const acc_t* tf, con
   }
 }
 
+// The combined order (kJSD): the pr terms (l -> ls, l1 -> l1s, lb -> lbs, with dp in d) and the qr
+// terms (-> ls2, l1s2, lbs2, with dq in d2), and the weighted gradient terms G -> gs, H -> hs
+// (amid_math.h: jsd_terms).
+template <Divergence D, typename acc_t>
+AMID_CPU_CLONES void pass_terms_jsd(const LossParams<acc_t>& P, const acc_t* tf, const acc_t* sf, int64_t V,
+                                    RowLse<acc_t> A, RowLse<acc_t> B, acc_t Z, const acc_t* p, const acc_t* q,
+                                    const acc_t* r, const acc_t* lt, const acc_t* dp, const acc_t* dq, acc_t* ls,
+                                    acc_t* gs, acc_t* hs, acc_t* l1s, acc_t* lbs, acc_t* ls2, acc_t* l1s2,
+                                    acc_t* lbs2) {
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) {
+    const JsdTerms<acc_t> o = jsd_terms<D, M>(P, p[v], q[v], r[v], log_prob(tf[v], A), log_prob(sf[v], B),
+                                              lt[v] - Z, dp[v] - Z, dq[v] - Z);
+    ls[v] = o.a.l;
+    ls2[v] = o.b.l;
+    gs[v] = o.G;
+    hs[v] = o.H;
+    if constexpr (D == Divergence::kKL) {
+      l1s[v] = o.a.l1;
+      lbs[v] = o.a.lb;
+      l1s2[v] = o.b.l1;
+      lbs2[v] = o.b.lb;
+    }
+  }
+}
+
 template <typename acc_t>
 AMID_CPU_CLONES Sums pass_sums(int64_t V, const acc_t* ls, const acc_t* gs, const acc_t* hs, const acc_t* r,
                                const acc_t* w) {
@@ -248,12 +291,15 @@ AMID_CPU_CLONES void pass_grad(bool detach, int64_t V, const acc_t* gs, const ac
 // ------------------------------------------------------------------------------------------------
 // Rows
 
-// Per-thread scratch, reused across its rows: the scaled logits, p, q, lt, w, d, r and the terms.
+// Per-thread scratch, reused across its rows: the scaled logits, p, q, lt, w, d, r and the terms;
+// for the combined order (kJSD) also d2 = lt - lq and the qr loss terms ls2, l1s2, lbs2 (d then
+// holds lt - lp and ls, l1s, lbs the pr ones).
 template <typename acc_t>
 struct RowScratch {
-  std::vector<acc_t> tf, sf, p, q, lt, w, d, r, ls, gs, hs, l1s, lbs;
-  explicit RowScratch(int64_t V)
-      : tf(V), sf(V), p(V), q(V), lt(V), w(V), d(V), r(V), ls(V), gs(V), hs(V), l1s(V), lbs(V) {}
+  std::vector<acc_t> tf, sf, p, q, lt, w, d, r, ls, gs, hs, l1s, lbs, d2, ls2, l1s2, lbs2;
+  RowScratch(int64_t V, bool jsd)
+      : tf(V), sf(V), p(V), q(V), lt(V), w(V), d(V), r(V), ls(V), gs(V), hs(V), l1s(V), lbs(V), d2(jsd ? V : 0),
+        ls2(jsd ? V : 0), l1s2(jsd ? V : 0), lbs2(jsd ? V : 0) {}
 };
 
 template <typename scalar_t>
@@ -268,10 +314,17 @@ template <typename acc_t>
 void terms_row(const LossParams<acc_t>& P, int64_t V, RowLse<acc_t> A, RowLse<acc_t> B, acc_t Z,
                RowScratch<acc_t>& S) {
   dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
-    pass_terms<decltype(dc)::value, decltype(oc)::value>(P, S.tf.data(), S.sf.data(), V, A, B, Z, S.p.data(),
-                                                         S.q.data(), S.r.data(), S.lt.data(), S.d.data(),
-                                                         S.ls.data(), S.gs.data(), S.hs.data(), S.l1s.data(),
-                                                         S.lbs.data());
+    if constexpr (decltype(oc)::value == Order::kJSD) {
+      pass_terms_jsd<decltype(dc)::value>(P, S.tf.data(), S.sf.data(), V, A, B, Z, S.p.data(), S.q.data(),
+                                          S.r.data(), S.lt.data(), S.d.data(), S.d2.data(), S.ls.data(),
+                                          S.gs.data(), S.hs.data(), S.l1s.data(), S.lbs.data(), S.ls2.data(),
+                                          S.l1s2.data(), S.lbs2.data());
+    } else {
+      pass_terms<decltype(dc)::value, decltype(oc)::value>(P, S.tf.data(), S.sf.data(), V, A, B, Z, S.p.data(),
+                                                           S.q.data(), S.r.data(), S.lt.data(), S.d.data(),
+                                                           S.ls.data(), S.gs.data(), S.hs.data(), S.l1s.data(),
+                                                           S.lbs.data());
+    }
   });
 }
 
@@ -286,7 +339,10 @@ void mixture_row(const LossParams<acc_t>& P, int64_t V, RowLse<acc_t> A, RowLse<
   const acc_t dAB = acc_t((double(A.m) - double(B.m)) + (double(A.l) - double(B.l)));
   dispatch_mode(P.mode, [&](auto mode) {
     constexpr MixMode MODE = decltype(mode)::value;
-    if (row_ref_is_p(P)) {
+    if (P.order == Order::kJSD) {
+      pass_mixture_both<MODE>(P, S.tf.data(), S.sf.data(), V, A, B, dAB, S.lt.data(), S.w.data(), S.d.data(),
+                              S.d2.data());
+    } else if (row_ref_is_p(P)) {
       pass_mixture<MODE, true>(P, S.tf.data(), S.sf.data(), V, A, B, dAB, S.lt.data(), S.w.data(), S.d.data());
     } else {
       pass_mixture<MODE, false>(P, S.tf.data(), S.sf.data(), V, A, B, dAB, S.lt.data(), S.w.data(), S.d.data());
@@ -328,7 +384,11 @@ void forward_row(const LossParams<acc_t>& P, const scalar_t* s, const scalar_t* 
   const double sr = pass_sum(S.r.data(), V);
   // Z = log1p(sum tau) while that sum is small, where it is accurate (amid_math.h:
   // assistant_excess); else the log-sum-exp.
-  pass_excess(row_ref_is_p(P) ? S.p.data() : S.q.data(), S.d.data(), S.lt.data(), V, S.ls.data());
+  // The combined order (kJSD) takes the excess over the side with the larger weight in the mixture
+  // (r is nearer to it, so its excesses are the smaller ones).
+  const bool z_ref_p = P.order == Order::kJSD ? P.lam >= acc_t(0.5) : row_ref_is_p(P);
+  const acc_t* z_d = P.order == Order::kJSD && !z_ref_p ? S.d2.data() : S.d.data();
+  pass_excess(z_ref_p ? S.p.data() : S.q.data(), z_d, S.lt.data(), V, S.ls.data());
   const double tau_sum = pass_sum(S.ls.data(), V);
   const acc_t Z = acc_t(std::abs(tau_sum) < 0.5 ? std::log1p(tau_sum) : m + std::log(sr));
   pass_scale(S.r.data(), V, acc_t(1.0 / sr));
@@ -341,6 +401,15 @@ void forward_row(const LossParams<acc_t>& P, const scalar_t* s, const scalar_t* 
     double bound_l, sum_l1, abs_l1;
     pass_kl_loss_parts(V, S.lbs.data(), S.l1s.data(), bound_l, sum_l1, abs_l1);
     L = kl_row_loss(L, bound_l, sum_l1, abs_l1, double(Z));
+  }
+  if (P.order == Order::kJSD) {  // L is the pr loss so far; the qr one from its own terms, then combined
+    double L2 = pass_sum(S.ls2.data(), V);
+    if (P.divergence == Divergence::kKL) {
+      double bound_l, sum_l1, abs_l1;
+      pass_kl_loss_parts(V, S.lbs2.data(), S.l1s2.data(), bound_l, sum_l1, abs_l1);
+      L2 = kl_row_loss(L2, bound_l, sum_l1, abs_l1, double(Z));
+    }
+    L = double(P.lam) * L + double(P.one_minus_lam) * L2;
   }
   *loss = weight * L;
   stats[kStatAMax] = A.m;
@@ -408,7 +477,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> amid_loss_fwd_cpu(
     double* sp = stats.data_ptr<double>();
     scalar_t* gp = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
-      RowScratch<acc_t> scratch(V);
+      RowScratch<acc_t> scratch(V, P.order == Order::kJSD);
       for (int64_t n = begin; n < end; ++n) {
         const double wn = wp ? wp[n] : 1.0;
         scalar_t* grow = gp ? gp + n * V : nullptr;
@@ -449,7 +518,7 @@ at::Tensor amid_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& stud
     const loss_t* stp = st.const_data_ptr<loss_t>();
     scalar_t* gp = grad.data_ptr<scalar_t>();
     at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
-      RowScratch<acc_t> scratch(V);
+      RowScratch<acc_t> scratch(V, P.order == Order::kJSD);
       for (int64_t n = begin; n < end; ++n) {
         const acc_t wn = wp ? acc_t(wp[n]) : acc_t(1);
         scalar_t* grow = gp + n * V;
