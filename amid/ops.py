@@ -33,7 +33,7 @@ _library.load()
 __all__ = ["amid_loss_fwd", "amid_loss_bwd", "scale_grad_", "GradInForward", "RecomputeGrad", "LossGrad", "NUM_STATS",
            "DIVERGENCES", "ORDERS"]
 
-NUM_STATS = 7  # [A_max, B_max, Z, S_G, K, A_log, B_log] per row; csrc/amid_math.h kNumStats
+NUM_STATS = 8  # [A_max, B_max, Z, S_G, K, A_log, B_log, Z2] per row; csrc/amid_math.h kNumStats
 MIN_AB_EXPONENT = 1e-30  # csrc/checks.h kMinAbExponent
 DIVERGENCES = ("kl", "ab")
 ORDERS = ("pr", "qr", "rp", "rq", "jsd")  # "jsd": lam D(p||r) + (1 - lam) D(q||r), one pass
@@ -121,7 +121,7 @@ def check_options(op: str, alpha: float, lam: float, divergence: str, order: str
 def amid_loss_fwd(student_logits: Tensor, teacher_logits: Tensor, row_weight: Optional[Tensor], alpha: float,
                   lam: float, divergence: str, order: str, ab_alpha: float, ab_beta: float, temperature: float,
                   detach_assistant: bool, compute_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """Per-row AMiD loss; see the schema comment in csrc/ops.cpp. Returns (loss [N], stats [N, 5], grad)."""
+    """Per-row AMiD loss; see the schema comment in csrc/ops.cpp. Returns (loss [N], stats [N, NUM_STATS], grad)."""
     return torch.ops.amid.amid_loss_fwd.default(student_logits, teacher_logits, row_weight, float(alpha), float(lam),
                                                 divergence, order, float(ab_alpha), float(ab_beta), float(temperature),
                                                 bool(detach_assistant), bool(compute_grad))

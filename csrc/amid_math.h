@@ -55,11 +55,16 @@ enum class MixMode : int {
 };
 
 // Number of per-row statistics the forward op returns and the backward op consumes:
-// [A_max, B_max, Z, S_G, K, A_log, B_log]: the log-sum-exps of the scaled teacher / student logits in
-// two parts (A = A_max + A_log, see RowLse), the LSE of lt, and the two row scalars of the gradient
-// (for kl the shifted S_G', K' of element_terms). Keep in sync with amid/ops.py (NUM_STATS).
-constexpr int kNumStats = 7;
-enum StatIndex : int { kStatAMax = 0, kStatBMax = 1, kStatZ = 2, kStatSG = 3, kStatK = 4, kStatALog = 5, kStatBLog = 6 };
+// [A_max, B_max, Z, S_G, K, A_log, B_log, Z2]: the log-sum-exps of the scaled teacher / student logits in
+// two parts (A = A_max + A_log, see RowLse), the LSE of lt, the two row scalars of the gradient (for kl
+// the shifted S_G', K' of element_terms), and Z2: for the combined order (kJSD) the LSE of lt as its
+// second term (qr) computes it (relative to q; Z is the first term's, relative to p), else Z. The two
+// agree up to rounding, but each term's small-divergence form needs its own (see jsd_terms). Keep in
+// sync with amid/ops.py (NUM_STATS).
+constexpr int kNumStats = 8;
+enum StatIndex : int {
+  kStatAMax = 0, kStatBMax = 1, kStatZ = 2, kStatSG = 3, kStatK = 4, kStatALog = 5, kStatBLog = 6, kStatZ2 = 7
+};
 
 // Coefficients kept for the series of the alpha-beta element function phi (see ab_parts).
 constexpr int kAbPhiTerms = 18;
@@ -306,6 +311,24 @@ AMID_HD void mixture_from_logits(const LossParams<T>& P, T tf, T sf, T A, T B, T
   mixture_from_logits<REF_P, M>(P, tf, sf, RowLse<T>{A, T(0)}, RowLse<T>{B, T(0)}, A - B, lp, lq, lt, w, d);
 }
 
+// The combined order's mixture from the logits (kJSD; see mixture_both), with the mode as a template
+// argument or read from P, and single log-sum-exps A, B in the second form.
+template <MixMode MODE, class M, typename T>
+AMID_HD void mixture_both_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T& lp,
+                                      T& lq, T& lt, T& w, T& dp, T& dq) {
+  lp = log_prob(tf, A);
+  lq = log_prob(sf, B);
+  mixture_both<MODE, M>(P, lp, lq, logit_gap(tf, sf, lp, lq, dAB), lt, w, dp, dq);
+}
+
+template <class M, typename T>
+AMID_HD void mixture_both_from_logits(const LossParams<T>& P, T tf, T sf, T A, T B, T& lp, T& lq, T& lt, T& w, T& dp,
+                                      T& dq) {
+  lp = log_prob(tf, RowLse<T>{A, T(0)});
+  lq = log_prob(sf, RowLse<T>{B, T(0)});
+  mixture_both<M>(P, lp, lq, logit_gap(tf, sf, lp, lq, A - B), lt, w, dp, dq);
+}
+
 // tau = r~ - o for one element (o = e^l_ref, d = lt - l_ref), without cancellation when r~ ~ o.
 // The row sum of tau is Sum r~ - 1 (taking Sum o = 1, as it is up to rounding), so
 // Z = LSE(lt) = log1p(Sum tau): accurate where Z is small, unlike m + log(Sum e^(lt - m)), whose
@@ -489,11 +512,15 @@ AMID_HD Terms<T> element_terms(const LossParams<T>& P, T p, T q, T r, T lp, T lq
   return o;
 }
 
-// The combined order (kJSD): the terms of pr (with e_p = lr - lp) and of qr (with e_q = lr - lq),
-// each with its own second-order form, and the gradient terms of lam pr + (1 - lam) qr. The lemma
-// is linear in (G, H), so the combined G, H (and their row sums S_G, K) are the weighted sums; for
-// kl the shifts add up too (S0 = -1, K0 = 1 - lam). The loss terms stay separate (pr in a, qr in b)
-// so that each row loss picks its own error bound (kl_row_loss) before they are combined.
+// The combined order (kJSD): the terms of pr (with lr_a = lt - Z, e_p = dp - Z) and of qr (with
+// lr_b = lt - Z2, e_q = dq - Z2), each with its own second-order form and its own Z: Z from the
+// excesses over p, Z2 from those over q (stats kStatZ, kStatZ2). In float the two differ by the
+// rounding of the row's log-sum-exps (sum p and sum q are 1 only up to it), and a term evaluated with
+// the other's Z is off at first order in the small-divergence regime (measured: 2e-4 normwise in the
+// gradient for a student within 1% of its teacher). The gradient terms of lam pr + (1 - lam) qr:
+// the lemma is linear in (G, H), so the combined G, H (and their row sums S_G, K) are the weighted
+// sums; for kl the shifts add up too (S0 = -1, K0 = 1 - lam). The loss terms stay separate (pr in a,
+// qr in b) so that each row loss picks its own error bound (kl_row_loss) before they are combined.
 template <typename T>
 struct JsdTerms {
   Terms<T> a, b;  // pr, qr (each unweighted)
@@ -501,10 +528,10 @@ struct JsdTerms {
 };
 
 template <Divergence D, class M, typename T>
-AMID_HD JsdTerms<T> jsd_terms(const LossParams<T>& P, T p, T q, T r, T lp, T lq, T lr, T e_p, T e_q) {
+AMID_HD JsdTerms<T> jsd_terms(const LossParams<T>& P, T p, T q, T r, T lp, T lq, T lr_a, T lr_b, T e_p, T e_q) {
   JsdTerms<T> o;
-  o.a = element_terms<D, Order::kPR, M>(P, p, q, r, lp, lq, lr, e_p);
-  o.b = element_terms<D, Order::kQR, M>(P, p, q, r, lp, lq, lr, e_q);
+  o.a = element_terms<D, Order::kPR, M>(P, p, q, r, lp, lq, lr_a, e_p);
+  o.b = element_terms<D, Order::kQR, M>(P, p, q, r, lp, lq, lr_b, e_q);
   o.G = P.lam * o.a.G + P.one_minus_lam * o.b.G;
   o.H = P.lam * o.a.H + P.one_minus_lam * o.b.H;
   return o;

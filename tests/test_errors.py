@@ -88,7 +88,7 @@ def test_bwd_errors():
     _both(lambda g, a, b, st: bwd(g, a, b, None, st, *OPTS), torch.ones(3), s, t, stats,
           expected=Pb + "expected grad_loss of shape [2], but got [3]")
     _both(lambda g, a, b, st: bwd(g, a, b, None, st, *OPTS), gl, s, t, stats[:, :4],
-          expected=Pb + "expected stats of shape [2, 7], but got [2, 4]")
+          expected=Pb + "expected stats of shape [2, 8], but got [2, 4]")
     _both(lambda g, a, b, st: bwd(g, a, b, None, st, *OPTS), gl, s, t, stats.double(),
           expected=Pb + "expected stats of dtype Float, but got Double")
     _both(lambda g, a, b, st: bwd(g, a, b, None, st, 0.5, 2.0, *OPTS[2:]), gl, s, t, stats,

@@ -173,16 +173,16 @@ AMID_CPU_CLONES void pass_mixture(const LossParams<acc_t>& P, const acc_t* tf, c
   }
 }
 
-// The combined order (kJSD): lt, w and d relative to both sides (amid_math.h: mixture_both).
+// The combined order (kJSD): lt, w and d relative to both sides in one loop (amid_math.h:
+// mixture_both; the common exp / expm1 evaluated once).
 template <MixMode MODE, typename acc_t>
 AMID_CPU_CLONES void pass_mixture_both(const LossParams<acc_t>& P, const acc_t* tf, const acc_t* sf, int64_t V,
                                        RowLse<acc_t> A, RowLse<acc_t> B, acc_t dAB, acc_t* lt, acc_t* w, acc_t* dp,
                                        acc_t* dq) {
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) {
-    const acc_t lpv = log_prob(tf[v], A), lqv = log_prob(sf[v], B);
-    acc_t ltv, wv, dpv, dqv;
-    mixture_both<MODE, M>(P, lpv, lqv, logit_gap(tf[v], sf[v], lpv, lqv, dAB), ltv, wv, dpv, dqv);
+    acc_t lpv, lqv, ltv, wv, dpv, dqv;
+    mixture_both_from_logits<MODE, M>(P, tf[v], sf[v], A, B, dAB, lpv, lqv, ltv, wv, dpv, dqv);
     lt[v] = ltv;
     w[v] = wv;
     dp[v] = dpv;
@@ -236,29 +236,16 @@ AMID_CPU_CLONES void pass_terms(const LossParams<acc_t>& P, const acc_t* tf, con
   }
 }
 
-// The combined order (kJSD): the pr terms (l -> ls, l1 -> l1s, lb -> lbs, with dp in d) and the qr
-// terms (-> ls2, l1s2, lbs2, with dq in d2), and the weighted gradient terms G -> gs, H -> hs
-// (amid_math.h: jsd_terms).
-template <Divergence D, typename acc_t>
-AMID_CPU_CLONES void pass_terms_jsd(const LossParams<acc_t>& P, const acc_t* tf, const acc_t* sf, int64_t V,
-                                    RowLse<acc_t> A, RowLse<acc_t> B, acc_t Z, const acc_t* p, const acc_t* q,
-                                    const acc_t* r, const acc_t* lt, const acc_t* dp, const acc_t* dq, acc_t* ls,
-                                    acc_t* gs, acc_t* hs, acc_t* l1s, acc_t* lbs, acc_t* ls2, acc_t* l1s2,
-                                    acc_t* lbs2) {
+// The combined order (kJSD): G = lam G_pr + (1 - lam) G_qr and the same for H, in place in gs, hs
+// (amid_math.h: jsd_terms; the single-order passes wrote each order's terms, since one loop with both
+// bodies no longer vectorises).
+template <typename acc_t>
+AMID_CPU_CLONES void pass_combine(int64_t V, acc_t lam, acc_t one_minus_lam, acc_t* gs, acc_t* hs, const acc_t* gs2,
+                                  const acc_t* hs2) {
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) {
-    const JsdTerms<acc_t> o = jsd_terms<D, M>(P, p[v], q[v], r[v], log_prob(tf[v], A), log_prob(sf[v], B),
-                                              lt[v] - Z, dp[v] - Z, dq[v] - Z);
-    ls[v] = o.a.l;
-    ls2[v] = o.b.l;
-    gs[v] = o.G;
-    hs[v] = o.H;
-    if constexpr (D == Divergence::kKL) {
-      l1s[v] = o.a.l1;
-      lbs[v] = o.a.lb;
-      l1s2[v] = o.b.l1;
-      lbs2[v] = o.b.lb;
-    }
+    gs[v] = lam * gs[v] + one_minus_lam * gs2[v];
+    hs[v] = lam * hs[v] + one_minus_lam * hs2[v];
   }
 }
 
@@ -292,14 +279,14 @@ AMID_CPU_CLONES void pass_grad(bool detach, int64_t V, const acc_t* gs, const ac
 // Rows
 
 // Per-thread scratch, reused across its rows: the scaled logits, p, q, lt, w, d, r and the terms;
-// for the combined order (kJSD) also d2 = lt - lq and the qr loss terms ls2, l1s2, lbs2 (d then
-// holds lt - lp and ls, l1s, lbs the pr ones).
+// for the combined order (kJSD) also d2 = lt - lq and the qr terms ls2, gs2, hs2, l1s2, lbs2 (d then
+// holds lt - lp and ls, gs, hs, l1s, lbs the pr terms).
 template <typename acc_t>
 struct RowScratch {
-  std::vector<acc_t> tf, sf, p, q, lt, w, d, r, ls, gs, hs, l1s, lbs, d2, ls2, l1s2, lbs2;
+  std::vector<acc_t> tf, sf, p, q, lt, w, d, r, ls, gs, hs, l1s, lbs, d2, ls2, gs2, hs2, l1s2, lbs2;
   RowScratch(int64_t V, bool jsd)
       : tf(V), sf(V), p(V), q(V), lt(V), w(V), d(V), r(V), ls(V), gs(V), hs(V), l1s(V), lbs(V), d2(jsd ? V : 0),
-        ls2(jsd ? V : 0), l1s2(jsd ? V : 0), lbs2(jsd ? V : 0) {}
+        ls2(jsd ? V : 0), gs2(jsd ? V : 0), hs2(jsd ? V : 0), l1s2(jsd ? V : 0), lbs2(jsd ? V : 0) {}
 };
 
 template <typename scalar_t>
@@ -310,15 +297,21 @@ void fill_nan_row(double* loss, double* stats, scalar_t* grad, int64_t V) {
 }
 
 // The per-element terms for the loss (D, O) selected at run time.
+// Z2: the second term's Z of the combined order (kJSD; see amid_math.h: kStatZ2), unused otherwise.
 template <typename acc_t>
-void terms_row(const LossParams<acc_t>& P, int64_t V, RowLse<acc_t> A, RowLse<acc_t> B, acc_t Z,
+void terms_row(const LossParams<acc_t>& P, int64_t V, RowLse<acc_t> A, RowLse<acc_t> B, acc_t Z, acc_t Z2,
                RowScratch<acc_t>& S) {
   dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
     if constexpr (decltype(oc)::value == Order::kJSD) {
-      pass_terms_jsd<decltype(dc)::value>(P, S.tf.data(), S.sf.data(), V, A, B, Z, S.p.data(), S.q.data(),
-                                          S.r.data(), S.lt.data(), S.d.data(), S.d2.data(), S.ls.data(),
-                                          S.gs.data(), S.hs.data(), S.l1s.data(), S.lbs.data(), S.ls2.data(),
-                                          S.l1s2.data(), S.lbs2.data());
+      // pr with d = lt - lp and Z, qr with d2 = lt - lq and Z2, then the weighted G, H.
+      constexpr Divergence DV = decltype(dc)::value;
+      pass_terms<DV, Order::kPR>(P, S.tf.data(), S.sf.data(), V, A, B, Z, S.p.data(), S.q.data(), S.r.data(),
+                                 S.lt.data(), S.d.data(), S.ls.data(), S.gs.data(), S.hs.data(), S.l1s.data(),
+                                 S.lbs.data());
+      pass_terms<DV, Order::kQR>(P, S.tf.data(), S.sf.data(), V, A, B, Z2, S.p.data(), S.q.data(), S.r.data(),
+                                 S.lt.data(), S.d2.data(), S.ls2.data(), S.gs2.data(), S.hs2.data(), S.l1s2.data(),
+                                 S.lbs2.data());
+      pass_combine(V, P.lam, P.one_minus_lam, S.gs.data(), S.hs.data(), S.gs2.data(), S.hs2.data());
     } else {
       pass_terms<decltype(dc)::value, decltype(oc)::value>(P, S.tf.data(), S.sf.data(), V, A, B, Z, S.p.data(),
                                                            S.q.data(), S.r.data(), S.lt.data(), S.d.data(),
@@ -339,7 +332,7 @@ void mixture_row(const LossParams<acc_t>& P, int64_t V, RowLse<acc_t> A, RowLse<
   const acc_t dAB = acc_t((double(A.m) - double(B.m)) + (double(A.l) - double(B.l)));
   dispatch_mode(P.mode, [&](auto mode) {
     constexpr MixMode MODE = decltype(mode)::value;
-    if (P.order == Order::kJSD) {
+    if (P.order == Order::kJSD) {  // lt, w, d = lt - lp, then d2 = lt - lq (amid_math.h: mixture_both)
       pass_mixture_both<MODE>(P, S.tf.data(), S.sf.data(), V, A, B, dAB, S.lt.data(), S.w.data(), S.d.data(),
                               S.d2.data());
     } else if (row_ref_is_p(P)) {
@@ -383,17 +376,18 @@ void forward_row(const LossParams<acc_t>& P, const scalar_t* s, const scalar_t* 
   pass_exp(S.lt.data(), V, m, S.r.data());
   const double sr = pass_sum(S.r.data(), V);
   // Z = log1p(sum tau) while that sum is small, where it is accurate (amid_math.h:
-  // assistant_excess); else the log-sum-exp.
-  // The combined order (kJSD) takes the excess over the side with the larger weight in the mixture
-  // (r is nearer to it, so its excesses are the smaller ones).
-  const bool z_ref_p = P.order == Order::kJSD ? P.lam >= acc_t(0.5) : row_ref_is_p(P);
-  const acc_t* z_d = P.order == Order::kJSD && !z_ref_p ? S.d2.data() : S.d.data();
-  pass_excess(z_ref_p ? S.p.data() : S.q.data(), z_d, S.lt.data(), V, S.ls.data());
-  const double tau_sum = pass_sum(S.ls.data(), V);
-  const acc_t Z = acc_t(std::abs(tau_sum) < 0.5 ? std::log1p(tau_sum) : m + std::log(sr));
+  // assistant_excess); else the log-sum-exp. The combined order (kJSD) has one per term: Z over p
+  // (d = lt - lp), Z2 over q (d2 = lt - lq); otherwise Z2 = Z.
+  auto row_Z = [&](const acc_t* o, const acc_t* d) {
+    pass_excess(o, d, S.lt.data(), V, S.ls.data());
+    const double tau_sum = pass_sum(S.ls.data(), V);
+    return acc_t(std::abs(tau_sum) < 0.5 ? std::log1p(tau_sum) : m + std::log(sr));
+  };
+  const acc_t Z = row_Z(row_ref_is_p(P) || P.order == Order::kJSD ? S.p.data() : S.q.data(), S.d.data());
+  const acc_t Z2 = P.order == Order::kJSD ? row_Z(S.q.data(), S.d2.data()) : Z;
   pass_scale(S.r.data(), V, acc_t(1.0 / sr));
   // Row sums, stats, and the gradient (chain rule through s/T: the 1/T factor).
-  terms_row(P, V, A, B, Z, S);
+  terms_row(P, V, A, B, Z, Z2, S);
   const Sums sums = pass_sums(V, S.ls.data(), S.gs.data(), S.hs.data(), S.r.data(), S.w.data());
   const double K = row_K(P.detach, sums.S_G, sums.S_Gw, sums.S_H, sums.Wbar);
   double L = sums.L;
@@ -407,7 +401,7 @@ void forward_row(const LossParams<acc_t>& P, const scalar_t* s, const scalar_t* 
     if (P.divergence == Divergence::kKL) {
       double bound_l, sum_l1, abs_l1;
       pass_kl_loss_parts(V, S.lbs2.data(), S.l1s2.data(), bound_l, sum_l1, abs_l1);
-      L2 = kl_row_loss(L2, bound_l, sum_l1, abs_l1, double(Z));
+      L2 = kl_row_loss(L2, bound_l, sum_l1, abs_l1, double(Z2));
     }
     L = double(P.lam) * L + double(P.one_minus_lam) * L2;
   }
@@ -417,6 +411,7 @@ void forward_row(const LossParams<acc_t>& P, const scalar_t* s, const scalar_t* 
   stats[kStatBMax] = B.m;
   stats[kStatBLog] = B.l;
   stats[kStatZ] = Z;
+  stats[kStatZ2] = Z2;
   stats[kStatSG] = sums.S_G;
   stats[kStatK] = K;
   if (grad) {
@@ -426,21 +421,21 @@ void forward_row(const LossParams<acc_t>& P, const scalar_t* s, const scalar_t* 
   }
 }
 
-// Backward of one row from its stats (A, B in two parts, Z, S_G, K): the same passes without the
+// Backward of one row from its stats (A, B in two parts, Z, S_G, K, Z2): the same passes without the
 // reductions.
 template <typename scalar_t, typename acc_t>
 void backward_row(const LossParams<acc_t>& P, const scalar_t* s, const scalar_t* t, int64_t V, acc_t scale,
                   const acc_t* st, RowScratch<acc_t>& S, scalar_t* grad) {
   const acc_t invT = P.inv_temperature;
   const RowLse<acc_t> A{st[kStatAMax], st[kStatALog]}, B{st[kStatBMax], st[kStatBLog]};
-  const acc_t Z = st[kStatZ], S_G = st[kStatSG], K = st[kStatK];
+  const acc_t Z = st[kStatZ], Z2 = st[kStatZ2], S_G = st[kStatSG], K = st[kStatK];
   load_scaled(t, V, invT, S.tf.data());
   load_scaled(s, V, invT, S.sf.data());
   pass_exp_lse(S.tf.data(), V, A, S.p.data());  // p, q, r directly from the saved log-normalisers
   pass_exp_lse(S.sf.data(), V, B, S.q.data());
   mixture_row(P, V, A, B, S);
   pass_exp(S.lt.data(), V, Z, S.r.data());
-  terms_row(P, V, A, B, Z, S);
+  terms_row(P, V, A, B, Z, Z2, S);
   pass_grad(P.detach, V, S.gs.data(), S.hs.data(), S.q.data(), S.r.data(), S.w.data(), S_G, K, scale, S.tf.data());
   store_row(S.tf.data(), V, grad);
 }

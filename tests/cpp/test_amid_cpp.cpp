@@ -91,7 +91,7 @@ static void test_vec_math() {
 // kernels' W pass (the gradient row from the stats), as write_grad_row does it.
 template <amid::Divergence D, amid::Order O, typename T>
 static void online_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_t V, std::mt19937& rng,
-                       double out[6], double* grad = nullptr) {
+                       double out[7], double* grad = nullptr) {
   using M = amid::LibMath;
   // random chunking of the row, merged in a random order
   std::vector<int64_t> cuts = {0, V};
@@ -109,34 +109,52 @@ static void online_row(const amid::LossParams<T>& P, const T* s, const T* t, int
   }
   const T A = r1.t.value(M::log(r1.t.s)), B = r1.s.value(M::log(r1.s.s));
   std::shuffle(order.begin(), order.end(), rng);
-  amid::RowAcc<D, O, T> r2;
+  using Acc = typename amid::RowAccOf<D, O, T>::type;  // JsdRowAcc for the combined order 'jsd'
+  Acc r2;
   for (int c : order) {
-    amid::RowAcc<D, O, T> part;
+    Acc part;
     for (int64_t v = cuts[c]; v < cuts[c + 1]; ++v) {
-      T lp, lq, lt, w, d;
-      amid::mixture_from_logits<amid::ref_is_p<O>(), M>(P, t[v] * invT, s[v] * invT, A, B, lp, lq, lt, w, d);
-      part.template rebase<M>(P, lt);
-      part.template add<M>(P, lp, lq, lt, w, d);
+      if constexpr (O == amid::Order::kJSD) {
+        T lp, lq, lt, w, dp, dq;
+        amid::mixture_both_from_logits<M>(P, t[v] * invT, s[v] * invT, A, B, lp, lq, lt, w, dp, dq);
+        part.template rebase<M>(P, lt);
+        part.template add<M>(P, lp, lq, lt, w, dp, dq);
+      } else {
+        T lp, lq, lt, w, d;
+        amid::mixture_from_logits<amid::ref_is_p<O>(), M>(P, t[v] * invT, s[v] * invT, A, B, lp, lq, lt, w, d);
+        part.template rebase<M>(P, lt);
+        part.template add<M>(P, lp, lq, lt, w, d);
+      }
     }
     r2.template merge<M>(P, part);
   }
-  T Z = 0, L = 0, S_G = 0, K = 0;
-  const bool ok = r2.template finalize<M>(P, M::log(r2.S), Z, L, S_G, K);
+  T Z = 0, Z2 = 0, L = 0, S_G = 0, K = 0;
+  const bool ok = r2.template close<M>(P, Z, Z2, L, S_G, K);
   EXPECT(ok);
-  out[0] = A, out[1] = B, out[2] = Z, out[3] = S_G, out[4] = K, out[5] = L;
+  out[0] = A, out[1] = B, out[2] = Z, out[3] = S_G, out[4] = K, out[5] = L, out[6] = Z2;
   if (grad) {
     for (int64_t v = 0; v < V; ++v) {
-      T lp, lq, lt, w, d;
-      amid::mixture_from_logits<amid::ref_is_p<O>(), M>(P, t[v] * invT, s[v] * invT, A, B, lp, lq, lt, w, d);
-      const T lr = lt - Z, p = M::exp(lp), q = M::exp(lq), r = M::exp(lr);
-      const auto o = amid::element_terms<D, O, M>(P, p, q, r, lp, lq, lr, d - Z);
-      grad[v] = double(amid::element_grad(P.detach, w, q, r, o, S_G, K) * invT);
+      if constexpr (O == amid::Order::kJSD) {
+        T lp, lq, lt, w, dp, dq;
+        amid::mixture_both_from_logits<M>(P, t[v] * invT, s[v] * invT, A, B, lp, lq, lt, w, dp, dq);
+        const T lr = lt - Z, p = M::exp(lp), q = M::exp(lq), r = M::exp(lr);
+        const auto jt = amid::jsd_terms<D, M>(P, p, q, r, lp, lq, lr, lt - Z2, dp - Z, dq - Z2);
+        const amid::Terms<T> o{T(0), jt.G, jt.H};
+        grad[v] = double(amid::element_grad(false, w, q, r, o, S_G, K) * invT);
+      } else {
+        T lp, lq, lt, w, d;
+        amid::mixture_from_logits<amid::ref_is_p<O>(), M>(P, t[v] * invT, s[v] * invT, A, B, lp, lq, lt, w, d);
+        const T lr = lt - Z, p = M::exp(lp), q = M::exp(lq), r = M::exp(lr);
+        const auto o = amid::element_terms<D, O, M>(P, p, q, r, lp, lq, lr, d - Z);
+        grad[v] = double(amid::element_grad(P.detach, w, q, r, o, S_G, K) * invT);
+      }
     }
   }
 }
 
 // The CUDA kernels' float math (the online reductions and the W pass) against the double CPU op on the
-// same float inputs, all 8 losses, alpha -3 .. 3, lam 0.1 .. 0.9, logits of scale 3, in two regimes:
+// same float inputs, all 8 losses and the combined order 'jsd', alpha -3 .. 3, lam 0.1 .. 0.9, logits of
+// scale 3, in two regimes:
 //  * a student within 1% of its teacher (spec §5.6): kl row losses to 1e-3 and ab to 1e-4 (the losses
 //    are 1e-7 .. 1e-5 and plain float sums of O(1) terms carry ~1e-6 absolute error; the CPU op is
 //    exact-er), gradients to 1e-4 normwise;
@@ -157,7 +175,7 @@ static void test_online_float(const FloatRegime& R) {
   const int64_t V = R.V;
   double worst_loss = 0, worst_grad = 0;
   for (const char* div : {"kl", "ab"}) {
-    for (const char* ord : {"pr", "qr", "rp", "rq"}) {
+    for (const char* ord : {"pr", "qr", "rp", "rq", "jsd"}) {
       for (double alpha : {-3.0, 0.5, 1.0, 3.0}) {
         for (double lam : {0.1, 0.5, 0.9}) {
           at::Tensor t = (at::randn({1, V}, at::kDouble) * 3).to(at::kFloat);
@@ -166,7 +184,7 @@ static void test_online_float(const FloatRegime& R) {
           auto [loss, stats, grad] = amid::amid_loss_fwd(s.to(at::kDouble), t.to(at::kDouble), std::nullopt, alpha,
                                                          lam, div, ord, 0.2, 0.7, 1.0, false, true);
           const auto P = amid::make_params<float>("test", alpha, lam, div, ord, 0.2, 0.7, 1.0, false);
-          double out[6];
+          double out[7];
           std::vector<double> g(V);
           amid::dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
             online_row<decltype(dc)::value, decltype(oc)::value>(P, s.data_ptr<float>(), t.data_ptr<float>(), V,
@@ -203,9 +221,9 @@ static void test_online_reductions() {
   int cases = 0;
   double worst = 0;
   for (const char* div : {"kl", "ab"}) {
-    for (const char* ord : {"pr", "qr", "rp", "rq"}) {
+    for (const char* ord : {"pr", "qr", "rp", "rq", "jsd"}) {
       for (double alpha : {-3.0, 0.5, 1.0, 3.0}) {
-        for (double lam : {0.0, 0.3, 1.0}) {
+        for (double lam : {0.0, 0.3, 0.7, 1.0}) {
           for (int mask = 0; mask < 3; ++mask) {
             at::Tensor s = at::randn({N, V}, at::kDouble) * 3, t = at::randn({N, V}, at::kDouble) * 3;
             if (mask >= 1) t.narrow(1, 0, 5).fill_(-INFINITY);
@@ -215,19 +233,20 @@ static void test_online_reductions() {
                                                            detach, false);
             const auto P = amid::make_params<double>("test", alpha, lam, div, ord, 0.3, 0.6, 1.7, detach);
             for (int64_t n = 0; n < N; ++n) {
-              double out[6];
+              double out[7];
               amid::dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
                 online_row<decltype(dc)::value, decltype(oc)::value>(P, s[n].data_ptr<double>(),
                                                                      t[n].data_ptr<double>(), V, rng, out);
               });
-              for (int i = 0; i < 6; ++i) {
-                // out: A, B, Z, S_G, K (single log-sum-exps), then the loss; the op's stats keep A, B in
-                // two parts (amid_math.h: kNumStats).
+              for (int i = 0; i < 7; ++i) {
+                // out: A, B, Z, S_G, K (single log-sum-exps), then the loss, then Z2; the op's stats keep
+                // A, B in two parts (amid_math.h: kNumStats).
                 auto st = [&](int j) { return stats[n][j].item<double>(); };
                 const double want = i == 0   ? st(amid::kStatAMax) + st(amid::kStatALog)
                                     : i == 1 ? st(amid::kStatBMax) + st(amid::kStatBLog)
                                     : i < 5  ? st(i)
-                                             : loss[n].item<double>();
+                                    : i == 5 ? loss[n].item<double>()
+                                             : st(amid::kStatZ2);
                 const double err = std::abs(out[i] - want) / (1.0 + std::abs(want));
                 worst = std::max(worst, err);
                 if (err > 1e-10) {
