@@ -212,7 +212,8 @@ def amid_loss(
     for every real α (the paper's definition; the official code maps every α ≥ 1 to α = 1). The
     row loss is ``divergence(x‖y)`` with (x, y) = (p, r), (q, r), (r, p) or (r, q) for ``order``
     'pr', 'qr', 'rp', 'rq', and λ·divergence(p‖r) + (1-λ)·divergence(q‖r) for ``order='jsd'`` (both
-    orders against the one assistant, in one pass; at α = -1 with kl, GKD's generalized JSD(β = λ)): ``'kl'`` is :math:`\sum x (\log x - \log y)`, ``'ab'`` the α-β divergence
+    orders against the one assistant, in one pass; at α = -1 with kl, GKD's generalized JSD(β = λ)):
+    ``'kl'`` is :math:`\sum x (\log x - \log y)`, ``'ab'`` the α-β divergence
     :math:`-\frac{1}{ab}\sum(x^a y^b - \frac{a}{a+b}x^{a+b} - \frac{b}{a+b}y^{a+b})` with
     a = ``ab_alpha``, b = ``ab_beta``.
 
