@@ -16,12 +16,14 @@ from ._library import build_info, cuda_kernels_available  # noqa: E402
 from .functional import (  # noqa: E402
     ab_divergence, amid_loss, forward_kl, generalized_jsd, reverse_kl, skew_forward_kl, skew_reverse_kl, taid_loss)
 from .nn import AMiDLoss  # noqa: E402
-from .fused_linear import FusedLinearAMiDLoss, fused_linear_amid_loss  # noqa: E402
+from .fused_linear import (  # noqa: E402
+    FusedLinearAMiDLoss, FusedLinearGeneralizedJSD, fused_linear_amid_loss, fused_linear_generalized_jsd)
 from .topk import amid_loss_topk  # noqa: E402
 from . import parallel  # noqa: E402  (vocab-parallel AMiD: amid.parallel.vocab_parallel_amid_loss)
 
 __all__ = [
     "amid_loss", "AMiDLoss", "forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "generalized_jsd",
-    "taid_loss", "ab_divergence", "fused_linear_amid_loss", "FusedLinearAMiDLoss", "amid_loss_topk", "build_info",
+    "taid_loss", "ab_divergence", "fused_linear_amid_loss", "FusedLinearAMiDLoss", "fused_linear_generalized_jsd",
+    "FusedLinearGeneralizedJSD", "amid_loss_topk", "build_info",
     "cuda_kernels_available", "ops", "parallel", "reference", "__version__",
 ]

@@ -218,7 +218,9 @@ def amid_loss(
 
     for every real α (the paper's definition; the official code maps every α ≥ 1 to α = 1). The
     row loss is ``divergence(x‖y)`` with (x, y) = (p, r), (q, r), (r, p) or (r, q) for ``order``
-    'pr', 'qr', 'rp', 'rq': ``'kl'`` is :math:`\sum x (\log x - \log y)`, ``'ab'`` the α-β divergence
+    'pr', 'qr', 'rp', 'rq', and λ·divergence(p‖r) + (1-λ)·divergence(q‖r) for ``order='jsd'`` (both
+    orders against the one assistant, in one pass; at α = -1 with kl, GKD's generalized JSD(β = λ)):
+    ``'kl'`` is :math:`\sum x (\log x - \log y)`, ``'ab'`` the α-β divergence
     :math:`-\frac{1}{ab}\sum(x^a y^b - \frac{a}{a+b}x^{a+b} - \frac{b}{a+b}y^{a+b})` with
     a = ``ab_alpha``, b = ``ab_beta``.
 
@@ -231,7 +233,7 @@ def amid_loss(
             the mixture; default 0.1. (λ = 0.1 is the paper's setting in its main table, with D_AB, and
             in its task-specific runs, with D_KL; the paper does not state α per table and reports its
             best results at α ∉ {-1, 1}: 0.5 is the official code's default.)
-        divergence: ``'kl'`` or ``'ab'``. order: ``'pr'``, ``'qr'``, ``'rp'`` or ``'rq'``.
+        divergence: ``'kl'`` or ``'ab'``. order: ``'pr'``, ``'qr'``, ``'rp'``, ``'rq'`` or ``'jsd'``.
         ab_alpha, ab_beta: the α-β divergence exponents (> 0), defaults (0.2, 0.7) as in AMiD/ABKD.
         temperature: T > 0; both logits are divided by T. scale_by_t2: multiply the loss by T².
         detach_assistant: no gradient through the student inside r (TAID); only for 'qr' / 'rq'.
@@ -413,13 +415,30 @@ def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Opti
                      order="qr", _fn="skew_reverse_kl", **kwargs)
 
 
+def _jsd_options(fn: str, beta, endpoints: str) -> Optional[dict]:
+    """The op options of the generalized JSD(β) (teacher weight β in the mixture; TRL / Liger), or None
+    for the identically-zero loss (β = 0 or 1 with ``endpoints='limit'``)."""
+    beta = _real(fn, "beta", beta)
+    _check_unit(fn, "beta", beta)
+    if endpoints not in ("kl", "limit"):
+        raise _error(fn, f"expected endpoints to be 'kl' or 'limit', but got {endpoints!r}")
+    if beta == 0.0 or beta == 1.0:
+        if endpoints == "limit":
+            return None
+        # TRL / Liger: beta = 0 -> KL(p || q), beta = 1 -> KL(q || p) (lam = 0: r = q).
+        return dict(alpha=1.0, lam=0.0, divergence="kl", order="pr" if beta == 0.0 else "rp")
+    # One pass of the op for both terms: order 'jsd' is lam KL(p || r) + (1 - lam) KL(q || r).
+    return dict(alpha=-1.0, lam=beta, divergence="kl", order="jsd")
+
+
 def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
                     beta: float = 0.5, endpoints: str = "kl", **kwargs) -> Tensor:
     r"""GKD's generalized JSD(β) :math:`\beta\,\mathrm{KL}(p\|m)+(1-\beta)\,\mathrm{KL}(q\|m)`, m = βp + (1-β)q.
 
-    Teacher p, student q. For 0 < β < 1 this is β·AMiD(α=-1, λ=β, kl, 'pr') + (1-β)·AMiD(α=-1, λ=β,
-    kl, 'qr') (two passes of the op that share the mixture), exactly TRL's ``generalized_jsd_loss``
-    and Liger's ``LigerJSD`` (same β, same mixture weights).
+    Teacher p, student q. For 0 < β < 1 this is AMiD(α=-1, λ=β, kl, order ``'jsd'``), i.e.
+    β·AMiD(α=-1, λ=β, kl, 'pr') + (1-β)·AMiD(α=-1, λ=β, kl, 'qr') computed in one pass over the logits
+    (the two terms share the mixture m; each keeps its own small-divergence accuracy), exactly TRL's
+    ``generalized_jsd_loss`` and Liger's ``LigerJSD`` (same β, same mixture weights).
 
     ``endpoints``: what β = 0 and β = 1 mean.
 
@@ -433,20 +452,12 @@ def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, labels: Opti
     ``kwargs``: as :func:`amid_loss` (temperature, scale_by_t2, ignore_index, reduction, normalizer /
     num_items_in_batch, vocab_size, grad_in_forward, backend).
     """
-    _check_unit("generalized_jsd", "beta", beta)
-    if endpoints not in ("kl", "limit"):
-        raise _error("generalized_jsd", f"expected endpoints to be 'kl' or 'limit', but got {endpoints!r}")
-    beta = float(beta)
-    kw = dict(alpha=-1.0, lam=beta, divergence="kl", _fn="generalized_jsd", **kwargs)
-    if beta == 0.0 or beta == 1.0:
-        if endpoints == "kl":
-            # TRL / Liger: beta = 0 -> KL(p || q), beta = 1 -> KL(q || p) (lam = 0: r = q).
-            kw.update(alpha=1.0, lam=0.0)
-            return amid_loss(student_logits, teacher_logits, labels, order="pr" if beta == 0.0 else "rp", **kw)
-        # m equals one of the two distributions: both terms vanish identically.
-        return 0.0 * amid_loss(student_logits, teacher_logits, labels, order="pr", **kw)
-    return (beta * amid_loss(student_logits, teacher_logits, labels, order="pr", **kw)
-            + (1.0 - beta) * amid_loss(student_logits, teacher_logits, labels, order="qr", **kw))
+    fn = "generalized_jsd"
+    opts = _jsd_options(fn, beta, endpoints)
+    if opts is None:  # m equals one of the two distributions: both terms vanish identically
+        return 0.0 * amid_loss(student_logits, teacher_logits, labels, alpha=-1.0, lam=float(beta), divergence="kl",
+                               order="pr", _fn=fn, **kwargs)
+    return amid_loss(student_logits, teacher_logits, labels, _fn=fn, **opts, **kwargs)
 
 
 def taid_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,

@@ -45,9 +45,10 @@ from torch import Tensor, nn
 from . import ops as _ops
 from .functional import (DEFAULT_ALPHA, DEFAULT_LAM, _base_row_weights, _batchmean_denominator, _check_labels,
                          _check_reduction_args, _check_vocab_size, _error, _normalizer_alias, _shape, _use_kernels)
-from .functional import _integer, _loss_options, _real
+from .functional import _integer, _jsd_options, _loss_options, _real
 
-__all__ = ["fused_linear_amid_loss", "FusedLinearAMiDLoss", "default_chunk_size", "DEFAULT_CHUNK_BUDGET_BYTES"]
+__all__ = ["fused_linear_amid_loss", "FusedLinearAMiDLoss", "fused_linear_generalized_jsd", "FusedLinearGeneralizedJSD",
+           "default_chunk_size", "DEFAULT_CHUNK_BUDGET_BYTES"]
 
 #: Memory budget for the live [chunk, V] temporaries of one chunk (logits, gradient, CE scratch).
 DEFAULT_CHUNK_BUDGET_BYTES = 256 * 1024 * 1024
@@ -651,3 +652,112 @@ class FusedLinearAMiDLoss(nn.Module):
         return (f"alpha={self.alpha}, lam={self.lam}, divergence='{self.divergence}', order='{self.order}', "
                 f"temperature={self.temperature}, reduction='{self.reduction}', kd_weight={self.kd_weight}, "
                 f"ce_weight={self.ce_weight}, z_loss_weight={self.z_loss_weight}, chunk_size={self.chunk_size}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The generalized JSD from hidden states (Liger's LigerFusedLinearJSDLoss, with amid's options)
+
+def _fused_linear_jsd(fn, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *, beta, endpoints,
+                      kd_weight, **kwargs):
+    opts = _jsd_options(fn, beta, endpoints)
+    if opts is None:  # 'limit' at beta = 0 or 1: the KD term is identically 0 (skipped, as kd_weight=0)
+        opts, kd_weight = dict(alpha=-1.0, lam=0.0, divergence="kl", order="jsd"), 0.0
+    return _fused_linear_amid_loss(fn, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                                   ab_alpha=0.2, ab_beta=0.7, detach_assistant=False, kd_weight=kd_weight,
+                                   **opts, **kwargs)
+
+
+def fused_linear_generalized_jsd(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    beta: float = 0.5,
+    endpoints: str = "kl",
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    scale_by_t2: bool = False,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: Optional[Union[float, Tensor]] = None,
+    kd_weight: Union[float, Tensor] = 1.0,
+    ce_weight: Union[float, Tensor] = 0.0,
+    z_loss_weight: Union[float, Tensor] = 0.0,
+    chunk_size: Optional[int] = None,
+    accum_dtype: Optional[torch.dtype] = None,
+    num_items_in_batch: Optional[Union[float, Tensor]] = None,
+    vocab_size: Optional[int] = None,
+    return_components: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor]]:
+    r"""GKD's generalized JSD(β) (plus optional CE and z-loss) from hidden states and LM heads, chunked:
+    :func:`amid.generalized_jsd` of the logits :math:`h_s W_s^\top + b_s` and :math:`h_t W_t^\top + b_t`,
+    never materialised whole (Liger's ``LigerFusedLinearJSDLoss``).
+
+    The KD term is :math:`\beta\,\mathrm{KL}(p\|m)+(1-\beta)\,\mathrm{KL}(q\|m)`, m = βp + (1-β)q
+    (teacher p, student q), computed for both terms in one pass over each chunk's logits (op order
+    ``'jsd'``). ``beta`` and ``endpoints`` as in :func:`amid.generalized_jsd`: by default β = 0 is
+    the forward KL(p‖q) and β = 1 the reverse KL(q‖p) (TRL's and Liger's convention); with
+    ``endpoints='limit'`` both ends are the textbook 0 (the KD term is then skipped, as with
+    ``kd_weight=0``: no teacher GEMM, ``kd`` None in the components).
+
+    Every other argument as in :func:`amid.fused_linear_amid_loss`. Porting Liger's
+    ``LigerFusedLinearJSDLoss(weight_hard_loss=a, weight_soft_loss=b, beta=β, temperature=T)``:
+    ``fused_linear_generalized_jsd(hs, ws, ht, wt, labels, beta=β, temperature=T, kd_weight=b, ce_weight=a)``
+    (the same value: both reduce the KD sum and the CE over the kept tokens).
+    """
+    fn = "fused_linear_generalized_jsd"
+    return _fused_linear_jsd(
+        fn, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, beta=beta, endpoints=endpoints,
+        student_bias=student_bias, teacher_bias=teacher_bias, temperature=temperature, scale_by_t2=scale_by_t2,
+        ignore_index=ignore_index, reduction=reduction, normalizer=normalizer, kd_weight=kd_weight,
+        ce_weight=ce_weight, z_loss_weight=z_loss_weight, chunk_size=chunk_size, accum_dtype=accum_dtype,
+        num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, return_components=return_components)
+
+
+class FusedLinearGeneralizedJSD(nn.Module):
+    r"""Module form of :func:`amid.fused_linear_generalized_jsd` (Liger's ``LigerFusedLinearJSDLoss``).
+
+    ``forward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
+    student_bias=None, teacher_bias=None, normalizer=None, num_items_in_batch=None)``. Options are
+    plain attributes (``loss_fn.beta = 0.3`` works between steps).
+
+    Example::
+
+        loss_fn = amid.FusedLinearGeneralizedJSD(beta=0.5, temperature=1.0, kd_weight=0.5, ce_weight=0.5)
+        loss = loss_fn(hs, student.lm_head.weight, ht, teacher.lm_head.weight, labels[:, 1:])
+    """
+
+    def __init__(self, beta: float = 0.5, *, endpoints: str = "kl", temperature: float = 1.0,
+                 scale_by_t2: bool = False, ignore_index: int = -100, reduction: str = "mean",
+                 kd_weight: float = 1.0, ce_weight: float = 0.0, z_loss_weight: float = 0.0,
+                 chunk_size: Optional[int] = None, accum_dtype: Optional[torch.dtype] = None,
+                 vocab_size: Optional[int] = None, return_components: bool = False) -> None:
+        super().__init__()
+        fn = "FusedLinearGeneralizedJSD"
+        self.beta, self.endpoints = _real(fn, "beta", beta), endpoints
+        self.temperature, self.scale_by_t2 = _real(fn, "temperature", temperature), bool(scale_by_t2)
+        self.ignore_index, self.reduction = _integer(fn, "ignore_index", ignore_index), reduction
+        self.kd_weight, self.ce_weight, self.z_loss_weight = kd_weight, ce_weight, z_loss_weight
+        self.chunk_size, self.accum_dtype = chunk_size, accum_dtype
+        self.vocab_size, self.return_components = vocab_size, bool(return_components)
+
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
+                labels: Optional[Tensor] = None, student_bias: Optional[Tensor] = None,
+                teacher_bias: Optional[Tensor] = None, normalizer: Optional[Union[float, Tensor]] = None,
+                num_items_in_batch: Optional[Union[float, Tensor]] = None):
+        return _fused_linear_jsd(
+            "FusedLinearGeneralizedJSD", student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+            beta=self.beta, endpoints=self.endpoints, student_bias=student_bias, teacher_bias=teacher_bias,
+            temperature=self.temperature, scale_by_t2=self.scale_by_t2, ignore_index=self.ignore_index,
+            reduction=self.reduction, normalizer=normalizer, kd_weight=self.kd_weight, ce_weight=self.ce_weight,
+            z_loss_weight=self.z_loss_weight, chunk_size=self.chunk_size, accum_dtype=self.accum_dtype,
+            num_items_in_batch=num_items_in_batch, vocab_size=self.vocab_size,
+            return_components=self.return_components)
+
+    def extra_repr(self) -> str:
+        return (f"beta={self.beta}, endpoints='{self.endpoints}', temperature={self.temperature}, "
+                f"reduction='{self.reduction}', kd_weight={self.kd_weight}, ce_weight={self.ce_weight}, "
+                f"z_loss_weight={self.z_loss_weight}, chunk_size={self.chunk_size}")

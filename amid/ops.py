@@ -34,10 +34,10 @@ __all__ = ["amid_loss_fwd", "amid_loss_bwd", "scale_grad_", "GradInForward", "Re
            "DIVERGENCES", "ORDERS", "amid_loss_topk_fwd", "amid_loss_topk_bwd", "TopkGradInForward", "TAILS",
            "amid_partial_lse", "amid_partial_mix", "amid_partial_sums"]
 
-NUM_STATS = 7  # [A_max, B_max, Z, S_G, K, A_log, B_log] per row; csrc/amid_math.h kNumStats
+NUM_STATS = 8  # [A_max, B_max, Z, S_G, K, A_log, B_log, Z2] per row; csrc/amid_math.h kNumStats
 MIN_AB_EXPONENT = 1e-30  # csrc/checks.h kMinAbExponent
 DIVERGENCES = ("kl", "ab")
-ORDERS = ("pr", "qr", "rp", "rq")
+ORDERS = ("pr", "qr", "rp", "rq", "jsd")  # "jsd": lam D(p||r) + (1 - lam) D(q||r), one pass
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # c10's names for dtypes (what C++ messages print), so fake-kernel messages match word for word.
 _DTYPE_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float", torch.float64: "Double",
@@ -102,12 +102,15 @@ def check_options(op: str, alpha: float, lam: float, divergence: str, order: str
         f"expected temperature >= {_fmt_float(1.0 / fmax)} (its inverse must be finite in "
         f"{'float64' if math_dtype == torch.float64 else 'float32'} math), but got {_fmt_float(temperature)}"))
     _check(divergence in DIVERGENCES, op, lambda: f"expected divergence to be one of 'kl', 'ab', but got '{divergence}'")
-    _check(order in ORDERS, op, lambda: f"expected order to be one of 'pr', 'qr', 'rp', 'rq', but got '{order}'")
+    _check(order in ORDERS, op, lambda: f"expected order to be one of 'pr', 'qr', 'rp', 'rq', 'jsd', but got '{order}'")
     if divergence == "ab":
         _check(math.isfinite(ab_alpha) and ab_alpha > 0.0, op, lambda: f"expected ab_alpha > 0 for the alpha-beta divergence, but got {_fmt_float(ab_alpha)}")
         _check(math.isfinite(ab_beta) and ab_beta > 0.0, op, lambda: f"expected ab_beta > 0 for the alpha-beta divergence, but got {_fmt_float(ab_beta)}")
         _check(ab_alpha >= MIN_AB_EXPONENT, op, lambda: f"expected ab_alpha >= {_fmt_float(MIN_AB_EXPONENT)} for the alpha-beta divergence, but got {_fmt_float(ab_alpha)}")
         _check(ab_beta >= MIN_AB_EXPONENT, op, lambda: f"expected ab_beta >= {_fmt_float(MIN_AB_EXPONENT)} for the alpha-beta divergence, but got {_fmt_float(ab_beta)}")
+    _check(not detach_assistant or order != "jsd", op, lambda: (
+        "expected detach_assistant=False with order 'jsd' (a detached assistant is supported for 'qr' and 'rq' "
+        "only), but got detach_assistant=True"))
     _check(not detach_assistant or order in ("qr", "rq"), op, lambda: (
         f"expected order 'qr' or 'rq' with detach_assistant=True (in '{order}' the student enters only "
         f"through the assistant, so detaching it leaves no gradient), but got order '{order}'"))
@@ -119,7 +122,7 @@ def check_options(op: str, alpha: float, lam: float, divergence: str, order: str
 def amid_loss_fwd(student_logits: Tensor, teacher_logits: Tensor, row_weight: Optional[Tensor], alpha: float,
                   lam: float, divergence: str, order: str, ab_alpha: float, ab_beta: float, temperature: float,
                   detach_assistant: bool, compute_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """Per-row AMiD loss; see the schema comment in csrc/ops.cpp. Returns (loss [N], stats [N, 5], grad)."""
+    """Per-row AMiD loss; see the schema comment in csrc/ops.cpp. Returns (loss [N], stats [N, NUM_STATS], grad)."""
     return torch.ops.amid.amid_loss_fwd.default(student_logits, teacher_logits, row_weight, float(alpha), float(lam),
                                                 divergence, order, float(ab_alpha), float(ab_beta), float(temperature),
                                                 bool(detach_assistant), bool(compute_grad))
@@ -703,7 +706,7 @@ def _partial_pass_fake(op: str, cols: int, student_logits, teacher_logits, row_w
 def amid_partial_mix(student_logits: Tensor, teacher_logits: Tensor, row_weight: Optional[Tensor], stats: Tensor,
                      alpha: float, lam: float, divergence: str, order: str, ab_alpha: float, ab_beta: float,
                      temperature: float, detach_assistant: bool) -> Tensor:
-    """R2 of a vocabulary slice from the merged A, B in ``stats`` [N, 7] float64: [N, 3] (lt_max, lt_sum, tau_sum)."""
+    """R2 of a vocabulary slice from the merged A, B in ``stats`` [N, 8] float64: [N, 3] (lt_max, lt_sum, tau_sum)."""
     return torch.ops.amid.amid_partial_mix.default(student_logits, teacher_logits, row_weight, stats, float(alpha),
                                                    float(lam), divergence, order, float(ab_alpha), float(ab_beta),
                                                    float(temperature), bool(detach_assistant))

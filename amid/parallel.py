@@ -80,7 +80,7 @@ __all__ = ["vocab_parallel_amid_loss", "vocab_parallel_fused_linear_amid_loss", 
            "merged_rows_from_slices", "dtensor_amid_loss", "CommCounter"]
 
 _NEG_INF = -math.inf
-_A_MAX, _B_MAX, _Z, _SG, _K, _A_LOG, _B_LOG = range(7)
+_A_MAX, _B_MAX, _Z, _SG, _K, _A_LOG, _B_LOG, _Z2 = range(8)  # amid.ops.NUM_STATS columns (Z2 = Z: single orders)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ def _empty_part(n: int, cols: Sequence[float], device) -> Tensor:
 
 def _merged_forward(slices: List[Tuple[Tensor, Tensor]], weight: Optional[Tensor], options: dict, comm,
                     n: int, device) -> Tuple[Tensor, Tensor]:
-    """Row losses (float64, times the row weight) and the merged stats [N, 7] float64 (the layout of
+    """Row losses (float64, times the row weight) and the merged stats [N, 8] float64 (the layout of
     amid_loss_fwd's stats: NaN on invalid rows, 0 on ignored rows)."""
     opts = tuple(options.values())
     T = options["temperature"]
@@ -167,7 +167,7 @@ def _merged_forward(slices: List[Tuple[Tensor, Tensor]], weight: Optional[Tensor
     St, Ss = sums.unbind(1)
     valid = keep & (bad == 0) & (Mt > _NEG_INF) & (Ms > _NEG_INF)
     zero = torch.zeros_like(Mt)
-    stats = torch.stack([Mt, Ms, zero, zero, zero, torch.log(St), torch.log(Ss)], 1)
+    stats = torch.stack([Mt, Ms, zero, zero, zero, torch.log(St), torch.log(Ss), zero], 1)
     nan = torch.full_like(stats, math.nan)
 
     def finish(st: Tensor, ok: Tensor) -> Tensor:
@@ -184,7 +184,7 @@ def _merged_forward(slices: List[Tuple[Tensor, Tensor]], weight: Optional[Tensor
     sr, tau = sums.unbind(1)
     Z = torch.where(tau.abs() < 0.5, torch.log1p(tau), M2 + torch.log(sr))
     valid = valid & (M2 > _NEG_INF)  # α >= 1 with disjoint supports: the assistant is undefined
-    stats = finish(torch.cat([stats[:, :_Z], Z[:, None], stats[:, _Z + 1:]], 1), valid)
+    stats = finish(torch.cat([stats[:, :_Z], Z[:, None], stats[:, _Z + 1:_Z2], Z[:, None]], 1), valid)
 
     # R3: the row sums, K and L.
     parts = [_ops.amid_partial_sums(s, t, weight, stats, *opts) if s.shape[1] else _empty_part(n, (0,) * 8, device)
@@ -193,8 +193,8 @@ def _merged_forward(slices: List[Tuple[Tensor, Tensor]], weight: Optional[Tensor
     K = S_H if options["detach_assistant"] else S_Gw - Wbar * S_G + S_H
     if options["divergence"] == "kl":  # amid_math.h kl_row_loss
         L = torch.where(bound_l <= abs_l1 + Z.abs(), L, sum_l1)
-    stats = finish(torch.stack([stats[:, _A_MAX], stats[:, _B_MAX], Z, S_G, K, stats[:, _A_LOG], stats[:, _B_LOG]], 1),
-                   valid)
+    stats = finish(torch.stack([stats[:, _A_MAX], stats[:, _B_MAX], Z, S_G, K, stats[:, _A_LOG], stats[:, _B_LOG], Z],
+                               1), valid)
     rows = torch.where(valid, L, torch.where(keep, torch.full_like(L, math.nan), torch.zeros_like(L)))
     if weight is not None:
         rows = torch.where(keep, rows * weight.to(torch.float64), torch.zeros_like(rows))
@@ -216,7 +216,7 @@ def merged_rows_from_slices(student_slices: Sequence[Tensor], teacher_slices: Se
                             row_weight: Optional[Tensor] = None, **options) -> Tuple[Tensor, Tensor]:
     """The vocab-parallel computation in one process: the partial ops on each slice ([N, V_i] each,
     concatenated along V they are the whole logits) and the same merge rule as across ranks.
-    Returns (row losses [N] in the loss dtype, stats [N, 7] float64). For tests of the ops and the
+    Returns (row losses [N] in the loss dtype, stats [N, 8] float64). For tests of the ops and the
     merge rule without a process group."""
     s0 = student_slices[0]
     opts = _options_from("merged_rows_from_slices", options)
@@ -394,6 +394,9 @@ def vocab_parallel_amid_loss(
             raise _error(fn, f"expected logits on the CPU: this build has no vocab-parallel kernels for device "
                              f"type '{device.type}' (the CUDA partial ops are not written yet)")
         options = _loss_options(fn, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant)
+        if options["order"] == "jsd":
+            raise _error(fn, "expected order to be one of 'pr', 'qr', 'rp', 'rq' (the one-pass generalized JSD, order "
+                             "'jsd', is not available vocab-parallel yet: add the two orders' losses), but got 'jsd'")
         try:  # the op's range checks, here so that a bad value on one rank is reported to all
             _ops.check_options(fn, *options.values(), _ops.loss_dtype(student_shard.dtype))
         except RuntimeError as e:
@@ -479,7 +482,7 @@ def vocab_parallel_amid_loss(
 
 def vocab_parallel_rows(student_shard: Tensor, teacher_shard: Tensor, row_weight: Optional[Tensor] = None, *,
                         group=None, comm_counter: Optional[CommCounter] = None, **options) -> Tuple[Tensor, Tensor]:
-    """Low level: (row losses [N], stats [N, 7]) of 2-D shards [N, V_r] with a row weight, no checks,
+    """Low level: (row losses [N], stats [N, 8]) of 2-D shards [N, V_r] with a row weight, no checks,
     no autograd; every rank must call it with the same N and options."""
     opts = _options_from("vocab_parallel_rows", options)
     rows, stats = _merged_forward([(student_shard, teacher_shard)], row_weight, opts,
@@ -548,7 +551,7 @@ class _VocabParallelFusedLinear(torch.autograd.Function):
         n = hs.shape[0]
         options = dict(zip(_ops._OPTION_NAMES, opts))
         rows = hs.new_empty((n,), dtype=torch.float64)
-        stats = hs.new_empty((n, 7), dtype=torch.float64)
+        stats = hs.new_empty((n, _ops.NUM_STATS), dtype=torch.float64)
         for a in range(0, max(n, 1), chunk):  # at least one pass, so that every rank enters the collectives
             b = min(a + chunk, n)
             s = torch.nn.functional.linear(hs[a:b], ws, bs)

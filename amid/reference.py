@@ -11,6 +11,7 @@ Semantics (spec: ../shared/docs/amid-math.md):
 * ``kl``: KL between two of p, q, r in the given order; elements where a logit is -inf are dropped
   from the sum (their assistant mass stays in the normaliser);
 * ``ab``: the alpha-beta divergence D(x||y) = -1/(ab) sum(x^a y^b - a/(a+b) x^(a+b) - b/(a+b) y^(a+b));
+* order ``jsd``: lam D(p||r) + (1 - lam) D(q||r) (GKD's generalized JSD(beta = lam) at alpha = -1, kl);
 * ``detach_assistant``: the student inside r is treated as a constant (TAID), ``qr``/``rq`` only;
 * NaN / +inf logits, or a row whose teacher or student logits are all -inf, give a NaN row loss.
 
@@ -69,6 +70,11 @@ def amid_loss_rows(student_logits: Tensor, teacher_logits: Tensor, *, alpha: flo
     _ops.check_logits_pair(op, student_logits, teacher_logits)
     _ops.check_options(op, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant,
                        student_logits.dtype)
+    if order == "jsd":  # lam D(p||r) + (1 - lam) D(q||r): both orders against the one assistant
+        kw = dict(alpha=alpha, lam=lam, divergence=divergence, ab_alpha=ab_alpha, ab_beta=ab_beta,
+                  temperature=temperature)
+        return (lam * amid_loss_rows(student_logits, teacher_logits, order="pr", **kw)
+                + (1.0 - lam) * amid_loss_rows(student_logits, teacher_logits, order="qr", **kw))
     s = student_logits / temperature
     t = teacher_logits / temperature
     bad_t = ~(t < math.inf).all(-1) | (t == -math.inf).all(-1)  # NaN / +inf / all -inf rows

@@ -92,7 +92,7 @@ DTYPES = {
     "f64": ("d", 8, "f64"),
 }
 DIVERGENCES = {0: "kl", 1: "ab"}
-ORDERS = {0: "pr", 1: "qr", 2: "rp", 3: "rq"}
+ORDERS = {0: "pr", 1: "qr", 2: "rp", 3: "rq", 4: "jsd"}
 PASSES = ("stage", "R1", "R2", "W")
 
 # Targets of issue 9 (bf16, sm_90a): (instructions, MUFU) per element over R1 + R2 + W.

@@ -38,9 +38,12 @@
 
 namespace amid {
 
-// Divergence and order codes, parsed once on the host from the schema's strings.
+// Divergence and order codes, parsed once on the host from the schema's strings. kJSD ("jsd") is
+// the combined order lam D(p||r) + (1 - lam) D(q||r): both orders against the one assistant r,
+// weighted by the mixture's own weights (at alpha = -1 with kl, GKD's generalized JSD(beta = lam)),
+// computed in one set of passes (jsd_terms below).
 enum class Divergence : int { kKL = 0, kAB = 1 };
-enum class Order : int { kPR = 0, kQR = 1, kRP = 2, kRQ = 3 };
+enum class Order : int { kPR = 0, kQR = 1, kRP = 2, kRQ = 3, kJSD = 4 };
 
 // How lt = log r~ is formed; chosen on the host from (alpha, lam) so the kernels never branch on
 // floating-point parameter values per element.
@@ -52,11 +55,16 @@ enum class MixMode : int {
 };
 
 // Number of per-row statistics the forward op returns and the backward op consumes:
-// [A_max, B_max, Z, S_G, K, A_log, B_log]: the log-sum-exps of the scaled teacher / student logits in
-// two parts (A = A_max + A_log, see RowLse), the LSE of lt, and the two row scalars of the gradient
-// (for kl the shifted S_G', K' of element_terms). Keep in sync with amid/ops.py (NUM_STATS).
-constexpr int kNumStats = 7;
-enum StatIndex : int { kStatAMax = 0, kStatBMax = 1, kStatZ = 2, kStatSG = 3, kStatK = 4, kStatALog = 5, kStatBLog = 6 };
+// [A_max, B_max, Z, S_G, K, A_log, B_log, Z2]: the log-sum-exps of the scaled teacher / student logits in
+// two parts (A = A_max + A_log, see RowLse), the LSE of lt, the two row scalars of the gradient (for kl
+// the shifted S_G', K' of element_terms), and Z2: for the combined order (kJSD) the LSE of lt as its
+// second term (qr) computes it (relative to q; Z is the first term's, relative to p), else Z. The two
+// agree up to rounding, but each term's small-divergence form needs its own (see jsd_terms). Keep in
+// sync with amid/ops.py (NUM_STATS).
+constexpr int kNumStats = 8;
+enum StatIndex : int {
+  kStatAMax = 0, kStatBMax = 1, kStatZ = 2, kStatSG = 3, kStatK = 4, kStatALog = 5, kStatBLog = 6, kStatZ2 = 7
+};
 
 // Coefficients kept for the series of the alpha-beta element function phi (see ab_parts).
 constexpr int kAbPhiTerms = 18;
@@ -254,6 +262,27 @@ AMID_HD void mixture(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& 
   }
 }
 
+// The mixture for the combined order (kJSD): lt and w as above, and d relative to both sides,
+// dp = lt - lp and dq = lt - lq, each in the form that keeps its accuracy where r ~ that side (the
+// small-divergence regime of that term). Two evaluations of mixture that share their inputs (the
+// compiler merges the common exp / expm1); lt and w are those of the p-referenced one.
+template <MixMode MODE, class M, typename T>
+AMID_HD void mixture_both(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& dp, T& dq) {
+  T lt2, w2;
+  mixture<MODE, true, M>(P, lp, lq, dpq, lt, w, dp);
+  mixture<MODE, false, M>(P, lp, lq, dpq, lt2, w2, dq);
+}
+
+template <class M, typename T>
+AMID_HD void mixture_both(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& dp, T& dq) {
+  switch (P.mode) {
+    case MixMode::kStudent: mixture_both<MixMode::kStudent, M>(P, lp, lq, dpq, lt, w, dp, dq); return;
+    case MixMode::kTeacher: mixture_both<MixMode::kTeacher, M>(P, lp, lq, dpq, lt, w, dp, dq); return;
+    case MixMode::kGeometric: mixture_both<MixMode::kGeometric, M>(P, lp, lq, dpq, lt, w, dp, dq); return;
+    default: mixture_both<MixMode::kPower, M>(P, lp, lq, dpq, lt, w, dp, dq); return;
+  }
+}
+
 // A row's log-sum-exp in two parts, LSE = m + l: m the row maximum (exact) and l = log sum e^(x - m)
 // in [0, log V]. log p = (x - m) - l keeps its accuracy at any logit scale (x - m is exact near the
 // maximum), where x - LSE would carry LSE's rounding, eps |LSE|: 1e-3 at logits of 1e4, everything
@@ -343,6 +372,42 @@ AMID_HD void mixture_from_logits(const LossParams<T>& P, T tf, T sf, T A, T B, T
 template <bool REF_P, class M, typename T>
 AMID_HD void mixture_from_logits(const LossParams<T>& P, T tf, T sf, T A, T B, T& lp, T& lq, T& lt, T& w, T& d) {
   mixture_from_logits<REF_P, M>(P, tf, sf, RowLse<T>{A, T(0)}, RowLse<T>{B, T(0)}, A - B, lp, lq, lt, w, d);
+}
+
+// The combined order's mixture from the logits (kJSD; see mixture_both), with the mode as a template
+// argument or read from P, and single log-sum-exps A, B in the second form.
+template <MixMode MODE, class M, typename T>
+AMID_HD void mixture_both_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T& lp,
+                                      T& lq, T& lt, T& w, T& dp, T& dq) {
+  lp = log_prob(tf, A);
+  lq = log_prob(sf, B);
+  mixture_both<MODE, M>(P, lp, lq, logit_gap(tf, sf, lp, lq, dAB), lt, w, dp, dq);
+}
+
+// The GPU kernels' split (see mixture_from_logits_split) for the combined order.
+template <bool POWER, class M, typename T>
+AMID_HD void mixture_both_from_logits_split(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB,
+                                            T& lp, T& lq, T& lt, T& w, T& dp, T& dq) {
+  lp = log_prob(tf, A);
+  lq = log_prob(sf, B);
+  const T dpq = logit_gap(tf, sf, lp, lq, dAB);
+  if constexpr (POWER) {
+    mixture_both<MixMode::kPower, M>(P, lp, lq, dpq, lt, w, dp, dq);
+  } else {
+    switch (P.mode) {
+      case MixMode::kStudent: mixture_both<MixMode::kStudent, M>(P, lp, lq, dpq, lt, w, dp, dq); return;
+      case MixMode::kTeacher: mixture_both<MixMode::kTeacher, M>(P, lp, lq, dpq, lt, w, dp, dq); return;
+      default: mixture_both<MixMode::kGeometric, M>(P, lp, lq, dpq, lt, w, dp, dq); return;
+    }
+  }
+}
+
+template <class M, typename T>
+AMID_HD void mixture_both_from_logits(const LossParams<T>& P, T tf, T sf, T A, T B, T& lp, T& lq, T& lt, T& w, T& dp,
+                                      T& dq) {
+  lp = log_prob(tf, RowLse<T>{A, T(0)});
+  lq = log_prob(sf, RowLse<T>{B, T(0)});
+  mixture_both<M>(P, lp, lq, logit_gap(tf, sf, lp, lq, A - B), lt, w, dp, dq);
 }
 
 // tau = r~ - o for one element (o = e^l_ref, d = lt - l_ref), without cancellation when r~ ~ o.
@@ -528,6 +593,31 @@ AMID_HD Terms<T> element_terms(const LossParams<T>& P, T p, T q, T r, T lp, T lq
   return o;
 }
 
+// The combined order (kJSD): the terms of pr (with lr_a = lt - Z, e_p = dp - Z) and of qr (with
+// lr_b = lt - Z2, e_q = dq - Z2), each with its own second-order form and its own Z: Z from the
+// excesses over p, Z2 from those over q (stats kStatZ, kStatZ2). In float the two differ by the
+// rounding of the row's log-sum-exps (sum p and sum q are 1 only up to it), and a term evaluated with
+// the other's Z is off at first order in the small-divergence regime (measured: 2e-4 normwise in the
+// gradient for a student within 1% of its teacher). The gradient terms of lam pr + (1 - lam) qr:
+// the lemma is linear in (G, H), so the combined G, H (and their row sums S_G, K) are the weighted
+// sums; for kl the shifts add up too (S0 = -1, K0 = 1 - lam). The loss terms stay separate (pr in a,
+// qr in b) so that each row loss picks its own error bound (kl_row_loss) before they are combined.
+template <typename T>
+struct JsdTerms {
+  Terms<T> a, b;  // pr, qr (each unweighted)
+  T G, H;         // lam a.G + (1 - lam) b.G, lam a.H + (1 - lam) b.H
+};
+
+template <Divergence D, class M, typename T>
+AMID_HD JsdTerms<T> jsd_terms(const LossParams<T>& P, T p, T q, T r, T lp, T lq, T lr_a, T lr_b, T e_p, T e_q) {
+  JsdTerms<T> o;
+  o.a = element_terms<D, Order::kPR, M>(P, p, q, r, lp, lq, lr_a, e_p);
+  o.b = element_terms<D, Order::kQR, M>(P, p, q, r, lp, lq, lr_b, e_q);
+  o.G = P.lam * o.a.G + P.one_minus_lam * o.b.G;
+  o.H = P.lam * o.a.H + P.one_minus_lam * o.b.H;
+  return o;
+}
+
 // Gradient of the row loss with respect to the temperature-scaled student logits, for one element
 // (G, H, S_G, K shifted for kl as above).
 template <typename T>
@@ -568,6 +658,7 @@ inline void dispatch_loss(Divergence d, Order o, F&& f) {
       case Order::kPR: f(dc, OrderC<Order::kPR>{}); break;
       case Order::kQR: f(dc, OrderC<Order::kQR>{}); break;
       case Order::kRP: f(dc, OrderC<Order::kRP>{}); break;
+      case Order::kJSD: f(dc, OrderC<Order::kJSD>{}); break;
       default: f(dc, OrderC<Order::kRQ>{}); break;
     }
   };

@@ -6,6 +6,7 @@
 // Two reductions per row (spec §3.3):
 //   R1  OnlineLSE over t/T and s/T                      -> A = LSE(t/T), B = LSE(s/T)
 //   R2  RowAcc over lt (needs A, B)                     -> Z = LSE(lt), the loss L, S_G and K
+//       (JsdRowAcc for the combined order 'jsd': the pr and qr states side by side)
 // R2 keeps Z-dependent sums relative to the running max m of lt: with rho = e^(lt - m),
 // S = sum rho, r = rho / S and Z = m + log S, a sum of r^c f is (sum rho^c f) / S^c, and when m
 // grows by d every such sum is multiplied by e^(-c d). The loss-specific sums (fields f below),
@@ -300,6 +301,64 @@ struct RowAcc {
     K = row_K(P.detach, S_G, S_Gw, S_H, Wbar);
     return true;
   }
+
+  // finalize with log S formed here, and the second Z of the stats (amid_math.h: kStatZ2), which for
+  // a single order is Z (the kernels call this form; JsdRowAcc has the same).
+  template <class M>
+  AMID_HD bool close(const LossParams<T>& P, T& Z, T& Z2, T& L, T& S_G, T& K) const {
+    const bool ok = finalize<M>(P, M::log(S), Z, L, S_G, K);
+    Z2 = Z;
+    return ok;
+  }
+};
+
+// R2 state of the combined order (kJSD, lam D(p||r) + (1 - lam) D(q||r)): the pr and qr states side
+// by side, fed from one evaluation of the mixture per element (amid_math.h: mixture_both, d relative
+// to p for the first and to q for the second). Each closes with its own Z (log1p of its own excess
+// sum: accurate where r ~ its side), and the W pass evaluates each term with its own (Z for pr, Z2 for
+// qr: amid_math.h, jsd_terms); the loss and the gradient's row scalars are the weighted sums (the
+// lemma is linear in G, H).
+template <Divergence D, typename T>
+struct JsdRowAcc {
+  RowAcc<D, Order::kPR, T> a;
+  RowAcc<D, Order::kQR, T> b;
+
+  template <class M>
+  AMID_HD void rebase(const LossParams<T>& P, T mx) {
+    a.template rebase<M>(P, mx);
+    b.template rebase<M>(P, mx);
+  }
+  template <class M>
+  AMID_HD void add(const LossParams<T>& P, T lp, T lq, T lt, T w, T dp, T dq) {
+    a.template add<M>(P, lp, lq, lt, w, dp);
+    b.template add<M>(P, lp, lq, lt, w, dq);
+  }
+  template <class M>
+  AMID_HD void merge(const LossParams<T>& P, const JsdRowAcc& o) {
+    a.template merge<M>(P, o.a);
+    b.template merge<M>(P, o.b);
+  }
+  template <class M>
+  AMID_HD bool close(const LossParams<T>& P, T& Z, T& Z2, T& L, T& S_G, T& K) const {
+    T La, Ga, Ka, Lb, Gb, Kb;
+    if (!a.template finalize<M>(P, M::log(a.S), Z, La, Ga, Ka) || !b.template finalize<M>(P, M::log(b.S), Z2, Lb, Gb, Kb)) {
+      return false;
+    }
+    L = P.lam * La + P.one_minus_lam * Lb;
+    S_G = P.lam * Ga + P.one_minus_lam * Gb;
+    K = P.lam * Ka + P.one_minus_lam * Kb;
+    return true;
+  }
+};
+
+// The R2 state of loss (D, O).
+template <Divergence D, Order O, typename T>
+struct RowAccOf {
+  using type = RowAcc<D, O, T>;
+};
+template <Divergence D, typename T>
+struct RowAccOf<D, Order::kJSD, T> {
+  using type = JsdRowAcc<D, T>;
 };
 
 }  // namespace amid

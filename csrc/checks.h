@@ -129,7 +129,8 @@ inline Order parse_order(const char* op, const std::string& o) {
   if (o == "qr") return Order::kQR;
   if (o == "rp") return Order::kRP;
   if (o == "rq") return Order::kRQ;
-  AMID_CHECK(false, op, "expected order to be one of 'pr', 'qr', 'rp', 'rq', but got '", o, "'");
+  if (o == "jsd") return Order::kJSD;
+  AMID_CHECK(false, op, "expected order to be one of 'pr', 'qr', 'rp', 'rq', 'jsd', but got '", o, "'");
   return Order::kPR;
 }
 
@@ -160,6 +161,9 @@ LossParams<T> make_params(const char* op, double alpha, double lam, const std::s
     AMID_CHECK(ab_beta >= kMinAbExponent, op, "expected ab_beta >= ", kMinAbExponent,
                " for the alpha-beta divergence, but got ", ab_beta);
   }
+  AMID_CHECK(!detach_assistant || P.order != Order::kJSD, op,
+             "expected detach_assistant=False with order 'jsd' (a detached assistant is supported for 'qr' "
+             "and 'rq' only), but got detach_assistant=True");
   AMID_CHECK(!detach_assistant || P.order == Order::kQR || P.order == Order::kRQ, op,
              "expected order 'qr' or 'rq' with detach_assistant=True (in '", order,
              "' the student enters only through the assistant, so detaching it leaves no "
@@ -191,7 +195,7 @@ LossParams<T> make_params(const char* op, double alpha, double lam, const std::s
   P.inv_ab = T(1.0 / (ab_alpha * ab_beta));
   P.inv_a = T(1.0 / ab_alpha);
   P.inv_b = T(1.0 / ab_beta);
-  const bool x_r = P.order == Order::kPR || P.order == Order::kQR;
+  const bool x_r = P.order == Order::kPR || P.order == Order::kQR || P.order == Order::kJSD;
   const double c = x_r ? ab_beta : ab_alpha, g = ab_alpha + ab_beta;
   P.ab_c = T(c);
   P.ab_c_over_g = T(c / g);

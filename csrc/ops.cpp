@@ -102,7 +102,8 @@ TORCH_LIBRARY(amid, m) {
   //   student_logits, teacher_logits: [N, V], same dtype (f16/bf16/f32/f64), unit stride along V.
   //   row_weight: [N] (float32; float64 for float64 logits) or None (= 1). Rows with weight 0
   //     are skipped: loss 0, gradient 0, logits not read.
-  //   Returns loss [N] = row_weight * L_n, stats [N, 5] = (A, B, Z, S_G, K) for amid_loss_bwd,
+  //   order: 'pr', 'qr', 'rp', 'rq', or 'jsd' = lam D(p||r) + (1 - lam) D(q||r) in one pass.
+  //   Returns loss [N] = row_weight * L_n, stats [N, 8] (amid_math.h: kNumStats) for amid_loss_bwd,
   //   grad [N, V] = d(sum loss)/d student_logits in the logits dtype if compute_grad, else [0].
   m.def(
       "amid_loss_fwd(Tensor student_logits, Tensor teacher_logits, Tensor? row_weight, "

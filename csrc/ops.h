@@ -13,8 +13,9 @@
 namespace amid {
 
 // Per-row AMiD loss of student logits [N, V] against teacher logits [N, V].
-// Returns (loss [N], stats [N, 5], grad): loss_n = row_weight_n * L_n (0 where row_weight_n == 0,
-// those rows are skipped); stats = [A, B, Z, S_G, K] per row; grad = d(sum loss)/d student_logits
+// Returns (loss [N], stats [N, 8], grad): loss_n = row_weight_n * L_n (0 where row_weight_n == 0,
+// those rows are skipped); stats = [A_max, B_max, Z, S_G, K, A_log, B_log, Z2] per row (amid_math.h:
+// kNumStats); grad = d(sum loss)/d student_logits
 // ([N, V], logits dtype) when compute_grad, else an empty tensor. loss/stats are float32 (float64
 // for float64 logits).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> amid_loss_fwd(

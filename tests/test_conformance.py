@@ -145,7 +145,8 @@ def test_peers_present_when_installed():
 @pytest.mark.parametrize("beta,order", [(0.0, "pr"), (1.0, "rp")])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_liger_fused_linear_port(beta, order, temperature):
-    """The README's port of LigerFusedLinearJSDLoss (soft + hard loss) at its KL ends: same loss and gradients."""
+    """LigerFusedLinearJSDLoss (soft + hard loss) at its KL ends as single-order fused_linear_amid_loss calls:
+    same loss and gradients (the README's port, fused_linear_generalized_jsd, at every beta: test_fused_jsd.py)."""
     chunked = pytest.importorskip("liger_kernel.chunked_loss")
     g = torch.Generator().manual_seed(0)
     n, v = 12, 20

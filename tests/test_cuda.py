@@ -281,3 +281,44 @@ def test_paths_agree():
             del os.environ["AMID_CUDA_PATH"]
     torch.testing.assert_close(out["stream"][0], out["resident"][0], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out["stream"][2].float(), out["resident"][2].float(), atol=1e-6, rtol=2e-2)
+
+
+@pytest.mark.parametrize("div", ["kl", "ab"])
+def test_jsd_order(path, div):
+    """The combined order 'jsd' (JsdRowAcc, one pass for lam pr + (1 - lam) qr) on both read paths:
+    float64 against the reference (with -inf entries), a student within 1% of its teacher in float32
+    (the budgets of test_small_divergence), and bf16 against the CPU op on a larger batch."""
+    s, t = make_logits(7, 33)
+    t[0, 1] = s[1, 2] = -math.inf
+    s[2, 3] = t[2, 3] = -math.inf
+    for alpha, lam in ((-1.0, 0.1), (-1.0, 0.5), (-1.0, 0.9), (0.5, 0.3), (1.0, 0.6), (3.0, 0.7), (-1.0, 0.0)):
+        opts = op_opts(alpha, lam, div, "jsd", temperature=1.7)
+        ref_rows, ref_grad = ref_rows_and_grad(s, t, **opts)
+        for gif in (True, False):
+            rows, grad = _cuda_rows_and_grad(s, t, grad_in_forward=gif, **opts)
+            assert_loss_close(rows, ref_rows, torch.float64, f"{path} {opts}")
+            assert_grad_close(grad, ref_grad, torch.float64, f"{path} {opts}")
+    g = torch.Generator().manual_seed(5)
+    t, _ = make_logits(16, 20000, generator=g)
+    s = (t + 0.01 * torch.randn(t.shape, generator=g, dtype=torch.float64)).float()
+    t = t.float()
+    for alpha, lam in ((-1.0, 0.1), (-1.0, 0.5), (-1.0, 0.9), (0.5, 0.3)):
+        opts = op_opts(alpha, lam, div, "jsd")
+        ref_rows, ref_grad = ref_rows_and_grad(s.double(), t.double(), **opts)
+        for gif in (True, False):
+            rows, grad = _cuda_rows_and_grad(s, t, grad_in_forward=gif, **opts)
+            rel = ((rows.double() - ref_rows).abs() / ref_rows.abs()).max().item()
+            assert rel <= (1e-3 if div == "kl" else 1e-4), (opts, rel)
+            assert normwise_err(grad, ref_grad) <= 1e-4, opts
+    s, t = make_logits(256, 32000, dtype=torch.bfloat16)
+    labels = torch.randint(0, 32000, (256,))
+    labels[::5] = -100
+    results = []
+    for dev in ("cpu", "cuda"):
+        x = s.to(dev).requires_grad_(True)
+        loss = amid.generalized_jsd(x, t.to(dev), labels.to(dev), beta=0.3) if div == "kl" else amid.amid_loss(
+            x, t.to(dev), labels.to(dev), alpha=-1.0, lam=0.3, divergence="ab", order="jsd")
+        loss.backward()
+        results.append((loss.detach().cpu(), x.grad.float().cpu()))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-4)
+    assert normwise_err(results[1][1], results[0][1]) < 1e-2

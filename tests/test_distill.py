@@ -556,7 +556,7 @@ def test_bad_configs(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"config field 'kd_weight'.*but got -0.1"):
         DistillConfig(teacher=str(tdir), train_file=paths["train"], kd_weight=-0.1).validate()
     with pytest.raises(ConfigError,
-                       match=r"config field 'order': expected one of 'pr', 'qr', 'rp', 'rq', but got 'pq'"):
+                       match=r"config field 'order': expected one of 'pr', 'qr', 'rp', 'rq', 'jsd', but got 'pq'"):
         DistillConfig(teacher=str(tdir), train_file=paths["train"], order="pq").validate()
     with pytest.raises(ConfigError, match="detach_assistant"):
         DistillConfig(teacher=str(tdir), train_file=paths["train"], detach_assistant=True, order="pr").validate()

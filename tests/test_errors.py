@@ -60,7 +60,7 @@ FWD_CASES = [
     (s, t, None, OPTS[:6] + (-2.0, False), P + "expected temperature > 0, but got -2"),
     (s, t, None, (0.5, 0.5, "js") + OPTS[3:], P + "expected divergence to be one of 'kl', 'ab', but got 'js'"),
     (s, t, None, (0.5, 0.5, "kl", "pq") + OPTS[4:],
-     P + "expected order to be one of 'pr', 'qr', 'rp', 'rq', but got 'pq'"),
+     P + "expected order to be one of 'pr', 'qr', 'rp', 'rq', 'jsd', but got 'pq'"),
     (s, t, None, (0.5, 0.5, "ab", "pr", 0.0, 0.7, 1.0, False),
      P + "expected ab_alpha > 0 for the alpha-beta divergence, but got 0"),
     (s, t, None, (0.5, 0.5, "ab", "pr", 0.2, -1.0, 1.0, False),
@@ -68,6 +68,9 @@ FWD_CASES = [
     (s, t, None, (0.5, 0.5, "kl", "pr", 0.2, 0.7, 1.0, True),
      P + "expected order 'qr' or 'rq' with detach_assistant=True (in 'pr' the student enters only through the "
          "assistant, so detaching it leaves no gradient), but got order 'pr'"),
+    (s, t, None, (-1.0, 0.5, "kl", "jsd", 0.2, 0.7, 1.0, True),
+     P + "expected detach_assistant=False with order 'jsd' (a detached assistant is supported for 'qr' and 'rq' "
+         "only), but got detach_assistant=True"),
 ]
 
 
@@ -85,7 +88,7 @@ def test_bwd_errors():
     _both(lambda g, a, b, st: bwd(g, a, b, None, st, *OPTS), torch.ones(3), s, t, stats,
           expected=Pb + "expected grad_loss of shape [2], but got [3]")
     _both(lambda g, a, b, st: bwd(g, a, b, None, st, *OPTS), gl, s, t, stats[:, :4],
-          expected=Pb + "expected stats of shape [2, 7], but got [2, 4]")
+          expected=Pb + "expected stats of shape [2, 8], but got [2, 4]")
     _both(lambda g, a, b, st: bwd(g, a, b, None, st, *OPTS), gl, s, t, stats.double(),
           expected=Pb + "expected stats of dtype Float, but got Double")
     _both(lambda g, a, b, st: bwd(g, a, b, None, st, 0.5, 2.0, *OPTS[2:]), gl, s, t, stats,

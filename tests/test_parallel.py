@@ -118,15 +118,27 @@ def test_partial_op_errors():
     s, t = make_logits(3, 5)
     with pytest.raises(RuntimeError, match=r"amid::amid_partial_lse: expected temperature > 0, but got 0"):
         torch.ops.amid.amid_partial_lse(s, t, None, 0.0)
-    bad = torch.zeros(3, 7, dtype=torch.float32)
+    bad = torch.zeros(3, amid.ops.NUM_STATS, dtype=torch.float32)
     for op in ("amid_partial_mix", "amid_partial_sums"):
         with pytest.raises(RuntimeError, match=rf"amid::{op}: expected stats of dtype Double, but got Float"):
             getattr(torch.ops.amid, op)(s, t, None, bad, 0.5, 0.3, "kl", "pr", 0.2, 0.7, 1.0, False)
-        with pytest.raises(RuntimeError, match=rf"amid::{op}: expected stats of shape \[3, 7\], but got \[3, 5\]"):
+        with pytest.raises(RuntimeError, match=rf"amid::{op}: expected stats of shape \[3, {amid.ops.NUM_STATS}\], but got \[3, 5\]"):
             getattr(torch.ops.amid, op)(s, t, None, bad[:, :5].double(), 0.5, 0.3, "kl", "pr", 0.2, 0.7, 1.0, False)
-        with pytest.raises(RuntimeError, match=rf"amid::{op}: expected stats of shape \[3, 7\]"):
+        with pytest.raises(RuntimeError, match=rf"amid::{op}: expected stats of shape \[3, {amid.ops.NUM_STATS}\]"):
             getattr(torch.ops.amid, op)(s.to("meta"), t.to("meta"), None, bad[:, :5].double().to("meta"), 0.5, 0.3,
                                         "kl", "pr", 0.2, 0.7, 1.0, False)
+
+
+def test_jsd_order_refused():
+    # The one-pass generalized JSD (order 'jsd') has no partial-row form yet: a clear error from the ops
+    # and from the API (before any collective).
+    s, t = make_logits(3, 5, dtype=torch.float64)
+    stats = torch.zeros(3, amid.ops.NUM_STATS, dtype=torch.float64)
+    for op in ("amid_partial_mix", "amid_partial_sums"):
+        with pytest.raises(RuntimeError, match=rf"amid::{op}: expected order to be one of .*but got 'jsd'"):
+            getattr(torch.ops.amid, op)(s, t, None, stats, 0.5, 0.3, "kl", "jsd", 0.2, 0.7, 1.0, False)
+    with pytest.raises(Exception, match=r"but got 'jsd'"):
+        merged_rows_from_slices([s], [t], None, **dict(zip(OPT_NAMES, (0.5, 0.3, "kl", "jsd", 0.2, 0.7, 1.0, False))))
 
 
 def test_no_process_group_is_amid_loss():

@@ -21,7 +21,7 @@ DEMO_TEACHER = "smollm2"
 DEMO_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _DIVERGENCES = ("kl", "ab")
-_ORDERS = ("pr", "qr", "rp", "rq")
+_ORDERS = ("pr", "qr", "rp", "rq", "jsd")
 _LAM_SCHEDULES = ("constant", "linear", "taid")
 _REPLAY_RATIOS = ("constant", "increasing", "decreasing")
 _STRATEGIES = ("auto", "none", "ddp", "fsdp")
@@ -66,7 +66,8 @@ FIELD_HELP: Dict[str, str] = {
     "kd_weight": "objective = kd_weight * AMiD + (1 - kd_weight) * CE(labels); in [0, 1]",
     "alpha": "alpha of the alpha-mixture assistant (any real; 1 = geometric, -1 = arithmetic)",
     "divergence": "'kl' or 'ab' (alpha-beta divergence)",
-    "order": "which pair enters the divergence: pr, qr, rp, rq (p teacher, q student, r assistant)",
+    "order": "which pair enters the divergence: pr, qr, rp, rq (p teacher, q student, r assistant), or jsd "
+             "(lam pr + (1 - lam) qr in one pass)",
     "ab_alpha": "alpha of the alpha-beta divergence", "ab_beta": "beta of the alpha-beta divergence",
     "temperature": "loss temperature (both logits divided by it); sampling uses gen_temperature",
     "scale_by_t2": "multiply the AMiD term by temperature^2",

@@ -56,7 +56,7 @@ class _AMiDFields:
     amid_alpha: float = field(default=_amid.DEFAULT_ALPHA, metadata={"help": "α of the AMiD mixture (any real)."})
     amid_lam: float = field(default=_amid.DEFAULT_LAM, metadata={"help": "λ ∈ [0, 1], the teacher's weight in r."})
     amid_divergence: str = field(default="kl", metadata={"help": "'kl' or 'ab'."})
-    amid_order: str = field(default="pr", metadata={"help": "'pr', 'qr', 'rp' or 'rq'."})
+    amid_order: str = field(default="pr", metadata={"help": "'pr', 'qr', 'rp', 'rq' or 'jsd'."})
     amid_ab_alpha: float = field(default=0.2, metadata={"help": "α-β divergence a."})
     amid_ab_beta: float = field(default=0.7, metadata={"help": "α-β divergence b."})
     amid_temperature: float = field(default=1.0, metadata={"help": "Loss temperature (sampling has its own)."})

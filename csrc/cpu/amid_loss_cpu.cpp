@@ -173,6 +173,23 @@ AMID_CPU_CLONES void pass_mixture(const LossParams<acc_t>& P, const acc_t* tf, c
   }
 }
 
+// The combined order (kJSD): lt, w and d relative to both sides in one loop (amid_math.h:
+// mixture_both; the common exp / expm1 evaluated once).
+template <MixMode MODE, typename acc_t>
+AMID_CPU_CLONES void pass_mixture_both(const LossParams<acc_t>& P, const acc_t* tf, const acc_t* sf, int64_t V,
+                                       RowLse<acc_t> A, RowLse<acc_t> B, acc_t dAB, acc_t* lt, acc_t* w, acc_t* dp,
+                                       acc_t* dq) {
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) {
+    acc_t lpv, lqv, ltv, wv, dpv, dqv;
+    mixture_both_from_logits<MODE, M>(P, tf[v], sf[v], A, B, dAB, lpv, lqv, ltv, wv, dpv, dqv);
+    lt[v] = ltv;
+    w[v] = wv;
+    dp[v] = dpv;
+    dq[v] = dqv;
+  }
+}
+
 // tau = r~ - o per element (amid_math.h: assistant_excess), for Z = log1p(sum tau).
 template <typename acc_t>
 AMID_CPU_CLONES void pass_excess(const acc_t* o, const acc_t* d, const acc_t* lt, int64_t V, acc_t* out) {
@@ -219,6 +236,19 @@ AMID_CPU_CLONES void pass_terms(const LossParams<acc_t>& P, const acc_t* tf, con
   }
 }
 
+// The combined order (kJSD): G = lam G_pr + (1 - lam) G_qr and the same for H, in place in gs, hs
+// (amid_math.h: jsd_terms; the single-order passes wrote each order's terms, since one loop with both
+// bodies no longer vectorises).
+template <typename acc_t>
+AMID_CPU_CLONES void pass_combine(int64_t V, acc_t lam, acc_t one_minus_lam, acc_t* gs, acc_t* hs, const acc_t* gs2,
+                                  const acc_t* hs2) {
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) {
+    gs[v] = lam * gs[v] + one_minus_lam * gs2[v];
+    hs[v] = lam * hs[v] + one_minus_lam * hs2[v];
+  }
+}
+
 template <typename acc_t>
 AMID_CPU_CLONES Sums pass_sums(int64_t V, const acc_t* ls, const acc_t* gs, const acc_t* hs, const acc_t* r,
                                const acc_t* w) {
@@ -248,12 +278,15 @@ AMID_CPU_CLONES void pass_grad(bool detach, int64_t V, const acc_t* gs, const ac
 // ------------------------------------------------------------------------------------------------
 // Rows
 
-// Per-thread scratch, reused across its rows: the scaled logits, p, q, lt, w, d, r and the terms.
+// Per-thread scratch, reused across its rows: the scaled logits, p, q, lt, w, d, r and the terms;
+// for the combined order (kJSD) also d2 = lt - lq and the qr terms ls2, gs2, hs2, l1s2, lbs2 (d then
+// holds lt - lp and ls, gs, hs, l1s, lbs the pr terms).
 template <typename acc_t>
 struct RowScratch {
-  std::vector<acc_t> tf, sf, p, q, lt, w, d, r, ls, gs, hs, l1s, lbs;
-  explicit RowScratch(int64_t V)
-      : tf(V), sf(V), p(V), q(V), lt(V), w(V), d(V), r(V), ls(V), gs(V), hs(V), l1s(V), lbs(V) {}
+  std::vector<acc_t> tf, sf, p, q, lt, w, d, r, ls, gs, hs, l1s, lbs, d2, ls2, gs2, hs2, l1s2, lbs2;
+  RowScratch(int64_t V, bool jsd)
+      : tf(V), sf(V), p(V), q(V), lt(V), w(V), d(V), r(V), ls(V), gs(V), hs(V), l1s(V), lbs(V), d2(jsd ? V : 0),
+        ls2(jsd ? V : 0), gs2(jsd ? V : 0), hs2(jsd ? V : 0), l1s2(jsd ? V : 0), lbs2(jsd ? V : 0) {}
 };
 
 template <typename scalar_t>
@@ -264,14 +297,27 @@ void fill_nan_row(double* loss, double* stats, scalar_t* grad, int64_t V) {
 }
 
 // The per-element terms for the loss (D, O) selected at run time.
+// Z2: the second term's Z of the combined order (kJSD; see amid_math.h: kStatZ2), unused otherwise.
 template <typename acc_t>
-void terms_row(const LossParams<acc_t>& P, int64_t V, RowLse<acc_t> A, RowLse<acc_t> B, acc_t Z,
+void terms_row(const LossParams<acc_t>& P, int64_t V, RowLse<acc_t> A, RowLse<acc_t> B, acc_t Z, acc_t Z2,
                RowScratch<acc_t>& S) {
   dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
-    pass_terms<decltype(dc)::value, decltype(oc)::value>(P, S.tf.data(), S.sf.data(), V, A, B, Z, S.p.data(),
-                                                         S.q.data(), S.r.data(), S.lt.data(), S.d.data(),
-                                                         S.ls.data(), S.gs.data(), S.hs.data(), S.l1s.data(),
-                                                         S.lbs.data());
+    if constexpr (decltype(oc)::value == Order::kJSD) {
+      // pr with d = lt - lp and Z, qr with d2 = lt - lq and Z2, then the weighted G, H.
+      constexpr Divergence DV = decltype(dc)::value;
+      pass_terms<DV, Order::kPR>(P, S.tf.data(), S.sf.data(), V, A, B, Z, S.p.data(), S.q.data(), S.r.data(),
+                                 S.lt.data(), S.d.data(), S.ls.data(), S.gs.data(), S.hs.data(), S.l1s.data(),
+                                 S.lbs.data());
+      pass_terms<DV, Order::kQR>(P, S.tf.data(), S.sf.data(), V, A, B, Z2, S.p.data(), S.q.data(), S.r.data(),
+                                 S.lt.data(), S.d2.data(), S.ls2.data(), S.gs2.data(), S.hs2.data(), S.l1s2.data(),
+                                 S.lbs2.data());
+      pass_combine(V, P.lam, P.one_minus_lam, S.gs.data(), S.hs.data(), S.gs2.data(), S.hs2.data());
+    } else {
+      pass_terms<decltype(dc)::value, decltype(oc)::value>(P, S.tf.data(), S.sf.data(), V, A, B, Z, S.p.data(),
+                                                           S.q.data(), S.r.data(), S.lt.data(), S.d.data(),
+                                                           S.ls.data(), S.gs.data(), S.hs.data(), S.l1s.data(),
+                                                           S.lbs.data());
+    }
   });
 }
 
@@ -286,7 +332,10 @@ void mixture_row(const LossParams<acc_t>& P, int64_t V, RowLse<acc_t> A, RowLse<
   const acc_t dAB = row_lse_gap(A, B);
   dispatch_mode(P.mode, [&](auto mode) {
     constexpr MixMode MODE = decltype(mode)::value;
-    if (row_ref_is_p(P)) {
+    if (P.order == Order::kJSD) {  // lt, w, d = lt - lp, then d2 = lt - lq (amid_math.h: mixture_both)
+      pass_mixture_both<MODE>(P, S.tf.data(), S.sf.data(), V, A, B, dAB, S.lt.data(), S.w.data(), S.d.data(),
+                              S.d2.data());
+    } else if (row_ref_is_p(P)) {
       pass_mixture<MODE, true>(P, S.tf.data(), S.sf.data(), V, A, B, dAB, S.lt.data(), S.w.data(), S.d.data());
     } else {
       pass_mixture<MODE, false>(P, S.tf.data(), S.sf.data(), V, A, B, dAB, S.lt.data(), S.w.data(), S.d.data());
@@ -327,13 +376,18 @@ void forward_row(const LossParams<acc_t>& P, const scalar_t* s, const scalar_t* 
   pass_exp(S.lt.data(), V, m, S.r.data());
   const double sr = pass_sum(S.r.data(), V);
   // Z = log1p(sum tau) while that sum is small, where it is accurate (amid_math.h:
-  // assistant_excess); else the log-sum-exp.
-  pass_excess(row_ref_is_p(P) ? S.p.data() : S.q.data(), S.d.data(), S.lt.data(), V, S.ls.data());
-  const double tau_sum = pass_sum(S.ls.data(), V);
-  const acc_t Z = acc_t(std::abs(tau_sum) < 0.5 ? std::log1p(tau_sum) : m + std::log(sr));
+  // assistant_excess); else the log-sum-exp. The combined order (kJSD) has one per term: Z over p
+  // (d = lt - lp), Z2 over q (d2 = lt - lq); otherwise Z2 = Z.
+  auto row_Z = [&](const acc_t* o, const acc_t* d) {
+    pass_excess(o, d, S.lt.data(), V, S.ls.data());
+    const double tau_sum = pass_sum(S.ls.data(), V);
+    return acc_t(std::abs(tau_sum) < 0.5 ? std::log1p(tau_sum) : m + std::log(sr));
+  };
+  const acc_t Z = row_Z(row_ref_is_p(P) || P.order == Order::kJSD ? S.p.data() : S.q.data(), S.d.data());
+  const acc_t Z2 = P.order == Order::kJSD ? row_Z(S.q.data(), S.d2.data()) : Z;
   pass_scale(S.r.data(), V, acc_t(1.0 / sr));
   // Row sums, stats, and the gradient (chain rule through s/T: the 1/T factor).
-  terms_row(P, V, A, B, Z, S);
+  terms_row(P, V, A, B, Z, Z2, S);
   const Sums sums = pass_sums(V, S.ls.data(), S.gs.data(), S.hs.data(), S.r.data(), S.w.data());
   const double K = row_K(P.detach, sums.S_G, sums.S_Gw, sums.S_H, sums.Wbar);
   double L = sums.L;
@@ -342,12 +396,22 @@ void forward_row(const LossParams<acc_t>& P, const scalar_t* s, const scalar_t* 
     pass_kl_loss_parts(V, S.lbs.data(), S.l1s.data(), bound_l, sum_l1, abs_l1);
     L = kl_row_loss(L, bound_l, sum_l1, abs_l1, double(Z));
   }
+  if (P.order == Order::kJSD) {  // L is the pr loss so far; the qr one from its own terms, then combined
+    double L2 = pass_sum(S.ls2.data(), V);
+    if (P.divergence == Divergence::kKL) {
+      double bound_l, sum_l1, abs_l1;
+      pass_kl_loss_parts(V, S.lbs2.data(), S.l1s2.data(), bound_l, sum_l1, abs_l1);
+      L2 = kl_row_loss(L2, bound_l, sum_l1, abs_l1, double(Z2));
+    }
+    L = double(P.lam) * L + double(P.one_minus_lam) * L2;
+  }
   *loss = weight * L;
   stats[kStatAMax] = A.m;
   stats[kStatALog] = A.l;
   stats[kStatBMax] = B.m;
   stats[kStatBLog] = B.l;
   stats[kStatZ] = Z;
+  stats[kStatZ2] = Z2;
   stats[kStatSG] = sums.S_G;
   stats[kStatK] = K;
   if (grad) {
@@ -357,21 +421,21 @@ void forward_row(const LossParams<acc_t>& P, const scalar_t* s, const scalar_t* 
   }
 }
 
-// Backward of one row from its stats (A, B in two parts, Z, S_G, K): the same passes without the
+// Backward of one row from its stats (A, B in two parts, Z, S_G, K, Z2): the same passes without the
 // reductions.
 template <typename scalar_t, typename acc_t>
 void backward_row(const LossParams<acc_t>& P, const scalar_t* s, const scalar_t* t, int64_t V, acc_t scale,
                   const acc_t* st, RowScratch<acc_t>& S, scalar_t* grad) {
   const acc_t invT = P.inv_temperature;
   const RowLse<acc_t> A{st[kStatAMax], st[kStatALog]}, B{st[kStatBMax], st[kStatBLog]};
-  const acc_t Z = st[kStatZ], S_G = st[kStatSG], K = st[kStatK];
+  const acc_t Z = st[kStatZ], Z2 = st[kStatZ2], S_G = st[kStatSG], K = st[kStatK];
   load_scaled(t, V, invT, S.tf.data());
   load_scaled(s, V, invT, S.sf.data());
   pass_exp_lse(S.tf.data(), V, A, S.p.data());  // p, q, r directly from the saved log-normalisers
   pass_exp_lse(S.sf.data(), V, B, S.q.data());
   mixture_row(P, V, A, B, S);
   pass_exp(S.lt.data(), V, Z, S.r.data());
-  terms_row(P, V, A, B, Z, S);
+  terms_row(P, V, A, B, Z, Z2, S);
   pass_grad(P.detach, V, S.gs.data(), S.hs.data(), S.q.data(), S.r.data(), S.w.data(), S_G, K, scale, S.tf.data());
   store_row(S.tf.data(), V, grad);
 }
@@ -408,7 +472,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> amid_loss_fwd_cpu(
     double* sp = stats.data_ptr<double>();
     scalar_t* gp = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
-      RowScratch<acc_t> scratch(V);
+      RowScratch<acc_t> scratch(V, P.order == Order::kJSD);
       for (int64_t n = begin; n < end; ++n) {
         const double wn = wp ? wp[n] : 1.0;
         scalar_t* grow = gp ? gp + n * V : nullptr;
@@ -449,7 +513,7 @@ at::Tensor amid_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& stud
     const loss_t* stp = st.const_data_ptr<loss_t>();
     scalar_t* gp = grad.data_ptr<scalar_t>();
     at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
-      RowScratch<acc_t> scratch(V);
+      RowScratch<acc_t> scratch(V, P.order == Order::kJSD);
       for (int64_t n = begin; n < end; ++n) {
         const acc_t wn = wp ? acc_t(wp[n]) : acc_t(1);
         scalar_t* grow = gp + n * V;
@@ -571,7 +635,7 @@ struct TopkScratch {
   std::vector<acc_t> full, tmp;    // bucket: the student row [V] and a [V] work row
   std::vector<uint8_t> mark;       // [V]: 1 at the row's teacher indices
   TopkScratch(TopkTail tail, int64_t V, int64_t k)
-      : row(tail == TopkTail::kRenorm ? V : k + 1),
+      : row(tail == TopkTail::kRenorm ? V : k + 1, false),
         sx(tail == TopkTail::kRenorm ? V : k + 1),
         tx(tail == TopkTail::kRenorm ? V : k + 1),
         gx(tail == TopkTail::kRenorm ? V : k + 1),
@@ -866,7 +930,7 @@ void partial_sums_row(const LossParams<acc_t>& P, const scalar_t* s, const scala
                       RowLse<acc_t> B, acc_t Z, RowScratch<acc_t>& S, double* out) {
   partial_mixture(P, s, t, V, A, B, S);
   pass_exp(S.lt.data(), V, Z, S.r.data());  // r = e^(lt - Z) with the merged Z (as backward_row)
-  terms_row(P, V, A, B, Z, S);
+  terms_row(P, V, A, B, Z, Z, S);  // single orders only (Z2 = Z): the partial ops refuse kJSD
   const Sums sums = pass_sums(V, S.ls.data(), S.gs.data(), S.hs.data(), S.r.data(), S.w.data());
   out[0] = sums.L;
   out[1] = sums.S_G;
@@ -892,7 +956,7 @@ void partial_rows(const at::Tensor& student_logits, const at::Tensor& teacher_lo
   const bool w64 = wd && weight.scalar_type() == at::kDouble;
   at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
     using acc_t = at::opmath_type<scalar_t>;
-    RowScratch<acc_t> scratch(V);
+    RowScratch<acc_t> scratch(V, false);
     for (int64_t n = begin; n < end; ++n) {
       double* o = op + n * k;
       const double wn =
@@ -940,6 +1004,8 @@ at::Tensor amid_partial_pass_cpu(const char* op, const at::Tensor& student_logit
                                  double ab_beta, double temperature, bool detach_assistant) {
   check_fwd_args(op, student_logits, teacher_logits, row_weight);
   check_partial_stats(op, stats, student_logits);
+  AMID_CHECK(order != "jsd", op, "expected order to be one of 'pr', 'qr', 'rp', 'rq' (the combined order 'jsd' is not ",
+             "available vocab-parallel yet), but got 'jsd'");
   const int64_t N = student_logits.size(0);
   at::Tensor out = at::empty({N, kCols}, student_logits.options().dtype(at::kDouble));
   at::Tensor weight = row_weight ? row_weight->contiguous() : at::Tensor();

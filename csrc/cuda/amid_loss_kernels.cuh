@@ -58,7 +58,8 @@ struct RowArgs {
 template <Divergence D, Order O, bool POWER, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const scalar_t* t, const scalar_t* s,
                                                scalar_t* g, int64_t len, bool vec_ok, RowLse<acc_t> A,
-                                               RowLse<acc_t> B, acc_t dAB, acc_t Z, acc_t S_G, acc_t K, acc_t scale) {
+                                               RowLse<acc_t> B, acc_t dAB, acc_t Z, acc_t Z2, acc_t S_G, acc_t K,
+                                               acc_t scale) {
   constexpr int kW = VecWidth<scalar_t>::value;
   const acc_t invT = P.inv_temperature;
   visit_row(t, s, len, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
@@ -66,13 +67,23 @@ __device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const
     alignas(16) scalar_t out[kW];
 #pragma unroll
     for (int j = 0; j < n; ++j) {
-      acc_t lp, lq, lt, w, d;
-      mixture_from_logits_split<POWER, ref_is_p<O>(), M>(P, acc_t(tv[j]) * invT, acc_t(sv[j]) * invT, A, B, dAB,
-                                                         lp, lq, lt, w, d);
-      const acc_t lr = lt - Z;
-      const acc_t p = M::exp(lp), q = M::exp(lq), r = M::exp(lr);
-      const Terms<acc_t> o = element_terms<D, O, M>(P, p, q, r, lp, lq, lr, d - Z);
-      out[j] = scalar_t(scale * element_grad(P.detach, w, q, r, o, S_G, K));
+      const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
+      if constexpr (O == Order::kJSD) {  // lam pr + (1 - lam) qr (amid_math.h: mixture_both, jsd_terms)
+        acc_t lp, lq, lt, w, dp, dq;
+        mixture_both_from_logits_split<POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
+        const acc_t lr = lt - Z;
+        const acc_t p = M::exp(lp), q = M::exp(lq), r = M::exp(lr);
+        const JsdTerms<acc_t> jt = jsd_terms<D, M>(P, p, q, r, lp, lq, lr, lt - Z2, dp - Z, dq - Z2);
+        const Terms<acc_t> o{acc_t(0), jt.G, jt.H};
+        out[j] = scalar_t(scale * element_grad(false, w, q, r, o, S_G, K));
+      } else {
+        acc_t lp, lq, lt, w, d;
+        mixture_from_logits_split<POWER, ref_is_p<O>(), M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, d);
+        const acc_t lr = lt - Z;
+        const acc_t p = M::exp(lp), q = M::exp(lq), r = M::exp(lr);
+        const Terms<acc_t> o = element_terms<D, O, M>(P, p, q, r, lp, lq, lr, d - Z);
+        out[j] = scalar_t(scale * element_grad(P.detach, w, q, r, o, S_G, K));
+      }
     }
     store_chunk_global<n>(g, i, out);
   });
@@ -104,7 +115,7 @@ __global__ void __launch_bounds__(kThreads, D == Divergence::kKL ? 3 : 2) amid_f
                                                             const LossParams<at::opmath_type<scalar_t>> P) {
   using acc_t = at::opmath_type<scalar_t>;
   using Lse = LseAcc<acc_t>;
-  using Acc = RowAcc<D, O, acc_t>;
+  using Acc = typename RowAccOf<D, O, acc_t>::type;  // JsdRowAcc for the combined order
   constexpr int kW = VecWidth<scalar_t>::value;
 
   // Reduction scratch as raw storage (the accumulators have member initialisers, which shared
@@ -193,16 +204,23 @@ __global__ void __launch_bounds__(kThreads, D == Divergence::kKL ? 3 : 2) amid_f
     visit_row(t, s, len, vec_ok, [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {  // gauge:R2
 #pragma unroll
       for (int j = 0; j < decltype(nc)::value; ++j) {
-        acc_t lp, lq, lt, w, d;
-        mixture_from_logits_split<POWER, ref_is_p<O>(), M>(P, acc_t(tv[j]) * invT, acc_t(sv[j]) * invT, A, B, dAB,
-                                                           lp, lq, lt, w, d);
-        acc.template rebase<M>(P, lt);
-        acc.template add<M>(P, lp, lq, lt, w, d);
+        const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
+        if constexpr (O == Order::kJSD) {  // one mixture, d relative to both sides
+          acc_t lp, lq, lt, w, dp, dq;
+          mixture_both_from_logits_split<POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
+          acc.template rebase<M>(P, lt);
+          acc.template add<M>(P, lp, lq, lt, w, dp, dq);
+        } else {
+          acc_t lp, lq, lt, w, d;
+          mixture_from_logits_split<POWER, ref_is_p<O>(), M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, d);
+          acc.template rebase<M>(P, lt);
+          acc.template add<M>(P, lp, lq, lt, w, d);
+        }
       }
     });
     acc = cluster_reduce<acc_t>(acc, acc_scratch, acc_slot, round++, merge_acc);
-    acc_t Z, L, S_G, K;
-    const bool ok = acc.template finalize<M>(P, M::log(acc.S), Z, L, S_G, K);
+    acc_t Z, Z2, L, S_G, K;
+    const bool ok = acc.template close<M>(P, Z, Z2, L, S_G, K);
     if (!ok) {  // alpha >= 1 with disjoint supports: the assistant is undefined
       fill_row(a, row, g, len, lead, nan_v<acc_t>());
       continue;
@@ -211,13 +229,13 @@ __global__ void __launch_bounds__(kThreads, D == Divergence::kKL ? 3 : 2) amid_f
       a.loss[row] = weight * L;
       acc_t* st = a.stats + row * kNumStats;
       st[kStatAMax] = A.m, st[kStatBMax] = B.m, st[kStatZ] = Z, st[kStatSG] = S_G, st[kStatK] = K;
-      st[kStatALog] = A.l, st[kStatBLog] = B.l;
+      st[kStatALog] = A.l, st[kStatBLog] = B.l, st[kStatZ2] = Z2;
     }
 
     // W: the gradient row (chain rule through s/T: the 1/T factor).
     if (g) {
       const acc_t scale = weight * invT;
-      write_grad_row<D, O, POWER>(P, t, s, g, len, vec_ok, A, B, dAB, Z, S_G, K, scale);  // gauge:W
+      write_grad_row<D, O, POWER>(P, t, s, g, len, vec_ok, A, B, dAB, Z, Z2, S_G, K, scale);  // gauge:W
     }
   }
   cluster_exit_barrier();
@@ -240,12 +258,12 @@ __global__ void __launch_bounds__(kThreads) amid_bwd_kernel(const RowArgs<scalar
     const acc_t* st = a.stats + row * kNumStats;
     const RowLse<acc_t> A{st[kStatAMax], st[kStatALog]}, B{st[kStatBMax], st[kStatBLog]};
     const acc_t dAB = row_lse_gap(A, B);
-    const acc_t Z = st[kStatZ], S_G = st[kStatSG], K = st[kStatK];
+    const acc_t Z = st[kStatZ], Z2 = st[kStatZ2], S_G = st[kStatSG], K = st[kStatK];
     const acc_t scale = a.grad_loss[row] * weight * P.inv_temperature;
     const scalar_t* t = a.t + row * a.ldt;
     const scalar_t* s = a.s + row * a.lds;
     const bool vec_ok = same_misalignment(t, s, sizeof(scalar_t)) && same_misalignment(t, g, sizeof(scalar_t));
-    write_grad_row<D, O, POWER>(P, t, s, g, a.V, vec_ok, A, B, dAB, Z, S_G, K, scale);  // gauge:W
+    write_grad_row<D, O, POWER>(P, t, s, g, a.V, vec_ok, A, B, dAB, Z, Z2, S_G, K, scale);  // gauge:W
   }
 }
 
@@ -414,12 +432,13 @@ void launch_bwd(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a, const Los
 }
 
 
-// Explicit instantiation of both launchers for one dtype and the eight (divergence, order) pairs.
+// Explicit instantiation of both launchers for one dtype and the ten (divergence, order) pairs.
 #define AMID_INSTANTIATE_LAUNCHERS(T)                                                        \
   AMID_INSTANTIATE_ONE(T, kKL, kPR) AMID_INSTANTIATE_ONE(T, kKL, kQR)                         \
   AMID_INSTANTIATE_ONE(T, kKL, kRP) AMID_INSTANTIATE_ONE(T, kKL, kRQ)                         \
   AMID_INSTANTIATE_ONE(T, kAB, kPR) AMID_INSTANTIATE_ONE(T, kAB, kQR)                         \
-  AMID_INSTANTIATE_ONE(T, kAB, kRP) AMID_INSTANTIATE_ONE(T, kAB, kRQ)
+  AMID_INSTANTIATE_ONE(T, kAB, kRP) AMID_INSTANTIATE_ONE(T, kAB, kRQ)                         \
+  AMID_INSTANTIATE_ONE(T, kKL, kJSD) AMID_INSTANTIATE_ONE(T, kAB, kJSD)
 #define AMID_LAUNCHERS_ONE(PREFIX, T, D, O)                                                    \
   PREFIX template void launch_fwd<T, Divergence::D, Order::O>(                                 \
       const RowArgs<T, at::opmath_type<T>>&, const LossParams<at::opmath_type<T>>&, cudaStream_t); \
@@ -432,7 +451,8 @@ void launch_bwd(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a, const Los
 #define AMID_EXTERN_LAUNCHERS(T)                                                              \
   AMID_EXTERN_ONE(T, kKL, kPR) AMID_EXTERN_ONE(T, kKL, kQR) AMID_EXTERN_ONE(T, kKL, kRP)       \
   AMID_EXTERN_ONE(T, kKL, kRQ) AMID_EXTERN_ONE(T, kAB, kPR) AMID_EXTERN_ONE(T, kAB, kQR)       \
-  AMID_EXTERN_ONE(T, kAB, kRP) AMID_EXTERN_ONE(T, kAB, kRQ)
+  AMID_EXTERN_ONE(T, kAB, kRP) AMID_EXTERN_ONE(T, kAB, kRQ) AMID_EXTERN_ONE(T, kKL, kJSD)       \
+  AMID_EXTERN_ONE(T, kAB, kJSD)
 #define AMID_EXTERN_ONE(T, D, O) AMID_LAUNCHERS_ONE(extern, T, D, O)
 
 }  // namespace cuda_impl
