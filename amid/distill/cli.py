@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
             kw["metavar"] = "JSON"
         elif ann == "Optional[int]":
             kw["type"] = _none_or(int)
+        elif ann == "Optional[float]":
+            kw["type"] = _none_or(float)
         elif ann == "Optional[str]":
             kw["type"] = _none_or(str)
         elif ann == "int":
@@ -158,6 +160,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .cache import main as cache_main
 
         return cache_main(args_in[1:])
+    if args_in[:1] == ["sweep"]:  # a grid of loss settings x seeds, aggregated (amid/distill/sweep.py)
+        from .sweep import main as sweep_main
+
+        return sweep_main(args_in[1:])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

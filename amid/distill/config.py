@@ -64,6 +64,10 @@ FIELD_HELP: Dict[str, str] = {
     "system_prompt": "system message added to records that have none",
     "max_length": "maximum tokens per sequence (prompt + answer)",
     "kd_weight": "objective = kd_weight * AMiD + (1 - kd_weight) * CE(labels); in [0, 1]",
+    "sft_steps": "SFT warm start: cross-entropy-only optimizer steps before distillation (own AdamW and LR schedule; "
+                 "max_steps then counts the distillation steps); 0: none",
+    "gjsd_beta": "train with GKD's generalized JSD(beta) = beta*KL(p||m) + (1-beta)*KL(q||m), m = beta p + (1-beta) q "
+                 "(amid.generalized_jsd) instead of one AMiD setting; alpha, lam and order are then unused; null: off",
     "alpha": "alpha of the alpha-mixture assistant (any real; 1 = geometric, -1 = arithmetic)",
     "divergence": "'kl' or 'ab' (alpha-beta divergence)",
     "order": "which pair enters the divergence: pr, qr, rp, rq (p teacher, q student, r assistant)",
@@ -164,6 +168,8 @@ class DistillConfig:
 
     # --- objective: kd_weight * AMiD + (1 - kd_weight) * CE(labels) ---------------------------------
     kd_weight: float = 1.0
+    sft_steps: int = 0
+    gjsd_beta: Optional[float] = None
     alpha: float = 0.5
     divergence: str = "kl"
     order: str = "pr"
@@ -348,6 +354,15 @@ class DistillConfig:
                        self.attn_implementation)
 
         number("kd_weight", 0.0, 1.0)
+        integer("sft_steps", 0)
+        if self.gjsd_beta is not None:
+            number("gjsd_beta", 0.0, 1.0)
+            if self.fused_linear:
+                raise ConfigError("amid-distill: config field 'gjsd_beta': the fused linear loss computes one AMiD "
+                                  "setting; expected fused_linear false with gjsd_beta")
+            if self.lam_schedule != "constant":
+                raise ConfigError("amid-distill: config field 'gjsd_beta': the generalized JSD fixes its own mixture "
+                                  f"(lam = beta); expected lam_schedule 'constant', but got '{self.lam_schedule}'")
         number("alpha")
         choice("divergence", _DIVERGENCES)
         choice("order", _ORDERS)
