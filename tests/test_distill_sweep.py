@@ -125,7 +125,9 @@ def test_sweep_table_is_mean_and_std_of_the_runs(tmp_path, capsys):
         assert os.path.isfile(os.path.join(out, name)), name
     assert [r["setting"] for r in res["rows"]] == ["forward_kl", "amid_a-3"]
     sft_summary = json.load(open(os.path.join(out, "sft", "summary.json")))
-    sft_val_ce = [r for r in sft_summary["rows"] if r["model"] == "student (after)"][0]["val_ce"]
+    sft_final = [r for r in sft_summary["rows"] if r["model"] == "student (after)"][0]
+    assert res["reference"]["SFT start"] == sft_final
+    assert res["reference"]["teacher"] == [r for r in sft_summary["rows"] if r["model"] == "teacher"][0]
     for row in res["rows"]:
         assert row["n"] == 2 and row["seeds"] == [0, 1]
         finals = []
@@ -134,9 +136,11 @@ def test_sweep_table_is_mean_and_std_of_the_runs(tmp_path, capsys):
             cfg = json.load(open(os.path.join(run, "distill_config.json")))
             # Every run starts from the shared SFT student and differs only in loss and seed.
             assert cfg["student"] == os.path.join(out, "sft") and cfg["seed"] == seed and cfg["sft_steps"] == 0
+            # The SFT run's final evaluation is the start of every run: not repeated per run.
+            assert cfg["eval_student_before"] is False and cfg["eval_teacher"] is False
             s = json.load(open(os.path.join(run, "summary.json")))
-            before = [r for r in s["rows"] if r["model"] == "student (before)"][0]
-            assert before["val_ce"] == pytest.approx(sft_val_ce, rel=1e-5)
+            assert [r["model"] for r in s["rows"]] == ["student (after)"]
+            assert not [d for d in os.listdir(run) if d.startswith("checkpoint-")]  # dropped once finished
             finals.append([r for r in s["rows"] if r["model"] == "student (after)"][0])
         for key, _, _ in S.METRICS:
             vals = [f[key] for f in finals]
@@ -168,6 +172,9 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):
     done = os.path.join(out, "runs", "forward_kl", "seed0", "summary.json")
     assert os.path.isfile(done) and not os.path.exists(os.path.join(out, "runs", "forward_kl", "seed1"))
     mtime = os.path.getmtime(done)
+    part = S.run_sweep(base, GRID, teacher=teacher, tokenizer=tok, aggregate_only=True)
+    assert [(r["setting"], r["n"]) for r in part["rows"]] == [("forward_kl", 1), ("amid_a-3", 0)]
+    assert part["rows"][0]["rouge_l_std"] is None and part["rows"][1]["rouge_l_mean"] is None
     plan = S.plan_sweep(base, GRID, teacher_given=True)
     name, seed, cfg = plan.runs[1]
     assert Distiller(cfg, teacher=teacher, tokenizer=tok).train(stop_after=1) is None

@@ -115,6 +115,8 @@ FIELD_HELP: Dict[str, str] = {
     "eval_generate_every": "validation generation (ROUGE-L) every N steps (0: only before and after)",
     "eval_batch_size": "prompts per generation batch", "eval_max_examples": "use only the first N eval examples",
     "eval_max_new_tokens": "maximum tokens of a greedy answer", "eval_teacher": "evaluate the teacher before training",
+    "eval_student_before": "evaluate the student before training (false: skip it, e.g. for a student already "
+                           "evaluated elsewhere; with student_gen the validation losses are still computed)",
     "output_dir": "where metrics, plots, checkpoints and the final student go",
     "save_every": "checkpoint every N steps (the last step is always saved)",
     "save_total_limit": "checkpoints kept",
@@ -231,6 +233,7 @@ class DistillConfig:
     eval_max_examples: Optional[int] = None
     eval_max_new_tokens: int = 32
     eval_teacher: bool = True
+    eval_student_before: bool = True
 
     # --- output / checkpoints -------------------------------------------------------------------------
     output_dir: str = "amid-distill-output"
@@ -370,7 +373,7 @@ class DistillConfig:
         number("ab_beta", 0.0, lo_open=True, what="a number > 0")
         number("temperature", 0.0, lo_open=True, what="a number > 0")
         for name in ("scale_by_t2", "detach_assistant", "fused_linear", "student_gen", "progress", "plots",
-                     "cache_teacher", "eval_teacher", "shard_teacher"):
+                     "cache_teacher", "eval_teacher", "eval_student_before", "shard_teacher"):
             boolean(name)
         if self.shard_teacher and self.strategy != "fsdp":
             raise ConfigError("amid-distill: config field 'shard_teacher': sharding the teacher needs strategy 'fsdp' "

@@ -107,7 +107,8 @@ class SweepPlan:
                     # The teacher is evaluated once: in the SFT run, or else in the first run.
                     eval_teacher=bool(base.eval_teacher and first and sft_steps == 0))
                 if sft_steps > 0:
-                    cfg = cfg.replace(student=self.sft_dir, student_gguf_file=None)
+                    # The SFT run's final evaluation is every run's starting point ("SFT start" in the table).
+                    cfg = cfg.replace(student=self.sft_dir, student_gguf_file=None, eval_student_before=False)
                 self.runs.append((name, seed, cfg))
 
     def run_dir(self, name: str, seed: int) -> str:
@@ -323,18 +324,36 @@ def _subprocess(cfg: DistillConfig, log_path: str) -> subprocess.Popen:
                             stdout=log, stderr=subprocess.STDOUT)
 
 
+def _drop_checkpoints(run_dir: str) -> None:
+    """A finished run (summary.json written) needs no checkpoints: its final student is in run_dir itself."""
+    import shutil
+
+    from .trainer import list_checkpoints
+
+    if os.path.isfile(os.path.join(run_dir, "summary.json")):
+        for p in list_checkpoints(run_dir):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def run_sweep(base: DistillConfig, grid: Any, *, output_dir: Optional[str] = None, jobs: int = 1, teacher=None,
-              tokenizer=None, stop_after_runs: Optional[int] = None) -> Dict[str, Any]:
+              tokenizer=None, stop_after_runs: Optional[int] = None, keep_checkpoints: bool = False,
+              aggregate_only: bool = False) -> Dict[str, Any]:
     """Run (or continue) a sweep and aggregate it; returns the aggregate (also written as results.*).
 
     ``teacher`` / ``tokenizer``: a teacher model object (as for ``Distiller``; in-process runs only).
     ``stop_after_runs=k``: return after k runs have been trained in this call (tests: a killed sweep).
+    ``keep_checkpoints``: keep the checkpoints of finished runs (default: removed once the run's summary is written).
+    ``aggregate_only``: train nothing; aggregate the finished runs (settings may then have fewer seeds).
     """
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
         raise _err(f"jobs: expected an integer >= 1, but got {jobs!r}")
     if jobs > 1 and teacher is not None:
         raise _err("jobs: a teacher passed as an object can only be used by in-process runs (jobs = 1)")
     plan = plan_sweep(base, grid, output_dir, teacher_given=teacher is not None)
+    if aggregate_only:
+        result = aggregate(plan)
+        print("\n" + result["table"] + "\n", flush=True)
+        return result
     _write_spec(plan)
     shared = _Shared(teacher, tokenizer)
     n = len(plan.runs) + (1 if plan.sft_config is not None else 0)
@@ -362,6 +381,8 @@ def run_sweep(base: DistillConfig, grid: Any, *, output_dir: Optional[str] = Non
             else:
                 shared.run(cfg)
             trained += 1
+            if not keep_checkpoints:
+                _drop_checkpoints(cfg.output_dir)
             row = _final_row(_read_summary(cfg.output_dir))
             _progress(i, n, "sft", f"done in {time.perf_counter() - t0:.0f} s, test ROUGE-L {_fmt(row.get('rouge_l'))}, "
                                    f"val CE {_fmt(row.get('val_ce'), 3)}")
@@ -385,6 +406,8 @@ def run_sweep(base: DistillConfig, grid: Any, *, output_dir: Optional[str] = Non
             _progress(i, n, label, "resuming from its last checkpoint" if state == "resume" else "running")
             shared.run(cfg)
             trained += 1
+            if not keep_checkpoints:
+                _drop_checkpoints(cfg.output_dir)
             row = _final_row(_read_summary(cfg.output_dir))
             _progress(i, n, label, f"done in {time.perf_counter() - t0:.0f} s, test ROUGE-L "
                                    f"{_fmt(row.get('rouge_l'))}, val KL {_fmt(row.get('val_kl'), 3)}")
@@ -409,6 +432,8 @@ def run_sweep(base: DistillConfig, grid: Any, *, output_dir: Optional[str] = Non
                     failed.append(label)
                     _progress(i, n, label, f"FAILED (exit {p.returncode}); see {cfg.output_dir}/sweep.log")
                     continue
+                if not keep_checkpoints:
+                    _drop_checkpoints(cfg.output_dir)
                 row = _final_row(_read_summary(cfg.output_dir))
                 _progress(i, n, label, f"done in {time.perf_counter() - t0:.0f} s, test ROUGE-L "
                                        f"{_fmt(row.get('rouge_l'))}, val KL {_fmt(row.get('val_kl'), 3)}")
@@ -555,11 +580,15 @@ def main(argv: List[str]) -> int:
                                                       "optional sft_steps (shared SFT warm start)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time as separate processes (default 1: "
                                                             "one after another in this process)")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep finished runs' checkpoints (default: removed once a run's summary is written)")
+    parser.add_argument("--aggregate-only", action="store_true",
+                        help="train nothing: aggregate the finished runs into results.* (e.g. of a stopped sweep)")
     try:
         from .cli import resolve_config
 
         args = parser.parse_args(argv)
-        base = resolve_config(_without(argv, ("--grid", "--jobs")))
+        base = resolve_config(_without(argv, ("--grid", "--jobs"), ("--keep-checkpoints", "--aggregate-only")))
         if getattr(base, "_print_only", False):
             plan = plan_sweep(base, args.grid)
             print(json.dumps(_comparable(plan.spec()), indent=2))
@@ -571,7 +600,8 @@ def main(argv: List[str]) -> int:
             hf_logging.disable_progress_bar()
         except ImportError:
             pass
-        run_sweep(base, args.grid, jobs=args.jobs)
+        run_sweep(base, args.grid, jobs=args.jobs, keep_checkpoints=args.keep_checkpoints,
+                  aggregate_only=args.aggregate_only)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
@@ -583,11 +613,13 @@ def main(argv: List[str]) -> int:
     return 0
 
 
-def _without(argv: List[str], flags: Sequence[str]) -> List[str]:
+def _without(argv: List[str], flags: Sequence[str], switches: Sequence[str] = ()) -> List[str]:
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
+            continue
+        if a in switches:
             continue
         if a in flags:
             skip = True

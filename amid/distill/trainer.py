@@ -1092,8 +1092,10 @@ class Distiller:
                 # The frozen teacher is evaluated once; its (slow) generations only on the summary's split.
                 self.evaluate(split, "teacher", generate=split == gen_split and self.offline is None,
                               phase="before")
+            if not cfg.eval_student_before and not (self.sgo is not None and split == "validation"):
+                continue
             if not self._has_record(type="eval", phase="before", model="student", split=split):
-                rec = self.evaluate(split, "student", generate=True, phase="before")
+                rec = self.evaluate(split, "student", generate=cfg.eval_student_before, phase="before")
                 if split == "validation" and self.sgo is not None and self.sgo.ref_loss is None:
                     self.sgo.observe(rec["ce"])
 
