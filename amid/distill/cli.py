@@ -5,6 +5,7 @@
     amid-distill cache-teacher --config run.yaml --teacher-cache DIR   # offline: run the teacher once,
     amid-distill --config run.yaml --teacher-cache DIR                 # then train without it
     torchrun --nproc_per_node 2 -m amid.distill.cli --config run.yaml   # DDP (add --strategy fsdp for FSDP)
+    amid-distill sweep --demo --grid grid.yaml --output-dir DIR         # loss settings x seeds -> mean ± std table
 
 Every field of :class:`amid.distill.DistillConfig` is a flag (``--kd-weight 0.5`` or ``--kd_weight 0.5``,
 ``--no-plots``); Hugging Face / TRL names work as aliases (``--learning_rate``, ``--per_device_train_batch_size``).
