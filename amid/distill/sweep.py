@@ -536,7 +536,7 @@ def _plot(rows: List[Dict[str, Any]], reference: Dict[str, Dict[str, Any]], spli
     import matplotlib.pyplot as plt
 
     panels = [("rouge_l", f"{split} ROUGE-L (higher is better)"), ("val_kl", "val KL(teacher‖student) (lower is better)")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.8), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 2.2), sharey=True)
     ys = list(range(len(rows)))
     for ax, (key, title) in zip(axes, panels):
         for y, r in zip(ys, rows):
@@ -550,11 +550,11 @@ def _plot(rows: List[Dict[str, Any]], reference: Dict[str, Dict[str, Any]], spli
                 ax.axvline(v, linestyle=style, color=color, label=label)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
+        ax.set_ylim(len(rows) - 0.5, -0.5)  # first setting on top
         if any(reference.get(lbl, {}).get(key) is not None for lbl in ("teacher", "SFT start")):
-            ax.legend(fontsize=8, loc="best")
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=2, frameon=False)
     axes[0].set_yticks(ys)
     axes[0].set_yticklabels([f"{r['setting']} (n={r['n']})" for r in rows])
-    axes[0].invert_yaxis()
     fig.suptitle("mean ± std over seeds (grey: single seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
