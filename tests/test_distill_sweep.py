@@ -16,7 +16,7 @@ from amid.distill import sweep as S  # noqa: E402
 from amid.distill.data import IGNORE_INDEX, collate_train  # noqa: E402
 from amid.distill.trainer import Distiller  # noqa: E402
 
-from test_distill import make_teacher, make_tokenizer, tiny_config, train_records  # noqa: E402
+from test_distill import make_teacher, make_tokenizer, saved_teacher, tiny_config, train_records  # noqa: E402,F401
 
 
 @pytest.fixture(autouse=True)
@@ -110,7 +110,8 @@ GRID = {"settings": ["forward_kl", {"name": "amid_a-3", "preset": "amid_a-3", "l
 
 
 def _base(tmp_path, **kw):
-    return tiny_config(tmp_path, max_steps=2, kd_weight=1.0, output_dir=str(tmp_path / "sweep"), **kw)
+    kw = dict(dict(max_steps=2, kd_weight=1.0, output_dir=str(tmp_path / "sweep")), **kw)
+    return tiny_config(tmp_path, **kw)
 
 
 def test_sweep_table_is_mean_and_std_of_the_runs(tmp_path, capsys):
@@ -262,3 +263,20 @@ def test_presets_are_the_spec_special_cases():
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12, msg=name)
     assert S.PRESETS["gjsd"] == {"gjsd_beta": 0.5}
     assert S.PRESETS["amid_a-3"] == {"alpha": -3.0, "lam": 0.1, "order": "pr"}
+
+
+def test_parallel_jobs_run_as_processes(tmp_path, saved_teacher, capsys):
+    """``jobs=2``: the SFT run, then two runs at a time as ``amid-distill`` processes (teacher from disk)."""
+    base = _base(tmp_path, teacher=str(saved_teacher), max_steps=1, eval_max_examples=2)
+    grid = {"settings": ["forward_kl"], "seeds": [0, 1], "sft_steps": 1}
+    res = S.run_sweep(base, grid, jobs=2)
+    log = capsys.readouterr().out
+    assert "[sweep 1/3] sft: done" in log and "[sweep 2/3] forward_kl seed 0: started" in log
+    assert "[sweep 3/3] forward_kl seed 1: started" in log
+    assert res["rows"][0]["n"] == 2 and res["rows"][0]["seeds"] == [0, 1]
+    for seed in (0, 1):
+        run = os.path.join(base.output_dir, "runs", "forward_kl", f"seed{seed}")
+        assert json.load(open(os.path.join(run, "distill_config.json")))["student"] == os.path.join(base.output_dir,
+                                                                                                   "sft")
+    with pytest.raises(ConfigError, match="jobs"):
+        S.run_sweep(base, grid, jobs=0)
