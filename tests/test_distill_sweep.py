@@ -75,6 +75,17 @@ def test_sft_steps_phase_logging_and_resume(tmp_path):
             torch.testing.assert_close(sb[n], sa[n], rtol=1e-5, atol=1e-6)
 
 
+def test_sft_steps_with_the_fused_loss_log_their_cross_entropy(tmp_path):
+    tok = make_tokenizer()
+    cfg = tiny_config(tmp_path, sft_steps=1, max_steps=1, fused_linear=True, kd_weight=0.5, eval_teacher=False)
+    d = Distiller(cfg, teacher=make_teacher(tok), tokenizer=tok)
+    d.eval_sets = {}
+    d.train()
+    sft, dist = train_records(cfg.output_dir)
+    assert sft["phase"] == "sft" and sft["ce"] == pytest.approx(sft["loss"]) and sft["kd"] is None
+    assert dist["phase"] == "distill" and dist["ce"] is None and dist["kd"] is None  # fused: one total value
+
+
 def test_gjsd_objective_equals_generalized_jsd(tmp_path):
     tok = make_tokenizer()
     teacher = make_teacher(tok)

@@ -152,7 +152,8 @@ class StudentEngine(nn.Module):
                     h.to(w.dtype), w, teacher_hidden.to(tw.dtype), tw, labels, student_bias=b, teacher_bias=tb,
                     normalizer=normalizer, kd_weight=kd_weight, ce_weight=ce_weight, chunk_size=self.chunk_size,
                     **opts)
-            return {"loss": loss, "kd": None, "ce": None}
+            # kd_weight 0 (an SFT step): the fused value is the cross-entropy alone.
+            return {"loss": loss, "kd": None, "ce": loss if kd_weight == 0 else None}
         s = _apply_head(h, w, b, self.transform)
         with torch.no_grad():
             t = _apply_head(teacher_hidden.to(tw.dtype), tw, tb, ttransform).to(s.dtype)
