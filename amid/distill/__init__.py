@@ -6,18 +6,20 @@
     summary = Distiller(cfg).train()
 
 The console command ``amid-distill`` (:mod:`amid.distill.cli`) exposes the same config as flags and
-YAML/JSON files; ``amid-distill --demo`` runs the offline demo. Needs the ``distill`` extra
+YAML/JSON files; ``amid-distill --demo`` runs the offline demo. ``run_sweep`` (``amid-distill sweep``) runs
+a grid of loss settings × seeds and aggregates it. Needs the ``distill`` extra
 (transformers, accelerate, gguf, rouge-score, pyyaml, matplotlib, tqdm).
 """
 from .config import ConfigError, DistillConfig, demo_data_path
 from .evaluate import answer_accuracy, exact_match, normalize_text, rouge_l, score_predictions
 from .schedules import ConstantSchedule, LambdaSchedule, LinearSchedule, TAIDSchedule, make_schedule
 from .sgo import AdaptiveSGO, ReplayBuffer
+from .sweep import PRESETS, aggregate, plan_sweep, run_sweep
 
 __all__ = [
     "DistillConfig", "ConfigError", "Distiller", "demo_data_path", "LambdaSchedule", "ConstantSchedule",
     "LinearSchedule", "TAIDSchedule", "make_schedule", "AdaptiveSGO", "ReplayBuffer", "rouge_l", "exact_match",
-    "answer_accuracy", "normalize_text", "score_predictions",
+    "answer_accuracy", "normalize_text", "score_predictions", "PRESETS", "run_sweep", "plan_sweep", "aggregate",
 ]
 
 

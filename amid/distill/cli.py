@@ -5,6 +5,7 @@
     amid-distill cache-teacher --config run.yaml --teacher-cache DIR   # offline: run the teacher once,
     amid-distill --config run.yaml --teacher-cache DIR                 # then train without it
     torchrun --nproc_per_node 2 -m amid.distill.cli --config run.yaml   # DDP (add --strategy fsdp for FSDP)
+    amid-distill sweep --demo --grid grid.yaml --output-dir DIR         # loss settings x seeds -> mean ± std table
 
 Every field of :class:`amid.distill.DistillConfig` is a flag (``--kd-weight 0.5`` or ``--kd_weight 0.5``,
 ``--no-plots``); Hugging Face / TRL names work as aliases (``--learning_rate``, ``--per_device_train_batch_size``).
@@ -123,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
             kw["metavar"] = "JSON"
         elif ann == "Optional[int]":
             kw["type"] = _none_or(int)
+        elif ann == "Optional[float]":
+            kw["type"] = _none_or(float)
         elif ann == "Optional[str]":
             kw["type"] = _none_or(str)
         elif ann == "int":
@@ -158,6 +161,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .cache import main as cache_main
 
         return cache_main(args_in[1:])
+    if args_in[:1] == ["sweep"]:  # a grid of loss settings x seeds, aggregated (amid/distill/sweep.py)
+        from .sweep import main as sweep_main
+
+        return sweep_main(args_in[1:])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -64,6 +64,10 @@ FIELD_HELP: Dict[str, str] = {
     "system_prompt": "system message added to records that have none",
     "max_length": "maximum tokens per sequence (prompt + answer)",
     "kd_weight": "objective = kd_weight * AMiD + (1 - kd_weight) * CE(labels); in [0, 1]",
+    "sft_steps": "SFT warm start: cross-entropy-only optimizer steps before distillation (own AdamW and LR schedule; "
+                 "max_steps then counts the distillation steps); 0: none",
+    "gjsd_beta": "train with GKD's generalized JSD(beta) = beta*KL(p||m) + (1-beta)*KL(q||m), m = beta p + (1-beta) q "
+                 "(amid.generalized_jsd) instead of one AMiD setting; alpha, lam and order are then unused; null: off",
     "alpha": "alpha of the alpha-mixture assistant (any real; 1 = geometric, -1 = arithmetic)",
     "divergence": "'kl' or 'ab' (alpha-beta divergence)",
     "order": "which pair enters the divergence: pr, qr, rp, rq (p teacher, q student, r assistant), or jsd "
@@ -113,6 +117,8 @@ FIELD_HELP: Dict[str, str] = {
     "eval_generate_every": "validation generation (ROUGE-L) every N steps (0: only before and after)",
     "eval_batch_size": "prompts per generation batch", "eval_max_examples": "use only the first N eval examples",
     "eval_max_new_tokens": "maximum tokens of a greedy answer", "eval_teacher": "evaluate the teacher before training",
+    "eval_student_before": "evaluate the student before training (false: skip it, e.g. for a student already "
+                           "evaluated elsewhere; with student_gen the validation losses are still computed)",
     "output_dir": "where metrics, plots, checkpoints and the final student go",
     "save_every": "checkpoint every N steps (the last step is always saved)",
     "save_total_limit": "checkpoints kept",
@@ -168,6 +174,8 @@ class DistillConfig:
 
     # --- objective: kd_weight * AMiD + (1 - kd_weight) * CE(labels) ---------------------------------
     kd_weight: float = 1.0
+    sft_steps: int = 0
+    gjsd_beta: Optional[float] = None
     alpha: float = 0.5
     divergence: str = "kl"
     order: str = "pr"
@@ -229,6 +237,7 @@ class DistillConfig:
     eval_max_examples: Optional[int] = None
     eval_max_new_tokens: int = 32
     eval_teacher: bool = True
+    eval_student_before: bool = True
 
     # --- output / checkpoints -------------------------------------------------------------------------
     output_dir: str = "amid-distill-output"
@@ -362,6 +371,15 @@ class DistillConfig:
                        self.attn_implementation)
 
         number("kd_weight", 0.0, 1.0)
+        integer("sft_steps", 0)
+        if self.gjsd_beta is not None:
+            number("gjsd_beta", 0.0, 1.0)
+            if self.fused_linear:
+                raise ConfigError("amid-distill: config field 'gjsd_beta': the fused linear loss computes one AMiD "
+                                  "setting; expected fused_linear false with gjsd_beta")
+            if self.lam_schedule != "constant":
+                raise ConfigError("amid-distill: config field 'gjsd_beta': the generalized JSD fixes its own mixture "
+                                  f"(lam = beta); expected lam_schedule 'constant', but got '{self.lam_schedule}'")
         number("alpha")
         choice("divergence", _DIVERGENCES)
         choice("order", _ORDERS)
@@ -369,7 +387,7 @@ class DistillConfig:
         number("ab_beta", 0.0, lo_open=True, what="a number > 0")
         number("temperature", 0.0, lo_open=True, what="a number > 0")
         for name in ("scale_by_t2", "detach_assistant", "fused_linear", "student_gen", "progress", "plots",
-                     "cache_teacher", "eval_teacher", "shard_teacher", "overwrite_output_dir"):
+                     "cache_teacher", "eval_teacher", "eval_student_before", "shard_teacher", "overwrite_output_dir"):
             boolean(name)
         if self.shard_teacher and self.strategy != "fsdp":
             raise ConfigError("amid-distill: config field 'shard_teacher': sharding the teacher needs strategy 'fsdp' "

@@ -91,9 +91,10 @@ class StudentEngine(nn.Module):
     """
 
     def __init__(self, student: nn.Module, n_vocab: int, loss_options: Dict[str, Any], fused_linear: bool,
-                 chunk_size: Optional[int]) -> None:
+                 chunk_size: Optional[int], gjsd_beta: Optional[float] = None) -> None:
         super().__init__()
         self.student = student
+        self.gjsd_beta = gjsd_beta
         self.n_vocab = n_vocab
         self.loss_options = dict(loss_options)
         self.fused_linear = fused_linear
@@ -131,6 +132,13 @@ class StudentEngine(nn.Module):
         w, b = self._head()
         tw, tb, ttransform = teacher_head
         opts = dict(self.loss_options, lam=float(lam))
+        if teacher_hidden is None:  # a cross-entropy-only step (SFT warm start, kd_weight 0): no teacher needed
+            s = _apply_head(h, w, b, self.transform)
+            ce = F.cross_entropy(s.float(), labels, reduction="sum") / normalizer
+            return {"loss": ce_weight * ce, "kd": None, "ce": ce}
+        if self.gjsd_beta is not None and isinstance(teacher_hidden, dict):
+            raise ValueError("amid-distill: config field 'gjsd_beta': the generalized JSD needs the full teacher "
+                             "distribution, which a top-k teacher cache does not hold; expected a hidden cache or none")
         if isinstance(teacher_hidden, dict):  # a top-k teacher cache: amid.amid_loss_topk (amid/distill/cache.py)
             from .cache import topk_loss
 
@@ -144,11 +152,18 @@ class StudentEngine(nn.Module):
                     h.to(w.dtype), w, teacher_hidden.to(tw.dtype), tw, labels, student_bias=b, teacher_bias=tb,
                     normalizer=normalizer, kd_weight=kd_weight, ce_weight=ce_weight, chunk_size=self.chunk_size,
                     **opts)
-            return {"loss": loss, "kd": None, "ce": None}
+            # kd_weight 0 (an SFT step): the fused value is the cross-entropy alone.
+            return {"loss": loss, "kd": None, "ce": loss if kd_weight == 0 else None}
         s = _apply_head(h, w, b, self.transform)
         with torch.no_grad():
             t = _apply_head(teacher_hidden.to(tw.dtype), tw, tb, ttransform).to(s.dtype)
-        kd = amid.amid_loss(s, t, None, reduction="mean", normalizer=normalizer, **opts) if kd_weight > 0 else None
+        if kd_weight <= 0:
+            kd = None
+        elif self.gjsd_beta is not None:
+            kd = amid.generalized_jsd(s, t, None, beta=self.gjsd_beta, reduction="mean", normalizer=normalizer,
+                                      temperature=opts["temperature"], scale_by_t2=opts["scale_by_t2"])
+        else:
+            kd = amid.amid_loss(s, t, None, reduction="mean", normalizer=normalizer, **opts)
         ce = (F.cross_entropy(s.float(), labels, reduction="sum") / normalizer) if ce_weight > 0 else None
         loss = 0.0
         if kd is not None:
@@ -469,22 +484,21 @@ class Distiller:
                 self.eval_sets[name] = ex[: cfg.eval_max_examples] if cfg.eval_max_examples else ex
         self.sampler = StepSampler(len(self.train_set), cfg.micro_batch_size, cfg.grad_accum_steps, self.world,
                                    self.rank, cfg.seed)
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * self.sampler.steps_per_epoch))
+        # SFT warm start: sft_steps cross-entropy-only steps come first (own optimizer and LR schedule), then
+        # the distillation steps (max_steps, or num_epochs of the data); step counts both.
+        self.sft_steps = int(cfg.sft_steps)
+        self.distill_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * self.sampler.steps_per_epoch))
+        self.total_steps = self.sft_steps + self.distill_steps
+        start_step = int(self._resume_state["step"]) if self._resume_state is not None else 0
 
         # --- engine, parallel wrapper, optimizer, schedules ------------------------------------------
         loss_options = dict(alpha=cfg.alpha, divergence=cfg.divergence, order=cfg.order, ab_alpha=cfg.ab_alpha,
                             ab_beta=cfg.ab_beta, temperature=cfg.temperature, scale_by_t2=cfg.scale_by_t2,
                             detach_assistant=cfg.detach_assistant)
-        self.engine_core = StudentEngine(student, self.n_vocab, loss_options, cfg.fused_linear, cfg.chunk_size)
+        self.engine_core = StudentEngine(student, self.n_vocab, loss_options, cfg.fused_linear, cfg.chunk_size,
+                                         gjsd_beta=cfg.gjsd_beta)
         self.engine = self._wrap(self.engine_core)
-        decay, no_decay = [], []
-        for p in self.engine.parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
-        self.scheduler = self._make_lr_scheduler()
+        self._make_optimizer("sft" if start_step < self.sft_steps else "distill")
         self.lam_schedule = make_schedule(cfg)
         self.sgo = AdaptiveSGO(cfg.sgo_init_threshold, cfg.sgo_loss_eps, cfg.sgo_replay_ratio,
                                seed=cfg.seed + 17) if cfg.student_gen else None
@@ -610,17 +624,30 @@ class Distiller:
         gc.collect()
         _malloc_trim()
 
-    def _make_lr_scheduler(self):
+    def _make_optimizer(self, phase: str) -> None:
+        """A fresh AdamW and LR schedule for ``phase`` ('sft' or 'distill'; each phase has its own)."""
+        cfg = self.cfg
+        decay, no_decay = [], []
+        for p in self.engine.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        self.phase = phase
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        self.scheduler = self._make_lr_scheduler(self.sft_steps if phase == "sft" else self.distill_steps)
+
+    def _make_lr_scheduler(self, n_steps: int):
         """``transformers.get_scheduler`` (HF's warm-up: the LR rises from 0 over the warm-up steps)."""
         from transformers import get_scheduler
 
         cfg = self.cfg
-        warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
+        warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * n_steps)
         name = cfg.lr_scheduler_type
         kwargs: Dict[str, Any] = {}
         if name == "cosine_with_min_lr" or (name == "cosine" and cfg.min_lr_ratio > 0):
             name, kwargs = "cosine_with_min_lr", {"min_lr_rate": cfg.min_lr_ratio}
-        return get_scheduler(name, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps,
+        return get_scheduler(name, self.optimizer, num_warmup_steps=warmup, num_training_steps=n_steps,
                              scheduler_specific_kwargs=kwargs or None)
 
     @property
@@ -693,8 +720,9 @@ class Distiller:
         """The batch source of this step and its micro-batches of token sequences."""
         idx_batches = self.sampler.next_step()
         kind = DATA
-        if self.sgo is not None:
-            kind = self.sgo.choose(self.step, self.total_steps, self.replay_size, self.replay_capacity)
+        if self.sgo is not None and self.phase == "distill":
+            kind = self.sgo.choose(self.step - self.sft_steps, self.distill_steps, self.replay_size,
+                                   self.replay_capacity)
         if kind == DATA:
             items = [[{"input_ids": self.train_set[i].input_ids, "labels": self.train_set[i].labels} for i in mb]
                      for mb in idx_batches]
@@ -751,8 +779,9 @@ class Distiller:
             dist.all_reduce(counts)
         # DDP / FSDP average the gradients over ranks, hence the division by the world size.
         normalizer = (counts[0].clamp_min(1) / self.world).to(torch.float32)
-        kd_w = float(cfg.kd_weight)
+        kd_w = float(cfg.kd_weight) if self.phase == "distill" else 0.0
         ce_w = (1.0 - kd_w) if ce_on else 0.0
+        need_teacher = kd_w > 0 or cfg.fused_linear
         sums = {"loss": torch.zeros((), device=self.device), "kd": torch.zeros((), device=self.device),
                 "ce": torch.zeros((), device=self.device)}
         lam = self.lam_schedule.value
@@ -760,7 +789,7 @@ class Distiller:
             b = {k: v.to(self.device) for k, v in b.items()}
             row_mask = b["labels"][:, 1:] != IGNORE_INDEX
             labels = b["labels"][:, 1:][row_mask]
-            t_hidden = self._teacher_hidden(b, keys[i] if keys is not None else None)
+            t_hidden = self._teacher_hidden(b, keys[i] if keys is not None else None) if need_teacher else None
             with self._sync_context(i == len(batches) - 1):
                 with self._autocast():
                     out = self.engine(task="loss", input_ids=b["input_ids"], attention_mask=b["attention_mask"],
@@ -813,11 +842,13 @@ class Distiller:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        loss_value: Optional[float] = None
-        if self.lam_schedule.needs_loss:
-            loss_value = float(self._global_mean(sums["loss"]))
-        self.lam_schedule.step(loss_value, self.step, self.total_steps)
-        return {"kind": kind, "sums": sums, "grad_norm": grad_norm, "lr": lr, "lam": lam}
+        phase = self.phase
+        if phase == "distill":
+            loss_value: Optional[float] = None
+            if self.lam_schedule.needs_loss:
+                loss_value = float(self._global_mean(sums["loss"]))
+            self.lam_schedule.step(loss_value, self.step - self.sft_steps, self.distill_steps)
+        return {"kind": kind, "sums": sums, "grad_norm": grad_norm, "lr": lr, "lam": lam, "phase": phase}
 
     # ------------------------------------------------------------------------------------------
     # evaluation
@@ -1088,8 +1119,10 @@ class Distiller:
                 # The frozen teacher is evaluated once; its (slow) generations only on the summary's split.
                 self.evaluate(split, "teacher", generate=split == gen_split and self.offline is None,
                               phase="before")
+            if not cfg.eval_student_before and not (self.sgo is not None and split == "validation"):
+                continue
             if not self._has_record(type="eval", phase="before", model="student", split=split):
-                rec = self.evaluate(split, "student", generate=True, phase="before")
+                rec = self.evaluate(split, "student", generate=cfg.eval_student_before, phase="before")
                 if split == "validation" and self.sgo is not None and self.sgo.ref_loss is None:
                     self.sgo.observe(rec["ce"])
 
@@ -1112,11 +1145,14 @@ class Distiller:
             while self.step < self.total_steps:
                 out = self.train_step()
                 self._after_step(out)
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
-                    gen = bool(cfg.eval_generate_every) and self.step % cfg.eval_generate_every == 0
-                    self._eval_round("during", generate=gen)
-                if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total_steps:
-                    self.save_checkpoint()
+                if self.sft_steps and self.step == self.sft_steps:
+                    self._end_sft()  # evaluates and checkpoints
+                else:
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                        gen = bool(cfg.eval_generate_every) and self.step % cfg.eval_generate_every == 0
+                        self._eval_round("during", generate=gen)
+                    if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total_steps:
+                        self.save_checkpoint()
                 if stop_after is not None and self.step >= stop_after and self.step < self.total_steps:
                     return None
         finally:
@@ -1129,6 +1165,15 @@ class Distiller:
         if self._trackers is not None:
             self._trackers.close()
         return summary
+
+    def _end_sft(self) -> None:
+        """End of the SFT warm start: evaluate the warmed student (phase 'sft'), switch to distillation
+        (fresh AdamW and LR schedule) and checkpoint, so a resumed run starts its distillation here."""
+        for split in self.eval_sets:
+            if not self._has_record(type="eval", phase="sft", model="student", split=split):
+                self.evaluate(split, "student", generate=True, phase="sft")
+        self._make_optimizer("distill")
+        self.save_checkpoint()
 
     def _after_step(self, out: Dict[str, Any]) -> None:
         cfg = self.cfg
@@ -1144,14 +1189,15 @@ class Distiller:
         w["grad_norm"] = out["grad_norm"]
         if self._pbar is not None:
             self._pbar.update(self.step - self._pbar.n)
-        if self.step % cfg.log_every and self.step != self.total_steps:
+        if self.step % cfg.log_every and self.step != self.total_steps and self.step != self.sft_steps:
             return
         vals = torch.stack([w["loss"], w["kd"], w["ce"]]).float() / w["steps"]
         vals = self._global_mean(vals).tolist()
         elapsed = time.perf_counter() - w["t0"]
-        rec = {"type": "train", "step": self.step, "epoch": self.sampler.epoch, "loss": vals[0],
-               "kd": vals[1] if not cfg.fused_linear and cfg.kd_weight > 0 else None,
-               "ce": vals[2] if not cfg.fused_linear and cfg.kd_weight < 1 else None,
+        sft = out["phase"] == "sft"
+        rec = {"type": "train", "phase": out["phase"], "step": self.step, "epoch": self.sampler.epoch, "loss": vals[0],
+               "kd": vals[1] if not cfg.fused_linear and cfg.kd_weight > 0 and not sft else None,
+               "ce": vals[2] if (not cfg.fused_linear or sft) and (cfg.kd_weight < 1 or sft) else None,
                "lam": out["lam"], "lr": out["lr"], "grad_norm": float(w["grad_norm"]),
                "tokens_per_s": float(w["tokens"]) / max(elapsed, 1e-9),
                "batches": dict(w["kinds"])}
@@ -1225,7 +1271,7 @@ class Distiller:
 
         rows = []
         for label, phase, model in (("teacher", "before", "teacher"), ("student (before)", "before", "student"),
-                                    ("student (after)", "final", "student")):
+                                    ("student (after SFT)", "sft", "student"), ("student (after)", "final", "student")):
             g = pick(phase, model, gen_split)
             v = pick(phase, model, "validation")
             if not g and not v:
