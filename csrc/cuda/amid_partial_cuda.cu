@@ -11,13 +11,16 @@
 //
 // One CTA per row (grid-stride over rows). Each thread reads its share of the row through
 // visit_row (16-byte loads), runs the element math of ../amid_math.h with LibMath in the math type
-// (fp32 for bf16 / fp16 / fp32 inputs, fp64 for fp64), and keeps its partial sums in double, as the
-// CPU op's row sums are (the outputs are float64 and the merge across ranks adds them: the partial
-// sums should not be the weakest link); then one CTA reduction (block_reduce). The maxima and their
-// exponential sums are taken in online form per thread (one read of the row): a thread's sum is
-// relative to its own running maximum and rescaled when that grows and in the merge, so the result
-// equals the CPU op's sum relative to the row maximum up to rounding, not bit for bit (the CPU op
-// sums e^(x - max) after a separate max pass; the summation order differs anyway).
+// acc_t (fp32 for bf16 / fp16 / fp32 inputs, fp64 for fp64) and accumulates its own elements in
+// acc_t too (a thread sees V / 256 elements: ~60 for a 16k slice, so the float sums add about as
+// much rounding as the element math itself; double accumulation per element would cost a
+// conversion per term, and conversions run at the MUFU rate). The per-thread partials then go to
+// double for the CTA reduction (block_reduce) and the float64 outputs, as the CPU op's row sums
+// are double. The maxima and their exponential sums are taken in online form per thread (one read
+// of the row): a thread's sum is relative to its own running maximum and rescaled when that grows
+// and in the merge, so the result equals the CPU op's sum relative to the row maximum up to
+// rounding, not bit for bit (the CPU op sums e^(x - max) after a separate max pass; the summation
+// order differs anyway).
 //
 // The scaled logits are saturated as in the CPU op (scale_logit): a finite logit times 1/T that
 // overflows becomes +-float max, not +-inf.
@@ -95,14 +98,14 @@ __device__ __forceinline__ int row_state(const PartialArgs<scalar_t, acc_t>& a, 
 }
 
 // Online sum of e^(x - m) over a thread's elements, m its running maximum (-inf entries are skipped;
-// NaN never moves m). The exponentials in the math type, the sum in double.
+// NaN never moves m).
 template <typename acc_t>
-__device__ __forceinline__ void online_add(acc_t x, acc_t& m, double& s) {
+__device__ __forceinline__ void online_add(acc_t x, acc_t& m, acc_t& s) {
   if (x > m) {
-    s = s * double(M::exp(m - x)) + 1.0;  // m = -inf: 0 * 0 + 1
+    s = s * M::exp(m - x) + acc_t(1);  // m = -inf: 0 * 0 + 1
     m = x;
   } else if (x != neg_inf<acc_t>()) {
-    s += double(M::exp(x - m));
+    s += M::exp(x - m);
   }
 }
 
@@ -145,8 +148,7 @@ __global__ void __launch_bounds__(kPartialThreads)
     }
     const scalar_t* t = a.t + row * a.ldt;
     const scalar_t* s = a.s + row * a.lds;
-    acc_t mt = neg_inf<acc_t>(), ms = neg_inf<acc_t>();
-    double st = 0.0, ss = 0.0;
+    acc_t mt = neg_inf<acc_t>(), ms = neg_inf<acc_t>(), st = 0, ss = 0;
     bool bad = false;
     visit_row(t, s, a.V, same_misalignment(t, s, sizeof(scalar_t)),
               [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {
@@ -158,7 +160,7 @@ __global__ void __launch_bounds__(kPartialThreads)
                   online_add(sf, ms, ss);
                 }
               });
-    LsePart part{double(mt), st, double(ms), ss, bad ? 1.0 : 0.0};
+    LsePart part{double(mt), double(st), double(ms), double(ss), bad ? 1.0 : 0.0};
     part = block_reduce<double>(part, scratch, merge);
     if (threadIdx.x == 0) {
       o[0] = -dinf(), o[1] = 0.0, o[2] = -dinf(), o[3] = 0.0, o[4] = part.bad;
@@ -203,8 +205,7 @@ __global__ void __launch_bounds__(kPartialThreads)
     const acc_t dAB = row_lse_gap(A, B);
     const scalar_t* t = a.t + row * a.ldt;
     const scalar_t* s = a.s + row * a.lds;
-    acc_t m = neg_inf<acc_t>();
-    double sr = 0.0, tau = 0.0;
+    acc_t m = neg_inf<acc_t>(), sr = 0, tau = 0;
     visit_row(t, s, a.V, same_misalignment(t, s, sizeof(scalar_t)),
               [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {
 #pragma unroll
@@ -212,11 +213,11 @@ __global__ void __launch_bounds__(kPartialThreads)
                   acc_t lp, lq, lt, w, d;
                   mixture_from_logits_split<POWER, REF_P, M>(P, scale_logit(acc_t(tv[j]), invT),
                                                              scale_logit(acc_t(sv[j]), invT), A, B, dAB, lp, lq, lt, w, d);
-                  tau += double(assistant_excess<M>(M::exp(REF_P ? lp : lq), d, lt));
+                  tau += assistant_excess<M>(M::exp(REF_P ? lp : lq), d, lt);
                   online_add(lt, m, sr);
                 }
               });
-    MixPart part{double(m), sr, tau};
+    MixPart part{double(m), double(sr), double(tau)};
     part = block_reduce<double>(part, scratch, merge);
     if (threadIdx.x == 0) {
       o[0] = part.m;
@@ -260,7 +261,7 @@ __global__ void __launch_bounds__(kPartialThreads)
     const acc_t Z = acc_t(r[kStatZ]);
     const scalar_t* t = a.t + row * a.ldt;
     const scalar_t* s = a.s + row * a.lds;
-    SumsPart part{};
+    acc_t v[kNumPartialSums] = {};
     visit_row(t, s, a.V, same_misalignment(t, s, sizeof(scalar_t)),
               [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {
 #pragma unroll
@@ -271,18 +272,21 @@ __global__ void __launch_bounds__(kPartialThreads)
                                                                      lq, lt, w, d);
                   const acc_t rr = M::exp(lt - Z);  // r with the merged Z (as the CPU op and the backward)
                   const Terms<acc_t> e = element_terms<D, O, M>(P, M::exp(lp), M::exp(lq), rr, lp, lq, lt - Z, d - Z);
-                  part.v[0] += double(e.l);
-                  part.v[1] += double(e.G);
-                  part.v[2] += double(e.G) * double(w);
-                  part.v[3] += double(e.H);
-                  part.v[4] += double(rr) * double(w);
+                  v[0] += e.l;
+                  v[1] += e.G;
+                  v[2] += e.G * w;
+                  v[3] += e.H;
+                  v[4] += rr * w;
                   if constexpr (D == Divergence::kKL) {
-                    part.v[5] += double(e.lb);
-                    part.v[6] += double(e.l1);
-                    part.v[7] += fabs(double(e.l1));
+                    v[5] += e.lb;
+                    v[6] += e.l1;
+                    v[7] += e.l1 < acc_t(0) ? -e.l1 : e.l1;
                   }
                 }
               });
+    SumsPart part;
+#pragma unroll
+    for (int k = 0; k < kNumPartialSums; ++k) part.v[k] = double(v[k]);
     part = block_reduce<double>(part, scratch, merge);
     if (threadIdx.x == 0) {
 #pragma unroll
