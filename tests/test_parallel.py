@@ -509,7 +509,7 @@ def _nccl_worker(rank, world, port, out_dir):
         y3 = torch.tensor([[1, -100, 2, 3], [-100, -100, 4, 5], [6, 7, 8, -1]])
         run("3-D mean", s3, t3, y3, RTOL, ignore_index=-1)
         run("grad_in_forward=False", s3, t3, y3, RTOL, grad_in_forward=False, order="rp", alpha=2.0, lam=0.3)
-        run("float32", s3.float(), t3.float(), y3, 1e-5, alpha=0.5, lam=0.3)
+        run("float32", s3.float(), t3.float(), y3, 1e-4, alpha=0.5, lam=0.3)
         run("bfloat16", s3.bfloat16(), t3.bfloat16(), y3, 2e-2, divergence="ab", order="rq", alpha=-1.0, lam=0.3)
     except Exception:
         fails.append(traceback.format_exc())
