@@ -59,8 +59,12 @@ shards with the mesh's group.
 Demo (CPU, gloo; checks the loss and gradient against one process):
 ``torchrun --nproc-per-node 2 examples/vocab_parallel_demo.py``.
 
-Not yet: CUDA kernels of the three partial ops (on CUDA tensors the vocab-parallel path raises a
-clear error), and in the fused linear path the CE / z-loss terms and the gradient in the forward.
+CUDA: the three partial ops have CUDA kernels (csrc/cuda/amid_partial_cuda.cu) in a CUDA build of
+amid, so CUDA shards work with NCCL (or any backend that all-reduces CUDA tensors); the gradient
+is amid_loss_bwd's CUDA kernel with the merged stats. A build without CUDA kernels raises a clear
+error on CUDA shards.
+
+Not yet: in the fused linear path the CE / z-loss terms and the gradient in the forward.
 """
 from __future__ import annotations
 
@@ -344,7 +348,7 @@ def vocab_parallel_amid_loss(
     dimension are the ``[..., V]`` logits). ``labels``: ``[...]``, the same on every rank. Every
     other option is :func:`amid.amid_loss`'s, with the same meaning and defaults; ``vocab_size`` cuts
     the concatenated vocabulary to its first ``vocab_size`` entries (a rank's shard may then be cut
-    to nothing). ``backend``: 'auto' or 'kernels' (the partial ops have CPU kernels only for now).
+    to nothing). ``backend``: 'auto' or 'kernels' (the partial ops run on the CPU or, in a CUDA build, on CUDA).
 
     Returns the loss of the whole vocabulary, the same on every rank (a scalar, or ``[...]`` for
     ``reduction='none'``); backward gives each rank the gradient of its own shard. ``group=None``:
@@ -391,8 +395,8 @@ def vocab_parallel_amid_loss(
         if not torch._C._dispatch_has_kernel_for_dispatch_key("amid::amid_partial_lse",
                                                               "CUDA" if device.type == "cuda" else "CPU") \
                 or device.type not in ("cpu", "cuda"):
-            raise _error(fn, f"expected logits on the CPU: this build has no vocab-parallel kernels for device "
-                             f"type '{device.type}' (the CUDA partial ops are not written yet)")
+            raise _error(fn, f"expected logits on the CPU or (with amid's CUDA kernels built) on a CUDA device: "
+                             f"this build has no vocab-parallel kernels for device type '{device.type}'")
         options = _loss_options(fn, alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant)
         if options["order"] == "jsd":
             raise _error(fn, "expected order to be one of 'pr', 'qr', 'rp', 'rq' (the one-pass generalized JSD, order "

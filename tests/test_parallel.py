@@ -13,6 +13,7 @@ from torch.library import opcheck
 
 import amid
 from amid.parallel import merged_rows_from_slices
+from conftest import requires_cuda
 from utils import make_logits
 
 OPT_NAMES = ("alpha", "lam", "divergence", "order", "ab_alpha", "ab_beta", "temperature", "detach_assistant")
@@ -66,7 +67,7 @@ def _split(x, cuts=CUTS):
 
 def _merged_grad(s, t, w, stats, opts, cuts=CUTS):
     ldt = amid.ops.loss_dtype(s.dtype)
-    gl = torch.ones(s.shape[0], dtype=ldt)
+    gl = torch.ones(s.shape[0], dtype=ldt, device=s.device)
     return torch.cat([torch.ops.amid.amid_loss_bwd(gl, a, b, w, stats.to(ldt), *opts.values())
                       for a, b in zip(_split(s, cuts), _split(t, cuts))], 1)
 
@@ -159,6 +160,120 @@ def test_no_process_group_is_amid_loss():
     a = amid.fused_linear_amid_loss(h, w, h, w.flip(0), y, lam=0.3)
     b = vocab_parallel_fused_linear_amid_loss(h, w, h, w.flip(0), y, lam=0.3)
     assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA partial ops (csrc/cuda/amid_partial_cuda.cu) against the CPU ones; skipped without a GPU.
+
+# float64: every case of the issue's grid; 16/32-bit inputs: each (divergence, order) with the power
+# mean, the geometric mean and a one-sided mixture.
+LOW_GRID = [(d, o, a, l) for d in ("kl", "ab") for o in ("pr", "qr", "rp", "rq")
+            for a, l in ((-1.0, 0.3), (1.0, 0.3), (0.5, 0.0))]
+
+
+def _agree(name, x, ref, tol):
+    """NaN and +-inf in the same places (the same infinities), elsewhere per column
+    max |x - ref| / max(max |ref|, 1) <= tol (the partial sums are O(1); the floor of 1 keeps columns
+    that are rounding noise around 0, e.g. kl's shifted S_G at lam = 0, from failing on noise)."""
+    x, ref = x.cpu().double(), ref.double()
+    assert x.shape == ref.shape, f"{name}: shapes {tuple(x.shape)} and {tuple(ref.shape)}"
+    if ref.numel() == 0:
+        return
+    assert torch.equal(torch.isnan(x), torch.isnan(ref)), f"{name}: NaNs differ\n{x}\n{ref}"
+    inf = torch.isinf(ref)
+    assert torch.equal(torch.isinf(x), inf) and torch.equal(x[inf], ref[inf]), f"{name}: infinities differ"
+    x2, r2 = x.reshape(x.shape[0], -1), ref.reshape(ref.shape[0], -1)
+    for j in range(r2.shape[1]):
+        fin = torch.isfinite(r2[:, j])
+        if fin.any():
+            err = (x2[fin, j] - r2[fin, j]).abs().max().item() / max(r2[fin, j].abs().max().item(), 1.0)
+            assert err <= tol, f"{name}: column {j}: error {err:.3g} > {tol:.1g}"
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_partial_ops_cuda_vs_cpu(dtype):
+    # The three partial ops on CUDA against the CPU ops on the same inputs and the same merged stats:
+    # the seam rows (NaN, +-inf, all -inf, disjoint supports, an ignored row holding NaN, row weights)
+    # in slices of widths 10, 1, 19, 11 (row-strided views of the CUDA logits), and rows of 3001 in
+    # slices of 1000, 3 and 1998 (vector loads with heads and tails, every warp of the CTA). Then the
+    # merge of the CUDA slices and the gradient (amid_loss_bwd on CUDA with the merged stats) against
+    # the CPU merge, and in float64 against the single-process CPU op to 1e-10.
+    ldt = amid.ops.loss_dtype(dtype)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    s, t = _seam_logits(dtype=dtype)
+    s[3] = math.nan
+    w = torch.tensor([1.0, 0.5, 2.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.7], dtype=ldt)
+    sl, tl = make_logits(6, 3001, dtype=dtype)
+    cases = [(s, t, w, CUTS), (sl, tl, None, (0, 1000, 1003, 3001))]
+    grid = GRID if dtype == torch.float64 else LOW_GRID
+    for ci, ((s, t, w, cuts), (div, order, alpha, lam)) in enumerate(itertools.product(cases, grid)):
+        name = f"case {ci // len(grid)} {div}/{order} alpha={alpha} lam={lam}"
+        opts = _opts(div, order, alpha, lam)
+        vals = tuple(opts.values())
+        sc, tc = s.cuda(), t.cuda()
+        wc = None if w is None else w.cuda()
+        rows, stats = merged_rows_from_slices(_split(s, cuts), _split(t, cuts), w, **opts)
+        for k, (a, b, ac, bc) in enumerate(zip(_split(s, cuts), _split(t, cuts), _split(sc, cuts), _split(tc, cuts))):
+            _agree(f"{name} slice {k} lse", torch.ops.amid.amid_partial_lse(ac, bc, wc, opts["temperature"]),
+                   torch.ops.amid.amid_partial_lse(a, b, w, opts["temperature"]), tol)
+            for op in ("amid_partial_mix", "amid_partial_sums"):
+                f = getattr(torch.ops.amid, op)
+                _agree(f"{name} slice {k} {op}", f(ac, bc, wc, stats.cuda(), *vals), f(a, b, w, stats, *vals), tol)
+        rows_c, stats_c = merged_rows_from_slices(_split(sc, cuts), _split(tc, cuts), wc, **opts)
+        assert rows_c.is_cuda and rows_c.dtype == rows.dtype
+        _agree(f"{name} rows", rows_c, rows, tol)
+        _agree(f"{name} stats", stats_c, stats, tol)
+        grad_c = _merged_grad(sc, tc, wc, stats_c, opts, cuts)
+        assert grad_c.is_cuda and grad_c.dtype == dtype
+        grad = _merged_grad(s, t, w, stats, opts, cuts)
+        _agree(f"{name} grad", grad_c.T, grad.T, tol if dtype == torch.float64 else 1e-2)
+        if dtype == torch.float64:
+            loss, _st, grad1 = torch.ops.amid.amid_loss_fwd(s, t, w, *vals, True)
+            assert _rel(rows_c.cpu(), loss) <= RTOL, name
+            assert _rel(grad_c.cpu(), grad1) <= RTOL, name
+
+
+@requires_cuda
+def test_partial_ops_cuda_edge_cases():
+    # N = 0; V = 1; rows of weight 0 are not read (NaN there changes nothing); stats with a NaN give NaN
+    # rows; bad input is refused with the CPU op's message.
+    for n, v in ((0, 7), (3, 1)):
+        s, t = make_logits(n, v, dtype=torch.float32)
+        stats = torch.zeros(n, 7, dtype=torch.float64)
+        for dev in ("cpu", "cuda"):
+            out = torch.ops.amid.amid_partial_lse(s.to(dev), t.to(dev), None, 1.0)
+            assert out.shape == (n, 5) and out.dtype == torch.float64 and out.device.type == dev
+        _agree("V = 1 lse", torch.ops.amid.amid_partial_lse(s.cuda(), t.cuda(), None, 1.0),
+               torch.ops.amid.amid_partial_lse(s, t, None, 1.0), 1e-6)
+        for op in ("amid_partial_mix", "amid_partial_sums"):
+            f = getattr(torch.ops.amid, op)
+            _agree(f"V = 1 {op}", f(s.cuda(), t.cuda(), None, stats.cuda(), 0.5, 0.3, "kl", "pr", 0.2, 0.7, 1.0, False),
+                   f(s, t, None, stats, 0.5, 0.3, "kl", "pr", 0.2, 0.7, 1.0, False), 1e-6)
+    s, t = make_logits(4, 50, dtype=torch.bfloat16, device="cuda")
+    s[1] = math.nan
+    w = torch.tensor([1.0, 0.0, 1.0, 1.0], device="cuda")
+    lse = torch.ops.amid.amid_partial_lse(s, t, w, 1.0).cpu()
+    assert torch.equal(lse[1], torch.tensor([-math.inf, 0.0, -math.inf, 0.0, 0.0], dtype=torch.float64))
+    stats = torch.zeros(4, 7, dtype=torch.float64, device="cuda")
+    stats[2, 4] = math.nan
+    for op, k in (("amid_partial_mix", 3), ("amid_partial_sums", 8)):
+        out = getattr(torch.ops.amid, op)(s, t, w, stats, 0.5, 0.3, "kl", "pr", 0.2, 0.7, 1.0, False).cpu()
+        assert out.shape == (4, k)
+        assert torch.equal(out[1], torch.zeros(k, dtype=torch.float64))
+        assert torch.isnan(out[2]).all() and not torch.isnan(out[[0, 3]]).any()
+        with pytest.raises(RuntimeError, match=rf"amid::{op}: expected stats of dtype Double, but got Float"):
+            getattr(torch.ops.amid, op)(s, t, w, stats.float(), 0.5, 0.3, "kl", "pr", 0.2, 0.7, 1.0, False)
+        with pytest.raises(RuntimeError, match=rf"amid::{op}: expected stats on device cuda:0, but got cpu"):
+            getattr(torch.ops.amid, op)(s, t, w, stats.cpu(), 0.5, 0.3, "kl", "pr", 0.2, 0.7, 1.0, False)
+    with pytest.raises(RuntimeError, match=r"amid::amid_partial_lse: expected temperature > 0, but got 0"):
+        torch.ops.amid.amid_partial_lse(s, t, w, 0.0)
+    for dtype in (torch.float64, torch.bfloat16):
+        s, t = make_logits(5, 23, dtype=dtype, device="cuda")
+        opcheck(torch.ops.amid.amid_partial_lse.default, (s, t, None, 1.3))
+        _rows, st = merged_rows_from_slices([s], [t], None, **_opts("ab", "rq", -1.0, 0.7))
+        for op in (torch.ops.amid.amid_partial_mix, torch.ops.amid.amid_partial_sums):
+            opcheck(op.default, (s, t, None, st) + tuple(_opts("ab", "rq", -1.0, 0.7).values()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -360,5 +475,83 @@ def test_vocab_parallel_gloo(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for r in range(4):
+        text = (tmp_path / f"rank{r}.txt").read_text()
+        assert text == "OK", f"rank {r}:\n{text[:4000]}"
+
+
+# ------------------------------------------------------------------------------------------------
+# NCCL: 2 processes, one GPU each (skipped unless 2 GPUs and amid's CUDA kernels): the CUDA shards
+# against the single-process CPU op on the whole logits in the same dtype (float64: 1e-10).
+
+def _nccl_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+    from amid.parallel import vocab_parallel_amid_loss
+
+    fails = []
+    try:
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        dev = torch.device("cuda", rank)
+        cuts = SHARD_CUTS[world]
+        lo, hi = cuts[rank], cuts[rank + 1]
+
+        def run(name, s, t, labels, tol, **kw):
+            sr = s.clone().requires_grad_(True)  # the single-process CPU op in the same dtype
+            ref = amid.amid_loss(sr, t, labels, **kw)
+            ref.sum().backward()
+            ss = s[..., lo:hi].to(dev).requires_grad_(True)
+            got = vocab_parallel_amid_loss(ss, t[..., lo:hi].to(dev), labels.to(dev), **kw)
+            got.sum().backward()
+            if not got.is_cuda or ss.grad is None or not ss.grad.is_cuda:
+                fails.append(f"{name}: result not on the GPU")
+                return
+            for what, x, r in (("loss", got, ref), ("grad", ss.grad, sr.grad[..., lo:hi])):
+                err = _rel(x.detach().cpu(), r.detach())
+                if not err <= tol:
+                    fails.append(f"{name} {what}: rel. error {err:.3g}")
+
+        torch.manual_seed(7)
+        s, t = _seam_logits()
+        labels = torch.tensor([1, 2, 3, -100, 5, 6, 7, 8, 9])
+        for div, order, alpha, lam in GRID[::7]:
+            run(f"{div}/{order} alpha={alpha} lam={lam}", s, t, labels, RTOL, reduction="none",
+                **_opts(div, order, alpha, lam))
+        s3, t3 = make_logits(3, 4 * 41, dtype=torch.float64)
+        s3, t3 = s3.reshape(3, 4, 41), t3.reshape(3, 4, 41)
+        y3 = torch.tensor([[1, -100, 2, 3], [-100, -100, 4, 5], [6, 7, 8, -1]])
+        run("3-D mean", s3, t3, y3, RTOL, ignore_index=-1)
+        run("grad_in_forward=False", s3, t3, y3, RTOL, grad_in_forward=False, order="rp", alpha=2.0, lam=0.3)
+        run("float32", s3.float(), t3.float(), y3, 1e-4, alpha=0.5, lam=0.3)
+        run("bfloat16", s3.bfloat16(), t3.bfloat16(), y3, 2e-2, divergence="ab", order="rq", alpha=-1.0, lam=0.3)
+    except Exception:
+        fails.append(traceback.format_exc())
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write("\n".join(fails) if fails else "OK")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _launch_nccl(out_dir):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_nccl_worker, args=(2, _free_port(), out_dir), nprocs=2, join=True, start_method="spawn")
+
+
+@requires_cuda
+def test_vocab_parallel_nccl(tmp_path):
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+
+    if torch.cuda.device_count() < 2 or not dist.is_nccl_available():
+        pytest.skip("needs 2 GPUs and NCCL")
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = f"import sys; sys.path.insert(0, {here!r}); import test_parallel; test_parallel._launch_nccl({str(tmp_path)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(here), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for r in range(2):
         text = (tmp_path / f"rank{r}.txt").read_text()
         assert text == "OK", f"rank {r}:\n{text[:4000]}"
