@@ -358,6 +358,8 @@ at::Tensor amid_partial_pass_cuda(const char* op, const at::Tensor& student_logi
                                   double ab_beta, double temperature, bool detach_assistant) {
   check_fwd_args(op, student_logits, teacher_logits, row_weight);
   check_partial_stats(op, stats, student_logits);
+  AMID_CHECK(order != "jsd", op, "expected order to be one of 'pr', 'qr', 'rp', 'rq' (the combined order 'jsd' is not ",
+             "available vocab-parallel yet), but got 'jsd'");
   const int64_t N = student_logits.size(0);
   const at::cuda::OptionalCUDAGuard guard(student_logits.device());
   at::Tensor out = at::empty({N, kWithZ ? kNumPartialSums : kNumPartialMix},
@@ -376,10 +378,12 @@ at::Tensor amid_partial_pass_cuda(const char* op, const at::Tensor& student_logi
       dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
         constexpr Divergence D = decltype(dc)::value;
         constexpr Order O = decltype(oc)::value;
-        if (power) {
-          launch_rows(partial_sums_kernel<scalar_t, D, O, true>, a, P, stream);
-        } else {
-          launch_rows(partial_sums_kernel<scalar_t, D, O, false>, a, P, stream);
+        if constexpr (O != Order::kJSD) {  // refused above
+          if (power) {
+            launch_rows(partial_sums_kernel<scalar_t, D, O, true>, a, P, stream);
+          } else {
+            launch_rows(partial_sums_kernel<scalar_t, D, O, false>, a, P, stream);
+          }
         }
       });
     } else {
