@@ -7,6 +7,9 @@ bash scripts/setup_env.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# torch.compile's on-disk cache inside this checkout: a cache left by another version of amid (whose fake
+# kernels had other output shapes) would otherwise be reused and fail the compile tests.
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$PWD/build/inductor-cache}"
 mkdir -p build
 cmake -S . -B build/cmake -DAMID_CUDA=OFF -DAMID_BUILD_TESTS=ON -G Ninja > build/cmake.log 2>&1 \
   || { cat build/cmake.log; exit 1; }

@@ -55,7 +55,7 @@ def test_cli_help_lists_choices_and_errors_are_one_line(capsys):
         distill_cli.main(["--help"])
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
-    for choices in ("{kl,ab}", "{pr,qr,rp,rq}", "{constant,linear,taid}", "{auto,none,ddp,fsdp}",
+    for choices in ("{kl,ab}", "{pr,qr,rp,rq,jsd}", "{constant,linear,taid}", "{auto,none,ddp,fsdp}",
                     "{linear,cosine,cosine_with_min_lr,constant,constant_with_warmup}", "{constant,increasing,decreasing}",
                     "{float32,fp32,bfloat16,bf16,float16,fp16}", "{auto,true,false}", "one of auto, cpu, cuda, cuda:N",
                     "--learning_rate"):
