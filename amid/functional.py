@@ -185,6 +185,22 @@ def _base_row_weights(mask: Optional[Tensor], n: int, reduction: str, normalizer
     return weight
 
 
+
+def _row_weights(labels: Optional[Tensor], ignore_index: int, reduction: str, normalizer, lead: torch.Size, n: int,
+                 dtype: torch.dtype, device, t2: float = 1.0) -> Optional[Tensor]:
+    """The per-row weights of a loss in one [N] vector: the reduction ("batchmean" is "mean" over the
+    batch's first dimension unless a normalizer is given), the ignored rows and the T^2 scale ``t2``;
+    None when every weight is 1."""
+    mask = None if labels is None else (labels.reshape(-1) != ignore_index)
+    if reduction == "batchmean":
+        reduction = "mean"
+        if normalizer is None:
+            normalizer = _batchmean_denominator(mask, lead)
+    weight = _base_row_weights(mask, n, reduction, normalizer, dtype, device)
+    if t2 != 1.0:
+        weight = weight * t2 if weight is not None else torch.full((n,), t2, dtype=dtype, device=device)
+    return weight
+
 def amid_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -335,16 +351,8 @@ def amid_loss(
     n = s.shape[0]
     ldt = _ops.loss_dtype(s.dtype)
 
-    # Per-row weights: the reduction, the ignored rows and the T^2 scale in one [N] vector.
-    mask = None if labels is None else (labels.reshape(-1) != ignore_index)
-    if reduction == "batchmean":
-        reduction = "mean"
-        if normalizer is None:
-            normalizer = _batchmean_denominator(mask, lead)
-    weight = _base_row_weights(mask, n, reduction, normalizer, ldt, s.device)
-    if scale_by_t2 and options["temperature"] != 1.0:
-        t2 = options["temperature"] ** 2
-        weight = weight * t2 if weight is not None else torch.full((n,), t2, dtype=ldt, device=s.device)
+    t2 = options["temperature"] ** 2 if scale_by_t2 else 1.0
+    weight = _row_weights(labels, ignore_index, reduction, normalizer, lead, n, ldt, s.device, t2)
 
     if _ops.forward_ad_active(s):
         raise _error(fn, _ops.FORWARD_AD_ERROR)

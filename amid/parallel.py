@@ -76,9 +76,9 @@ import torch
 from torch import Tensor
 
 from . import ops as _ops
-from .functional import (DEFAULT_ALPHA, DEFAULT_LAM, _base_row_weights, _batchmean_denominator, _check_labels,
+from .functional import (DEFAULT_ALPHA, DEFAULT_LAM, _check_labels,
                          _check_reduction_args, _error, _integer, _is_dtensor, _loss_options, _normalizer_alias,
-                         _shape)
+                         _row_weights, _shape)
 
 __all__ = ["vocab_parallel_amid_loss", "vocab_parallel_fused_linear_amid_loss", "vocab_parallel_rows",
            "merged_rows_from_slices", "dtensor_amid_loss", "CommCounter"]
@@ -463,23 +463,15 @@ def vocab_parallel_amid_loss(
         t2 = t2.contiguous()
     n = s2.shape[0]
     ldt = _ops.loss_dtype(s2.dtype)
-    mask = None if labels is None else (labels.reshape(-1) != ignore_index)
-    red = reduction
-    if red == "batchmean":
-        red = "mean"
-        if normalizer is None:
-            normalizer = _batchmean_denominator(mask, lead)
-    weight = _base_row_weights(mask, n, red, normalizer, ldt, s2.device)
-    if scale_by_t2 and options["temperature"] != 1.0:
-        t2s = options["temperature"] ** 2
-        weight = weight * t2s if weight is not None else torch.full((n,), t2s, dtype=ldt, device=s2.device)
+    t2_scale = options["temperature"] ** 2 if scale_by_t2 else 1.0
+    weight = _row_weights(labels, ignore_index, reduction, normalizer, lead, n, ldt, s2.device, t2_scale)
     if weight is not None:
         weight = weight.contiguous()
     if _ops.forward_ad_active(s2):
         raise _error(fn, _ops.FORWARD_AD_ERROR)
     comm = _GroupComm(group, comm_counter)
     rows, _stats = _VocabParallelRows.apply(s2, t2, weight, comm, grad_in_forward, *options.values())
-    if red == "none":
+    if reduction == "none":
         return rows.reshape(lead)
     return rows.sum()
 
@@ -711,16 +703,8 @@ def vocab_parallel_fused_linear_amid_loss(
     ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     n = hs.shape[0]
     ldt = _ops.loss_dtype(hs.dtype)
-    mask = None if labels is None else (labels.reshape(-1) != ignore_index)
-    red = reduction
-    if red == "batchmean":
-        red = "mean"
-        if normalizer is None:
-            normalizer = _batchmean_denominator(mask, lead)
-    weight = _base_row_weights(mask, n, red, normalizer, ldt, hs.device)
-    if scale_by_t2 and options["temperature"] != 1.0:
-        t2s = options["temperature"] ** 2
-        weight = weight * t2s if weight is not None else torch.full((n,), t2s, dtype=ldt, device=hs.device)
+    t2_scale = options["temperature"] ** 2 if scale_by_t2 else 1.0
+    weight = _row_weights(labels, ignore_index, reduction, normalizer, lead, n, ldt, hs.device, t2_scale)
     if weight is not None:
         weight = weight.contiguous()
     if chunk_size is None:  # the same on every rank (from the widest shard), so the chunks' collectives pair up
@@ -731,6 +715,6 @@ def vocab_parallel_fused_linear_amid_loss(
     rows, _stats = _VocabParallelFusedLinear.apply(hs, student_weight_shard, student_bias_shard, ht,
                                                    teacher_weight_shard, teacher_bias_shard, weight, comm,
                                                    int(chunk_size), bool(reduce_hidden_grad), *options.values())
-    if red == "none":
+    if reduction == "none":
         return rows.reshape(lead)
     return rows.sum()

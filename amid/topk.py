@@ -306,15 +306,8 @@ def amid_loss_topk(
     idx = teacher_indices.reshape(-1, k).contiguous()
     tl = None if teacher_tail_logmass is None else teacher_tail_logmass.detach().reshape(-1).to(ldt).contiguous()
 
-    mask = None if labels is None else (labels.reshape(-1) != ignore_index)
-    if reduction == "batchmean":
-        reduction = "mean"
-        if normalizer is None:
-            normalizer = _F._batchmean_denominator(mask, lead)
-    weight = _F._base_row_weights(mask, n, reduction, normalizer, ldt, s.device)
-    if scale_by_t2 and options["temperature"] != 1.0:
-        t2 = options["temperature"] ** 2
-        weight = weight * t2 if weight is not None else torch.full((n,), t2, dtype=ldt, device=s.device)
+    t2 = options["temperature"] ** 2 if scale_by_t2 else 1.0
+    weight = _F._row_weights(labels, ignore_index, reduction, normalizer, lead, n, ldt, s.device, t2)
 
     if _ops.forward_ad_active(s):
         raise _err(_ops.FORWARD_AD_ERROR)
