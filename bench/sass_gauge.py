@@ -106,6 +106,8 @@ COLD_REGIONS = [
     ("amid_online.h", [r"struct OnlineLSE", r"if \(x > m\) \{"], "OnlineLSE::add: a new running max"),
     ("amid_online.h", [r"void rebase\(", r"if \(m != neg_inf<T>\(\)\) \{"],
      "RowAcc::rebase: rescaling the sums to a new running max"),
+    ("amid_math.h", [r"if \(P\.lam_tiny & base_form"],
+     "mixture: lam or 1 - lam below the normal range of the math type (a parameter: a uniform branch)"),
 ]
 
 # sm_90 (H100 / H200) resources, as cuda_occupancy.h models them.

@@ -79,6 +79,10 @@ struct LossParams {
   // log(lam), log(1 - lam) and log((1 - lam) / lam), computed in double on the host (exact even where
   // 1 - lam rounds to 1 in T, or lam underflows in T); lam_ratio = lam / (1 - lam). kPower only.
   T log_lam, log_1m_lam, log_odds, lam_ratio;
+  // lam or 1 - lam below 16 x the smallest normal number of T (kPower only): the one case where the
+  // mixture needs its log-sum-exp form (see mixture). A parameter, so the kernels' branch on it is
+  // uniform and never taken for ordinary lam.
+  bool lam_tiny;
   T k, inv_k;       // k = (1 - alpha) / 2, used by kPower only
   T ab_a, ab_b;     // alpha-beta divergence exponents (a on the first argument)
   T ab_g, ab_a_over_g, ab_b_over_g, inv_ab, inv_a, inv_b;  // a+b, a/(a+b), b/(a+b), 1/(ab), 1/a, 1/b
@@ -225,19 +229,21 @@ AMID_HD void mixture(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& 
     const T lam_B = q_base ? P.one_minus_lam : P.lam;
     const T a_B = lam_N * em1;           // in [-lam_N, 0]
     const T s_B = lam_B + lam_N * e;     // both terms >= 0: no cancellation
-    T L = M::log_sel(a_B >= T(-0.5), a_B, s_B);
-    if (s_B < T(16) * std::numeric_limits<T>::min()) {
+    // One logarithm per element: the base form c_B = L / k where B is the reference side (own) or
+    // |x| > 80, else the non-own form c_up; the argument is selected first (log_sel: log1p or log).
+    const bool base_form = own | big;
+    const T y_up = -lam_nonref * em1 * M::rcp(e);  // expm1(|x|) lam_nonref >= 0 (not big: e finite > 0)
+    T c = M::log_sel(base_form ? a_B >= T(-0.5) : true, base_form ? a_B : y_up, s_B) * P.inv_k;
+    if (P.lam_tiny & base_form & (s_B < T(16) * std::numeric_limits<T>::min())) {
       // Only where lam_B itself is below the normal range of T (lam or 1 - lam < 2e-37 in float):
-      // the log-sum-exp of the logs (a branch that no ordinary row takes on the GPU).
+      // the log-sum-exp of the logs (a uniform branch that ordinary lam never takes).
       const T u = (log_lam_N + ax) - log_lam_B;  // log(lam_N e / lam_B)
-      L = (u > T(0) ? log_lam_N + ax : log_lam_B) + M::log1p(M::exp(u > T(0) ? -u : u));
+      c = ((u > T(0) ? log_lam_N + ax : log_lam_B) + M::log1p(M::exp(u > T(0) ? -u : u))) * P.inv_k;
     }
-    // d of the non-own branch (not big: e >= e^-80 is a normal number, 1 / e finite)
-    const T c_up = M::log_sel(true, -lam_nonref * em1 * M::rcp(e), T(1)) * P.inv_k;
-    const T c_B = L * P.inv_k;
     const T l_ref = REF_P ? lp : lq, l_non = REF_P ? lq : lp;
-    d_ = own ? c_B : (big ? (l_non - l_ref) + c_B : c_up);
-    lt_ = own ? l_ref + c_B : (big ? l_non + c_B : l_ref + c_up);
+    const bool from_non = !own & big;  // lt = l_non + c_B: d cancels, taken as a difference (large here)
+    d_ = from_non ? (l_non - l_ref) + c : c;
+    lt_ = from_non ? l_non + c : l_ref + c;
     // w: (1-lam) / ((1-lam) + lam e) with q as the base, else e / (e + lam / (1-lam)); both terms of
     // each denominator are >= 0. If both vanish in T (lam / (1-lam) and e underflow), w is the
     // sigmoid's saturated value, 1 or 0 by the sign of log((1-lam)/lam) - |x|.

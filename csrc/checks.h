@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -175,6 +176,7 @@ LossParams<T> make_params(const char* op, double alpha, double lam, const std::s
   P.log_1m_lam = T(std::log1p(-lam));
   P.log_odds = T(std::log1p(-lam) - std::log(lam));
   P.lam_ratio = T(lam / (1.0 - lam));
+  P.lam_tiny = std::min(lam, 1.0 - lam) < 16.0 * double(std::numeric_limits<T>::min());
   const double k = 0.5 * (1.0 - alpha);
   P.k = T(k);
   P.inv_k = k != 0.0 ? T(1.0 / k) : T(0);
