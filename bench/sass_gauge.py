@@ -104,6 +104,8 @@ TARGET_CTAS_KL = 3
 # matching the previous anchors in turn.
 COLD_REGIONS = [
     ("amid_online.h", [r"struct OnlineLSE", r"if \(x > m\) \{"], "OnlineLSE::add: a new running max"),
+    ("amid_online.h", [r"struct OnlineLSE", r"void add_chunk\(", r"if \(cm > m\) \{"],
+     "OnlineLSE::add_chunk: a new running max (at most once per chunk)"),
     ("amid_online.h", [r"void rebase\(", r"if \(m != neg_inf<T>\(\)\) \{"],
      "RowAcc::rebase: rescaling the sums to a new running max"),
     ("amid_math.h", [r"if \(P\.lam_tiny & base_form"],

@@ -132,6 +132,20 @@ struct LibMath {
     return (x > -0.5f) & (x < 0.5f) ? expm1_small(x) : e - 1.0f;
   }
   static AMID_HD double expm1_from_exp(double x, double /*e*/) { return ::expm1(x); }
+  // e^x for the terms of a log-sum-exp (x = logit - running max <= 0, or -inf). On the GPU one
+  // MUFU.EX2 of x log2(e) (ex2.approx: 2 ulp, plus the rounding of the product, |x| 2^-24 relative:
+  // small where the terms are not negligible; results below 2^-126 flush to 0), instead of expf's ~9
+  // instructions. The host (the CPU kernels, and the C++ tests, which also emulate its error) uses expf.
+  static AMID_HD float exp_lse(float x) {
+#if defined(__CUDA_ARCH__)
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x * 1.44269504088896341f));
+    return r;
+#else
+    return ::expf(x);
+#endif
+  }
+  static AMID_HD double exp_lse(double x) { return ::exp(x); }
   // 1 / x. On the GPU the approximate reciprocal (one MUFU.RCP, flushes subnormals) refined by one
   // Newton step (< 1 ulp for normal x): an IEEE division is ~10 instructions plus a slow-path check.
   // Callers guard x = 0 and x = inf with selects (the step gives NaN there). The host (and the C++ tests'

@@ -38,6 +38,27 @@ struct OnlineLSE {
       s += M::exp(x - m);
     }
   }
+  // n elements at once (the GPU kernels' vector chunk): the chunk's maximum first, so the running max
+  // moves at most once per chunk (rarely, after the first chunks), then one exponential per element
+  // relative to it (M::exp_lse: on the GPU a single MUFU.EX2). NaN never moves the max (it is
+  // summed, and makes s NaN); +inf moves it and sums inf - inf = NaN: both leave s NaN, which the
+  // caller reads as an invalid row (LseAcc::invalid). A chunk seen while every element so far was
+  // -inf adds nothing (x - m would be NaN).
+  template <class M, int n>
+  AMID_HD void add_chunk(const T* x) {
+    using std::fmax;  // fmax(c, NaN) = c: one FMNMX on the GPU
+    T cm = neg_inf<T>();
+#pragma unroll
+    for (int j = 0; j < n; ++j) cm = fmax(cm, x[j]);
+    if (cm > m) {  // a new running max
+      s = s * M::exp(m - cm);  // m = -inf: s = 0 * 0
+      m = cm;
+    }
+    if (m != neg_inf<T>()) {
+#pragma unroll
+      for (int j = 0; j < n; ++j) s += M::exp_lse(x[j] - m);
+    }
+  }
   template <class M>
   AMID_HD void merge(const OnlineLSE& o) {
     if (o.m == neg_inf<T>()) return;
@@ -62,6 +83,15 @@ struct LseAcc {
     bad = ((tv < std::numeric_limits<T>::infinity()) & (sv < std::numeric_limits<T>::infinity())) ? bad : T(1);
     t.template add<M>(tv);
     s.template add<M>(sv);
+  }
+  template <class M, int n>
+  AMID_HD void add_chunk(const T* tv, const T* sv) {
+    t.template add_chunk<M, n>(tv);
+    s.template add_chunk<M, n>(sv);
+  }
+  // NaN or +inf seen (by add, or by add_chunk: s NaN), or a side that is all -inf.
+  AMID_HD bool invalid() const {
+    return (bad != T(0)) | (t.s != t.s) | (s.s != s.s) | (t.m == neg_inf<T>()) | (s.m == neg_inf<T>());
   }
   template <class M>
   AMID_HD void merge(const LseAcc& o) {

@@ -175,8 +175,10 @@ __global__ void __launch_bounds__(kThreads, D == Divergence::kKL ? 3 : 2) amid_f
         constexpr int n = decltype(nc)::value;
         store_chunk<n>(st, i, tv);
         store_chunk<n>(ss, i, sv);
+        acc_t x[n], y[n];
 #pragma unroll
-        for (int j = 0; j < n; ++j) lse.template add<M>(acc_t(tv[j]) * invT, acc_t(sv[j]) * invT);
+        for (int j = 0; j < n; ++j) x[j] = acc_t(tv[j]) * invT, y[j] = acc_t(sv[j]) * invT;
+        lse.template add_chunk<M, n>(x, y);
       });
       __syncthreads();
       t = st;
@@ -184,12 +186,15 @@ __global__ void __launch_bounds__(kThreads, D == Divergence::kKL ? 3 : 2) amid_f
       vec_ok = g == nullptr || same_misalignment(st, g, sizeof(scalar_t));
     } else {
       visit_row(t, s, len, vec_ok, [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {  // gauge:R1
+        constexpr int n = decltype(nc)::value;
+        acc_t x[n], y[n];
 #pragma unroll
-        for (int j = 0; j < decltype(nc)::value; ++j) lse.template add<M>(acc_t(tv[j]) * invT, acc_t(sv[j]) * invT);
+        for (int j = 0; j < n; ++j) x[j] = acc_t(tv[j]) * invT, y[j] = acc_t(sv[j]) * invT;
+        lse.template add_chunk<M, n>(x, y);
       });
     }
     lse = cluster_reduce<acc_t>(lse, lse_scratch, lse_slot, round++, merge_lse);
-    const bool bad_row = lse.bad != acc_t(0) || lse.t.m == neg_inf<acc_t>() || lse.s.m == neg_inf<acc_t>();
+    const bool bad_row = lse.invalid();
     if (bad_row) {  // NaN / +inf, or an all -inf row: the row's loss, stats and gradient are NaN
       fill_row(a, row, g, len, lead, nan_v<acc_t>());
       continue;
