@@ -132,11 +132,12 @@ struct LibMath {
     return (x > -0.5f) & (x < 0.5f) ? expm1_small(x) : e - 1.0f;
   }
   static AMID_HD double expm1_from_exp(double x, double /*e*/) { return ::expm1(x); }
-  // e^x for the terms of a log-sum-exp (x = logit - running max <= 0, or -inf). On the GPU one
-  // MUFU.EX2 of x log2(e) (ex2.approx: 2 ulp, plus the rounding of the product, |x| 2^-24 relative:
-  // small where the terms are not negligible; results below 2^-126 flush to 0), instead of expf's ~9
-  // instructions. The host (the CPU kernels, and the C++ tests, which also emulate its error) uses expf.
-  static AMID_HD float exp_lse(float x) {
+  // e^x for x <= 0 (or -inf) where a relative error of ~2^-22 + |x| 2^-24 is harmless: terms of a
+  // log-sum-exp and probabilities that only scale other terms (never the difference of two nearly
+  // equal ones). On the GPU one MUFU.EX2 of x log2(e) (ex2.approx: ~2^-22 relative, plus the rounding
+  // of the product, |x| 2^-24; results below 2^-126 flush to 0) instead of expf's ~9 instructions.
+  // The host uses expf (the C++ tests emulate the GPU's error: GpuEmuMath).
+  static AMID_HD float exp_approx(float x) {
 #if defined(__CUDA_ARCH__)
     float r;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x * 1.44269504088896341f));
@@ -145,7 +146,7 @@ struct LibMath {
     return ::expf(x);
 #endif
   }
-  static AMID_HD double exp_lse(double x) { return ::exp(x); }
+  static AMID_HD double exp_approx(double x) { return ::exp(x); }
   // 1 / x. On the GPU the approximate reciprocal (one MUFU.RCP, flushes subnormals) refined by one
   // Newton step (< 1 ulp for normal x): an IEEE division is ~10 instructions plus a slow-path check.
   // Callers guard x = 0 and x = inf with selects (the step gives NaN there). The host (and the C++ tests'
@@ -643,6 +644,30 @@ AMID_HD JsdTerms<T> jsd_terms(const LossParams<T>& P, T p, T q, T r, T lp, T lq,
 template <typename T>
 AMID_HD T element_grad(bool detach, T w, T q, T r, const Terms<T>& o, T S_G, T K) {
   return detach ? o.H - q * K : w * (o.G - r * S_G) + o.H - q * K;
+}
+
+// The gradient of one element from the row statistics, divided by the caller's scale (the W pass of
+// the GPU kernels; the C++ tests run it on the host in float). POWER as in mixture_from_logits_split;
+// for the combined order (kJSD) the terms of both sides (jsd_terms).
+template <Divergence D, Order O, bool POWER, class M, typename T>
+AMID_HD T grad_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T Z, T Z2, T S_G,
+                           T K) {
+  if constexpr (O == Order::kJSD) {
+    T lp, lq, lt, w, dp, dq;
+    mixture_both_from_logits_split<POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
+    const T lr = lt - Z;
+    const T p = M::exp_approx(lp), q = M::exp_approx(lq), r = M::exp_approx(lr);
+    const JsdTerms<T> jt = jsd_terms<D, M>(P, p, q, r, lp, lq, lr, lt - Z2, dp - Z, dq - Z2);
+    const Terms<T> o{T(0), jt.G, jt.H};
+    return element_grad(false, w, q, r, o, S_G, K);
+  } else {
+    T lp, lq, lt, w, d;
+    mixture_from_logits_split<POWER, ref_is_p<O>(), M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, d);
+    const T lr = lt - Z;
+    const T p = M::exp_approx(lp), q = M::exp_approx(lq), r = M::exp_approx(lr);
+    const Terms<T> o = element_terms<D, O, M>(P, p, q, r, lp, lq, lr, d - Z);
+    return element_grad(P.detach, w, q, r, o, S_G, K);
+  }
 }
 
 // The kl row loss: the sum of the second-order terms Terms::l or of the first-order ones l1, whichever

@@ -40,7 +40,7 @@ struct OnlineLSE {
   }
   // n elements at once (the GPU kernels' vector chunk): the chunk's maximum first, so the running max
   // moves at most once per chunk (rarely, after the first chunks), then one exponential per element
-  // relative to it (M::exp_lse: on the GPU a single MUFU.EX2). NaN never moves the max (it is
+  // relative to it (M::exp_approx: on the GPU a single MUFU.EX2). NaN never moves the max (it is
   // summed, and makes s NaN); +inf moves it and sums inf - inf = NaN: both leave s NaN, which the
   // caller reads as an invalid row (LseAcc::invalid). A chunk seen while every element so far was
   // -inf adds nothing (x - m would be NaN).
@@ -56,7 +56,7 @@ struct OnlineLSE {
     }
     if (m != neg_inf<T>()) {
 #pragma unroll
-      for (int j = 0; j < n; ++j) s += M::exp_lse(x[j] - m);
+      for (int j = 0; j < n; ++j) s += M::exp_approx(x[j] - m);
     }
   }
   template <class M>
@@ -158,12 +158,12 @@ struct RowAcc {
   AMID_HD void add(const LossParams<T>& P, T lp, T lq, T lt, T w, T d) {
     const bool finite_lt = lt != neg_inf<T>();
     const T rel = finite_lt ? lt - m : neg_inf<T>();  // log rho
-    const T rho = M::exp(rel);
+    const T rho = M::exp_approx(rel);
     S += rho;
     Wb += rho * w;
     if constexpr (D == Divergence::kKL) {
       constexpr bool x_r = (O == Order::kPR || O == Order::kQR);
-      const T o = M::exp(ref_is_p<O>() ? lp : lq);
+      const T o = M::exp_approx(ref_is_p<O>() ? lp : lq);
       const T tau = assistant_excess<M>(o, d, lt);
       f[x_r ? 3 : 4] += tau;
       const bool keep = (lp != neg_inf<T>()) & (lq != neg_inf<T>());

@@ -68,22 +68,7 @@ __device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const
 #pragma unroll
     for (int j = 0; j < n; ++j) {
       const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
-      if constexpr (O == Order::kJSD) {  // lam pr + (1 - lam) qr (amid_math.h: mixture_both, jsd_terms)
-        acc_t lp, lq, lt, w, dp, dq;
-        mixture_both_from_logits_split<POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
-        const acc_t lr = lt - Z;
-        const acc_t p = M::exp(lp), q = M::exp(lq), r = M::exp(lr);
-        const JsdTerms<acc_t> jt = jsd_terms<D, M>(P, p, q, r, lp, lq, lr, lt - Z2, dp - Z, dq - Z2);
-        const Terms<acc_t> o{acc_t(0), jt.G, jt.H};
-        out[j] = scalar_t(scale * element_grad(false, w, q, r, o, S_G, K));
-      } else {
-        acc_t lp, lq, lt, w, d;
-        mixture_from_logits_split<POWER, ref_is_p<O>(), M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, d);
-        const acc_t lr = lt - Z;
-        const acc_t p = M::exp(lp), q = M::exp(lq), r = M::exp(lr);
-        const Terms<acc_t> o = element_terms<D, O, M>(P, p, q, r, lp, lq, lr, d - Z);
-        out[j] = scalar_t(scale * element_grad(P.detach, w, q, r, o, S_G, K));
-      }
+      out[j] = scalar_t(scale * grad_from_logits<D, O, POWER, M>(P, tf, sf, A, B, dAB, Z, Z2, S_G, K));
     }
     store_chunk_global<n>(g, i, out);
   });

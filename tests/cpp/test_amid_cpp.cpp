@@ -109,29 +109,6 @@ static void add_element(const amid::LossParams<T>& P, Acc& acc, T tf, T sf, amid
   }
 }
 
-template <amid::Divergence D, amid::Order O, class M, typename T>
-static T element_gradient(const amid::LossParams<T>& P, T tf, T sf, amid::RowLse<T> A, amid::RowLse<T> B, T dAB, T Z,
-                          T Z2, T S_G, T K) {
-  if constexpr (O == amid::Order::kJSD) {
-    T lp, lq, lt, w, dp, dq;
-    if (P.mode == amid::MixMode::kPower) {
-      amid::mixture_both_from_logits_split<true, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
-    } else {
-      amid::mixture_both_from_logits_split<false, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
-    }
-    const T lr = lt - Z, p = M::exp(lp), q = M::exp(lq), r = M::exp(lr);
-    const auto jt = amid::jsd_terms<D, M>(P, p, q, r, lp, lq, lr, lt - Z2, dp - Z, dq - Z2);
-    const amid::Terms<T> o{T(0), jt.G, jt.H};
-    return amid::element_grad(false, w, q, r, o, S_G, K);
-  } else {
-    T lp, lq, lt, w, d;
-    amid::mixture_from_logits<amid::ref_is_p<O>(), M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, d);
-    const T lr = lt - Z, p = M::exp(lp), q = M::exp(lq), r = M::exp(lr);
-    const auto o = amid::element_terms<D, O, M>(P, p, q, r, lp, lq, lr, d - Z);
-    return amid::element_grad(P.detach, w, q, r, o, S_G, K);
-  }
-}
-
 // The online (chunked, merged-in-any-order) row reductions that the CUDA kernels use
 // (csrc/amid_online.h), run on the host against the CPU op, which sums whole rows directly: in
 // double, random chunks merged in a random order (any order must give the same statistics).
@@ -207,12 +184,12 @@ static Acc gpu_order_reduce(int64_t V, int C, int kW, Add&& add, Merge&& merge) 
 }
 
 // The GPU's math policy on the host: LibMath, with the error of the approximate instruction that the
-// CUDA build uses where the host uses the library function (LibMath::exp_lse: ex2.approx.ftz of x log2 e,
+// CUDA build uses where the host uses the library function (LibMath::exp_approx: ex2.approx.ftz of x log2 e,
 // 2 ulp by the PTX ISA, plus the product's rounding, |x| 2^-24 relative), emulated as a deterministic
 // perturbation of that size: +-(2^-22 + |x| 2^-24), sign and fraction from a hash of x's bits.
 struct GpuEmuMath : amid::LibMath {
-  using amid::LibMath::exp_lse;
-  static float exp_lse(float x) {
+  using amid::LibMath::exp_approx;
+  static float exp_approx(float x) {
     uint32_t b;
     std::memcpy(&b, &x, 4);
     b = (b ^ (b >> 16)) * 0x45d9f3bu;
@@ -228,10 +205,10 @@ struct GpuEmuMath : amid::LibMath {
 template <amid::Divergence D, amid::Order O, typename T>
 static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_t V, int C, double out[7],
                     double* grad) {
-  using M = amid::LibMath;
+  using M = GpuEmuMath;  // the GPU math, with its approximate instructions emulated
   const int kW = 8;  // bf16 / fp16 chunks (16 bytes)
   const T invT = P.inv_temperature;
-  // R1 by vector chunks (OnlineLSE::add_chunk, with the GPU's exp_lse error), the scalar tail by elements.
+  // R1 by vector chunks (OnlineLSE::add_chunk, with the GPU's exp_approx error), the scalar tail by elements.
   const auto r1 = gpu_order_reduce<amid::LseAcc<T>>(
       V, C, kW,
       [&](amid::LseAcc<T>& a, int64_t v, int n) {
@@ -259,7 +236,11 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
   EXPECT(ok);
   out[0] = A.m + A.l, out[1] = B.m + B.l, out[2] = Z, out[3] = S_G, out[4] = K, out[5] = L, out[6] = Z2;
   for (int64_t v = 0; v < V; ++v)
-    grad[v] = double(element_gradient<D, O, M>(P, t[v] * invT, s[v] * invT, A, B, dAB, Z, Z2, S_G, K) * invT);
+    grad[v] = double((P.mode == amid::MixMode::kPower
+                          ? amid::grad_from_logits<D, O, true, M>(P, t[v] * invT, s[v] * invT, A, B, dAB, Z, Z2, S_G, K)
+                          : amid::grad_from_logits<D, O, false, M>(P, t[v] * invT, s[v] * invT, A, B, dAB, Z, Z2, S_G,
+                                                                   K)) *
+                     invT);
 }
 
 // The CUDA kernels' float math (the online reductions in the kernel's reduction order, and the W pass)
