@@ -197,7 +197,7 @@ constexpr bool ref_is_p() {
 // not as the difference of lp and lq, so that it keeps its accuracy when p ~ q. lp, lq may be -inf
 // (never +inf or NaN: invalid rows are caught before this is called); d is +-inf where one side
 // is -inf, and 0 where both are.
-template <MixMode MODE, bool REF_P, class M, typename T>
+template <MixMode MODE, bool REF_P, class M, bool TINY_LAM = true, typename T>
 AMID_HD void mixture(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& d) {
   const bool both_masked = (lp == neg_inf<T>()) & (lq == neg_inf<T>());
   T lt_, w_, d_;
@@ -249,7 +249,9 @@ AMID_HD void mixture(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& 
     const bool base_form = own | big;
     const T y_up = -lam_nonref * em1 * M::rcp(e);  // expm1(|x|) lam_nonref >= 0 (not big: e finite > 0)
     T c = M::log_sel(base_form ? a_B >= T(-0.5) : true, base_form ? a_B : y_up, s_B) * P.inv_k;
-    if (P.lam_tiny & base_form & (s_B < T(16) * std::numeric_limits<T>::min())) {
+    // TINY_LAM = false compiles this out: for callers that have checked !P.lam_tiny (the CPU kernel's
+    // vectorised loops, which a conditional block with calls would keep scalar).
+    if (TINY_LAM && (P.lam_tiny & base_form & (s_B < T(16) * std::numeric_limits<T>::min()))) {
       // Only where lam_B itself is below the normal range of T (lam or 1 - lam < 2e-37 in float):
       // the log-sum-exp of the logs (a uniform branch that ordinary lam never takes).
       const T u = (log_lam_N + ax) - log_lam_B;  // log(lam_N e / lam_B)
@@ -287,11 +289,11 @@ AMID_HD void mixture(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& 
 // dp = lt - lp and dq = lt - lq, each in the form that keeps its accuracy where r ~ that side (the
 // small-divergence regime of that term). Two evaluations of mixture that share their inputs (the
 // compiler merges the common exp / expm1); lt and w are those of the p-referenced one.
-template <MixMode MODE, class M, typename T>
+template <MixMode MODE, class M, bool TINY_LAM = true, typename T>
 AMID_HD void mixture_both(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& dp, T& dq) {
   T lt2, w2;
-  mixture<MODE, true, M>(P, lp, lq, dpq, lt, w, dp);
-  mixture<MODE, false, M>(P, lp, lq, dpq, lt2, w2, dq);
+  mixture<MODE, true, M, TINY_LAM>(P, lp, lq, dpq, lt, w, dp);
+  mixture<MODE, false, M, TINY_LAM>(P, lp, lq, dpq, lt2, w2, dq);
 }
 
 template <class M, typename T>
@@ -319,7 +321,9 @@ struct RowLse {
 template <typename T>
 AMID_HD T log_prob(T x, RowLse<T> a) {
   const T y = (x - a.m) - a.l;
-  return (y == neg_inf<T>()) & (x != neg_inf<T>()) ? std::numeric_limits<T>::lowest() : y;
+  // Two plain selects (not a select on the AND of two comparisons: GCC 12 does not vectorise that mask).
+  const T yc = y < std::numeric_limits<T>::lowest() ? std::numeric_limits<T>::lowest() : y;
+  return x == neg_inf<T>() ? x : yc;
 }
 
 // A - B of two row log-sum-exps, formed in double (a row constant: the caller computes it once).
@@ -349,12 +353,12 @@ AMID_HD T logit_gap(T tf, T sf, T lp, T lq, T dAB) {
 // returning lp and lq too; the one place that forms lp, lq and lp - lq from the logits (see
 // mixture, logit_gap). The first form takes the mode as a template argument, the second reads it
 // from P; the last two take single log-sum-exps (l = 0).
-template <MixMode MODE, bool REF_P, class M, typename T>
+template <MixMode MODE, bool REF_P, class M, bool TINY_LAM = true, typename T>
 AMID_HD void mixture_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T& lp, T& lq,
                                  T& lt, T& w, T& d) {
   lp = log_prob(tf, A);
   lq = log_prob(sf, B);
-  mixture<MODE, REF_P, M>(P, lp, lq, logit_gap(tf, sf, lp, lq, dAB), lt, w, d);
+  mixture<MODE, REF_P, M, TINY_LAM>(P, lp, lq, logit_gap(tf, sf, lp, lq, dAB), lt, w, d);
 }
 
 template <bool REF_P, class M, typename T>
@@ -397,12 +401,12 @@ AMID_HD void mixture_from_logits(const LossParams<T>& P, T tf, T sf, T A, T B, T
 
 // The combined order's mixture from the logits (kJSD; see mixture_both), with the mode as a template
 // argument or read from P, and single log-sum-exps A, B in the second form.
-template <MixMode MODE, class M, typename T>
+template <MixMode MODE, class M, bool TINY_LAM = true, typename T>
 AMID_HD void mixture_both_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T& lp,
                                       T& lq, T& lt, T& w, T& dp, T& dq) {
   lp = log_prob(tf, A);
   lq = log_prob(sf, B);
-  mixture_both<MODE, M>(P, lp, lq, logit_gap(tf, sf, lp, lq, dAB), lt, w, dp, dq);
+  mixture_both<MODE, M, TINY_LAM>(P, lp, lq, logit_gap(tf, sf, lp, lq, dAB), lt, w, dp, dq);
 }
 
 // The GPU kernels' split (see mixture_from_logits_split) for the combined order.

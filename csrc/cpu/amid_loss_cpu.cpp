@@ -159,14 +159,16 @@ AMID_CPU_CLONES void pass_scale(acc_t* x, int64_t V, acc_t c) {
   for (int64_t v = 0; v < V; ++v) x[v] *= c;
 }
 
-// lt, w and d = lt - l_ref per element (amid_math.h: mixture_from_logits).
-template <MixMode MODE, bool REF_P, typename acc_t>
+// lt, w and d = lt - l_ref per element (amid_math.h: mixture_from_logits). TINY_LAM: whether the
+// mixture keeps its branch for lam or 1 - lam below float's normal range; the callers pass false
+// unless P.lam_tiny, so that the loop has no control flow and vectorises.
+template <MixMode MODE, bool REF_P, bool TINY_LAM, typename acc_t>
 AMID_CPU_CLONES void pass_mixture(const LossParams<acc_t>& P, const acc_t* tf, const acc_t* sf, int64_t V,
                                   RowLse<acc_t> A, RowLse<acc_t> B, acc_t dAB, acc_t* lt, acc_t* w, acc_t* d) {
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) {
     acc_t lpv, lqv, ltv, wv, dv;
-    mixture_from_logits<MODE, REF_P, M>(P, tf[v], sf[v], A, B, dAB, lpv, lqv, ltv, wv, dv);
+    mixture_from_logits<MODE, REF_P, M, TINY_LAM>(P, tf[v], sf[v], A, B, dAB, lpv, lqv, ltv, wv, dv);
     lt[v] = ltv;
     w[v] = wv;
     d[v] = dv;
@@ -175,14 +177,14 @@ AMID_CPU_CLONES void pass_mixture(const LossParams<acc_t>& P, const acc_t* tf, c
 
 // The combined order (kJSD): lt, w and d relative to both sides in one loop (amid_math.h:
 // mixture_both; the common exp / expm1 evaluated once).
-template <MixMode MODE, typename acc_t>
+template <MixMode MODE, bool TINY_LAM, typename acc_t>
 AMID_CPU_CLONES void pass_mixture_both(const LossParams<acc_t>& P, const acc_t* tf, const acc_t* sf, int64_t V,
                                        RowLse<acc_t> A, RowLse<acc_t> B, acc_t dAB, acc_t* lt, acc_t* w, acc_t* dp,
                                        acc_t* dq) {
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) {
     acc_t lpv, lqv, ltv, wv, dpv, dqv;
-    mixture_both_from_logits<MODE, M>(P, tf[v], sf[v], A, B, dAB, lpv, lqv, ltv, wv, dpv, dqv);
+    mixture_both_from_logits<MODE, M, TINY_LAM>(P, tf[v], sf[v], A, B, dAB, lpv, lqv, ltv, wv, dpv, dqv);
     lt[v] = ltv;
     w[v] = wv;
     dp[v] = dpv;
@@ -330,15 +332,23 @@ template <typename acc_t>
 void mixture_row(const LossParams<acc_t>& P, int64_t V, RowLse<acc_t> A, RowLse<acc_t> B, RowScratch<acc_t>& S) {
   // A - B in double, rounded once (logit_gap's row constant).
   const acc_t dAB = row_lse_gap(A, B);
-  dispatch_mode(P.mode, [&](auto mode) {
+  auto run = [&](auto mode, auto tiny) {
     constexpr MixMode MODE = decltype(mode)::value;
+    constexpr bool TINY = decltype(tiny)::value;
     if (P.order == Order::kJSD) {  // lt, w, d = lt - lp, then d2 = lt - lq (amid_math.h: mixture_both)
-      pass_mixture_both<MODE>(P, S.tf.data(), S.sf.data(), V, A, B, dAB, S.lt.data(), S.w.data(), S.d.data(),
-                              S.d2.data());
+      pass_mixture_both<MODE, TINY>(P, S.tf.data(), S.sf.data(), V, A, B, dAB, S.lt.data(), S.w.data(), S.d.data(),
+                                    S.d2.data());
     } else if (row_ref_is_p(P)) {
-      pass_mixture<MODE, true>(P, S.tf.data(), S.sf.data(), V, A, B, dAB, S.lt.data(), S.w.data(), S.d.data());
+      pass_mixture<MODE, true, TINY>(P, S.tf.data(), S.sf.data(), V, A, B, dAB, S.lt.data(), S.w.data(), S.d.data());
     } else {
-      pass_mixture<MODE, false>(P, S.tf.data(), S.sf.data(), V, A, B, dAB, S.lt.data(), S.w.data(), S.d.data());
+      pass_mixture<MODE, false, TINY>(P, S.tf.data(), S.sf.data(), V, A, B, dAB, S.lt.data(), S.w.data(), S.d.data());
+    }
+  };
+  dispatch_mode(P.mode, [&](auto mode) {
+    if (decltype(mode)::value == MixMode::kPower && P.lam_tiny) {
+      run(mode, std::true_type{});  // lam or 1 - lam < 2e-37 (float): the scalar loop with the extra branch
+    } else {
+      run(mode, std::false_type{});
     }
   });
 }
