@@ -37,9 +37,11 @@
 #include "../checks.h"
 #include "vec_math.h"
 
-// An AVX2 + FMA clone of each loop beside the baseline one; the dynamic loader picks per CPU.
+// Clones of each loop for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and the baseline; the dynamic
+// loader picks per CPU. (GCC splits a clone string at commas: "avx2,fma" made two clones, AVX2 without
+// FMA and FMA without AVX2, not one with both.)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__INTEL_COMPILER) && defined(__linux__)
-#define AMID_CPU_CLONES __attribute__((target_clones("avx2,fma", "default")))
+#define AMID_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define AMID_CPU_CLONES
 #endif
