@@ -108,7 +108,7 @@ COLD_REGIONS = [
      "OnlineLSE::add_chunk: a new running max (at most once per chunk)"),
     ("amid_online.h", [r"void rebase\(", r"if \(m != neg_inf<T>\(\)\) \{"],
      "RowAcc::rebase: rescaling the sums to a new running max"),
-    ("amid_math.h", [r"if \(P\.lam_tiny & base_form"],
+    ("amid_math.h", [r"if \(TINY_LAM && \(P\.lam_tiny"],
      "mixture: lam or 1 - lam below the normal range of the math type (a parameter: a uniform branch)"),
 ]
 
