@@ -1,8 +1,9 @@
 """Benchmark of the AMiD loss, forward + backward w.r.t. the student logits.
 
-CPU (issue: core op): the op against the eager PyTorch formula of the official code, N = 2048,
-V = 32000, fp32. Each (provider, setting) runs in a fresh subprocess so that its peak resident
-memory can be read (peak RSS during one step minus the RSS once the inputs exist):
+CPU (issue: core op; issue 9 item 8): the op against the eager PyTorch formula of the official code and
+torch.compile (inductor) of it, N = 2048, V = 32000, fp32, one torch thread by default (--threads);
+wall and process CPU time per step. Each (provider, setting) runs in a fresh subprocess so that its
+peak resident memory can be read (peak RSS during one step minus the RSS once the inputs exist):
 
     python bench/bench_amid_loss.py --device cpu            # -> bench/results/cpu-amid_loss.csv
 
@@ -23,6 +24,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -31,7 +33,7 @@ import common  # noqa: E402
 
 FIELDS = ["op", "provider", "mode", "setting", "N", "V", "dtype", "time_ms_p50", "time_ms_p20", "time_ms_p80",
           "gbps", "pct_of_copy", "peak_extra_mb", "grad_mb", "max_abs_loss_diff", "grad_rel_diff", "device_name",
-          "torch_version", "amid_version", "git_sha", "timestamp"]
+          "torch_version", "amid_version", "git_sha", "timestamp", "cpu_time_ms_p50", "threads"]
 
 # (divergence, order, alpha, lam)
 HEADLINE = ("kl", "pr", 0.5, 0.5)
@@ -113,20 +115,28 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def cpu_worker(provider: str, st, n: int, v: int, reps: int) -> dict:
+def cpu_worker(provider: str, st, n: int, v: int, reps: int, threads: int) -> dict:
     """Runs in a fresh process: peak-RSS growth of one step, then timed steps.
 
     The growth is (peak RSS of the process after the step) - (RSS once the inputs exist): an upper
     bound of the step's extra memory (the process peak before the step is at most the latter plus
     the interpreter's own start-up transients, which are far smaller here)."""
+    torch.set_num_threads(threads)
     s, t, labels = make_inputs(n, v, torch.float32, "cpu")
     step = provider_step(provider, s, t, labels, st)
     base = _rss_mb()
-    loss, grad = step()
+    loss, grad = step()  # torch.compile compiles here (not timed)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {"loss": float(loss), "g_rows": grad[:4].double().tolist(), "peak_extra_mb": max(peak - base, 0.0)}
     del loss, grad
-    result["times"] = common.time_cpu_ms(lambda: step(), reps=reps)
+    # Wall time and this process's CPU time per step: on a shared machine the CPU time of a fixed number
+    # of threads is the steadier measure of the work (wall time also counts waiting for a core).
+    result["times"], result["cpu_times"] = [], []
+    for _ in range(reps):
+        w0, c0 = time.perf_counter(), time.process_time()
+        step()
+        result["times"].append((time.perf_counter() - w0) * 1e3)
+        result["cpu_times"].append((time.process_time() - c0) * 1e3)
     return result
 
 
@@ -136,11 +146,13 @@ def run_cpu(args) -> None:
     rows = []
     for st in CPU_SETTINGS if not args.quick else [HEADLINE]:
         results = {}
-        for provider in ("amid", "eager"):
-            cmd = [sys.executable, os.path.abspath(__file__), "--cpu-worker", json.dumps([provider, st, n, v, args.reps])]
+        for provider in ("amid", "eager", "compile"):
+            cmd = [sys.executable, os.path.abspath(__file__), "--cpu-worker",
+                   json.dumps([provider, st, n, v, args.reps, args.threads])]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             results[provider] = json.loads(out)
             print(f"[cpu] {setting_name(st)} {provider}: {common.quantiles(results[provider]['times'])['p50']:.0f} ms, "
+                  f"CPU {common.quantiles(results[provider]['cpu_times'])['p50']:.0f} ms, "
                   f"+{results[provider]['peak_extra_mb']:.0f} MB", flush=True)
         ga = torch.tensor(results["amid"]["g_rows"])
         ge = torch.tensor(results["eager"]["g_rows"])
@@ -151,6 +163,7 @@ def run_cpu(args) -> None:
                 "dtype": "float32", "time_ms_p50": round(q["p50"], 2), "time_ms_p20": round(q["p20"], 2),
                 "time_ms_p80": round(q["p80"], 2), "gbps": "", "pct_of_copy": "",
                 "peak_extra_mb": round(r["peak_extra_mb"], 1), "grad_mb": round(grad_mb, 1),
+                "cpu_time_ms_p50": round(common.quantiles(r["cpu_times"])["p50"], 2), "threads": args.threads,
                 "max_abs_loss_diff": f"{abs(r['loss'] - results['eager']['loss']):.3g}",
                 "grad_rel_diff": f"{((ga - ge).abs().max() / ge.abs().max()).item() if provider == 'amid' else 0:.3g}",
                 **common.meta("cpu"),
@@ -241,14 +254,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default: 3 on CPU, 20 on CUDA)")
     ap.add_argument("--cpu-shape", type=int, nargs=2, default=[2048, 32000], metavar=("N", "V"))
     ap.add_argument("--quick", action="store_true", help="headline setting and first shape only (smoke test)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU: torch threads per provider (default 1)")
     ap.add_argument("--shapes", type=int, nargs=2, action="append", metavar=("N", "V"),
                     help="CUDA shapes to run, repeatable (default: the issue's four, headline first)")
     ap.add_argument("--out", default=None, help="CSV path (default: bench/results/<device>-amid_loss.csv)")
     ap.add_argument("--cpu-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.cpu_worker:
-        provider, st, n, v, reps = json.loads(args.cpu_worker)
-        print(json.dumps(cpu_worker(provider, tuple(st), n, v, reps)))
+        provider, st, n, v, reps, threads = json.loads(args.cpu_worker)
+        print(json.dumps(cpu_worker(provider, tuple(st), n, v, reps, threads)))
         return
     if args.reps is None:
         args.reps = 3 if args.device == "cpu" else 20

@@ -234,7 +234,7 @@ AMID_HD void mixture(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& 
     const T x = P.k * dpq;  // NaN when both are -inf (handled by the last select)
     const bool q_base = x <= T(0);
     const T ax = q_base ? x : -x;  // -|x|
-    const T e = M::exp(ax);
+    const T e = M::exp_approx(ax);  // scales w, s_B, y_up; em1 = e - 1 only where |x| >= 1/2
     const T em1 = M::expm1_from_exp(ax, e);
     const bool own = REF_P ? !q_base : q_base;
     const bool big = ax < T(-80);
