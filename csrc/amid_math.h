@@ -442,7 +442,7 @@ AMID_HD void mixture_both_from_logits(const LossParams<T>& P, T tf, T sf, T A, T
 template <class M, typename T>
 AMID_HD T assistant_excess(T o, T d, T lt) {
   const bool near = d <= T(1);  // e^d <= e; false for d = +inf (o = 0)
-  const T E = M::exp(near ? d : lt);
+  const T E = M::exp_approx(near ? d : lt);  // e^d - 1 only where |d| >= 1/2; E - o where E >= e o
   return near ? o * M::expm1_from_exp(d, E) : E - o;
 }
 
