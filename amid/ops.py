@@ -480,6 +480,9 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 #: Whether the loaded native library has the sparse-teacher ops (a library built before them has not:
 #: amid.amid_loss_topk then runs its dense-op path).
 HAS_TOPK_OP = hasattr(torch.ops.amid, "amid_loss_topk_fwd")
+#: Whether the op has CUDA kernels (csrc/cuda/amid_topk_cuda.cu, in every build with the CUDA kernels; a build
+#: without them registers an error stub at CUDA, and amid.amid_loss_topk runs its dense-op path on CUDA tensors).
+HAS_TOPK_CUDA = HAS_TOPK_OP and _library.has_kernel("cuda")
 
 
 def check_topk_args(op: str, s: Tensor, lp: Tensor, idx: Tensor, tail_logmass: Optional[Tensor],

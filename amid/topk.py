@@ -16,10 +16,13 @@ Implementation: the dedicated op ``torch.ops.amid.amid_loss_topk_fwd`` (C++ CPU 
 written in the forward; ``amid_loss_topk_bwd`` recomputes it when the forward stored none). No
 [N, V] teacher tensor is built: ``renorm`` runs the dense row math on a per-thread [V] row (the
 top-k log-probabilities, −inf elsewhere), ``bucket`` on k + 1 bins built from a gather and the
-student's tail log-sum-exp, and spreads the tail bin's gradient over the tail tokens. The op has no
-CUDA kernel yet: on other devices (and with ``backend="dense"``) the loss runs the original path on
-the dense op, ``amid_loss_topk_dense`` (renorm: an [N, V] teacher with −inf outside the top-k;
-bucket: coarsened [N, k + 1] logits; autograd for the gradient), which is also the tests' reference.
+student's tail log-sum-exp, and spreads the tail bin's gradient over the tail tokens. CUDA tensors
+run the op's CUDA kernel (csrc/cuda/amid_topk_cuda.cu: one CTA per row, the same row math; compiled
+for sm_90a but not yet run on a GPU, tests/test_topk_cuda.py). Without a kernel for the device (a
+build without CUDA kernels, other devices) and with ``backend="dense"`` the loss runs the original
+path on the dense op, ``amid_loss_topk_dense`` (renorm: an [N, V] teacher with −inf outside the
+top-k; bucket: coarsened [N, k + 1] logits; autograd for the gradient), which is also the tests'
+reference.
 """
 from __future__ import annotations
 
@@ -265,8 +268,9 @@ def amid_loss_topk(
         validate: check index range / duplicates and log-probability values up front with a
             ValueError (one host sync). The op checks indices itself as it reads each kept row
             (RuntimeError naming the row), so ``validate=False`` is still safe.
-        backend: ``'auto'`` (the sparse-teacher op on CPU tensors, the dense-op path elsewhere: the op
-            has no CUDA kernel yet), ``'op'`` or ``'dense'`` (:func:`amid_loss_topk_dense`).
+        backend: ``'auto'`` (the sparse-teacher op on CPU tensors, and on CUDA tensors when amid was
+            built with its CUDA kernels; the dense-op path elsewhere), ``'op'`` or ``'dense'``
+            (:func:`amid_loss_topk_dense`).
 
     Returns the reduced loss (float32, float64 for float64 logits), like :func:`amid.amid_loss`.
     """
@@ -277,7 +281,8 @@ def amid_loss_topk(
         raise _err(f"backend='op': the loaded native library has no amid_loss_topk_fwd op (build info: "
                    f"{_library.build_info()}); rebuild amid")
     use_op = backend == "op" or (backend == "auto" and _ops.HAS_TOPK_OP and isinstance(student_logits, Tensor)
-                                 and student_logits.device.type == "cpu")
+                                 and (student_logits.device.type == "cpu"
+                                      or (student_logits.device.type == "cuda" and _ops.HAS_TOPK_CUDA)))
     if not use_op:
         return amid_loss_topk_dense(
             student_logits, teacher_logprobs, teacher_indices, labels, tail=tail,

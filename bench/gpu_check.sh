@@ -73,10 +73,11 @@ if want build; then
 fi
 
 if want test; then
-  # Every CUDA test: tests/test_cuda.py whole, and the CUDA parametrisations of the others.
+  # Every CUDA test: tests/test_cuda.py and tests/test_topk_cuda.py (the sparse-teacher kernel, never run
+  # before this stage) whole, and the CUDA parametrisations of the others.
   run_capped test "${CAP_TEST:-180}" pytest_cuda.log $PY -m pytest -q -p no:cacheprovider --maxfail=25 -rfE \
-    tests/test_cuda.py tests/test_amid_loss.py tests/test_compile.py tests/test_registration.py \
-    tests/test_fused_linear.py -k cuda
+    tests/test_cuda.py tests/test_topk_cuda.py tests/test_amid_loss.py tests/test_compile.py \
+    tests/test_registration.py tests/test_fused_linear.py -k cuda
   tail -25 "$WORK/pytest_cuda.log" | tee -a "$SUMMARY"
 fi
 
@@ -119,8 +120,8 @@ if want profile; then
 fi
 if want memcheck; then
   run_capped memcheck "${CAP_MEMCHECK:-60}" memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 \
-    $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
-    -k "test_small_detach_and_temperature or test_edge_ignored_rows or test_edge_neg_inf or test_edge_logit_scales"
+    $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_topk_cuda.py \
+    -k "test_small_detach_and_temperature or test_edge_ignored_rows or test_edge_neg_inf or test_edge_logit_scales or test_nan_inf_and_ignored_rows_as_cpu or test_bad_indices_raise_the_cpu_error"
   tail -6 "$WORK/memcheck.log" | tee -a "$SUMMARY"
 fi
 

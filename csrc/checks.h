@@ -13,6 +13,8 @@
 #include <type_traits>
 #include <optional>
 #include <string>
+#include <string_view>
+#include <vector>
 
 #include "amid_math.h"
 
@@ -224,6 +226,71 @@ LossParams<T> make_params(const char* op, double alpha, double lam, const std::s
   }
   P.inv_temperature = T(1.0 / temperature);
   return P;
+}
+
+// ------------------------------------------------------------------------------------------------
+// The sparse-teacher ops (amid_loss_topk_fwd / _bwd; docs/topk.md), shared by the CPU kernel and
+// csrc/cuda/amid_topk_cuda.cu.
+
+enum class TopkTail { kRenorm, kBucket };
+
+inline TopkTail parse_tail(const char* op, std::string_view tail) {
+  if (tail == "renorm") return TopkTail::kRenorm;
+  if (tail == "bucket") return TopkTail::kBucket;
+  AMID_CHECK(false, op, "expected tail to be one of 'renorm', 'bucket', but got '", std::string(tail), "'");
+  return TopkTail::kRenorm;
+}
+
+// The tensor arguments of the topk ops, checked in this order (amid/ops.py repeats the messages).
+inline void check_topk_args(const char* op, const at::Tensor& s, const at::Tensor& lp, const at::Tensor& idx,
+                            const std::optional<at::Tensor>& tail_logmass,
+                            const std::optional<at::Tensor>& row_weight, TopkTail tail, double temperature) {
+  AMID_CHECK(s.dim() == 2, op, "expected student_logits to be 2-D [N, V], but got a ", s.dim(),
+             "-D tensor of shape ", shape_str(s));
+  AMID_CHECK(s.size(1) >= 1, op, "expected a vocabulary of at least 1 entry, but got student_logits of shape ",
+             shape_str(s));
+  AMID_CHECK(is_supported_dtype(s.scalar_type()), op,
+             "expected student_logits of dtype float16, bfloat16, float32 or float64, but got ", s.scalar_type());
+  AMID_CHECK(s.size(1) <= 1 || s.numel() == 0 || s.stride(1) == 1, op,
+             "expected student_logits to have stride 1 in the last dimension, but got stride ", s.stride(1));
+  const int64_t N = s.size(0), V = s.size(1);
+  AMID_CHECK(lp.dim() == 2 && lp.size(0) == N && lp.size(1) >= 1 && lp.size(1) <= V, op,
+             "expected teacher_logprobs of shape [N, k] with N = ", N, " and 1 <= k <= V = ", V, ", but got ",
+             shape_str(lp));
+  const auto want = loss_dtype(s.scalar_type());
+  AMID_CHECK(lp.scalar_type() == want, op, "expected teacher_logprobs of dtype ", want, ", but got ",
+             lp.scalar_type());
+  AMID_CHECK(lp.device() == s.device(), op, "expected teacher_logprobs on device ", s.device(), ", but got ",
+             lp.device());
+  AMID_CHECK(idx.sizes() == lp.sizes(), op, "expected teacher_indices of shape ", shape_str(lp), ", but got ",
+             shape_str(idx));
+  AMID_CHECK(idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong, op,
+             "expected teacher_indices of dtype Int or Long, but got ", idx.scalar_type());
+  AMID_CHECK(idx.device() == s.device(), op, "expected teacher_indices on device ", s.device(), ", but got ",
+             idx.device());
+  if (tail_logmass) {
+    AMID_CHECK(tail == TopkTail::kBucket, op,
+               "expected teacher_tail_logmass only with tail 'bucket', but got it with tail 'renorm'");
+    check_row_vector(op, "teacher_tail_logmass", *tail_logmass, s);
+  }
+  if (row_weight) check_row_vector(op, "row_weight", *row_weight, s);
+  AMID_CHECK(tail != TopkTail::kBucket || temperature == 1.0, op,
+             "expected temperature 1 with tail 'bucket' (the teacher's tail mass at another temperature is not "
+             "determined by its top-k log-probabilities), but got ", temperature);
+}
+
+// One row's teacher indices (host values): the first out-of-range or repeated index raises the same
+// error as the CPU kernel's per-row check (the CUDA host wrapper calls it on the row its kernel flagged).
+inline void check_topk_row_indices(const char* op, const int64_t* idx, int64_t k, int64_t V, int64_t row) {
+  std::vector<bool> seen(size_t(V), false);
+  for (int64_t b = 0; b < k; ++b) {
+    const int64_t i = idx[b];
+    const bool in_range = i >= 0 && i < V;
+    AMID_CHECK(in_range, op, "expected teacher_indices in [0, V) with V = ", V, ", but got ", i, " in row ", row);
+    AMID_CHECK(!seen[size_t(i)], op, "expected distinct teacher_indices in each row, but row ", row,
+               " repeats index ", i);
+    seen[size_t(i)] = true;
+  }
 }
 
 }  // namespace amid

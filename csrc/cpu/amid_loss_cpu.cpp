@@ -580,53 +580,6 @@ void scale_grad_cpu_(at::Tensor& grad, const at::Tensor& grad_loss) {
 // Indices are validated per row with a [V] marker array (range and duplicates); ignored rows
 // (weight 0) are not read at all.
 
-enum class TopkTail { kRenorm, kBucket };
-
-inline TopkTail parse_tail(const char* op, std::string_view tail) {
-  if (tail == "renorm") return TopkTail::kRenorm;
-  if (tail == "bucket") return TopkTail::kBucket;
-  AMID_CHECK(false, op, "expected tail to be one of 'renorm', 'bucket', but got '", std::string(tail), "'");
-  return TopkTail::kRenorm;
-}
-
-// The tensor arguments of the topk ops, checked in this order (amid/ops.py repeats the messages).
-void check_topk_args(const char* op, const at::Tensor& s, const at::Tensor& lp, const at::Tensor& idx,
-                     const std::optional<at::Tensor>& tail_logmass, const std::optional<at::Tensor>& row_weight,
-                     TopkTail tail, double temperature) {
-  AMID_CHECK(s.dim() == 2, op, "expected student_logits to be 2-D [N, V], but got a ", s.dim(),
-             "-D tensor of shape ", shape_str(s));
-  AMID_CHECK(s.size(1) >= 1, op, "expected a vocabulary of at least 1 entry, but got student_logits of shape ",
-             shape_str(s));
-  AMID_CHECK(is_supported_dtype(s.scalar_type()), op,
-             "expected student_logits of dtype float16, bfloat16, float32 or float64, but got ", s.scalar_type());
-  AMID_CHECK(s.size(1) <= 1 || s.numel() == 0 || s.stride(1) == 1, op,
-             "expected student_logits to have stride 1 in the last dimension, but got stride ", s.stride(1));
-  const int64_t N = s.size(0), V = s.size(1);
-  AMID_CHECK(lp.dim() == 2 && lp.size(0) == N && lp.size(1) >= 1 && lp.size(1) <= V, op,
-             "expected teacher_logprobs of shape [N, k] with N = ", N, " and 1 <= k <= V = ", V, ", but got ",
-             shape_str(lp));
-  const auto want = loss_dtype(s.scalar_type());
-  AMID_CHECK(lp.scalar_type() == want, op, "expected teacher_logprobs of dtype ", want, ", but got ",
-             lp.scalar_type());
-  AMID_CHECK(lp.device() == s.device(), op, "expected teacher_logprobs on device ", s.device(), ", but got ",
-             lp.device());
-  AMID_CHECK(idx.sizes() == lp.sizes(), op, "expected teacher_indices of shape ", shape_str(lp), ", but got ",
-             shape_str(idx));
-  AMID_CHECK(idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong, op,
-             "expected teacher_indices of dtype Int or Long, but got ", idx.scalar_type());
-  AMID_CHECK(idx.device() == s.device(), op, "expected teacher_indices on device ", s.device(), ", but got ",
-             idx.device());
-  if (tail_logmass) {
-    AMID_CHECK(tail == TopkTail::kBucket, op,
-               "expected teacher_tail_logmass only with tail 'bucket', but got it with tail 'renorm'");
-    check_row_vector(op, "teacher_tail_logmass", *tail_logmass, s);
-  }
-  if (row_weight) check_row_vector(op, "row_weight", *row_weight, s);
-  AMID_CHECK(tail != TopkTail::kBucket || temperature == 1.0, op,
-             "expected temperature 1 with tail 'bucket' (the teacher's tail mass at another temperature is not "
-             "determined by its top-k log-probabilities), but got ", temperature);
-}
-
 template <typename acc_t>
 AMID_CPU_CLONES void pass_fill(acc_t* x, int64_t V, acc_t c) {
 #pragma omp simd
@@ -834,9 +787,11 @@ at::Tensor amid_loss_topk_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor&
   return grad;
 }
 
-// No CUDA kernel for the sparse-teacher ops yet: a clear error instead of the dispatcher's.
+// A build without the CUDA kernels (no AMID_WITH_CUDA): a clear error for CUDA tensors instead of the
+// dispatcher's. With them, csrc/cuda/amid_topk_cuda.cu registers the CUDA kernels.
+#ifndef AMID_WITH_CUDA
 [[noreturn]] void topk_no_cuda(const char* op) {
-  AMID_CHECK(false, op, "expected CPU tensors: this op has no CUDA kernel yet (amid.amid_loss_topk runs the "
+  AMID_CHECK(false, op, "expected CPU tensors: this build of amid has no CUDA kernels (amid.amid_loss_topk runs the "
              "dense op, amid_loss_fwd, on CUDA tensors instead), but got CUDA tensors");
   throw;  // unreachable
 }
@@ -854,6 +809,7 @@ at::Tensor amid_loss_topk_bwd_no_cuda(const at::Tensor&, const at::Tensor&, cons
                                       double, double, bool) {
   topk_no_cuda("amid_loss_topk_bwd");
 }
+#endif  // !AMID_WITH_CUDA
 
 // ------------------------------------------------------------------------------------------------
 // Vocab-parallel partial rows (amid/parallel.py). A rank holds the columns [v0, v0 + V_r) of every
@@ -1076,10 +1032,13 @@ TORCH_LIBRARY_IMPL(amid, CPU, m) {
   m.impl("amid_loss_topk_bwd", &amid_loss_topk_bwd_cpu);
 }
 
-// The sparse-teacher ops have no CUDA kernel yet: registered here so that CUDA tensors get a clear error.
+#ifndef AMID_WITH_CUDA
+// A build without CUDA kernels: registered here so that CUDA tensors get a clear error (with them,
+// csrc/cuda/amid_topk_cuda.cu registers the CUDA kernels of the sparse-teacher ops).
 TORCH_LIBRARY_IMPL(amid, CUDA, m) {
   m.impl("amid_loss_topk_fwd", &amid_loss_topk_fwd_no_cuda);
   m.impl("amid_loss_topk_bwd", &amid_loss_topk_bwd_no_cuda);
 }
+#endif
 
 }  // namespace amid
