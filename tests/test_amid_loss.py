@@ -454,3 +454,41 @@ def test_scale_grad_skips_rows_equal_to_one():
     amid.ops.scale_grad_(g, torch.tensor([1.0, 2.0, 0.0, 1.0]))
     assert torch.equal(g[0], before[0]) and torch.equal(g[3], before[3])
     assert torch.equal(g[1], 2 * before[1]) and (g[2] == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory of the training path: the backward hands out the gradient the forward wrote and allocates no
+# second [N, V] tensor (the unused gradient of the op's `grad` output used to be materialised as zeros,
+# which doubled the step's peak memory).
+
+def _large_tensors_made_by_backward(loss, numel):
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            seen.extend((str(func), o.untyped_storage().data_ptr()) for o in tree_leaves(out)
+                        if isinstance(o, torch.Tensor) and o.numel() >= numel)
+            return out
+
+    with Record():
+        loss.backward()
+    return seen
+
+
+@pytest.mark.parametrize("which", ["amid_loss", "amid_loss_topk"])
+def test_backward_makes_no_second_row_buffer(which):
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(64, 1000, generator=g) * 3).requires_grad_(True)
+    t = torch.randn(64, 1000, generator=g) * 3
+    if which == "amid_loss":
+        loss = amid.amid_loss(x, t, alpha=0.5, lam=0.5)
+    else:
+        lp, idx = torch.log_softmax(t, -1).topk(16, dim=-1)
+        loss = amid.amid_loss_topk(x, lp, idx, alpha=0.5, lam=0.5)
+    seen = _large_tensors_made_by_backward(loss, x.numel())
+    grad_storage = x.grad.untyped_storage().data_ptr()
+    assert all(ptr == grad_storage for _, ptr in seen), seen
