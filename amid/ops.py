@@ -150,6 +150,7 @@ def _fwd_setup_context(ctx, inputs, output):
      detach_assistant, compute_grad) = inputs
     _loss, stats, grad = output
     ctx.mark_non_differentiable(stats, grad)
+    ctx.set_materialize_grads(False)  # no zeros for the unused gradients of stats and the [N, V] grad
     ctx.compute_grad = compute_grad
     ctx.options = (alpha, lam, divergence, order, ab_alpha, ab_beta, temperature, detach_assistant)
     if compute_grad:
@@ -236,8 +237,10 @@ def _scaled_copy(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
 def _fwd_backward(ctx, grad_loss, _grad_stats, _grad_grad):
     # The op-level formula is functional (the gradient output may be held by the caller, so it is
     # never modified); amid.amid_loss uses the in-place fast path of GradInForward below.
-    _check_backward_inputs(ctx)
     nones = (None,) * 11
+    if grad_loss is None:  # only the non-differentiable outputs were used
+        return (None,) + nones
+    _check_backward_inputs(ctx)
     if not ctx.needs_input_grad[0]:
         return (None,) + nones
     if ctx.compute_grad:
