@@ -45,6 +45,24 @@ def amid_loss_table(rows) -> str:
     return "\n".join(out)
 
 
+def cpu_amid_loss_table(rows) -> str:
+    """CPU rows with process CPU time (bench_amid_loss.py --device cpu): the speed-ups are ratios of CPU
+    time (the steadier measure on a shared machine), against eager and torch.compile of the same setting."""
+    out = ["| setting | provider | CPU ms (p50) | threads | wall ms (p50) | vs eager | vs torch.compile | "
+           "peak extra MB | × gradient |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    cpu = {(r["setting"], r["provider"]): float(r["cpu_time_ms_p50"]) for r in rows}
+    for r in rows:
+        t = float(r["cpu_time_ms_p50"])
+        e, c = cpu.get((r["setting"], "eager")), cpu.get((r["setting"], "compile"))
+        grad = float(r["grad_mb"]) if r["grad_mb"] else 0.0
+        extra = float(r["peak_extra_mb"])
+        out.append(f"| {r['setting']} | {r['provider']} | {_ms(t)} | {r['threads']} | {_ms(float(r['time_ms_p50']))} | "
+                   f"{_f(e / t if e else None, '.1f')}× | {_f(c / t if c else None, '.1f')}× | {extra:.0f} | "
+                   f"{_f(extra / grad if grad else None, '.2f')} |")
+    return "\n".join(out)
+
+
 def fused_linear_table(rows) -> str:
     out = ["| provider | N | H | V | dtype | chunk | time ms | × gemms | peak extra MB | logits MB (unfused) |",
            "|---|---|---|---|---|---|---|---|---|---|"]
@@ -62,7 +80,10 @@ def main() -> None:
             continue
         print(f"### {os.path.basename(path)} ({rows[0]['device_name']}, torch {rows[0]['torch_version']}, "
               f"amid {rows[0]['amid_version']} @ {rows[0]['git_sha']}, {rows[0]['timestamp']})\n")
-        print(amid_loss_table(rows) if "amid_loss" in path else fused_linear_table(rows))
+        if "amid_loss" in path:
+            print(cpu_amid_loss_table(rows) if rows[0].get("cpu_time_ms_p50") else amid_loss_table(rows))
+        else:
+            print(fused_linear_table(rows))
         print()
 
 
