@@ -91,12 +91,13 @@ __device__ __forceinline__ void fill_row(const RowArgs<scalar_t, acc_t>& a, int6
 // whether the row slice is staged in shared memory, and whether the mixture is the power mean
 // (kPower) or one of the cheap modes.
 
-// Launch bounds: at least three kl CTAs per SM (<= 80 registers: the resident row slices of three
-// CTAs fit in shared memory, bench/sass_gauge.py checks both) and two ab CTAs; ptxas keeps every
+// Launch bounds: at least three single-order kl CTAs per SM (<= 80 registers: the resident row slices of
+// three CTAs fit in shared memory, bench/sass_gauge.py checks both) and two ab or 'jsd' CTAs (kl 'jsd' has
+// more static shared memory, so three resident CTAs do not fit anyway, and at 80 registers it spilled); ptxas keeps every
 // variant unspilled under these (without a minimum it capped them at 64 and the ab streaming variants
 // spilled). Which occupancy is fastest is for the GPU benchmark to say (not yet measured).
 template <typename scalar_t, Divergence D, Order O, bool RESIDENT, bool POWER>
-__global__ void __launch_bounds__(kThreads, D == Divergence::kKL ? 3 : 2) amid_fwd_kernel(const RowArgs<scalar_t, at::opmath_type<scalar_t>> a,
+__global__ void __launch_bounds__(kThreads, D == Divergence::kKL && O != Order::kJSD ? 3 : 2) amid_fwd_kernel(const RowArgs<scalar_t, at::opmath_type<scalar_t>> a,
                                                             const LossParams<at::opmath_type<scalar_t>> P) {
   using acc_t = at::opmath_type<scalar_t>;
   using Lse = LseAcc<acc_t>;
