@@ -381,6 +381,24 @@ struct JsdRowAcc {
   }
 };
 
+// One element into an R2 state from the scaled logits tf, sf (the CUDA kernels' R2, and the C++ tests'
+// emulation of it): the mixture (POWER as in amid_math.h: mixture_from_logits_split), a rebase to its
+// lt, and the sums; the combined order keeps d relative to both sides.
+template <Order O, bool POWER, class M, typename T, typename Acc>
+AMID_HD void add_from_logits(Acc& acc, const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB) {
+  if constexpr (O == Order::kJSD) {
+    T lp, lq, lt, w, dp, dq;
+    mixture_both_from_logits_split<POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
+    acc.template rebase<M>(P, lt);
+    acc.template add<M>(P, lp, lq, lt, w, dp, dq);
+  } else {
+    T lp, lq, lt, w, d;
+    mixture_from_logits_split<POWER, ref_is_p<O>(), M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, d);
+    acc.template rebase<M>(P, lt);
+    acc.template add<M>(P, lp, lq, lt, w, d);
+  }
+}
+
 // The R2 state of loss (D, O).
 template <Divergence D, Order O, typename T>
 struct RowAccOf {

@@ -196,17 +196,7 @@ __global__ void __launch_bounds__(kThreads, D == Divergence::kKL && O != Order::
 #pragma unroll
       for (int j = 0; j < decltype(nc)::value; ++j) {
         const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
-        if constexpr (O == Order::kJSD) {  // one mixture, d relative to both sides
-          acc_t lp, lq, lt, w, dp, dq;
-          mixture_both_from_logits_split<POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
-          acc.template rebase<M>(P, lt);
-          acc.template add<M>(P, lp, lq, lt, w, dp, dq);
-        } else {
-          acc_t lp, lq, lt, w, d;
-          mixture_from_logits_split<POWER, ref_is_p<O>(), M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, d);
-          acc.template rebase<M>(P, lt);
-          acc.template add<M>(P, lp, lq, lt, w, d);
-        }
+        add_from_logits<O, POWER, M>(acc, P, tf, sf, A, B, dAB);
       }
     });
     acc = cluster_reduce<acc_t>(acc, acc_scratch, acc_slot, round++, merge_acc);

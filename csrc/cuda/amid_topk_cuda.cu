@@ -144,17 +144,7 @@ struct ElemMath {
 
   static __device__ __forceinline__ void add(Acc& acc, const LossParams<acc_t>& P, acc_t tf, acc_t sf,
                                              RowLse<acc_t> A, RowLse<acc_t> B, acc_t dAB) {
-    if constexpr (O == Order::kJSD) {
-      acc_t lp, lq, lt, w, dp, dq;
-      mixture_both_from_logits_split<POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
-      acc.template rebase<M>(P, lt);
-      acc.template add<M>(P, lp, lq, lt, w, dp, dq);
-    } else {
-      acc_t lp, lq, lt, w, d;
-      mixture_from_logits_split<POWER, ref_is_p<O>(), M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, d);
-      acc.template rebase<M>(P, lt);
-      acc.template add<M>(P, lp, lq, lt, w, d);
-    }
+    add_from_logits<O, POWER, M>(acc, P, tf, sf, A, B, dAB);
   }
 
   static __device__ __forceinline__ acc_t grad(const LossParams<acc_t>& P, acc_t tf, acc_t sf, RowLse<acc_t> A,

@@ -92,20 +92,10 @@ static void test_vec_math() {
 template <amid::Order O, class M, typename T, typename Acc>
 static void add_element(const amid::LossParams<T>& P, Acc& acc, T tf, T sf, amid::RowLse<T> A, amid::RowLse<T> B,
                         T dAB) {
-  if constexpr (O == amid::Order::kJSD) {
-    T lp, lq, lt, w, dp, dq;
-    if (P.mode == amid::MixMode::kPower) {
-      amid::mixture_both_from_logits_split<true, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
-    } else {
-      amid::mixture_both_from_logits_split<false, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
-    }
-    acc.template rebase<M>(P, lt);
-    acc.template add<M>(P, lp, lq, lt, w, dp, dq);
+  if (P.mode == amid::MixMode::kPower) {
+    amid::add_from_logits<O, true, M>(acc, P, tf, sf, A, B, dAB);
   } else {
-    T lp, lq, lt, w, d;
-    amid::mixture_from_logits<amid::ref_is_p<O>(), M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, d);
-    acc.template rebase<M>(P, lt);
-    acc.template add<M>(P, lp, lq, lt, w, d);
+    amid::add_from_logits<O, false, M>(acc, P, tf, sf, A, B, dAB);
   }
 }
 
