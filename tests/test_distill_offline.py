@@ -332,3 +332,41 @@ def test_ddp_from_cache_matches_one_process(tmp_path, world):
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
     la, lb = train_records(str(root / "single")), train_records(str(out))
     assert [r["loss"] for r in lb] == pytest.approx([r["loss"] for r in la], rel=1e-4)
+
+
+def test_sweep_settings_train_from_teacher_caches(tmp_path, world):
+    """amid-distill sweep: a setting with ``teacher_cache`` trains from the cache (no teacher model) beside online
+    settings of the same start and seeds; the 'hidden' runs equal the online runs; a bad cache fails before any run."""
+    from amid.distill import sweep as S
+
+    tok, teacher = world
+    base = tiny_config(tmp_path, kd_weight=1.0, max_steps=2, eval_max_examples=2, eval_max_new_tokens=4,
+                       cache_teacher=False, output_dir=str(tmp_path / "sweep"))
+    hidden, topk = str(tmp_path / "hidden"), str(tmp_path / "topk")
+    cache_teacher(base, hidden, teacher=teacher, tokenizer=tok, progress=False)
+    cache_teacher(base, topk, mode="topk", k=8, teacher=teacher, tokenizer=tok, progress=False)
+    grid = {"settings": [{"name": "online", "preset": "amid_a0.5"},
+                         {"name": "hidden", "preset": "amid_a0.5", "teacher_cache": hidden},
+                         {"name": "topk8", "preset": "amid_a0.5", "teacher_cache": topk}],
+            "seeds": [0], "sft_steps": 1}
+    # A missing cache, or one that does not fit its setting, is refused before anything runs.
+    for bad, match in (({"teacher_cache": str(tmp_path / "nope")}, "does not exist"),
+                       ({"teacher_cache": topk, "temperature": 2.0}, "needs temperature 1")):
+        g = dict(grid, settings=grid["settings"] + [dict({"name": "bad", "preset": "amid_a0.5"}, **bad)])
+        with pytest.raises(ConfigError, match=f"setting 'bad': .*{match}"):
+            S.run_sweep(base, g, teacher=teacher, tokenizer=tok)
+        assert not os.path.exists(base.output_dir)
+    res = S.run_sweep(base, grid, teacher=teacher, tokenizer=tok)
+    assert [(r["setting"], r["n"]) for r in res["rows"]] == [("online", 1), ("hidden", 1), ("topk8", 1)]
+    runs = {name: os.path.join(base.output_dir, "runs", name, "seed0") for name in ("online", "hidden", "topk8")}
+    for name, cache in (("online", None), ("hidden", hidden), ("topk8", topk)):
+        cfg = json.load(open(os.path.join(runs[name], "distill_config.json")))
+        assert cfg["teacher_cache"] == cache and cfg["student"] == os.path.join(base.output_dir, "sft")
+        assert (cfg["alpha"], cfg["lam"]) == (0.5, 0.1)
+    on, hid, tk = (train_records(runs[n]) for n in ("online", "hidden", "topk8"))
+    assert len(on) == len(hid) == len(tk) == 2
+    assert [r["loss"] for r in hid] == pytest.approx([r["loss"] for r in on], rel=1e-5)
+    assert "topk_tail_teacher" in tk[0] and "topk_tail_teacher" not in on[0]
+    assert [r["loss"] for r in tk] != pytest.approx([r["loss"] for r in on], rel=1e-5)  # k = 8: approximate
+    fin = {r["setting"]: r for r in res["rows"]}
+    assert fin["hidden"]["val_kl_mean"] == pytest.approx(fin["online"]["val_kl_mean"], rel=1e-4)
