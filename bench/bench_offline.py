@@ -467,6 +467,41 @@ def _write_quality(sweep_dir: str, out_dir: str, res: dict, built: dict, grid: d
     print("\n".join(lines), flush=True)
 
 
+def write_profile(a) -> None:
+    """Per part of a step: median over the timed steps of process CPU seconds (and wall seconds), per mode and
+    thread count; the ceiling of a hidden cache = the online step without the teacher's body forward."""
+    import csv
+
+    from common import RESULTS_DIR, device_name, git_sha  # noqa: E402
+
+    path = os.path.join(RESULTS_DIR, "cpu-offline-profile.csv")
+    rows = []
+    for threads in (1, 2):
+        res = {}
+        for mode, k in (("online", 0), ("hidden", 0), ("topk", 64)):
+            r = _run(["--worker", "profile", "--mode", mode, "--k", str(k), "--steps", str(a.steps), "--work", a.work,
+                      "--n-train", str(a.n_train), "--threads", str(threads)])
+            res[r["mode"]] = r
+            print(threads, r["mode"], r["median_total"], flush=True)
+        on = res["online"]["median"]
+        ceiling_cpu = res["online"]["median_total"][1] / (res["online"]["median_total"][1] -
+                                                          on["teacher body forward"][1])
+        for name, r in res.items():
+            for part, (w, c) in list(r["median"].items()) + [("step (median of the totals)", r["median_total"])]:
+                rows.append([threads, name, part, f"{c:.4f}", f"{w:.4f}", r["steps"]])
+            rows.append([threads, name, "speedup vs online (CPU medians)",
+                         f"{res['online']['median_total'][1] / r['median_total'][1]:.3f}", "", r["steps"]])
+        rows.append([threads, "hidden ceiling", "online step / (online step - teacher body forward)", f"{ceiling_cpu:.3f}",
+                     "", a.steps])
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["threads", "mode", "part", "cpu_s_median", "wall_s_median", "steps", "device", "git", "note"])
+        for r in rows:
+            w.writerow(r + [device_name("cpu"), git_sha(), "median over the timed steps after 1 warm-up; "
+                            "shared machine: process CPU time is the steadier column"])
+    print("wrote " + path)
+
+
 def _run(args) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     p = subprocess.run([sys.executable, os.path.abspath(__file__)] + args, capture_output=True, text=True, env=env)
@@ -494,7 +529,12 @@ def main() -> None:
     ap.add_argument("--student", help="--quality: an SFT-warmed student directory (e.g. the loss study's sft/); "
                                       "default: run the study's SFT warm start first")
     ap.add_argument("--seeds", default="0,1,2", help="--quality: seeds")
+    ap.add_argument("--profile", action="store_true",
+                    help="the step cut into its parts, online vs hidden vs topk64 (bench/results/cpu-offline-profile.csv; "
+                         "needs --work with the caches of a previous run)")
     a = ap.parse_args()
+    if a.profile:
+        return write_profile(a)
     if a.quality:
         work = a.work or tempfile.mkdtemp(prefix="amid-offline-quality-")
         return quality(work, os.path.join(HERE, "results", "offline-quality"), a.student,
