@@ -578,7 +578,8 @@ def main() -> None:
 
     os.makedirs(RESULTS_DIR, exist_ok=True)
     meta = {"device": device_name("cpu"), "git": git_sha()}
-    path = os.path.join(RESULTS_DIR, "cpu-offline.csv")
+    # The default (2 threads) is cpu-offline.csv; another thread count gets its own file.
+    path = os.path.join(RESULTS_DIR, "cpu-offline.csv" if a.threads == 2 else f"cpu-offline-{a.threads}thread.csv")
     base = rows[0]["step_s_min"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
