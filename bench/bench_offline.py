@@ -297,8 +297,6 @@ def quality(work: str, out_dir: str, student: str, seeds: list, threads: int) ->
     """Online teacher vs a 'hidden' cache vs a 'topk' k = 64 (bucket) cache: the loss study's base config
     (bench/results/sweep/sweep.json: 20 distillation steps of 8 examples from its SFT-warmed student, the
     amid_a0.5 loss, 20 validation / 20 test examples), one sweep setting per teacher source, same seeds."""
-    import shutil
-
     import torch
 
     from amid.distill import DistillConfig
