@@ -295,13 +295,39 @@ def test_topk_cache_training(tmp_path, world):
                   student=make_model(v, layers=1, seed=5))
 
 
+# Runs amid-distill with the cache's reads recorded: every (split, example) whose rows a rank reads and
+# every shard it opens (and checksums), written to $AMID_TEST_READS/rank<RANK>.json at the end.
+_RECORD_READS = """
+import json, os, sys
+from amid.distill import cache, cli
+reads = {"keys": [], "opened": []}
+_rows, _shard = cache.OfflineTeacher.rows, cache.OfflineTeacher._shard
+def rows(self, keys, name="hidden"):
+    if name in ("hidden", "logprobs"):
+        reads["keys"] += [[s, int(i)] for s, i in keys]
+    return _rows(self, keys, name)
+def shard(self, split, i):
+    before = set(self._open)
+    out = _shard(self, split, i)
+    reads["opened"] += sorted(set(self._open) - before)
+    return out
+cache.OfflineTeacher.rows, cache.OfflineTeacher._shard = rows, shard
+rc = cli.main(sys.argv[1:])
+with open(os.path.join(os.environ["AMID_TEST_READS"], "rank%s.json" % os.environ.get("RANK", "0")), "w") as f:
+    json.dump(reads, f)
+sys.exit(rc)
+"""
+
+
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with the gloo backend")
 def test_ddp_from_cache_matches_one_process(tmp_path, world):
-    """torchrun, 2 processes (gloo): each rank reads its own samples from the cache; equals one process."""
+    """torchrun, 2 processes (gloo): each rank reads only its own samples (and only the shards holding them) from
+    the cache, the two ranks together exactly the global batches; the run equals one process."""
     from safetensors.torch import load_file
     from test_distill_torchrun import _torchrun
 
+    from amid.distill.data import StepSampler
     from test_distill import write_data
 
     tok, teacher = world
@@ -317,7 +343,11 @@ def test_ddp_from_cache_matches_one_process(tmp_path, world):
            "lam": 0.2, "max_length": 48, "eval_max_new_tokens": 4, "eval_batch_size": 4, "plots": False,
            "progress": False, "seed": 0, "device": "cpu", "teacher_cache": str(root / "cache")}
     (root / "cfg.json").write_text(json.dumps(cfg))
-    assert distill_cli.main(["cache-teacher", "--config", str(root / "cfg.json")]) == 0
+    # Small shards (a few examples each), so that which shards a rank opens says which samples it reads.
+    assert distill_cli.main(["cache-teacher", "--config", str(root / "cfg.json"), "--shard-mb", "0.001"]) == 0
+    manifest = json.load(open(root / "cache" / INDEX_FILE))
+    train_shards = [s for s in manifest["shards"] if s["split"] == "train"]
+    assert len(train_shards) >= 8
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -325,10 +355,102 @@ def test_ddp_from_cache_matches_one_process(tmp_path, world):
                                  "--micro-batch-size", "2", "--grad-accum-steps", "2"]) == 0
     finally:
         torch.set_num_threads(n)
-    out = _torchrun(root, "ddp")
+    (root / "record_reads.py").write_text(_RECORD_READS)
+    (root / "reads").mkdir()
+    out = _torchrun(root, "ddp", script=root / "record_reads.py", env={"AMID_TEST_READS": str(root / "reads")})
     assert json.load(open(out / "summary.json"))["world_size"] == 2
     wa, wb = load_file(str(root / "single" / "model.safetensors")), load_file(str(out / "model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
     la, lb = train_records(str(root / "single")), train_records(str(out))
     assert [r["loss"] for r in lb] == pytest.approx([r["loss"] for r in la], rel=1e-4)
+    # Each rank read exactly its own samples: its micro-batches of the 2 steps (train) and its round-robin
+    # share of the validation split (evaluation before and after training).
+    reads = [json.load(open(root / "reads" / f"rank{r}.json")) for r in (0, 1)]
+    global_batches = set()
+    sampler = StepSampler(16, 2, 2, 1, 0, seed=0)
+    for _ in range(2):
+        global_batches |= {i for mb in sampler.next_step() for i in mb}
+    n_val = json.load(open(root / "cache" / INDEX_FILE))["identity"]["data"]["splits"]["validation"]["num_examples"]
+    mine = []
+    for r in (0, 1):
+        sampler = StepSampler(16, 2, 1, 2, r, seed=0)
+        want = [i for _ in range(2) for mb in sampler.next_step() for i in mb]
+        got = [i for s, i in reads[r]["keys"] if s == "train"]
+        assert got == want, (r, got, want)
+        assert {i for s, i in reads[r]["keys"] if s == "validation"} == set(range(r, n_val, 2))
+        mine.append(set(got))
+        # ... and opened only the shards that hold them.
+        holding = {s["file"] for s in manifest["shards"]
+                   if any(s["split"] == sp and s["first_example"] <= i < s["first_example"] + s["num_examples"]
+                          for sp, i in reads[r]["keys"])}
+        assert set(reads[r]["opened"]) == holding and len(reads[r]["opened"]) == len(holding)
+    assert not mine[0] & mine[1] and mine[0] | mine[1] == global_batches and len(global_batches) == 8
+    opened_train = [{f for f in reads[r]["opened"] if f.startswith("train")} for r in (0, 1)]
+    assert opened_train[0] != opened_train[1] and all(len(o) < len(train_shards) for o in opened_train)
+
+
+def test_sweep_settings_train_from_teacher_caches(tmp_path, world):
+    """amid-distill sweep: a setting with ``teacher_cache`` trains from the cache (no teacher model) beside online
+    settings of the same start and seeds; the 'hidden' runs equal the online runs; a bad cache fails before any run."""
+    from amid.distill import sweep as S
+
+    tok, teacher = world
+    base = tiny_config(tmp_path, kd_weight=1.0, max_steps=2, eval_max_examples=2, eval_max_new_tokens=4,
+                       cache_teacher=False, output_dir=str(tmp_path / "sweep"))
+    hidden, topk = str(tmp_path / "hidden"), str(tmp_path / "topk")
+    cache_teacher(base, hidden, teacher=teacher, tokenizer=tok, progress=False)
+    cache_teacher(base, topk, mode="topk", k=8, teacher=teacher, tokenizer=tok, progress=False)
+    grid = {"settings": [{"name": "online", "preset": "amid_a0.5"},
+                         {"name": "hidden", "preset": "amid_a0.5", "teacher_cache": hidden},
+                         {"name": "topk8", "preset": "amid_a0.5", "teacher_cache": topk}],
+            "seeds": [0], "sft_steps": 1}
+    # A missing cache, or one that does not fit its setting, is refused before anything runs.
+    for bad, match in (({"teacher_cache": str(tmp_path / "nope")}, "does not exist"),
+                       ({"teacher_cache": topk, "temperature": 2.0}, "needs temperature 1")):
+        g = dict(grid, settings=grid["settings"] + [dict({"name": "bad", "preset": "amid_a0.5"}, **bad)])
+        with pytest.raises(ConfigError, match=f"setting 'bad': .*{match}"):
+            S.run_sweep(base, g, teacher=teacher, tokenizer=tok)
+        assert not os.path.exists(base.output_dir)
+    res = S.run_sweep(base, grid, teacher=teacher, tokenizer=tok)
+    assert [(r["setting"], r["n"]) for r in res["rows"]] == [("online", 1), ("hidden", 1), ("topk8", 1)]
+    runs = {name: os.path.join(base.output_dir, "runs", name, "seed0") for name in ("online", "hidden", "topk8")}
+    for name, cache in (("online", None), ("hidden", hidden), ("topk8", topk)):
+        cfg = json.load(open(os.path.join(runs[name], "distill_config.json")))
+        assert cfg["teacher_cache"] == cache and cfg["student"] == os.path.join(base.output_dir, "sft")
+        assert (cfg["alpha"], cfg["lam"]) == (0.5, 0.1)
+    on, hid, tk = (train_records(runs[n]) for n in ("online", "hidden", "topk8"))
+    assert len(on) == len(hid) == len(tk) == 2
+    assert [r["loss"] for r in hid] == pytest.approx([r["loss"] for r in on], rel=1e-5)
+    assert "topk_tail_teacher" in tk[0] and "topk_tail_teacher" not in on[0]
+    assert [r["loss"] for r in tk] != pytest.approx([r["loss"] for r in on], rel=1e-5)  # k = 8: approximate
+    fin = {r["setting"]: r for r in res["rows"]}
+    assert fin["hidden"]["val_kl_mean"] == pytest.approx(fin["online"]["val_kl_mean"], rel=1e-4)
+
+
+def test_trainer_uses_the_fused_adamw_with_the_same_update(tmp_path, world, monkeypatch):
+    """The step-time work of issue 10: the optimizer is torch's fused AdamW on CPU (one pass per parameter;
+    the default loop was ~12x slower on the demo student); two steps equal the default implementation's."""
+    from amid.distill import trainer as T
+
+    tok, teacher = world
+    cfg = tiny_config(tmp_path, kd_weight=0.5, max_steps=2, eval_teacher=False, weight_decay=0.1, warmup_steps=0)
+    runs = {}
+    for name, fused in (("fused", True), ("default", False)):
+        monkeypatch.setattr(T, "_fused_adamw_ok", (lambda ps: True) if fused else (lambda ps: False))
+        d = Distiller(cfg.replace(output_dir=str(tmp_path / name)), teacher=teacher, tokenizer=tok,
+                      student=make_model(len(tok), layers=1, seed=5))
+        assert d.optimizer.defaults["fused"] is (True if fused else None)
+        d.eval_sets = {}
+        for _ in range(2):
+            d.train_step()
+        runs[name] = {k: v.detach().clone() for k, v in d.student.state_dict().items()}
+    moved = 0.0
+    init = make_model(len(tok), layers=1, seed=5).state_dict()
+    for k, v in runs["default"].items():
+        torch.testing.assert_close(runs["fused"][k], v, rtol=1e-5, atol=1e-6)
+        moved = max(moved, float((v - init[k]).abs().max()))
+    assert moved > 1e-3
+    monkeypatch.undo()
+    assert T._fused_adamw_ok([torch.zeros(2, requires_grad=True)])
+    assert not T._fused_adamw_ok([torch.zeros(2, dtype=torch.int64)]) and not T._fused_adamw_ok([])

@@ -23,6 +23,17 @@ stopped. The final evaluations (the "student (after)" row of each summary) are a
 Runs go one after another in this process by default (the teacher is loaded once and its hidden
 states are shared between runs on the same data); ``jobs > 1`` runs them as that many
 ``amid-distill`` processes.
+
+A setting may train from a teacher cache (``amid-distill cache-teacher``) instead of the live teacher,
+e.g. to compare offline with online distillation on the same start and seeds::
+
+    settings:
+      - {name: online, preset: amid_a0.5}
+      - {name: hidden, preset: amid_a0.5, teacher_cache: caches/hidden}
+      - {name: topk64, preset: amid_a0.5, teacher_cache: caches/topk64, topk_tail: bucket}
+
+Such runs load no teacher model (in-process, the loaded teacher is simply not passed to them). Each
+cache is opened and checked against its setting (manifest, shard sizes, options) before anything runs.
 """
 from __future__ import annotations
 
@@ -197,8 +208,25 @@ def plan_sweep(base: DistillConfig, grid: Any, output_dir: Optional[str] = None,
             raise _err(f"setting {name!r}: {e}") from None
     if plan.sft_config is not None:
         plan.sft_config.replace().validate(teacher_given=teacher_given)
+    _check_caches(plan)
     _check_output_dir(plan)
     return plan
+
+
+def _check_caches(plan: SweepPlan) -> None:
+    """Every teacher cache a setting names is complete and fits the run's options (manifest and shard sizes only,
+    no data read), so a missing or mismatched cache fails before anything runs."""
+    from .cache import OfflineTeacher
+
+    seen = set()
+    for name, _, cfg in plan.runs:
+        if not cfg.teacher_cache or (name, cfg.teacher_cache) in seen:
+            continue
+        seen.add((name, cfg.teacher_cache))
+        try:
+            OfflineTeacher.open(cfg.teacher_cache).check_config(cfg)
+        except ConfigError as e:
+            raise _err(f"setting {name!r}: {e}") from None
 
 
 def _comparable(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -297,7 +325,9 @@ class _Shared:
     def run(self, cfg: DistillConfig, stop_after: Optional[int] = None) -> Optional[Dict[str, Any]]:
         from .trainer import Distiller
 
-        d = Distiller(cfg, teacher=self.teacher, tokenizer=self.tokenizer)
+        # A setting with a teacher cache trains without a teacher model (the shared one is not passed; its
+        # tokenizer is, and is checked against the cache's).
+        d = Distiller(cfg, teacher=None if cfg.teacher_cache else self.teacher, tokenizer=self.tokenizer)
         if self.teacher is None and d.offline is None:
             self.teacher, self.tokenizer = d.teacher, d.tokenizer
         key = json.dumps([cfg.to_dict()[k] for k in _TEACHER_KEY], default=str)
