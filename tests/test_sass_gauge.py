@@ -65,7 +65,9 @@ def test_hot_loop_counting(tmp_path):
     online = tmp_path / "amid_online.h"
     online.write_text("struct OnlineLSE {\n  void add(T x) {\n    if (x > m) {  // new max\n      s = s * e;\n"
                       "      m = x;\n    }\n  }\n};\nstruct RowAcc {\n  void rebase(T mx) {\n    if (!(mx > m)) return;\n"
-                      "    if (m != neg_inf<T>()) {\n      S *= e;\n    }\n    m = mx;\n  }\n};\n")
+                      "    if (m != neg_inf<T>()) {\n      S *= e;\n    }\n    m = mx;\n  }\n};\n"
+                      "struct OnlineLSE {\n  void add_chunk(const T* x) {\n    if (cm > m) {  // new max\n"
+                      "      s = s * e;\n    }\n  }\n};\n")
     text = SASS.replace("{K}", str(kern)).replace("{O}", str(online))
     funcs = g.parse_sass(text)
     (name, fn), = funcs.items()
@@ -73,7 +75,11 @@ def test_hot_loop_counting(tmp_path):
     assert len(fn.ins) == 29 and fn.labels[".L_x_1"] == 0x10
     warnings = []
     cold = g.cold_ranges([str(online)], warnings)
-    assert warnings == [] and cold == {str(online): [(4, 5, g.COLD_REGIONS[0][2]), (13, 13, g.COLD_REGIONS[1][2])]}
+    why = {w: k for k, (_, _, w) in enumerate(g.COLD_REGIONS)}
+    assert warnings == []
+    assert sorted(cold[str(online)], key=lambda r: why[r[2]]) == [
+        (4, 5, g.COLD_REGIONS[0][2]), (21, 21, g.COLD_REGIONS[1][2]), (13, 13, g.COLD_REGIONS[2][2])]
+    assert [r[0] for r in g.COLD_REGIONS if r[0] == "amid_online.h"] == ["amid_online.h"] * 3
     loops = g.hot_loops(fn, 2, cold, warnings)
     assert list(loops) == ["R1"] and warnings == []
     lc = loops["R1"]
