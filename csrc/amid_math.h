@@ -265,9 +265,13 @@ AMID_HD void mixture(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& 
     // each denominator are >= 0. If both vanish in T (lam / (1-lam) and e underflow), w is the
     // sigmoid's saturated value, 1 or 0 by the sign of log((1-lam)/lam) - |x|.
     // One reciprocal: w = num / den with the form of the branch (den >= 1 with q as the base).
+    // den < 2^-60 (only without q as the base, with lam / (1-lam) and e both tiny): both scaled by 2^100
+    // first, or 1 / den would overflow (num * inf: NaN or inf, e.g. a subnormal lam with a masked student
+    // element) where num / den is at most 1.
     const T num = q_base ? T(1) : e;
     const T den = q_base ? T(1) + P.lam_ratio * e : e + P.lam_ratio;
-    w_ = den > T(0) ? num * M::rcp(den) : (P.log_odds + ax > T(0) ? T(1) : T(0));
+    const T sc = den < T(8.673617379884035e-19) ? T(1.2676506002282294e30) : T(1);
+    w_ = den > T(0) ? (num * sc) * M::rcp(den * sc) : (P.log_odds + ax > T(0) ? T(1) : T(0));
   }
   lt = both_masked ? neg_inf<T>() : lt_;
   w = both_masked ? T(0) : w_;

@@ -75,6 +75,27 @@ def test_lam_extremes_gradient_float32():
                 assert normwise_err(grads[0], grads[1], 1e-6) <= 1e-4, opts
 
 
+@pytest.mark.parametrize("dtype,lam", [(torch.float64, 5e-324), (torch.float64, 1e-310), (torch.float32, 1e-42),
+                                       (torch.float32, 1e-39)])
+def test_subnormal_lam_with_masked_student_has_finite_gradient(dtype, lam):
+    """lam below the normal range of the math type and student logits at -inf: the assistant's weight
+    w = e / (e + lam / (1 - lam)) has a subnormal denominator there, whose reciprocal overflowed (0 * inf:
+    a NaN gradient row, found by test_properties' hypothesis search). The gradient equals the float64
+    reference's."""
+    s = torch.tensor([[3.2244, -2.2789, -7.9350, -math.inf, -math.inf],
+                      [0.5, -math.inf, 1.5, -2.0, -math.inf]], dtype=torch.float64)
+    t = torch.tensor([[1.3921, 2.6961, -1.9757, -1.0280, -1.6079],
+                      [-0.7, 2.2, 0.1, 1.0, -3.0]], dtype=torch.float64)
+    for div, order in PAIRS:
+        opts = dict(alpha=0.5, lam=lam, divergence=div, order=order, temperature=0.5, reduction="sum")
+        x = s.to(dtype).detach().clone().requires_grad_()
+        amid.amid_loss(x, t.to(dtype), **opts).backward()
+        xr = s.detach().clone().requires_grad_()
+        amid.reference.amid_loss(xr, t, **opts).backward()
+        assert torch.isfinite(x.grad).all(), opts
+        assert normwise_err(x.grad.double(), xr.grad, 1e-6) <= (1e-9 if dtype == torch.float64 else 1e-4), opts
+
+
 @pytest.mark.parametrize("order", ["pr", "qr", "rp", "rq"])
 def test_tiny_ab_exponents(order):
     """ab_alpha = 1e-20 (float64) gave exactly 0, ab_beta = 1e-8 (float32) a wrong sign in rp."""
