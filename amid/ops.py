@@ -257,6 +257,40 @@ def _fwd_backward(ctx, grad_loss, _grad_stats, _grad_grad):
 torch.library.register_autograd("amid::amid_loss_fwd", _fwd_backward, setup_context=_fwd_setup_context)
 
 
+def _grad_in_forward_setup(ctx, output) -> None:
+    """setup_context of the gradient-in-forward nodes (GradInForward, TopkGradInForward): output is
+    (loss, grad), grad the op's gradient, saved to be handed out once."""
+    _loss, grad = output
+    ctx.mark_non_differentiable(grad)
+    # No zeros for the unused gradient of the `grad` output: materialised, that is one more [N, V]
+    # tensor (measured: the step's peak memory doubled).
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(grad)
+    ctx.grad_consumed = False
+    ctx.functorch_level = _functorch_level()
+
+
+def _hand_out_grad(ctx, grad_loss: Tensor, op: str) -> Tensor:
+    """Backward of a gradient-in-forward node of op: the saved gradient scaled by grad_loss, in place
+    (out of place under torch.func.vmap, see _scaled_copy), once; a second backward or create_graph=True
+    raise."""
+    if ctx.grad_consumed:
+        raise RuntimeError(
+            f"amid::{op}: backward ran a second time through a loss whose gradient was computed in "
+            "the forward and already handed out; call the loss with grad_in_forward=False to backpropagate "
+            "through it more than once")
+    try:
+        _refuse_create_graph(ctx.functorch_level)
+    except RuntimeError:
+        raise RuntimeError(CREATE_GRAPH_ERROR.replace("amid::amid_loss_fwd", f"amid::{op}")) from None
+    ctx.grad_consumed = True
+    (grad,) = ctx.saved_tensors
+    if _is_functorch_wrapped(grad):
+        return _scaled_copy(grad, grad_loss)
+    torch.ops.amid.scale_grad_.default(grad, grad_loss.contiguous())
+    return grad
+
+
 class GradInForward(torch.autograd.Function):
     """Training fast path of amid.amid_loss: the op writes the gradient in the forward (one read of
     the logits); the backward applies grad_loss to it in place (rows with grad_loss == 1 are not
@@ -279,32 +313,14 @@ class GradInForward(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _loss, grad = output
-        ctx.mark_non_differentiable(grad)
-        # No zeros for the unused gradient of the `grad` output: materialised, that is one more [N, V]
-        # tensor (measured: the step's peak memory doubled).
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(grad)
-        ctx.grad_consumed = False
-        ctx.functorch_level = _functorch_level()
+        _grad_in_forward_setup(ctx, output)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_grad):
         if grad_loss is None:  # only the non-differentiable `grad` output was used
             return (None,) * 11
         _check_backward_inputs(ctx)
-        if ctx.grad_consumed:
-            raise RuntimeError(
-                "amid::amid_loss_fwd: backward ran a second time through a loss whose gradient was computed in "
-                "the forward and already handed out; call the loss with grad_in_forward=False to backpropagate "
-                "through it more than once")
-        _refuse_create_graph(ctx.functorch_level)
-        ctx.grad_consumed = True
-        (grad,) = ctx.saved_tensors
-        if _is_functorch_wrapped(grad):  # under torch.func.vmap: out of place (see _scaled_copy)
-            return (_scaled_copy(grad, grad_loss),) + (None,) * 10
-        torch.ops.amid.scale_grad_.default(grad, grad_loss.contiguous())
-        return (grad,) + (None,) * 10
+        return (_hand_out_grad(ctx, grad_loss, "amid_loss_fwd"),) + (None,) * 10
 
 
 class RecomputeGrad(torch.autograd.Function):
@@ -644,36 +660,14 @@ class TopkGradInForward(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _loss, grad = output
-        ctx.mark_non_differentiable(grad)
-        # No zeros for the unused gradient of the `grad` output: materialised, that is one more [N, V]
-        # tensor (measured: the step's peak memory doubled).
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(grad)
-        ctx.grad_consumed = False
-        ctx.functorch_level = _functorch_level()
+        _grad_in_forward_setup(ctx, output)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_grad):
         if grad_loss is None:  # only the non-differentiable `grad` output was used
             return (None,) * 14
         _topk_check_backward_inputs(ctx, "amid_loss_topk_fwd")
-        if ctx.grad_consumed:
-            raise RuntimeError(
-                "amid::amid_loss_topk_fwd: backward ran a second time through a loss whose gradient was computed in "
-                "the forward and already handed out; call the loss with grad_in_forward=False to backpropagate "
-                "through it more than once")
-        try:
-            _refuse_create_graph(ctx.functorch_level)
-        except RuntimeError:
-            raise RuntimeError(CREATE_GRAPH_ERROR.replace("amid::amid_loss_fwd", "amid::amid_loss_topk_fwd")) from None
-        ctx.grad_consumed = True
-        (grad,) = ctx.saved_tensors
-        nones = (None,) * 13
-        if _is_functorch_wrapped(grad):
-            return (_scaled_copy(grad, grad_loss),) + nones
-        torch.ops.amid.scale_grad_.default(grad, grad_loss.contiguous())
-        return (grad,) + nones
+        return (_hand_out_grad(ctx, grad_loss, "amid_loss_topk_fwd"),) + (None,) * 13
 
 
 # ------------------------------------------------------------------------------------------------

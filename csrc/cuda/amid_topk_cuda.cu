@@ -136,8 +136,9 @@ __device__ __forceinline__ void visit_one(const scalar_t* __restrict__ s, int64_
   }
 }
 
-// One element of R2 and of the gradient for loss (D, O), as amid_loss_kernels.cuh's R2 loop and
-// write_grad_row (tf, sf: the scaled logits; the gradient before the weight * 1/T factor).
+// One element of R2 and of the gradient for loss (D, O): the dense kernels' shared element functions
+// (amid_online.h: add_from_logits; amid_math.h: grad_from_logits; tf, sf: the scaled logits, the
+// gradient before the weight * 1/T factor).
 template <Divergence D, Order O, bool POWER, typename acc_t>
 struct ElemMath {
   using Acc = typename RowAccOf<D, O, acc_t>::type;
@@ -149,22 +150,7 @@ struct ElemMath {
 
   static __device__ __forceinline__ acc_t grad(const LossParams<acc_t>& P, acc_t tf, acc_t sf, RowLse<acc_t> A,
                                                RowLse<acc_t> B, acc_t dAB, acc_t Z, acc_t Z2, acc_t S_G, acc_t K) {
-    if constexpr (O == Order::kJSD) {
-      acc_t lp, lq, lt, w, dp, dq;
-      mixture_both_from_logits_split<POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
-      const acc_t lr = lt - Z;
-      const acc_t p = M::exp(lp), q = M::exp(lq), r = M::exp(lr);
-      const JsdTerms<acc_t> jt = jsd_terms<D, M>(P, p, q, r, lp, lq, lr, lt - Z2, dp - Z, dq - Z2);
-      const Terms<acc_t> o{acc_t(0), jt.G, jt.H};
-      return element_grad(false, w, q, r, o, S_G, K);
-    } else {
-      acc_t lp, lq, lt, w, d;
-      mixture_from_logits_split<POWER, ref_is_p<O>(), M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, d);
-      const acc_t lr = lt - Z;
-      const acc_t p = M::exp(lp), q = M::exp(lq), r = M::exp(lr);
-      const Terms<acc_t> o = element_terms<D, O, M>(P, p, q, r, lp, lq, lr, d - Z);
-      return element_grad(P.detach, w, q, r, o, S_G, K);
-    }
+    return grad_from_logits<D, O, POWER, M>(P, tf, sf, A, B, dAB, Z, Z2, S_G, K);
   }
 };
 
