@@ -29,9 +29,11 @@ Method (what is counted, and how)
    handles all but the <= 15 head / tail elements of a row slice. Scalar head / tail loops are not
    hot. If a pass has several such loops (a compiler-unrolled copy and its remainder), the one
    with the most elements per iteration is reported.
-3. **Elements per iteration** = (number of 128-bit loads in the loop / 2) x (16 / sizeof(dtype)):
+3. **Elements per iteration** = (number of 128-bit logit loads in the loop / 2) x (16 / sizeof(dtype)):
    every chunk reads one 16-byte vector of the teacher row and one of the student row, so a loop
-   that the compiler unrolled u times holds 2u such loads.
+   that the compiler unrolled u times holds 2u such loads. Logit loads are those whose inline chain
+   holds visit_row's load line (cuda/utils.cuh); the 128-bit loads of the kept logarithm terms
+   (W from R2's terms) are not, wherever the compiler attributes them.
 4. **Cold regions** are excluded: (a) blocks outside the loop's address range (out-of-line slow
    paths the compiler moved away); (b) blocks that CALL a subroutine (the slow paths of IEEE
    division, sqrt and friends); (c) blocks whose instructions come mostly from source regions that
@@ -43,7 +45,9 @@ Method (what is counted, and how)
    Every instruction on it counts once (predicated-off instructions still issue; NOPs are not
    counted). Data-dependent branches that are not cold (masked elements, a runtime switch on a
    parameter) therefore count their more expensive side: the numbers are an upper bound on the
-   steady-state issue count of one iteration, exact when the loop body has no such branch.
+   steady-state issue count of one iteration, exact when the loop body has no such branch. If every
+   path crosses a cold block (the compiler predicated cold code into the path: it issues), the
+   longest path is taken with the cold blocks (a warning says so).
    MUFU ops are the MUFU.* instructions on the same path.
 6. Per element = per iteration / elements per iteration. "all passes" = R1 + R2 + W of the forward
    kernel (the forward computes the gradient: the product's fused step), the stage copy excluded.
@@ -53,6 +57,10 @@ Occupancy follows cuda_occupancy.h for sm_90 (65536 registers per SM in 4 sub-pa
 allocation per warp, 64 warps and 32 CTAs per SM, 228 KiB of shared memory per SM with 1 KiB reserved
 per CTA, 128-byte granules). The dynamic shared memory of a resident kernel is the launcher's choice
 for V = 151936 (the smallest cluster whose row slice fits the budget; constants read from the source).
+The resident power-mean kernels of a single order keep R2's logarithm term per element in shared memory
+for W (one fp32 per element beside the slice) where a cluster of at most kMaxCluster fits it; their W
+loop is then the one tagged `gauge:Ws` (reported as W), and the loads of those terms do not count as
+logit loads in step 3.
 
 Output: a table on stdout, and with --csv a CSV (default bench/results/sass_gauge-sm_90a-<commit>.csv)
 whose rows --readme turns into the README's table (between the `sass-gauge` markers).
@@ -94,6 +102,9 @@ DTYPES = {
 DIVERGENCES = {0: "kl", 1: "ab"}
 ORDERS = {0: "pr", 1: "qr", 2: "rp", 3: "rq", 4: "jsd"}
 PASSES = ("stage", "R1", "R2", "W")
+# "Ws": the resident power-mean kernels' W pass from R2's kept logarithm terms (RowArgs::stash), reported
+# as W where the launcher keeps them at V_GAUGE. "stash": the load of those terms (not a logit load).
+TAGS = PASSES + ("Ws",)
 
 # Targets of issue 9 (bf16, sm_90a): (instructions, MUFU) per element over R1 + R2 + W.
 TARGETS = {"kl": (130, 11), "ab": (170, 14)}
@@ -106,10 +117,12 @@ COLD_REGIONS = [
     ("amid_online.h", [r"struct OnlineLSE", r"if \(x > m\) \{"], "OnlineLSE::add: a new running max"),
     ("amid_online.h", [r"struct OnlineLSE", r"void add_chunk\(", r"if \(cm > m\) \{"],
      "OnlineLSE::add_chunk: a new running max (at most once per chunk)"),
-    ("amid_online.h", [r"void rebase\(", r"if \(m != neg_inf<T>\(\)\) \{"],
-     "RowAcc::rebase: rescaling the sums to a new running max"),
+    ("amid_online.h", [r"void rebase\(", r"if \(mx > m\) \{"],
+     "RowAcc::rebase: a new running max (rescaling the sums to it)"),
     ("amid_math.h", [r"if \(TINY_LAM && \(P\.lam_tiny"],
      "mixture: lam or 1 - lam below the normal range of the math type (a parameter: a uniform branch)"),
+    ("amid_math.h", [r"void power_finish\(", r"if \(TINY_LAM && P\.lam_tiny\) \{"],
+     "mixture: the scaled weight for lam < 2^-60 (a parameter: a uniform branch)"),
 ]
 
 # sm_90 (H100 / H200) resources, as cuda_occupancy.h models them.
@@ -352,9 +365,17 @@ def pass_of_line(path: str, line: int) -> Optional[str]:
     lines = source_lines(path)
     if 1 <= line <= len(lines):
         m = _TAG_RE.search(lines[line - 1])
-        if m and m.group(1) in PASSES:
+        if m and m.group(1) in TAGS:
             return m.group(1)
     return None
+
+
+def is_stash_line(path: str, line: int) -> bool:
+    lines = source_lines(path)
+    if 1 <= line <= len(lines):
+        m = _TAG_RE.search(lines[line - 1])
+        return bool(m and m.group(1) == "stash")
+    return False
 
 
 def block_body_range(lines: List[str], open_line: int) -> Tuple[int, int]:
@@ -423,8 +444,30 @@ class LoopCount:
         return self.mufu_per_iter / self.elems_per_iter
 
 
+# The one source line that loads the logits' 16-byte vectors (cuda/utils.cuh: visit_row).
+_LOGIT_LOAD_RE = re.compile(r"const uint4 a = t4\[c\], b = s4\[c\];")
+
+
+def _is_logit_load_line(path: str, line: int) -> bool:
+    lines = source_lines(path)
+    return os.path.basename(path) == "utils.cuh" and 1 <= line <= len(lines) and \
+        bool(_LOGIT_LOAD_RE.search(lines[line - 1]))
+
+
 def _is_vec_load(x: Ins) -> bool:
     return x.base in ("LDG", "LDS", "LD") and ".128" in x.op
+
+
+def _logit_loads(ins: Sequence[Ins]) -> int:
+    """The 128-bit loads of the logits among ins: those whose inline chain holds visit_row's load line
+    (not the kept logarithm terms, which the compiler may attribute to the line that uses them); all
+    128-bit loads when none carries that line (older sources, hand-written tests), minus any from a
+    `// gauge:stash` line."""
+    vec = [x for x in ins if _is_vec_load(x)]
+    tagged = [x for x in vec if any(_is_logit_load_line(f, ln) for f, ln in x.frames)]
+    if tagged:
+        return len(tagged)
+    return sum(1 for x in vec if not any(is_stash_line(f, ln) for f, ln in x.frames))
 
 
 def hot_loops(fn: Function, elem_bytes: int, cold: Dict[str, List[Tuple[int, int, str]]],
@@ -446,7 +489,7 @@ def hot_loops(fn: Function, elem_bytes: int, cold: Dict[str, List[Tuple[int, int
     kw = 16 // elem_bytes
     found: Dict[str, LoopCount] = {}
     for h, l in innermost:
-        nvec = sum(1 for i in range(h, l + 1) if _is_vec_load(ins[i]))
+        nvec = _logit_loads(ins[h:l + 1])
         if nvec < 2:
             continue
         outer = Counter(ins[i].frames[-1] for i in range(h, l + 1) if ins[i].frames)
@@ -463,32 +506,43 @@ def hot_loops(fn: Function, elem_bytes: int, cold: Dict[str, List[Tuple[int, int
         elems = (nvec // 2) * kw
         # Blocks of the loop body, minus cold ones; longest path header -> latch (back edge removed).
         hb, lb = bidx[h], bidx[l]
-        allowed = set()
-        for b in range(hb, lb + 1):
-            blk = blocks[b]
-            seg = ins[blk.start:blk.end]
-            if any(x.base == "CALL" for x in seg):
-                continue
-            body = [x for x in seg if x.base != "NOP"]
-            if body and b not in (hb, lb) and 2 * sum(is_cold_ins(x, cold) for x in body) >= len(body):
-                continue
-            allowed.add(b)
-        best: Dict[int, Tuple[int, int, Counter]] = {}
-        for b in range(hb, lb + 1):  # blocks in address order: forward edges only inside the body
-            if b not in allowed:
-                continue
-            seg = [x for x in ins[blocks[b].start:blocks[b].end] if x.base != "NOP"]
-            cost, mufu = len(seg), Counter(x.op for x in seg if x.base == "MUFU")
-            if b == hb:
-                prev = (0, 0, Counter())
-            else:
-                preds = [best[p] for p in best if b in blocks[p].succ and p < b]
-                if not preds:
+        def longest(skip_cold: bool) -> Dict[int, Tuple[int, int, Counter]]:
+            allowed = set()
+            for b in range(hb, lb + 1):
+                blk = blocks[b]
+                seg = ins[blk.start:blk.end]
+                if any(x.base == "CALL" for x in seg):
                     continue
-                prev = max(preds, key=lambda v: (v[0], v[1]))
-            best[b] = (prev[0] + cost, prev[1] + sum(mufu.values()), prev[2] + mufu)
+                body = [x for x in seg if x.base != "NOP"]
+                if skip_cold and body and b not in (hb, lb) and \
+                        2 * sum(is_cold_ins(x, cold) for x in body) >= len(body):
+                    continue
+                allowed.add(b)
+            best: Dict[int, Tuple[int, int, Counter]] = {}
+            for b in range(hb, lb + 1):  # blocks in address order: forward edges only inside the body
+                if b not in allowed:
+                    continue
+                seg = [x for x in ins[blocks[b].start:blocks[b].end] if x.base != "NOP"]
+                cost, mufu = len(seg), Counter(x.op for x in seg if x.base == "MUFU")
+                if b == hb:
+                    prev = (0, 0, Counter())
+                else:
+                    preds = [best[p] for p in best if b in blocks[p].succ and p < b]
+                    if not preds:
+                        continue
+                    prev = max(preds, key=lambda v: (v[0], v[1]))
+                best[b] = (prev[0] + cost, prev[1] + sum(mufu.values()), prev[2] + mufu)
+            return best
+
+        best = longest(True)
         if lb not in best:
-            warnings.append(f"{fn.name[:60]}...: no hot path through the {pname} loop at "
+            # Every path crosses a block of mostly cold code: the compiler predicated that code into the
+            # path (it issues), so count it (an upper bound, as step 5 says).
+            best = longest(False)
+            warnings.append(f"{fn.name[:200]}...: every path through the {pname} loop at {ins[h].addr:#x} "
+                            "crosses a mostly-cold block; counted with it")
+        if lb not in best:
+            warnings.append(f"{fn.name[:200]}...: no hot path through the {pname} loop at "
                             f"{ins[h].addr:#x}; skipped")
             continue
         n, m, kinds = best[lb]
@@ -536,19 +590,23 @@ def source_constants() -> Dict[str, int]:
             "max_cluster": const("kMaxCluster", 16)}
 
 
-def resident_smem(V: int, elem_bytes: int, static_smem: int, consts: Dict[str, int]) -> Tuple[int, int]:
-    """(cluster size, dynamic bytes) the launcher picks for a resident row of V elements on sm_90."""
+def resident_smem(V: int, elem_bytes: int, static_smem: int, consts: Dict[str, int],
+                  stash_bytes: int = 0) -> Tuple[int, int, bool]:
+    """(cluster size, dynamic bytes, stash) the launcher picks for a resident row of V elements on sm_90
+    (amid_loss_kernels.cuh: launch_fwd_mode, resident_bytes): with stash_bytes > 0 (the kept logarithm
+    terms, bytes per element) first the smallest cluster whose slice and terms fit, then without them."""
     kw = 16 // elem_bytes
     optin = SM90["smem_per_sm"] - SM90["smem_reserved"]  # 227 KiB per CTA
     budget = min(consts["budget"], optin - static_smem)
-    c = 1
-    while c <= consts["max_cluster"]:
-        part = ((V + c - 1) // c + kw - 1) // kw * kw
-        b = 2 * (part + kw) * elem_bytes
-        if b <= budget:
-            return c, b
-        c *= 2
-    return 0, 0
+    for with_stash in ([True] if stash_bytes else []) + [False]:
+        c = 1
+        while c <= consts["max_cluster"]:
+            cap = ((V + c - 1) // c + kw - 1) // kw * kw + kw
+            b = (2 * cap * elem_bytes + 31) // 32 * 32 + (cap * stash_bytes if with_stash else 0)
+            if b <= budget:
+                return c, b, with_stash
+            c *= 2
+    return 0, 0, False
 
 
 def ctas_per_sm(regs: int, static_smem: int, dyn_smem: int, threads: int) -> Tuple[int, str]:
@@ -609,16 +667,22 @@ def gauge_cubin(cubin: str, dtypes: Sequence[str], warnings: List[str]) -> List[
         # __shared__ variables shows 1024; ptxas -v prints the static size without it).
         regs, static = r.get("REG", 0), max(0, r.get("SHARED", 0) - SM90["smem_reserved"])
         spills = sum(1 for x in fn.ins if x.base in ("STL", "LDL"))
-        cluster, dyn = (resident_smem(V_GAUGE, eb, static, consts) if path == "resident" else (1, 0))
+        stash_bytes = (8 if dtype == "f64" else 4) if (mixture == "power" and order != "jsd") else 0
+        cluster, dyn, stash = (resident_smem(V_GAUGE, eb, static, consts, stash_bytes) if path == "resident"
+                               else (1, 0, False))
         ctas, limiter = ctas_per_sm(regs, static, dyn, consts["threads"])
         loops = hot_loops(fn, eb, cold, warnings)
+        ws = loops.pop("Ws", None)  # the W that runs at V_GAUGE
+        if stash and ws:
+            loops["W"] = ws
         if kind == "fwd" and not loops:
             warnings.append("no pass-tagged hot loop in the forward kernels: is csrc/ the source the cubins "
                             "were built from (the line info must match the `// gauge:` tags)?")
         row: Dict[str, object] = dict(kernel=kind, dtype=dtype, loss=f"{div}/{order}", path=path, mixture=mixture,
                                       registers=regs,
                                       spill_instructions=spills, local_bytes=r.get("LOCAL", 0),
-                                      static_smem=static, dyn_smem=dyn, cluster=cluster, ctas_per_sm=ctas,
+                                      static_smem=static, dyn_smem=dyn, cluster=cluster, stash=int(stash),
+                                      ctas_per_sm=ctas,
                                       cta_limit=limiter)
         tot_i = tot_m = 0.0
         for p in PASSES:
@@ -709,7 +773,9 @@ def readme_table(csv_path: str) -> str:
         def im(p: str) -> str:
             return "–" if r[f"{p}_instr_per_elem"] == "" else \
                 f"{float(r[f'{p}_instr_per_elem']):.0f} / {float(r[f'{p}_mufu_per_elem']):.1f}"
-        smem = f"{r['static_smem']} + {r['dyn_smem']} ({r['cluster']})" if r["path"] == "resident" else r["static_smem"]
+        kept = " + terms" if r.get("stash") == "1" else ""
+        smem = (f"{r['static_smem']} + {r['dyn_smem']} ({r['cluster']}{kept})" if r["path"] == "resident"
+                else r["static_smem"])
         lines.append(f"| {r['kernel']} | {r['loss']} | {r['path']} | {r['registers']} | {r['spill_instructions']} | "
                      f"{smem} | {r['ctas_per_sm']} | {im('R1')} | {im('R2')} | {im('W')} | "
                      f"{float(r['all_instr_per_elem']):.0f} / {float(r['all_mufu_per_elem']):.1f} | "

@@ -21,6 +21,8 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -79,9 +81,9 @@ struct LossParams {
   // log(lam), log(1 - lam) and log((1 - lam) / lam), computed in double on the host (exact even where
   // 1 - lam rounds to 1 in T, or lam underflows in T); lam_ratio = lam / (1 - lam). kPower only.
   T log_lam, log_1m_lam, log_odds, lam_ratio;
-  // lam or 1 - lam below 16 x the smallest normal number of T (kPower only): the one case where the
-  // mixture needs its log-sum-exp form (see mixture). A parameter, so the kernels' branch on it is
-  // uniform and never taken for ordinary lam.
+  // lam or 1 - lam below 16 x the smallest normal number of T, or lam < 2^-60 (kPower only): the cases
+  // where the mixture needs its log-sum-exp form or its scaled weight (power_log, power_finish). A
+  // parameter, so the kernels' branches on it are uniform and never taken for ordinary lam.
   bool lam_tiny;
   T k, inv_k;       // k = (1 - alpha) / 2, used by kPower only
   T ab_a, ab_b;     // alpha-beta divergence exponents (a on the first argument)
@@ -99,6 +101,52 @@ struct LossParams {
 template <typename T>
 AMID_HD T neg_inf() {
   return -std::numeric_limits<T>::infinity();
+}
+
+// ------------------------------------------------------------------------------------------------
+// The mixture's one logarithm on the GPU (LibMath::log_sel there; the C++ tests run it on the host
+// too): use_log1p ? log1p(y) : log(s) for the arguments the mixture passes, a normal u = 1 + y or s in
+// [2^-122, 2^116] (never 0, subnormal or inf: see power_log; NaN only in masked elements, whose
+// result is discarded). u = 2^e m with m in [2/3, 4/3) from the exponent bits, f = m - 1 (exact), and
+// log1p(f) = f - f^2/2 + f^3 g(f) with g a degree-7 polynomial fitted here (weighted least squares
+// towards minimax on [-1/3, 1/3]; 0.73 ulp for log1p(f) in float with FMAs). The rounding of u = 1 + y
+// (delta = y - (u - 1), exact for u in [1/2, 2]) is added to f scaled by 2^-e: no reciprocal, where
+// logf plus a first-order correction took ~33 instructions and a MUFU.RCP; this takes ~20 and none.
+AMID_HD float bits_to_float(int32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(b);
+#else
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+#endif
+}
+AMID_HD int32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_int(f);
+#else
+  int32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  return b;
+#endif
+}
+
+AMID_HD float log_sel_poly(bool use_log1p, float y, float s) {
+  const float u = use_log1p ? 1.0f + y : s;
+  const int32_t eb = (float_to_bits(u) - 0x3f2aaaab) & int32_t(0xff800000);  // e << 23, m = u 2^-e in [2/3, 4/3)
+  const float m = bits_to_float(float_to_bits(u) - eb);
+  const float delta = use_log1p ? y - (u - 1.0f) : 0.0f;
+  const float f = fmaf(delta, bits_to_float(0x3f800000 - eb), m - 1.0f);  // m + delta 2^-e - 1
+  float g = -0.12891621887683868f;
+  g = fmaf(g, f, 0.1398448795080185f);
+  g = fmaf(g, f, -0.12184273451566696f);
+  g = fmaf(g, f, 0.14005859196186066f);
+  g = fmaf(g, f, -0.16680486500263214f);
+  g = fmaf(g, f, 0.20010407269001007f);
+  g = fmaf(g, f, -0.24999797344207764f);
+  g = fmaf(g, f, 0.3333321511745453f);
+  const float l1p = fmaf(f * f, fmaf(f, g, -0.5f), f);
+  return fmaf(float(eb >> 23), 0.693147180559945309f, l1p);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -175,10 +223,15 @@ struct LibMath {
   // rounding of u corrected to first order, log1p(y) = log(u) + (y - (u - 1)) / u (u - 1 is exact for
   // u in [1/2, 2]; the log1p arm is used for y >= -1/2 only). As accurate as log1pf there, for about
   // half its instructions, and the mixture needs no second special function for the other arm.
+  // On the GPU log_sel_poly (no special cases: the mixture's arguments are normal).
   static AMID_HD float log_sel(bool use_log1p, float y, float s) {
+#if defined(__CUDA_ARCH__)
+    return log_sel_poly(use_log1p, y, s);
+#else
     const float u = use_log1p ? 1.0f + y : s;
     const float l = ::logf(u);
     return use_log1p ? l + (y - (u - 1.0f)) * rcp_approx(u) : l;
+#endif
   }
   static AMID_HD double log_sel(bool use_log1p, double y, double s) { return use_log1p ? ::log1p(y) : ::log(s); }
 };
@@ -192,15 +245,132 @@ constexpr bool ref_is_p() {
   return O == Order::kPR || O == Order::kRP;
 }
 
+// The power mean (kPower) in three steps, so that its one logarithm can be kept between passes: the
+// GPU's R2 stores c (power_log) per element in shared memory beside the row slice and W rebuilds lt, w
+// and d from it (power_mixture_from_c) with the same operations, bit for bit, without the log.
+//
+// Reference the larger of p^k, q^k (the branch's "base" B; N the other side) so that, with
+// x = k dpq and e = exp(-|x|) <= 1 (spec §3.2),
+//   lt = l_B + L / k,   L = log(lam_B + lam_N e)  (<= 0),
+// and w = sigmoid(log((1-lam)/lam) - x) shares e. L is log1p(lam_N expm1(-|x|)) while that
+// argument is >= -1/2: accurate to the last bit near L = 0 (the small-divergence regime, spec
+// §5.6). Below, 1 + lam_N expm1(.) would stand for lam_B + lam_N e with lam_B = 1 - lam_N
+// implied, which is lost once lam_B < eps (1 - lam rounds to 1): the error grows like eps / lam_B
+// and becomes log1p(-1) = -inf. There L is the log of lam_B + lam_N e itself (a sum of two
+// non-negative terms, |L| >= log 2: relative accuracy ~eps), or, where lam_B is not a normal
+// number of T, the log-sum-exp of log(lam_B) and log(lam_N) - |x| (logs computed in double on the
+// host): no cancellation, any lam in (0, 1).
+// d = lt - l_ref: when B is the loss's reference side ("own" branch) d = L / k; otherwise
+// d = l_N - l_ref + L / k, which cancels as r -> ref, so it is taken as
+// log1p(lam_N' expm1(|x|)) / k (lam_N' the weight of the non-reference side; the argument is
+// >= 0, so no cancellation) with expm1(|x|) = -em1 / e, unless |x| > 80 where e^|x| nears
+// float's range (and d is large).
+template <typename T>
+struct PowerPre {
+  T ax, e;  // -|x| (x = k dpq) and e = exp(-|x|)
+  bool q_base, own, big;
+};
+
+template <bool REF_P, class M, typename T>
+AMID_HD PowerPre<T> power_pre(const LossParams<T>& P, T dpq) {
+  PowerPre<T> m;
+  const T x = P.k * dpq;  // NaN when both are -inf (handled by the caller's last select)
+  m.q_base = x <= T(0);
+  m.ax = m.q_base ? x : -x;  // -|x|
+  m.e = M::exp_approx(m.ax);  // scales w, s_B, y_up; em1 = e - 1 only where |x| >= 1/2
+  m.own = REF_P ? !m.q_base : m.q_base;
+  m.big = m.ax < T(-80);
+  return m;
+}
+
+// c: the element's logarithm term (L / k in the base form, else the non-own form c_up).
+template <bool REF_P, class M, bool TINY_LAM, typename T>
+AMID_HD T power_log(const LossParams<T>& P, const PowerPre<T>& m) {
+  const T em1 = M::expm1_from_exp(m.ax, m.e);
+  const T lam_nonref = REF_P ? P.one_minus_lam : P.lam;  // weight of the side that is not l_ref
+  const T lam_N = m.q_base ? P.lam : P.one_minus_lam;      // weight of the non-base side
+  const T log_lam_B = m.q_base ? P.log_1m_lam : P.log_lam, log_lam_N = m.q_base ? P.log_lam : P.log_1m_lam;
+  const T lam_B = m.q_base ? P.one_minus_lam : P.lam;
+  const T a_B = lam_N * em1;           // in [-lam_N, 0]
+  const T s_B = lam_B + lam_N * m.e;   // both terms >= 0: no cancellation
+  // One logarithm per element: the base form c_B = L / k where B is the reference side (own) or
+  // |x| > 80, else the non-own form c_up; the argument is selected first (log_sel: log1p or log).
+  const bool base_form = m.own | m.big;
+  const T y_up = -lam_nonref * em1 * M::rcp(m.e);  // expm1(|x|) lam_nonref >= 0 (not big: e finite > 0)
+  T c = M::log_sel(base_form ? a_B >= T(-0.5) : true, base_form ? a_B : y_up, s_B) * P.inv_k;
+  // TINY_LAM = false compiles this out: for callers that have checked !P.lam_tiny (the CPU kernel's
+  // vectorised loops, which a conditional block with calls would keep scalar).
+  if (TINY_LAM && (P.lam_tiny & base_form & (s_B < T(16) * std::numeric_limits<T>::min()))) {
+    // Only where lam_B itself is below the normal range of T (lam or 1 - lam < 2e-37 in float):
+    // the log-sum-exp of the logs (a uniform branch that ordinary lam never takes).
+    const T u = (log_lam_N + m.ax) - log_lam_B;  // log(lam_N e / lam_B)
+    c = ((u > T(0) ? log_lam_N + m.ax : log_lam_B) + M::log1p(M::exp(u > T(0) ? -u : u))) * P.inv_k;
+  }
+  return c;
+}
+
+// lt and d from c (before the both-masked select).
+template <bool REF_P, typename T>
+AMID_HD void power_lt_d(const PowerPre<T>& m, T c, T lp, T lq, T& lt, T& d) {
+  const T l_ref = REF_P ? lp : lq, l_non = REF_P ? lq : lp;
+  const bool from_non = !m.own & m.big;  // lt = l_non + c_B: d cancels, taken as a difference (large here)
+  d = from_non ? (l_non - l_ref) + c : c;
+  lt = from_non ? l_non + c : l_ref + c;
+}
+
+// lt, w, d from c (before the both-masked select): R2's form of w, by one reciprocal.
+template <bool REF_P, class M, bool TINY_LAM, typename T>
+AMID_HD void power_finish(const LossParams<T>& P, const PowerPre<T>& m, T c, T lp, T lq, T& lt, T& w, T& d) {
+  power_lt_d<REF_P>(m, c, lp, lq, lt, d);
+  // w: (1-lam) / ((1-lam) + lam e) with q as the base, else e / (e + lam / (1-lam)); both terms of
+  // each denominator are >= 0. If both vanish in T (lam / (1-lam) and e underflow), w is the
+  // sigmoid's saturated value, 1 or 0 by the sign of log((1-lam)/lam) - |x|.
+  // One reciprocal: w = num / den with the form of the branch (den >= 1 with q as the base, and
+  // den >= lam / (1-lam) >= 2^-60 otherwise unless lam_tiny).
+  const T num = m.q_base ? T(1) : m.e;
+  const T den = m.q_base ? T(1) + P.lam_ratio * m.e : m.e + P.lam_ratio;
+  w = num * M::rcp(den);
+  if (TINY_LAM && P.lam_tiny) {
+    // den < 2^-60 (only without q as the base, with lam / (1-lam) and e both tiny): both scaled by 2^100
+    // first, or 1 / den would overflow (num * inf: NaN or inf, e.g. a subnormal lam with a masked student
+    // element) where num / den is at most 1. The same value as above where den >= 2^-60.
+    const T sc = den < T(8.673617379884035e-19) ? T(1.2676506002282294e30) : T(1);
+    w = den > T(0) ? (num * sc) * M::rcp(den * sc) : (P.log_odds + m.ax > T(0) ? T(1) : T(0));
+  }
+}
+
+// w from c by one exponential (the W pass: no e, no reciprocal). With L = log(lam_B + lam_N e) (<= 0),
+// k c = L in the base form and L + |x| in the non-own one (1 + y_up = e^|x| (lam_B + lam_N e)), and
+// w = (1-lam) q^k / r~^k = (1-lam) exp((q_base ? 0 : -|x|) - L), so
+//   w = (1-lam) exp(t - k c),  t = q_base ? (base form ? 0 : |x|) : (base form ? -|x| : 0).
+// Relative error ~2^-22 + eps (|k c| + |t|) (at most 5e-6 at |x| = 80, where w ~ 1 or ~0), against
+// R2's reciprocal form ~1 ulp; saturates by itself at masked sides (e^-inf = 0, or (1-lam) / (1-lam))
+// and at tiny lam (no scaling needed). Masked on both sides: the caller's select.
+template <class M, typename T>
+AMID_HD T power_w_from_c(const LossParams<T>& P, const PowerPre<T>& m, T c) {
+  const bool base_form = m.own | m.big;
+  const T t = m.q_base ? (base_form ? T(0) : -m.ax) : (base_form ? m.ax : T(0));
+  return P.one_minus_lam * M::exp_approx(t - P.k * c);
+}
+
+// Where both sides are masked (-inf): lt = -inf, w = d = 0.
+template <typename T>
+AMID_HD void select_both_masked(T lp, T lq, T lt_, T w_, T d_, T& lt, T& w, T& d) {
+  const bool both_masked = (lp == neg_inf<T>()) & (lq == neg_inf<T>());
+  lt = both_masked ? neg_inf<T>() : lt_;
+  w = both_masked ? T(0) : w_;
+  d = both_masked ? T(0) : d_;
+}
+
 // The mixture for one element: lt = log r~, w = d lt / d lq and d = lt - l_ref (l_ref = lp when
 // REF_P, else lq), from lp, lq and dpq = lp - lq. The caller forms dpq as (t - s)/T - (A - B),
 // not as the difference of lp and lq, so that it keeps its accuracy when p ~ q. lp, lq may be -inf
 // (never +inf or NaN: invalid rows are caught before this is called); d is +-inf where one side
-// is -inf, and 0 where both are.
+// is -inf, and 0 where both are. c: the power mean's logarithm term (power_log; 0 in other modes).
 template <MixMode MODE, bool REF_P, class M, bool TINY_LAM = true, typename T>
-AMID_HD void mixture(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& d) {
-  const bool both_masked = (lp == neg_inf<T>()) & (lq == neg_inf<T>());
+AMID_HD void mixture(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& d, T& c) {
   T lt_, w_, d_;
+  c = T(0);
   if constexpr (MODE == MixMode::kStudent) {
     lt_ = lq;
     w_ = T(1);
@@ -215,67 +385,28 @@ AMID_HD void mixture(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& 
     w_ = P.one_minus_lam;
     d_ = REF_P ? -P.one_minus_lam * dpq : P.lam * dpq;
   } else {
-    // Reference the larger of p^k, q^k (the branch's "base" B; N the other side) so that, with
-    // x = k dpq and e = exp(-|x|) <= 1 (spec §3.2),
-    //   lt = l_B + L / k,   L = log(lam_B + lam_N e)  (<= 0),
-    // and w = sigmoid(log((1-lam)/lam) - x) shares e. L is log1p(lam_N expm1(-|x|)) while that
-    // argument is >= -1/2: accurate to the last bit near L = 0 (the small-divergence regime, spec
-    // §5.6). Below, 1 + lam_N expm1(.) would stand for lam_B + lam_N e with lam_B = 1 - lam_N
-    // implied, which is lost once lam_B < eps (1 - lam rounds to 1): the error grows like eps / lam_B
-    // and becomes log1p(-1) = -inf. There L is the log of lam_B + lam_N e itself (a sum of two
-    // non-negative terms, |L| >= log 2: relative accuracy ~eps), or, where lam_B is not a normal
-    // number of T, the log-sum-exp of log(lam_B) and log(lam_N) - |x| (logs computed in double on the
-    // host): no cancellation, any lam in (0, 1).
-    // d = lt - l_ref: when B is the loss's reference side ("own" branch) d = L / k; otherwise
-    // d = l_N - l_ref + L / k, which cancels as r -> ref, so it is taken as
-    // log1p(lam_N' expm1(|x|)) / k (lam_N' the weight of the non-reference side; the argument is
-    // >= 0, so no cancellation) with expm1(|x|) = -em1 / e, unless |x| > 80 where e^|x| nears
-    // float's range (and d is large).
-    const T x = P.k * dpq;  // NaN when both are -inf (handled by the last select)
-    const bool q_base = x <= T(0);
-    const T ax = q_base ? x : -x;  // -|x|
-    const T e = M::exp_approx(ax);  // scales w, s_B, y_up; em1 = e - 1 only where |x| >= 1/2
-    const T em1 = M::expm1_from_exp(ax, e);
-    const bool own = REF_P ? !q_base : q_base;
-    const bool big = ax < T(-80);
-    const T lam_nonref = REF_P ? P.one_minus_lam : P.lam;  // weight of the side that is not l_ref
-    const T lam_N = q_base ? P.lam : P.one_minus_lam;      // weight of the non-base side
-    const T log_lam_B = q_base ? P.log_1m_lam : P.log_lam, log_lam_N = q_base ? P.log_lam : P.log_1m_lam;
-    const T lam_B = q_base ? P.one_minus_lam : P.lam;
-    const T a_B = lam_N * em1;           // in [-lam_N, 0]
-    const T s_B = lam_B + lam_N * e;     // both terms >= 0: no cancellation
-    // One logarithm per element: the base form c_B = L / k where B is the reference side (own) or
-    // |x| > 80, else the non-own form c_up; the argument is selected first (log_sel: log1p or log).
-    const bool base_form = own | big;
-    const T y_up = -lam_nonref * em1 * M::rcp(e);  // expm1(|x|) lam_nonref >= 0 (not big: e finite > 0)
-    T c = M::log_sel(base_form ? a_B >= T(-0.5) : true, base_form ? a_B : y_up, s_B) * P.inv_k;
-    // TINY_LAM = false compiles this out: for callers that have checked !P.lam_tiny (the CPU kernel's
-    // vectorised loops, which a conditional block with calls would keep scalar).
-    if (TINY_LAM && (P.lam_tiny & base_form & (s_B < T(16) * std::numeric_limits<T>::min()))) {
-      // Only where lam_B itself is below the normal range of T (lam or 1 - lam < 2e-37 in float):
-      // the log-sum-exp of the logs (a uniform branch that ordinary lam never takes).
-      const T u = (log_lam_N + ax) - log_lam_B;  // log(lam_N e / lam_B)
-      c = ((u > T(0) ? log_lam_N + ax : log_lam_B) + M::log1p(M::exp(u > T(0) ? -u : u))) * P.inv_k;
-    }
-    const T l_ref = REF_P ? lp : lq, l_non = REF_P ? lq : lp;
-    const bool from_non = !own & big;  // lt = l_non + c_B: d cancels, taken as a difference (large here)
-    d_ = from_non ? (l_non - l_ref) + c : c;
-    lt_ = from_non ? l_non + c : l_ref + c;
-    // w: (1-lam) / ((1-lam) + lam e) with q as the base, else e / (e + lam / (1-lam)); both terms of
-    // each denominator are >= 0. If both vanish in T (lam / (1-lam) and e underflow), w is the
-    // sigmoid's saturated value, 1 or 0 by the sign of log((1-lam)/lam) - |x|.
-    // One reciprocal: w = num / den with the form of the branch (den >= 1 with q as the base).
-    // den < 2^-60 (only without q as the base, with lam / (1-lam) and e both tiny): both scaled by 2^100
-    // first, or 1 / den would overflow (num * inf: NaN or inf, e.g. a subnormal lam with a masked student
-    // element) where num / den is at most 1.
-    const T num = q_base ? T(1) : e;
-    const T den = q_base ? T(1) + P.lam_ratio * e : e + P.lam_ratio;
-    const T sc = den < T(8.673617379884035e-19) ? T(1.2676506002282294e30) : T(1);
-    w_ = den > T(0) ? (num * sc) * M::rcp(den * sc) : (P.log_odds + ax > T(0) ? T(1) : T(0));
+    const PowerPre<T> m = power_pre<REF_P, M>(P, dpq);
+    c = power_log<REF_P, M, TINY_LAM>(P, m);
+    power_finish<REF_P, M, TINY_LAM>(P, m, c, lp, lq, lt_, w_, d_);
   }
-  lt = both_masked ? neg_inf<T>() : lt_;
-  w = both_masked ? T(0) : w_;
-  d = both_masked ? T(0) : d_;
+  select_both_masked(lp, lq, lt_, w_, d_, lt, w, d);
+}
+
+template <MixMode MODE, bool REF_P, class M, bool TINY_LAM = true, typename T>
+AMID_HD void mixture(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& d) {
+  T c;
+  mixture<MODE, REF_P, M, TINY_LAM>(P, lp, lq, dpq, lt, w, d, c);
+}
+
+// The power mean from its logarithm term c, computed earlier for the same element by mixture or
+// power_log (the GPU's W pass, from R2's c in shared memory): the same lt and d as mixture, and w by
+// power_w_from_c.
+template <bool REF_P, class M, typename T>
+AMID_HD void power_mixture_from_c(const LossParams<T>& P, T lp, T lq, T dpq, T c, T& lt, T& w, T& d) {
+  T lt_, d_;
+  const PowerPre<T> m = power_pre<REF_P, M>(P, dpq);
+  power_lt_d<REF_P>(m, c, lp, lq, lt_, d_);
+  select_both_masked(lp, lq, lt_, power_w_from_c<M>(P, m, c), d_, lt, w, d);
 }
 
 // Runtime-mode form (for code that does not specialise on the mode).
@@ -310,6 +441,26 @@ AMID_HD void mixture_both(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w
   }
 }
 
+// max(a, b) and |x| where a NaN operand never decides a result (the callers say why): on the GPU
+// fmax / fabs, one FMNMX or a free operand modifier; on the host the compare-and-select forms, which
+// x86 vectorises as a single max without fmax's NaN fix-up.
+template <typename T>
+AMID_HD T max_nn(T a, T b) {
+#if defined(__CUDA_ARCH__)
+  return ::fmax(a, b);
+#else
+  return a > b ? a : b;
+#endif
+}
+template <typename T>
+AMID_HD T abs_nn(T x) {
+#if defined(__CUDA_ARCH__)
+  return ::fabs(x);
+#else
+  return x < T(0) ? -x : x;
+#endif
+}
+
 // A row's log-sum-exp in two parts, LSE = m + l: m the row maximum (exact) and l = log sum e^(x - m)
 // in [0, log V]. log p = (x - m) - l keeps its accuracy at any logit scale (x - m is exact near the
 // maximum), where x - LSE would carry LSE's rounding, eps |LSE|: 1e-3 at logits of 1e4, everything
@@ -324,9 +475,9 @@ struct RowLse {
 // signs near 3e38.
 template <typename T>
 AMID_HD T log_prob(T x, RowLse<T> a) {
-  const T y = (x - a.m) - a.l;
+  const T y = (x - a.m) - a.l;  // never NaN in a valid row (a.m, a.l finite; x finite or -inf)
   // Two plain selects (not a select on the AND of two comparisons: GCC 12 does not vectorise that mask).
-  const T yc = y < std::numeric_limits<T>::lowest() ? std::numeric_limits<T>::lowest() : y;
+  const T yc = max_nn(y, std::numeric_limits<T>::lowest());
   return x == neg_inf<T>() ? x : yc;
 }
 
@@ -344,13 +495,13 @@ template <typename T>
 AMID_HD T logit_gap(T tf, T sf, T lp, T lq, T dAB) {
   // Error bounds (up to a factor 2) as maxima, not sums, so that they cannot overflow: an infinite
   // ts or dAB (logits of opposite signs near 3e38) always selects lp - lq, which stays finite.
+  // ts is NaN only where both logits are -inf (lp = lq = -inf: the result is NaN either way, and the
+  // mixture's both-masked select replaces it); lp, lq, dAB are never NaN in a valid row.
   const T ts = tf - sf;
-  const T abs_ts = ts < T(0) ? -ts : ts, abs_d = dAB < T(0) ? -dAB : dAB;
-  const T abs_lp = lp < T(0) ? -lp : lp, abs_lq = lq < T(0) ? -lq : lq;
-  const T b1 = abs_ts > abs_d ? abs_ts : abs_d, b2 = abs_lp > abs_lq ? abs_lp : abs_lq;
+  const T b1 = max_nn(abs_nn(ts), abs_nn(dAB)), b2 = max_nn(abs_nn(lp), abs_nn(lq));
   const T f1 = ts - dAB;  // may overflow where lp - lq does not (|lp|, |lq| <= float max): then lp - lq
-  const bool f1_finite = (f1 < std::numeric_limits<T>::infinity()) & (f1 > -std::numeric_limits<T>::infinity());
-  return (b1 <= b2) & f1_finite ? f1 : lp - lq;  // NaN bounds: lp - lq
+  const bool f1_finite = abs_nn(f1) < std::numeric_limits<T>::infinity();  // false for NaN
+  return (b1 <= b2) & f1_finite ? f1 : lp - lq;
 }
 
 // The mixture from the temperature-scaled logits tf, sf and their log-sum-exps A, B (dAB = A - B),
@@ -654,28 +805,67 @@ AMID_HD T element_grad(bool detach, T w, T q, T r, const Terms<T>& o, T S_G, T K
   return detach ? o.H - q * K : w * (o.G - r * S_G) + o.H - q * K;
 }
 
+// One element's gradient from its mixture (lt, w, d) and the row statistics (single orders).
+template <Divergence D, Order O, class M, typename T>
+AMID_HD T grad_from_mixture(const LossParams<T>& P, T lp, T lq, T lt, T w, T d, T Z, T S_G, T K) {
+  const T lr = lt - Z;
+  const T p = M::exp_approx(lp), q = M::exp_approx(lq), r = M::exp_approx(lr);
+  const Terms<T> o = element_terms<D, O, M>(P, p, q, r, lp, lq, lr, d - Z);
+  return element_grad(P.detach, w, q, r, o, S_G, K);
+}
+
 // The gradient of one element from the row statistics, divided by the caller's scale (the W pass of
-// the GPU kernels; the C++ tests run it on the host in float). POWER as in mixture_from_logits_split;
-// for the combined order (kJSD) the terms of both sides (jsd_terms).
+// the GPU kernels; the C++ tests run it on the host in float). POWER as in mixture_from_logits_split,
+// with w by one exponential (power_w_from_c: no reciprocal, no tiny-lam scaling) where R2 took the
+// reciprocal; for the combined order (kJSD) the terms of both sides (jsd_terms).
 template <Divergence D, Order O, bool POWER, class M, typename T>
 AMID_HD T grad_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T Z, T Z2, T S_G,
                            T K) {
   if constexpr (O == Order::kJSD) {
     T lp, lq, lt, w, dp, dq;
-    mixture_both_from_logits_split<POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
+    if constexpr (POWER) {  // w as the single orders' W pass (power_w_from_c)
+      lp = log_prob(tf, A);
+      lq = log_prob(sf, B);
+      const T dpq = logit_gap(tf, sf, lp, lq, dAB);
+      const PowerPre<T> mp = power_pre<true, M>(P, dpq), mq = power_pre<false, M>(P, dpq);
+      const T cp = power_log<true, M, true>(P, mp), cq = power_log<false, M, true>(P, mq);
+      T lt_p, dp_, lt_q, dq_, w_q;
+      power_lt_d<true>(mp, cp, lp, lq, lt_p, dp_);
+      power_lt_d<false>(mq, cq, lp, lq, lt_q, dq_);
+      select_both_masked(lp, lq, lt_p, power_w_from_c<M>(P, mp, cp), dp_, lt, w, dp);
+      select_both_masked(lp, lq, lt_q, T(0), dq_, lt_q, w_q, dq);
+    } else {
+      mixture_both_from_logits_split<POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
+    }
     const T lr = lt - Z;
     const T p = M::exp_approx(lp), q = M::exp_approx(lq), r = M::exp_approx(lr);
     const JsdTerms<T> jt = jsd_terms<D, M>(P, p, q, r, lp, lq, lr, lt - Z2, dp - Z, dq - Z2);
     const Terms<T> o{T(0), jt.G, jt.H};
     return element_grad(false, w, q, r, o, S_G, K);
+  } else if constexpr (POWER) {  // as from R2's kept term (grad_from_logits_c): the same value
+    const T lp = log_prob(tf, A), lq = log_prob(sf, B);
+    const T dpq = logit_gap(tf, sf, lp, lq, dAB);
+    const T c = power_log<ref_is_p<O>(), M, true>(P, power_pre<ref_is_p<O>(), M>(P, dpq));
+    T lt, w, d;
+    power_mixture_from_c<ref_is_p<O>(), M>(P, lp, lq, dpq, c, lt, w, d);
+    return grad_from_mixture<D, O, M>(P, lp, lq, lt, w, d, Z, S_G, K);
   } else {
     T lp, lq, lt, w, d;
     mixture_from_logits_split<POWER, ref_is_p<O>(), M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, d);
-    const T lr = lt - Z;
-    const T p = M::exp_approx(lp), q = M::exp_approx(lq), r = M::exp_approx(lr);
-    const Terms<T> o = element_terms<D, O, M>(P, p, q, r, lp, lq, lr, d - Z);
-    return element_grad(P.detach, w, q, r, o, S_G, K);
+    return grad_from_mixture<D, O, M>(P, lp, lq, lt, w, d, Z, S_G, K);
   }
+}
+
+// The same for the power mean of a single order, from the element's logarithm term c kept from R2
+// (power_log; the GPU's resident W pass): no logarithm, the same value as grad_from_logits bit for bit.
+template <Divergence D, Order O, class M, typename T>
+AMID_HD T grad_from_logits_c(const LossParams<T>& P, T tf, T sf, T c, RowLse<T> A, RowLse<T> B, T dAB, T Z, T S_G,
+                             T K) {
+  static_assert(O != Order::kJSD, "grad_from_logits_c: single orders only (kJSD has two logarithm terms)");
+  const T lp = log_prob(tf, A), lq = log_prob(sf, B);
+  T lt, w, d;
+  power_mixture_from_c<ref_is_p<O>(), M>(P, lp, lq, logit_gap(tf, sf, lp, lq, dAB), c, lt, w, d);
+  return grad_from_mixture<D, O, M>(P, lp, lq, lt, w, d, Z, S_G, K);
 }
 
 // The kl row loss: the sum of the second-order terms Terms::l or of the first-order ones l1, whichever

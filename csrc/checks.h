@@ -178,7 +178,7 @@ LossParams<T> make_params(const char* op, double alpha, double lam, const std::s
   P.log_1m_lam = T(std::log1p(-lam));
   P.log_odds = T(std::log1p(-lam) - std::log(lam));
   P.lam_ratio = T(lam / (1.0 - lam));
-  P.lam_tiny = std::min(lam, 1.0 - lam) < 16.0 * double(std::numeric_limits<T>::min());
+  P.lam_tiny = std::min(lam, 1.0 - lam) < 16.0 * double(std::numeric_limits<T>::min()) || lam < 0x1p-60;
   const double k = 0.5 * (1.0 - alpha);
   P.k = T(k);
   P.inv_k = k != 0.0 ? T(1.0 / k) : T(0);

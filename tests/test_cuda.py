@@ -322,3 +322,29 @@ def test_jsd_order(path, div):
         results.append((loss.detach().cpu(), x.grad.float().cpu()))
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-4)
     assert normwise_err(results[1][1], results[0][1]) < 1e-2
+
+
+@pytest.mark.parametrize("v,dtype", [(1001, torch.float32), (151936, torch.bfloat16), (262144, torch.bfloat16)])
+@pytest.mark.parametrize("div,order", [("kl", "pr"), ("kl", "rq"), ("ab", "qr"), ("ab", "rp")])
+def test_kept_log_terms_match_recompute(monkeypatch, v, dtype, div, order):
+    """The resident power-mean kernels keep R2's logarithm term per element in shared memory for W
+    (amid_loss_kernels.cuh: kStash; V = 151936 bf16 then takes a cluster of 16); AMID_CUDA_STASH=0 makes
+    W recompute the mixture. Same numbers up to the reduction order (bit for bit in the C++ test), with
+    masked teacher, student and both entries, and an ignored row. V = 262144 bf16 does not fit the terms (W recomputes:
+    the fallback is exercised)."""
+    s, t = make_logits(7, v, dtype=dtype, device="cuda")
+    t[0, :9] = float("-inf")
+    s[1, 3:12] = float("-inf")
+    t[2, 5], s[2, 5] = float("-inf"), float("-inf")
+    w = torch.ones(7, device="cuda")
+    w[3] = 0
+    monkeypatch.setenv("AMID_CUDA_PATH", "resident")
+    out = {}
+    for kept in ("1", "0"):
+        monkeypatch.setenv("AMID_CUDA_STASH", kept)
+        rows, _st, grad = amid.ops.amid_loss_fwd(s, t, w, 0.5, 0.3, div, order, 0.2, 0.7, 1.0, False, True)
+        out[kept] = (rows.float().cpu(), grad.float().cpu())
+    torch.testing.assert_close(out["1"][0], out["0"][0], atol=1e-6, rtol=1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: a rounding of the stored gradient
+    torch.testing.assert_close(out["1"][1], out["0"][1], atol=1e-6, rtol=tol)
+    assert torch.isfinite(out["1"][1]).all() and (out["1"][1][3] == 0).all()

@@ -64,8 +64,8 @@ def test_hot_loop_counting(tmp_path):
     kern.write_text("line 1\nline 2\nkernel entry\nline 4\n    visit_row(...);  // gauge:R1\nline 6\nexit\n")
     online = tmp_path / "amid_online.h"
     online.write_text("struct OnlineLSE {\n  void add(T x) {\n    if (x > m) {  // new max\n      s = s * e;\n"
-                      "      m = x;\n    }\n  }\n};\nstruct RowAcc {\n  void rebase(T mx) {\n    if (!(mx > m)) return;\n"
-                      "    if (m != neg_inf<T>()) {\n      S *= e;\n    }\n    m = mx;\n  }\n};\n"
+                      "      m = x;\n    }\n  }\n};\nstruct RowAcc {\n  void rebase(T mx) {\n    if (mx > m) {\n"
+                      "      if (m != neg_inf<T>()) {\n        S *= e;\n      }\n      m = mx;\n    }\n  }\n};\n"
                       "struct OnlineLSE {\n  void add_chunk(const T* x) {\n    if (cm > m) {  // new max\n"
                       "      s = s * e;\n    }\n  }\n};\n")
     text = SASS.replace("{K}", str(kern)).replace("{O}", str(online))
@@ -78,7 +78,7 @@ def test_hot_loop_counting(tmp_path):
     why = {w: k for k, (_, _, w) in enumerate(g.COLD_REGIONS)}
     assert warnings == []
     assert sorted(cold[str(online)], key=lambda r: why[r[2]]) == [
-        (4, 5, g.COLD_REGIONS[0][2]), (21, 21, g.COLD_REGIONS[1][2]), (13, 13, g.COLD_REGIONS[2][2])]
+        (4, 5, g.COLD_REGIONS[0][2]), (22, 22, g.COLD_REGIONS[1][2]), (12, 15, g.COLD_REGIONS[2][2])]
     assert [r[0] for r in g.COLD_REGIONS if r[0] == "amid_online.h"] == ["amid_online.h"] * 3
     loops = g.hot_loops(fn, 2, cold, warnings)
     assert list(loops) == ["R1"] and warnings == []
@@ -89,6 +89,25 @@ def test_hot_loop_counting(tmp_path):
     assert (lc.elems_per_iter, lc.instr_per_iter, lc.mufu_per_iter) == (8, 18, 3)
     assert lc.mufu_kinds == {"MUFU.EX2": 1, "MUFU.RCP": 1, "MUFU.LG2": 1}
     assert lc.instr_per_elem == pytest.approx(18 / 8)
+
+
+def test_kept_terms_loads_are_not_logit_loads(tmp_path):
+    """A W loop that also loads R2's kept logarithm terms (two more 128-bit loads from a `gauge:stash` line)
+    still counts 8 bf16 elements per iteration, and its tag is Ws."""
+    kern = tmp_path / "amid_loss_kernels.cuh"
+    kern.write_text("line 1\nline 2\nkernel entry\nline 4\n    write_grad_row_c(...);  // gauge:Ws\nline 6\nexit\n"
+                    "    load_vals<n>(cst, i, cv);  // gauge:stash\n")
+    text = SASS.replace("{K}", str(kern)).replace("{O}", str(tmp_path / "none.h"))
+    stash_loads = (f'\t//## File "{kern}", line 8 inlined at "{kern}", line 5\n'
+                   "        /*0028*/                   LDS.128 R12, [R2+0x4000] ;\n"
+                   "        /*002c*/                   LDS.128 R16, [R2+0x4010] ;\n"
+                   f'\t//## File "{kern}", line 5\n')
+    text = text.replace("        /*0030*/", stash_loads + "        /*0030*/", 1)
+    (name, fn), = g.parse_sass(text).items()
+    warnings = []
+    loops = g.hot_loops(fn, 2, {}, warnings)
+    assert list(loops) == ["Ws"]
+    assert loops["Ws"].elems_per_iter == 8
 
 
 def test_classify_kernel_names():
@@ -104,7 +123,15 @@ def test_classify_kernel_names():
 def test_occupancy_and_resident_smem():
     consts = {"threads": 256, "budget": 96 * 1024, "max_cluster": 16}
     # V = 151936 bf16: cluster of 8, 2 * (18992 + 8) * 2 bytes per CTA.
-    assert g.resident_smem(151936, 2, 2800, consts) == (8, 76000)
+    assert g.resident_smem(151936, 2, 2800, consts) == (8, 76000, False)
+    # With R2's logarithm terms kept (4 bytes per element): a cluster of 16, 2 * 9504 * 2 + 9504 * 4 bytes, and
+    # three CTAs of 80 registers still fit; fp32 logits do not fit the terms (2 * 9500 * 4 + 9500 * 4 > 96 KiB):
+    # the launcher falls back to the slice alone.
+    assert g.resident_smem(151936, 2, 656, consts, stash_bytes=4) == (16, 76032, True)
+    assert g.ctas_per_sm(80, 656, 76032, 256) == (3, "registers/shared memory")
+    assert g.resident_smem(151936, 4, 656, consts, stash_bytes=4) == (16, 76000, False)
+    # Without non-portable clusters (at most 8) the bf16 terms do not fit either.
+    assert g.resident_smem(151936, 2, 656, dict(consts, max_cluster=8), stash_bytes=4) == (8, 76000, False)
     # 71 registers -> 72 * 32 = 2304 per warp: 7 warps per sub-partition, 28 per SM, 3 CTAs of 8 warps;
     # 2800 + 76000 + 1024 bytes of shared memory -> 2 CTAs.
     assert g.ctas_per_sm(71, 2800, 76000, 256) == (2, "shared memory")

@@ -48,6 +48,7 @@ struct RowArgs {
   loss_t* stats;      // [N, kNumStats]
   int64_t N, V, ldt, lds;
   int cluster;        // CTAs per cluster of the launch (1: none); the forward kernel traps on a mismatch
+  bool stash;         // resident power-mean kernels: R2 keeps each element's logarithm term for W (kStash)
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -74,6 +75,48 @@ __device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const
   });
 }
 
+// The same from the logarithm terms R2 kept in shared memory (cst, at the slice's misalignment): the
+// resident power-mean kernels of a single order, whose W then has no logarithm (amid_math.h:
+// grad_from_logits_c; the same values as write_grad_row bit for bit).
+template <Divergence D, Order O, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void write_grad_row_c(const LossParams<acc_t>& P, const scalar_t* t, const scalar_t* s,
+                                                 const acc_t* cst, scalar_t* g, int64_t len, bool vec_ok,
+                                                 RowLse<acc_t> A, RowLse<acc_t> B, acc_t dAB, acc_t Z, acc_t S_G,
+                                                 acc_t K, acc_t scale) {
+  constexpr int kW = VecWidth<scalar_t>::value;
+  const acc_t invT = P.inv_temperature;
+  visit_row(t, s, len, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
+    constexpr int n = decltype(nc)::value;
+    alignas(16) acc_t cv[n];
+    load_vals<n>(cst, i, cv);  // gauge:stash
+    alignas(16) scalar_t out[kW];
+#pragma unroll
+    for (int j = 0; j < n; ++j) {
+      const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
+      out[j] = scalar_t(scale * grad_from_logits_c<D, O, M>(P, tf, sf, cv[j], A, B, dAB, Z, S_G, K));
+    }
+    store_chunk_global<n>(g, i, out);
+  });
+}
+
+// Shared-memory bytes of a resident CTA's row slice for a cluster of C: the teacher and student slices
+// (each padded by one vector for the global row's misalignment), and with `stash` one acc_t per element
+// (R2's logarithm terms; 32-byte aligned after the logits, at the same misalignment).
+template <typename scalar_t, typename acc_t>
+__host__ __device__ inline int64_t resident_slice_cap(int64_t V, int64_t C) {
+  constexpr int kW = VecWidth<scalar_t>::value;
+  return ((V + C - 1) / C + kW - 1) / kW * kW + kW;
+}
+template <typename scalar_t, typename acc_t>
+__host__ __device__ inline int64_t resident_logit_bytes(int64_t cap) {
+  return (2 * cap * int64_t(sizeof(scalar_t)) + 31) / 32 * 32;
+}
+template <typename scalar_t, typename acc_t>
+inline int64_t resident_bytes(int64_t V, int64_t C, bool stash) {
+  const int64_t cap = resident_slice_cap<scalar_t, acc_t>(V, C);
+  return resident_logit_bytes<scalar_t, acc_t>(cap) + (stash ? cap * int64_t(sizeof(acc_t)) : 0);
+}
+
 // A row that is not computed: `value` into this CTA's slice of the gradient row (if any) and, from
 // the lead thread, into the row's loss and stats (0 for ignored rows, NaN for invalid ones).
 template <typename scalar_t, typename acc_t>
@@ -95,14 +138,20 @@ __device__ __forceinline__ void fill_row(const RowArgs<scalar_t, acc_t>& a, int6
 // three CTAs fit in shared memory, bench/sass_gauge.py checks both) and two ab or 'jsd' CTAs (kl 'jsd' has
 // more static shared memory, so three resident CTAs do not fit anyway, and at 80 registers it spilled); ptxas keeps every
 // variant unspilled under these (without a minimum it capped them at 64 and the ab streaming variants
-// spilled). Which occupancy is fastest is for the GPU benchmark to say (not yet measured).
+// spilled). float64 (a reference dtype on the GPU): one CTA per SM, up to 255 registers (at 80 / 128 its
+// double math spilled, 10 to 600 instructions per kernel). Which occupancy is fastest is for the GPU
+// benchmark to say (not yet measured).
 template <typename scalar_t, Divergence D, Order O, bool RESIDENT, bool POWER>
-__global__ void __launch_bounds__(kThreads, D == Divergence::kKL && O != Order::kJSD ? 3 : 2) amid_fwd_kernel(const RowArgs<scalar_t, at::opmath_type<scalar_t>> a,
+__global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::value ? 1
+                                            : D == Divergence::kKL && O != Order::kJSD ? 3 : 2) amid_fwd_kernel(const RowArgs<scalar_t, at::opmath_type<scalar_t>> a,
                                                             const LossParams<at::opmath_type<scalar_t>> P) {
   using acc_t = at::opmath_type<scalar_t>;
   using Lse = LseAcc<acc_t>;
   using Acc = typename RowAccOf<D, O, acc_t>::type;  // JsdRowAcc for the combined order
   constexpr int kW = VecWidth<scalar_t>::value;
+  // R2 keeps each element's logarithm term for W (RowArgs::stash): the power mean of a single order
+  // (kJSD has two terms per element, and the cheap modes none). Same thread, same chunk in both passes.
+  constexpr bool kStash = RESIDENT && POWER && O != Order::kJSD;
 
   // Reduction scratch as raw storage (the accumulators have member initialisers, which shared
   // variables cannot run); every slot is written before it is read.
@@ -121,7 +170,7 @@ __global__ void __launch_bounds__(kThreads, D == Divergence::kKL && O != Order::
   // The launch's cluster shape must be the one this code sees: a kernel built without cluster support
   // (e.g. JIT-compiled from sm_80 PTX) launched with clusters would read past its row slice.
   if (C != unsigned(a.cluster)) __trap();
-  const int64_t cluster_id = blockIdx.x / C, n_clusters = gridDim.x / C;
+  const unsigned cluster_id = blockIdx.x / C, n_clusters = gridDim.x / C;
   // This CTA's slice [v0, v1) of every row: whole multiples of the vector width.
   const int64_t part = ((a.V + C - 1) / C + kW - 1) / kW * kW;
   const int64_t v0 = rank * part < a.V ? rank * part : a.V;
@@ -147,6 +196,7 @@ __global__ void __launch_bounds__(kThreads, D == Divergence::kKL && O != Order::
 
     // R1: log-sum-exps of the scaled rows, and the validity flag.
     Lse lse;
+    acc_t* cst = nullptr;  // the kept logarithm terms (kStash), at the slice's misalignment
     if constexpr (RESIDENT) {
       // Stage the slice in shared memory at the same 16-byte misalignment as the global row, so
       // the visitor's vector chunks line up with the gradient row's. R1 runs on the registers the
@@ -155,6 +205,10 @@ __global__ void __launch_bounds__(kThreads, D == Divergence::kKL && O != Order::
       const int64_t cap = part + kW;
       scalar_t* st = reinterpret_cast<scalar_t*>(smem_raw) + pad;
       scalar_t* ss = reinterpret_cast<scalar_t*>(smem_raw) + cap + pad;
+      if (kStash && a.stash) {
+        // (32-bit offset: shared memory is < 256 KiB; a 64-bit one kept a register across the row loop)
+        cst = reinterpret_cast<acc_t*>(smem_raw + unsigned(resident_logit_bytes<scalar_t, acc_t>(cap))) + unsigned(pad);
+      }
       __syncthreads();  // the previous row's readers are done with the buffer
       const bool copy_vec = same_misalignment(t, s, sizeof(scalar_t));
       visit_row(t, s, len, copy_vec, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {  // gauge:R1
@@ -192,11 +246,22 @@ __global__ void __launch_bounds__(kThreads, D == Divergence::kKL && O != Order::
 
     // R2: the mixture per element; Z and the loss-specific sums in online form.
     Acc acc;
-    visit_row(t, s, len, vec_ok, [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {  // gauge:R2
+    visit_row(t, s, len, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {  // gauge:R2
+      constexpr int n = decltype(nc)::value;
+      if constexpr (kStash) {
+        alignas(16) acc_t cv[n];
 #pragma unroll
-      for (int j = 0; j < decltype(nc)::value; ++j) {
-        const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
-        add_from_logits<O, POWER, M>(acc, P, tf, sf, A, B, dAB);
+        for (int j = 0; j < n; ++j) {
+          const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
+          cv[j] = add_from_logits_c<O, M>(acc, P, tf, sf, A, B, dAB);
+        }
+        if (cst) store_vals<n>(cst, i, cv);
+      } else {
+#pragma unroll
+        for (int j = 0; j < n; ++j) {
+          const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
+          add_from_logits<O, POWER, M>(acc, P, tf, sf, A, B, dAB);
+        }
       }
     });
     acc = cluster_reduce<acc_t>(acc, acc_scratch, acc_slot, round++, merge_acc);
@@ -216,7 +281,14 @@ __global__ void __launch_bounds__(kThreads, D == Divergence::kKL && O != Order::
     // W: the gradient row (chain rule through s/T: the 1/T factor).
     if (g) {
       const acc_t scale = weight * invT;
-      write_grad_row<D, O, POWER>(P, t, s, g, len, vec_ok, A, B, dAB, Z, Z2, S_G, K, scale);  // gauge:W
+      bool done = false;
+      if constexpr (kStash) {
+        if (cst) {
+          write_grad_row_c<D, O>(P, t, s, cst, g, len, vec_ok, A, B, dAB, Z, S_G, K, scale);  // gauge:Ws
+          done = true;
+        }
+      }
+      if (!done) write_grad_row<D, O, POWER>(P, t, s, g, len, vec_ok, A, B, dAB, Z, Z2, S_G, K, scale);  // gauge:W
     }
   }
   cluster_exit_barrier();
@@ -258,6 +330,11 @@ int sm_count();
 inline std::string forced_path() {
   const char* e = std::getenv("AMID_CUDA_PATH");
   return e ? std::string(e) : std::string("auto");
+}
+
+inline bool env_is(const char* name, const char* value) {
+  const char* e = std::getenv(name);
+  return e && std::string(e) == value;
 }
 
 
@@ -313,9 +390,8 @@ const ResidentInfo& resident_info(Kernel kernel) {
 template <typename scalar_t, Divergence D, Order O, bool POWER>
 void launch_fwd_mode(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a,
                      const LossParams<at::opmath_type<scalar_t>>& P, cudaStream_t stream) {
-  constexpr int kW = VecWidth<scalar_t>::value;
+  using acc_t = at::opmath_type<scalar_t>;
   const std::string path = forced_path();
-  auto slice_bytes = [&](int64_t C) { return 2 * (((a.V + C - 1) / C + kW - 1) / kW * kW + kW) * int64_t(sizeof(scalar_t)); };
 
   auto resident = amid_fwd_kernel<scalar_t, D, O, true, POWER>;
   const ResidentInfo& info = resident_info(resident);
@@ -323,19 +399,29 @@ void launch_fwd_mode(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a,
   // also keeps it within kResidentBudget. Otherwise: streaming (also when AMID_CUDA_PATH=resident).
   const int64_t budget = path == "resident" ? int64_t(info.max_dynamic_smem)
                                             : std::min<int64_t>(kResidentBudget, info.max_dynamic_smem);
-  int C = 0;  // 0: streaming
+  // Candidates in order of preference: with the kept logarithm terms (power mean, single order) the
+  // smallest cluster whose slice fits, then without them (the W pass recomputes the mixture) the smallest
+  // cluster; a cluster shape the device cannot schedule moves on to the next candidate, the last
+  // fallback is streaming. AMID_CUDA_STASH=0 turns the kept terms off (tests cover both W passes).
+  const bool stash_ok = POWER && O != Order::kJSD && !env_is("AMID_CUDA_STASH", "0");
+  std::pair<int, bool> cand[2];
+  int n_cand = 0;
   if (path != "stream") {
-    for (int c = 1; c <= info.max_cluster; c *= 2) {
-      if (slice_bytes(c) <= budget) {
-        C = c;
-        break;
+    for (int with = stash_ok ? 1 : 0; with >= 0; --with) {
+      for (int c = 1; c <= info.max_cluster; c *= 2) {
+        if (resident_bytes<scalar_t, acc_t>(a.V, c, with == 1) <= budget) {
+          cand[n_cand++] = {c, with == 1};
+          break;
+        }
       }
     }
   }
-  if (C > 0) {
-    const int64_t smem = slice_bytes(C);
+  for (int ci = 0; ci < n_cand; ++ci) {
+    const int C = cand[ci].first;
+    const int64_t smem = resident_bytes<scalar_t, acc_t>(a.V, C, cand[ci].second);
     RowArgs<scalar_t, at::opmath_type<scalar_t>> args = a;
     args.cluster = C;
+    args.stash = cand[ci].second;
     cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute attr[1];
     cfg.blockDim = dim3(kThreads);
@@ -367,7 +453,7 @@ void launch_fwd_mode(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a,
       C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, resident, args, P));
       return;
     }
-    // The cluster shape cannot be scheduled on this device: fall back to streaming.
+    // The cluster shape cannot be scheduled on this device: the next candidate, then streaming.
   }
   auto streaming = amid_fwd_kernel<scalar_t, D, O, false, POWER>;
   int per_sm = 0;
@@ -375,6 +461,7 @@ void launch_fwd_mode(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a,
   const int64_t blocks = std::min<int64_t>(a.N, int64_t(std::max(per_sm, 1)) * sm_count());
   RowArgs<scalar_t, at::opmath_type<scalar_t>> args = a;
   args.cluster = 1;
+  args.stash = false;
   streaming<<<unsigned(blocks), kThreads, 0, stream>>>(args, P);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

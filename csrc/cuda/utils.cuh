@@ -194,6 +194,32 @@ __device__ __forceinline__ void store_chunk(scalar_t* g, int64_t i, const scalar
 // assignment from the per-element array was split into four 32-bit stores by the compiler, and
 // __stwb compiles to a STG.E.128.STRONG.SM. No "memory" clobber: nothing in the kernels reads a
 // gradient element after writing it (the values stored depend on the loads that precede them).
+// n values of any type to / from p + i in 16-byte vectors where n values fill whole vectors (the chunk
+// of n = kW elements, whose start is aligned: the caller keeps p at the row slice's misalignment), else
+// one by one. vals is 16-byte aligned.
+template <int n, typename T>
+__device__ __forceinline__ void store_vals(T* p, int64_t i, const T* vals) {
+  if constexpr ((n * sizeof(T)) % 16 == 0) {
+#pragma unroll
+    for (int k = 0; k < int(n * sizeof(T) / 16); ++k)
+      reinterpret_cast<uint4*>(p + i)[k] = reinterpret_cast<const uint4*>(vals)[k];
+  } else {
+#pragma unroll
+    for (int j = 0; j < n; ++j) p[i + j] = vals[j];
+  }
+}
+template <int n, typename T>
+__device__ __forceinline__ void load_vals(const T* p, int64_t i, T* vals) {
+  if constexpr ((n * sizeof(T)) % 16 == 0) {
+#pragma unroll
+    for (int k = 0; k < int(n * sizeof(T) / 16); ++k)
+      reinterpret_cast<uint4*>(vals)[k] = reinterpret_cast<const uint4*>(p + i)[k];
+  } else {
+#pragma unroll
+    for (int j = 0; j < n; ++j) vals[j] = p[i + j];
+  }
+}
+
 template <int n, typename scalar_t>
 __device__ __forceinline__ void store_chunk_global(scalar_t* g, int64_t i, const scalar_t* vals) {
   constexpr int kW = VecWidth<scalar_t>::value;

@@ -87,6 +87,34 @@ static void test_vec_math() {
               worst_log);
 }
 
+// The GPU's logarithm of the mixture (amid_math.h: log_sel_poly) against double, in ulps of the true
+// value, over the arguments the mixture passes: log1p(y) for y in [-1/2, 5e34] (dense near 0, where
+// relative accuracy is the point) and log(s) for s in [2^-122, 1].
+static void test_log_sel_poly() {
+  double worst1p = 0, worst = 0;
+  auto ulp_of = [](double v) { return std::ldexp(1.0, std::ilogb(float(v)) - 23); };
+  for (int i = 0; i <= 4000000; ++i) {
+    const double tt = double(i) / 4000000.0;
+    const float ys[3] = {float(-0.5 + 1.5 * tt), -std::pow(10.0f, -38.0f * float(tt)) * 0.999f,
+                         std::pow(10.0f, 34.7f * float(tt) - 38.0f)};
+    for (float y : ys) {
+      const double want = std::log1p(double(y));
+      if (want == 0) continue;
+      worst1p = std::max(worst1p, std::abs(double(amid::log_sel_poly(true, y, 0.0f)) - want) / ulp_of(want));
+    }
+    const float sv = std::pow(2.0f, -122.0f * float(tt));
+    const float s2 = float(tt);
+    for (float x : {sv, s2}) {
+      if (!(x >= std::ldexp(1.0f, -122)) || x == 1.0f) continue;
+      const double want = std::log(double(x));
+      worst = std::max(worst, std::abs(double(amid::log_sel_poly(false, 0.0f, x)) - want) / ulp_of(want));
+    }
+  }
+  EXPECT(worst1p <= 2.0 && worst <= 2.0);
+  EXPECT(amid::log_sel_poly(true, 0.0f, 0.0f) == 0.0f && amid::log_sel_poly(false, 0.0f, 1.0f) == 0.0f);
+  std::printf("GPU mixture log (log_sel_poly): log1p worst %.2f ulp, log worst %.2f ulp\n", worst1p, worst);
+}
+
 // One element into an online R2 state, as the forward kernel's R2 does it (the combined order 'jsd' keeps d
 // relative to both sides), and one element's gradient as write_grad_row does it.
 template <amid::Order O, class M, typename T, typename Acc>
@@ -179,7 +207,10 @@ static Acc gpu_order_reduce(int64_t V, int C, int kW, Add&& add, Merge&& merge) 
 // perturbation of that size: +-(2^-22 + |x| 2^-24), sign and fraction from a hash of x's bits.
 struct GpuEmuMath : amid::LibMath {
   using amid::LibMath::exp_approx;
+  using amid::LibMath::log_sel;
+  static float log_sel(bool use_log1p, float y, float s) { return amid::log_sel_poly(use_log1p, y, s); }
   static float exp_approx(float x) {
+    if (!(x > -INFINITY)) return ::expf(x);  // -inf: 0 (as ex2.approx); NaN: NaN
     uint32_t b;
     std::memcpy(&b, &x, 4);
     b = (b ^ (b >> 16)) * 0x45d9f3bu;
@@ -215,22 +246,114 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
   const amid::RowLse<T> A{r1.t.m, M::log(r1.t.s)}, B{r1.s.m, M::log(r1.s.s)};
   const T dAB = amid::row_lse_gap(A, B);
   using Acc = typename amid::RowAccOf<D, O, T>::type;
+  // The resident power-mean kernels of a single order keep each element's logarithm term from R2 for W
+  // (amid_loss_kernels.cuh: kStash); W from them must equal W recomputing the mixture, bit for bit.
+  constexpr bool kStash = O != amid::Order::kJSD;
+  const bool stash = kStash && P.mode == amid::MixMode::kPower;
+  std::vector<T> kept(V);
   const auto r2 = gpu_order_reduce<Acc>(
       V, C, kW,
       [&](Acc& a, int64_t v0, int n) {
-        for (int64_t v = v0; v < v0 + n; ++v) add_element<O, M>(P, a, t[v] * invT, s[v] * invT, A, B, dAB);
+        for (int64_t v = v0; v < v0 + n; ++v) {
+          if constexpr (kStash) {
+            if (stash) {
+              kept[v] = amid::add_from_logits_c<O, M>(a, P, t[v] * invT, s[v] * invT, A, B, dAB);
+              continue;
+            }
+          }
+          add_element<O, M>(P, a, t[v] * invT, s[v] * invT, A, B, dAB);
+        }
       },
       [&](Acc& x, const Acc& y) { x.template merge<M>(P, y); });
   T Z = 0, Z2 = 0, L = 0, S_G = 0, K = 0;
   const bool ok = r2.template close<M>(P, Z, Z2, L, S_G, K);
   EXPECT(ok);
   out[0] = A.m + A.l, out[1] = B.m + B.l, out[2] = Z, out[3] = S_G, out[4] = K, out[5] = L, out[6] = Z2;
-  for (int64_t v = 0; v < V; ++v)
-    grad[v] = double((P.mode == amid::MixMode::kPower
-                          ? amid::grad_from_logits<D, O, true, M>(P, t[v] * invT, s[v] * invT, A, B, dAB, Z, Z2, S_G, K)
-                          : amid::grad_from_logits<D, O, false, M>(P, t[v] * invT, s[v] * invT, A, B, dAB, Z, Z2, S_G,
-                                                                   K)) *
-                     invT);
+  for (int64_t v = 0; v < V; ++v) {
+    const T g = P.mode == amid::MixMode::kPower
+                    ? amid::grad_from_logits<D, O, true, M>(P, t[v] * invT, s[v] * invT, A, B, dAB, Z, Z2, S_G, K)
+                    : amid::grad_from_logits<D, O, false, M>(P, t[v] * invT, s[v] * invT, A, B, dAB, Z, Z2, S_G, K);
+    if constexpr (kStash) {
+      if (stash) {
+        const T gc = amid::grad_from_logits_c<D, O, M>(P, t[v] * invT, s[v] * invT, kept[v], A, B, dAB, Z, S_G, K);
+        if (std::memcmp(&gc, &g, sizeof(T)) != 0) {
+          ++failures;
+          std::fprintf(stderr, "FAILED kept-term W: element %lld: %.9g vs %.9g\n", (long long)v, double(gc), double(g));
+        }
+      }
+    }
+    grad[v] = double(g * invT);
+  }
+}
+
+// W from R2's kept logarithm terms (grad_from_logits_c, the resident power-mean kernels' W) against W
+// recomputing the mixture (grad_from_logits), bit for bit, on the edges of the mixture: masked (-inf)
+// teacher / student / both, logits far apart (|x| > 80: the from-non form), huge logits, nearly equal
+// rows, lam near 0 and 1 and subnormal (the tiny-lam log-sum-exp form), alpha on both sides of 1 and
+// beyond; float with the GPU's emulated exponential and double, all single orders of kl and ab.
+template <typename T, class M>
+static void test_kept_terms_one(const char* tname) {
+  int checked = 0;
+  std::mt19937 rng(3);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  const int64_t V = 257;
+  const T lam_tiny = std::is_same<T, float>::value ? T(1e-40) : T(1e-310);
+  for (const char* div : {"kl", "ab"}) {
+    for (const char* ord : {"pr", "qr", "rp", "rq"}) {
+      for (double alpha : {-10.0, -1.0, 0.5, 0.999, 3.0}) {
+        for (double lam : {double(lam_tiny), 1e-6, 0.02, 0.5, 0.98, 1.0 - 1e-7}) {
+          std::vector<T> t(V), s(V);
+          for (int64_t v = 0; v < V; ++v) {
+            const double base = 3 * nd(rng);
+            t[v] = T(base);
+            const int kind = int(v % 8);
+            s[v] = T(kind == 0 ? base + 1e-4 * nd(rng) : kind == 1 ? base + 400 * nd(rng) : 3 * nd(rng));
+          }
+          t[5] = -INFINITY, s[6] = -INFINITY, t[7] = s[7] = -INFINITY;
+          t[9] = T(80), s[9] = T(-90);  // far apart: |x| > 80 for any k >= 1/4 ... and k small
+          t[10] = T(1e3), s[10] = T(-1e3);
+          const auto P = amid::make_params<T>("test", alpha, lam, div, ord, 0.2, 0.7, 1.3, false);
+          if (P.mode != amid::MixMode::kPower) continue;
+          amid::dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
+            constexpr amid::Divergence D = decltype(dc)::value;
+            constexpr amid::Order O = decltype(oc)::value;
+            if constexpr (O != amid::Order::kJSD) {
+              const T invT = P.inv_temperature;
+              amid::LseAcc<T> r1;
+              for (int64_t v = 0; v < V; ++v) r1.template add<M>(t[v] * invT, s[v] * invT);
+              const amid::RowLse<T> A{r1.t.m, M::log(r1.t.s)}, B{r1.s.m, M::log(r1.s.s)};
+              const T dAB = amid::row_lse_gap(A, B);
+              typename amid::RowAccOf<D, O, T>::type acc;
+              std::vector<T> kept(V);
+              for (int64_t v = 0; v < V; ++v) {
+                kept[v] = amid::add_from_logits_c<O, M>(acc, P, t[v] * invT, s[v] * invT, A, B, dAB);
+              }
+              T Z = 0, Z2 = 0, L = 0, S_G = 0, K = 0;
+              if (!acc.template close<M>(P, Z, Z2, L, S_G, K)) return;  // alpha >= 1, disjoint supports
+              for (int64_t v = 0; v < V; ++v) {
+                const T g = amid::grad_from_logits<D, O, true, M>(P, t[v] * invT, s[v] * invT, A, B, dAB, Z, Z2, S_G, K);
+                const T gc = amid::grad_from_logits_c<D, O, M>(P, t[v] * invT, s[v] * invT, kept[v], A, B, dAB, Z, S_G, K);
+                ++checked;
+                if (std::memcmp(&gc, &g, sizeof(T)) != 0) {
+                  ++failures;
+                  std::fprintf(stderr, "FAILED kept terms (%s) %s/%s alpha=%g lam=%g element %lld: %.17g vs %.17g\n",
+                               tname, div, ord, alpha, lam, (long long)v, double(gc), double(g));
+                }
+              }
+            }
+          });
+        }
+      }
+    }
+  }
+  EXPECT(checked == 2 * 4 * 5 * 6 * 257);  // every case is a power mean with a defined assistant
+  std::printf("kept logarithm terms (%s): W from them equals W recomputing the mixture on %d elements\n", tname,
+              checked);
+}
+
+static void test_kept_terms() {
+  test_kept_terms_one<float, GpuEmuMath>("float, GPU math");
+  test_kept_terms_one<double, amid::LibMath>("double");
 }
 
 // The CUDA kernels' float math (the online reductions in the kernel's reduction order, and the W pass)
@@ -393,8 +516,10 @@ static void test_lse_chunks() {
 
 int main(int argc, char** argv) {
   test_vec_math();
+  test_log_sel_poly();
   test_lse_chunks();
   test_online_reductions();
+  test_kept_terms();
   test_online_float({"student within 1% of teacher", 11, 5003, 0.01, 1e-5, 1e-4});
   test_online_float({"ordinary inputs", 5, 2001, 0.0, 1e-5, 5e-4});
 
