@@ -209,7 +209,8 @@ struct LibMath {
 #endif
   }
   static AMID_HD double rcp(double x) { return 1.0 / x; }
-  // 1 / x to ~1 ulp, for corrections that are themselves an ulp of the result (GPU: one MUFU.RCP).
+  // 1 / x to 1 ulp (GPU: one MUFU.RCP, flushes subnormals; no Newton step), where an ulp more does not
+  // matter: the mixture's weight w and expm1(|x|). The host divides (the C++ tests emulate the error).
   static AMID_HD float rcp_approx(float x) {
 #if defined(__CUDA_ARCH__)
     float r;
@@ -219,6 +220,7 @@ struct LibMath {
     return 1.0f / x;
 #endif
   }
+  static AMID_HD double rcp_approx(double x) { return 1.0 / x; }
   // use_log1p ? log1p(y) : log(s) with one logarithm: u = 1 + y (rounded) or s, and for log1p the
   // rounding of u corrected to first order, log1p(y) = log(u) + (y - (u - 1)) / u (u - 1 is exact for
   // u in [1/2, 2]; the log1p arm is used for y >= -1/2 only). As accurate as log1pf there, for about
@@ -296,7 +298,8 @@ AMID_HD T power_log(const LossParams<T>& P, const PowerPre<T>& m) {
   // One logarithm per element: the base form c_B = L / k where B is the reference side (own) or
   // |x| > 80, else the non-own form c_up; the argument is selected first (log_sel: log1p or log).
   const bool base_form = m.own | m.big;
-  const T y_up = -lam_nonref * em1 * M::rcp(m.e);  // expm1(|x|) lam_nonref >= 0 (not big: e finite > 0)
+  // expm1(|x|) lam_nonref >= 0 (not big: e in [e^-80, 1]); 1 / e to 1 ulp (one MUFU.RCP, no Newton step)
+  const T y_up = -lam_nonref * em1 * M::rcp_approx(m.e);
   T c = M::log_sel(base_form ? a_B >= T(-0.5) : true, base_form ? a_B : y_up, s_B) * P.inv_k;
   // TINY_LAM = false compiles this out: for callers that have checked !P.lam_tiny (the CPU kernel's
   // vectorised loops, which a conditional block with calls would keep scalar).
@@ -326,10 +329,10 @@ AMID_HD void power_finish(const LossParams<T>& P, const PowerPre<T>& m, T c, T l
   // each denominator are >= 0. If both vanish in T (lam / (1-lam) and e underflow), w is the
   // sigmoid's saturated value, 1 or 0 by the sign of log((1-lam)/lam) - |x|.
   // One reciprocal: w = num / den with the form of the branch (den >= 1 with q as the base, and
-  // den >= lam / (1-lam) >= 2^-60 otherwise unless lam_tiny).
+  // den >= lam / (1-lam) >= 2^-60 otherwise unless lam_tiny), to 1 ulp (w only weights sums).
   const T num = m.q_base ? T(1) : m.e;
   const T den = m.q_base ? T(1) + P.lam_ratio * m.e : m.e + P.lam_ratio;
-  w = num * M::rcp(den);
+  w = num * M::rcp_approx(den);
   if (TINY_LAM && P.lam_tiny) {
     // den < 2^-60 (only without q as the base, with lam / (1-lam) and e both tiny): both scaled by 2^100
     // first, or 1 / den would overflow (num * inf: NaN or inf, e.g. a subnormal lam with a masked student

@@ -89,6 +89,7 @@ struct VecMath {
     return use_log1p ? (d == 0.0f ? y : lu * (y / d)) : lu;
   }
   static AMID_HD float rcp(float x) { return 1.0f / x; }
+  static AMID_HD float rcp_approx(float x) { return 1.0f / x; }
   static AMID_HD float exp_approx(float x) { return exp(x); }
   static AMID_HD float expm1_small(float x) { return LibMath::expm1_small(x); }
   static AMID_HD float expm1_from_exp(float x, float e) { return LibMath::expm1_from_exp(x, e); }
@@ -100,6 +101,7 @@ struct VecMath {
   static AMID_HD double log(double x) { return std::log(x); }
   static AMID_HD double log_sel(bool use_log1p, double y, double s) { return LibMath::log_sel(use_log1p, y, s); }
   static AMID_HD double rcp(double x) { return 1.0 / x; }
+  static AMID_HD double rcp_approx(double x) { return 1.0 / x; }
   static AMID_HD double expm1_small(double x) { return LibMath::expm1_small(x); }
   static AMID_HD double expm1_from_exp(double x, double e) { return LibMath::expm1_from_exp(x, e); }
   static AMID_HD double expm1_div(double x) { return LibMath::expm1_div(x); }

@@ -205,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
       const int64_t cap = part + kW;
       scalar_t* st = reinterpret_cast<scalar_t*>(smem_raw) + pad;
       scalar_t* ss = reinterpret_cast<scalar_t*>(smem_raw) + cap + pad;
-      if (kStash && a.stash) {
+      if (kStash && a.stash && g) {  // (no gradient row: nothing to keep)
         // (32-bit offset: shared memory is < 256 KiB; a 64-bit one kept a register across the row loop)
         cst = reinterpret_cast<acc_t*>(smem_raw + unsigned(resident_logit_bytes<scalar_t, acc_t>(cap))) + unsigned(pad);
       }
@@ -403,7 +403,8 @@ void launch_fwd_mode(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a,
   // smallest cluster whose slice fits, then without them (the W pass recomputes the mixture) the smallest
   // cluster; a cluster shape the device cannot schedule moves on to the next candidate, the last
   // fallback is streaming. AMID_CUDA_STASH=0 turns the kept terms off (tests cover both W passes).
-  const bool stash_ok = POWER && O != Order::kJSD && !env_is("AMID_CUDA_STASH", "0");
+  // (Only with a gradient row to write: the loss alone needs no W pass.)
+  const bool stash_ok = POWER && O != Order::kJSD && a.grad != nullptr && !env_is("AMID_CUDA_STASH", "0");
   std::pair<int, bool> cand[2];
   int n_cand = 0;
   if (path != "stream") {

@@ -201,23 +201,30 @@ static Acc gpu_order_reduce(int64_t V, int C, int kW, Add&& add, Merge&& merge) 
   return butterfly(ctas);
 }
 
-// The GPU's math policy on the host: LibMath, with the error of the approximate instruction that the
-// CUDA build uses where the host uses the library function (LibMath::exp_approx: ex2.approx.ftz of x log2 e,
-// 2 ulp by the PTX ISA, plus the product's rounding, |x| 2^-24 relative), emulated as a deterministic
-// perturbation of that size: +-(2^-22 + |x| 2^-24), sign and fraction from a hash of x's bits.
+// The GPU's math policy on the host: LibMath, with the error of the approximate instructions that the
+// CUDA build uses where the host uses the library function, emulated as deterministic perturbations of
+// their worst-case size (sign and fraction from a hash of x's bits): LibMath::exp_approx (ex2.approx.ftz of
+// x log2 e, 2 ulp by the PTX ISA, plus the product's rounding, |x| 2^-24 relative): +-(2^-22 + |x| 2^-24);
+// LibMath::rcp_approx (rcp.approx.ftz, 1 ulp): +-2^-23. The mixture's logarithm is the GPU's own code
+// (log_sel_poly), run as it is.
 struct GpuEmuMath : amid::LibMath {
   using amid::LibMath::exp_approx;
   using amid::LibMath::log_sel;
   static float log_sel(bool use_log1p, float y, float s) { return amid::log_sel_poly(use_log1p, y, s); }
-  static float exp_approx(float x) {
-    if (!(x > -INFINITY)) return ::expf(x);  // -inf: 0 (as ex2.approx); NaN: NaN
+  // rcp.approx.ftz: 1 ulp (PTX ISA), emulated as a +-2^-23 relative perturbation (hash of x's bits).
+  using amid::LibMath::rcp_approx;
+  static float rcp_approx(float x) { return float(double(1.0f / x) * (1.0 + perturb(x) * std::ldexp(1.0, -23))); }
+  static double perturb(float x) {  // in [-1, 1), from a hash of x's bits
     uint32_t b;
     std::memcpy(&b, &x, 4);
     b = (b ^ (b >> 16)) * 0x45d9f3bu;
     b = (b ^ (b >> 16)) * 0x45d9f3bu;
-    const double u = (double(b & 0xffffff) / double(0x800000)) - 1.0;  // [-1, 1)
+    return (double(b & 0xffffff) / double(0x800000)) - 1.0;
+  }
+  static float exp_approx(float x) {
+    if (!(x > -INFINITY)) return ::expf(x);  // -inf: 0 (as ex2.approx); NaN: NaN
     const double bound = std::ldexp(1.0, -22) + std::abs(double(x)) * std::ldexp(1.0, -24);
-    return float(double(::expf(x)) * (1.0 + u * bound));
+    return float(double(::expf(x)) * (1.0 + perturb(x) * bound));
   }
 };
 
