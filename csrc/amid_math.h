@@ -291,7 +291,6 @@ AMID_HD T power_log(const LossParams<T>& P, const PowerPre<T>& m) {
   const T em1 = M::expm1_from_exp(m.ax, m.e);
   const T lam_nonref = REF_P ? P.one_minus_lam : P.lam;  // weight of the side that is not l_ref
   const T lam_N = m.q_base ? P.lam : P.one_minus_lam;      // weight of the non-base side
-  const T log_lam_B = m.q_base ? P.log_1m_lam : P.log_lam, log_lam_N = m.q_base ? P.log_lam : P.log_1m_lam;
   const T lam_B = m.q_base ? P.one_minus_lam : P.lam;
   const T a_B = lam_N * em1;           // in [-lam_N, 0]
   const T s_B = lam_B + lam_N * m.e;   // both terms >= 0: no cancellation
@@ -303,11 +302,14 @@ AMID_HD T power_log(const LossParams<T>& P, const PowerPre<T>& m) {
   T c = M::log_sel(base_form ? a_B >= T(-0.5) : true, base_form ? a_B : y_up, s_B) * P.inv_k;
   // TINY_LAM = false compiles this out: for callers that have checked !P.lam_tiny (the CPU kernel's
   // vectorised loops, which a conditional block with calls would keep scalar).
-  if (TINY_LAM && (P.lam_tiny & base_form & (s_B < T(16) * std::numeric_limits<T>::min()))) {
+  if (TINY_LAM && P.lam_tiny) {  // a uniform branch that ordinary lam never takes
     // Only where lam_B itself is below the normal range of T (lam or 1 - lam < 2e-37 in float):
-    // the log-sum-exp of the logs (a uniform branch that ordinary lam never takes).
-    const T u = (log_lam_N + m.ax) - log_lam_B;  // log(lam_N e / lam_B)
-    c = ((u > T(0) ? log_lam_N + m.ax : log_lam_B) + M::log1p(M::exp(u > T(0) ? -u : u))) * P.inv_k;
+    // the log-sum-exp of the logs.
+    if (base_form & (s_B < T(16) * std::numeric_limits<T>::min())) {
+      const T log_lam_B = m.q_base ? P.log_1m_lam : P.log_lam, log_lam_N = m.q_base ? P.log_lam : P.log_1m_lam;
+      const T u = (log_lam_N + m.ax) - log_lam_B;  // log(lam_N e / lam_B)
+      c = ((u > T(0) ? log_lam_N + m.ax : log_lam_B) + M::log1p(M::exp(u > T(0) ? -u : u))) * P.inv_k;
+    }
   }
   return c;
 }
@@ -635,13 +637,14 @@ struct AbParts {
   T Xc, Xg, Phi;
 };
 
-// og = o^g = exp(g lo), passed in when the caller has it.
+// From the powers x^c o^(g-c) and x^g (the GPU's R2 forms them from terms it already has, ab_parts from
+// the logs).
 template <class M, typename T>
-AMID_HD AbParts<T> ab_parts(const LossParams<T>& P, T lo, T lx, T v, T og) {
+AMID_HD AbParts<T> ab_parts_pow(const LossParams<T>& P, T v, T og, T xc_pow, T xg_pow) {
   const T gv = P.ab_g * v;
   const bool small = (gv > T(-0.5)) & (gv < T(0.5));  // false for NaN / inf v
-  const T xc = M::exp(P.ab_c * lx + (P.ab_g - P.ab_c) * lo) - og;
-  const T xg = M::exp(P.ab_g * lx) - og;
+  const T xc = xc_pow - og;
+  const T xg = xg_pow - og;
   // Both forms are evaluated and one selected (no branch: the CPU loops vectorise; a series in
   // one arm of a conditional became masked loads of the coefficients, which stopped that).
   const T xc_small = og * M::expm1_small(P.ab_c * v), xg_small = og * M::expm1_small(gv);
@@ -651,6 +654,12 @@ AMID_HD AbParts<T> ab_parts(const LossParams<T>& P, T lo, T lx, T v, T og) {
   r.Xg = small ? xg_small : xg;
   r.Phi = small ? phi_small : phi_big;
   return r;
+}
+
+// From the logs; og = o^g = exp(g lo), passed in when the caller has it.
+template <class M, typename T>
+AMID_HD AbParts<T> ab_parts(const LossParams<T>& P, T lo, T lx, T v, T og) {
+  return ab_parts_pow<M>(P, v, og, M::exp(P.ab_c * lx + (P.ab_g - P.ab_c) * lo), M::exp(P.ab_g * lx));
 }
 
 // The element terms of the alpha-beta loss, scaled so that no small exponent divides a difference

@@ -101,7 +101,8 @@ struct LseAcc {
   }
 };
 
-// R2 state for loss (D, O). Fields: m (running max of lt), em = e^m, S = sum rho, Wb = sum rho w, and up to
+// R2 state for loss (D, O). Fields: m (running max of lt), pm = e^m (and for ab e^(c m), e^(g m)),
+// S = sum rho, Wb = sum rho w, and up to
 // five loss-specific sums f[i] with exponents c_i (c = 0: plain sums, independent of Z). o is the
 // loss's reference side (p for pr / rp, q for qr / rq), d = lt - l_ref, tau = r~ - o (see
 // amid_math.h: mixture, assistant_excess), U the unmasked elements.
@@ -109,7 +110,11 @@ template <Divergence D, Order O, typename T>
 struct RowAcc {
   static constexpr int kF = D == Divergence::kKL ? ((O == Order::kPR || O == Order::kQR) ? 8 : 9) : 12;
   T m = neg_inf<T>(), S = T(0), Wb = T(0);
-  T em = T(0);  // e^m (<= 1: lt <= 0 up to rounding), so that r~ = rho em needs no exponential of its own
+  // Powers of e^m (each <= 1: lt <= 0 up to rounding, c, g > 0), updated with m: r~ = rho e^m, and for ab
+  // x^c o^(g-c) = (the sum term x^a rho^b or rho^a y^b) e^(c m) and r~^g = rho^g e^(g m), so that these
+  // need no exponential of their own.
+  static constexpr int kPm = D == Divergence::kKL ? 1 : 3;
+  T pm[kPm] = {};
   T f[kF] = {};
 
   // Exponent of field i:
@@ -154,7 +159,11 @@ struct RowAcc {
         }
       }
       m = mx;
-      em = M::exp(mx);
+      pm[0] = M::exp(mx);
+      if constexpr (kPm == 3) {
+        pm[1] = M::exp(P.ab_c * mx);
+        pm[2] = M::exp(P.ab_g * mx);
+      }
     }
   }
 
@@ -170,13 +179,13 @@ struct RowAcc {
       constexpr bool x_r = (O == Order::kPR || O == Order::kQR);
       const T o = M::exp_approx(ref_is_p<O>() ? lp : lq);
       // tau = r~ - o (as assistant_excess): o expm1(d) for |d| < 1/2, with expm1(d) = d + d^2 phi1(d) from
-      // the series the loss term needs anyway (one series per element, not two); else rho em - o (no
-      // cancellation there: r~ / o = e^d is outside [0.6, 1.65]). r~ = rho em = e^(lt - m) e^m carries
+      // the series the loss term needs anyway (one series per element, not two); else rho e^m - o (no
+      // cancellation there: r~ / o = e^d is outside [0.6, 1.65]). r~ = rho e^m = e^(lt - m) e^m carries
       // ~2^-22 + (|lt - m| + |m|) 2^-24 of relative error, as e^lt would (|lt| 2^-24).
       const bool small = (d > T(-0.5)) & (d < T(0.5));  // false for NaN / inf d
       const T d2 = d * d;
       const T p1 = phi1_div(d);
-      const T tau = small ? o * (d + d2 * p1) : rho * em - o;
+      const T tau = small ? o * (d + d2 * p1) : rho * pm[0] - o;
       f[x_r ? 3 : 4] += tau;
       const bool keep = (lp != neg_inf<T>()) & (lq != neg_inf<T>());
       if (!keep) {
@@ -217,16 +226,16 @@ struct RowAcc {
       f[2] += og;
       f[3] += rg;
       f[4] += rg * w;
-      const AbParts<T> ap = ab_parts<M>(P, lo, lt, d, og);
+      const AbParts<T> ap = ab_parts_pow<M>(P, d, og, xy * pm[1], rg * pm[2]);  // x^c o^(g-c), r~^g
       f[5] += og * w;
       f[6] += ap.Phi;
       f[7] += ap.Xc;
       f[8] += ap.Xg;
       f[9] += ap.Xc * w;
       f[10] += ap.Xg * w;
-      // tau = r~ - o as for kl: the series for |d| < 1/2, else rho em - o.
+      // tau = r~ - o as for kl: the series for |d| < 1/2, else rho e^m - o.
       const T o = M::exp(lo);
-      f[11] += (d > T(-0.5)) & (d < T(0.5)) ? o * M::expm1_small(d) : rho * em - o;
+      f[11] += (d > T(-0.5)) & (d < T(0.5)) ? o * M::expm1_small(d) : rho * pm[0] - o;
     }
   }
 

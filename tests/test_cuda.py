@@ -329,16 +329,16 @@ def test_jsd_order(path, div):
 def test_kept_log_terms_match_recompute(monkeypatch, v, dtype, div, order):
     """The resident power-mean kernels keep R2's logarithm term per element in shared memory for W
     (amid_loss_kernels.cuh: kStash; V = 151936 bf16 then takes a cluster of 16); AMID_CUDA_STASH=0 makes
-    W recompute the mixture. Same numbers up to the reduction order (bit for bit in the C++ test), with
-    masked teacher, student and both entries, and an ignored row. V = 262144 bf16 does not fit the terms (W recomputes:
-    the fallback is exercised)."""
+    W recompute the mixture. Same numbers up to the reduction order (the two W passes agree bit for bit
+    in the C++ test), with masked teacher, student and both entries, and an ignored row; the launcher's own choice of path and cluster (AMID_CUDA_PATH unset). V = 262144
+    bf16 does not fit the terms (W recomputes: the fallback is exercised)."""
     s, t = make_logits(7, v, dtype=dtype, device="cuda")
     t[0, :9] = float("-inf")
     s[1, 3:12] = float("-inf")
     t[2, 5], s[2, 5] = float("-inf"), float("-inf")
     w = torch.ones(7, device="cuda")
     w[3] = 0
-    monkeypatch.setenv("AMID_CUDA_PATH", "resident")
+    monkeypatch.delenv("AMID_CUDA_PATH", raising=False)
     out = {}
     for kept in ("1", "0"):
         monkeypatch.setenv("AMID_CUDA_STASH", kept)
