@@ -859,7 +859,7 @@ AMID_HD T grad_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowL
     const T dpq = logit_gap(tf, sf, lp, lq, dAB);
     const T c = power_log<ref_is_p<O>(), M, true>(P, power_pre<ref_is_p<O>(), M>(P, dpq));
     T lt, w, d;
-    power_mixture_from_c<ref_is_p<O>(), M>(P, lp, lq, dpq, c, lt, w, d);
+    power_mixture_from_c<ref_is_p<O>(), M>(P, lp, lq, lp - lq, c, lt, w, d);  // (see grad_from_logits_c)
     return grad_from_mixture<D, O, M>(P, lp, lq, lt, w, d, Z, S_G, K);
   } else {
     T lp, lq, lt, w, d;
@@ -876,7 +876,10 @@ AMID_HD T grad_from_logits_c(const LossParams<T>& P, T tf, T sf, T c, RowLse<T> 
   static_assert(O != Order::kJSD, "grad_from_logits_c: single orders only (kJSD has two logarithm terms)");
   const T lp = log_prob(tf, A), lq = log_prob(sf, B);
   T lt, w, d;
-  power_mixture_from_c<ref_is_p<O>(), M>(P, lp, lq, logit_gap(tf, sf, lp, lq, dAB), c, lt, w, d);
+  // lp - lq itself, not logit_gap's accurate form: from c, the logit gap only selects the branch (whose
+  // forms agree at its edges, |x| = 0 and 80) and enters w through e^(|x| - |x|_R2), a relative error of
+  // k eps max(|lp|, |lq|); lt and d come from c, lp, lq.
+  power_mixture_from_c<ref_is_p<O>(), M>(P, lp, lq, lp - lq, c, lt, w, d);
   return grad_from_mixture<D, O, M>(P, lp, lq, lt, w, d, Z, S_G, K);
 }
 
