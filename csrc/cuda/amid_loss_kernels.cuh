@@ -295,10 +295,12 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
 }
 
 // ------------------------------------------------------------------------------------------------
-// Backward kernel: the W pass from the saved stats (no reductions), one CTA per row.
+// Backward kernel: the W pass from the saved stats (no reductions), one CTA per row. Launch bounds: at
+// least 4 CTAs per SM (<= 64 registers; the float variants use 40-48), float64 one (without a minimum,
+// ptxas capped its double math at 64-80 registers and spilled up to 34 instructions).
 
 template <typename scalar_t, Divergence D, Order O, bool POWER>
-__global__ void __launch_bounds__(kThreads) amid_bwd_kernel(const RowArgs<scalar_t, at::opmath_type<scalar_t>> a,
+__global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::value ? 1 : 4) amid_bwd_kernel(const RowArgs<scalar_t, at::opmath_type<scalar_t>> a,
                                                             const LossParams<at::opmath_type<scalar_t>> P) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
