@@ -295,12 +295,13 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
 }
 
 // ------------------------------------------------------------------------------------------------
-// Backward kernel: the W pass from the saved stats (no reductions), one CTA per row. Launch bounds: at
-// least 4 CTAs per SM (<= 64 registers; the float variants use 40-48), float64 one (without a minimum,
-// ptxas capped its double math at 64-80 registers and spilled up to 34 instructions).
+// Backward kernel: the W pass from the saved stats (no reductions), one CTA per row. Launch bounds:
+// float64 at least one CTA per SM (without a minimum, ptxas capped its double math at 64-80 registers and
+// spilled up to 34 instructions); the other dtypes none (0: no .minnctapersm; ptxas picks 40-48 registers,
+// 5-6 CTAs per SM, unspilled).
 
 template <typename scalar_t, Divergence D, Order O, bool POWER>
-__global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::value ? 1 : 4) amid_bwd_kernel(const RowArgs<scalar_t, at::opmath_type<scalar_t>> a,
+__global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::value ? 1 : 0) amid_bwd_kernel(const RowArgs<scalar_t, at::opmath_type<scalar_t>> a,
                                                             const LossParams<at::opmath_type<scalar_t>> P) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
