@@ -82,7 +82,8 @@ if want test; then
 fi
 
 if want sanitize; then
-  # bench/sanitize_case.py: V = 151936 bf16 (clusters of 8), N = 3 x the clusters that fit at once, rows
+  # bench/sanitize_case.py: V = 151936 bf16 (clusters of 16 with the kept log terms; the comparison also with
+  # AMID_CUDA_STASH=0: clusters of 8), N = 3 x the clusters of 8 that fit at once, rows
   # mixing NaN / +inf, ignored and -inf-masked; the gradient buffers are poisoned with NaN before each op
   # call. First the comparison with the CPU op, then the kernels alone under racecheck (shared and
   # distributed shared memory hazards) and synccheck (barrier misuse), instrumenting amid's kernels only.

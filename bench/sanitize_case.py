@@ -1,7 +1,8 @@
 """The CUDA checks of bench/gpu_check.sh's `sanitize` stage: a clustered case with awkward rows, compared
 with the CPU op, on gradient buffers poisoned with NaN.
 
-The case: V = 151936 bf16 (the resident path with clusters of 8 on sm_90), N = 3 x the clusters that fit
+The case: V = 151936 bf16 (the resident path on sm_90: clusters of 16 CTAs keeping R2's logarithm terms in
+shared memory; with AMID_CUDA_STASH=0, clusters of 8 whose W recomputes), N = 3 x the clusters of 8 that fit
 on the GPU at once (so every CTA handles several rows: the row loop's reuse of shared memory and of the
 cluster reduction slots is exercised), rows mixing
   * plain rows (randn * 3),
@@ -13,14 +14,16 @@ Before each op call a tensor of the gradient's size is filled with NaN and freed
 allocator hands that memory to the op's gradient (the script checks the pointer): any element the
 kernel fails to write stays NaN and the comparison with the CPU op catches it.
 
-  python bench/sanitize_case.py                 # forward (gradient in the forward) + backward, compare
-  python bench/sanitize_case.py --no-compare    # the kernels only (under compute-sanitizer: fast)
+  python bench/sanitize_case.py                 # forward (gradient in the forward) + backward, compare,
+                                                # with the kept terms and with AMID_CUDA_STASH=0
+  python bench/sanitize_case.py --no-compare    # the kernels only, default path (under compute-sanitizer)
 Exit status 0 when every comparison passes.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 import torch
@@ -91,7 +94,8 @@ def main() -> int:
         return 2
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    # Two resident CTAs per SM (bench/sass_gauge.py: shared memory bound), clusters of 8.
+    # Counted as clusters of 8 at two CTAs per SM: with either path (8 or 16 CTAs, 2 or 3 per SM) every
+    # cluster gets several rows.
     n = args.rows or 3 * max(1, (2 * sms) // 8)
     dtype = torch.bfloat16
     t, s, w, kinds = make_case(n, dtype)
@@ -99,7 +103,10 @@ def main() -> int:
           + ", ".join(f"{k} {kinds.count(k)}" for k in sorted(set(kinds))))
     td, sd, wd = t.to(dev), s.to(dev), w.to(dev)
     ok = True
-    for div, order, alpha, lam in LOSSES:
+    ref = {}
+    cases = [(loss, kept) for loss in LOSSES for kept in (("1",) if args.no_compare else ("1", "0"))]
+    for (div, order, alpha, lam), kept in cases:
+        os.environ["AMID_CUDA_STASH"] = kept  # read by the launcher at each call
         opts = (alpha, lam, div, order, 0.5, 0.5, 1.0, False)
         p = poison((n, V), dtype, dev)
         loss, stats, grad = torch.ops.amid.amid_loss_fwd(sd, td, wd, *opts, True)
@@ -109,11 +116,14 @@ def main() -> int:
         gb = torch.ops.amid.amid_loss_bwd(gl.to(dev), sd, td, wd, stats, *opts)
         reused2 = gb.data_ptr() == p2
         torch.cuda.synchronize()
-        print(f"{div}/{order} alpha={alpha} lam={lam}: poisoned buffer reused by fwd grad: {reused}, bwd grad: {reused2}")
+        print(f"{div}/{order} alpha={alpha} lam={lam} AMID_CUDA_STASH={kept}: poisoned buffer reused by fwd grad: "
+              f"{reused}, bwd grad: {reused2}")
         if args.no_compare:
             continue
-        lc, stc, gc = torch.ops.amid.amid_loss_fwd(s, t, w, *opts, True)
-        gbc = torch.ops.amid.amid_loss_bwd(gl, s, t, w, stc, *opts)
+        if opts not in ref:  # the CPU op once per loss (both paths compare with it)
+            lc_, stc_, gc_ = torch.ops.amid.amid_loss_fwd(s, t, w, *opts, True)
+            ref[opts] = (lc_, stc_, gc_, torch.ops.amid.amid_loss_bwd(gl, s, t, w, stc_, *opts))
+        lc, stc, gc, gbc = ref[opts]
         ok &= check("loss", loss, lc, 1e-4, 1e-6)
         ok &= check("stats", stats, stc, 1e-4, 1e-5)
         # bf16 gradients: one rounding of a value computed in fp32 on both sides (a 1-ulp split allowed).
