@@ -180,6 +180,9 @@ struct LibMath {
     return (x > -0.5f) & (x < 0.5f) ? expm1_small(x) : e - 1.0f;
   }
   static AMID_HD double expm1_from_exp(double x, double /*e*/) { return ::expm1(x); }
+  // The same for x <= 0 (or NaN): one comparison (the mixture's -|x|).
+  static AMID_HD float expm1_from_exp_nonpos(float x, float e) { return x > -0.5f ? expm1_small(x) : e - 1.0f; }
+  static AMID_HD double expm1_from_exp_nonpos(double x, double /*e*/) { return ::expm1(x); }
   // e^x for x <= 0 (or -inf) where a relative error of ~2^-22 + |x| 2^-24 is harmless: terms of a
   // log-sum-exp and probabilities that only scale other terms (never the difference of two nearly
   // equal ones). On the GPU one MUFU.EX2 of x log2(e) (ex2.approx: ~2^-22 relative, plus the rounding
@@ -269,7 +272,7 @@ constexpr bool ref_is_p() {
 // float's range (and d is large).
 template <typename T>
 struct PowerPre {
-  T ax, e;  // -|x| (x = k dpq) and e = exp(-|x|)
+  T ax, e, inv_e;  // -|x| (x = k dpq), e = exp(-|x|) and 1 / e = exp(|x|) (1 ulp; +inf where e = 0)
   bool q_base, own, big;
 };
 
@@ -280,6 +283,7 @@ AMID_HD PowerPre<T> power_pre(const LossParams<T>& P, T dpq) {
   m.q_base = x <= T(0);
   m.ax = m.q_base ? x : -x;  // -|x|
   m.e = M::exp_approx(m.ax);  // scales w, s_B, y_up; em1 = e - 1 only where |x| >= 1/2
+  m.inv_e = M::rcp_approx(m.e);  // one MUFU.RCP on the GPU, no Newton step (w, y_up: an ulp more is harmless)
   m.own = REF_P ? !m.q_base : m.q_base;
   m.big = m.ax < T(-80);
   return m;
@@ -288,7 +292,7 @@ AMID_HD PowerPre<T> power_pre(const LossParams<T>& P, T dpq) {
 // c: the element's logarithm term (L / k in the base form, else the non-own form c_up).
 template <bool REF_P, class M, bool TINY_LAM, typename T>
 AMID_HD T power_log(const LossParams<T>& P, const PowerPre<T>& m) {
-  const T em1 = M::expm1_from_exp(m.ax, m.e);
+  const T em1 = M::expm1_from_exp_nonpos(m.ax, m.e);
   const T lam_nonref = REF_P ? P.one_minus_lam : P.lam;  // weight of the side that is not l_ref
   const T lam_N = m.q_base ? P.lam : P.one_minus_lam;      // weight of the non-base side
   const T lam_B = m.q_base ? P.one_minus_lam : P.lam;
@@ -297,8 +301,7 @@ AMID_HD T power_log(const LossParams<T>& P, const PowerPre<T>& m) {
   // One logarithm per element: the base form c_B = L / k where B is the reference side (own) or
   // |x| > 80, else the non-own form c_up; the argument is selected first (log_sel: log1p or log).
   const bool base_form = m.own | m.big;
-  // expm1(|x|) lam_nonref >= 0 (not big: e in [e^-80, 1]); 1 / e to 1 ulp (one MUFU.RCP, no Newton step)
-  const T y_up = -lam_nonref * em1 * M::rcp_approx(m.e);
+  const T y_up = -lam_nonref * em1 * m.inv_e;  // expm1(|x|) lam_nonref >= 0 (not big: e in [e^-80, 1])
   T c = M::log_sel(base_form ? a_B >= T(-0.5) : true, base_form ? a_B : y_up, s_B) * P.inv_k;
   // TINY_LAM = false compiles this out: for callers that have checked !P.lam_tiny (the CPU kernel's
   // vectorised loops, which a conditional block with calls would keep scalar).
@@ -330,15 +333,17 @@ AMID_HD void power_finish(const LossParams<T>& P, const PowerPre<T>& m, T c, T l
   // w: (1-lam) / ((1-lam) + lam e) with q as the base, else e / (e + lam / (1-lam)); both terms of
   // each denominator are >= 0. If both vanish in T (lam / (1-lam) and e underflow), w is the
   // sigmoid's saturated value, 1 or 0 by the sign of log((1-lam)/lam) - |x|.
-  // One reciprocal: w = num / den with the form of the branch (den >= 1 with q as the base, and
-  // den >= lam / (1-lam) >= 2^-60 otherwise unless lam_tiny), to 1 ulp (w only weights sums).
-  const T num = m.q_base ? T(1) : m.e;
-  const T den = m.q_base ? T(1) + P.lam_ratio * m.e : m.e + P.lam_ratio;
-  w = num * M::rcp_approx(den);
+  // w = 1 / (1 + lam / (1-lam) e^(+-|x|)) (1 / e is the mixture's reciprocal, shared with y_up): one more
+  // reciprocal of a denominator >= 1, to 1 ulp (w only weights R2's sums); 0 where e = 0 without q as
+  // the base (1 + inf).
+  w = M::rcp_approx(T(1) + P.lam_ratio * (m.q_base ? m.e : m.inv_e));
   if (TINY_LAM && P.lam_tiny) {
-    // den < 2^-60 (only without q as the base, with lam / (1-lam) and e both tiny): both scaled by 2^100
-    // first, or 1 / den would overflow (num * inf: NaN or inf, e.g. a subnormal lam with a masked student
-    // element) where num / den is at most 1. The same value as above where den >= 2^-60.
+    // num / den with the form of the branch (den >= 1 with q as the base). den < 2^-60 (only without q as
+    // the base, with lam / (1-lam) and e both tiny): both scaled by 2^100 first, or 1 / den would overflow
+    // (num * inf: NaN or inf, e.g. a subnormal lam with a masked student element) where num / den is at
+    // most 1; and lam / (1-lam) may be 0 in T here (0 * inf above).
+    const T num = m.q_base ? T(1) : m.e;
+    const T den = m.q_base ? T(1) + P.lam_ratio * m.e : m.e + P.lam_ratio;
     const T sc = den < T(8.673617379884035e-19) ? T(1.2676506002282294e30) : T(1);
     w = den > T(0) ? (num * sc) * M::rcp(den * sc) : (P.log_odds + m.ax > T(0) ? T(1) : T(0));
   }

@@ -213,7 +213,7 @@ struct RowAcc {
         f[3] += rho * w * d;
         f[5] += small ? o * d2 * (T(1) + (d - T(1)) * p1) : d * (o + tau) - tau;
       }
-      f[7] += o * (d < T(0) ? -d : d);  // the error bound of the first-order form
+      f[7] += o * abs_nn(d);  // the error bound of the first-order form (d finite here: kept element)
     } else {
       const T lo = (O == Order::kPR || O == Order::kRP) ? lp : lq;  // the non-assistant side
       // x^a rho^b (pr/qr) or rho^a y^b (rp/rq), all in log space: -inf gives 0.
