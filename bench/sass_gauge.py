@@ -46,8 +46,8 @@ Method (what is counted, and how)
    counted). Data-dependent branches that are not cold (masked elements, a runtime switch on a
    parameter) therefore count their more expensive side: the numbers are an upper bound on the
    steady-state issue count of one iteration, exact when the loop body has no such branch. If every
-   path crosses a cold block (the compiler predicated cold code into the path: it issues), the
-   longest path is taken with the cold blocks (a warning says so).
+   path crosses a cold block (the compiler merged or predicated cold code into the path: it issues),
+   the cold blocks that the loop can go around stay excluded and the others count (a warning says so).
    MUFU ops are the MUFU.* instructions on the same path.
 6. Per element = per iteration / elements per iteration. "all passes" = R1 + R2 + W of the forward
    kernel (the forward computes the gradient: the product's fused step), the stage copy excluded.
@@ -506,21 +506,17 @@ def hot_loops(fn: Function, elem_bytes: int, cold: Dict[str, List[Tuple[int, int
         elems = (nvec // 2) * kw
         # Blocks of the loop body, minus cold ones; longest path header -> latch (back edge removed).
         hb, lb = bidx[h], bidx[l]
-        def longest(skip_cold: bool) -> Dict[int, Tuple[int, int, Counter]]:
-            allowed = set()
-            for b in range(hb, lb + 1):
-                blk = blocks[b]
-                seg = ins[blk.start:blk.end]
-                if any(x.base == "CALL" for x in seg):
-                    continue
-                body = [x for x in seg if x.base != "NOP"]
-                if skip_cold and body and b not in (hb, lb) and \
-                        2 * sum(is_cold_ins(x, cold) for x in body) >= len(body):
-                    continue
-                allowed.add(b)
+        def is_call(b: int) -> bool:
+            return any(x.base == "CALL" for x in ins[blocks[b].start:blocks[b].end])
+
+        def is_cold(b: int) -> bool:
+            body = [x for x in ins[blocks[b].start:blocks[b].end] if x.base != "NOP"]
+            return bool(body) and b not in (hb, lb) and 2 * sum(is_cold_ins(x, cold) for x in body) >= len(body)
+
+        def longest(excluded: set) -> Dict[int, Tuple[int, int, Counter]]:
             best: Dict[int, Tuple[int, int, Counter]] = {}
             for b in range(hb, lb + 1):  # blocks in address order: forward edges only inside the body
-                if b not in allowed:
+                if b in excluded or is_call(b):
                     continue
                 seg = [x for x in ins[blocks[b].start:blocks[b].end] if x.base != "NOP"]
                 cost, mufu = len(seg), Counter(x.op for x in seg if x.base == "MUFU")
@@ -534,13 +530,18 @@ def hot_loops(fn: Function, elem_bytes: int, cold: Dict[str, List[Tuple[int, int
                 best[b] = (prev[0] + cost, prev[1] + sum(mufu.values()), prev[2] + mufu)
             return best
 
-        best = longest(True)
+        cold_blocks = {b for b in range(hb, lb + 1) if is_cold(b)}
+        best = longest(cold_blocks)
         if lb not in best:
-            # Every path crosses a block of mostly cold code: the compiler predicated that code into the
-            # path (it issues), so count it (an upper bound, as step 5 says).
-            best = longest(False)
+            # Some path needs a cold block: the compiler merged or predicated cold code into it (that code
+            # issues). Exclude only the cold blocks that the loop can go around, one at a time; count the
+            # others (an upper bound, as step 5 says).
+            avoidable = {b for b in cold_blocks if lb in longest({b})}
+            best = longest(avoidable)
+            if lb not in best:
+                best = longest(set())
             warnings.append(f"{fn.name[:200]}...: every path through the {pname} loop at {ins[h].addr:#x} "
-                            "crosses a mostly-cold block; counted with it")
+                            "crosses a mostly-cold block; counted with the cold blocks it cannot go around")
         if lb not in best:
             warnings.append(f"{fn.name[:200]}...: no hot path through the {pname} loop at "
                             f"{ins[h].addr:#x}; skipped")

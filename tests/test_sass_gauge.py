@@ -91,6 +91,27 @@ def test_hot_loop_counting(tmp_path):
     assert lc.instr_per_elem == pytest.approx(18 / 8)
 
 
+def test_unavoidable_cold_block_counts(tmp_path):
+    """When every path through the loop crosses a cold block (here the new-max region, with the other arm
+    of the diamond jumping into it instead of around it), that block counts and a warning says so; the
+    cold CALL side stays out."""
+    kern = tmp_path / "amid_loss_kernels.cuh"
+    kern.write_text("line 1\nline 2\nkernel entry\nline 4\n    visit_row(...);  // gauge:R1\nline 6\nexit\n")
+    online = tmp_path / "amid_online.h"
+    online.write_text("struct OnlineLSE {\n  void add(T x) {\n    if (x > m) {  // new max\n      s = s * e;\n"
+                      "      m = x;\n    }\n  }\n};\n")
+    text = SASS.replace("{K}", str(kern)).replace("{O}", str(online))
+    text = text.replace("/*0070*/                   BRA `(.L_x_3) ;", "/*0070*/                   BRA `(.L_x_2) ;")
+    (name, fn), = g.parse_sass(text).items()
+    warnings = []
+    cold = g.cold_ranges([str(online)], warnings)
+    loops = g.hot_loops(fn, 2, cold, warnings)
+    lc = loops["R1"]
+    # 18 of test_hot_loop_counting plus the 5 instructions of the cold block, its EX2 among them.
+    assert (lc.instr_per_iter, lc.mufu_per_iter) == (23, 4)
+    assert any("crosses a mostly-cold block" in w for w in warnings)
+
+
 def test_kept_terms_loads_are_not_logit_loads(tmp_path):
     """A W loop that also loads R2's kept logarithm terms (two more 128-bit loads from a `gauge:stash` line)
     still counts 8 bf16 elements per iteration, and its tag is Ws."""
