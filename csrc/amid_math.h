@@ -22,7 +22,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -112,31 +111,19 @@ AMID_HD T neg_inf() {
 // towards minimax on [-1/3, 1/3]; 0.73 ulp for log1p(f) in float with FMAs). The rounding of u = 1 + y
 // (delta = y - (u - 1), exact for u in [1/2, 2]) is added to f scaled by 2^-e: no reciprocal, where
 // logf plus a first-order correction took ~33 instructions and a MUFU.RCP; this takes ~20 and none.
-AMID_HD float bits_to_float(int32_t b) {
-#if defined(__CUDA_ARCH__)
-  return __int_as_float(b);
-#else
-  float f;
-  std::memcpy(&f, &b, sizeof f);
-  return f;
-#endif
-}
-AMID_HD int32_t float_to_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_int(f);
-#else
-  int32_t b;
-  std::memcpy(&b, &f, sizeof b);
-  return b;
-#endif
+// The bits of a value as another type of the same size (host and device; the CPU math uses it too).
+template <typename To, typename From>
+AMID_HD To bit_cast(From x) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast: expected types of the same size");
+  return __builtin_bit_cast(To, x);
 }
 
 AMID_HD float log_sel_poly(bool use_log1p, float y, float s) {
   const float u = use_log1p ? 1.0f + y : s;
-  const int32_t eb = (float_to_bits(u) - 0x3f2aaaab) & int32_t(0xff800000);  // e << 23, m = u 2^-e in [2/3, 4/3)
-  const float m = bits_to_float(float_to_bits(u) - eb);
+  const int32_t eb = (bit_cast<int32_t>(u) - 0x3f2aaaab) & int32_t(0xff800000);  // e << 23, m = u 2^-e in [2/3, 4/3)
+  const float m = bit_cast<float>(bit_cast<int32_t>(u) - eb);
   const float delta = use_log1p ? y - (u - 1.0f) : 0.0f;
-  const float f = fmaf(delta, bits_to_float(0x3f800000 - eb), m - 1.0f);  // m + delta 2^-e - 1
+  const float f = fmaf(delta, bit_cast<float>(0x3f800000 - eb), m - 1.0f);  // m + delta 2^-e - 1
   float g = -0.12891621887683868f;
   g = fmaf(g, f, 0.1398448795080185f);
   g = fmaf(g, f, -0.12184273451566696f);

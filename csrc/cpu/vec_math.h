@@ -18,12 +18,6 @@
 
 namespace amid {
 
-template <typename To, typename From>
-inline To bit_cast(From x) {
-  static_assert(sizeof(To) == sizeof(From));
-  return __builtin_bit_cast(To, x);
-}
-
 struct VecMath {
   // exp(x): x = n ln2 + r, |r| <= ln2/2, exp(r) by its degree-7 Taylor polynomial (truncation
   // < 6e-9 relative), 2^n assembled in the exponent bits. -inf and x < -87.3 give 0; NaN gives NaN.
