@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 from typing import Optional
 
@@ -33,6 +34,34 @@ def load() -> str:
     for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA")):
         _kernels[device_type] = torch._C._dispatch_has_kernel_for_dispatch_key("amid::amid_loss_fwd", key)
     return path
+
+
+def compile_cache_tag(fake_sources) -> str:
+    """amid's fingerprint for torch.compile's caches: the version, every ``amid::`` schema and the
+    source of the fake kernels (``fake_sources``: file paths)."""
+    from . import __version__
+
+    h = hashlib.sha256(__version__.encode())
+    for name in sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("amid::")):
+        for schema in torch._C._jit_get_schemas_for_operator(name):
+            h.update(str(schema).encode())
+    for path in fake_sources:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return "amid-" + h.hexdigest()[:16]
+
+
+def tag_compile_caches(fake_sources) -> None:
+    """Add amid's fingerprint to ``torch.compiler.config.cache_key_tag`` (keeping the user's tag).
+
+    Inductor's FX-graph and AOTAutograd caches key a graph on its code, which names a custom op but
+    not the output shapes its fake kernel gave (pytorch/pytorch#160472). Without the tag, a graph
+    compiled with another amid (e.g. 7 stats per row instead of 8) is loaded from the on-disk cache
+    and fails its size assertion at run time."""
+    tag = compile_cache_tag(fake_sources)
+    current = torch.compiler.config.cache_key_tag
+    if tag not in current.split(";"):
+        torch.compiler.config.cache_key_tag = f"{current};{tag}" if current else tag
 
 
 def has_kernel(device_type: str) -> bool:

@@ -740,3 +740,7 @@ def amid_partial_sums(student_logits: Tensor, teacher_logits: Tensor, row_weight
 @torch.library.register_fake("amid::amid_partial_sums")
 def _amid_partial_sums_fake(*args):
     return _partial_pass_fake("amid_partial_sums", NUM_PARTIAL_SUMS, *args)
+
+
+# Last, once every fake kernel above is registered: key torch.compile's caches on them.
+_library.tag_compile_caches([__file__])

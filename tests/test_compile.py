@@ -1,5 +1,9 @@
 """torch.compile(fullgraph=True) traces the loss (through the fake kernels) forward and backward, and
 gives the eager numbers; on CUDA also with CUDA graphs (mode='reduce-overhead')."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -34,6 +38,55 @@ def test_compile_fullgraph_forward_backward(device, gif, opts):
         results.append((out.detach(), x.grad))
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(results[1][1], results[0][1], atol=1e-6, rtol=1e-5)
+
+
+_CACHE_SCRIPT = r"""
+import sys, torch, amid
+from amid import _library, ops
+if sys.argv[1] == "older":
+    # What an older amid looked like to the cache: its fake kernel gave 7 stats per row (before 'jsd'),
+    # and it had its own fingerprint (none at all before the fingerprint existed).
+    ops.NUM_STATS = 7
+    mine = _library.compile_cache_tag([ops.__file__])
+    torch.compiler.config.cache_key_tag = torch.compiler.config.cache_key_tag.replace(mine, "amid-older")
+s, t = torch.randn(6, 41), torch.randn(6, 41)
+x = s.clone().requires_grad_(True)
+f = lambda s, t: amid.amid_loss(s * 1.0, t, grad_in_forward=False, alpha=0.5, lam=0.3)
+try:
+    torch.compile(f, fullgraph=True)(x, t).backward()
+    print("RAN", float(x.grad.abs().sum()))
+except AssertionError as e:  # the size/stride check of a graph built for 7 stats
+    print("SIZE-ASSERT", str(e).splitlines()[0])
+"""
+
+
+def test_compile_cache_keyed_on_amid(tmp_path):
+    """A graph that inductor compiled and cached with another amid (other fake-kernel shapes) is not
+    reused: amid puts its fingerprint in torch.compile's cache key (pytorch/pytorch#160472)."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path), TORCHINDUCTOR_FX_GRAPH_CACHE="1",
+               TORCHINDUCTOR_AUTOGRAD_CACHE="1")
+    env.pop("TORCH_COMPILE_CACHE_KEY_TAG", None)
+
+    def run(who):
+        out = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, who], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout.strip().splitlines()[-1]
+
+    older = run("older")
+    assert older.startswith("SIZE-ASSERT"), older  # its graph was built for 7 stats; the kernel gives 8
+    assert any(tmp_path.rglob("*.py")), "the older amid's graph did not reach the on-disk cache"
+    assert run("current").startswith("RAN")
+
+
+def test_compile_cache_tag_keeps_the_users():
+    tag = torch.compiler.config.cache_key_tag
+    mine = amid._library.compile_cache_tag([amid.ops.__file__])
+    assert mine in tag.split(";")
+    out = subprocess.run([sys.executable, "-c", "import amid, torch; print(torch.compiler.config.cache_key_tag)"],
+                         env=dict(os.environ, TORCH_COMPILE_CACHE_KEY_TAG="users-tag"), capture_output=True,
+                         text=True, timeout=300)
+    assert out.stdout.split() == [f"users-tag;{mine}"], out.stderr[-2000:]
 
 
 def test_compile_dynamic_shapes():
