@@ -75,7 +75,8 @@ def cuda_kernels_available() -> bool:
 
 
 def build_info() -> dict:
-    """What the loaded library was built with: version, torch, CUDA kernels and archs, path."""
+    """What the loaded library was built with: version, torch, CUDA kernels and archs, the clone of the
+    CPU loops this process runs (x86-64-v4 / x86-64-v3 / baseline), path."""
     from . import __version__
 
     fields = dict(kv.split("=", 1) for kv in torch.ops.amid._build_info().split(";") if "=" in kv)
@@ -86,6 +87,8 @@ def build_info() -> dict:
         "torch_runtime": torch.__version__,
         "cuda_kernels": fields.get("cuda") == "1",
         "cuda_archs": archs,
+        "cpu_isa": fields.get("cpu_isa", "unknown"),
+        "cpu_isa_forced": fields.get("cpu_isa_forced") == "1",  # a -DAMID_CPU_TARGET benchmarking build
         "gpu_available": torch.cuda.is_available(),
         "library": _loaded_path,
     }

@@ -21,9 +21,17 @@ RESULTS_DIR = os.path.join(ROOT, "bench", "results")
 
 
 def device_name(device: str) -> str:
-    """'NVIDIA H100 80GB HBM3' for CUDA, the CPU model (from /proc/cpuinfo) for CPU."""
+    """'NVIDIA H100 80GB HBM3' for CUDA; for CPU the model (from /proc/cpuinfo) and the instruction sets
+    that amid's loops and ATen's kernels run: 'AMD EPYC (amid x86-64-v4, ATen AVX512)'; a
+    -DAMID_CPU_TARGET=x86-64-v3 build run with ATEN_CPU_CAPABILITY=avx2 gives the AVX2 numbers."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
+    import amid
+
+    return f"{_cpu_model()} (amid {amid.build_info()['cpu_isa']}, ATen {torch.backends.cpu.get_cpu_capability()})"
+
+
+def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -23,6 +23,10 @@ namespace amid {
 // The smallest alpha-beta exponent accepted (1/a, 1/b and 1/(ab) stay finite in float32 math).
 constexpr double kMinAbExponent = 1e-30;
 
+// A macro's value as a string literal (build macros such as AMID_TORCH_VERSION, AMID_CPU_TARGET).
+#define AMID_STR2(...) #__VA_ARGS__
+#define AMID_STR(...) AMID_STR2(__VA_ARGS__)
+
 #define AMID_CHECK(cond, op, ...) TORCH_CHECK((cond), "amid::", op, ": ", __VA_ARGS__)
 
 inline std::string shape_str(const at::Tensor& x) {

@@ -3,14 +3,12 @@
 // cpu/amid_loss_cpu.cpp and cuda/amid_loss_cuda.cu; fake kernels and autograd live in
 // amid/ops.py. The golden list of schemas is tests/op_schemas.txt.
 #include "ops.h"
+#include "checks.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <string>
-
-#define AMID_STR2(...) #__VA_ARGS__
-#define AMID_STR(...) AMID_STR2(__VA_ARGS__)
 
 namespace amid {
 
@@ -92,6 +90,12 @@ std::string build_info() {
 #else
   s += ";cuda=0;cuda_archs=";
 #endif
+  s += ";cpu_isa=" + cpu_loop_isa();
+#ifdef AMID_CPU_TARGET
+  s += ";cpu_isa_forced=1";
+#else
+  s += ";cpu_isa_forced=0";
+#endif
   return s;
 }
 
@@ -148,19 +152,20 @@ TORCH_LIBRARY(amid, m) {
   // not read). R1: [N, 5] = (t_max, sum e^(t/T - t_max), s_max, sum e^(s/T - s_max), bad).
   m.def("amid_partial_lse(Tensor student_logits, Tensor teacher_logits, Tensor? row_weight, float temperature) "
         "-> Tensor");
-  // R2, given stats [N, 7] float64 holding the merged A, B (other columns unread):
+  // R2, given stats [N, kNumStats] float64 holding the merged A, B (other columns unread):
   //   [N, 3] = (lt_max, sum e^(lt - lt_max), sum (r~ - o)).
   m.def(
       "amid_partial_mix(Tensor student_logits, Tensor teacher_logits, Tensor? row_weight, Tensor stats, "
       "float alpha, float lam, str divergence, str order, float ab_alpha, float ab_beta, float temperature, "
       "bool detach_assistant) -> Tensor");
-  // R3, given stats [N, 7] float64 holding the merged A, B, Z: the row sums
+  // R3, given stats [N, kNumStats] float64 holding the merged A, B, Z: the row sums
   //   [N, 8] = (L, S_G, S_Gw, S_H, Wbar, bound_l, sum_l1, abs_l1) (the last three kl only, else 0).
   m.def(
       "amid_partial_sums(Tensor student_logits, Tensor teacher_logits, Tensor? row_weight, Tensor stats, "
       "float alpha, float lam, str divergence, str order, float ab_alpha, float ab_beta, float temperature, "
       "bool detach_assistant) -> Tensor");
-  // "torch=<version>;cuda=<0|1>;cuda_archs=<sm_80/sm_90a...>": how this library was built.
+  // "torch=<version>;cuda=<0|1>;cuda_archs=<sm_80/sm_90a...>;cpu_isa=<x86-64-v4|x86-64-v3|baseline>;
+  // cpu_isa_forced=<0|1>": how this library was built (and which clone of the CPU loops runs here).
   m.def("_build_info() -> str", &build_info);
 }
 

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <string_view>
 #include <tuple>
 
@@ -49,6 +50,10 @@ at::Tensor amid_loss_topk_bwd(const at::Tensor& grad_loss, const at::Tensor& stu
                               const std::optional<at::Tensor>& row_weight, std::string_view tail, double alpha,
                               double lam, std::string_view divergence, std::string_view order, double ab_alpha,
                               double ab_beta, double temperature, bool detach_assistant);
+
+// Which build of the CPU loops this process runs: "x86-64-v4" (AVX-512), "x86-64-v3" (AVX2 + FMA) or
+// "baseline" (the loader's pick among the clones, or the one level of a -DAMID_CPU_TARGET build).
+std::string cpu_loop_isa();
 
 // In place: grad[n, :] *= grad_loss[n], skipping rows where grad_loss[n] == 1 (no host sync).
 void scale_grad_(at::Tensor& grad, const at::Tensor& grad_loss);

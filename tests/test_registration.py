@@ -28,6 +28,26 @@ def test_kernels_registered():
     info = amid.build_info()
     assert info["version"] == amid.__version__ and info["library"].endswith(".so")
     assert info["cuda_kernels"] == amid.cuda_kernels_available()
+    assert info["cpu_isa"] in ("x86-64-v4", "x86-64-v3", "baseline")
+
+
+def test_cpu_isa_is_the_cpus_level():
+    """build_info names the clone of the CPU loops the loader picked: the highest x86-64 level the CPU
+    has (v4: AVX-512 F/BW/CD/DQ/VL; v3: AVX2, FMA, BMI1/2, F16C, MOVBE...)."""
+    import platform
+    if platform.machine() != "x86_64" or not os.path.exists("/proc/cpuinfo"):
+        pytest.skip("x86-64 Linux only")
+    if amid.build_info()["cpu_isa_forced"]:
+        pytest.skip("a -DAMID_CPU_TARGET build runs one level by design")
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    v3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"} <= flags
+    v4 = v3 and {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags
+    assert amid.build_info()["cpu_isa"] == ("x86-64-v4" if v4 else "x86-64-v3" if v3 else "baseline")
 
 
 def _fwd_samples(device):

@@ -39,9 +39,15 @@
 
 // Clones of each loop for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and the baseline; the dynamic
 // loader picks per CPU. (GCC splits a clone string at commas: "avx2,fma" made two clones, AVX2 without
-// FMA and FMA without AVX2, not one with both.)
+// FMA and FMA without AVX2, not one with both.) -DAMID_CPU_TARGET=x86-64-v3 (a benchmarking build)
+// compiles one level only, to measure the AVX2 loops on an AVX-512 machine.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__INTEL_COMPILER) && defined(__linux__)
+#define AMID_X86_CLONES 1
+#ifdef AMID_CPU_TARGET
+#define AMID_CPU_CLONES __attribute__((target("arch=" AMID_STR(AMID_CPU_TARGET))))
+#else
 #define AMID_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
 #else
 #define AMID_CPU_CLONES
 #endif
@@ -1017,6 +1023,18 @@ at::Tensor amid_partial_sums_cpu(const at::Tensor& student_logits, const at::Ten
 }
 
 }  // namespace
+
+std::string cpu_loop_isa() {
+#if defined(AMID_X86_CLONES) && defined(AMID_CPU_TARGET)
+  return AMID_STR(AMID_CPU_TARGET);
+#elif defined(AMID_X86_CLONES)
+  // The resolver's choice (GCC picks the highest level the CPU supports).
+  return __builtin_cpu_supports("x86-64-v4") ? "x86-64-v4" : __builtin_cpu_supports("x86-64-v3") ? "x86-64-v3"
+                                                                                                   : "baseline";
+#else
+  return "baseline";
+#endif
+}
 
 // ------------------------------------------------------------------------------------------------
 // Registration

@@ -2,7 +2,7 @@
 // amid_partial_lse (R1), amid_partial_mix (R2) and amid_partial_sums (R3). The per-row results are
 // the CPU ops' (cpu/amid_loss_cpu.cpp, section "Vocab-parallel partial rows"; read that first):
 //   R1  [N, 5] = (t_max, sum e^(t/T - t_max), s_max, sum e^(s/T - s_max), bad)
-//   R2  [N, 3] = (lt_max, sum e^(lt - lt_max), sum tau)            given merged A, B in stats [N, 7]
+//   R2  [N, 3] = (lt_max, sum e^(lt - lt_max), sum tau)            given merged A, B in stats [N, 8]
 //   R3  [N, 8] = (L, S_G, S_Gw, S_H, Wbar, bound_l, sum_l1, abs_l1)  given merged A, B, Z in stats
 // with the same neutral states: rows of weight 0 are not read and get (-inf, 0, -inf, 0, 0) in R1,
 // zeros in R2 / R3; rows whose input stats hold a NaN (found invalid by an earlier merge) get NaN;
