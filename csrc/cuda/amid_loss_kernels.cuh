@@ -102,19 +102,19 @@ __device__ __forceinline__ void write_grad_row_c(const LossParams<acc_t>& P, con
 // Shared-memory bytes of a resident CTA's row slice for a cluster of C: the teacher and student slices
 // (each padded by one vector for the global row's misalignment), and with `stash` one acc_t per element
 // (R2's logarithm terms; 32-byte aligned after the logits, at the same misalignment).
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t>
 __host__ __device__ inline int64_t resident_slice_cap(int64_t V, int64_t C) {
   constexpr int kW = VecWidth<scalar_t>::value;
   return ((V + C - 1) / C + kW - 1) / kW * kW + kW;
 }
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t>
 __host__ __device__ inline int64_t resident_logit_bytes(int64_t cap) {
   return (2 * cap * int64_t(sizeof(scalar_t)) + 31) / 32 * 32;
 }
 template <typename scalar_t, typename acc_t>
 inline int64_t resident_bytes(int64_t V, int64_t C, bool stash) {
-  const int64_t cap = resident_slice_cap<scalar_t, acc_t>(V, C);
-  return resident_logit_bytes<scalar_t, acc_t>(cap) + (stash ? cap * int64_t(sizeof(acc_t)) : 0);
+  const int64_t cap = resident_slice_cap<scalar_t>(V, C);
+  return resident_logit_bytes<scalar_t>(cap) + (stash ? cap * int64_t(sizeof(acc_t)) : 0);
 }
 
 // A row that is not computed: `value` into this CTA's slice of the gradient row (if any) and, from
@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
       scalar_t* ss = reinterpret_cast<scalar_t*>(smem_raw) + cap + pad;
       if (kStash && a.stash && g) {  // (no gradient row: nothing to keep)
         // (32-bit offset: shared memory is < 256 KiB; a 64-bit one kept a register across the row loop)
-        cst = reinterpret_cast<acc_t*>(smem_raw + unsigned(resident_logit_bytes<scalar_t, acc_t>(cap))) + unsigned(pad);
+        cst = reinterpret_cast<acc_t*>(smem_raw + unsigned(resident_logit_bytes<scalar_t>(cap))) + unsigned(pad);
       }
       __syncthreads();  // the previous row's readers are done with the buffer
       const bool copy_vec = same_misalignment(t, s, sizeof(scalar_t));
