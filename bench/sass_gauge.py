@@ -51,6 +51,10 @@ Method (what is counted, and how)
    MUFU ops are the MUFU.* instructions on the same path.
 6. Per element = per iteration / elements per iteration. "all passes" = R1 + R2 + W of the forward
    kernel (the forward computes the gradient: the product's fused step), the stage copy excluded.
+7. The forward kernel holds R2 and W twice (amid_loss_kernels.cuh: BoundedRow): for rows whose logits are
+   all finite with |x / T| < 2^100 (R1 checks; nearly every row), without the guards for -inf masks and
+   overflow, tagged R2 / W / Ws; and for the other rows, tagged R2m / Wm / Wsm. "all passes" and the
+   targets count the first; the "general" columns (R1 + R2m + Wm) the second.
 
 Static shared memory is ptxas's (cuobjdump -res-usage's SHARED minus the 1 KiB reservation it includes).
 Occupancy follows cuda_occupancy.h for sm_90 (65536 registers per SM in 4 sub-partitions, 256-register
@@ -104,7 +108,11 @@ ORDERS = {0: "pr", 1: "qr", 2: "rp", 3: "rq", 4: "jsd"}
 PASSES = ("stage", "R1", "R2", "W")
 # "Ws": the resident power-mean kernels' W pass from R2's kept logarithm terms (RowArgs::stash), reported
 # as W where the launcher keeps them at V_GAUGE. "stash": the load of those terms (not a logit load).
-TAGS = PASSES + ("Ws",)
+# The forward kernel runs R2 and W in two forms, chosen per row after R1: rows whose logits are all finite
+# and below 2^100 in magnitude (bounded: nearly every row) take the tags above; the others ("m": -inf
+# masks or huge logits) the tags R2m, Wm and Wsm, reported in the "general" columns.
+GENERAL = ("R2m", "Wm")
+TAGS = PASSES + ("Ws",) + GENERAL + ("Wsm",)
 
 # Targets of issue 9 (bf16, sm_90a): (instructions, MUFU) per element over R1 + R2 + W.
 TARGETS = {"kl": (130, 11), "ab": (170, 14)}
@@ -673,9 +681,11 @@ def gauge_cubin(cubin: str, dtypes: Sequence[str], warnings: List[str]) -> List[
                                else (1, 0, False))
         ctas, limiter = ctas_per_sm(regs, static, dyn, consts["threads"])
         loops = hot_loops(fn, eb, cold, warnings)
-        ws = loops.pop("Ws", None)  # the W that runs at V_GAUGE
+        ws, wsm = loops.pop("Ws", None), loops.pop("Wsm", None)  # the W that runs at V_GAUGE
         if stash and ws:
             loops["W"] = ws
+        if stash and wsm:
+            loops["Wm"] = wsm
         if kind == "fwd" and not loops:
             warnings.append("no pass-tagged hot loop in the forward kernels: is csrc/ the source the cubins "
                             "were built from (the line info must match the `// gauge:` tags)?")
@@ -697,6 +707,14 @@ def gauge_cubin(cubin: str, dtypes: Sequence[str], warnings: List[str]) -> List[
                 tot_m += lc.mufu_per_elem
         row["all_instr_per_elem"] = round(tot_i, 2)
         row["all_mufu_per_elem"] = round(tot_m, 3)
+        # Rows with -inf masks or huge logits: R1 + R2m + Wm (forward kernels; "" where there is no such form).
+        gen = [loops.get("R1")] + [loops.get(p) for p in GENERAL]
+        for p, lc in zip(GENERAL, gen[1:]):
+            row[f"{p}_instr_per_elem"] = round(lc.instr_per_elem, 2) if lc else ""
+            row[f"{p}_mufu_per_elem"] = round(lc.mufu_per_elem, 3) if lc else ""
+        ok = all(gen)
+        row["general_instr_per_elem"] = round(sum(lc.instr_per_elem for lc in gen), 2) if ok else ""
+        row["general_mufu_per_elem"] = round(sum(lc.mufu_per_elem for lc in gen), 3) if ok else ""
         if kind == "fwd" and path == "resident" and dtype == "bf16" and mixture != "cheap" and \
                 f"{div}/{order}" in ("kl/pr", "ab/rq"):
             ti, tm = TARGETS[div]
@@ -734,7 +752,7 @@ def tool_version() -> str:
 
 def format_table(rows: Sequence[Dict[str, object]]) -> str:
     hdr = ["kernel", "dtype", "loss", "path", "mix", "regs", "spill", "smem", "dyn", "C", "CTA/SM", "R1 i/m", "R2 i/m",
-           "W i/m", "all i/m", "stage i", "target"]
+           "W i/m", "all i/m", "general i/m", "stage i", "target"]
     out = [hdr]
     for r in rows:
         def im(p: str) -> str:
@@ -744,6 +762,8 @@ def format_table(rows: Sequence[Dict[str, object]]) -> str:
         out.append([r["kernel"], r["dtype"], r["loss"], r["path"], str(r["mixture"]), str(r["registers"]), str(r["spill_instructions"]),
                     str(r["static_smem"]), str(r["dyn_smem"]), str(r["cluster"]), f"{r['ctas_per_sm']} ({r['cta_limit']})",
                     im("R1"), im("R2"), im("W"), f"{float(r['all_instr_per_elem']):.1f}/{float(r['all_mufu_per_elem']):.2f}",
+                    "-" if r.get("general_instr_per_elem", "") == "" else
+                    f"{float(r['general_instr_per_elem']):.1f}/{float(r['general_mufu_per_elem']):.2f}",
                     "-" if st == "" else f"{float(st):.1f}", str(r["target"])])
     w = [max(len(row[i]) for row in out) for i in range(len(hdr))]
     return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(row)).rstrip() for row in out)
@@ -763,10 +783,13 @@ def readme_table(csv_path: str) -> str:
              f"nvdisasm {r0['tools']}, source {r0['source']}). Per element: issued instructions / MUFU ops in the hot "
              f"loop of each pass (method: `bench/sass_gauge.py`); CTAs per SM on sm_90 at V = {V_GAUGE}. "
              "The power-mean kernels (the mixture of 0 < λ < 1, α ≠ 1); the streaming variants and the "
-             "cheap-mode kernels (λ ∈ {0, 1} or α = 1: no special function in the mixture) in the CSV.",
+             "cheap-mode kernels (λ ∈ {0, 1} or α = 1: no special function in the mixture) in the CSV. "
+             "R2 and W are those of rows whose logits are all finite and below 2^100 in magnitude (nearly every "
+             "row); rows with −inf masks or huge logits run R2 and W with their guards (the last column).",
              "",
-             "| kernel | loss | path | regs | spills | smem static + dyn (cluster) | CTAs/SM | R1 | R2 | W | R1+R2+W | target |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| kernel | loss | path | regs | spills | smem static + dyn (cluster) | CTAs/SM | R1 | R2 | W | R1+R2+W | target "
+             "| masked / huge rows |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["dtype"] != "bf16" or r["path"] == "stream" or r.get("mixture", "any") == "cheap":  # in the CSV
             continue
@@ -774,13 +797,16 @@ def readme_table(csv_path: str) -> str:
         def im(p: str) -> str:
             return "–" if r[f"{p}_instr_per_elem"] == "" else \
                 f"{float(r[f'{p}_instr_per_elem']):.0f} / {float(r[f'{p}_mufu_per_elem']):.1f}"
+        def general(r) -> str:
+            i = r.get("general_instr_per_elem", "")
+            return "–" if i == "" else f"{float(i):.0f} / {float(r['general_mufu_per_elem']):.1f}"
         kept = " + terms" if r.get("stash") == "1" else ""
         smem = (f"{r['static_smem']} + {r['dyn_smem']} ({r['cluster']}{kept})" if r["path"] == "resident"
                 else r["static_smem"])
         lines.append(f"| {r['kernel']} | {r['loss']} | {r['path']} | {r['registers']} | {r['spill_instructions']} | "
                      f"{smem} | {r['ctas_per_sm']} | {im('R1')} | {im('R2')} | {im('W')} | "
                      f"{float(r['all_instr_per_elem']):.0f} / {float(r['all_mufu_per_elem']):.1f} | "
-                     f"{r['target'].replace('UNMET', '**unmet**') or ''} |")
+                     f"{r['target'].replace('UNMET', '**unmet**') or ''} | {general(r)} |")
     return "\n".join(lines)
 
 

@@ -141,6 +141,9 @@ AMID_HD float log_sel_poly(bool use_log1p, float y, float s) {
 // one-logarithm log1p / log selection the mixture uses (rcp, log_sel).
 
 struct LibMath {
+  // Whether every logit of the row is finite with |logit / T| < 2^100 (BoundedRow): no -inf masks and
+  // no overflow in x - max, (t - s) - (A - B), so their guards compile out. The general policy: false.
+  static constexpr bool kBounded = false;
   static AMID_HD float exp(float x) { return ::expf(x); }
   static AMID_HD double exp(double x) { return ::exp(x); }
   static AMID_HD float log(float x) { return ::logf(x); }
@@ -228,6 +231,14 @@ struct LibMath {
   static AMID_HD double log_sel(bool use_log1p, double y, double s) { return use_log1p ? ::log1p(y) : ::log(s); }
 };
 
+// A math policy for rows whose logits are all finite with |logit / T| < 2^100 (the GPU forward kernel
+// checks this per row after R1: LseAcc::bounded): the same results as Base there, bit for bit, without
+// the guards for -inf masks and overflow (log_prob, logit_gap, select_both_masked, the kl keep masks).
+template <class Base>
+struct BoundedRow : Base {
+  static constexpr bool kBounded = true;
+};
+
 // ------------------------------------------------------------------------------------------------
 // The reference side of a loss: the distribution the assistant is compared with (p for pr / rp,
 // q for qr / rq). Small losses are the regime where r ~ that side (spec §5.6), so the kernels carry
@@ -260,6 +271,7 @@ constexpr bool ref_is_p() {
 template <typename T>
 struct PowerPre {
   T ax, e, inv_e;  // -|x| (x = k dpq), e = exp(-|x|) and 1 / e = exp(|x|) (1 ulp; +inf where e = 0)
+  T w;             // R2's weight (power_finish; W forms its own, power_w_from_c, and drops this one)
   bool q_base, own, big;
 };
 
@@ -271,6 +283,9 @@ AMID_HD PowerPre<T> power_pre(const LossParams<T>& P, T dpq) {
   m.ax = m.q_base ? x : -x;  // -|x|
   m.e = M::exp_approx(m.ax);  // scales w, s_B, y_up; em1 = e - 1 only where |x| >= 1/2
   m.inv_e = M::rcp_approx(m.e);  // one MUFU.RCP on the GPU, no Newton step (w, y_up: an ulp more is harmless)
+  // R2's w here, next to 1 / e (see power_finish): kept live across power_log instead, 1 / e was computed
+  // twice in the GPU's R2 (a second MUFU.RCP), or a register spilled.
+  m.w = M::rcp_approx(T(1) + P.lam_ratio * (m.q_base ? m.e : m.inv_e));
   m.own = REF_P ? !m.q_base : m.q_base;
   m.big = m.ax < T(-80);
   return m;
@@ -322,8 +337,8 @@ AMID_HD void power_finish(const LossParams<T>& P, const PowerPre<T>& m, T c, T l
   // sigmoid's saturated value, 1 or 0 by the sign of log((1-lam)/lam) - |x|.
   // w = 1 / (1 + lam / (1-lam) e^(+-|x|)) (1 / e is the mixture's reciprocal, shared with y_up): one more
   // reciprocal of a denominator >= 1, to 1 ulp (w only weights R2's sums); 0 where e = 0 without q as
-  // the base (1 + inf).
-  w = M::rcp_approx(T(1) + P.lam_ratio * (m.q_base ? m.e : m.inv_e));
+  // the base (1 + inf). Formed in power_pre (PowerPre::w).
+  w = m.w;
   if (TINY_LAM && P.lam_tiny) {
     // num / den with the form of the branch (den >= 1 with q as the base). den < 2^-60 (only without q as
     // the base, with lam / (1-lam) and e both tiny): both scaled by 2^100 first, or 1 / den would overflow
@@ -350,9 +365,13 @@ AMID_HD T power_w_from_c(const LossParams<T>& P, const PowerPre<T>& m, T c) {
   return P.one_minus_lam * M::exp_approx(t - P.k * c);
 }
 
-// Where both sides are masked (-inf): lt = -inf, w = d = 0.
-template <typename T>
+// Where both sides are masked (-inf): lt = -inf, w = d = 0. (No masks in a bounded row: M::kBounded.)
+template <class M, typename T>
 AMID_HD void select_both_masked(T lp, T lq, T lt_, T w_, T d_, T& lt, T& w, T& d) {
+  if constexpr (M::kBounded) {
+    lt = lt_, w = w_, d = d_;
+    return;
+  }
   const bool both_masked = (lp == neg_inf<T>()) & (lq == neg_inf<T>());
   lt = both_masked ? neg_inf<T>() : lt_;
   w = both_masked ? T(0) : w_;
@@ -386,7 +405,7 @@ AMID_HD void mixture(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& 
     c = power_log<REF_P, M, TINY_LAM>(P, m);
     power_finish<REF_P, M, TINY_LAM>(P, m, c, lp, lq, lt_, w_, d_);
   }
-  select_both_masked(lp, lq, lt_, w_, d_, lt, w, d);
+  select_both_masked<M>(lp, lq, lt_, w_, d_, lt, w, d);
 }
 
 template <MixMode MODE, bool REF_P, class M, bool TINY_LAM = true, typename T>
@@ -403,7 +422,7 @@ AMID_HD void power_mixture_from_c(const LossParams<T>& P, T lp, T lq, T dpq, T c
   T lt_, d_;
   const PowerPre<T> m = power_pre<REF_P, M>(P, dpq);
   power_lt_d<REF_P>(m, c, lp, lq, lt_, d_);
-  select_both_masked(lp, lq, lt_, power_w_from_c<M>(P, m, c), d_, lt, w, d);
+  select_both_masked<M>(lp, lq, lt_, power_w_from_c<M>(P, m, c), d_, lt, w, d);
 }
 
 // Runtime-mode form (for code that does not specialise on the mode).
@@ -470,9 +489,10 @@ struct RowLse {
 // A finite logit never gives log p = -inf (which would read as a masked entry): the difference
 // x - max saturates at float's lowest value instead (p = 0 either way), e.g. for logits of opposite
 // signs near 3e38.
-template <typename T>
+template <class M, typename T>
 AMID_HD T log_prob(T x, RowLse<T> a) {
   const T y = (x - a.m) - a.l;  // never NaN in a valid row (a.m, a.l finite; x finite or -inf)
+  if constexpr (M::kBounded) return y;  // |x|, |a.m| < 2^100: finite, and x is never -inf
   // Two plain selects (not a select on the AND of two comparisons: GCC 12 does not vectorise that mask).
   const T yc = max_nn(y, std::numeric_limits<T>::lowest());
   return x == neg_inf<T>() ? x : yc;
@@ -488,7 +508,7 @@ AMID_HD T row_lse_gap(RowLse<T> A, RowLse<T> B) {
 // (A - B) (exact when the student is close to its teacher, where lp - lq would carry eps |lp|: the
 // small-divergence regime, spec §5.6), or lp - lq (when tf - sf is large or overflows, e.g. logits
 // of opposite signs near 3e38). dAB = A - B is a row constant (formed in double by the caller).
-template <typename T>
+template <class M, typename T>
 AMID_HD T logit_gap(T tf, T sf, T lp, T lq, T dAB) {
   // Error bounds (up to a factor 2) as maxima, not sums, so that they cannot overflow: an infinite
   // ts or dAB (logits of opposite signs near 3e38) always selects lp - lq, which stays finite.
@@ -497,6 +517,7 @@ AMID_HD T logit_gap(T tf, T sf, T lp, T lq, T dAB) {
   const T ts = tf - sf;
   const T b1 = max_nn(abs_nn(ts), abs_nn(dAB)), b2 = max_nn(abs_nn(lp), abs_nn(lq));
   const T f1 = ts - dAB;  // may overflow where lp - lq does not (|lp|, |lq| <= float max): then lp - lq
+  if constexpr (M::kBounded) return b1 <= b2 ? f1 : lp - lq;  // |f1| < 2^102 + log V: finite
   const bool f1_finite = abs_nn(f1) < std::numeric_limits<T>::infinity();  // false for NaN
   return (b1 <= b2) & f1_finite ? f1 : lp - lq;
 }
@@ -508,17 +529,17 @@ AMID_HD T logit_gap(T tf, T sf, T lp, T lq, T dAB) {
 template <MixMode MODE, bool REF_P, class M, bool TINY_LAM = true, typename T>
 AMID_HD void mixture_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T& lp, T& lq,
                                  T& lt, T& w, T& d) {
-  lp = log_prob(tf, A);
-  lq = log_prob(sf, B);
-  mixture<MODE, REF_P, M, TINY_LAM>(P, lp, lq, logit_gap(tf, sf, lp, lq, dAB), lt, w, d);
+  lp = log_prob<M>(tf, A);
+  lq = log_prob<M>(sf, B);
+  mixture<MODE, REF_P, M, TINY_LAM>(P, lp, lq, logit_gap<M>(tf, sf, lp, lq, dAB), lt, w, d);
 }
 
 template <bool REF_P, class M, typename T>
 AMID_HD void mixture_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T& lp, T& lq,
                                  T& lt, T& w, T& d) {
-  lp = log_prob(tf, A);
-  lq = log_prob(sf, B);
-  mixture<REF_P, M>(P, lp, lq, logit_gap(tf, sf, lp, lq, dAB), lt, w, d);
+  lp = log_prob<M>(tf, A);
+  lq = log_prob<M>(sf, B);
+  mixture<REF_P, M>(P, lp, lq, logit_gap<M>(tf, sf, lp, lq, dAB), lt, w, d);
 }
 
 // The GPU kernels' split: POWER kernels compile only the power mean (kPower, the one mode with special
@@ -527,9 +548,9 @@ AMID_HD void mixture_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A
 template <bool POWER, bool REF_P, class M, typename T>
 AMID_HD void mixture_from_logits_split(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T& lp,
                                        T& lq, T& lt, T& w, T& d) {
-  lp = log_prob(tf, A);
-  lq = log_prob(sf, B);
-  const T dpq = logit_gap(tf, sf, lp, lq, dAB);
+  lp = log_prob<M>(tf, A);
+  lq = log_prob<M>(sf, B);
+  const T dpq = logit_gap<M>(tf, sf, lp, lq, dAB);
   if constexpr (POWER) {
     mixture<MixMode::kPower, REF_P, M>(P, lp, lq, dpq, lt, w, d);
   } else {
@@ -556,18 +577,18 @@ AMID_HD void mixture_from_logits(const LossParams<T>& P, T tf, T sf, T A, T B, T
 template <MixMode MODE, class M, bool TINY_LAM = true, typename T>
 AMID_HD void mixture_both_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T& lp,
                                       T& lq, T& lt, T& w, T& dp, T& dq) {
-  lp = log_prob(tf, A);
-  lq = log_prob(sf, B);
-  mixture_both<MODE, M, TINY_LAM>(P, lp, lq, logit_gap(tf, sf, lp, lq, dAB), lt, w, dp, dq);
+  lp = log_prob<M>(tf, A);
+  lq = log_prob<M>(sf, B);
+  mixture_both<MODE, M, TINY_LAM>(P, lp, lq, logit_gap<M>(tf, sf, lp, lq, dAB), lt, w, dp, dq);
 }
 
 // The GPU kernels' split (see mixture_from_logits_split) for the combined order.
 template <bool POWER, class M, typename T>
 AMID_HD void mixture_both_from_logits_split(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB,
                                             T& lp, T& lq, T& lt, T& w, T& dp, T& dq) {
-  lp = log_prob(tf, A);
-  lq = log_prob(sf, B);
-  const T dpq = logit_gap(tf, sf, lp, lq, dAB);
+  lp = log_prob<M>(tf, A);
+  lq = log_prob<M>(sf, B);
+  const T dpq = logit_gap<M>(tf, sf, lp, lq, dAB);
   if constexpr (POWER) {
     mixture_both<MixMode::kPower, M>(P, lp, lq, dpq, lt, w, dp, dq);
   } else {
@@ -582,9 +603,9 @@ AMID_HD void mixture_both_from_logits_split(const LossParams<T>& P, T tf, T sf, 
 template <class M, typename T>
 AMID_HD void mixture_both_from_logits(const LossParams<T>& P, T tf, T sf, T A, T B, T& lp, T& lq, T& lt, T& w, T& dp,
                                       T& dq) {
-  lp = log_prob(tf, RowLse<T>{A, T(0)});
-  lq = log_prob(sf, RowLse<T>{B, T(0)});
-  mixture_both<M>(P, lp, lq, logit_gap(tf, sf, lp, lq, A - B), lt, w, dp, dq);
+  lp = log_prob<M>(tf, RowLse<T>{A, T(0)});
+  lq = log_prob<M>(sf, RowLse<T>{B, T(0)});
+  mixture_both<M>(P, lp, lq, logit_gap<M>(tf, sf, lp, lq, A - B), lt, w, dp, dq);
 }
 
 // tau = r~ - o for one element (o = e^l_ref, d = lt - l_ref), without cancellation when r~ ~ o.
@@ -732,7 +753,7 @@ template <Divergence D, Order O, class M, typename T>
 AMID_HD Terms<T> element_terms(const LossParams<T>& P, T p, T q, T r, T lp, T lq, T lr, T e) {
   Terms<T> o;
   if constexpr (D == Divergence::kKL) {
-    const bool keep = (lp != neg_inf<T>()) & (lq != neg_inf<T>());
+    const bool keep = M::kBounded || ((lp != neg_inf<T>()) & (lq != neg_inf<T>()));
     const T ref = ref_is_p<O>() ? p : q;
     // r - ref: ref expm1(e) near r = ref, the plain difference once |e| >= 1/2 (no cancellation).
     const bool small = (e > T(-0.5)) & (e < T(0.5));
@@ -828,16 +849,16 @@ AMID_HD T grad_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowL
   if constexpr (O == Order::kJSD) {
     T lp, lq, lt, w, dp, dq;
     if constexpr (POWER) {  // w as the single orders' W pass (power_w_from_c)
-      lp = log_prob(tf, A);
-      lq = log_prob(sf, B);
-      const T dpq = logit_gap(tf, sf, lp, lq, dAB);
+      lp = log_prob<M>(tf, A);
+      lq = log_prob<M>(sf, B);
+      const T dpq = logit_gap<M>(tf, sf, lp, lq, dAB);
       const PowerPre<T> mp = power_pre<true, M>(P, dpq), mq = power_pre<false, M>(P, dpq);
       const T cp = power_log<true, M, true>(P, mp), cq = power_log<false, M, true>(P, mq);
       T lt_p, dp_, lt_q, dq_, w_q;
       power_lt_d<true>(mp, cp, lp, lq, lt_p, dp_);
       power_lt_d<false>(mq, cq, lp, lq, lt_q, dq_);
-      select_both_masked(lp, lq, lt_p, power_w_from_c<M>(P, mp, cp), dp_, lt, w, dp);
-      select_both_masked(lp, lq, lt_q, T(0), dq_, lt_q, w_q, dq);
+      select_both_masked<M>(lp, lq, lt_p, power_w_from_c<M>(P, mp, cp), dp_, lt, w, dp);
+      select_both_masked<M>(lp, lq, lt_q, T(0), dq_, lt_q, w_q, dq);
     } else {
       mixture_both_from_logits_split<POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
     }
@@ -847,8 +868,8 @@ AMID_HD T grad_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowL
     const Terms<T> o{T(0), jt.G, jt.H};
     return element_grad(false, w, q, r, o, S_G, K);
   } else if constexpr (POWER) {  // as from R2's kept term (grad_from_logits_c): the same value
-    const T lp = log_prob(tf, A), lq = log_prob(sf, B);
-    const T dpq = logit_gap(tf, sf, lp, lq, dAB);
+    const T lp = log_prob<M>(tf, A), lq = log_prob<M>(sf, B);
+    const T dpq = logit_gap<M>(tf, sf, lp, lq, dAB);
     const T c = power_log<ref_is_p<O>(), M, true>(P, power_pre<ref_is_p<O>(), M>(P, dpq));
     T lt, w, d;
     power_mixture_from_c<ref_is_p<O>(), M>(P, lp, lq, lp - lq, c, lt, w, d);  // (see grad_from_logits_c)
@@ -866,7 +887,7 @@ template <Divergence D, Order O, class M, typename T>
 AMID_HD T grad_from_logits_c(const LossParams<T>& P, T tf, T sf, T c, RowLse<T> A, RowLse<T> B, T dAB, T Z, T S_G,
                              T K) {
   static_assert(O != Order::kJSD, "grad_from_logits_c: single orders only (kJSD has two logarithm terms)");
-  const T lp = log_prob(tf, A), lq = log_prob(sf, B);
+  const T lp = log_prob<M>(tf, A), lq = log_prob<M>(sf, B);
   T lt, w, d;
   // lp - lq itself, not logit_gap's accurate form: from c, the logit gap only selects the branch (whose
   // forms agree at its edges, |x| = 0 and 80) and enters w through e^(|x| - |x|_R2), a relative error of

@@ -73,19 +73,28 @@ struct OnlineLSE {
   AMID_HD T value(T log_s) const { return m + log_s; }  // caller supplies log(s)
 };
 
-// R1 state: both log-sum-exps and the invalid-input flag (NaN or +inf seen).
+// R1 state: both log-sum-exps, the invalid-input flag (NaN or +inf seen) and the largest |logit|
+// (bounded: every logit finite with |x| < 2^100, so the row can take the BoundedRow math policy).
 template <typename T>
 struct LseAcc {
   OnlineLSE<T> t, s;
   T bad = T(0);
+  T amax = T(0);  // max |x| over both sides (fmax ignores NaN; -inf gives inf)
   template <class M>
   AMID_HD void add(T tv, T sv) {
+    using std::fabs;
+    using std::fmax;
     bad = ((tv < std::numeric_limits<T>::infinity()) & (sv < std::numeric_limits<T>::infinity())) ? bad : T(1);
+    amax = fmax(amax, fmax(fabs(tv), fabs(sv)));
     t.template add<M>(tv);
     s.template add<M>(sv);
   }
   template <class M, int n>
   AMID_HD void add_chunk(const T* tv, const T* sv) {
+    using std::fabs;
+    using std::fmax;
+#pragma unroll
+    for (int j = 0; j < n; ++j) amax = fmax(amax, fmax(fabs(tv[j]), fabs(sv[j])));
     t.template add_chunk<M, n>(tv);
     s.template add_chunk<M, n>(sv);
   }
@@ -93,11 +102,13 @@ struct LseAcc {
   AMID_HD bool invalid() const {
     return (bad != T(0)) | (t.s != t.s) | (s.s != s.s) | (t.m == neg_inf<T>()) | (s.m == neg_inf<T>());
   }
+  AMID_HD bool bounded() const { return amax < T(1.2676506002282294e30); }  // 2^100
   template <class M>
   AMID_HD void merge(const LseAcc& o) {
     t.template merge<M>(o.t);
     s.template merge<M>(o.s);
     bad = bad > o.bad ? bad : o.bad;
+    amax = amax > o.amax ? amax : o.amax;
   }
 };
 
@@ -170,7 +181,7 @@ struct RowAcc {
   // One element; the caller has already rebased to m >= lt. lp, lq may be -inf.
   template <class M>
   AMID_HD void add(const LossParams<T>& P, T lp, T lq, T lt, T w, T d) {
-    const bool finite_lt = lt != neg_inf<T>();
+    const bool finite_lt = M::kBounded || lt != neg_inf<T>();  // (lt is finite in a bounded row)
     const T rel = finite_lt ? lt - m : neg_inf<T>();  // log rho
     const T rho = M::exp_approx(rel);
     S += rho;
@@ -187,7 +198,7 @@ struct RowAcc {
       const T p1 = phi1_div(d);
       const T tau = small ? o * (d + d2 * p1) : rho * pm[0] - o;
       f[x_r ? 3 : 4] += tau;
-      const bool keep = (lp != neg_inf<T>()) & (lq != neg_inf<T>());
+      const bool keep = M::kBounded || ((lp != neg_inf<T>()) & (lq != neg_inf<T>()));
       if (!keep) {
         f[6] += o + tau;  // r~
         if constexpr (x_r) {
@@ -426,9 +437,9 @@ AMID_HD void add_from_logits(Acc& acc, const LossParams<T>& P, T tf, T sf, RowLs
 template <Order O, class M, typename T, typename Acc>
 AMID_HD T add_from_logits_c(Acc& acc, const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB) {
   static_assert(O != Order::kJSD, "add_from_logits_c: single orders only (kJSD has two logarithm terms)");
-  const T lp = log_prob(tf, A), lq = log_prob(sf, B);
+  const T lp = log_prob<M>(tf, A), lq = log_prob<M>(sf, B);
   T lt, w, d, c;
-  mixture<MixMode::kPower, ref_is_p<O>(), M>(P, lp, lq, logit_gap(tf, sf, lp, lq, dAB), lt, w, d, c);
+  mixture<MixMode::kPower, ref_is_p<O>(), M>(P, lp, lq, logit_gap<M>(tf, sf, lp, lq, dAB), lt, w, d, c);
   acc.template rebase<M>(P, lt);
   acc.template add<M>(P, lp, lq, lt, w, d);
   return c;

@@ -199,6 +199,11 @@ def test_gauge_on_built_library(tmp_path, capsys):
             assert r[f"{p}_instr_per_elem"] > 1 and r[f"{p}_mufu_per_elem"] > 0
         if r["path"] == "resident":
             assert r["dyn_smem"] > 0 and r["cluster"] >= 1
+        if r["kernel"] == "fwd" and r["R2_instr_per_elem"] != "" and r["R2m_instr_per_elem"] != "":
+            # Rows with masks or huge logits (R2m, Wm) run the guards that bounded rows (R2, W) compile out.
+            assert r["R2_instr_per_elem"] < r["R2m_instr_per_elem"], (r["loss"], r["path"], r["mixture"])
+            assert r["general_instr_per_elem"] > r["all_instr_per_elem"], (r["loss"], r["path"], r["mixture"])
+    assert sum(r["general_instr_per_elem"] != "" for r in rows if r["kernel"] == "fwd") >= 30, warnings
     targets = {r["loss"]: r["target"] for r in rows if r["target"]}
     assert set(targets) == {"kl/pr", "ab/rq"}
     with capsys.disabled():  # the report, met or not

@@ -150,7 +150,7 @@ AMID_CPU_CLONES void pass_exp(const acc_t* x, int64_t V, acc_t m, acc_t* out) {
 template <typename acc_t>
 AMID_CPU_CLONES void pass_exp_lse(const acc_t* x, int64_t V, RowLse<acc_t> a, acc_t* out) {
 #pragma omp simd
-  for (int64_t v = 0; v < V; ++v) out[v] = M::exp(log_prob(x[v], a));
+  for (int64_t v = 0; v < V; ++v) out[v] = M::exp(log_prob<M>(x[v], a));
 }
 
 template <typename acc_t>
@@ -234,7 +234,7 @@ AMID_CPU_CLONES void pass_terms(const LossParams<acc_t>& P, const acc_t* tf, con
                                 const acc_t* d, acc_t* ls, acc_t* gs, acc_t* hs, acc_t* l1s, acc_t* lbs) {
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) {
-    const Terms<acc_t> o = element_terms<D, O, M>(P, p[v], q[v], r[v], log_prob(tf[v], A), log_prob(sf[v], B),
+    const Terms<acc_t> o = element_terms<D, O, M>(P, p[v], q[v], r[v], log_prob<M>(tf[v], A), log_prob<M>(sf[v], B),
                                                      lt[v] - Z, d[v] - Z);
     ls[v] = o.l;
     gs[v] = o.G;

@@ -56,7 +56,7 @@ struct RowArgs {
 // `len` elements from the row statistics, g = scale * (w (G - r S_G) + H - q K) (amid_math.h:
 // element_terms; for kl G, H, S_G, K are the shifted ones).
 
-template <Divergence D, Order O, bool POWER, typename scalar_t, typename acc_t>
+template <Divergence D, Order O, bool POWER, class MM = M, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const scalar_t* t, const scalar_t* s,
                                                scalar_t* g, int64_t len, bool vec_ok, RowLse<acc_t> A,
                                                RowLse<acc_t> B, acc_t dAB, acc_t Z, acc_t Z2, acc_t S_G, acc_t K,
@@ -69,7 +69,7 @@ __device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const
 #pragma unroll
     for (int j = 0; j < n; ++j) {
       const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
-      out[j] = scalar_t(scale * grad_from_logits<D, O, POWER, M>(P, tf, sf, A, B, dAB, Z, Z2, S_G, K));
+      out[j] = scalar_t(scale * grad_from_logits<D, O, POWER, MM>(P, tf, sf, A, B, dAB, Z, Z2, S_G, K));
     }
     store_chunk_global<n>(g, i, out);
   });
@@ -78,7 +78,7 @@ __device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const
 // The same from the logarithm terms R2 kept in shared memory (cst, at the slice's misalignment): the
 // resident power-mean kernels of a single order, whose W then has no logarithm (amid_math.h:
 // grad_from_logits_c; the same values as write_grad_row bit for bit).
-template <Divergence D, Order O, typename scalar_t, typename acc_t>
+template <Divergence D, Order O, class MM = M, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void write_grad_row_c(const LossParams<acc_t>& P, const scalar_t* t, const scalar_t* s,
                                                  const acc_t* cst, scalar_t* g, int64_t len, bool vec_ok,
                                                  RowLse<acc_t> A, RowLse<acc_t> B, acc_t dAB, acc_t Z, acc_t S_G,
@@ -93,7 +93,7 @@ __device__ __forceinline__ void write_grad_row_c(const LossParams<acc_t>& P, con
 #pragma unroll
     for (int j = 0; j < n; ++j) {
       const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
-      out[j] = scalar_t(scale * grad_from_logits_c<D, O, M>(P, tf, sf, cv[j], A, B, dAB, Z, S_G, K));
+      out[j] = scalar_t(scale * grad_from_logits_c<D, O, MM>(P, tf, sf, cv[j], A, B, dAB, Z, S_G, K));
     }
     store_chunk_global<n>(g, i, out);
   });
@@ -244,26 +244,37 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     const RowLse<acc_t> A{lse.t.m, M::log(lse.t.s)}, B{lse.s.m, M::log(lse.s.s)};
     const acc_t dAB = row_lse_gap(A, B);
 
-    // R2: the mixture per element; Z and the loss-specific sums in online form.
+    // R2: the mixture per element; Z and the loss-specific sums in online form. A row whose logits are
+    // all finite with |x / T| < 2^100 (nearly every row) runs R2 and W with the BoundedRow policy: the same
+    // values, bit for bit, without the guards for -inf masks and overflow (a uniform branch per row).
+    const bool bounded = lse.bounded();
     Acc acc;
-    visit_row(t, s, len, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {  // gauge:R2
-      constexpr int n = decltype(nc)::value;
-      if constexpr (kStash) {
-        alignas(16) acc_t cv[n];
+    auto r2 = [&](auto policy) {
+      using MM = decltype(policy);
+      visit_row(t, s, len, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
+        constexpr int n = decltype(nc)::value;
+        if constexpr (kStash) {
+          alignas(16) acc_t cv[n];
 #pragma unroll
-        for (int j = 0; j < n; ++j) {
-          const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
-          cv[j] = add_from_logits_c<O, M>(acc, P, tf, sf, A, B, dAB);
-        }
-        if (cst) store_vals<n>(cst, i, cv);
-      } else {
+          for (int j = 0; j < n; ++j) {
+            const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
+            cv[j] = add_from_logits_c<O, MM>(acc, P, tf, sf, A, B, dAB);
+          }
+          if (cst) store_vals<n>(cst, i, cv);
+        } else {
 #pragma unroll
-        for (int j = 0; j < n; ++j) {
-          const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
-          add_from_logits<O, POWER, M>(acc, P, tf, sf, A, B, dAB);
+          for (int j = 0; j < n; ++j) {
+            const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
+            add_from_logits<O, POWER, MM>(acc, P, tf, sf, A, B, dAB);
+          }
         }
-      }
-    });
+      });
+    };
+    if (bounded) {
+      r2(BoundedRow<M>{});  // gauge:R2
+    } else {
+      r2(M{});  // gauge:R2m
+    }
     acc = cluster_reduce<acc_t>(acc, acc_scratch, acc_slot, round++, merge_acc);
     acc_t Z, Z2, L, S_G, K;
     const bool ok = acc.template close<M>(P, Z, Z2, L, S_G, K);
@@ -284,11 +295,21 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
       bool done = false;
       if constexpr (kStash) {
         if (cst) {
-          write_grad_row_c<D, O>(P, t, s, cst, g, len, vec_ok, A, B, dAB, Z, S_G, K, scale);  // gauge:Ws
+          if (bounded) {
+            write_grad_row_c<D, O, BoundedRow<M>>(P, t, s, cst, g, len, vec_ok, A, B, dAB, Z, S_G, K, scale);  // gauge:Ws
+          } else {
+            write_grad_row_c<D, O, M>(P, t, s, cst, g, len, vec_ok, A, B, dAB, Z, S_G, K, scale);  // gauge:Wsm
+          }
           done = true;
         }
       }
-      if (!done) write_grad_row<D, O, POWER>(P, t, s, g, len, vec_ok, A, B, dAB, Z, Z2, S_G, K, scale);  // gauge:W
+      if (!done) {
+        if (bounded) {
+          write_grad_row<D, O, POWER, BoundedRow<M>>(P, t, s, g, len, vec_ok, A, B, dAB, Z, Z2, S_G, K, scale);  // gauge:W
+        } else {
+          write_grad_row<D, O, POWER, M>(P, t, s, g, len, vec_ok, A, B, dAB, Z, Z2, S_G, K, scale);  // gauge:Wm
+        }
+      }
     }
   }
   cluster_exit_barrier();

@@ -363,6 +363,136 @@ static void test_kept_terms() {
   test_kept_terms_one<double, amid::LibMath>("double");
 }
 
+// Rows whose logits are all finite with |x / T| < 2^100 run R2 and W under the BoundedRow policy on the GPU
+// (amid_loss_kernels.cuh), without the guards for -inf masks and overflow; there it must give the general
+// policy's values bit for bit: the row statistics, R2's kept logarithm terms and every gradient element.
+// Every loss and order (jsd too), power-mean and cheap mixtures, lam from subnormal to 1 - 1e-7, logits from
+// nearly equal to far apart (|x| > 80), huge (1e20, 1e29) and offset (a teacher 700 above its student).
+// And LseAcc::bounded() itself.
+template <typename T, class M>
+static void test_bounded_rows_one(const char* tname) {
+  using MB = amid::BoundedRow<M>;
+  static_assert(MB::kBounded && !M::kBounded, "BoundedRow: expected kBounded true over a general policy");
+  int checked = 0;
+  std::mt19937 rng(7);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  const int64_t V = 131;
+  const T lam_tiny = std::is_same<T, float>::value ? T(1e-40) : T(1e-310);
+  auto same = [](T a, T b) { return std::memcmp(&a, &b, sizeof(T)) == 0; };
+  for (const char* div : {"kl", "ab"}) {
+    for (const char* ord : {"pr", "qr", "rp", "rq", "jsd"}) {
+      for (double alpha : {-10.0, -1.0, 0.5, 1.0, 3.0}) {
+        for (double lam : {double(lam_tiny), 1e-6, 0.3, 0.98, 1.0 - 1e-7, 1.0}) {
+          for (double temp : {1.0, 0.7}) {
+            // (the second temperature also shifts the teacher by 700: logit_gap's other form, lp - lq)
+            const double shift = temp == 1.0 ? 0.0 : 700.0;
+            std::vector<T> t(V), s(V);
+            for (int64_t v = 0; v < V; ++v) {
+              const double base = 3 * nd(rng);
+              t[v] = T(base + shift);
+              const int kind = int(v % 8);
+              s[v] = T(kind == 0 ? base + 1e-4 * nd(rng) : kind == 1 ? base + 400 * nd(rng) : 3 * nd(rng));
+            }
+            t[9] = T(80), s[9] = T(-90);
+            t[10] = T(1e3), s[10] = T(-1e3);
+            if (std::strcmp(div, "kl") == 0 && alpha == 0.5) t[11] = T(1e20), s[11] = T(-1e29), t[12] = T(-1e29);
+            const auto P = amid::make_params<T>("test", alpha, lam, div, ord, 0.2, 0.7, temp, false);
+            const bool power = P.mode == amid::MixMode::kPower;
+            amid::dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
+              constexpr amid::Divergence D = decltype(dc)::value;
+              constexpr amid::Order O = decltype(oc)::value;
+              const T invT = P.inv_temperature;
+              amid::LseAcc<T> r1;
+              for (int64_t v = 0; v < V; ++v) r1.template add<M>(t[v] * invT, s[v] * invT);
+              EXPECT(r1.bounded());
+              const amid::RowLse<T> A{r1.t.m, M::log(r1.t.s)}, B{r1.s.m, M::log(r1.s.s)};
+              const T dAB = amid::row_lse_gap(A, B);
+              using Acc = typename amid::RowAccOf<D, O, T>::type;
+              Acc acc, accb;
+              std::vector<T> kept(V), keptb(V);
+              for (int64_t v = 0; v < V; ++v) {
+                const T tf = t[v] * invT, sf = s[v] * invT;
+                if constexpr (O != amid::Order::kJSD) {
+                  if (power) {
+                    kept[v] = amid::add_from_logits_c<O, M>(acc, P, tf, sf, A, B, dAB);
+                    keptb[v] = amid::add_from_logits_c<O, MB>(accb, P, tf, sf, A, B, dAB);
+                    if (!same(kept[v], keptb[v])) ++failures;
+                    continue;
+                  }
+                }
+                add_element<O, M>(P, acc, tf, sf, A, B, dAB);
+                add_element<O, MB>(P, accb, tf, sf, A, B, dAB);
+              }
+              T st[5] = {}, stb[5] = {};
+              const bool ok = acc.template close<M>(P, st[0], st[1], st[2], st[3], st[4]);
+              const bool okb = accb.template close<M>(P, stb[0], stb[1], stb[2], stb[3], stb[4]);
+              EXPECT(ok == okb);
+              for (int i = 0; i < 5; ++i) {
+                if (!same(st[i], stb[i])) {
+                  ++failures;
+                  std::fprintf(stderr, "FAILED bounded row (%s) %s/%s alpha=%g lam=%g T=%g: statistic %d %.17g vs %.17g\n",
+                               tname, div, ord, alpha, lam, temp, i, double(stb[i]), double(st[i]));
+                }
+              }
+              if (!ok) return;
+              const T Z = st[0], Z2 = st[1], S_G = st[3], K = st[4];
+              for (int64_t v = 0; v < V; ++v) {
+                const T tf = t[v] * invT, sf = s[v] * invT;
+                T g, gb;
+                if (power) {
+                  g = amid::grad_from_logits<D, O, true, M>(P, tf, sf, A, B, dAB, Z, Z2, S_G, K);
+                  gb = amid::grad_from_logits<D, O, true, MB>(P, tf, sf, A, B, dAB, Z, Z2, S_G, K);
+                } else {
+                  g = amid::grad_from_logits<D, O, false, M>(P, tf, sf, A, B, dAB, Z, Z2, S_G, K);
+                  gb = amid::grad_from_logits<D, O, false, MB>(P, tf, sf, A, B, dAB, Z, Z2, S_G, K);
+                }
+                ++checked;
+                bool eq = same(g, gb);
+                if constexpr (O != amid::Order::kJSD) {
+                  if (power) {
+                    eq = eq && same(g, amid::grad_from_logits_c<D, O, MB>(P, tf, sf, keptb[v], A, B, dAB, Z, S_G, K));
+                  }
+                }
+                if (!eq) {
+                  ++failures;
+                  std::fprintf(stderr, "FAILED bounded row (%s) %s/%s alpha=%g lam=%g T=%g element %lld: %.17g vs %.17g\n",
+                               tname, div, ord, alpha, lam, temp, (long long)v, double(gb), double(g));
+                }
+              }
+            });
+          }
+        }
+      }
+    }
+  }
+  // LseAcc::bounded: finite and below 2^100 on both sides; a masked (-inf) element or a logit of 2^100 is not.
+  auto lse_of = [](std::initializer_list<std::pair<T, T>> xs) {
+    amid::LseAcc<T> a;
+    for (auto [x, y] : xs) a.template add<M>(x, y);
+    return a;
+  };
+  EXPECT(lse_of({{T(1), T(2)}, {T(1e29), T(-1e29)}}).bounded());
+  EXPECT(!lse_of({{T(1), T(2)}, {T(-INFINITY), T(0)}}).bounded());
+  EXPECT(!lse_of({{T(1), T(-INFINITY)}}).bounded());
+  EXPECT(!lse_of({{T(1), T(1.2676506002282294e30)}}).bounded());
+  amid::LseAcc<T> chunked;
+  const T xs[8] = {1, 2, 3, 4, 5, 6, 7, T(-INFINITY)}, ys[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  chunked.template add_chunk<M, 8>(ys, ys);
+  EXPECT(chunked.bounded());
+  chunked.template add_chunk<M, 8>(xs, ys);
+  EXPECT(!chunked.bounded());
+  amid::LseAcc<T> merged = lse_of({{T(1), T(2)}});
+  merged.template merge<M>(lse_of({{T(-INFINITY), T(2)}}));
+  EXPECT(!merged.bounded());
+  std::printf("bounded rows (%s): the guard-free policy equals the general one bit for bit on %d elements\n", tname,
+              checked);
+}
+
+static void test_bounded_rows() {
+  test_bounded_rows_one<float, GpuEmuMath>("float, GPU math");
+  test_bounded_rows_one<double, amid::LibMath>("double");
+}
+
 // The CUDA kernels' float math (the online reductions in the kernel's reduction order, and the W pass)
 // against the double CPU op on the same float inputs: all 8 losses and the combined order 'jsd', alpha
 // -10 .. 10, lam 0.02 .. 0.98,
@@ -527,6 +657,7 @@ int main(int argc, char** argv) {
   test_lse_chunks();
   test_online_reductions();
   test_kept_terms();
+  test_bounded_rows();
   test_online_float({"student within 1% of teacher", 11, 5003, 0.01, 1e-5, 1e-4});
   test_online_float({"ordinary inputs", 5, 2001, 0.0, 1e-5, 5e-4});
 
