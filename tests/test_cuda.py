@@ -348,3 +348,31 @@ def test_kept_log_terms_match_recompute(monkeypatch, v, dtype, div, order):
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: a rounding of the stored gradient
     torch.testing.assert_close(out["1"][1], out["0"][1], atol=1e-6, rtol=tol)
     assert torch.isfinite(out["1"][1]).all() and (out["1"][1][3] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("div,order,alpha,lam", [("kl", "pr", 0.5, 0.3), ("kl", "rq", -1.0, 0.1), ("ab", "qr", 0.5, 0.1),
+                                                 ("kl", "jsd", 1.0, 0.5), ("ab", "rp", 3.0, 0.9)])
+def test_bounded_rows_match_general(monkeypatch, dtype, div, order, alpha, lam):
+    """Rows whose logits are all finite and below 2^100 run R2 and W without the guards for masks and
+    overflow (amid_loss_kernels.cuh: BoundedRow); AMID_CUDA_BOUNDED=0 runs every row through the general
+    code. The same loss, stats and gradient (bit for bit in the C++ test on the host; here up to the
+    contraction of a multiply-add, which nvcc may decide differently in the two copies), on rows of both
+    kinds: bounded ones (ordinary, huge 1e29, offset by 700) and a masked one."""
+    s, t = make_logits(6, 4099, dtype=torch.float32, device="cuda")
+    s[1, 7], t[1, 8] = 1e29, -1e29
+    t[2] += 700.0
+    t[3, :5] = float("-inf")  # a masked row: the general code either way
+    s, t = s.to(dtype), t.to(dtype)
+    out = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("AMID_CUDA_BOUNDED", flag)
+        rows, st, grad = amid.ops.amid_loss_fwd(s, t, None, alpha, lam, div, order, 0.2, 0.7, 1.0, False, True)
+        out[flag] = (rows.cpu(), st.cpu(), grad.cpu())
+    torch.testing.assert_close(out["1"][0], out["0"][0], atol=0, rtol=1e-5)
+    torch.testing.assert_close(out["1"][1], out["0"][1], atol=0, rtol=1e-5, equal_nan=True)
+    tol = 1e-5 if dtype == torch.float32 else 8e-3  # bf16: the rounding of the stored gradient
+    torch.testing.assert_close(out["1"][2].float(), out["0"][2].float(), atol=1e-7, rtol=tol)
+    assert torch.equal(out["1"][2][3], out["0"][2][3])  # the masked row: the general code both times
+    assert torch.isfinite(out["1"][0]).all()
+
