@@ -49,6 +49,9 @@
 #define AMID_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #endif
 #else
+#ifdef AMID_CPU_TARGET  // (else build_info would report a forced level that the loops do not have)
+#error "AMID_CPU_TARGET selects an x86-64 level of the CPU loops: it needs GCC or Clang on x86-64 Linux"
+#endif
 #define AMID_CPU_CLONES
 #endif
 
