@@ -22,9 +22,17 @@ import shutil
 import subprocess
 import sys
 
+import setuptools
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# pyproject.toml's `license = "Apache-2.0"` (PEP 639) needs setuptools >= 77; an older one fails with
+# "`project.license` must be valid exactly by one definition". With --no-build-isolation the installed
+# setuptools is used, so say what to do.
+if tuple(int(p) for p in re.findall(r"\d+", setuptools.__version__)[:1]) < (77,):
+    sys.exit(f"[amid build] setuptools >= 77 is needed (found {setuptools.__version__}): "
+             "pip install -U 'setuptools>=77', then build again")
 
 
 def _flag(name: str) -> bool:

@@ -55,8 +55,20 @@ say "stages: ${stages[*]}; budget ${BUDGET}s; arch ${TORCH_CUDA_ARCH_LIST}; git 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 | tee -a "$SUMMARY"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1 | tee -a "$SUMMARY"
 
-if want build; then
-  ls .whl/*.whl > /dev/null 2>&1 && $PY -m pip install -q --no-deps --no-index .whl/*.whl
+# Wheels sent along in .whl/ (Liger-Kernel; setuptools >= 77, which pyproject.toml's license field needs).
+ls .whl/*.whl > /dev/null 2>&1 && $PY -m pip install -q --no-deps --no-index .whl/*.whl
+# This checkout's amid, also for the scripts under bench/ (whether or not the build stage installs it).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+# AMID_PREBUILT=1: use amid/_C*.so as it came (built elsewhere against the same torch, sent along to
+# save the GPU lease the compile), when it loads with CUDA kernels; else build here.
+prebuilt_ok() {
+  [ "${AMID_PREBUILT:-0}" = 1 ] && $PY -c "import amid, sys; b = amid.build_info(); print('prebuilt:', b)
+sys.exit(0 if b['cuda_kernels'] and b['torch_built_against'] == b['torch_runtime'] else 1)" 2>&1 | tee -a "$SUMMARY"  # pipefail: python's status
+}
+if want build && prebuilt_ok; then
+  say "build: skipped, the prebuilt library loads with CUDA kernels"
+elif want build; then
   export AMID_FORCE_CUDA=1 AMID_PTXAS_VERBOSE=1
   if ! run_capped build "${CAP_BUILD:-300}" build.log $PY -m pip install -v --no-build-isolation --no-deps -e .; then
     tail -40 "$WORK/build.log" | tee -a "$SUMMARY"

@@ -114,7 +114,7 @@ def test_against_cpu_op(path, shape):
         kw = dict(alpha=alpha, lam=lam, divergence=div, order=order)
         results = []
         for dev in ("cpu", "cuda"):
-            x = s.to(dev).requires_grad_(True)
+            x = s.detach().to(dev).requires_grad_(True)  # a leaf on each device (s.to("cpu") is s)
             loss = amid.amid_loss(x, t.to(dev), labels.to(dev), **kw)
             loss.backward()
             results.append((loss.detach().cpu(), x.grad.float().cpu()))
@@ -315,7 +315,7 @@ def test_jsd_order(path, div):
     labels[::5] = -100
     results = []
     for dev in ("cpu", "cuda"):
-        x = s.to(dev).requires_grad_(True)
+        x = s.detach().to(dev).requires_grad_(True)  # a leaf on each device (s.to("cpu") is s)
         loss = amid.generalized_jsd(x, t.to(dev), labels.to(dev), beta=0.3) if div == "kl" else amid.amid_loss(
             x, t.to(dev), labels.to(dev), alpha=-1.0, lam=0.3, divergence="ab", order="jsd")
         loss.backward()
