@@ -48,6 +48,20 @@ def test_matches_reference_float64(tail):
         assert float(g1[~keep].abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("tail", ["renorm", "bucket"])
+@pytest.mark.parametrize("divergence", ["kl", "ab"])
+def test_jsd_order_matches_reference(tail, divergence):
+    # The combined order 'jsd' (its own per-row scratch in the CPU kernel; it used to write past it and crash)
+    s, _t, lp, idx = _data()
+    for alpha, lam in ((0.5, 0.1), (-1.0, 0.5), (1.0, 0.3), (3.0, 0.7)):
+        o = dict(alpha=alpha, lam=lam, divergence=divergence, order="jsd")
+        l1, g1 = _loss_and_grad(lambda x: amid.amid_loss_topk(x, lp, idx, tail=tail, reduction="sum", **o), s)
+        l2, g2 = _loss_and_grad(lambda x: amid_loss_topk_rows(x, lp, idx, tail=tail, **o).sum(), s)
+        assert torch.isfinite(l1) and torch.isfinite(g1).all(), o
+        torch.testing.assert_close(l1, l2, rtol=1e-9, atol=1e-12, msg=str(o))
+        torch.testing.assert_close(g1, g2, rtol=1e-8, atol=1e-12, msg=str(o))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_renorm_is_dense_op_with_minus_inf_outside_topk(dtype):
     s, t, lp, idx = _data(dtype=dtype)

@@ -608,8 +608,9 @@ struct TopkScratch {
   std::vector<acc_t> sx, tx, gx;   // the row handed to forward_row and its gradient
   std::vector<acc_t> full, tmp;    // bucket: the student row [V] and a [V] work row
   std::vector<uint8_t> mark;       // [V]: 1 at the row's teacher indices
-  TopkScratch(TopkTail tail, int64_t V, int64_t k)
-      : row(tail == TopkTail::kRenorm ? V : k + 1, false),
+  // jsd: the combined order's second-side rows (RowScratch d2, ...), which forward_row writes.
+  TopkScratch(TopkTail tail, int64_t V, int64_t k, bool jsd)
+      : row(tail == TopkTail::kRenorm ? V : k + 1, jsd),
         sx(tail == TopkTail::kRenorm ? V : k + 1),
         tx(tail == TopkTail::kRenorm ? V : k + 1),
         gx(tail == TopkTail::kRenorm ? V : k + 1),
@@ -739,7 +740,7 @@ void topk_rows(const char* op, const at::Tensor& student_logits, const at::Tenso
       double* lossp = loss.data_ptr<double>();
       scalar_t* gp = grad ? grad->data_ptr<scalar_t>() : nullptr;
       at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
-        TopkScratch<acc_t> scratch(tail, V, k);
+        TopkScratch<acc_t> scratch(tail, V, k, P.order == Order::kJSD);
         for (int64_t n = begin; n < end; ++n) {
           const double wn = wp ? wp[n] : 1.0;
           scalar_t* grow = gp ? gp + n * V : nullptr;
