@@ -1,6 +1,7 @@
 """Markdown tables for the README from the committed benchmark CSVs (bench/results/*.csv).
 
-    python bench/report.py            # prints one table per CSV
+    python bench/report.py            # one table per amid_loss / fused_linear CSV
+    python bench/report.py A.csv ...  # those CSVs only
 """
 from __future__ import annotations
 
@@ -74,7 +75,10 @@ def fused_linear_table(rows) -> str:
 
 
 def main() -> None:
-    for path in sorted(glob.glob(os.path.join(HERE, "results", "*.csv"))):
+    # The CSVs given, else every amid_loss / fused_linear benchmark CSV (the other CSVs have their own columns).
+    paths = sys.argv[1:] or sorted(p for pat in ("*-amid_loss*.csv", "*-fused_linear*.csv")
+                                   for p in glob.glob(os.path.join(HERE, "results", pat)))
+    for path in paths:
         rows = _rows(path)
         if not rows:
             continue
