@@ -119,11 +119,13 @@ struct LseAcc {
 // amid_math.h: mixture, assistant_excess), U the unmasked elements.
 template <Divergence D, Order O, typename T>
 struct RowAcc {
-  static constexpr int kF = D == Divergence::kKL ? ((O == Order::kPR || O == Order::kQR) ? 9 : 10) : 12;
-  // kl: the indices of sum_notU o (the reference side's masked mass) and sum_U o (its kept mass, summed
-  // by itself only in the general policy; see finalize).
+  static constexpr int kF = D == Divergence::kKL ? 9 : 12;
+  // kl pr / qr: the indices of sum_notU o (the reference side's masked mass) and sum_U o (its kept mass,
+  // summed by itself only in the general policy; see kept_mass). rp / rq keep 1 - sum_notU o: one more
+  // float in their R2 state would cost the resident kernel its third CTA per SM (shared memory).
+  static constexpr bool kSumsKept = D == Divergence::kKL && (O == Order::kPR || O == Order::kQR);
   static constexpr int kMasked = (O == Order::kPR || O == Order::kQR) ? 2 : 8;
-  static constexpr int kKept = (O == Order::kPR || O == Order::kQR) ? 8 : 9;
+  static constexpr int kKept = 8;
   T m = neg_inf<T>(), S = T(0), Wb = T(0);
   // Powers of e^m (each <= 1: lt <= 0 up to rounding, c, g > 0), updated with m: r~ = rho e^m, and for ab
   // x^c o^(g-c) = (the sum term x^a rho^b or rho^a y^b) e^(c m) and r~^g = rho^g e^(g m), so that these
@@ -138,7 +140,7 @@ struct RowAcc {
   //               f5 = sum_U o phi1(d), f6 = sum_notU r~, f7 = sum_U o |d|, f8 = sum_U o  c = 0
   //   kl rp / rq: f0 = sum_U rho, f1 = sum_U rho d, f2 = sum_U rho w, f3 = sum_U rho w d  (c = 1),
   //               f4 = sum tau, f5 = sum_U o phi2(d), f6 = sum_notU r~, f7 = sum_U o |d|,
-  //               f8 = sum_notU o, f9 = sum_U o                                           (c = 0)
+  //               f8 = sum_notU o                                                         (c = 0)
   //   (phi1(d) = e^d - 1 - d and phi2(d) = 1 + (d - 1) e^d: the second-order KL element functions of
   //   amid_math.h's element_terms, here of d = lt - l_ref, before Z is known; see finalize.)
   //   ab pr / qr: f0 = sum x^a rho^b, f1 = sum x^a rho^b w (c = b), f2 = sum x^g (c = 0),
@@ -216,7 +218,7 @@ struct RowAcc {
       // sum_U o directly: 1 - sum_notU o loses its digits when most of o is masked (a top-k teacher's
       // tail under alpha >= 1), and finalize multiplies it by up to e^-Z. A bounded row has no masked
       // element (sum_U o is 1 there, up to rounding): nothing to add.
-      if constexpr (!M::kBounded) f[kKept] += o;
+      if constexpr (kSumsKept && !M::kBounded) f[kKept] += o;
       // o phi(d), second order in d for |d| < 1/2 (the series of element_terms; phi2 / d^2 = 1 + (d - 1)
       // phi1 / d^2, which loses at most a bit at d = -1/2), else from tau = o expm1(d) = r~ - o:
       // phi1: tau - o d; phi2: o + (d - 1) r~ = d (o + tau) - tau.
@@ -272,11 +274,14 @@ struct RowAcc {
     for (int i = 0; i < kF; ++i) f[i] += b.f[i];
   }
 
-  // kl: sum_U o, the reference side's unmasked mass: 1 when nothing is masked (every bounded row, where
-  // add does not sum it), else the direct sum (1 - sum_notU o would cancel when most mass is masked).
+  // kl: sum_U o, the reference side's unmasked mass. pr / qr: 1 when nothing is masked (every bounded row,
+  // where add does not sum it), else the direct sum (1 - sum_notU o cancels when most of o is masked, as
+  // under a top-k teacher with alpha >= 1); rp / rq: 1 - sum_notU o.
   AMID_HD T kept_mass() const {
-    if constexpr (D == Divergence::kKL) {
+    if constexpr (kSumsKept) {
       return f[kMasked] > T(0) ? f[kKept] : T(1);
+    } else if constexpr (D == Divergence::kKL) {
+      return T(1) - f[kMasked];
     } else {
       return T(1);
     }
@@ -333,7 +338,7 @@ struct RowAcc {
         const T O_m = f[8], T_U = f[4] - (f[6] - O_m);  // sum_U tau = sum tau - sum_notU (r~ - o)
         const T phi_z = zs ? mz * mz * phi2_div(mz) : T(1) - (Z + T(1)) * E;  // phi2(-Z)
         const T zt = Z * E * T_U;
-        const T o_U = kept_mass();  // 1 - O_m, accurate also when O_m ~ 1
+        const T o_U = kept_mass();  // 1 - O_m
         const T L2 = E * f[5] + phi_z * o_U - zt + O_m - E * f[6];
         const T b2 = E * f[5] + phi_z * o_U + (zt < T(0) ? -zt : zt) + O_m + E * f[6];
         L = kl_row_loss(L2, b2, L1, f[7], Z);  // sum_U o |d| stands for sum_U r |d| (the same to first order)
