@@ -85,9 +85,12 @@ elif want build; then
 fi
 
 if want test; then
-  # Every CUDA test: tests/test_cuda.py and tests/test_topk_cuda.py (the sparse-teacher kernel, never run
-  # before this stage) whole, and the CUDA parametrisations of the others.
-  run_capped test "${CAP_TEST:-180}" pytest_cuda.log $PY -m pytest -q -p no:cacheprovider --maxfail=25 -rfE \
+  # Every CUDA test: tests/test_cuda.py and tests/test_topk_cuda.py (the sparse-teacher kernel) whole, and
+  # the CUDA parametrisations of the others.
+  # With pytest-xdist (in the H200 image), four worker processes: a test that crashes its process (as a CPU
+  # op's segfault once did, ending the stage) then costs one worker, which xdist replaces, not the stage.
+  XDIST=(); $PY -c "import xdist" 2>/dev/null && XDIST=(-n 4)
+  run_capped test "${CAP_TEST:-180}" pytest_cuda.log $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" --maxfail=25 -rfE \
     tests/test_cuda.py tests/test_topk_cuda.py tests/test_amid_loss.py tests/test_compile.py \
     tests/test_registration.py tests/test_fused_linear.py -k cuda
   tail -25 "$WORK/pytest_cuda.log" | tee -a "$SUMMARY"
