@@ -133,6 +133,16 @@ if want profile; then
   # counts x N x V); WarpStateStats: what the warps wait on (stall reasons).
   grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|XU|Registers|Occupancy|Block Size|Cluster|Executed Instructions|Issued Instructions|Issue Slots|Executed Ipc|Warp Cycles Per|Stall" \
     "$WORK/profile.log" | head -45 | tee -a "$SUMMARY"
+  # The forward kernel's time (CUDA events, no profiler) in the variants that say where time goes:
+  # ab/rq (issue 9's second target); without the kept log terms (AMID_CUDA_STASH=0: 8-CTA clusters, so
+  # twice the elements per CTA and row against the per-row reductions); every row on the general
+  # (masked-row) R2 / W (AMID_CUDA_BOUNDED=0: what the bounded-row policy saves).
+  run_capped variants "${CAP_VARIANTS:-75}" variants.log bash -c "
+    $PY bench/profile_step.py --calls 10 &&
+    $PY bench/profile_step.py --calls 10 --divergence ab --order rq &&
+    AMID_CUDA_STASH=0 $PY bench/profile_step.py --calls 10 &&
+    AMID_CUDA_BOUNDED=0 $PY bench/profile_step.py --calls 10"
+  grep -E "^amid_loss_fwd" "$WORK/variants.log" | tee -a "$SUMMARY"
 fi
 if want memcheck; then
   run_capped memcheck "${CAP_MEMCHECK:-60}" memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 \
