@@ -170,9 +170,11 @@ struct LibMath {
     return (x > -0.5f) & (x < 0.5f) ? expm1_small(x) : e - 1.0f;
   }
   static AMID_HD double expm1_from_exp(double x, double /*e*/) { return ::expm1(x); }
-  // The same for x <= 0 (or NaN): one comparison (the mixture's -|x|).
-  static AMID_HD float expm1_from_exp_nonpos(float x, float e) { return x > -0.5f ? expm1_small(x) : e - 1.0f; }
-  static AMID_HD double expm1_from_exp_nonpos(double x, double /*e*/) { return ::expm1(x); }
+  // The same given nax = -|x| too (the mixture has it): one comparison.
+  static AMID_HD float expm1_from_exp_abs(float x, float nax, float e) {
+    return nax > -0.5f ? expm1_small(x) : e - 1.0f;
+  }
+  static AMID_HD double expm1_from_exp_abs(double x, double /*nax*/, double /*e*/) { return ::expm1(x); }
   // e^x for x <= 0 (or -inf) where a relative error of ~2^-22 + |x| 2^-24 is harmless: terms of a
   // log-sum-exp and probabilities that only scale other terms (never the difference of two nearly
   // equal ones). On the GPU one MUFU.EX2 of x log2(e) (ex2.approx: ~2^-22 relative, plus the rounding
@@ -266,13 +268,17 @@ constexpr bool ref_is_p() {
 // d = lt - l_ref: when B is the loss's reference side ("own" branch) d = L / k; otherwise
 // d = l_N - l_ref + L / k, which cancels as r -> ref, so it is taken as
 // log1p(lam_N' expm1(|x|)) / k (lam_N' the weight of the non-reference side; the argument is
-// >= 0, so no cancellation) with expm1(|x|) = -em1 / e, unless |x| > 80 where e^|x| nears
-// float's range (and d is large).
+// >= 0, so no cancellation), unless |x| > 80 where e^|x| nears float's range (and d is large).
+// Each element needs one of the two forms, so one exponential serves it: E = e^-|x| in the base
+// form, e^|x| in the non-own one, with expm1 of the same argument (the series for |x| < 1/2, else
+// E - 1: no cancellation there), and w by one reciprocal of whichever of its two forms has E.
 template <typename T>
 struct PowerPre {
-  T ax, e, inv_e;  // -|x| (x = k dpq), e = exp(-|x|) and 1 / e = exp(|x|) (1 ulp; +inf where e = 0)
-  T w;             // R2's weight (power_finish; W forms its own, power_w_from_c, and drops this one)
-  bool q_base, own, big;
+  T ax;   // -|x| (x = k dpq)
+  T E;    // e^-|x| in the base form (own or big: base), e^|x| in the non-own form (<= e^80: finite)
+  T em1;  // expm1 of the same argument
+  T w;    // R2's weight (power_finish; W forms its own, power_w_from_c, and drops this one)
+  bool q_base, own, big, base;
 };
 
 template <bool REF_P, class M, typename T>
@@ -281,30 +287,62 @@ AMID_HD PowerPre<T> power_pre(const LossParams<T>& P, T dpq) {
   const T x = P.k * dpq;  // NaN when both are -inf (handled by the caller's last select)
   m.q_base = x <= T(0);
   m.ax = m.q_base ? x : -x;  // -|x|
-  m.e = M::exp_approx(m.ax);  // scales w, s_B, y_up; em1 = e - 1 only where |x| >= 1/2
-  m.inv_e = M::rcp_approx(m.e);  // one MUFU.RCP on the GPU, no Newton step (w, y_up: an ulp more is harmless)
-  // R2's w here, next to 1 / e (see power_finish): kept live across power_log instead, 1 / e was computed
-  // twice in the GPU's R2 (a second MUFU.RCP), or a register spilled.
-  m.w = M::rcp_approx(T(1) + P.lam_ratio * (m.q_base ? m.e : m.inv_e));
   m.own = REF_P ? !m.q_base : m.q_base;
   m.big = m.ax < T(-80);
+  m.base = m.own | m.big;
+  const T sx = m.base ? m.ax : -m.ax;
+  m.E = M::exp_approx(sx);  // the element's one exponential (one MUFU.EX2 on the GPU)
+  m.em1 = M::expm1_from_exp_abs(sx, m.ax, m.E);
+  // w = 1 / (1 + lam / (1-lam) e^(q_base ? -|x| : |x|)): E has that sign where base == q_base; else
+  // e^(...) = 1 / E and w = E / (E + lam / (1-lam)). One reciprocal (to 1 ulp: w only weights R2's
+  // sums); w = 0 where E = 0 in the second form (e^|x| infinite), 1 in the first.
+  const bool same = m.base == m.q_base;
+  m.w = (same ? T(1) : m.E) * M::rcp_approx(same ? T(1) + P.lam_ratio * m.E : m.E + P.lam_ratio);
   return m;
+}
+
+// Both references' PowerPre from one dpq (the combined order kJSD, which evaluates the mixture relative
+// to p and to q): there one side's base form is the other's non-own form, so both e^-|x| and e^|x|
+// are needed; the first comes from one exponential, the second from its reciprocal, and both expm1 from
+// one series (expm1(|x|) = -expm1(-|x|) e^|x|), as power_pre did before it specialised on one form.
+template <class M, typename T>
+AMID_HD void power_pre_both(const LossParams<T>& P, T dpq, PowerPre<T>& mp, PowerPre<T>& mq) {
+  const T x = P.k * dpq;
+  const bool q_base = x <= T(0);
+  const T ax = q_base ? x : -x;
+  const T e = M::exp_approx(ax);
+  const T inv_e = M::rcp_approx(e);  // +inf where e = 0 (|x| > 80: there both sides take the base form)
+  const T em1 = M::expm1_from_exp_abs(ax, ax, e);
+  const T ep1 = -em1 * inv_e;
+  const T w = M::rcp_approx(T(1) + P.lam_ratio * (q_base ? e : inv_e));
+  auto fill = [&](PowerPre<T>& m, bool own) {
+    m.ax = ax;
+    m.q_base = q_base;
+    m.own = own;
+    m.big = ax < T(-80);
+    m.base = m.own | m.big;
+    m.E = m.base ? e : inv_e;
+    m.em1 = m.base ? em1 : ep1;
+    m.w = w;
+  };
+  fill(mp, !q_base);
+  fill(mq, q_base);
 }
 
 // c: the element's logarithm term (L / k in the base form, else the non-own form c_up).
 template <bool REF_P, class M, bool TINY_LAM, typename T>
 AMID_HD T power_log(const LossParams<T>& P, const PowerPre<T>& m) {
-  const T em1 = M::expm1_from_exp_nonpos(m.ax, m.e);
   const T lam_nonref = REF_P ? P.one_minus_lam : P.lam;  // weight of the side that is not l_ref
   const T lam_N = m.q_base ? P.lam : P.one_minus_lam;      // weight of the non-base side
   const T lam_B = m.q_base ? P.one_minus_lam : P.lam;
-  const T a_B = lam_N * em1;           // in [-lam_N, 0]
-  const T s_B = lam_B + lam_N * m.e;   // both terms >= 0: no cancellation
   // One logarithm per element: the base form c_B = L / k where B is the reference side (own) or
   // |x| > 80, else the non-own form c_up; the argument is selected first (log_sel: log1p or log).
-  const bool base_form = m.own | m.big;
-  const T y_up = -lam_nonref * em1 * m.inv_e;  // expm1(|x|) lam_nonref >= 0 (not big: e in [e^-80, 1])
-  T c = M::log_sel(base_form ? a_B >= T(-0.5) : true, base_form ? a_B : y_up, s_B) * P.inv_k;
+  const bool base_form = m.base;
+  // base form: E = e^-|x|, a_B = lam_N expm1(-|x|) in [-lam_N, 0] and s_B = lam_B + lam_N e^-|x| (both
+  // terms >= 0: no cancellation); non-own form: y_up = lam_nonref expm1(|x|) >= 0 (E = e^|x| <= e^80).
+  const T a = (base_form ? lam_N : lam_nonref) * m.em1;
+  const T s_B = lam_B + lam_N * m.E;
+  T c = M::log_sel(base_form ? a >= T(-0.5) : true, a, s_B) * P.inv_k;
   // TINY_LAM = false compiles this out: for callers that have checked !P.lam_tiny (the CPU kernel's
   // vectorised loops, which a conditional block with calls would keep scalar).
   if (TINY_LAM && P.lam_tiny) {  // a uniform branch that ordinary lam never takes
@@ -344,8 +382,9 @@ AMID_HD void power_finish(const LossParams<T>& P, const PowerPre<T>& m, T c, T l
     // the base, with lam / (1-lam) and e both tiny): both scaled by 2^100 first, or 1 / den would overflow
     // (num * inf: NaN or inf, e.g. a subnormal lam with a masked student element) where num / den is at
     // most 1; and lam / (1-lam) may be 0 in T here (0 * inf above).
-    const T num = m.q_base ? T(1) : m.e;
-    const T den = m.q_base ? T(1) + P.lam_ratio * m.e : m.e + P.lam_ratio;
+    const T e = M::exp_approx(m.ax);  // e^-|x| (E is e^|x| in the non-own form)
+    const T num = m.q_base ? T(1) : e;
+    const T den = m.q_base ? T(1) + P.lam_ratio * e : e + P.lam_ratio;
     const T sc = den < T(8.673617379884035e-19) ? T(1.2676506002282294e30) : T(1);
     w = den > T(0) ? (num * sc) * M::rcp(den * sc) : (P.log_odds + m.ax > T(0) ? T(1) : T(0));
   }
@@ -360,7 +399,7 @@ AMID_HD void power_finish(const LossParams<T>& P, const PowerPre<T>& m, T c, T l
 // and at tiny lam (no scaling needed). Masked on both sides: the caller's select.
 template <class M, typename T>
 AMID_HD T power_w_from_c(const LossParams<T>& P, const PowerPre<T>& m, T c) {
-  const bool base_form = m.own | m.big;
+  const bool base_form = m.base;
   const T t = m.q_base ? (base_form ? T(0) : -m.ax) : (base_form ? m.ax : T(0));
   return P.one_minus_lam * M::exp_approx(t - P.k * c);
 }
@@ -438,13 +477,23 @@ AMID_HD void mixture(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& 
 
 // The mixture for the combined order (kJSD): lt and w as above, and d relative to both sides,
 // dp = lt - lp and dq = lt - lq, each in the form that keeps its accuracy where r ~ that side (the
-// small-divergence regime of that term). Two evaluations of mixture that share their inputs (the
-// compiler merges the common exp / expm1); lt and w are those of the p-referenced one.
+// small-divergence regime of that term). Two evaluations of mixture that share their inputs (the power
+// mean's exponential, reciprocal and expm1: power_pre_both); lt and w are those of the p-referenced one.
 template <MixMode MODE, class M, bool TINY_LAM = true, typename T>
 AMID_HD void mixture_both(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& dp, T& dq) {
   T lt2, w2;
-  mixture<MODE, true, M, TINY_LAM>(P, lp, lq, dpq, lt, w, dp);
-  mixture<MODE, false, M, TINY_LAM>(P, lp, lq, dpq, lt2, w2, dq);
+  if constexpr (MODE == MixMode::kPower) {
+    PowerPre<T> mp, mq;
+    power_pre_both<M>(P, dpq, mp, mq);
+    T lt_p, w_p, d_p, lt_q, w_q, d_q;
+    power_finish<true, M, TINY_LAM>(P, mp, power_log<true, M, TINY_LAM>(P, mp), lp, lq, lt_p, w_p, d_p);
+    power_finish<false, M, TINY_LAM>(P, mq, power_log<false, M, TINY_LAM>(P, mq), lp, lq, lt_q, w_q, d_q);
+    select_both_masked<M>(lp, lq, lt_p, w_p, d_p, lt, w, dp);
+    select_both_masked<M>(lp, lq, lt_q, w_q, d_q, lt2, w2, dq);
+  } else {
+    mixture<MODE, true, M, TINY_LAM>(P, lp, lq, dpq, lt, w, dp);
+    mixture<MODE, false, M, TINY_LAM>(P, lp, lq, dpq, lt2, w2, dq);
+  }
 }
 
 template <class M, typename T>
@@ -852,7 +901,8 @@ AMID_HD T grad_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowL
       lp = log_prob<M>(tf, A);
       lq = log_prob<M>(sf, B);
       const T dpq = logit_gap<M>(tf, sf, lp, lq, dAB);
-      const PowerPre<T> mp = power_pre<true, M>(P, dpq), mq = power_pre<false, M>(P, dpq);
+      PowerPre<T> mp, mq;
+      power_pre_both<M>(P, dpq, mp, mq);
       const T cp = power_log<true, M, true>(P, mp), cq = power_log<false, M, true>(P, mq);
       T lt_p, dp_, lt_q, dq_, w_q;
       power_lt_d<true>(mp, cp, lp, lq, lt_p, dp_);

@@ -59,16 +59,15 @@ struct OnlineLSE {
       for (int j = 0; j < n; ++j) s += M::exp_approx(x[j] - m);
     }
   }
+  // Branch-free, with one exponential: the side with the larger max keeps its sum, the other's is
+  // scaled by e^(lo.m - hi.m) (0 for an empty side, m = -inf; 1 for equal maxima). A side with m = +inf
+  // has s NaN already (add_chunk), and the result stays NaN (invalid).
   template <class M>
   AMID_HD void merge(const OnlineLSE& o) {
-    if (o.m == neg_inf<T>()) return;
-    if (m == neg_inf<T>()) {
-      *this = o;
-      return;
-    }
-    const T mx = m > o.m ? m : o.m;
-    s = s * M::exp(m - mx) + o.s * M::exp(o.m - mx);
-    m = mx;
+    const bool ge = m >= o.m;
+    const T e = m == o.m ? T(1) : M::exp(ge ? o.m - m : m - o.m);
+    s = s * (ge ? T(1) : e) + o.s * (ge ? e : T(1));
+    m = ge ? m : o.m;
   }
   AMID_HD T value(T log_s) const { return m + log_s; }  // caller supplies log(s)
 };
@@ -260,19 +259,75 @@ struct RowAcc {
     }
   }
 
-  // A side that saw no finite lt has m = -inf and zero Z-dependent sums, so rebasing it only moves
-  // its reference (rebase skips the scaling when m = -inf); its plain (c = 0) sums add as they are.
+  // Whether field i is a plain sum (exponent 0, independent of the running max) for every P.
+  static constexpr bool plain(int i) {
+    if constexpr (D == Divergence::kKL) {
+      return !((O == Order::kRP || O == Order::kRQ) && i < 4);
+    } else {
+      return i == 2 || i >= 5;
+    }
+  }
+
+  // Branch-free (the merges of the GPU's reductions run in every lane of a warp, where a rebase in one
+  // arm of a condition cost both arms): the side with the larger running max keeps its Z-dependent
+  // sums and powers of e^m, the other's sums are scaled by e^(c dm), dm = lo.m - hi.m <= 0 (-inf for a
+  // side that saw no finite lt, whose Z-dependent sums are 0: scaled to 0; 0 for equal maxima); plain
+  // sums add as they are.
+  // The factors of a merge, from the two running maxima: which side is larger, and e^(c dm) for the
+  // exponents c = 1 (S, Wb; kl rp / rq: f0..f3) and, for ab, c01 (f0, f1) and g (f3, f4).
+  struct MergeScale {
+    bool ge;
+    T e1, e_c01, e_g;
+  };
+  template <class M>
+  static AMID_HD MergeScale merge_scale(const LossParams<T>& P, T m_a, T m_b) {
+    MergeScale k;
+    k.ge = m_a >= m_b;
+    const T dm = m_a == m_b ? T(0) : (k.ge ? m_b - m_a : m_a - m_b);
+    // (exp_approx: the scaled side's share of the merged sum is e^(c dm), so the factor's relative error,
+    // ~2^-22 + c |dm| 2^-24, costs the sum at most ~2^-22 relative per merge)
+    k.e1 = M::exp_approx(dm);
+    k.e_c01 = k.e_g = k.e1;
+    if constexpr (D == Divergence::kAB) {
+      k.e_c01 = M::exp_approx(exponent(P, 0) * dm);
+      k.e_g = M::exp_approx(exponent(P, 3) * dm);
+    }
+    return k;
+  }
   template <class M>
   AMID_HD void merge(const LossParams<T>& P, const RowAcc& o) {
-    RowAcc b = o;
-    const T mx = m > b.m ? m : b.m;
-    rebase<M>(P, mx);
-    b.template rebase<M>(P, mx);
-    S += b.S;
-    Wb += b.Wb;
-#pragma unroll
-    for (int i = 0; i < kF; ++i) f[i] += b.f[i];
+    merge_scaled(merge_scale<M>(P, m, o.m), o);
   }
+  AMID_HD void merge_scaled(const MergeScale& k, const RowAcc& o) {
+    // The side with the smaller max is scaled: o's sums (ge), or this one's (two arms: in a warp's
+    // butterfly both run, each a multiply-add per scaled field).
+    // (The plain sums after the branch: on the GPU, o's fields arrive by warp shuffles, which cannot run
+    // in divergent code, so every field a branch reads is live before it; the plain ones can wait.)
+    auto factor = [&](int i) { return D == Divergence::kKL ? k.e1 : (i < 2 ? k.e_c01 : k.e_g); };
+    if (k.ge) {
+      S += o.S * k.e1;
+      Wb += o.Wb * k.e1;
+#pragma unroll
+      for (int i = 0; i < kF; ++i) {
+        if (!plain(i)) f[i] += o.f[i] * factor(i);
+      }
+    } else {
+      S = S * k.e1 + o.S;
+      Wb = Wb * k.e1 + o.Wb;
+#pragma unroll
+      for (int i = 0; i < kF; ++i) {
+        if (!plain(i)) f[i] = f[i] * factor(i) + o.f[i];
+      }
+#pragma unroll
+      for (int i = 0; i < kPm; ++i) pm[i] = o.pm[i];
+      m = o.m;
+    }
+#pragma unroll
+    for (int i = 0; i < kF; ++i) {
+      if (plain(i)) f[i] += o.f[i];
+    }
+  }
+
 
   // kl: sum_U o, the reference side's unmasked mass. pr / qr: 1 when nothing is masked (every bounded row,
   // where add does not sum it), else the direct sum (1 - sum_notU o cancels when most of o is masked, as
@@ -421,10 +476,13 @@ struct JsdRowAcc {
     a.template add<M>(P, lp, lq, lt, w, dp);
     b.template add<M>(P, lp, lq, lt, w, dq);
   }
+  // Both states saw the same lt (add and rebase move both), so they have the same running max, and
+  // the factors of a merge (the same exponents: pr and qr share c = b) are computed once.
   template <class M>
   AMID_HD void merge(const LossParams<T>& P, const JsdRowAcc& o) {
-    a.template merge<M>(P, o.a);
-    b.template merge<M>(P, o.b);
+    const auto k = RowAcc<D, Order::kPR, T>::template merge_scale<M>(P, a.m, o.a.m);
+    a.merge_scaled(k, o.a);
+    b.merge_scaled(typename RowAcc<D, Order::kQR, T>::MergeScale{k.ge, k.e1, k.e_c01, k.e_g}, o.b);
   }
   template <class M>
   AMID_HD bool close(const LossParams<T>& P, T& Z, T& Z2, T& L, T& S_G, T& K) const {

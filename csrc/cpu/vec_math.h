@@ -88,7 +88,7 @@ struct VecMath {
   static AMID_HD float exp_approx(float x) { return exp(x); }
   static AMID_HD float expm1_small(float x) { return LibMath::expm1_small(x); }
   static AMID_HD float expm1_from_exp(float x, float e) { return LibMath::expm1_from_exp(x, e); }
-  static AMID_HD float expm1_from_exp_nonpos(float x, float e) { return LibMath::expm1_from_exp_nonpos(x, e); }
+  static AMID_HD float expm1_from_exp_abs(float x, float nax, float e) { return LibMath::expm1_from_exp_abs(x, nax, e); }
   static AMID_HD float expm1_div(float x) { return LibMath::expm1_div(x); }
 
   static AMID_HD double exp(double x) { return std::exp(x); }
@@ -100,7 +100,7 @@ struct VecMath {
   static AMID_HD double rcp_approx(double x) { return 1.0 / x; }
   static AMID_HD double expm1_small(double x) { return LibMath::expm1_small(x); }
   static AMID_HD double expm1_from_exp(double x, double e) { return LibMath::expm1_from_exp(x, e); }
-  static AMID_HD double expm1_from_exp_nonpos(double x, double e) { return LibMath::expm1_from_exp_nonpos(x, e); }
+  static AMID_HD double expm1_from_exp_abs(double x, double nax, double e) { return LibMath::expm1_from_exp_abs(x, nax, e); }
   static AMID_HD double expm1_div(double x) { return LibMath::expm1_div(x); }
 };
 

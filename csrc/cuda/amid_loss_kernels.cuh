@@ -234,7 +234,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
         lse.template add_chunk<M, n>(x, y);
       });
     }
-    lse = cluster_reduce<acc_t>(lse, lse_scratch, lse_slot, round++, merge_lse);
+    lse = cluster_reduce<acc_t, kWarps>(lse, lse_scratch, lse_slot, round++, merge_lse);
     const bool bad_row = lse.invalid();
     if (bad_row) {  // NaN / +inf, or an all -inf row: the row's loss, stats and gradient are NaN
       fill_row(a, row, g, len, lead, nan_v<acc_t>());
@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     } else {
       r2(M{});  // gauge:R2m
     }
-    acc = cluster_reduce<acc_t>(acc, acc_scratch, acc_slot, round++, merge_acc);
+    acc = cluster_reduce<acc_t, kWarps>(acc, acc_scratch, acc_slot, round++, merge_acc);
     acc_t Z, Z2, L, S_G, K;
     const bool ok = acc.template close<M>(P, Z, Z2, L, S_G, K);
     if (!ok) {  // alpha >= 1 with disjoint supports: the assistant is undefined

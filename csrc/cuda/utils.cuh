@@ -17,9 +17,10 @@ constexpr int kMaxWarps = 32;  // up to 1024 threads per CTA
 
 // ------------------------------------------------------------------------------------------------
 // Reductions of trivially copyable structs made of `T` fields, with a user merge (the online
-// states of amid_online.h). Merges are commutative in IEEE arithmetic (a + b == b + a; both sides
-// rebased to the same max), so the butterfly leaves the same value in every lane, and every CTA of
-// a cluster combines the partials in rank order: all threads end with bit-identical results.
+// states of amid_online.h). The merges need not be commutative bit for bit: the lanes of a butterfly
+// may end with states that differ in rounding, so only one lane's result is used (lane 0, which
+// publishes it), and where several threads or CTAs need one value each runs the same merges on the
+// same operands in the same order.
 
 template <typename T, typename Acc>
 __device__ __forceinline__ Acc shfl_xor_acc(const Acc& a, int offset) {
@@ -58,46 +59,61 @@ __device__ __forceinline__ Acc block_reduce(Acc a, Acc* scratch, Merge&& merge) 
   return r;
 }
 
-// Cluster-wide reduction through distributed shared memory (sm_90+): each CTA publishes its CTA
-// result in `slot[round & 1]` (two alternating slots, so a CTA that runs ahead to the next round
-// cannot overwrite a slot a peer is still reading: one cluster barrier separates rounds k and
-// k + 2). Then one warp gathers: lane k < C reads rank k's slot (C remote reads per CTA instead of
-// C per thread) and the C lanes merge in a butterfly, the same order in every CTA of the cluster
-// (C is a power of two <= 16, so the lane groups are closed under the xor offsets), and lane 0
-// hands the result to the CTA through scratch[0]. The cluster barrier is also a CTA barrier: every
-// thread has finished reading `scratch` (block_reduce) before lane 0 overwrites scratch[0]; the
-// next block_reduce starts with __syncthreads, after the readers below. With one CTA it is the
-// CTA result.
+// CTA- and cluster-wide reduction for CTAs of kWarps warps (the forward kernel's), through distributed
+// shared memory on sm_90+. Every warp reduces its lanes (butterfly) and lane 0 publishes the warp's
+// state in scratch[warp]; then one warp does the rest while the others wait at the barrier: it merges
+// the warps' states in order (each lane the same, so all hold the CTA's state; the order of the C++
+// tests' emulation, tests/cpp: gpu_order_reduce), one merge per warp for the warp, where every thread
+// of the CTA merging them all cost kWarps - 1 merges in every warp. In a cluster, lane 0 publishes it
+// in `slot[round & 1]` (two alternating slots, so a CTA that runs ahead to the next round cannot
+// overwrite a slot a peer is still reading: one cluster barrier separates rounds k and k + 2); after
+// the cluster barrier lane k < C reads rank k's slot (C remote reads per CTA) and the C lanes merge in
+// a butterfly, in the same order in every CTA of the cluster (C is a power of two <= 16). Lane 0 hands
+// the result to the CTA through scratch[0]; the __syncwarp before makes every lane's reads of scratch[]
+// happen before that write. Lane 0 of every CTA of the cluster merges the same slots in the same order
+// (lane k of each CTA too), so every CTA ends with the same state, bit for bit. The leading
+// __syncthreads protects scratch from the previous call's readers.
 //
 // Barrier semantics: cluster.sync() is barrier.cluster.arrive.release + wait.acquire; on sm_90a
 // ptxas implements any release / fence at cluster scope as MEMBAR.ALL.GPU and the acquire as an L1
 // invalidate (checked in the SASS; a relaxed arrive plus fence.acq_rel.cluster compiles to the
 // same), so nothing weaker is available short of an mbarrier + st.async protocol.
-template <typename T, typename Acc, typename Merge>
+template <typename T, int kWarps, typename Acc, typename Merge>
 __device__ __forceinline__ Acc cluster_reduce(Acc a, Acc* scratch, Acc* slot, int round, Merge&& merge) {
-  Acc r = block_reduce<T>(a, scratch, merge);
+  static_assert(kWarps >= 1 && kWarps <= kWarpSize && (kWarps & (kWarps - 1)) == 0,
+                "cluster_reduce: the warp count must be a power of two <= 32");
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  a = warp_reduce<T>(a, merge);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = a;
+  __syncthreads();
+  Acc x = a;
+  if (warp == 0) {
+    x = scratch[0];
+#pragma unroll 1
+    for (int w = 1; w < kWarps; ++w) merge(x, scratch[w]);
+  }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   const unsigned nblocks = cluster.num_blocks();
   if (nblocks > 1) {
     Acc* mine = slot + (round & 1);
-    if (threadIdx.x == 0) *mine = r;
+    if (threadIdx.x == 0) *mine = x;
     cluster.sync();  // release our slot, acquire the peers'
-    if (threadIdx.x < kWarpSize) {
-      const unsigned lane = threadIdx.x;
-      Acc x = lane < nblocks ? *cluster.map_shared_rank(mine, lane) : r;
+    if (warp == 0) {
+      if (unsigned(lane) < nblocks) x = *cluster.map_shared_rank(mine, unsigned(lane));
       for (unsigned offset = nblocks / 2; offset > 0; offset >>= 1) {
         const Acc o = shfl_xor_acc<T>(x, int(offset));
         merge(x, o);
       }
-      if (lane == 0) *scratch = x;
     }
-    __syncthreads();
-    r = *scratch;
   }
 #endif
-  return r;
+  __syncwarp();
+  if (threadIdx.x == 0) *scratch = x;
+  __syncthreads();
+  return *scratch;
 }
 
 // The number of CTAs in this CTA's cluster, and its rank (1 and 0 without clusters).
