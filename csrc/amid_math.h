@@ -286,7 +286,9 @@ AMID_HD PowerPre<T> power_pre(const LossParams<T>& P, T dpq) {
   PowerPre<T> m;
   const T x = P.k * dpq;  // NaN when both are -inf (handled by the caller's last select)
   m.q_base = x <= T(0);
-  m.ax = m.q_base ? x : -x;  // -|x|
+  // -|x| by fabs, not as a select on q_base: from that select and sx's, GCC derived masks it could not
+  // vectorise, and the CPU kernel's mixture loop went scalar (9x slower)
+  m.ax = -std::fabs(x);
   m.own = REF_P ? !m.q_base : m.q_base;
   m.big = m.ax < T(-80);
   m.base = m.own | m.big;
@@ -296,7 +298,7 @@ AMID_HD PowerPre<T> power_pre(const LossParams<T>& P, T dpq) {
   // w = 1 / (1 + lam / (1-lam) e^(q_base ? -|x| : |x|)): E has that sign where base == q_base; else
   // e^(...) = 1 / E and w = E / (E + lam / (1-lam)). One reciprocal (to 1 ulp: w only weights R2's
   // sums); w = 0 where E = 0 in the second form (e^|x| infinite), 1 in the first.
-  const bool same = m.base == m.q_base;
+  const bool same = sx == x;  // (a float comparison: the CPU loops vectorise it, not bool == bool)
   m.w = (same ? T(1) : m.E) * M::rcp_approx(same ? T(1) + P.lam_ratio * m.E : m.E + P.lam_ratio);
   return m;
 }
@@ -309,24 +311,28 @@ template <class M, typename T>
 AMID_HD void power_pre_both(const LossParams<T>& P, T dpq, PowerPre<T>& mp, PowerPre<T>& mq) {
   const T x = P.k * dpq;
   const bool q_base = x <= T(0);
-  const T ax = q_base ? x : -x;
+  const T ax = -std::fabs(x);  // (as in power_pre)
   const T e = M::exp_approx(ax);
   const T inv_e = M::rcp_approx(e);  // +inf where e = 0 (|x| > 80: there both sides take the base form)
   const T em1 = M::expm1_from_exp_abs(ax, ax, e);
   const T ep1 = -em1 * inv_e;
   const T w = M::rcp_approx(T(1) + P.lam_ratio * (q_base ? e : inv_e));
-  auto fill = [&](PowerPre<T>& m, bool own) {
-    m.ax = ax;
-    m.q_base = q_base;
-    m.own = own;
-    m.big = ax < T(-80);
-    m.base = m.own | m.big;
-    m.E = m.base ? e : inv_e;
-    m.em1 = m.base ? em1 : ep1;
-    m.w = w;
-  };
-  fill(mp, !q_base);
-  fill(mq, q_base);
+  // (no lambda here: the CPU kernel's loops vectorise only when everything in them is inlined)
+  mp.ax = mq.ax = ax;
+  mp.q_base = mq.q_base = q_base;
+  mp.own = !q_base;
+  mq.own = q_base;
+  mp.big = mq.big = ax < T(-80);
+  mp.base = mp.own | mp.big;
+  mq.base = mq.own | mq.big;
+  // Each side's exponent as a float select (sx = -|x| in its base form, |x| in its non-own one; the two
+  // agree at x = 0): on the masks above GCC's CPU loops went scalar.
+  const T sx_p = x < T(-80) ? x : -x, sx_q = x > T(80) ? -x : x;
+  mp.E = sx_p <= T(0) ? e : inv_e;
+  mq.E = sx_q <= T(0) ? e : inv_e;
+  mp.em1 = sx_p <= T(0) ? em1 : ep1;
+  mq.em1 = sx_q <= T(0) ? em1 : ep1;
+  mp.w = mq.w = w;
 }
 
 // c: the element's logarithm term (L / k in the base form, else the non-own form c_up).
