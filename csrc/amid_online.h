@@ -288,9 +288,10 @@ struct RowAcc {
     // ~2^-22 + c |dm| 2^-24, costs the sum at most ~2^-22 relative per merge)
     k.e1 = M::exp_approx(dm);
     k.e_c01 = k.e_g = k.e1;
-    if constexpr (D == Divergence::kAB) {
-      k.e_c01 = M::exp_approx(exponent(P, 0) * dm);
-      k.e_g = M::exp_approx(exponent(P, 3) * dm);
+    if constexpr (D == Divergence::kAB) {  // (an exponent that underflowed to 0 in T: no scaling, as rescale_factor)
+      const T c01 = exponent(P, 0), g = exponent(P, 3);
+      k.e_c01 = c01 == T(0) ? T(1) : M::exp_approx(c01 * dm);
+      k.e_g = g == T(0) ? T(1) : M::exp_approx(g * dm);
     }
     return k;
   }
