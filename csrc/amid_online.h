@@ -268,11 +268,11 @@ struct RowAcc {
     }
   }
 
-  // Branch-free (the merges of the GPU's reductions run in every lane of a warp, where a rebase in one
-  // arm of a condition cost both arms): the side with the larger running max keeps its Z-dependent
-  // sums and powers of e^m, the other's sums are scaled by e^(c dm), dm = lo.m - hi.m <= 0 (-inf for a
-  // side that saw no finite lt, whose Z-dependent sums are 0: scaled to 0; 0 for equal maxima); plain
-  // sums add as they are.
+  // Merge: the side with the larger running max keeps its Z-dependent sums and powers of e^m, the
+  // other's sums are scaled by e^(c dm), dm = lo.m - hi.m <= 0 (-inf for a side that saw no finite lt,
+  // whose Z-dependent sums are 0: scaled to 0; 0 for equal maxima); plain sums add as they are. Where
+  // the old merge rebased both operands with two accurate exponentials each, this takes one approximate
+  // exponential per exponent class and a multiply-add per scaled field.
   // The factors of a merge, from the two running maxima: which side is larger, and e^(c dm) for the
   // exponents c = 1 (S, Wb; kl rp / rq: f0..f3) and, for ab, c01 (f0, f1) and g (f3, f4).
   struct MergeScale {
@@ -328,7 +328,6 @@ struct RowAcc {
       if (plain(i)) f[i] += o.f[i];
     }
   }
-
 
   // kl: sum_U o, the reference side's unmasked mass. pr / qr: 1 when nothing is masked (every bounded row,
   // where add does not sum it), else the direct sum (1 - sum_notU o cancels when most of o is masked, as

@@ -63,8 +63,8 @@ __device__ __forceinline__ Acc block_reduce(Acc a, Acc* scratch, Merge&& merge) 
 // shared memory on sm_90+. Every warp reduces its lanes (butterfly) and lane 0 publishes the warp's
 // state in scratch[warp]; then one warp does the rest while the others wait at the barrier: it merges
 // the warps' states in order (each lane the same, so all hold the CTA's state; the order of the C++
-// tests' emulation, tests/cpp: gpu_order_reduce), one merge per warp for the warp, where every thread
-// of the CTA merging them all cost kWarps - 1 merges in every warp. In a cluster, lane 0 publishes it
+// tests' emulation, tests/cpp: gpu_order_reduce). That is kWarps - 1 merges in one warp, where every
+// thread merging all warps' states cost them in every warp. In a cluster, lane 0 publishes it
 // in `slot[round & 1]` (two alternating slots, so a CTA that runs ahead to the next round cannot
 // overwrite a slot a peer is still reading: one cluster barrier separates rounds k and k + 2); after
 // the cluster barrier lane k < C reads rank k's slot (C remote reads per CTA) and the C lanes merge in
