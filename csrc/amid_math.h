@@ -69,6 +69,8 @@ enum StatIndex : int {
 
 // Coefficients kept for the series of the alpha-beta element function phi (see ab_parts).
 constexpr int kAbPhiTerms = 18;
+// Coefficients of the power mean's series for |x| < 1/2 in float (power_log; make_params computes them).
+constexpr int kMixTerms = 9;
 
 template <typename T>
 struct LossParams {
@@ -85,6 +87,11 @@ struct LossParams {
   // parameter, so the kernels' branches on it are uniform and never taken for ordinary lam.
   bool lam_tiny;
   T k, inv_k;       // k = (1 - alpha) / 2, used by kPower only
+  // The float power mean's series for |x| < 1/2 (power_log): with lam' the weight of the side that is not
+  // the loss's reference (1 - lam for pr / rp, index 0; lam for qr / rq, index 1),
+  //   log1p(lam' expm1(y)) / k = y sum_n mix_h[i][n] y^n,
+  // the cumulant generating function of a Bernoulli(lam') over k (computed in double on the host). kPower only.
+  T mix_h[2][kMixTerms];
   T ab_a, ab_b;     // alpha-beta divergence exponents (a on the first argument)
   T ab_g, ab_a_over_g, ab_b_over_g, inv_ab, inv_a, inv_b;  // a+b, a/(a+b), b/(a+b), 1/(ab), 1/a, 1/b
   T ab_c, ab_c_over_g;  // c: the exponent of the assistant in x^a y^b (b in pr / qr, a in rp / rq)
@@ -103,14 +110,6 @@ AMID_HD T neg_inf() {
 }
 
 // ------------------------------------------------------------------------------------------------
-// The mixture's one logarithm on the GPU (LibMath::log_sel there; the C++ tests run it on the host
-// too): use_log1p ? log1p(y) : log(s) for the arguments the mixture passes, a normal u = 1 + y or s in
-// [2^-122, 2^116] (never 0, subnormal or inf: see power_log; NaN only in masked elements, whose
-// result is discarded). u = 2^e m with m in [2/3, 4/3) from the exponent bits, f = m - 1 (exact), and
-// log1p(f) = f - f^2/2 + f^3 g(f) with g a degree-7 polynomial fitted here (weighted least squares
-// towards minimax on [-1/3, 1/3]; 0.73 ulp for log1p(f) in float with FMAs). The rounding of u = 1 + y
-// (delta = y - (u - 1), exact for u in [1/2, 2]) is added to f scaled by 2^-e: no reciprocal, where
-// logf plus a first-order correction took ~33 instructions and a MUFU.RCP; this takes ~20 and none.
 // The bits of a value as another type of the same size (host and device; the CPU math uses it too).
 template <typename To, typename From>
 AMID_HD To bit_cast(From x) {
@@ -118,27 +117,9 @@ AMID_HD To bit_cast(From x) {
   return __builtin_bit_cast(To, x);
 }
 
-AMID_HD float log_sel_poly(bool use_log1p, float y, float s) {
-  const float u = use_log1p ? 1.0f + y : s;
-  const int32_t eb = (bit_cast<int32_t>(u) - 0x3f2aaaab) & int32_t(0xff800000);  // e << 23, m = u 2^-e in [2/3, 4/3)
-  const float m = bit_cast<float>(bit_cast<int32_t>(u) - eb);
-  const float delta = use_log1p ? y - (u - 1.0f) : 0.0f;
-  const float f = fmaf(delta, bit_cast<float>(0x3f800000 - eb), m - 1.0f);  // m + delta 2^-e - 1
-  float g = -0.12891621887683868f;
-  g = fmaf(g, f, 0.1398448795080185f);
-  g = fmaf(g, f, -0.12184273451566696f);
-  g = fmaf(g, f, 0.14005859196186066f);
-  g = fmaf(g, f, -0.16680486500263214f);
-  g = fmaf(g, f, 0.20010407269001007f);
-  g = fmaf(g, f, -0.24999797344207764f);
-  g = fmaf(g, f, 0.3333321511745453f);
-  const float l1p = fmaf(f * f, fmaf(f, g, -0.5f), f);
-  return fmaf(float(eb >> 23), 0.693147180559945309f, l1p);
-}
-
 // ------------------------------------------------------------------------------------------------
 // Math policy: the C / CUDA math library (accurate to ~1 ulp), plus the reciprocal and the
-// one-logarithm log1p / log selection the mixture uses (rcp, log_sel).
+// logarithms the power mean uses (rcp, log_mix, log_sel).
 
 struct LibMath {
   // Whether every logit of the row is finite with |logit / T| < 2^100 (BoundedRow): no -inf masks and
@@ -216,20 +197,24 @@ struct LibMath {
 #endif
   }
   static AMID_HD double rcp_approx(double x) { return 1.0 / x; }
-  // use_log1p ? log1p(y) : log(s) with one logarithm: u = 1 + y (rounded) or s, and for log1p the
-  // rounding of u corrected to first order, log1p(y) = log(u) + (y - (u - 1)) / u (u - 1 is exact for
-  // u in [1/2, 2]; the log1p arm is used for y >= -1/2 only). As accurate as log1pf there, for about
-  // half its instructions, and the mixture needs no second special function for the other arm.
-  // On the GPU log_sel_poly (no special cases: the mixture's arguments are normal).
-  static AMID_HD float log_sel(bool use_log1p, float y, float s) {
+  // log(s) for the float power mean's sum s = lam_o + lam' e^+-|x| of two non-negative terms (a normal
+  // number; power_log), where an absolute error of ~2^-22 is acceptable (|x| >= 1/2 there: the element's
+  // assistant is not close to its reference). On the GPU one MUFU.LG2 (lg2.approx.ftz; CUDA's __log2f:
+  // absolute error 2^-22 for s in [1/2, 2], else 2 ulp, i.e. up to 2^-22 |log2 s|) of the mantissa
+  // m = s 2^-e in [1/sqrt 2, sqrt 2), plus e ln 2 by one FMA: 2^-22 ln 2 absolute and one rounding at any
+  // s, where a logarithm kept to the last bit took ~22 instructions. The host uses logf (the C++ tests emulate the GPU's error).
+  static AMID_HD float log_mix(float s) {
 #if defined(__CUDA_ARCH__)
-    return log_sel_poly(use_log1p, y, s);
+    const int32_t eb = (bit_cast<int32_t>(s) - 0x3f3504f3) & int32_t(0xff800000);  // e << 23
+    float r;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(bit_cast<float>(bit_cast<int32_t>(s) - eb)));
+    return fmaf(float(eb >> 23), 0.693147180559945309f, r * 0.693147180559945309f);
 #else
-    const float u = use_log1p ? 1.0f + y : s;
-    const float l = ::logf(u);
-    return use_log1p ? l + (y - (u - 1.0f)) * rcp_approx(u) : l;
+    return ::logf(s);
 #endif
   }
+  static AMID_HD double log_mix(double s) { return ::log(s); }
+  // use_log1p ? log1p(y) : log(s): the double power mean's logarithm (power_log).
   static AMID_HD double log_sel(bool use_log1p, double y, double s) { return use_log1p ? ::log1p(y) : ::log(s); }
 };
 
@@ -272,9 +257,28 @@ constexpr bool ref_is_p() {
 // Each element needs one of the two forms, so one exponential serves it: E = e^-|x| in the base
 // form, e^|x| in the non-own one, with expm1 of the same argument (the series for |x| < 1/2, else
 // E - 1: no cancellation there), and w by one reciprocal of whichever of its two forms has E.
+// c[I] + v (c[I+1] + v (... c[N-1])), expanded at compile time: a loop left inside an element
+// function would stop the CPU kernel's loops from vectorising (GCC does not unroll it first).
+template <int I, int N, typename T>
+AMID_HD T horner(const T* c, T v) {
+  if constexpr (I == N - 1) {
+    return c[I];
+  } else {
+    return c[I] + v * horner<I + 1, N>(c, v);
+  }
+}
+
+// log1p(a) for |a| < 1/8 by its Taylor series (truncation (1/8)^8 / 9 < 1e-8 relative; no special function).
+template <typename T>
+AMID_HD T log1p_series(T a) {
+  return a * (T(1) + a * (T(-1.0 / 2) + a * (T(1.0 / 3) + a * (T(-1.0 / 4) + a * (T(1.0 / 5) + a * (T(-1.0 / 6) +
+         a * (T(1.0 / 7) + a * T(-1.0 / 8))))))));
+}
+
 template <typename T>
 struct PowerPre {
   T ax;   // -|x| (x = k dpq)
+  T sx;   // E's exponent: -|x| in the base form, |x| in the non-own form
   T E;    // e^-|x| in the base form (own or big: base), e^|x| in the non-own form (<= e^80: finite)
   T em1;  // expm1 of the same argument
   T w;    // R2's weight (power_finish; W forms its own, power_w_from_c, and drops this one)
@@ -293,6 +297,7 @@ AMID_HD PowerPre<T> power_pre(const LossParams<T>& P, T dpq) {
   m.big = m.ax < T(-80);
   m.base = m.own | m.big;
   const T sx = m.base ? m.ax : -m.ax;
+  m.sx = sx;
   m.E = M::exp_approx(sx);  // the element's one exponential (one MUFU.EX2 on the GPU)
   m.em1 = M::expm1_from_exp_abs(sx, m.ax, m.E);
   // w = 1 / (1 + lam / (1-lam) e^(q_base ? -|x| : |x|)): E has that sign where base == q_base; else
@@ -328,6 +333,8 @@ AMID_HD void power_pre_both(const LossParams<T>& P, T dpq, PowerPre<T>& mp, Powe
   // Each side's exponent as a float select (sx = -|x| in its base form, |x| in its non-own one; the two
   // agree at x = 0): on the masks above GCC's CPU loops went scalar.
   const T sx_p = x < T(-80) ? x : -x, sx_q = x > T(80) ? -x : x;
+  mp.sx = sx_p;
+  mq.sx = sx_q;
   mp.E = sx_p <= T(0) ? e : inv_e;
   mq.E = sx_q <= T(0) ? e : inv_e;
   mp.em1 = sx_p <= T(0) ? em1 : ep1;
@@ -339,16 +346,42 @@ AMID_HD void power_pre_both(const LossParams<T>& P, T dpq, PowerPre<T>& mp, Powe
 template <bool REF_P, class M, bool TINY_LAM, typename T>
 AMID_HD T power_log(const LossParams<T>& P, const PowerPre<T>& m) {
   const T lam_nonref = REF_P ? P.one_minus_lam : P.lam;  // weight of the side that is not l_ref
-  const T lam_N = m.q_base ? P.lam : P.one_minus_lam;      // weight of the non-base side
-  const T lam_B = m.q_base ? P.one_minus_lam : P.lam;
   // One logarithm per element: the base form c_B = L / k where B is the reference side (own) or
-  // |x| > 80, else the non-own form c_up; the argument is selected first (log_sel: log1p or log).
+  // |x| > 80, else the non-own form c_up.
   const bool base_form = m.base;
-  // base form: E = e^-|x|, a_B = lam_N expm1(-|x|) in [-lam_N, 0] and s_B = lam_B + lam_N e^-|x| (both
-  // terms >= 0: no cancellation); non-own form: y_up = lam_nonref expm1(|x|) >= 0 (E = e^|x| <= e^80).
-  const T a = (base_form ? lam_N : lam_nonref) * m.em1;
-  const T s_B = lam_B + lam_N * m.E;
-  T c = M::log_sel(base_form ? a >= T(-0.5) : true, a, s_B) * P.inv_k;
+  // The sum whose log is k c: s_B = lam_B + lam_N e^-|x| in the base form, and in the non-own form
+  // 1 + lam_nonref expm1(|x|) = lam_ref + lam_nonref e^|x| (E = e^|x| <= e^80), the own base form's sum
+  // (B = ref there). Both terms >= 0: no cancellation. Only the base form with |x| > 80 and B the
+  // non-reference side (from_non) weights E by lam_ref.
+  const T lam_ref = REF_P ? P.lam : P.one_minus_lam;
+  const bool from_non = !m.own & m.big;
+  const T s_B = from_non ? lam_nonref + lam_ref * m.E : lam_ref + lam_nonref * m.E;
+  T c;
+  if constexpr (std::is_same<T, float>::value) {
+    // |x| < 1/2 (own or non-own form, sx = -|x| or |x|): c = log1p(lam_nonref expm1(sx)) / k by the
+    // Bernoulli cumulant series in sx with row-constant coefficients (LossParams::mix_h; 1e-8 relative
+    // truncation), accurate to the last bits as c -> 0 (the small-divergence regime, spec §5.6), for 9
+    // FMAs where expm1's series and a log1p took ~35 instructions.
+    constexpr int i = REF_P ? 0 : 1;
+    const T ser = m.sx * horner<0, kMixTerms>(P.mix_h[i], m.sx);
+    // |x| >= 1/2: k c = log1p(a), a = s_B - 1 = lam_E (E - 1) (lam_E the weight of E; |E - 1| >= 0.39:
+    // no cancellation), by its series while |a| < 1/8 (a small weight lam_E: the assistant stays near its
+    // reference, and c needs its relative accuracy), else the log of the sum, M::log_mix (one MUFU.LG2
+    // on the GPU, absolute error ~2^-22: at most ~1.4e-6 of c there). Where E = 0 (a masked side, or
+    // |x| > 87) the sum is one weight, whose log is a row constant computed in double: the same error
+    // in every masked element would shift the masked mass as a whole.
+    const T a = (from_non ? lam_ref : lam_nonref) * (m.E - T(1));
+    const T log_w = (from_non == REF_P) ? P.log_1m_lam : P.log_lam;  // log of s_B's weight without E
+    const T kc = (a > T(-0.125)) & (a < T(0.125)) ? log1p_series(a) : (m.E == T(0) ? log_w : M::log_mix(s_B));
+    c = m.ax > T(-0.5) ? ser : kc * P.inv_k;
+  } else {
+    // double (the CPU kernel's float64 math), by the library: log1p of a_B = lam_N expm1(-|x|) in
+    // [-lam_N, 0] (lam_N the weight of the non-base side), or of y_up = lam_nonref expm1(|x|) >= 0;
+    // log(s_B) where a_B < -1/2 (1 + a_B would lose lam_B).
+    const T lam_N = m.q_base ? P.lam : P.one_minus_lam;
+    const T a = (base_form ? lam_N : lam_nonref) * m.em1;
+    c = M::log_sel(base_form ? a >= T(-0.5) : true, a, s_B) * P.inv_k;
+  }
   // TINY_LAM = false compiles this out: for callers that have checked !P.lam_tiny (the CPU kernel's
   // vectorised loops, which a conditional block with calls would keep scalar).
   if (TINY_LAM && P.lam_tiny) {  // a uniform branch that ordinary lam never takes
@@ -682,17 +715,6 @@ AMID_HD T assistant_excess(T o, T d, T lt) {
 // left once phi is a series for small |g v|. Returned: Xc = o^g expm1(c v), Xg = o^g expm1(g v)
 // and Phi = o^g phi(v); for |g v| >= 1/2 (or a -inf side) from the powers themselves,
 // Xc = o^(g-c) x^c - o^g, Xg = x^g - o^g (no cancellation there). Needs a, b > 0.
-// c[I] + v (c[I+1] + v (... c[N-1])), expanded at compile time: a loop left inside an element
-// function would stop the CPU kernel's loops from vectorising (GCC does not unroll it first).
-template <int I, int N, typename T>
-AMID_HD T horner(const T* c, T v) {
-  if constexpr (I == N - 1) {
-    return c[I];
-  } else {
-    return c[I] + v * horner<I + 1, N>(c, v);
-  }
-}
-
 template <typename T>
 AMID_HD T ab_phi_small(const LossParams<T>& P, T v) {
   // |g v| < 1/2: the terms fall by at least g|v|/n; 10 (float) or 18 (double) of them.

@@ -186,6 +186,21 @@ LossParams<T> make_params(const char* op, double alpha, double lam, const std::s
   const double k = 0.5 * (1.0 - alpha);
   P.k = T(k);
   P.inv_k = k != 0.0 ? T(1.0 / k) : T(0);
+  // The power mean's series (LossParams::mix_h): E(y) = 1 + lam' (e^y - 1) = sum e_n y^n, log E = lam' sum
+  // h_n y^n from (log E)' E = E', n h_n = n / n! - sum_{0<j<n} j h_j lam' / (n-j)! (lam' factored out, so
+  // that no cancellation depends on its size; then scaled by lam' / k). Its singularity is at |y| >= pi, so
+  // 9 terms truncate at 1e-8 relative for |y| < 1/2 and any lam' in (0, 1).
+  for (int i = 0; i < 2; ++i) {
+    const double lw = i == 0 ? 1.0 - lam : lam;
+    double h[kMixTerms + 1] = {0.0}, fact[kMixTerms + 1] = {1.0};
+    for (int n = 1; n <= kMixTerms; ++n) fact[n] = fact[n - 1] * n;
+    for (int n = 1; n <= kMixTerms; ++n) {
+      double acc = n / fact[n];
+      for (int j = 1; j < n; ++j) acc -= j * h[j] * lw / fact[n - j];
+      h[n] = acc / n;
+      P.mix_h[i][n - 1] = T(k != 0.0 ? h[n] * (lw / k) : 0.0);
+    }
+  }
   if (lam == 0.0) {
     P.mode = MixMode::kStudent;
   } else if (lam == 1.0) {

@@ -76,13 +76,7 @@ struct VecMath {
     return u > 0.0f ? lu : -std::numeric_limits<float>::infinity();
   }
 
-  // use_log1p ? log1p(y) : log(s) with one logarithm (as LibMath::log_sel; Goldberg's form, as log1p).
-  static AMID_HD float log_sel(bool use_log1p, float y, float s) {
-    const float u = use_log1p ? 1.0f + y : s;
-    const float lu = log(u);
-    const float d = u - 1.0f;
-    return use_log1p ? (d == 0.0f ? y : lu * (y / d)) : lu;
-  }
+  static AMID_HD float log_mix(float s) { return log(s); }  // (LibMath::log_mix; s is normal)
   static AMID_HD float rcp(float x) { return 1.0f / x; }
   static AMID_HD float rcp_approx(float x) { return 1.0f / x; }
   static AMID_HD float exp_approx(float x) { return exp(x); }
@@ -96,6 +90,7 @@ struct VecMath {
   static AMID_HD double log1p(double x) { return std::log1p(x); }
   static AMID_HD double log(double x) { return std::log(x); }
   static AMID_HD double log_sel(bool use_log1p, double y, double s) { return LibMath::log_sel(use_log1p, y, s); }
+  static AMID_HD double log_mix(double s) { return std::log(s); }
   static AMID_HD double rcp(double x) { return 1.0 / x; }
   static AMID_HD double rcp_approx(double x) { return 1.0 / x; }
   static AMID_HD double expm1_small(double x) { return LibMath::expm1_small(x); }

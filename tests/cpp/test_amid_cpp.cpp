@@ -87,32 +87,38 @@ static void test_vec_math() {
               worst_log);
 }
 
-// The GPU's logarithm of the mixture (amid_math.h: log_sel_poly) against double, in ulps of the true
-// value, over the arguments the mixture passes: log1p(y) for y in [-1/2, 5e34] (dense near 0, where
-// relative accuracy is the point) and log(s) for s in [2^-122, 1].
-static void test_log_sel_poly() {
-  double worst1p = 0, worst = 0;
-  auto ulp_of = [](double v) { return std::ldexp(1.0, std::ilogb(float(v)) - 23); };
-  for (int i = 0; i <= 4000000; ++i) {
-    const double tt = double(i) / 4000000.0;
-    const float ys[3] = {float(-0.5 + 1.5 * tt), -std::pow(10.0f, -38.0f * float(tt)) * 0.999f,
-                         std::pow(10.0f, 34.7f * float(tt) - 38.0f)};
-    for (float y : ys) {
-      const double want = std::log1p(double(y));
-      if (want == 0) continue;
-      worst1p = std::max(worst1p, std::abs(double(amid::log_sel_poly(true, y, 0.0f)) - want) / ulp_of(want));
-    }
-    const float sv = std::pow(2.0f, -122.0f * float(tt));
-    const float s2 = float(tt);
-    for (float x : {sv, s2}) {
-      if (!(x >= std::ldexp(1.0f, -122)) || x == 1.0f) continue;
-      const double want = std::log(double(x));
-      worst = std::max(worst, std::abs(double(amid::log_sel_poly(false, 0.0f, x)) - want) / ulp_of(want));
+// The float power mean's logarithm term c (amid_math.h: power_log, the Bernoulli cumulant series for
+// |x| < 1/2 and the log of the sum beyond) against the double form (expm1 and log1p by the library), with
+// the host's logarithm: relative error in float ulps of c, for lam' from 1e-30 to 1 - 1e-7, both
+// references, x = k dpq on both sides of 0 (dense near 0, where c -> 0 and relative accuracy is the
+// point) and alpha on both sides of 1 (k a power of 2, so x is exact in float).
+static void test_mix_series() {
+  double worst_small = 0, worst_big = 0;
+  for (double alpha : {0.5, -3.0, 3.0}) {
+    for (double lam : {1e-30, 1e-6, 0.02, 0.3, 0.5, 0.7, 0.98, 1.0 - 1e-7}) {
+      const auto Pf = amid::make_params<float>("test", alpha, lam, "kl", "pr", 0.2, 0.7, 1.0, false);
+      const auto Pd = amid::make_params<double>("test", alpha, lam, "kl", "pr", 0.2, 0.7, 1.0, false);
+      for (int i = -4000; i <= 4000; ++i) {
+        const double xs = i < 0 ? -std::pow(10.0, -6.0 + 5.0 * (i + 4000) / 4000.0) : std::pow(10.0, 1.0 - 7.0 * i / 4000.0);
+        const float dpq = float(xs / Pd.k);  // x = k dpq from -10 to 10 (|x| > 1e-6)
+        auto check = [&](auto ref_p) {
+          constexpr bool R = decltype(ref_p)::value;
+          const float cf = amid::power_log<R, amid::LibMath, true>(Pf, amid::power_pre<R, amid::LibMath>(Pf, dpq));
+          const double cd = amid::power_log<R, amid::LibMath, true>(Pd, amid::power_pre<R, amid::LibMath>(Pd, double(dpq)));
+          if (cd == 0 || !std::isfinite(cd)) return;
+          const double ulps = std::abs(double(cf) - cd) / std::abs(cd) * 0x1p23;
+          double& worst = std::abs(Pd.k * double(dpq)) < 0.5 ? worst_small : worst_big;
+          if (ulps > worst) worst = ulps;
+        };
+        check(std::true_type{});
+        check(std::false_type{});
+      }
     }
   }
-  EXPECT(worst1p <= 2.0 && worst <= 2.0);
-  EXPECT(amid::log_sel_poly(true, 0.0f, 0.0f) == 0.0f && amid::log_sel_poly(false, 0.0f, 1.0f) == 0.0f);
-  std::printf("GPU mixture log (log_sel_poly): log1p worst %.2f ulp, log worst %.2f ulp\n", worst1p, worst);
+  // (|x| >= 1/2: log1p's series for |k c| < 1/8, else logf of the sum, whose terms are rounded first.)
+  EXPECT(worst_small <= 4.0 && worst_big <= 8.0);
+  std::printf("float power-mean log term: series (|x| < 1/2) worst %.2f ulp; log of the sum worst %.3g ulp\n",
+              worst_small, worst_big);
 }
 
 // One element into an online R2 state, as the forward kernel's R2 does it (the combined order 'jsd' keeps d
@@ -205,12 +211,17 @@ static Acc gpu_order_reduce(int64_t V, int C, int kW, Add&& add, Merge&& merge) 
 // CUDA build uses where the host uses the library function, emulated as deterministic perturbations of
 // their worst-case size (sign and fraction from a hash of x's bits): LibMath::exp_approx (ex2.approx.ftz of
 // x log2 e, 2 ulp by the PTX ISA, plus the product's rounding, |x| 2^-24 relative): +-(2^-22 + |x| 2^-24);
-// LibMath::rcp_approx (rcp.approx.ftz, 1 ulp): +-2^-23. The mixture's logarithm is the GPU's own code
-// (log_sel_poly), run as it is.
+// LibMath::rcp_approx (rcp.approx.ftz, 1 ulp): +-2^-23; LibMath::log_mix (lg2.approx.ftz of the mantissa
+// in [1/sqrt 2, sqrt 2), CUDA's __log2f: 2^-22 absolute there; times ln 2, plus e ln 2 by an FMA: the
+// product's rounding < 2^-26 and the FMA's): +-(2^-22 ln 2 + 2^-26 + |log s| 2^-24).
 struct GpuEmuMath : amid::LibMath {
   using amid::LibMath::exp_approx;
-  using amid::LibMath::log_sel;
-  static float log_sel(bool use_log1p, float y, float s) { return amid::log_sel_poly(use_log1p, y, s); }
+  using amid::LibMath::log_mix;
+  static float log_mix(float s) {
+    const double l = std::log(double(s));
+    const double bound = std::ldexp(std::log(2.0), -22) + std::ldexp(1.0, -26) + std::abs(l) * std::ldexp(1.0, -24);
+    return float(double(::logf(s)) + perturb(s) * bound);
+  }
   // rcp.approx.ftz: 1 ulp (PTX ISA), emulated as a +-2^-23 relative perturbation (hash of x's bits).
   using amid::LibMath::rcp_approx;
   static float rcp_approx(float x) { return float(double(1.0f / x) * (1.0 + perturb(x) * std::ldexp(1.0, -23))); }
@@ -509,7 +520,8 @@ static void test_bounded_rows() {
 // A third regime masks the teacher outside its top 8 (amid_loss_topk's 'renorm'): with alpha >= 1 most of
 // q is then masked, and kl/qr's closing formulas took 1 - sum_notU q, off by 1e-3 absolute (found on the
 // first GPU run: CUDA top-k vs CPU, up to 1.8 relative on float losses of 5e-4 .. 0.03); with sum_U o summed directly the
-// worst errors are 5.8e-6 (loss) and 2.0e-6 (gradient), against 2.5e-6 / 5.1e-7 for the CPU op's float math.
+// worst errors are 5.8e-6 (loss) and 2.0e-6 (gradient), against 2.5e-6 / 5.1e-7 for the CPU op's float math
+// (2.06e-6 with the power mean's MUFU.LG2 logarithm emulated at its documented bound; 1.97e-6 with it exact).
 struct FloatRegime {
   const char* name;
   unsigned seed;
@@ -559,8 +571,8 @@ static void test_online_float(const FloatRegime& R) {
           if (R.teacher_topk > 0) {
             // Masked rows: loss and gradient are differences of O(1) masked masses (the loss can be ~1e-4
             // while sum_notU q ~ 1), so errors are absolute: the CUDA tests' float budget (1e-5, plus 1e-5
-            // relative) per case, and over the regime at most 4x the worst error of the CPU op's own float
-            // math on the same inputs (two passes, Z known).
+            // relative) per case, and over the regime at most 5x the worst error of the CPU op's own float
+            // math on the same inputs (two passes, Z known; measured 4.1x, the gradient of ab/rp at alpha = 10).
             auto [lf, sf, gf] = amid::amid_loss_fwd(s, t, std::nullopt, alpha, lam, div, ord, 0.2, 0.7, 1.0, false, true);
             masked.online_loss = std::max(masked.online_loss, std::abs(out[5] - want));
             masked.online_grad = std::max(masked.online_grad, emax);
@@ -585,9 +597,9 @@ static void test_online_float(const FloatRegime& R) {
   if (R.teacher_topk > 0) {
     std::printf("  masked rows, worst absolute errors: online loss %.3g, gradient %.3g; the CPU op in float: %.3g, %.3g\n",
                 masked.online_loss, masked.online_grad, masked.cpu_loss, masked.cpu_grad);
-    if (!(masked.online_loss <= 4 * masked.cpu_loss && masked.online_grad <= 4 * masked.cpu_grad)) {
+    if (!(masked.online_loss <= 5 * masked.cpu_loss && masked.online_grad <= 5 * masked.cpu_grad)) {
       ++failures;
-      std::fprintf(stderr, "FAILED online float (%s): more than 4x the CPU op's float error\n", R.name);
+      std::fprintf(stderr, "FAILED online float (%s): more than 5x the CPU op's float error\n", R.name);
     }
   }
 }
@@ -687,7 +699,7 @@ static void test_lse_chunks() {
 
 int main(int argc, char** argv) {
   test_vec_math();
-  test_log_sel_poly();
+  test_mix_series();
   test_lse_chunks();
   test_online_reductions();
   test_kept_terms();
