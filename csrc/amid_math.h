@@ -235,6 +235,24 @@ constexpr bool ref_is_p() {
   return O == Order::kPR || O == Order::kRP;
 }
 
+// c[I] + v (c[I+1] + v (... c[N-1])), expanded at compile time: a loop left inside an element
+// function would stop the CPU kernel's loops from vectorising (GCC does not unroll it first).
+template <int I, int N, typename T>
+AMID_HD T horner(const T* c, T v) {
+  if constexpr (I == N - 1) {
+    return c[I];
+  } else {
+    return c[I] + v * horner<I + 1, N>(c, v);
+  }
+}
+
+// log1p(a) for |a| < 1/8 by its Taylor series (truncation (1/8)^8 / 9 < 1e-8 relative; no special function).
+template <typename T>
+AMID_HD T log1p_series(T a) {
+  return a * (T(1) + a * (T(-1.0 / 2) + a * (T(1.0 / 3) + a * (T(-1.0 / 4) + a * (T(1.0 / 5) + a * (T(-1.0 / 6) +
+         a * (T(1.0 / 7) + a * T(-1.0 / 8))))))));
+}
+
 // The power mean (kPower) in three steps, so that its one logarithm can be kept between passes: the
 // GPU's R2 stores c (power_log) per element in shared memory beside the row slice and W rebuilds lt, w
 // and d from it (power_mixture_from_c) with the same operations, bit for bit, without the log.
@@ -255,32 +273,15 @@ constexpr bool ref_is_p() {
 // log1p(lam_N' expm1(|x|)) / k (lam_N' the weight of the non-reference side; the argument is
 // >= 0, so no cancellation), unless |x| > 80 where e^|x| nears float's range (and d is large).
 // Each element needs one of the two forms, so one exponential serves it: E = e^-|x| in the base
-// form, e^|x| in the non-own one, with expm1 of the same argument (the series for |x| < 1/2, else
-// E - 1: no cancellation there), and w by one reciprocal of whichever of its two forms has E.
-// c[I] + v (c[I+1] + v (... c[N-1])), expanded at compile time: a loop left inside an element
-// function would stop the CPU kernel's loops from vectorising (GCC does not unroll it first).
-template <int I, int N, typename T>
-AMID_HD T horner(const T* c, T v) {
-  if constexpr (I == N - 1) {
-    return c[I];
-  } else {
-    return c[I] + v * horner<I + 1, N>(c, v);
-  }
-}
-
-// log1p(a) for |a| < 1/8 by its Taylor series (truncation (1/8)^8 / 9 < 1e-8 relative; no special function).
-template <typename T>
-AMID_HD T log1p_series(T a) {
-  return a * (T(1) + a * (T(-1.0 / 2) + a * (T(1.0 / 3) + a * (T(-1.0 / 4) + a * (T(1.0 / 5) + a * (T(-1.0 / 6) +
-         a * (T(1.0 / 7) + a * T(-1.0 / 8))))))));
-}
-
+// form, e^|x| in the non-own one, and w by one reciprocal of whichever of its two forms has E.
+// In float, c itself comes from series and MUFU work instead of expm1 and log1p (power_log): for
+// |x| < 1/2 both forms are log1p(lam_N' expm1(-+|x|)) / k, one series in the signed exponent.
 template <typename T>
 struct PowerPre {
   T ax;   // -|x| (x = k dpq)
   T sx;   // E's exponent: -|x| in the base form, |x| in the non-own form
   T E;    // e^-|x| in the base form (own or big: base), e^|x| in the non-own form (<= e^80: finite)
-  T em1;  // expm1 of the same argument
+  T em1;  // expm1 of the same argument (double only: float's power_log does not use it)
   T w;    // R2's weight (power_finish; W forms its own, power_w_from_c, and drops this one)
   bool q_base, own, big, base;
 };
@@ -310,8 +311,8 @@ AMID_HD PowerPre<T> power_pre(const LossParams<T>& P, T dpq) {
 
 // Both references' PowerPre from one dpq (the combined order kJSD, which evaluates the mixture relative
 // to p and to q): there one side's base form is the other's non-own form, so both e^-|x| and e^|x|
-// are needed; the first comes from one exponential, the second from its reciprocal, and both expm1 from
-// one series (expm1(|x|) = -expm1(-|x|) e^|x|), as power_pre did before it specialised on one form.
+// are needed; the first comes from one exponential, the second from its reciprocal, and (double's
+// power_log) both expm1 from one (expm1(|x|) = -expm1(-|x|) e^|x|).
 template <class M, typename T>
 AMID_HD void power_pre_both(const LossParams<T>& P, T dpq, PowerPre<T>& mp, PowerPre<T>& mq) {
   const T x = P.k * dpq;
