@@ -202,7 +202,8 @@ struct LibMath {
   // assistant is not close to its reference). On the GPU one MUFU.LG2 (lg2.approx.ftz; CUDA's __log2f:
   // absolute error 2^-22 for s in [1/2, 2], else 2 ulp, i.e. up to 2^-22 |log2 s|) of the mantissa
   // m = s 2^-e in [1/sqrt 2, sqrt 2), plus e ln 2 by one FMA: 2^-22 ln 2 absolute and one rounding at any
-  // s, where a logarithm kept to the last bit took ~22 instructions. The host uses logf (the C++ tests emulate the GPU's error).
+  // s, where a logarithm kept to the last bit took ~22 instructions. The host uses logf (the C++ tests
+  // emulate the GPU's error). Float only: double's power_log keeps log_sel.
   static AMID_HD float log_mix(float s) {
 #if defined(__CUDA_ARCH__)
     const int32_t eb = (bit_cast<int32_t>(s) - 0x3f3504f3) & int32_t(0xff800000);  // e << 23
@@ -213,7 +214,6 @@ struct LibMath {
     return ::logf(s);
 #endif
   }
-  static AMID_HD double log_mix(double s) { return ::log(s); }
   // use_log1p ? log1p(y) : log(s): the double power mean's logarithm (power_log).
   static AMID_HD double log_sel(bool use_log1p, double y, double s) { return use_log1p ? ::log1p(y) : ::log(s); }
 };

@@ -90,7 +90,6 @@ struct VecMath {
   static AMID_HD double log1p(double x) { return std::log1p(x); }
   static AMID_HD double log(double x) { return std::log(x); }
   static AMID_HD double log_sel(bool use_log1p, double y, double s) { return LibMath::log_sel(use_log1p, y, s); }
-  static AMID_HD double log_mix(double s) { return std::log(s); }
   static AMID_HD double rcp(double x) { return 1.0 / x; }
   static AMID_HD double rcp_approx(double x) { return 1.0 / x; }
   static AMID_HD double expm1_small(double x) { return LibMath::expm1_small(x); }

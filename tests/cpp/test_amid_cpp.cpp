@@ -216,7 +216,6 @@ static Acc gpu_order_reduce(int64_t V, int C, int kW, Add&& add, Merge&& merge) 
 // product's rounding < 2^-26 and the FMA's): +-(2^-22 ln 2 + 2^-26 + |log s| 2^-24).
 struct GpuEmuMath : amid::LibMath {
   using amid::LibMath::exp_approx;
-  using amid::LibMath::log_mix;
   static float log_mix(float s) {
     const double l = std::log(double(s));
     const double bound = std::ldexp(std::log(2.0), -22) + std::ldexp(1.0, -26) + std::abs(l) * std::ldexp(1.0, -24);
