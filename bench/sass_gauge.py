@@ -127,9 +127,9 @@ COLD_REGIONS = [
      "OnlineLSE::add_chunk: a new running max (at most once per chunk)"),
     ("amid_online.h", [r"void rebase\(", r"if \(mx > m\) \{"],
      "RowAcc::rebase: a new running max (rescaling the sums to it)"),
-    ("amid_math.h", [r"AMID_HD T power_log\(", r"if \(TINY_LAM && P\.lam_tiny\) \{"],
+    ("amid_math.h", [r"AMID_HD T power_log\(", r"if \(TINY_LAM && !M::kBounded && P\.lam_tiny\) \{"],
      "mixture: lam or 1 - lam below the normal range of the math type (a parameter: a uniform branch)"),
-    ("amid_math.h", [r"void power_finish\(", r"if \(TINY_LAM && P\.lam_tiny\) \{"],
+    ("amid_math.h", [r"void power_finish\(", r"if \(TINY_LAM && !M::kBounded && P\.lam_tiny\) \{"],
      "mixture: the scaled weight for lam < 2^-60 (a parameter: a uniform branch)"),
 ]
 

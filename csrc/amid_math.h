@@ -219,8 +219,10 @@ struct LibMath {
 };
 
 // A math policy for rows whose logits are all finite with |logit / T| < 2^100 (the GPU forward kernel
-// checks this per row after R1: LseAcc::bounded): the same results as Base there, bit for bit, without
-// the guards for -inf masks and overflow (log_prob, logit_gap, select_both_masked, the kl keep masks).
+// checks this per row after R1: LseAcc::bounded), under an ordinary lam (!LossParams::lam_tiny: the
+// launcher's choice): the same results as Base there, bit for bit, without the guards for -inf masks and
+// overflow (log_prob, logit_gap, select_both_masked, the kl keep masks) and without the tiny-lam forms
+// (power_log, power_finish), whose code ptxas otherwise merges into the hot loop (~6 instructions per element).
 template <class Base>
 struct BoundedRow : Base {
   static constexpr bool kBounded = true;
@@ -384,8 +386,9 @@ AMID_HD T power_log(const LossParams<T>& P, const PowerPre<T>& m) {
     c = M::log_sel(base_form ? a >= T(-0.5) : true, a, s_B) * P.inv_k;
   }
   // TINY_LAM = false compiles this out: for callers that have checked !P.lam_tiny (the CPU kernel's
-  // vectorised loops, which a conditional block with calls would keep scalar).
-  if (TINY_LAM && P.lam_tiny) {  // a uniform branch that ordinary lam never takes
+  // vectorised loops, which a conditional block with calls would keep scalar); so does a BoundedRow policy
+  // (its launcher has checked).
+  if (TINY_LAM && !M::kBounded && P.lam_tiny) {  // a uniform branch that ordinary lam never takes
     // Only where lam_B itself is below the normal range of T (lam or 1 - lam < 2e-37 in float):
     // the log-sum-exp of the logs.
     if (base_form & (s_B < T(16) * std::numeric_limits<T>::min())) {
@@ -417,7 +420,7 @@ AMID_HD void power_finish(const LossParams<T>& P, const PowerPre<T>& m, T c, T l
   // reciprocal of a denominator >= 1, to 1 ulp (w only weights R2's sums); 0 where e = 0 without q as
   // the base (1 + inf). Formed in power_pre (PowerPre::w).
   w = m.w;
-  if (TINY_LAM && P.lam_tiny) {
+  if (TINY_LAM && !M::kBounded && P.lam_tiny) {
     // num / den with the form of the branch (den >= 1 with q as the base). den < 2^-60 (only without q as
     // the base, with lam / (1-lam) and e both tiny): both scaled by 2^100 first, or 1 / den would overflow
     // (num * inf: NaN or inf, e.g. a subnormal lam with a masked student element) where num / den is at
@@ -772,7 +775,9 @@ struct AbTerms {
 template <class M, typename T>
 AMID_HD AbTerms<T> ab_terms(const LossParams<T>& P, T lo, T lx, T v) {
   const T c = P.ab_c, dd = P.ab_d, g = P.ab_g;
-  const T og = M::exp(g * lo), xg = M::exp(g * lx), xc_od = M::exp(c * lx + dd * lo);  // o^g, x^g, x^c o^dd
+  // o^g, x^g, x^c o^dd by exp_approx: arguments <= 0 (a, b > 0), and the big forms below subtract two of them
+  // only where their ratio is at least e^(1/2) (|y| >= 1/2), which amplifies its relative error at most 2.6x.
+  const T og = M::exp_approx(g * lo), xg = M::exp_approx(g * lx), xc_od = M::exp_approx(c * lx + dd * lo);
   const T cv = c * v, dv = dd * v, gv = g * v;
   const bool small_c = (cv > T(-0.5)) & (cv < T(0.5));  // false for NaN / inf v
   const bool small_d = (dv > T(-0.5)) & (dv < T(0.5));

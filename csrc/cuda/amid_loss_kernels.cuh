@@ -418,7 +418,9 @@ void launch_fwd_mode(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a,
   using acc_t = at::opmath_type<scalar_t>;
   const std::string path = forced_path();
   // AMID_CUDA_BOUNDED=0: every row runs the general R2 / W (tests compare both; they agree bit for bit).
-  const bool bounded_ok = !env_is("AMID_CUDA_BOUNDED", "0");
+  // A tiny lam (LossParams::lam_tiny) needs the mixture's scaled forms, which BoundedRow leaves out:
+  // then every row takes the general policy.
+  const bool bounded_ok = !env_is("AMID_CUDA_BOUNDED", "0") && !(POWER && P.lam_tiny);
 
   auto resident = amid_fwd_kernel<scalar_t, D, O, true, POWER>;
   const ResidentInfo& info = resident_info(resident);

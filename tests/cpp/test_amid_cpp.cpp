@@ -377,7 +377,8 @@ static void test_kept_terms() {
 // (amid_loss_kernels.cuh), without the guards for -inf masks and overflow; there it must give the general
 // policy's values bit for bit: the row statistics, R2's kept logarithm terms and every gradient element.
 // Every loss and order (jsd too), power-mean and cheap mixtures, lam from subnormal to 1 - 1e-7, logits from
-// nearly equal to far apart (|x| > 80), huge (1e20, 1e29) and offset (a teacher 700 above its student).
+// nearly equal to far apart (|x| > 80), huge (1e20, 1e29) and offset (a teacher 700 above its student)
+// (a power mean under a subnormal lam is skipped: the kernel runs such rows with the general policy).
 // And LseAcc::bounded() itself.
 template <typename T, class M>
 static void test_bounded_rows_one(const char* tname) {
@@ -408,6 +409,9 @@ static void test_bounded_rows_one(const char* tname) {
             if (std::strcmp(div, "kl") == 0 && alpha == 0.5) t[11] = T(1e20), s[11] = T(-1e29), t[12] = T(-1e29);
             const auto P = amid::make_params<T>("test", alpha, lam, div, ord, 0.2, 0.7, temp, false);
             const bool power = P.mode == amid::MixMode::kPower;
+            // A power mean with a tiny lam never takes BoundedRow (the launcher's bounded_ok), which leaves
+            // out its scaled forms; the general policy's tests cover it.
+            if (power && P.lam_tiny) continue;
             amid::dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
               constexpr amid::Divergence D = decltype(dc)::value;
               constexpr amid::Order O = decltype(oc)::value;
@@ -510,7 +514,8 @@ static void test_bounded_rows() {
 // 1e-5, where first-order closing formulas lost up to 4e-4 relative), and ordinary inputs (student
 // independent of the teacher). Issue 9's budgets: loss 1e-5 relative, gradient 1e-4 normwise. Measured
 // (this order of reduction, R1, R2 and W with GpuEmuMath's worst-case-sized error of the approximate
-// exponential): loss 2.2e-6 / 6.5e-6 (both regimes meet it); gradient 3.4e-5 / 3.6e-4 (with every
+// exponential): loss 2.2e-6 / 8.2e-6 (both regimes meet it; 6.5e-6 before ab's o^g, rho^g and W's powers
+// took the approximate exponential); gradient 3.9e-5 / 2.0e-4 (6.2e-5 / 4.0e-4 before; with every
 // exponential exact: 1.9e-5 / 4.0e-4; the row log-sum-exps' error moves sum p off 1, which the near
 // regime's small gradient feels first):
 // above 1e-4 only for qr / rq (and jsd's qr term) with lam <= 0.1 (the assistant ~ the student, where
@@ -520,7 +525,8 @@ static void test_bounded_rows() {
 // q is then masked, and kl/qr's closing formulas took 1 - sum_notU q, off by 1e-3 absolute (found on the
 // first GPU run: CUDA top-k vs CPU, up to 1.8 relative on float losses of 5e-4 .. 0.03); with sum_U o summed directly the
 // worst errors are 5.8e-6 (loss) and 2.0e-6 (gradient), against 2.5e-6 / 5.1e-7 for the CPU op's float math
-// (2.06e-6 with the power mean's MUFU.LG2 logarithm emulated at its documented bound; 1.97e-6 with it exact).
+// (2.06e-6 with the power mean's MUFU.LG2 logarithm emulated at its documented bound; 1.97e-6 with it exact;
+// 2.12e-6 with ab's powers by the approximate exponential too).
 struct FloatRegime {
   const char* name;
   unsigned seed;
@@ -571,7 +577,7 @@ static void test_online_float(const FloatRegime& R) {
             // Masked rows: loss and gradient are differences of O(1) masked masses (the loss can be ~1e-4
             // while sum_notU q ~ 1), so errors are absolute: the CUDA tests' float budget (1e-5, plus 1e-5
             // relative) per case, and over the regime at most 5x the worst error of the CPU op's own float
-            // math on the same inputs (two passes, Z known; measured 4.1x, the gradient of ab/rp at alpha = 10).
+            // math on the same inputs (two passes, Z known; measured 4.2x, a gradient at alpha = 10).
             auto [lf, sf, gf] = amid::amid_loss_fwd(s, t, std::nullopt, alpha, lam, div, ord, 0.2, 0.7, 1.0, false, true);
             masked.online_loss = std::max(masked.online_loss, std::abs(out[5] - want));
             masked.online_grad = std::max(masked.online_grad, emax);
