@@ -61,6 +61,21 @@ def test_small_grid_float64(path, alpha, div, order):
             assert_grad_close(grad, ref_grad, torch.float64, f"{path} {opts}")
 
 
+@pytest.mark.parametrize("lam", [1e-20, 1e-310])
+@pytest.mark.parametrize("div,order", PAIRS)
+def test_tiny_lam_power_mean(path, div, order, lam):
+    # lam below 2^-60 (and subnormal) needs the mixture's scaled forms, which the bounded-row policy leaves
+    # out: the launcher must send such rows to the general policy (amid_loss_kernels.cuh: bounded_ok).
+    # Against the CPU op in float64 (utils' reference loses ~1e-4 relative at lam = 1e-20, alpha = -3).
+    s, t = make_logits(7, 1001)
+    for alpha in (0.5, -3.0):
+        opts = op_opts(alpha, lam, div, order)
+        ref_rows, _stats, ref_grad = amid.ops.amid_loss_fwd(s, t, None, compute_grad=True, **opts)
+        rows, grad = _cuda_rows_and_grad(s, t, **opts)
+        assert_loss_close(rows, ref_rows, torch.float64, f"{path} {opts}")
+        assert_grad_close(grad, ref_grad, torch.float64, f"{path} {opts}")
+
+
 @pytest.mark.parametrize("order", ["qr", "rq"])
 @pytest.mark.parametrize("div", ["kl", "ab"])
 def test_small_detach_and_temperature(path, div, order):
