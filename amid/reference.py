@@ -46,9 +46,22 @@ def mixture_log(lp: Tensor, lq: Tensor, alpha: float, lam: float) -> Tensor:
         return torch.where(fp & fq, mix, neg_inf)
     k = 0.5 * (1.0 - alpha)
     x = k * (lp0 - lq0)
-    # Stable power mean: reference the larger of p^k, q^k so that expm1's argument is <= 0.
-    q_ref = lq0 + torch.log1p(lam * torch.expm1(torch.clamp(x, max=0.0))) / k
-    p_ref = lp0 + torch.log1p((1.0 - lam) * torch.expm1(-torch.clamp(x, min=0.0))) / k
+    # Stable power mean: r~ = q e^(h/k), h = log((1-lam) + lam e^x), referenced to the larger of p^k, q^k
+    # so that expm1's argument is <= 0: h = log1p(lam expm1(x)) for x <= 0, and
+    # h = x + log1p((1-lam) expm1(-x)) for x > 0. Those sums 1 + u lose digits where they are small
+    # (lam or 1 - lam tiny and |x| large: lam = 1e-20 kept nothing of lam); there (1 + u < 1/2) the
+    # log-sum-exp of the two weighted powers is accurate instead: its error is eps |h|, and |h| > log 2.
+    log_lam, log_1m = math.log(lam), math.log1p(-lam)
+    xn, xp = torch.clamp(x, max=0.0), torch.clamp(x, min=0.0)
+    un = lam * torch.expm1(xn)
+    up = (1.0 - lam) * torch.expm1(-xp)
+    # (the clamps keep the unselected form finite, so that its gradient is not 0 * inf)
+    hn = torch.where(un >= -0.5, torch.log1p(torch.clamp(un, min=-0.5)),
+                     torch.logaddexp(log_lam + xn, torch.full_like(xn, log_1m)))
+    hp = torch.where(up >= -0.5, torch.log1p(torch.clamp(up, min=-0.5)),
+                     torch.logaddexp(torch.full_like(xp, log_lam), log_1m - xp))
+    q_ref = lq0 + hn / k
+    p_ref = lp0 + hp / k
     both = torch.where(x <= 0, q_ref, p_ref)
     # One side masked: p = 0 gives r~ = (1-lam)^(1/k) q for k > 0 and 0 for k < 0 (and vice versa).
     only_q = lq0 + math.log1p(-lam) / k if k > 0 else neg_inf

@@ -67,7 +67,7 @@ enum StatIndex : int {
   kStatAMax = 0, kStatBMax = 1, kStatZ = 2, kStatSG = 3, kStatK = 4, kStatALog = 5, kStatBLog = 6, kStatZ2 = 7
 };
 
-// Coefficients kept for the series of the alpha-beta element function phi (see ab_parts).
+// Coefficients kept for the series of the alpha-beta element function phi (see ab_parts_pow).
 constexpr int kAbPhiTerms = 18;
 // Coefficients of the power mean's series for |x| < 1/2 in float (power_log; make_params computes them).
 constexpr int kMixTerms = 9;
@@ -731,8 +731,8 @@ struct AbParts {
   T Xc, Xg, Phi;
 };
 
-// From the powers x^c o^(g-c) and x^g (the GPU's R2 forms them from terms it already has, ab_parts from
-// the logs).
+// From the powers x^c o^(g-c) and x^g, which the caller forms from terms it already has (the online
+// row sums: amid_online.h).
 template <class M, typename T>
 AMID_HD AbParts<T> ab_parts_pow(const LossParams<T>& P, T v, T og, T xc_pow, T xg_pow) {
   const T gv = P.ab_g * v;
@@ -748,12 +748,6 @@ AMID_HD AbParts<T> ab_parts_pow(const LossParams<T>& P, T v, T og, T xc_pow, T x
   r.Xg = small ? xg_small : xg;
   r.Phi = small ? phi_small : phi_big;
   return r;
-}
-
-// From the logs; og = o^g = exp(g lo), passed in when the caller has it.
-template <class M, typename T>
-AMID_HD AbParts<T> ab_parts(const LossParams<T>& P, T lo, T lx, T v, T og) {
-  return ab_parts_pow<M>(P, v, og, M::exp(P.ab_c * lx + (P.ab_g - P.ab_c) * lo), M::exp(P.ab_g * lx));
 }
 
 // The element terms of the alpha-beta loss, scaled so that no small exponent divides a difference

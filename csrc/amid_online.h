@@ -146,7 +146,7 @@ struct RowAcc {
   //               f3 = sum rho^g, f4 = sum rho^g w (c = g)     (x = p or q, g = a + b)
   //   ab rp / rq: f0 = sum rho^a y^b, f1 = sum rho^a y^b w (c = a), f2 = sum y^g (c = 0),
   //               f3 = sum rho^g, f4 = sum rho^g w (c = g)     (y = p or q)
-  //   ab, relative to o (amid_math.h: ab_parts, with v = d):  f5 = sum o^g w, f6 = sum Phi,
+  //   ab, relative to o (amid_math.h: ab_parts_pow, with v = d):  f5 = sum o^g w, f6 = sum Phi,
   //               f7 = sum Xc, f8 = sum Xg, f9 = sum Xc w, f10 = sum Xg w, f11 = sum tau   c = 0
   static AMID_HD T exponent(const LossParams<T>& P, int i) {
     if constexpr (D == Divergence::kKL) {
@@ -411,7 +411,7 @@ struct RowAcc {
       // missing and log1p(f11) loses digits: then the sums relative to the running max, below. The
       // sums relative to o are the more accurate ones wherever both apply: measured in tests/cpp.)
       // Near Z = 0 (r~ sums to about 1), relative to o, where the sums f5.. are small (spec
-      // §5.6, as ab_parts): with e = d - Z, e^(c e) = e^(c d) (1 + m_c), m_c = expm1(-c Z),
+      // §5.6, as ab_parts_pow): with e = d - Z, e^(c e) = e^(c d) (1 + m_c), m_c = expm1(-c Z),
       //   sum o^g phi(e) = O phi(-Z) + Phi + m_c Xc - (c/g) m_g Xg          (O = sum o^g),
       //   sum o^g (e^(g e) - e^(c e)) = O (m_g - m_c) + Xg - Xc + m_g Xg - m_c Xc,
       //   sum o^g expm1(c e) = m_c O + Xc + m_c Xc.

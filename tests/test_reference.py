@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import amid
-from utils import ALPHAS, LAMS, PAIRS, make_logits, official_amid, paper_rows
+from utils import ALPHAS, LAMS, PAIRS, make_logits, mp_rows, official_amid, paper_rows
 
 
 @pytest.mark.parametrize("div,order", PAIRS)
@@ -64,3 +64,19 @@ def test_mixture_special_members():
     for alpha in (-20.0, -1.0, 0.5, 1.0, 4.0):
         rt = amid.reference.mixture_log(lp, lq, alpha, lam).exp()
         assert (rt >= torch.minimum(p, q) * (1 - 1e-12)).all() and (rt <= torch.maximum(p, q) * (1 + 1e-12)).all()
+
+
+@pytest.mark.parametrize("lam", [1e-310, 1e-20, 1e-12, 1 - 1e-12, 1 - 2.0 ** -53])
+def test_reference_at_extreme_lam(lam):
+    """lam within 1e-12 of 0 or 1, against the spec's definition in 50 digits (mp_row_loss). The power
+    mean's 1 + lam expm1(x) kept nothing of lam = 1e-20 where |x| was large: the reference gave inf there,
+    and 5e-6 relative at lam = 1e-12. The loss's absolute floor in float64 is ~1e-16 (no small-divergence
+    forms here), so the bound is relative to max(|loss|, 1)."""
+    s, t = make_logits(3, 50, scale=6.0, generator=torch.Generator().manual_seed(1))
+    for alpha in (-3.0, 0.5, 0.999, 3.0):
+        for div, order in (("kl", "pr"), ("kl", "rq"), ("kl", "rp"), ("ab", "qr")):
+            rows = amid.reference.amid_loss_rows(s, t, alpha=alpha, lam=lam, divergence=div, order=order)
+            want = torch.tensor([float(x) for x in mp_rows(s, t, alpha=alpha, lam=lam, divergence=div, order=order)],
+                                dtype=torch.float64)
+            err = ((rows - want).abs() / want.abs().clamp(min=1.0)).max().item()
+            assert err < 1e-13, f"alpha={alpha} {div}/{order}: {err:.3g}"
