@@ -660,9 +660,10 @@ static void test_online_reductions() {
   std::printf("online reductions: %d cases, worst rel. difference %.3g\n", cases, worst);
 }
 
-// R1 by chunks (OnlineLSE::add_chunk, the CUDA kernels' R1): the log-sum-exp of random logits against
-// double, and the invalid rows: NaN or +inf anywhere (also after or before -inf chunks), or a side
-// that is all -inf; a -inf chunk before finite ones is only skipped.
+// R1 by chunks (OnlineLSE::add_chunk, the CUDA kernels' R1, on the logits scaled by 1/T): the log-sum-exp
+// of random logits against double, at T = 1 and T = 1.3 and with logits near float's range (x - m of
+// opposite signs overflows to -inf: a zero term), and the invalid rows: NaN or +inf anywhere (also after or
+// before -inf chunks), or a side that is all -inf; a -inf chunk before finite ones is only skipped.
 static void test_lse_chunks() {
   using M = amid::LibMath;
   std::mt19937 rng(3);
@@ -675,11 +676,15 @@ static void test_lse_chunks() {
     for (; v < x.size(); ++v) a.add_chunk<M, 1>(x.data() + v, y.data() + v);
     return a;
   };
-  for (int rep = 0; rep < 20; ++rep) {
+  for (int rep = 0; rep < 24; ++rep) {
+    const float u = rep % 2 ? 1.f / 1.3f : 1.f;  // 1 / T
     std::vector<float> x(203), y(203);
     for (auto& e : x) e = nd(rng) + (rep % 4 == 0 ? 1e4f : 0.f);
     for (auto& e : y) e = nd(rng);
     if (rep % 3 == 1) std::fill(x.begin(), x.begin() + 16, -inf);  // leading -inf chunks
+    if (rep % 5 == 4) x[7] = 3e38f, x[100] = 2.9e38f, x[150] = -3e38f, y[9] = -3.3e38f;  // near float's range
+    for (auto& e : x) e *= u;  // the kernel's scaled logits
+    for (auto& e : y) e *= u;
     const auto a = run(x, y);
     EXPECT(!a.invalid());
     double mx = -INFINITY, sx = 0;
