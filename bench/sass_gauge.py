@@ -123,8 +123,10 @@ TARGET_CTAS_KL = 3
 # matching the previous anchors in turn.
 COLD_REGIONS = [
     ("amid_online.h", [r"struct OnlineLSE", r"if \(x > m\) \{"], "OnlineLSE::add: a new running max"),
-    ("amid_online.h", [r"struct OnlineLSE", r"void add_chunk\(", r"if \(cm > m\) \{"],
-     "OnlineLSE::add_chunk: a new running max (at most once per chunk)"),
+    ("amid_online.h", [r"struct OnlineLSE", r"void raise\(", r"if \(cm > m\) \{"],
+     "OnlineLSE::raise: a new running max (at most once per chunk)"),
+    ("amid_online.h", [r"struct LseAcc", r"void add_chunk\(", r"if \(\(ct > t\.m\) \| \(cs > s\.m\)\) \{"],
+     "LseAcc::add_chunk: a new running max on either side (at most once per chunk)"),
     ("amid_online.h", [r"void rebase\(", r"if \(mx > m\) \{"],
      "RowAcc::rebase: a new running max (rescaling the sums to it)"),
     ("amid_math.h", [r"AMID_HD T power_log\(", r"if \(TINY_LAM && !M::kBounded && P\.lam_tiny\) \{"],

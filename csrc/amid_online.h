@@ -39,25 +39,42 @@ struct OnlineLSE {
     }
   }
   // n elements at once (the GPU kernels' vector chunk): the chunk's maximum first, so the running max
-  // moves at most once per chunk (rarely, after the first chunks), then one exponential per element
-  // relative to it (M::exp_approx: on the GPU a single MUFU.EX2). NaN never moves the max (it is
-  // summed, and makes s NaN); +inf moves it and sums inf - inf = NaN: both leave s NaN, which the
-  // caller reads as an invalid row (LseAcc::invalid). A chunk seen while every element so far was
-  // -inf adds nothing (x - m would be NaN).
+  // moves at most once per chunk (rarely, after the first chunks; raise), then one exponential per element
+  // relative to it (sum_chunk; M::exp_approx: on the GPU a single MUFU.EX2). NaN never moves the max (it
+  // is summed, and makes s NaN); +inf moves it and sums inf - inf = NaN: both leave s NaN, which the
+  // caller reads as an invalid row (LseAcc::invalid). LseAcc::add_chunk runs the steps itself, with one
+  // branch for both sides.
   template <class M, int n>
   AMID_HD void add_chunk(const T* x) {
+    raise<M>(chunk_max<n>(x));
+    sum_chunk<M, n>(x);
+  }
+  template <int n>
+  static AMID_HD T chunk_max(const T* x) {
     using std::fmax;  // fmax(c, NaN) = c: one FMNMX on the GPU
     T cm = neg_inf<T>();
 #pragma unroll
     for (int j = 0; j < n; ++j) cm = fmax(cm, x[j]);
+    return cm;
+  }
+  // The running max raised to cm where cm is larger, the sum rescaled to it.
+  template <class M>
+  AMID_HD void raise(T cm) {
     if (cm > m) {  // a new running max
       s = s * M::exp(m - cm);  // m = -inf: s = 0 * 0
       m = cm;
     }
-    if (m != neg_inf<T>()) {
+  }
+  // The terms of a chunk once m >= its max. While every element so far was -inf they are taken relative to
+  // float's lowest value instead of m = -inf (x - m would be NaN for x = -inf): -inf adds 0, NaN adds NaN.
+  // (A branch that skipped such chunks also skipped a NaN in them, among -inf only, before the first finite
+  // logit: the row read as valid, the NaN as a masked entry.)
+  template <class M, int n>
+  AMID_HD void sum_chunk(const T* x) {
+    using std::fmax;
+    const T ms = fmax(m, std::numeric_limits<T>::lowest());  // m, unless m = -inf
 #pragma unroll
-      for (int j = 0; j < n; ++j) s += M::exp_approx(x[j] - m);
-    }
+    for (int j = 0; j < n; ++j) s += M::exp_approx(x[j] - ms);
   }
   // Branch-free, with one exponential: the side with the larger max keeps its sum, the other's is
   // scaled by e^(lo.m - hi.m) (0 for an empty side, m = -inf; 1 for equal maxima). A side with m = +inf
@@ -88,14 +105,20 @@ struct LseAcc {
     t.template add<M>(tv);
     s.template add<M>(sv);
   }
+  // OnlineLSE::add_chunk on both sides, with one branch for a new running max on either (rarely taken).
   template <class M, int n>
   AMID_HD void add_chunk(const T* tv, const T* sv) {
     using std::fabs;
     using std::fmax;
 #pragma unroll
     for (int j = 0; j < n; ++j) amax = fmax(amax, fmax(fabs(tv[j]), fabs(sv[j])));
-    t.template add_chunk<M, n>(tv);
-    s.template add_chunk<M, n>(sv);
+    const T ct = OnlineLSE<T>::template chunk_max<n>(tv), cs = OnlineLSE<T>::template chunk_max<n>(sv);
+    if ((ct > t.m) | (cs > s.m)) {  // a new running max on either side
+      t.template raise<M>(ct);
+      s.template raise<M>(cs);
+    }
+    t.template sum_chunk<M, n>(tv);
+    s.template sum_chunk<M, n>(sv);
   }
   // NaN or +inf seen (by add, or by add_chunk: s NaN), or a side that is all -inf.
   AMID_HD bool invalid() const {

@@ -190,6 +190,22 @@ def test_edge_neg_inf(path, pattern):
             assert_grad_close(grad, ref_grad, torch.float64, f"{pattern} {opts}")
 
 
+@pytest.mark.parametrize("side", ["teacher", "student"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nan_among_leading_masked_logits_is_nan(path, side, dtype):
+    # A NaN in a thread's first vector chunk, beside -inf only (before any finite logit): R1's chunked
+    # log-sum-exp skipped such chunks while its running max was -inf, NaN included, and R2's log-probability
+    # clamp then read the NaN as a zero probability: a finite loss (amid_online.h: OnlineLSE::add_chunk).
+    s, t = make_logits(3, 4000, dtype=dtype)
+    x = t if side == "teacher" else s
+    x[1, :8] = -math.inf
+    x[1, 3] = math.nan
+    for opts in (op_opts(0.5, 0.5, "kl", "pr"), op_opts(-1.0, 0.3, "ab", "rq")):
+        rows, grad = _cuda_rows_and_grad(s, t, **opts)
+        assert torch.isnan(rows[1]) and torch.isnan(grad[1]).all(), f"{path} {opts}"
+        assert torch.isfinite(rows[[0, 2]]).all() and torch.isfinite(grad[[0, 2]]).all()
+
+
 def test_edge_invalid_rows_are_nan(path):
     s, t = make_logits(3, 100, dtype=torch.float32)
     t[1, 3] = math.inf

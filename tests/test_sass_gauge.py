@@ -66,8 +66,10 @@ def test_hot_loop_counting(tmp_path):
     online.write_text("struct OnlineLSE {\n  void add(T x) {\n    if (x > m) {  // new max\n      s = s * e;\n"
                       "      m = x;\n    }\n  }\n};\nstruct RowAcc {\n  void rebase(T mx) {\n    if (mx > m) {\n"
                       "      if (m != neg_inf<T>()) {\n        S *= e;\n      }\n      m = mx;\n    }\n  }\n};\n"
-                      "struct OnlineLSE {\n  void add_chunk(const T* x) {\n    if (cm > m) {  // new max\n"
-                      "      s = s * e;\n    }\n  }\n};\n")
+                      "struct OnlineLSE {\n  void raise(T cm) {\n    if (cm > m) {  // new max\n"
+                      "      s = s * e;\n    }\n  }\n};\n"
+                      "struct LseAcc {\n  void add_chunk(const T* tv, const T* sv) {\n"
+                      "    if ((ct > t.m) | (cs > s.m)) {  // a new max on either side\n      t.raise(ct);\n    }\n  }\n};\n")
     text = SASS.replace("{K}", str(kern)).replace("{O}", str(online))
     funcs = g.parse_sass(text)
     (name, fn), = funcs.items()
@@ -78,8 +80,9 @@ def test_hot_loop_counting(tmp_path):
     why = {w: k for k, (_, _, w) in enumerate(g.COLD_REGIONS)}
     assert warnings == []
     assert sorted(cold[str(online)], key=lambda r: why[r[2]]) == [
-        (4, 5, g.COLD_REGIONS[0][2]), (22, 22, g.COLD_REGIONS[1][2]), (12, 15, g.COLD_REGIONS[2][2])]
-    assert [r[0] for r in g.COLD_REGIONS if r[0] == "amid_online.h"] == ["amid_online.h"] * 3
+        (4, 5, g.COLD_REGIONS[0][2]), (22, 22, g.COLD_REGIONS[1][2]), (29, 29, g.COLD_REGIONS[2][2]),
+        (12, 15, g.COLD_REGIONS[3][2])]
+    assert [r[0] for r in g.COLD_REGIONS if r[0] == "amid_online.h"] == ["amid_online.h"] * 4
     loops = g.hot_loops(fn, 2, cold, warnings)
     assert list(loops) == ["R1"] and warnings == []
     lc = loops["R1"]
