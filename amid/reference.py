@@ -31,6 +31,16 @@ from . import ops as _ops
 __all__ = ["amid_loss_rows", "amid_loss", "mixture_log", "official_amid_loss", "amid_loss_topk_rows"]
 
 
+def _log_mix_neg(y: Tensor, a: float, log_a: float, log_b: float) -> Tensor:
+    """log(b + a e^y) for y <= 0, with b = 1 - a (log_a, log_b their logs): log1p(a expm1(y)), except where
+    that sum 1 + u is below 1/2 (a or b tiny and |y| large: a = 1e-20 kept nothing of a), where the
+    log-sum-exp of the two weighted terms is accurate instead (its error is eps |result|, > log 2 there)."""
+    u = a * torch.expm1(y)
+    # (the clamp keeps the unselected form finite, so that its gradient is not 0 * inf)
+    return torch.where(u >= -0.5, torch.log1p(torch.clamp(u, min=-0.5)),
+                       torch.logaddexp(log_a + y, torch.full_like(y, log_b)))
+
+
 def mixture_log(lp: Tensor, lq: Tensor, alpha: float, lam: float) -> Tensor:
     """log r~ (unnormalised log assistant) from teacher / student log-probabilities (may be -inf)."""
     if lam == 0.0:
@@ -46,20 +56,11 @@ def mixture_log(lp: Tensor, lq: Tensor, alpha: float, lam: float) -> Tensor:
         return torch.where(fp & fq, mix, neg_inf)
     k = 0.5 * (1.0 - alpha)
     x = k * (lp0 - lq0)
-    # Stable power mean: r~ = q e^(h/k), h = log((1-lam) + lam e^x), referenced to the larger of p^k, q^k
-    # so that expm1's argument is <= 0: h = log1p(lam expm1(x)) for x <= 0, and
-    # h = x + log1p((1-lam) expm1(-x)) for x > 0. Those sums 1 + u lose digits where they are small
-    # (lam or 1 - lam tiny and |x| large: lam = 1e-20 kept nothing of lam); there (1 + u < 1/2) the
-    # log-sum-exp of the two weighted powers is accurate instead: its error is eps |h|, and |h| > log 2.
-    log_lam, log_1m = math.log(lam), math.log1p(-lam)
+    # Stable power mean: r~ = q e^(hn/k) with hn = log((1-lam) + lam e^x) for x <= 0, and r~ = p e^(hp/k)
+    # with hp = log(lam + (1-lam) e^-x) for x > 0: the larger of p^k, q^k is the reference.
     xn, xp = torch.clamp(x, max=0.0), torch.clamp(x, min=0.0)
-    un = lam * torch.expm1(xn)
-    up = (1.0 - lam) * torch.expm1(-xp)
-    # (the clamps keep the unselected form finite, so that its gradient is not 0 * inf)
-    hn = torch.where(un >= -0.5, torch.log1p(torch.clamp(un, min=-0.5)),
-                     torch.logaddexp(log_lam + xn, torch.full_like(xn, log_1m)))
-    hp = torch.where(up >= -0.5, torch.log1p(torch.clamp(up, min=-0.5)),
-                     torch.logaddexp(torch.full_like(xp, log_lam), log_1m - xp))
+    hn = _log_mix_neg(xn, lam, math.log(lam), math.log1p(-lam))
+    hp = _log_mix_neg(-xp, 1.0 - lam, math.log1p(-lam), math.log(lam))
     q_ref = lq0 + hn / k
     p_ref = lp0 + hp / k
     both = torch.where(x <= 0, q_ref, p_ref)

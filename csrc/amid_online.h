@@ -38,17 +38,12 @@ struct OnlineLSE {
       s += M::exp(x - m);
     }
   }
-  // n elements at once (the GPU kernels' vector chunk): the chunk's maximum first, so the running max
-  // moves at most once per chunk (rarely, after the first chunks; raise), then one exponential per element
-  // relative to it (sum_chunk; M::exp_approx: on the GPU a single MUFU.EX2). NaN never moves the max (it
-  // is summed, and makes s NaN); +inf moves it and sums inf - inf = NaN: both leave s NaN, which the
-  // caller reads as an invalid row (LseAcc::invalid). LseAcc::add_chunk runs the steps itself, with one
-  // branch for both sides.
-  template <class M, int n>
-  AMID_HD void add_chunk(const T* x) {
-    raise<M>(chunk_max<n>(x));
-    sum_chunk<M, n>(x);
-  }
+  // n elements at once (the GPU kernels' vector chunk) in three steps, which LseAcc::add_chunk runs for both
+  // sides with one branch: the chunk's maximum (chunk_max); the running max raised to it, at most once per
+  // chunk and rarely after the first chunks (raise); one exponential per element relative to it
+  // (sum_chunk; M::exp_approx: on the GPU a single MUFU.EX2). NaN never moves the max (it is summed, and
+  // makes s NaN); +inf moves it and sums inf - inf = NaN: both leave s NaN, which the caller reads as an
+  // invalid row (LseAcc::invalid).
   template <int n>
   static AMID_HD T chunk_max(const T* x) {
     using std::fmax;  // fmax(c, NaN) = c: one FMNMX on the GPU
@@ -105,7 +100,8 @@ struct LseAcc {
     t.template add<M>(tv);
     s.template add<M>(sv);
   }
-  // OnlineLSE::add_chunk on both sides, with one branch for a new running max on either (rarely taken).
+  // Both sides' chunk steps (OnlineLSE: chunk_max, raise, sum_chunk), with one branch for a new running max
+  // on either (rarely taken).
   template <class M, int n>
   AMID_HD void add_chunk(const T* tv, const T* sv) {
     using std::fabs;

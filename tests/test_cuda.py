@@ -195,7 +195,7 @@ def test_edge_neg_inf(path, pattern):
 def test_nan_among_leading_masked_logits_is_nan(path, side, dtype):
     # A NaN in a thread's first vector chunk, beside -inf only (before any finite logit): R1's chunked
     # log-sum-exp skipped such chunks while its running max was -inf, NaN included, and R2's log-probability
-    # clamp then read the NaN as a zero probability: a finite loss (amid_online.h: OnlineLSE::add_chunk).
+    # clamp then read the NaN as a zero probability: a finite loss (amid_online.h: OnlineLSE::sum_chunk).
     s, t = make_logits(3, 4000, dtype=dtype)
     x = t if side == "teacher" else s
     x[1, :8] = -math.inf

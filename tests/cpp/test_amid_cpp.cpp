@@ -246,7 +246,7 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
   using M = GpuEmuMath;  // the GPU math, with its approximate instructions emulated
   const int kW = 8;  // bf16 / fp16 chunks (16 bytes)
   const T invT = P.inv_temperature;
-  // R1 by vector chunks (OnlineLSE::add_chunk, with the GPU's exp_approx error), the scalar tail by elements.
+  // R1 by vector chunks (LseAcc::add_chunk, with the GPU's exp_approx error), the scalar tail by elements.
   const auto r1 = gpu_order_reduce<amid::LseAcc<T>>(
       V, C, kW,
       [&](amid::LseAcc<T>& a, int64_t v, int n) {
@@ -660,10 +660,11 @@ static void test_online_reductions() {
   std::printf("online reductions: %d cases, worst rel. difference %.3g\n", cases, worst);
 }
 
-// R1 by chunks (OnlineLSE::add_chunk, the CUDA kernels' R1, on the logits scaled by 1/T): the log-sum-exp
+// R1 by chunks (LseAcc::add_chunk, the CUDA kernels' R1, on the logits scaled by 1/T): the log-sum-exp
 // of random logits against double, at T = 1 and T = 1.3 and with logits near float's range (x - m of
 // opposite signs overflows to -inf: a zero term), and the invalid rows: NaN or +inf anywhere (also after or
-// before -inf chunks), or a side that is all -inf; a -inf chunk before finite ones is only skipped.
+// before -inf chunks, and among the -inf of a chunk before any finite logit), or a side that is all -inf;
+// a -inf chunk before finite ones adds nothing.
 static void test_lse_chunks() {
   using M = amid::LibMath;
   std::mt19937 rng(3);
