@@ -131,7 +131,7 @@ struct LseAcc {
 };
 
 // R2 state for loss (D, O). Fields: m (running max of lt), pm = e^m (and for ab e^(c m), e^(g m)),
-// S = sum rho, Wb = sum rho w, and up to
+// S = sum rho, Wb = sum rho w (w - (1 - lam) in rp / rq: see add), and up to
 // five loss-specific sums f[i] with exponents c_i (c = 0: plain sums, independent of Z). o is the
 // loss's reference side (p for pr / rp, q for qr / rq), d = lt - l_ref, tau = r~ - o (see
 // amid_math.h: mixture, assistant_excess), U the unmasked elements.
@@ -144,6 +144,8 @@ struct RowAcc {
   static constexpr bool kSumsKept = D == Divergence::kKL && (O == Order::kPR || O == Order::kQR);
   static constexpr int kMasked = (O == Order::kPR || O == Order::kQR) ? 2 : 8;
   static constexpr int kKept = 8;
+  // Whether add sums w - (1 - lam) instead of w (see add).
+  static constexpr bool kCenterW = O == Order::kRP || O == Order::kRQ;
   T m = neg_inf<T>(), S = T(0), Wb = T(0);
   // Powers of e^m (each <= 1: lt <= 0 up to rounding, c, g > 0), updated with m: r~ = rho e^m, and for ab
   // x^c o^(g-c) = (the sum term x^a rho^b or rho^a y^b) e^(c m) and r~^g = rho^g e^(g m), so that these
@@ -203,8 +205,18 @@ struct RowAcc {
   }
 
   // One element; the caller has already rebased to m >= lt. lp, lq may be -inf.
+  // In the rp / rq orders (kCenterW) every w-weighted sum (Wb and the fields with w) takes w - (1 - lam)
+  // instead of w: 1 - lam is w where p = q (in every mixture mode; exactly w in the student, teacher and
+  // geometric ones), so the summed weights are O(d), not O(1). K = S_Gw - Wbar S_G + S_H is unchanged in
+  // exact arithmetic (S_Gw moves by -w0 S_G, Wbar by -w0: finalize's forms of S_Gw are linear in the
+  // w-sums), but its two products no longer cancel: with lam <= 0.1 (r ~ q) K was their small difference
+  // (Z's error times Wbar ~ 1), and the emulated float gradient of kl/rq and ab/rq was off by 2.0e-4
+  // normwise (tests/cpp, ordinary inputs), now by 4.0e-5 and 7.4e-5. Not in pr / qr: there the
+  // uncentred S_Gw carries w0 S_G, whose error cancels S_G's own in the gradient (ab/qr at alpha 0.5,
+  // lam 0.02: 1.2e-4 uncentred, 6.0e-4 centred); kl's pr / qr S_G is the masked mass (no error to cancel).
   template <class M>
-  AMID_HD void add(const LossParams<T>& P, T lp, T lq, T lt, T w, T d) {
+  AMID_HD void add(const LossParams<T>& P, T lp, T lq, T lt, T w_elem, T d) {
+    const T w = kCenterW ? w_elem - P.one_minus_lam : w_elem;
     const bool finite_lt = M::kBounded || lt != neg_inf<T>();  // (lt is finite in a bounded row)
     const T rel = finite_lt ? lt - m : neg_inf<T>();  // log rho
     const T rho = M::exp_approx(rel);
