@@ -385,7 +385,7 @@ struct RowAcc {
     if (!(S > T(0))) return false;
     Z = m + log_S;
     const T inv_S = T(1) / S;
-    const T Wbar = Wb * inv_S;
+    const T Wbar = Wb * inv_S;  // (in rp / rq Wbar - (1 - lam), with S_Gw moved to match: add's centred w)
     T S_Gw, S_H;
     if constexpr (D == Divergence::kKL) {
       // Z = log1p(sum tau) while that sum is small (accurate there), else the running LSE.
