@@ -69,6 +69,8 @@ enum StatIndex : int {
 
 // Coefficients kept for the series of the alpha-beta element function phi (see ab_parts_pow).
 constexpr int kAbPhiTerms = 18;
+// ... of which float math evaluates the first 7: make_params economizes the series to them (float only).
+constexpr int kAbPhiTermsFloat = 7;
 // Coefficients of the power mean's series for |x| < 1/2 in float (power_log; make_params computes them).
 constexpr int kMixTerms = 9;
 
@@ -96,6 +98,7 @@ struct LossParams {
   T ab_g, ab_a_over_g, ab_b_over_g, inv_ab, inv_a, inv_b;  // a+b, a/(a+b), b/(a+b), 1/(ab), 1/a, 1/b
   T ab_c, ab_c_over_g;  // c: the exponent of the assistant in x^a y^b (b in pr / qr, a in rp / rq)
   T ab_phi[kAbPhiTerms];  // phi(v) = sum_{n>=2} ab_phi[n-2] v^n, ab_phi[n-2] = c (c^(n-1) - g^(n-1)) / n!
+                          // (float: economized to kAbPhiTermsFloat terms on |g v| <= 1/2; so is ab_phi_cd)
   // The other exponent d = g - c (exact: a in pr / qr, b in rp / rq; c d = a b) and the inverses the
   // element terms use, so that nothing divides a difference of nearly equal powers by a tiny a or b:
   // phi(v) / (c d) = -sum_{n>=2} ab_phi_cd[n-2] v^n with ab_phi_cd[n-2] = sum_{j<n-1} c^j g^(n-2-j) / n!.
@@ -721,8 +724,9 @@ AMID_HD T assistant_excess(T o, T d, T lt) {
 // Xc = o^(g-c) x^c - o^g, Xg = x^g - o^g (no cancellation there). Needs a, b > 0.
 template <typename T>
 AMID_HD T ab_phi_small(const LossParams<T>& P, T v) {
-  // |g v| < 1/2: the terms fall by at least g|v|/n; 10 (float) or 18 (double) of them.
-  constexpr int n = std::is_same<T, double>::value ? kAbPhiTerms : 10;
+  // |g v| < 1/2: the terms fall by at least g|v|/n; 18 in double, in float the 7 of their economization on
+  // that interval (make_params).
+  constexpr int n = std::is_same<T, double>::value ? kAbPhiTerms : kAbPhiTermsFloat;
   return horner<0, n>(P.ab_phi, v) * v * v;
 }
 
@@ -780,7 +784,7 @@ AMID_HD AbTerms<T> ab_terms(const LossParams<T>& P, T lo, T lx, T v) {
   r.Gd = small_d ? xc_od * v * M::expm1_div(dv) : (xg - xc_od) * P.inv_d;
   r.Hc = small_c ? og * v * M::expm1_div(cv) : (xc_od - og) * P.inv_c;
   const T Xg_g = (xg - og) * P.inv_g;
-  const T p_series = -og * v * v * horner<0, std::is_same<T, double>::value ? kAbPhiTerms : 10>(P.ab_phi_cd, v);
+  const T p_series = -og * v * v * horner<0, std::is_same<T, double>::value ? kAbPhiTerms : kAbPhiTermsFloat>(P.ab_phi_cd, v);
   const T p_big = c <= dd ? (r.Hc - Xg_g) * P.inv_d : (Xg_g - r.Gd) * P.inv_c;
   r.Pcd = small_g ? p_series : p_big;
   return r;

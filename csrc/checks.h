@@ -141,6 +141,39 @@ inline Order parse_order(const char* op, const std::string& o) {
   return Order::kPR;
 }
 
+// Chebyshev economization: the polynomial sum_{n<N} a[n] v^n on |v| <= h as one of degree M - 1 (out[0..M)),
+// dropping its Chebyshev terms of degree >= M; returns their sum of magnitudes, a bound on the change.
+template <int N, int M>
+double economize(const double (&a)[N], double h, double (&out)[M]) {
+  double mono[N], cheb[N] = {0.0};
+  double hp = 1.0;
+  for (int n = 0; n < N; ++n, hp *= h) mono[n] = a[n] * hp;  // in t = v / h, |t| <= 1
+  // t^n = 2^(1-n) sum_{k <= n/2} C(n, k) T_{n-2k} (the k = n/2 term halved)
+  for (int n = 0; n < N; ++n) {
+    double binom = 1.0, scale = std::ldexp(1.0, 1 - n);
+    for (int k = 0; 2 * k <= n; ++k) {
+      cheb[n - 2 * k] += mono[n] * scale * binom * (2 * k == n ? 0.5 : 1.0);
+      binom = binom * (n - k) / (k + 1);
+    }
+  }
+  double dropped = 0.0;
+  for (int j = M; j < N; ++j) dropped += std::abs(cheb[j]);
+  // back to monomials: T_0 = 1, T_1 = t, T_{j+1} = 2 t T_j - T_{j-1}
+  double Tm[M][M] = {{0.0}};
+  Tm[0][0] = 1.0;
+  if (M > 1) Tm[1][1] = 1.0;
+  for (int j = 1; j + 1 < M; ++j) {
+    for (int i = 0; i < M; ++i) Tm[j + 1][i] = (i > 0 ? 2.0 * Tm[j][i - 1] : 0.0) - Tm[j - 1][i];
+  }
+  hp = 1.0;
+  for (int i = 0; i < M; ++i, hp *= h) {
+    double c = 0.0;
+    for (int j = 0; j < M; ++j) c += cheb[j] * Tm[j][i];
+    out[i] = c / hp;
+  }
+  return dropped;
+}
+
 // Validates the loss options and folds them into the kernels' parameter block.
 template <typename T>
 LossParams<T> make_params(const char* op, double alpha, double lam, const std::string& divergence,
@@ -223,11 +256,12 @@ LossParams<T> make_params(const char* op, double alpha, double lam, const std::s
   P.ab_c = T(c);
   P.ab_c_over_g = T(c / g);
   double fact = 1.0, cp = 1.0, gp = 1.0;  // n!, c^(n-1), g^(n-1)
+  double phi[kAbPhiTerms], phi_cd[kAbPhiTerms];
   for (int n = 2; n < 2 + kAbPhiTerms; ++n) {
     fact *= n;
     cp *= c;
     gp *= g;
-    P.ab_phi[n - 2] = T(c * (cp - gp) / fact);
+    phi[n - 2] = c * (cp - gp) / fact;
   }
   // The element terms' form (ab_terms): the other exponent dd = g - c, exact, and the series of
   // phi / (c dd) with coefficients sum_{j<n-1} c^j g^(n-2-j) / n!, summed without cancellation.
@@ -238,10 +272,21 @@ LossParams<T> make_params(const char* op, double alpha, double lam, const std::s
   P.inv_g = T(1.0 / g);
   double S = 1.0, cpow = 1.0, nfact = 2.0;  // S_n = sum_{j<n-1} c^j g^(n-2-j), S_2 = 1
   for (int n = 2; n < 2 + kAbPhiTerms; ++n) {
-    P.ab_phi_cd[n - 2] = T(S / nfact);
+    phi_cd[n - 2] = S / nfact;
     cpow *= c;
     S = g * S + cpow;
     nfact *= n + 1;
+  }
+  // Both series run only where |g v| < 1/2. Double keeps the 18 Taylor terms; float takes their Chebyshev
+  // economization on that interval to kAbPhiTermsFloat terms (7.2e-9 relative at most there, below float's
+  // rounding: tests/cpp, test_float_series), three FMAs fewer than the 10 Taylor terms it used.
+  for (int n = 0; n < kAbPhiTerms; ++n) P.ab_phi[n] = T(phi[n]), P.ab_phi_cd[n] = T(phi_cd[n]);
+  if constexpr (std::is_same<T, float>::value) {
+    double e_phi[kAbPhiTermsFloat], e_cd[kAbPhiTermsFloat];
+    economize(phi, 0.5 / g, e_phi);
+    economize(phi_cd, 0.5 / g, e_cd);
+    for (int n = 0; n < kAbPhiTermsFloat; ++n) P.ab_phi[n] = T(e_phi[n]), P.ab_phi_cd[n] = T(e_cd[n]);
+    for (int n = kAbPhiTermsFloat; n < kAbPhiTerms; ++n) P.ab_phi[n] = P.ab_phi_cd[n] = T(0);
   }
   P.inv_temperature = T(1.0 / temperature);
   return P;

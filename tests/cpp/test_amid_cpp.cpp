@@ -118,6 +118,39 @@ static void test_float_series() {
   for (int k = 0; k < 4; ++k) {
     EXPECT(worst[k] <= bound[k] || (std::fprintf(stderr, "%s: %.3g ulp\n", names[k], worst[k]), false));
   }
+  // The alpha-beta series (ab_phi_small, ab_terms' phi / (c d)), economized for float by make_params, against
+  // double's 18 Taylor terms on |g v| < 1/2, for exponents 1e-6 .. 10 both ways round: the economization
+  // itself (its coefficients evaluated in double; measured 7.2e-9 relative) and the float evaluation (35 /
+  // 1.56 ulp; the 10 Taylor terms it replaced gave 37.5 / 2.55 here: phi's coefficients c (c^(n-1) - g^(n-1))
+  // / n! lose digits in float where a or b is tiny, which is why W's terms use phi / (c d)).
+  double worst_trunc = 0, worst_phi = 0, worst_cd = 0;
+  for (double a : {1e-6, 0.05, 0.5, 1.0, 3.0, 10.0}) {
+    for (double b : {1e-6, 0.05, 0.5, 1.0, 3.0, 10.0}) {
+      for (const char* ord : {"pr", "rq"}) {
+        const auto Pf = amid::make_params<float>("test", 0.5, 0.5, "ab", ord, a, b, 1.0, false);
+        const auto Pd = amid::make_params<double>("test", 0.5, 0.5, "ab", ord, a, b, 1.0, false);
+        double econ[amid::kAbPhiTermsFloat], taylor[amid::kAbPhiTerms];
+        for (int n = 0; n < amid::kAbPhiTerms; ++n) taylor[n] = Pd.ab_phi[n];
+        amid::economize(taylor, 0.5 / (a + b), econ);
+        for (int i = -1000; i <= 1000; ++i) {
+          const double vd = 0.4999 * i / 1000.0 / (a + b);
+          const float v = float(vd);
+          const double want = amid::horner<0, amid::kAbPhiTerms>(Pd.ab_phi, double(v));
+          const double want_cd = amid::horner<0, amid::kAbPhiTerms>(Pd.ab_phi_cd, double(v));
+          worst_trunc = std::max(worst_trunc, std::abs(amid::horner<0, amid::kAbPhiTermsFloat>(econ, double(v)) / want - 1));
+          if (v != 0.0f) {
+            worst_phi = std::max(worst_phi, std::abs(double(amid::ab_phi_small(Pf, v)) / (want * double(v) * double(v)) - 1) / 0x1p-24);
+          }
+          worst_cd = std::max(worst_cd, std::abs(double(amid::horner<0, amid::kAbPhiTermsFloat>(Pf.ab_phi_cd, v)) / want_cd - 1) / 0x1p-24);
+        }
+      }
+    }
+  }
+  EXPECT(worst_trunc <= 1e-8 || (std::fprintf(stderr, "ab series economization: %.3g\n", worst_trunc), false));
+  EXPECT(worst_phi <= 40.0 && worst_cd <= 2.0 ||
+         (std::fprintf(stderr, "ab series in float: %.3g / %.3g ulp\n", worst_phi, worst_cd), false));
+  std::printf("ab series, economized for float: truncation %.3g relative; in float %.3g / %.3g ulp (phi, phi / (c d))\n",
+              worst_trunc, worst_phi, worst_cd);
   EXPECT(LM::expm1_div(0.0f) == 1.0f && amid::phi1_div(0.0f) == 0.5f && amid::phi2_div(0.0f) == 0.5f);
   EXPECT(LM::expm1_small(1e-40f) == 1e-40f);  // subnormal x: expm1(x) = x
   std::printf("float series for |x| < 1/2: %.3g / %.3g / %.3g / %.3g ulp (expm1_small, expm1_div, phi1_div, phi2_div)\n",
