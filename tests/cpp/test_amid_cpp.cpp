@@ -129,15 +129,15 @@ static void test_float_series() {
       for (const char* ord : {"pr", "rq"}) {
         const auto Pf = amid::make_params<float>("test", 0.5, 0.5, "ab", ord, a, b, 1.0, false);
         const auto Pd = amid::make_params<double>("test", 0.5, 0.5, "ab", ord, a, b, 1.0, false);
-        double econ[amid::kAbPhiTermsFloat], taylor[amid::kAbPhiTerms];
-        for (int n = 0; n < amid::kAbPhiTerms; ++n) taylor[n] = Pd.ab_phi[n];
-        amid::economize(taylor, 0.5 / (a + b), econ);
+        double econ[amid::kAbPhiTermsFloat], econ_cd[amid::kAbPhiTermsFloat];
+        amid::ab_series_float(Pd.ab_c, Pd.ab_d, Pd.ab_g, econ, econ_cd);
         for (int i = -1000; i <= 1000; ++i) {
           const double vd = 0.4999 * i / 1000.0 / (a + b);
           const float v = float(vd);
           const double want = amid::horner<0, amid::kAbPhiTerms>(Pd.ab_phi, double(v));
           const double want_cd = amid::horner<0, amid::kAbPhiTerms>(Pd.ab_phi_cd, double(v));
           worst_trunc = std::max(worst_trunc, std::abs(amid::horner<0, amid::kAbPhiTermsFloat>(econ, double(v)) / want - 1));
+          worst_trunc = std::max(worst_trunc, std::abs(amid::horner<0, amid::kAbPhiTermsFloat>(econ_cd, double(v)) / want_cd - 1));
           if (v != 0.0f) {
             worst_phi = std::max(worst_phi, std::abs(double(amid::ab_phi_small(Pf, v)) / (want * double(v) * double(v)) - 1) / 0x1p-24);
           }
@@ -145,6 +145,17 @@ static void test_float_series() {
         }
       }
     }
+  }
+  // Exponents down to the minimum (1e-30 both: g^k spans 1e-180 and the interval |v| < 2.5e29): finite
+  // coefficients (in float they underflow to 0, as the Taylor ones did).
+  {
+    double e_phi[amid::kAbPhiTermsFloat], e_cd[amid::kAbPhiTermsFloat];
+    amid::ab_series_float(1e-30, 1e-30, 2e-30, e_phi, e_cd);
+    const auto Pt = amid::make_params<float>("test", 0.5, 0.5, "ab", "pr", 1e-30, 1e-30, 1.0, false);
+    for (int k = 0; k < amid::kAbPhiTermsFloat; ++k) {
+      EXPECT(std::isfinite(e_phi[k]) && std::isfinite(e_cd[k]) && std::isfinite(Pt.ab_phi[k]) && std::isfinite(Pt.ab_phi_cd[k]));
+    }
+    EXPECT(std::abs(e_cd[0] - 0.5) < 1e-9 && e_phi[0] < 0);  // phi / (c d v^2) -> -1/2 at v = 0
   }
   EXPECT(worst_trunc <= 1e-8 || (std::fprintf(stderr, "ab series economization: %.3g\n", worst_trunc), false));
   EXPECT(worst_phi <= 40.0 && worst_cd <= 2.0 ||
