@@ -178,7 +178,7 @@ double economize(const double (&a)[N], double h, double (&out)[M]) {
 // economize in u = g v, where phi / (c d) has the coefficients s_k = sum_{j<=k} rho^j / (k+2)! (rho = c / g < 1:
 // no cancellation, and nothing overflows for exponents down to 1e-30, where g^k in v's coefficients would
 // scale the interval to 1e29); then ab_phi_cd[k] = e_k g^k and ab_phi[k] = -c d e_k g^k. The economization
-// is below 7.2e-9 relative on the interval (tests/cpp: test_float_series).
+// is below 8.0e-9 relative on the interval (tests/cpp: test_float_series).
 inline void ab_series_float(double c, double dd, double g, double (&phi)[kAbPhiTermsFloat],
                             double (&phi_cd)[kAbPhiTermsFloat]) {
   const double rho = c / g;
