@@ -67,7 +67,7 @@ enum StatIndex : int {
   kStatAMax = 0, kStatBMax = 1, kStatZ = 2, kStatSG = 3, kStatK = 4, kStatALog = 5, kStatBLog = 6, kStatZ2 = 7
 };
 
-// Coefficients kept for the series of the alpha-beta element function phi (see ab_parts_pow).
+// Coefficients kept for the series of the alpha-beta element function phi / (c dd) (see ab_terms_pow).
 constexpr int kAbPhiTerms = 18;
 // ... of which float math evaluates the first 7: make_params economizes the series to them (float only).
 constexpr int kAbPhiTermsFloat = 7;
@@ -96,13 +96,16 @@ struct LossParams {
   T mix_h[2][kMixTerms];
   T ab_a, ab_b;     // alpha-beta divergence exponents (a on the first argument)
   T ab_g, ab_a_over_g, ab_b_over_g, inv_ab, inv_a, inv_b;  // a+b, a/(a+b), b/(a+b), 1/(ab), 1/a, 1/b
-  T ab_c, ab_c_over_g;  // c: the exponent of the assistant in x^a y^b (b in pr / qr, a in rp / rq)
-  T ab_phi[kAbPhiTerms];  // phi(v) = sum_{n>=2} ab_phi[n-2] v^n, ab_phi[n-2] = c (c^(n-1) - g^(n-1)) / n!
-                          // (float: economized to kAbPhiTermsFloat terms on |g v| <= 1/2; so is ab_phi_cd)
+  T ab_c;  // c: the exponent of the assistant in x^a y^b (b in pr / qr, a in rp / rq)
   // The other exponent d = g - c (exact: a in pr / qr, b in rp / rq; c d = a b) and the inverses the
   // element terms use, so that nothing divides a difference of nearly equal powers by a tiny a or b:
-  // phi(v) / (c d) = -sum_{n>=2} ab_phi_cd[n-2] v^n with ab_phi_cd[n-2] = sum_{j<n-1} c^j g^(n-2-j) / n!.
+  // phi(v) / (c d) = -sum_{n>=2} ab_phi_cd[n-2] v^n with ab_phi_cd[n-2] = sum_{j<n-1} c^j g^(n-2-j) / n!
+  // (float: economized to kAbPhiTermsFloat terms on |g v| <= 1/2).
   T ab_d, inv_c, inv_d, inv_g;
+  // Where the assistant's mass is mostly missing (Z < -1.4), the online row sums (amid_online.h: finalize)
+  // still shift their element terms by Z while g |Z| < ab_shift_limit = min(60, log(1 / (a b))): there the
+  // shift's terms (~e^(g |Z|)) lose fewer digits than the power sums' difference divided by a b.
+  T ab_shift_limit;
   T ab_phi_cd[kAbPhiTerms];
   T inv_temperature;
 };
@@ -715,48 +718,13 @@ AMID_HD T assistant_excess(T o, T d, T lt) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// The alpha-beta divergence per element, relative to the reference side o (the non-assistant
-// distribution) as for kl: with x the assistant, v = lx - lo and c its exponent in x^a y^b,
-//   x^a y^b - (a/g) x^g - (b/g) y^g = o^g phi(v),  phi(v) = expm1(c v) - (c/g) expm1(g v)
-// (the constant 1 - a/g - b/g is exactly 0), so the loss is second order in v with no cancellation
-// left once phi is a series for small |g v|. Returned: Xc = o^g expm1(c v), Xg = o^g expm1(g v)
-// and Phi = o^g phi(v); for |g v| >= 1/2 (or a -inf side) from the powers themselves,
-// Xc = o^(g-c) x^c - o^g, Xg = x^g - o^g (no cancellation there). Needs a, b > 0.
-template <typename T>
-AMID_HD T ab_phi_small(const LossParams<T>& P, T v) {
-  // |g v| < 1/2: the terms fall by at least g|v|/n; 18 in double, in float the 7 of their economization on
-  // that interval (make_params).
-  constexpr int n = std::is_same<T, double>::value ? kAbPhiTerms : kAbPhiTermsFloat;
-  return horner<0, n>(P.ab_phi, v) * v * v;
-}
-
-template <typename T>
-struct AbParts {
-  T Xc, Xg, Phi;
-};
-
-// From the powers x^c o^(g-c) and x^g, which the caller forms from terms it already has (the online
-// row sums: amid_online.h).
-template <class M, typename T>
-AMID_HD AbParts<T> ab_parts_pow(const LossParams<T>& P, T v, T og, T xc_pow, T xg_pow) {
-  const T gv = P.ab_g * v;
-  const bool small = (gv > T(-0.5)) & (gv < T(0.5));  // false for NaN / inf v
-  const T xc = xc_pow - og;
-  const T xg = xg_pow - og;
-  // Both forms are evaluated and one selected (no branch: the CPU loops vectorise; a series in
-  // one arm of a conditional became masked loads of the coefficients, which stopped that).
-  const T xc_small = og * M::expm1_small(P.ab_c * v), xg_small = og * M::expm1_small(gv);
-  const T phi_small = og * ab_phi_small(P, v), phi_big = xc - P.ab_c_over_g * xg;
-  AbParts<T> r;
-  r.Xc = small ? xc_small : xc;
-  r.Xg = small ? xg_small : xg;
-  r.Phi = small ? phi_small : phi_big;
-  return r;
-}
-
 // The element terms of the alpha-beta loss, scaled so that no small exponent divides a difference
 // of nearly equal powers (a, b -> 0; issue: ab_alpha = 1e-20 gave 0, ab_beta = 1e-8 in float32 the
-// wrong sign). With c the assistant's exponent, dd = g - c the other one (c dd = a b) and v = lx - lo:
+// wrong sign). The divergence per element, relative to the reference side o (the non-assistant
+// distribution) as for kl: with x the assistant, v = lx - lo, c its exponent in x^a y^b and g = a + b,
+//   x^a y^b - (a/g) x^g - (b/g) y^g = o^g phi(v),  phi(v) = expm1(c v) - (c/g) expm1(g v)
+// (the constant 1 - a/g - b/g is exactly 0), second order in v, and of order c dd, where dd = g - c is the
+// other exponent (c dd = a b). So the terms are formed divided by it:
 //   Pcd = o^g phi(v) / (c dd)          (the loss term is -Pcd),
 //   Gd  = (x^g - o^dd x^c) / dd        (= dD/dlr: G),
 //   Hc  = o^g expm1(c v) / c = Xc / c  (qr / rq: H = -Hc).
@@ -770,12 +738,11 @@ struct AbTerms {
   T Pcd, Gd, Hc;
 };
 
+// From the three powers o^g, x^g and x^c o^dd: the online row sums (amid_online.h) form them from terms they
+// already have, relative to the unnormalised assistant (v = lt - lo there; the closing formulas shift by Z).
 template <class M, typename T>
-AMID_HD AbTerms<T> ab_terms(const LossParams<T>& P, T lo, T lx, T v) {
+AMID_HD AbTerms<T> ab_terms_pow(const LossParams<T>& P, T v, T og, T xg, T xc_od) {
   const T c = P.ab_c, dd = P.ab_d, g = P.ab_g;
-  // o^g, x^g, x^c o^dd by exp_approx: arguments <= 0 (a, b > 0), and the big forms below subtract two of them
-  // only where their ratio is at least e^(1/2) (|y| >= 1/2), which amplifies its relative error at most 2.6x.
-  const T og = M::exp_approx(g * lo), xg = M::exp_approx(g * lx), xc_od = M::exp_approx(c * lx + dd * lo);
   const T cv = c * v, dv = dd * v, gv = g * v;
   const bool small_c = (cv > T(-0.5)) & (cv < T(0.5));  // false for NaN / inf v
   const bool small_d = (dv > T(-0.5)) & (dv < T(0.5));
@@ -788,6 +755,15 @@ AMID_HD AbTerms<T> ab_terms(const LossParams<T>& P, T lo, T lx, T v) {
   const T p_big = c <= dd ? (r.Hc - Xg_g) * P.inv_d : (Xg_g - r.Gd) * P.inv_c;
   r.Pcd = small_g ? p_series : p_big;
   return r;
+}
+
+template <class M, typename T>
+AMID_HD AbTerms<T> ab_terms(const LossParams<T>& P, T lo, T lx, T v) {
+  // o^g, x^g, x^c o^dd by exp_approx: arguments <= 0 (a, b > 0), and the big forms subtract two of them
+  // only where their ratio is at least e^(1/2) (|y| >= 1/2), which amplifies its relative error at most 2.6x.
+  const T og = M::exp_approx(P.ab_g * lo), xg = M::exp_approx(P.ab_g * lx);
+  const T xc_od = M::exp_approx(P.ab_c * lx + P.ab_d * lo);
+  return ab_terms_pow<M>(P, v, og, xg, xc_od);
 }
 
 // ------------------------------------------------------------------------------------------------

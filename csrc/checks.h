@@ -174,13 +174,12 @@ double economize(const double (&a)[N], double h, double (&out)[M]) {
   return dropped;
 }
 
-// Float's coefficients of the alpha-beta series (LossParams::ab_phi, ab_phi_cd; in v, for |g v| <= 1/2), by
-// economize in u = g v, where phi / (c d) has the coefficients s_k = sum_{j<=k} rho^j / (k+2)! (rho = c / g < 1:
-// no cancellation, and nothing overflows for exponents down to 1e-30, where g^k in v's coefficients would
-// scale the interval to 1e29); then ab_phi_cd[k] = e_k g^k and ab_phi[k] = -c d e_k g^k. The economization
-// is below 8.0e-9 relative on the interval (tests/cpp: test_float_series).
-inline void ab_series_float(double c, double dd, double g, double (&phi)[kAbPhiTermsFloat],
-                            double (&phi_cd)[kAbPhiTermsFloat]) {
+// Float's coefficients of the alpha-beta series (LossParams::ab_phi_cd; in v, for |g v| <= 1/2), by economize
+// in u = g v, where phi / (c d) has the coefficients s_k = sum_{j<=k} rho^j / (k+2)! (rho = c / g < 1: no
+// cancellation, and nothing overflows for exponents down to 1e-30, where g^k in v's coefficients would scale
+// the interval to 1e29); then ab_phi_cd[k] = e_k g^k. The economization is below 8.0e-9 relative on the
+// interval (tests/cpp: test_float_series).
+inline void ab_series_float(double c, double g, double (&phi_cd)[kAbPhiTermsFloat]) {
   const double rho = c / g;
   double s[kAbPhiTerms], geo = 0.0, rp = 1.0, fact = 1.0;
   for (int k = 0; k < kAbPhiTerms; ++k) {
@@ -192,10 +191,7 @@ inline void ab_series_float(double c, double dd, double g, double (&phi)[kAbPhiT
   double e[kAbPhiTermsFloat];
   economize(s, 0.5, e);
   double gk = 1.0;
-  for (int k = 0; k < kAbPhiTermsFloat; ++k, gk *= g) {
-    phi_cd[k] = e[k] * gk;
-    phi[k] = -(c * dd) * e[k] * gk;
-  }
+  for (int k = 0; k < kAbPhiTermsFloat; ++k, gk *= g) phi_cd[k] = e[k] * gk;
 }
 
 // Validates the loss options and folds them into the kernels' parameter block.
@@ -278,37 +274,27 @@ LossParams<T> make_params(const char* op, double alpha, double lam, const std::s
   const bool x_r = P.order == Order::kPR || P.order == Order::kQR || P.order == Order::kJSD;
   const double c = x_r ? ab_beta : ab_alpha, g = ab_alpha + ab_beta;
   P.ab_c = T(c);
-  P.ab_c_over_g = T(c / g);
-  double fact = 1.0, cp = 1.0, gp = 1.0;  // n!, c^(n-1), g^(n-1)
-  double phi[kAbPhiTerms], phi_cd[kAbPhiTerms];
-  for (int n = 2; n < 2 + kAbPhiTerms; ++n) {
-    fact *= n;
-    cp *= c;
-    gp *= g;
-    phi[n - 2] = c * (cp - gp) / fact;
-  }
-  // The element terms' form (ab_terms): the other exponent dd = g - c, exact, and the series of
-  // phi / (c dd) with coefficients sum_{j<n-1} c^j g^(n-2-j) / n!, summed without cancellation.
+  // The element terms' form (ab_terms_pow): the other exponent dd = g - c, exact, and the series of
+  // phi / (c dd) for |g v| < 1/2: in double its 18 Taylor coefficients sum_{j<n-1} c^j g^(n-2-j) / n!, summed
+  // without cancellation; in float their Chebyshev economization on that interval (ab_series_float).
   const double dd = x_r ? ab_alpha : ab_beta;
   P.ab_d = T(dd);
   P.inv_c = T(1.0 / c);
   P.inv_d = T(1.0 / dd);
   P.inv_g = T(1.0 / g);
-  double S = 1.0, cpow = 1.0, nfact = 2.0;  // S_n = sum_{j<n-1} c^j g^(n-2-j), S_2 = 1
-  for (int n = 2; n < 2 + kAbPhiTerms; ++n) {
-    phi_cd[n - 2] = S / nfact;
-    cpow *= c;
-    S = g * S + cpow;
-    nfact *= n + 1;
-  }
-  // Both series run only where |g v| < 1/2. Double keeps the 18 Taylor terms; float takes their Chebyshev
-  // economization on that interval (ab_series_float), three FMAs fewer than the 10 Taylor terms it used.
-  for (int n = 0; n < kAbPhiTerms; ++n) P.ab_phi[n] = T(phi[n]), P.ab_phi_cd[n] = T(phi_cd[n]);
+  P.ab_shift_limit = T(std::min(60.0, -std::log(ab_alpha * ab_beta)));
   if constexpr (std::is_same<T, float>::value) {
-    double e_phi[kAbPhiTermsFloat], e_cd[kAbPhiTermsFloat];
-    ab_series_float(c, dd, g, e_phi, e_cd);
-    for (int n = 0; n < kAbPhiTermsFloat; ++n) P.ab_phi[n] = T(e_phi[n]), P.ab_phi_cd[n] = T(e_cd[n]);
-    for (int n = kAbPhiTermsFloat; n < kAbPhiTerms; ++n) P.ab_phi[n] = P.ab_phi_cd[n] = T(0);
+    double e_cd[kAbPhiTermsFloat];
+    ab_series_float(c, g, e_cd);
+    for (int n = 0; n < kAbPhiTerms; ++n) P.ab_phi_cd[n] = n < kAbPhiTermsFloat ? T(e_cd[n]) : T(0);
+  } else {
+    double S = 1.0, cpow = 1.0, nfact = 2.0;  // S_n = sum_{j<n-1} c^j g^(n-2-j), S_2 = 1
+    for (int n = 2; n < 2 + kAbPhiTerms; ++n) {
+      P.ab_phi_cd[n - 2] = T(S / nfact);
+      cpow *= c;
+      S = g * S + cpow;
+      nfact *= n + 1;
+    }
   }
   P.inv_temperature = T(1.0 / temperature);
   return P;
