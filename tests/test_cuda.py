@@ -234,6 +234,40 @@ def test_small_divergence(path, div, order):
             assert normwise_err(grad, ref_grad) <= 1e-4, opts
 
 
+@pytest.mark.parametrize("order", ["pr", "qr", "rp", "rq", "jsd"])
+def test_small_ab_exponents_float32(path, order):
+    """Small alpha-beta exponents down to the minimum (a b = 1e-60, below float32's range) in float32 against
+    the CPU op in float64 on the same inputs: issue 9's budgets, loss 1e-5, gradient 1e-4 (the host emulation
+    in tests/cpp, test_online_tiny_ab, measures 1.3e-6 / 1.8e-5; before the online sums were divided by the
+    exponents it gave NaN at 1e-30 and losses of 1e13 at (1e-20, 0.7))."""
+    g = torch.Generator().manual_seed(17)
+    s, t = make_logits(4, 2001, dtype=torch.float32, generator=g)
+    for a, b in ((1e-30, 1e-30), (1e-20, 0.7), (0.7, 1e-20), (1e-6, 1e-6), (0.01, 0.05)):
+        for alpha, lam in ((0.5, 0.1), (3.0, 0.5)):
+            opts = op_opts(alpha, lam, "ab", order, ab_alpha=a, ab_beta=b)
+            ref_rows, _stats, ref_grad = amid.ops.amid_loss_fwd(s.double(), t.double(), None, compute_grad=True, **opts)
+            rows, grad = _cuda_rows_and_grad(s, t, **opts)
+            rel = ((rows.double() - ref_rows).abs() / ref_rows.abs()).max().item()
+            assert rel <= 1e-5, (path, opts, rel)
+            assert normwise_err(grad, ref_grad) <= 1e-4, (path, opts)
+
+
+@pytest.mark.parametrize("alpha,lam", [(1.0, 0.1), (3.0, 0.5), (10.0, 0.9)])
+def test_masked_teacher_at_large_logit_scale(path, alpha, lam):
+    """kl/rq with the teacher -inf outside its top 8 and logits of scale 12 (Z near -20): the bound that picks
+    the row loss's form went negative where 1 - sum_notU q rounded below 0, and the emulated kernels returned
+    -2402 for 20.8 (tests/cpp). Absolute budget 1e-5 (1 + |loss|) and 1e-5 on the gradient, as there."""
+    g = torch.Generator().manual_seed(13)
+    s, t = make_logits(4, 2001, dtype=torch.float32, scale=12.0, generator=g)
+    kth = t.topk(8, dim=1).values[:, -1:]
+    t = t.masked_fill(t < kth, float("-inf"))
+    opts = op_opts(alpha, lam, "kl", "rq")
+    ref_rows, _stats, ref_grad = amid.ops.amid_loss_fwd(s.double(), t.double(), None, compute_grad=True, **opts)
+    rows, grad = _cuda_rows_and_grad(s, t, **opts)
+    assert ((rows.double() - ref_rows).abs() <= 1e-5 * (1 + ref_rows.abs())).all(), (path, rows, ref_rows)
+    assert (grad.double() - ref_grad).abs().max().item() <= 1e-5, path
+
+
 @pytest.mark.parametrize("scale", [0.1, 30.0])
 def test_edge_logit_scales_and_layouts(path, scale):
     """Peaked and flat rows; rows with a stride (views of a wider buffer) and rows whose start is not
