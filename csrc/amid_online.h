@@ -462,7 +462,7 @@ struct RowAcc {
       // (spec §5.6): the element terms at e = d - Z from those at d, all divided by the small exponents as the
       // terms are (ab_terms_pow; unscaled, these sums lost every digit in float for a b = 1e-20, and gave NaN at
       // the minimum, 1e-60, in the C++ tests' emulation of the CUDA kernels).
-      // With e^(-c Z) = 1 + m_c, e^(-g Z) = 1 + m_g, mu = (m_c - m_g) / dd = e^(-c Z) Z expm1(-dd Z) / (-dd Z),
+      // With m_c = expm1(-c Z), m_g = expm1(-g Z), mu = (m_c - m_g) / dd = (e^(-c Z) - e^(-g Z)) / dd,
       // Hg = o^g expm1(g d) / g = (c Hc + dd Gd) / g (no cancellation: Hc, Gd have the sign of d) and
       // Phi_z = phi(-Z) / (c dd):
       //   sum Pcd(e) = O Phi_z + e^(-c Z) sum Pcd + mu sum Hg                    (O = sum o^g),
@@ -471,15 +471,10 @@ struct RowAcc {
       if (f[11] > T(-0.75)) Z = M::log1p(f[11]);  // as for kl: accurate near 0, and ab's sums depend on it at first order
       const T c = P.ab_c, dd = P.ab_d, g = P.ab_g;
       const T ec = M::exp(-c * Z), eg = M::exp(-g * Z);
-      const T m_c = M::expm1_from_exp(-c * Z, ec), m_g = M::expm1_from_exp(-g * Z, eg);
-      const T cz = c * Z, dz = dd * Z, gz = g * Z;
-      // expm1(-y Z) / y without dividing a tiny product by a tiny exponent
-      const T hc_z = (cz > T(-0.5)) & (cz < T(0.5)) ? -Z * M::expm1_div(-cz) : m_c * P.inv_c;
-      const T mu = (dz > T(-0.5)) & (dz < T(0.5)) ? ec * Z * M::expm1_div(-dz) : (m_c - m_g) * P.inv_d;
-      // phi(-Z) / (c dd): the series of ab_terms_pow (o = 1, v = -Z), else its two big forms
-      const T phi_z = (gz > T(-0.5)) & (gz < T(0.5))
-                          ? -Z * Z * horner<0, std::is_same<T, double>::value ? kAbPhiTerms : kAbPhiTermsFloat>(P.ab_phi_cd, -Z)
-                          : (c <= dd ? (hc_z - m_g * P.inv_g) * P.inv_d : (m_g * P.inv_g + mu) * P.inv_c);
+      // Phi_z, m_c / c and -mu are the element terms of o = 1, x = e^-Z (v = -Z): ab_terms_pow's forms, which
+      // never divide a tiny product by a tiny exponent.
+      const AbTerms<T> tz = ab_terms_pow<M>(P, -Z, T(1), eg, ec);
+      const T phi_z = tz.Pcd, hc_z = tz.Hc, mu = -tz.Gd;
       const T Om = f[2], Omw = f[5], Pcd = f[6], Hc = f[7], Hcw = f[9];
       const T Gd = kCenterW ? Hc - g * Pcd : f[8], Gdw = kCenterW ? Hcw - g * f[8] : f[10];  // (see add)
       const T Hg = (c * Hc + dd * Gd) * P.inv_g;
