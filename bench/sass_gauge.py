@@ -112,7 +112,10 @@ PASSES = ("stage", "R1", "R2", "W")
 # and below 2^100 in magnitude (bounded: nearly every row) take the tags above; the others ("m": -inf
 # masks or huge logits) the tags R2m, Wm and Wsm, reported in the "general" columns.
 GENERAL = ("R2m", "Wm")
-TAGS = PASSES + ("Ws",) + GENERAL + ("Wsm",)
+# "R3": the exact pass, which the forward kernel runs only for the rare rows whose closing formulas would
+# lose too much (amid_online.h: cond_of, ExactAcc); its own columns, not in "all passes".
+EXACT = "R3"
+TAGS = PASSES + ("Ws",) + GENERAL + ("Wsm", EXACT)
 
 # Targets of issue 9 (bf16, sm_90a): (instructions, MUFU) per element over R1 + R2 + W.
 TARGETS = {"kl": (130, 11), "ab": (170, 14)}
@@ -717,6 +720,9 @@ def gauge_cubin(cubin: str, dtypes: Sequence[str], warnings: List[str]) -> List[
         ok = all(gen)
         row["general_instr_per_elem"] = round(sum(lc.instr_per_elem for lc in gen), 2) if ok else ""
         row["general_mufu_per_elem"] = round(sum(lc.mufu_per_elem for lc in gen), 3) if ok else ""
+        lc = loops.get(EXACT)
+        row[f"{EXACT}_instr_per_elem"] = round(lc.instr_per_elem, 2) if lc else ""
+        row[f"{EXACT}_mufu_per_elem"] = round(lc.mufu_per_elem, 3) if lc else ""
         if kind == "fwd" and path == "resident" and dtype == "bf16" and mixture != "cheap" and \
                 f"{div}/{order}" in ("kl/pr", "ab/rq"):
             ti, tm = TARGETS[div]
@@ -787,11 +793,13 @@ def readme_table(csv_path: str) -> str:
              "The power-mean kernels (the mixture of 0 < λ < 1, α ≠ 1); the streaming variants and the "
              "cheap-mode kernels (λ ∈ {0, 1} or α = 1: no special function in the mixture) in the CSV. "
              "R2 and W are those of rows whose logits are all finite and below 2^100 in magnitude (nearly every "
-             "row); rows with −inf masks or huge logits run R2 and W with their guards (the last column).",
+             "row); rows with −inf masks or huge logits run R2 and W with their guards (R1 + R2 + W, "
+             "\"masked / huge rows\"). R3 is the exact pass, which a row runs in addition only where its "
+             "closing formulas would lose too much (see the README's accuracy notes).",
              "",
              "| kernel | loss | path | regs | spills | smem static + dyn (cluster) | CTAs/SM | R1 | R2 | W | R1+R2+W | target "
-             "| masked / huge rows |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| masked / huge rows | R3 (rare rows) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["dtype"] != "bf16" or r["path"] == "stream" or r.get("mixture", "any") == "cheap":  # in the CSV
             continue
@@ -808,7 +816,8 @@ def readme_table(csv_path: str) -> str:
         lines.append(f"| {r['kernel']} | {r['loss']} | {r['path']} | {r['registers']} | {r['spill_instructions']} | "
                      f"{smem} | {r['ctas_per_sm']} | {im('R1')} | {im('R2')} | {im('W')} | "
                      f"{float(r['all_instr_per_elem']):.0f} / {float(r['all_mufu_per_elem']):.1f} | "
-                     f"{r['target'].replace('UNMET', '**unmet**') or ''} | {general(r)} |")
+                     f"{r['target'].replace('UNMET', '**unmet**') or ''} | {general(r)} | "
+                     f"{im(EXACT) if f'{EXACT}_instr_per_elem' in r else '–'} |")
     return "\n".join(lines)
 
 

@@ -911,45 +911,84 @@ AMID_HD T grad_from_mixture(const LossParams<T>& P, T lp, T lq, T lt, T w, T d, 
   return element_grad(P.detach, w, q, r, o, S_G, K);
 }
 
+// W's mixture of one element from its logits (single orders): POWER as in mixture_from_logits_split, with w by
+// one exponential (power_w_from_c: no reciprocal, no tiny-lam scaling) where R2 took the reciprocal. The W
+// pass and the online kernels' exact pass (amid_online.h: ExactAcc) both take it.
+template <Order O, bool POWER, class M, typename T>
+AMID_HD void w_mixture(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T& lp, T& lq, T& lt, T& w,
+                       T& d) {
+  static_assert(O != Order::kJSD, "w_mixture: single orders only (kJSD: w_mixture_both)");
+  if constexpr (POWER) {  // as from R2's kept term (w_mixture_c): the same values
+    lp = log_prob<M>(tf, A);
+    lq = log_prob<M>(sf, B);
+    const T dpq = logit_gap<M>(tf, sf, lp, lq, dAB);
+    const T c = power_log<ref_is_p<O>(), M, true>(P, power_pre<ref_is_p<O>(), M>(P, dpq));
+    power_mixture_from_c<ref_is_p<O>(), M>(P, lp, lq, lp - lq, c, lt, w, d);  // (see w_mixture_c)
+  } else {
+    mixture_from_logits_split<POWER, ref_is_p<O>(), M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, d);
+  }
+}
+
+// The same for the power mean of a single order, from the element's logarithm term c kept from R2
+// (power_log; the GPU's resident W pass): no logarithm, the same values as w_mixture bit for bit.
+template <Order O, class M, typename T>
+AMID_HD void w_mixture_c(const LossParams<T>& P, T tf, T sf, T c, RowLse<T> A, RowLse<T> B, T& lp, T& lq, T& lt, T& w,
+                         T& d) {
+  static_assert(O != Order::kJSD, "w_mixture_c: single orders only (kJSD has two logarithm terms)");
+  lp = log_prob<M>(tf, A);
+  lq = log_prob<M>(sf, B);
+  // lp - lq itself, not logit_gap's accurate form: from c, the logit gap only selects the branch (whose
+  // forms agree at its edges, |x| = 0 and 80) and enters w through e^(|x| - |x|_R2), a relative error of
+  // k eps max(|lp|, |lq|); lt and d come from c, lp, lq.
+  power_mixture_from_c<ref_is_p<O>(), M>(P, lp, lq, lp - lq, c, lt, w, d);
+}
+
+// W's mixture for the combined order (kJSD): lt, w and d relative to both sides (mixture_both), with w as
+// the single orders' W (power_w_from_c) for the power mean.
+template <bool POWER, class M, typename T>
+AMID_HD void w_mixture_both(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T& lp, T& lq, T& lt,
+                            T& w, T& dp, T& dq) {
+  if constexpr (POWER) {
+    lp = log_prob<M>(tf, A);
+    lq = log_prob<M>(sf, B);
+    const T dpq = logit_gap<M>(tf, sf, lp, lq, dAB);
+    PowerPre<T> mp, mq;
+    power_pre_both<M>(P, dpq, mp, mq);
+    const T cp = power_log<true, M, true>(P, mp), cq = power_log<false, M, true>(P, mq);
+    T lt_p, dp_, lt_q, dq_, w_q;
+    power_lt_d<true>(mp, cp, lp, lq, lt_p, dp_);
+    power_lt_d<false>(mq, cq, lp, lq, lt_q, dq_);
+    select_both_masked<M>(lp, lq, lt_p, power_w_from_c<M>(P, mp, cp), dp_, lt, w, dp);
+    select_both_masked<M>(lp, lq, lt_q, T(0), dq_, lt_q, w_q, dq);
+  } else {
+    mixture_both_from_logits_split<POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
+  }
+}
+
+// The combined order's gradient of one element from its mixture and the row statistics (Z for the pr
+// terms, Z2 for the qr ones: jsd_terms).
+template <Divergence D, class M, typename T>
+AMID_HD T grad_from_mixture_both(const LossParams<T>& P, T lp, T lq, T lt, T w, T dp, T dq, T Z, T Z2, T S_G, T K) {
+  const T lr = lt - Z;
+  const T p = M::exp_approx(lp), q = M::exp_approx(lq), r = M::exp_approx(lr);
+  const JsdTerms<T> jt = jsd_terms<D, M>(P, p, q, r, lp, lq, lr, lt - Z2, dp - Z, dq - Z2);
+  const Terms<T> o{T(0), jt.G, jt.H};
+  return element_grad(false, w, q, r, o, S_G, K);
+}
+
 // The gradient of one element from the row statistics, divided by the caller's scale (the W pass of
-// the GPU kernels; the C++ tests run it on the host in float). POWER as in mixture_from_logits_split,
-// with w by one exponential (power_w_from_c: no reciprocal, no tiny-lam scaling) where R2 took the
-// reciprocal; for the combined order (kJSD) the terms of both sides (jsd_terms).
+// the GPU kernels; the C++ tests run it on the host in float): W's mixture (w_mixture, w_mixture_both),
+// then the element's terms.
 template <Divergence D, Order O, bool POWER, class M, typename T>
 AMID_HD T grad_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T Z, T Z2, T S_G,
                            T K) {
   if constexpr (O == Order::kJSD) {
     T lp, lq, lt, w, dp, dq;
-    if constexpr (POWER) {  // w as the single orders' W pass (power_w_from_c)
-      lp = log_prob<M>(tf, A);
-      lq = log_prob<M>(sf, B);
-      const T dpq = logit_gap<M>(tf, sf, lp, lq, dAB);
-      PowerPre<T> mp, mq;
-      power_pre_both<M>(P, dpq, mp, mq);
-      const T cp = power_log<true, M, true>(P, mp), cq = power_log<false, M, true>(P, mq);
-      T lt_p, dp_, lt_q, dq_, w_q;
-      power_lt_d<true>(mp, cp, lp, lq, lt_p, dp_);
-      power_lt_d<false>(mq, cq, lp, lq, lt_q, dq_);
-      select_both_masked<M>(lp, lq, lt_p, power_w_from_c<M>(P, mp, cp), dp_, lt, w, dp);
-      select_both_masked<M>(lp, lq, lt_q, T(0), dq_, lt_q, w_q, dq);
-    } else {
-      mixture_both_from_logits_split<POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
-    }
-    const T lr = lt - Z;
-    const T p = M::exp_approx(lp), q = M::exp_approx(lq), r = M::exp_approx(lr);
-    const JsdTerms<T> jt = jsd_terms<D, M>(P, p, q, r, lp, lq, lr, lt - Z2, dp - Z, dq - Z2);
-    const Terms<T> o{T(0), jt.G, jt.H};
-    return element_grad(false, w, q, r, o, S_G, K);
-  } else if constexpr (POWER) {  // as from R2's kept term (grad_from_logits_c): the same value
-    const T lp = log_prob<M>(tf, A), lq = log_prob<M>(sf, B);
-    const T dpq = logit_gap<M>(tf, sf, lp, lq, dAB);
-    const T c = power_log<ref_is_p<O>(), M, true>(P, power_pre<ref_is_p<O>(), M>(P, dpq));
-    T lt, w, d;
-    power_mixture_from_c<ref_is_p<O>(), M>(P, lp, lq, lp - lq, c, lt, w, d);  // (see grad_from_logits_c)
-    return grad_from_mixture<D, O, M>(P, lp, lq, lt, w, d, Z, S_G, K);
+    w_mixture_both<POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
+    return grad_from_mixture_both<D, M>(P, lp, lq, lt, w, dp, dq, Z, Z2, S_G, K);
   } else {
     T lp, lq, lt, w, d;
-    mixture_from_logits_split<POWER, ref_is_p<O>(), M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, d);
+    w_mixture<O, POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, d);
     return grad_from_mixture<D, O, M>(P, lp, lq, lt, w, d, Z, S_G, K);
   }
 }
@@ -959,13 +998,8 @@ AMID_HD T grad_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowL
 template <Divergence D, Order O, class M, typename T>
 AMID_HD T grad_from_logits_c(const LossParams<T>& P, T tf, T sf, T c, RowLse<T> A, RowLse<T> B, T dAB, T Z, T S_G,
                              T K) {
-  static_assert(O != Order::kJSD, "grad_from_logits_c: single orders only (kJSD has two logarithm terms)");
-  const T lp = log_prob<M>(tf, A), lq = log_prob<M>(sf, B);
-  T lt, w, d;
-  // lp - lq itself, not logit_gap's accurate form: from c, the logit gap only selects the branch (whose
-  // forms agree at its edges, |x| = 0 and 80) and enters w through e^(|x| - |x|_R2), a relative error of
-  // k eps max(|lp|, |lq|); lt and d come from c, lp, lq.
-  power_mixture_from_c<ref_is_p<O>(), M>(P, lp, lq, lp - lq, c, lt, w, d);
+  T lp, lq, lt, w, d;
+  w_mixture_c<O, M>(P, tf, sf, c, A, B, lp, lq, lt, w, d);
   return grad_from_mixture<D, O, M>(P, lp, lq, lt, w, d, Z, S_G, K);
 }
 
@@ -977,6 +1011,13 @@ AMID_HD T grad_from_logits_c(const LossParams<T>& P, T tf, T sf, T c, RowLse<T> 
 template <typename S>
 AMID_HD S kl_row_loss(S sum_l, S bound_l, S sum_l1, S abs_l1, S Z) {
   return bound_l <= abs_l1 + (Z < S(0) ? -Z : Z) ? sum_l : sum_l1;
+}
+
+// The error bound of kl_row_loss's choice, in the same units.
+template <typename S>
+AMID_HD S kl_row_bound(S bound_l, S abs_l1, S Z) {
+  const S b1 = abs_l1 + (Z < S(0) ? -Z : Z);
+  return bound_l <= b1 ? bound_l : b1;
 }
 
 // The row scalar K of the gradient from the row sums; detached, only the explicit part stays.

@@ -130,6 +130,20 @@ struct LseAcc {
   }
 };
 
+// The condition of a row loss from its closing formula: its error bound (in the units of L; eps times it is
+// about the error) over |L|; 0 when both are 0 (p = q: every term vanishes). Where this exceeds kExactCond
+// the online kernels take the row's sums from the exact pass (ExactAcc): the closing formulas' first-order
+// terms then cancel to a result that is far smaller than they are (Z not small next to the divergence), or
+// ab's shifted terms grow as e^(g |Z|). The loss stands for the gradient's row sums, which come from the same
+// sums by the same kind of formula. Measured in tests/cpp (float, the CUDA kernels' emulated math): see
+// test_online_float.
+constexpr double kExactCond = 16;
+template <typename T>
+AMID_HD T cond_of(T bound_L, T L) {
+  const T a = abs_nn(L);
+  return a > T(0) ? bound_L / a : (bound_L > T(0) ? std::numeric_limits<T>::infinity() : T(0));
+}
+
 // R2 state for loss (D, O). Fields: m (running max of lt), pm = e^m (and for ab e^(c m), e^(g m)),
 // S = sum rho, Wb = sum rho w (w - (1 - lam) in rp / rq: see add), and up to
 // five loss-specific sums f[i] with exponents c_i (c = 0: plain sums, independent of Z). o is the
@@ -394,6 +408,14 @@ struct RowAcc {
   // with finite lt).
   template <class M>
   AMID_HD bool finalize(const LossParams<T>& P, T log_S, T& Z, T& L, T& S_G, T& K) const {
+    T bound_L;
+    return finalize<M>(P, log_S, Z, L, S_G, K, bound_L);
+  }
+  // ... and the loss's error bound in units of its rounding (bound_L: the sum of the magnitudes of the terms
+  // that the chosen closing form adds; eps bound_L is about its error), which says when the exact pass is
+  // wanted (cond_of).
+  template <class M>
+  AMID_HD bool finalize(const LossParams<T>& P, T log_S, T& Z, T& L, T& S_G, T& K, T& bound_L) const {
     if (!(S > T(0))) return false;
     Z = m + log_S;
     const T inv_S = T(1) / S;
@@ -428,6 +450,7 @@ struct RowAcc {
         const T L2 = E * (f[5] + f[6]) + phi_z * o_U - em1 * f[0] - f_m;
         const T b2 = E * (f[5] + f[6]) + phi_z * o_U + (em1 * f[0] < T(0) ? -em1 * f[0] : em1 * f[0]) + f_m;
         L = kl_row_loss(L2, b2, L1, f[7], Z);
+        bound_L = kl_row_bound(b2, f[7], Z);
         S_G = f_m;
         S_Gw = near ? (f[4] - tau_sum * f[1]) / (T(1) + tau_sum) : Wbar - f[1];
         S_H = O == Order::kQR ? L - f_m : T(0);
@@ -447,6 +470,7 @@ struct RowAcc {
         // L2 at 1e10 times its error: a top-8 teacher with Z = -20 gave -2402 for 20.8 (tests/cpp))
         const T b2 = E * f[5] + phi_z * (abs_nn(o_U) + O_m) + (zt < T(0) ? -zt : zt) + O_m + E * f[6];
         L = kl_row_loss(L2, b2, L1, f[7], Z);  // sum_U o |d| stands for sum_U r |d| (the same to first order)
+        bound_L = kl_row_bound(b2, f[7], Z);
         S_G = L - R_m;
         const T Rw = f[2] * inv_S;
         S_Gw = (f[3] * inv_S - Z * Rw) - (Wb - f[2]) * inv_S;
@@ -479,6 +503,7 @@ struct RowAcc {
       const T Gd = kCenterW ? Hc - g * Pcd : f[8], Gdw = kCenterW ? Hcw - g * f[8] : f[10];  // (see add)
       const T Hg = (c * Hc + dd * Gd) * P.inv_g;
       L = -(Om * phi_z + ec * Pcd + mu * Hg);
+      bound_L = abs_nn(Om * phi_z) + abs_nn(ec * Pcd) + abs_nn(mu * Hg);
       S_G = eg * Gd - mu * (Om + c * Hc);
       S_Gw = eg * Gdw - mu * (Omw + c * Hcw);
       S_H = (O == Order::kQR || O == Order::kRQ) ? -(Om * hc_z + ec * Hc) : T(0);
@@ -490,12 +515,14 @@ struct RowAcc {
       if constexpr (O == Order::kPR || O == Order::kQR) {
         // D(x || r): G = dD/dlr = (r^g - x^a r^b)/a; qr: H = dD/dlq = (q^g - q^a r^b)/b
         L = -(T1 - P.ab_a_over_g * To - P.ab_b_over_g * Tr) * P.inv_ab;
+        bound_L = (abs_nn(T1) + abs_nn(P.ab_a_over_g * To) + abs_nn(P.ab_b_over_g * Tr)) * abs_nn(P.inv_ab);
         S_G = (Tr - T1) * P.inv_a;
         S_Gw = (Trw - T1w) * P.inv_a;
         S_H = O == Order::kQR ? (To - T1) * P.inv_b : T(0);
       } else {
         // D(r || y): G = dD/dlr = (r^g - r^a y^b)/b; rq: H = dD/dlq = (q^g - r^a q^b)/a
         L = -(T1 - P.ab_a_over_g * Tr - P.ab_b_over_g * To) * P.inv_ab;
+        bound_L = (abs_nn(T1) + abs_nn(P.ab_a_over_g * Tr) + abs_nn(P.ab_b_over_g * To)) * abs_nn(P.inv_ab);
         S_G = (Tr - T1) * P.inv_b;
         S_Gw = (Trw - T1w) * P.inv_b;
         S_H = O == Order::kRQ ? (To - T1) * P.inv_a : T(0);
@@ -505,12 +532,24 @@ struct RowAcc {
     return true;
   }
 
+  // sum r w (centred in rp / rq: see add), as finalize forms it; the exact pass's K takes it.
+  AMID_HD T wbar() const { return Wb * (T(1) / S); }
+
   // finalize with log S formed here, and the second Z of the stats (amid_math.h: kStatZ2), which for
   // a single order is Z (the kernels call this form; JsdRowAcc has the same).
   template <class M>
   AMID_HD bool close(const LossParams<T>& P, T& Z, T& Z2, T& L, T& S_G, T& K) const {
-    const bool ok = finalize<M>(P, M::log(S), Z, L, S_G, K);
+    T cond;
+    return close<M>(P, Z, Z2, L, S_G, K, cond);
+  }
+  // ... and the loss's condition (cond_of): above kExactCond, the kernels take the row's sums from the exact
+  // pass (ExactAcc) instead.
+  template <class M>
+  AMID_HD bool close(const LossParams<T>& P, T& Z, T& Z2, T& L, T& S_G, T& K, T& cond) const {
+    T bound_L = T(0);
+    const bool ok = finalize<M>(P, M::log(S), Z, L, S_G, K, bound_L);
     Z2 = Z;
+    cond = cond_of(bound_L, L);
     return ok;
   }
 };
@@ -544,18 +583,120 @@ struct JsdRowAcc {
     a.merge_scaled(k, o.a);
     b.merge_scaled(typename RowAcc<D, Order::kQR, T>::MergeScale{k.ge, k.e1, k.e_c01, k.e_g}, o.b);
   }
+  AMID_HD T wbar() const { return a.wbar(); }  // (pr and qr: both uncentred, the same sums)
   template <class M>
   AMID_HD bool close(const LossParams<T>& P, T& Z, T& Z2, T& L, T& S_G, T& K) const {
-    T La, Ga, Ka, Lb, Gb, Kb;
-    if (!a.template finalize<M>(P, M::log(a.S), Z, La, Ga, Ka) || !b.template finalize<M>(P, M::log(b.S), Z2, Lb, Gb, Kb)) {
+    T cond;
+    return close<M>(P, Z, Z2, L, S_G, K, cond);
+  }
+  template <class M>
+  AMID_HD bool close(const LossParams<T>& P, T& Z, T& Z2, T& L, T& S_G, T& K, T& cond) const {
+    T La, Ga, Ka, Lb, Gb, Kb, ba = T(0), bb = T(0);
+    if (!a.template finalize<M>(P, M::log(a.S), Z, La, Ga, Ka, ba) ||
+        !b.template finalize<M>(P, M::log(b.S), Z2, Lb, Gb, Kb, bb)) {
       return false;
     }
+    cond = max_nn(cond_of(ba, La), cond_of(bb, Lb));  // (each term's loss: the weights do not change it)
     L = P.lam * La + P.one_minus_lam * Lb;
     S_G = P.lam * Ga + P.one_minus_lam * Gb;
     K = P.lam * Ka + P.one_minus_lam * Kb;
     return true;
   }
 };
+
+// The exact pass (R3): with Z known, the row sums of the CPU kernel (loss, S_G, S_Gw, S_H; for kl the loss's
+// first-order form and both error bounds), summed from each element's e = d - Z and its terms (amid_math.h:
+// element_terms) as the W pass evaluates them. No exponent classes: every field is a plain sum, and states
+// merge by adding. The online kernels take it for a row whose closing formulas would lose too much (RowAcc's
+// exact_needed): their sums expand around Z = 0 before Z is known, and where Z is not small next to the
+// divergence they subtract first-order terms to get a second-order result. w is centred in rp / rq as R2's
+// (RowAcc::add), so that finalize can take R2's Wbar.
+template <Divergence D, Order O, typename T>
+struct ExactAcc {
+  static constexpr bool kCenterW = O == Order::kRP || O == Order::kRQ;
+  T l = T(0), G = T(0), Gw = T(0), H = T(0);
+  T l1 = T(0), lb = T(0), al1 = T(0);  // kl only (kl_row_loss)
+
+  AMID_HD void add_terms(const LossParams<T>& P, const Terms<T>& o, T w_elem) {
+    const T w = kCenterW ? w_elem - P.one_minus_lam : w_elem;
+    l += o.l;
+    G += o.G;
+    Gw += o.G * w;
+    H += o.H;
+    if constexpr (D == Divergence::kKL) {
+      l1 += o.l1;
+      lb += o.lb;
+      al1 += abs_nn(o.l1);
+    }
+  }
+  // One element from its mixture (amid_math.h: w_mixture), as grad_from_mixture evaluates it.
+  template <class M>
+  AMID_HD void add(const LossParams<T>& P, T lp, T lq, T lt, T w, T d, T Z) {
+    const T lr = lt - Z;
+    const T p = M::exp_approx(lp), q = M::exp_approx(lq), r = M::exp_approx(lr);
+    add_terms(P, element_terms<D, O, M>(P, p, q, r, lp, lq, lr, d - Z), w);
+  }
+  AMID_HD void merge(const ExactAcc& o) {
+    l += o.l, G += o.G, Gw += o.Gw, H += o.H;
+    l1 += o.l1, lb += o.lb, al1 += o.al1;
+  }
+  // The row loss, S_G and K, with Wbar from R2 (centred as w here).
+  AMID_HD void finalize(const LossParams<T>& P, T Z, T Wbar, T& L, T& S_G, T& K) const {
+    L = D == Divergence::kKL ? kl_row_loss(l, lb, l1, al1, Z) : l;
+    S_G = G;
+    K = row_K(P.detach, G, Gw, H, Wbar);
+  }
+};
+
+// The exact pass of the combined order: the pr terms with Z, the qr ones with Z2 (amid_math.h: jsd_terms),
+// combined as JsdRowAcc::close.
+template <Divergence D, typename T>
+struct JsdExactAcc {
+  ExactAcc<D, Order::kPR, T> a;
+  ExactAcc<D, Order::kQR, T> b;
+  template <class M>
+  AMID_HD void add(const LossParams<T>& P, T lp, T lq, T lt, T w, T dp, T dq, T Z, T Z2) {
+    const T lr = lt - Z;
+    const T p = M::exp_approx(lp), q = M::exp_approx(lq), r = M::exp_approx(lr);
+    const JsdTerms<T> jt = jsd_terms<D, M>(P, p, q, r, lp, lq, lr, lt - Z2, dp - Z, dq - Z2);
+    a.add_terms(P, jt.a, w);
+    b.add_terms(P, jt.b, w);
+  }
+  AMID_HD void merge(const JsdExactAcc& o) {
+    a.merge(o.a);
+    b.merge(o.b);
+  }
+  AMID_HD void finalize(const LossParams<T>& P, T Z, T Z2, T Wbar, T& L, T& S_G, T& K) const {
+    T La, Ga, Ka, Lb, Gb, Kb;
+    a.finalize(P, Z, Wbar, La, Ga, Ka);
+    b.finalize(P, Z2, Wbar, Lb, Gb, Kb);
+    L = P.lam * La + P.one_minus_lam * Lb;
+    S_G = P.lam * Ga + P.one_minus_lam * Gb;
+    K = P.lam * Ka + P.one_minus_lam * Kb;
+  }
+};
+
+// One element into an exact-pass state from the scaled logits (W's mixture: w_mixture, w_mixture_both, or
+// from R2's kept logarithm term c: w_mixture_c).
+template <Divergence D, Order O, bool POWER, class M, typename T, typename Acc>
+AMID_HD void exact_from_logits(Acc& acc, const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T Z,
+                               T Z2) {
+  if constexpr (O == Order::kJSD) {
+    T lp, lq, lt, w, dp, dq;
+    w_mixture_both<POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
+    acc.template add<M>(P, lp, lq, lt, w, dp, dq, Z, Z2);
+  } else {
+    T lp, lq, lt, w, d;
+    w_mixture<O, POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, d);
+    acc.template add<M>(P, lp, lq, lt, w, d, Z);
+  }
+}
+template <Divergence D, Order O, class M, typename T, typename Acc>
+AMID_HD void exact_from_logits_c(Acc& acc, const LossParams<T>& P, T tf, T sf, T c, RowLse<T> A, RowLse<T> B, T Z) {
+  T lp, lq, lt, w, d;
+  w_mixture_c<O, M>(P, tf, sf, c, A, B, lp, lq, lt, w, d);
+  acc.template add<M>(P, lp, lq, lt, w, d, Z);
+}
 
 // One element into an R2 state from the scaled logits tf, sf (the CUDA kernels' R2, and the C++ tests'
 // emulation of it): the mixture (POWER as in amid_math.h: mixture_from_logits_split), a rebase to its
@@ -596,6 +737,16 @@ struct RowAccOf {
 template <Divergence D, typename T>
 struct RowAccOf<D, Order::kJSD, T> {
   using type = JsdRowAcc<D, T>;
+};
+
+// The exact-pass state of loss (D, O).
+template <Divergence D, Order O, typename T>
+struct ExactAccOf {
+  using type = ExactAcc<D, O, T>;
+};
+template <Divergence D, typename T>
+struct ExactAccOf<D, Order::kJSD, T> {
+  using type = JsdExactAcc<D, T>;
 };
 
 }  // namespace amid

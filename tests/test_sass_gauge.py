@@ -207,6 +207,8 @@ def test_gauge_on_built_library(tmp_path, capsys):
             assert r["R2_instr_per_elem"] < r["R2m_instr_per_elem"], (r["loss"], r["path"], r["mixture"])
             assert r["general_instr_per_elem"] > r["all_instr_per_elem"], (r["loss"], r["path"], r["mixture"])
     assert sum(r["general_instr_per_elem"] != "" for r in rows if r["kernel"] == "fwd") >= 30, warnings
+    # The exact pass (R3, rare rows) is found in the forward kernels and costs about a W pass.
+    assert sum(r["R3_instr_per_elem"] != "" for r in rows if r["kernel"] == "fwd") >= 30, warnings
     targets = {r["loss"]: r["target"] for r in rows if r["target"]}
     assert set(targets) == {"kl/pr", "ab/rq"}
     with capsys.disabled():  # the report, met or not

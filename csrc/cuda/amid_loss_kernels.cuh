@@ -165,6 +165,14 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
   Lse* lse_slot = lse_scratch + kWarps;
   Acc* acc_scratch = reinterpret_cast<Acc*>(acc_mem);
   Acc* acc_slot = acc_scratch + kWarps;
+  // The exact pass's reduction (rare rows; see below) reuses acc_mem: static shared memory decides whether three
+  // kl CTAs fit per SM. Safe: consecutive reductions alternate the round's parity (its slot), and a reduction
+  // that writes over a slot of the one before last comes after another cluster barrier, which every peer
+  // reaches only once its reads of that slot are done (cluster_reduce).
+  using Ex = typename ExactAccOf<D, O, acc_t>::type;
+  static_assert(sizeof(Ex) <= sizeof(Acc), "amid_fwd_kernel: the exact pass's state must fit the R2 scratch");
+  Ex* ex_scratch = reinterpret_cast<Ex*>(acc_mem);
+  Ex* ex_slot = ex_scratch + kWarps;
   extern __shared__ __align__(16) unsigned char smem_raw[];
 
   const unsigned C = cluster_size(), rank = cluster_rank();
@@ -182,6 +190,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
 
   auto merge_lse = [](Lse& x, const Lse& y) { x.template merge<M>(y); };
   auto merge_acc = [&P](Acc& x, const Acc& y) { x.template merge<M>(P, y); };
+  auto merge_ex = [](Ex& x, const Ex& y) { x.merge(y); };
 
   for (int64_t row = cluster_id; row < a.N; row += n_clusters) {
     const acc_t weight = a.row_weight ? a.row_weight[row] : acc_t(1);
@@ -277,11 +286,50 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
       r2(M{});  // gauge:R2m
     }
     acc = cluster_reduce<acc_t, kWarps>(acc, acc_scratch, acc_slot, round++, merge_acc);
-    acc_t Z, Z2, L, S_G, K;
-    const bool ok = acc.template close<M>(P, Z, Z2, L, S_G, K);
+    acc_t Z, Z2, L, S_G, K, cond;
+    const bool ok = acc.template close<M>(P, Z, Z2, L, S_G, K, cond);
     if (!ok) {  // alpha >= 1 with disjoint supports: the assistant is undefined
       fill_row(a, row, g, len, lead, nan_v<acc_t>());
       continue;
+    }
+    // R3, the exact pass, for a row whose closing formulas would lose too much (amid_online.h: cond_of,
+    // ExactAcc): with Z known, the row sums from each element's terms, as the CPU kernel takes them. Rows with
+    // -inf masks or huge logits keep the online sums (tuned for masked mass; tests/cpp measures the exact pass
+    // worse there). A uniform branch: every thread of the cluster holds the same merged state (cluster_reduce).
+    if (lse.bounded() && cond > acc_t(kExactCond)) {
+      Ex ex;
+      auto r3 = [&](auto policy) {
+        using MM = decltype(policy);
+        visit_row(t, s, len, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
+          constexpr int n = decltype(nc)::value;
+          if constexpr (kStash) {
+            if (cst) {  // from R2's kept logarithm terms (the same values as recomputed)
+              alignas(16) acc_t cv[n];
+              load_vals<n>(cst, i, cv);  // gauge:stash
+#pragma unroll
+              for (int j = 0; j < n; ++j) {
+                exact_from_logits_c<D, O, MM>(ex, P, acc_t(tv[j]) * invT, acc_t(sv[j]) * invT, cv[j], A, B, Z);
+              }
+              return;
+            }
+          }
+#pragma unroll
+          for (int j = 0; j < n; ++j) {
+            exact_from_logits<D, O, POWER, MM>(ex, P, acc_t(tv[j]) * invT, acc_t(sv[j]) * invT, A, B, dAB, Z, Z2);
+          }
+        });
+      };
+      if (bounded) {
+        r3(BoundedRow<M>{});  // gauge:R3
+      } else {
+        r3(M{});  // (a.bounded_ok off: lam_tiny or AMID_CUDA_BOUNDED=0; the same values)
+      }
+      ex = cluster_reduce<acc_t, kWarps>(ex, ex_scratch, ex_slot, round++, merge_ex);
+      if constexpr (O == Order::kJSD) {
+        ex.finalize(P, Z, Z2, acc.wbar(), L, S_G, K);
+      } else {
+        ex.finalize(P, Z, acc.wbar(), L, S_G, K);
+      }
     }
     if (lead) {
       a.loss[row] = weight * L;
