@@ -604,10 +604,11 @@ struct JsdRowAcc {
   }
 };
 
-// The exact pass (R3): with Z known, the row sums of the CPU kernel (loss, S_G, S_Gw, S_H; for kl the loss's
-// first-order form and both error bounds), summed from each element's e = d - Z and its terms (amid_math.h:
-// element_terms) as the W pass evaluates them. No exponent classes: every field is a plain sum, and states
-// merge by adding. The online kernels take it for a row whose closing formulas would lose too much (RowAcc's
+// The exact pass (R3): with Z known, the row sums of the CPU kernel (loss, S_G, S_Gw, S_H), summed from each
+// element's e = d - Z and its terms (amid_math.h: element_terms) as the W pass evaluates them. No exponent
+// classes: every field is a plain sum, and states merge by adding. Only for rows without -inf (the kernels'
+// rule), where every kl loss term is second order and >= 0 (ref phi1(e) or ref phi2(e)): their sum is accurate
+// to its last bits, so the CPU kernel's first-order alternative (kl_row_loss) is not needed. The online kernels take it for a row whose closing formulas would lose too much (RowAcc's
 // exact_needed): their sums expand around Z = 0 before Z is known, and where Z is not small next to the
 // divergence they subtract first-order terms to get a second-order result. w is centred in rp / rq as R2's
 // (RowAcc::add), so that finalize can take R2's Wbar.
@@ -615,7 +616,6 @@ template <Divergence D, Order O, typename T>
 struct ExactAcc {
   static constexpr bool kCenterW = O == Order::kRP || O == Order::kRQ;
   T l = T(0), G = T(0), Gw = T(0), H = T(0);
-  T l1 = T(0), lb = T(0), al1 = T(0);  // kl only (kl_row_loss)
 
   AMID_HD void add_terms(const LossParams<T>& P, const Terms<T>& o, T w_elem) {
     const T w = kCenterW ? w_elem - P.one_minus_lam : w_elem;
@@ -623,11 +623,6 @@ struct ExactAcc {
     G += o.G;
     Gw += o.G * w;
     H += o.H;
-    if constexpr (D == Divergence::kKL) {
-      l1 += o.l1;
-      lb += o.lb;
-      al1 += abs_nn(o.l1);
-    }
   }
   // One element from its mixture (amid_math.h: w_mixture), as grad_from_mixture evaluates it.
   template <class M>
@@ -638,11 +633,10 @@ struct ExactAcc {
   }
   AMID_HD void merge(const ExactAcc& o) {
     l += o.l, G += o.G, Gw += o.Gw, H += o.H;
-    l1 += o.l1, lb += o.lb, al1 += o.al1;
   }
   // The row loss, S_G and K, with Wbar from R2 (centred as w here).
-  AMID_HD void finalize(const LossParams<T>& P, T Z, T Wbar, T& L, T& S_G, T& K) const {
-    L = D == Divergence::kKL ? kl_row_loss(l, lb, l1, al1, Z) : l;
+  AMID_HD void finalize(const LossParams<T>& P, T Wbar, T& L, T& S_G, T& K) const {
+    L = l;
     S_G = G;
     K = row_K(P.detach, G, Gw, H, Wbar);
   }
@@ -666,10 +660,10 @@ struct JsdExactAcc {
     a.merge(o.a);
     b.merge(o.b);
   }
-  AMID_HD void finalize(const LossParams<T>& P, T Z, T Z2, T Wbar, T& L, T& S_G, T& K) const {
+  AMID_HD void finalize(const LossParams<T>& P, T Wbar, T& L, T& S_G, T& K) const {
     T La, Ga, Ka, Lb, Gb, Kb;
-    a.finalize(P, Z, Wbar, La, Ga, Ka);
-    b.finalize(P, Z2, Wbar, Lb, Gb, Kb);
+    a.finalize(P, Wbar, La, Ga, Ka);
+    b.finalize(P, Wbar, Lb, Gb, Kb);
     L = P.lam * La + P.one_minus_lam * Lb;
     S_G = P.lam * Ga + P.one_minus_lam * Gb;
     K = P.lam * Ka + P.one_minus_lam * Kb;

@@ -6,6 +6,8 @@
 //   R1  online log-sum-exp of t/T and s/T (+ NaN / +inf check)  -> A, B      (CTA / cluster reduce)
 //   R2  lt = log r~, w per element; online Z = LSE(lt) and the loss-specific rescaled sums
 //                                                                -> Z, L, S_G, K
+//   R3  (rare rows: finite logits, and the closing formulas of R2 would lose too much; amid_online.h:
+//       cond_of) with Z known, the row sums from each element's terms   -> L, S_G, K
 //   W   (compute_grad) the gradient row, written once.
 // Two ways to read the row in the three passes:
 //   * resident: each CTA copies its slice of t and s into shared memory (16-byte loads), running

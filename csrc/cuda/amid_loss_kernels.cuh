@@ -297,6 +297,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     // -inf masks or huge logits keep the online sums (tuned for masked mass; tests/cpp measures the exact pass
     // worse there). A uniform branch: every thread of the cluster holds the same merged state (cluster_reduce).
     if (lse.bounded() && cond > acc_t(kExactCond)) {
+      const acc_t Wbar = acc.wbar();  // (formed before: R2's state need not stay live through R3)
       Ex ex;
       auto r3 = [&](auto policy) {
         using MM = decltype(policy);
@@ -325,11 +326,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
         r3(M{});  // (a.bounded_ok off: lam_tiny or AMID_CUDA_BOUNDED=0; the same values)
       }
       ex = cluster_reduce<acc_t, kWarps>(ex, ex_scratch, ex_slot, round++, merge_ex);
-      if constexpr (O == Order::kJSD) {
-        ex.finalize(P, Z, Z2, acc.wbar(), L, S_G, K);
-      } else {
-        ex.finalize(P, Z, acc.wbar(), L, S_G, K);
-      }
+      ex.finalize(P, Wbar, L, S_G, K);
     }
     if (lead) {
       a.loss[row] = weight * L;

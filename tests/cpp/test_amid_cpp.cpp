@@ -378,11 +378,7 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
           }
         },
         [&](Ex& x, const Ex& y) { x.merge(y); });
-    if constexpr (O == amid::Order::kJSD) {
-      r3.finalize(P, Z, Z2, r2.wbar(), L, S_G, K);
-    } else {
-      r3.finalize(P, Z, r2.wbar(), L, S_G, K);
-    }
+    r3.finalize(P, r2.wbar(), L, S_G, K);
   }
   out[0] = A.m + A.l, out[1] = B.m + B.l, out[2] = Z, out[3] = S_G, out[4] = K, out[5] = L, out[6] = Z2;
   for (int64_t v = 0; v < V; ++v) {
