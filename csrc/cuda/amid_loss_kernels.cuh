@@ -320,11 +320,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
           }
         });
       };
-      if (bounded) {
-        r3(BoundedRow<M>{});  // gauge:R3
-      } else {
-        r3(M{});  // (a.bounded_ok off: lam_tiny or AMID_CUDA_BOUNDED=0; the same values)
-      }
+      r3(M{});  // gauge:R3  (the general policy only: the pass is rare, and one instance halves its code)
       ex = cluster_reduce<acc_t, kWarps>(ex, ex_scratch, ex_slot, round++, merge_ex);
       ex.finalize(P, Wbar, L, S_G, K);
     }
