@@ -795,7 +795,7 @@ def readme_table(csv_path: str) -> str:
              "R2 and W are those of rows whose logits are all finite and below 2^100 in magnitude (nearly every "
              "row); rows with −inf masks or huge logits run R2 and W with their guards (R1 + R2 + W, "
              "\"masked / huge rows\"). R3 is the exact pass, which a row runs in addition only where its "
-             "closing formulas would lose too much (see the README's accuracy notes).",
+             "closing formulas would lose too much (see the accuracy notes).",
              "",
              "| kernel | loss | path | regs | spills | smem static + dyn (cluster) | CTAs/SM | R1 | R2 | W | R1+R2+W | target "
              "| masked / huge rows | R3 (rare rows) |",

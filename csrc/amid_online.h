@@ -608,9 +608,10 @@ struct JsdRowAcc {
 // element's e = d - Z and its terms (amid_math.h: element_terms) as the W pass evaluates them. No exponent
 // classes: every field is a plain sum, and states merge by adding. Only for rows without -inf (the kernels'
 // rule), where every kl loss term is second order and >= 0 (ref phi1(e) or ref phi2(e)): their sum is accurate
-// to its last bits, so the CPU kernel's first-order alternative (kl_row_loss) is not needed. The online kernels take it for a row whose closing formulas would lose too much (RowAcc's
-// exact_needed): their sums expand around Z = 0 before Z is known, and where Z is not small next to the
-// divergence they subtract first-order terms to get a second-order result. w is centred in rp / rq as R2's
+// to its last bits, so the CPU kernel's first-order alternative (kl_row_loss) is not needed. The online
+// kernels take it for a row whose closing formulas would lose too much (RowAcc::close's cond, cond_of): R2's
+// sums expand around Z = 0 before Z is known, and where Z is not small next to the divergence the closing
+// formulas subtract first-order terms to get a second-order result. w is centred in rp / rq as R2's
 // (RowAcc::add), so that finalize can take R2's Wbar.
 template <Divergence D, Order O, typename T>
 struct ExactAcc {

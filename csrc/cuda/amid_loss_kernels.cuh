@@ -166,11 +166,12 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
   Acc* acc_scratch = reinterpret_cast<Acc*>(acc_mem);
   Acc* acc_slot = acc_scratch + kWarps;
   // The exact pass's reduction (rare rows; see below) reuses acc_mem: static shared memory decides whether three
-  // kl CTAs fit per SM. Safe: consecutive reductions alternate the round's parity (its slot), and a reduction
-  // that writes over a slot of the one before last comes after another cluster barrier, which every peer
-  // reaches only once its reads of that slot are done (cluster_reduce).
+  // kl CTAs fit per SM. Its scratch and slots lie below R2's slots, which peers may still be reading when it
+  // starts (the assert); R2's next writes over them come after the next row's R1 cluster barrier, which every
+  // peer reaches only once its reads of this CTA's R3 slot are done (cluster_reduce).
   using Ex = typename ExactAccOf<D, O, acc_t>::type;
-  static_assert(sizeof(Ex) <= sizeof(Acc), "amid_fwd_kernel: the exact pass's state must fit the R2 scratch");
+  static_assert(sizeof(Ex) * (kWarps + 2) <= sizeof(Acc) * kWarps,
+                "amid_fwd_kernel: the exact pass's scratch must lie below the R2 slots");
   Ex* ex_scratch = reinterpret_cast<Ex*>(acc_mem);
   Ex* ex_slot = ex_scratch + kWarps;
   extern __shared__ __align__(16) unsigned char smem_raw[];

@@ -217,7 +217,7 @@ __global__ void __launch_bounds__(kThreads, topk_min_blocks<scalar_t, D>())
   // The exact pass's state (bucket rows; see R3 below) in acc_mem: block_reduce's leading barrier orders its
   // writes after R2's readers.
   using Ex = typename ExactAccOf<D, O, acc_t>::type;
-  static_assert(sizeof(Ex) <= sizeof(Acc), "amid_topk_kernel: the exact pass's state must fit the R2 scratch");
+  static_assert(sizeof(Ex) <= sizeof(Acc), "amid_topk_kernel: the exact pass's scratch must fit R2's");
   Ex* ex_scratch = reinterpret_cast<Ex*>(acc_mem);
   auto merge_ex = [](Ex& x, const Ex& y) { x.merge(y); };
   auto merge_tail = [](TailAcc<acc_t>& x, const TailAcc<acc_t>& y) {

@@ -631,7 +631,7 @@ static void test_bounded_rows() {
 // 4.1e-5 / 1.4e-6 for the CPU op's float math.
 // A fifth is the second with logits of scale 12 (distributions far more peaked and disagreeing than an LLM's),
 // for the loss only. There R2's closing formulas, which expand around Z = 0 before Z is known, subtracted
-// first-order terms to a loss 1e3..1e7 times smaller (kl/pr alpha 0.5 lam 0.98: 1.2e-3 relative); the rows
+// first-order terms to a loss far smaller than they are (kl/pr alpha 0.5 lam 0.98: 1.2e-3 relative); the rows
 // whose loss condition exceeds kExactCond now take the exact pass (amid_online.h: ExactAcc), 49 of these 300
 // rows (32 of the 300 ordinary rows at scale 3, none within 1% or masked), and the worst loss is 4.7e-6. The
 // gradient there is not checked: it is the small difference of terms of the loss's size (gmax 1e-9 .. 1e-2 against
