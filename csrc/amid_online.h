@@ -671,8 +671,7 @@ struct JsdExactAcc {
   }
 };
 
-// One element into an exact-pass state from the scaled logits (W's mixture: w_mixture, w_mixture_both, or
-// from R2's kept logarithm term c: w_mixture_c).
+// One element into an exact-pass state from the scaled logits (W's mixture: w_mixture, w_mixture_both).
 template <Divergence D, Order O, bool POWER, class M, typename T, typename Acc>
 AMID_HD void exact_from_logits(Acc& acc, const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T Z,
                                T Z2) {
@@ -685,12 +684,6 @@ AMID_HD void exact_from_logits(Acc& acc, const LossParams<T>& P, T tf, T sf, Row
     w_mixture<O, POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, d);
     acc.template add<M>(P, lp, lq, lt, w, d, Z);
   }
-}
-template <Divergence D, Order O, class M, typename T, typename Acc>
-AMID_HD void exact_from_logits_c(Acc& acc, const LossParams<T>& P, T tf, T sf, T c, RowLse<T> A, RowLse<T> B, T Z) {
-  T lp, lq, lt, w, d;
-  w_mixture_c<O, M>(P, tf, sf, c, A, B, lp, lq, lt, w, d);
-  acc.template add<M>(P, lp, lq, lt, w, d, Z);
 }
 
 // One element into an R2 state from the scaled logits tf, sf (the CUDA kernels' R2, and the C++ tests'

@@ -214,12 +214,6 @@ __global__ void __launch_bounds__(kThreads, topk_min_blocks<scalar_t, D>())
   const acc_t ninf = neg_inf<acc_t>();
   auto merge_lse = [](Lse& x, const Lse& y) { x.template merge<M>(y); };
   auto merge_acc = [&P](Acc& x, const Acc& y) { x.template merge<M>(P, y); };
-  // The exact pass's state (bucket rows; see R3 below) in acc_mem: block_reduce's leading barrier orders its
-  // writes after R2's readers.
-  using Ex = typename ExactAccOf<D, O, acc_t>::type;
-  static_assert(sizeof(Ex) <= sizeof(Acc), "amid_topk_kernel: the exact pass's scratch must fit R2's");
-  Ex* ex_scratch = reinterpret_cast<Ex*>(acc_mem);
-  auto merge_ex = [](Ex& x, const Ex& y) { x.merge(y); };
   auto merge_tail = [](TailAcc<acc_t>& x, const TailAcc<acc_t>& y) {
     x.tail.template merge<M>(y.tail);
     x.bad = x.bad > y.bad ? x.bad : y.bad;
@@ -346,21 +340,7 @@ __global__ void __launch_bounds__(kThreads, topk_min_blocks<scalar_t, D>())
           EM::add(acc, P, tf, sf, st.A, st.B, st.dAB);
         }
         acc = block_reduce<acc_t>(acc, acc_scratch, merge_acc);
-        acc_t cond = acc_t(0);
-        st.valid = acc.template close<M>(P, st.Z, st.Z2, st.L, st.S_G, st.K, cond);  // false: the assistant is undefined
-        // R3, the exact pass, as the dense kernel's (amid_loss_kernels.cuh): for the bucket rule's k + 1 bins
-        // (a dense row with finite logits) where the closing formulas would lose too much. The renorm rule's
-        // rows have the teacher -inf outside I, and masked rows keep the online sums (as dense ones do).
-        if (st.valid && a.bucket && lse.bounded() && cond > acc_t(kExactCond)) {
-          Ex ex;
-          for (int64_t b = tid; b < nbins; b += nt) {
-            acc_t tf, sf;
-            bin(b, tf, sf);
-            exact_from_logits<D, O, POWER, M>(ex, P, tf, sf, st.A, st.B, st.dAB, st.Z, st.Z2);
-          }
-          ex = block_reduce<acc_t>(ex, ex_scratch, merge_ex);
-          ex.finalize(P, acc.wbar(), st.L, st.S_G, st.K);
-        }
+        st.valid = acc.template close<M>(P, st.Z, st.Z2, st.L, st.S_G, st.K);  // false: the assistant is undefined
       }
     }
     if (s_flag != 0u && tid == 0) atomicMin(a.bad_row, static_cast<unsigned long long>(row));

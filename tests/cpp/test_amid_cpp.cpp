@@ -364,12 +364,6 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
         V, C, kW,
         [&](Ex& a, int64_t v0, int n) {
           for (int64_t v = v0; v < v0 + n; ++v) {
-            if constexpr (kStash) {
-              if (stash) {
-                amid::exact_from_logits_c<D, O, M>(a, P, t[v] * invT, s[v] * invT, kept[v], A, B, Z);
-                continue;
-              }
-            }
             if (P.mode == amid::MixMode::kPower) {
               amid::exact_from_logits<D, O, true, M>(a, P, t[v] * invT, s[v] * invT, A, B, dAB, Z, Z2);
             } else {
