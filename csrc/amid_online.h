@@ -406,14 +406,9 @@ struct RowAcc {
   // Closing formulas: Z, the row loss L and the gradient's row scalars S_G and K (for kl, the
   // shifted S_G', K' of element_terms). Returns false when the assistant is undefined (no element
   // with finite lt).
-  template <class M>
-  AMID_HD bool finalize(const LossParams<T>& P, T log_S, T& Z, T& L, T& S_G, T& K) const {
-    T bound_L;
-    return finalize<M>(P, log_S, Z, L, S_G, K, bound_L);
-  }
-  // ... and the loss's error bound in units of its rounding (bound_L: the sum of the magnitudes of the terms
-  // that the chosen closing form adds; eps bound_L is about its error), which says when the exact pass is
-  // wanted (cond_of).
+  // Also the loss's error bound in units of its rounding (bound_L: the sum of the magnitudes of the terms that
+  // the chosen closing form adds; eps bound_L is about its error), which says when the exact pass is wanted
+  // (cond_of).
   template <class M>
   AMID_HD bool finalize(const LossParams<T>& P, T log_S, T& Z, T& L, T& S_G, T& K, T& bound_L) const {
     if (!(S > T(0))) return false;

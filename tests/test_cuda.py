@@ -234,6 +234,19 @@ def test_small_divergence(path, div, order):
             assert normwise_err(grad, ref_grad) <= 1e-4, opts
 
 
+def _assert_ab_exponents(path, order, s, t, pairs, grad_tol):
+    """CUDA float32 against the CPU op in float64 for each alpha-beta exponent pair (a, b) in `pairs`, at
+    (alpha, lam) = (0.5, 0.1) and (3, 0.5): loss 1e-5 relative, gradient grad_tol normwise."""
+    for a, b in pairs:
+        for alpha, lam in ((0.5, 0.1), (3.0, 0.5)):
+            opts = op_opts(alpha, lam, "ab", order, ab_alpha=a, ab_beta=b)
+            ref_rows, _stats, ref_grad = amid.ops.amid_loss_fwd(s.double(), t.double(), None, compute_grad=True, **opts)
+            rows, grad = _cuda_rows_and_grad(s, t, **opts)
+            rel = ((rows.double() - ref_rows).abs() / ref_rows.abs()).max().item()
+            assert rel <= 1e-5, (path, opts, rel)
+            assert normwise_err(grad, ref_grad) <= grad_tol, (path, opts)
+
+
 @pytest.mark.parametrize("order", ["pr", "qr", "rp", "rq", "jsd"])
 def test_small_ab_exponents_float32(path, order):
     """Small alpha-beta exponents down to the minimum (a b = 1e-60, below float32's range) in float32 against
@@ -242,14 +255,8 @@ def test_small_ab_exponents_float32(path, order):
     exponents it gave NaN at 1e-30 and losses of 1e13 at (1e-20, 0.7))."""
     g = torch.Generator().manual_seed(17)
     s, t = make_logits(4, 2001, dtype=torch.float32, generator=g)
-    for a, b in ((1e-30, 1e-30), (1e-20, 0.7), (0.7, 1e-20), (1e-6, 1e-6), (0.01, 0.05)):
-        for alpha, lam in ((0.5, 0.1), (3.0, 0.5)):
-            opts = op_opts(alpha, lam, "ab", order, ab_alpha=a, ab_beta=b)
-            ref_rows, _stats, ref_grad = amid.ops.amid_loss_fwd(s.double(), t.double(), None, compute_grad=True, **opts)
-            rows, grad = _cuda_rows_and_grad(s, t, **opts)
-            rel = ((rows.double() - ref_rows).abs() / ref_rows.abs()).max().item()
-            assert rel <= 1e-5, (path, opts, rel)
-            assert normwise_err(grad, ref_grad) <= 1e-4, (path, opts)
+    _assert_ab_exponents(path, order, s, t, ((1e-30, 1e-30), (1e-20, 0.7), (0.7, 1e-20), (1e-6, 1e-6), (0.01, 0.05)),
+                         1e-4)
 
 
 @pytest.mark.parametrize("div,order", [("kl", "pr"), ("kl", "qr"), ("kl", "rq"), ("ab", "pr"), ("ab", "rp"),
@@ -278,14 +285,7 @@ def test_small_ab_exponent_at_large_logit_scale(path, order):
     tests/cpp's: loss 1e-5, gradient 5e-3 normwise (measured there 2.0e-6 / 2.9e-3)."""
     g = torch.Generator().manual_seed(17)
     s, t = make_logits(4, 2001, dtype=torch.float32, scale=12.0, generator=g)
-    for a, b in ((1e-20, 0.7), (0.7, 1e-20)):
-        for alpha, lam in ((0.5, 0.1), (3.0, 0.5)):
-            opts = op_opts(alpha, lam, "ab", order, ab_alpha=a, ab_beta=b)
-            ref_rows, _stats, ref_grad = amid.ops.amid_loss_fwd(s.double(), t.double(), None, compute_grad=True, **opts)
-            rows, grad = _cuda_rows_and_grad(s, t, **opts)
-            rel = ((rows.double() - ref_rows).abs() / ref_rows.abs()).max().item()
-            assert rel <= 1e-5, (path, opts, rel)
-            assert normwise_err(grad, ref_grad) <= 5e-3, (path, opts)
+    _assert_ab_exponents(path, order, s, t, ((1e-20, 0.7), (0.7, 1e-20)), 5e-3)
 
 
 @pytest.mark.parametrize("alpha,lam", [(1.0, 0.1), (3.0, 0.5), (10.0, 0.9)])
