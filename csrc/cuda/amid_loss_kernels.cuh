@@ -153,7 +153,6 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
   // R2 keeps each element's logarithm term for W (RowArgs::stash): the power mean of a single order
   // (kJSD has two terms per element, and the cheap modes none). Same thread, same chunk in both passes.
   constexpr bool kStash = RESIDENT && POWER && O != Order::kJSD;
-  constexpr bool kExactPass = !std::is_same<acc_t, double>::value;  // R3 (see below)
 
   // Reduction scratch as raw storage (the accumulators have member initialisers, which shared
   // variables cannot run); every slot is written before it is read.
@@ -301,22 +300,20 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     // One loop, in the general math policy, recomputing the mixture: the pass is rare, and its code is what the CUDA
     // build pays (with R3 in every kernel, and a second loop from R2's kept terms, the CI's build of the CUDA
     // kernels took ~75 minutes instead of ~55 on two cores).
-    // Not in the float64 kernels (kExactPass): their closing formulas lose eps_64 cond, far below float64's
-    // budgets except, possibly, in extremes (a tiny alpha-beta exponent at logit scale 12; not measured); the CPU op
-    // is the float64 reference.
-    if constexpr (kExactPass) {
-      if (lse.bounded() && cond > acc_t(kExactCond)) {
-        const acc_t Wbar = acc.wbar();  // (formed before: R2's state need not stay live through R3)
-        Ex ex;
-        visit_row(t, s, len, vec_ok, [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {  // gauge:R3
+    // The float64 kernels too: their closing formulas lose eps_64 cond, and with a tiny alpha-beta exponent at logit
+    // scale 12 that reached 2e-8 of the loss (tests/cpp, test_online_double: 9 of 600 rows over float64's 1e-9); the
+    // pass costs their unit ~13% more compile time (579 -> 653 s for sm_90a). Not in the top-k kernel (build time).
+    if (lse.bounded() && cond > acc_t(kExactCond)) {
+      const acc_t Wbar = acc.wbar();  // (formed before: R2's state need not stay live through R3)
+      Ex ex;
+      visit_row(t, s, len, vec_ok, [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {  // gauge:R3
 #pragma unroll
-          for (int j = 0; j < decltype(nc)::value; ++j) {
-            exact_from_logits<D, O, POWER, M>(ex, P, acc_t(tv[j]) * invT, acc_t(sv[j]) * invT, A, B, dAB, Z, Z2);
-          }
-        });
-        ex = cluster_reduce<acc_t, kWarps>(ex, ex_scratch, ex_slot, round++, merge_ex);
-        ex.finalize(P, Wbar, L, S_G, K);
-      }
+        for (int j = 0; j < decltype(nc)::value; ++j) {
+          exact_from_logits<D, O, POWER, M>(ex, P, acc_t(tv[j]) * invT, acc_t(sv[j]) * invT, A, B, dAB, Z, Z2);
+        }
+      });
+      ex = cluster_reduce<acc_t, kWarps>(ex, ex_scratch, ex_slot, round++, merge_ex);
+      ex.finalize(P, Wbar, L, S_G, K);
     }
     if (lead) {
       a.loss[row] = weight * L;

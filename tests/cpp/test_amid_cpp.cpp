@@ -769,6 +769,68 @@ static void test_online_tiny_ab(double scale, double grad_tol) {
   g_rows = g_exact_rows = 0;
 }
 
+// The float64 kernels' math (gpu_row in double: their reduction order, online sums and exact pass) against the
+// double CPU op, with the float64 budgets of the CUDA tests (tests/utils.py: loss 1e-11 + 1e-9 relative,
+// gradient 1e-9 of its max, plus 1e-13 absolute: a row at scale 12 may have a gradient of 1e-9 whose elements are
+// differences of terms of the loss's size, so double's rounding alone leaves ~1e-14 there): all losses and orders at logits of scale 3 and 12, tiny alpha-beta
+// exponents at scale 12, and a teacher masked outside its top 8 at scale 12. Without the exact pass (which the
+// float64 kernels lacked until now) their closing formulas lose eps_64 cond: 8 of the 600 tiny-exponent rows over
+// the budget, the loss by up to 9.0e-9 relative (ab/rq, exponents (0.7, 1e-20), alpha 10, lam 0.5) and the
+// gradient by 2.6e-7 absolute (of 4.1); the ordinary rows at scale 12 by 4.3e-10 (within it).
+static void test_online_double(const char* name, double scale, bool tiny_ab, int64_t topk) {
+  at::manual_seed(23);
+  const int64_t V = 2001;
+  double worst_loss = 0, worst_grad = 0;
+  std::vector<std::pair<double, double>> exps{{0.2, 0.7}};
+  if (tiny_ab) exps = {{1e-30, 1e-30}, {1e-20, 1e-20}, {1e-20, 0.7}, {0.7, 1e-20}, {1e-12, 1e-12}, {1e-6, 1e-6}};
+  for (const char* div : {"kl", "ab"}) {
+    if (tiny_ab && div[0] == 'k') continue;
+    for (const char* ord : {"pr", "qr", "rp", "rq", "jsd"}) {
+      for (auto ab : exps) {
+        for (double alpha : {-3.0, 0.5, 1.0, 3.0, 10.0}) {
+          for (double lam : {0.02, 0.1, 0.5, 0.98}) {
+            at::Tensor t = at::randn({1, V}, at::kDouble) * scale;
+            at::Tensor s = at::randn({1, V}, at::kDouble) * scale;
+            if (topk > 0) {
+              const at::Tensor kth = std::get<0>(t.topk(topk, 1)).narrow(1, topk - 1, 1);
+              t = t.masked_fill(t < kth, -INFINITY);
+            }
+            auto [loss, stats, grad] = amid::amid_loss_fwd(s, t, std::nullopt, alpha, lam, div, ord, ab.first, ab.second,
+                                                           1.0, false, true);
+            const auto P = amid::make_params<double>("test", alpha, lam, div, ord, ab.first, ab.second, 1.0, false);
+            double out[7];
+            std::vector<double> g(V);
+            amid::dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
+              gpu_row<decltype(dc)::value, decltype(oc)::value>(P, s.data_ptr<double>(), t.data_ptr<double>(), V, 8,
+                                                                out, g.data());
+            });
+            const double want = loss[0].item<double>();
+            double gmax = 0, emax = 0;
+            for (int64_t v = 0; v < V; ++v) {
+              const double gw = grad[0][v].item<double>();
+              gmax = std::max(gmax, std::abs(gw));
+              emax = std::max(emax, std::abs(g[v] - gw));
+            }
+            const double lerr = std::abs(out[5] - want);
+            worst_loss = std::max(worst_loss, lerr / std::max(std::abs(want), 1e-2));
+            worst_grad = std::max(worst_grad, emax);
+            if (!(lerr <= 1e-11 + 1e-9 * std::abs(want)) || !(emax <= 1e-9 * gmax + 1e-13)) {
+              ++failures;
+              std::fprintf(stderr, "FAILED online double (%s) %s/%s a=%g b=%g alpha=%g lam=%g: loss %.17g vs %.17g, "
+                           "grad err %.3g of %.3g\n", name, div, ord, ab.first, ab.second, alpha, lam, out[5], want,
+                           emax, gmax);
+            }
+          }
+        }
+      }
+    }
+  }
+  std::printf("online reductions in double, %s: loss worst rel. %.3g (to |loss| or 0.01), gradient worst abs. %.3g "
+              "(exact pass: %d of %d rows)\n",
+              name, worst_loss, worst_grad, g_exact_rows, g_rows);
+  g_rows = g_exact_rows = 0;
+}
+
 static void test_online_reductions() {
   std::mt19937 rng(7);
   at::manual_seed(7);
@@ -887,6 +949,10 @@ int main(int argc, char** argv) {
   test_online_float({"ordinary inputs, logits of scale 12 (loss only)", 5, 2001, 0.0, 1e-5, INFINITY, 0, 12.0});
   test_online_tiny_ab(3.0, 1e-4);
   test_online_tiny_ab(12.0, 5e-3);
+  test_online_double("ordinary inputs", 3.0, false, 0);
+  test_online_double("ordinary inputs, logits of scale 12", 12.0, false, 0);
+  test_online_double("tiny alpha-beta exponents, logits of scale 12", 12.0, true, 0);
+  test_online_double("teacher top-8 of 2001, the rest -inf, logits of scale 12", 12.0, false, 8);
 
   // 1. Schemas.
   if (argc > 1) {
