@@ -996,8 +996,7 @@ AMID_HD T grad_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowL
 // The same for the power mean of a single order, from the element's logarithm term c kept from R2
 // (power_log; the GPU's resident W pass): no logarithm, the same value as grad_from_logits bit for bit.
 template <Divergence D, Order O, class M, typename T>
-AMID_HD T grad_from_logits_c(const LossParams<T>& P, T tf, T sf, T c, RowLse<T> A, RowLse<T> B, T dAB, T Z, T S_G,
-                             T K) {
+AMID_HD T grad_from_logits_c(const LossParams<T>& P, T tf, T sf, T c, RowLse<T> A, RowLse<T> B, T Z, T S_G, T K) {
   T lp, lq, lt, w, d;
   w_mixture_c<O, M>(P, tf, sf, c, A, B, lp, lq, lt, w, d);
   return grad_from_mixture<D, O, M>(P, lp, lq, lt, w, d, Z, S_G, K);
@@ -1009,14 +1008,18 @@ AMID_HD T grad_from_logits_c(const LossParams<T>& P, T tf, T sf, T c, RowLse<T> 
 // (+-(r - ref), each off by eps (r + ref)) can cancel against the rest; sum l1 depends on Z at
 // first order. Error bounds, in units of eps: sum lb and sum |l1| + |Z|.
 template <typename S>
+AMID_HD S kl_first_order_bound(S abs_l1, S Z) {
+  return abs_l1 + (Z < S(0) ? -Z : Z);
+}
+template <typename S>
 AMID_HD S kl_row_loss(S sum_l, S bound_l, S sum_l1, S abs_l1, S Z) {
-  return bound_l <= abs_l1 + (Z < S(0) ? -Z : Z) ? sum_l : sum_l1;
+  return bound_l <= kl_first_order_bound(abs_l1, Z) ? sum_l : sum_l1;
 }
 
 // The error bound of kl_row_loss's choice, in the same units.
 template <typename S>
 AMID_HD S kl_row_bound(S bound_l, S abs_l1, S Z) {
-  const S b1 = abs_l1 + (Z < S(0) ? -Z : Z);
+  const S b1 = kl_first_order_bound(abs_l1, Z);
   return bound_l <= b1 ? bound_l : b1;
 }
 

@@ -82,8 +82,8 @@ __device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const
 template <Divergence D, Order O, class MM = M, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void write_grad_row_c(const LossParams<acc_t>& P, const scalar_t* t, const scalar_t* s,
                                                  const acc_t* cst, scalar_t* g, int64_t len, bool vec_ok,
-                                                 RowLse<acc_t> A, RowLse<acc_t> B, acc_t dAB, acc_t Z, acc_t S_G,
-                                                 acc_t K, acc_t scale) {
+                                                 RowLse<acc_t> A, RowLse<acc_t> B, acc_t Z, acc_t S_G, acc_t K,
+                                                 acc_t scale) {
   constexpr int kW = VecWidth<scalar_t>::value;
   const acc_t invT = P.inv_temperature;
   visit_row(t, s, len, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
@@ -94,7 +94,7 @@ __device__ __forceinline__ void write_grad_row_c(const LossParams<acc_t>& P, con
 #pragma unroll
     for (int j = 0; j < n; ++j) {
       const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
-      out[j] = scalar_t(scale * grad_from_logits_c<D, O, MM>(P, tf, sf, cv[j], A, B, dAB, Z, S_G, K));
+      out[j] = scalar_t(scale * grad_from_logits_c<D, O, MM>(P, tf, sf, cv[j], A, B, Z, S_G, K));
     }
     store_chunk_global<n>(g, i, out);
   });
@@ -329,9 +329,9 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
       if constexpr (kStash) {
         if (cst) {
           if (bounded) {
-            write_grad_row_c<D, O, BoundedRow<M>>(P, t, s, cst, g, len, vec_ok, A, B, dAB, Z, S_G, K, scale);  // gauge:Ws
+            write_grad_row_c<D, O, BoundedRow<M>>(P, t, s, cst, g, len, vec_ok, A, B, Z, S_G, K, scale);  // gauge:Ws
           } else {
-            write_grad_row_c<D, O, M>(P, t, s, cst, g, len, vec_ok, A, B, dAB, Z, S_G, K, scale);  // gauge:Wsm
+            write_grad_row_c<D, O, M>(P, t, s, cst, g, len, vec_ok, A, B, Z, S_G, K, scale);  // gauge:Wsm
           }
           done = true;
         }
