@@ -204,6 +204,11 @@ __global__ void __launch_bounds__(kThreads, topk_min_blocks<scalar_t, D>())
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Lse* lse_scratch = reinterpret_cast<Lse*>(lse_mem);
   Acc* acc_scratch = reinterpret_cast<Acc*>(acc_mem);
+  // The exact pass's reduction reuses acc_mem (static shared memory decides the CTAs per SM); block_reduce's
+  // leading barrier orders its writes after the R2 reduction's reads.
+  using Ex = typename ExactAccOf<D, O, acc_t>::type;
+  static_assert(sizeof(Ex) <= sizeof(Acc), "amid_topk_kernel: the exact pass's scratch must fit R2's");
+  Ex* ex_scratch = reinterpret_cast<Ex*>(acc_mem);
   TailAcc<acc_t>* tail_scratch = reinterpret_cast<TailAcc<acc_t>*>(tail_mem);
   Scalar<double>* dbl_scratch = reinterpret_cast<Scalar<double>*>(dbl_mem);
   uint32_t* bitmap = reinterpret_cast<uint32_t*>(smem_raw);  // [ceil(V / 32)]: the current row's indices
@@ -214,6 +219,7 @@ __global__ void __launch_bounds__(kThreads, topk_min_blocks<scalar_t, D>())
   const acc_t ninf = neg_inf<acc_t>();
   auto merge_lse = [](Lse& x, const Lse& y) { x.template merge<M>(y); };
   auto merge_acc = [&P](Acc& x, const Acc& y) { x.template merge<M>(P, y); };
+  auto merge_ex = [](Ex& x, const Ex& y) { x.merge(y); };
   auto merge_tail = [](TailAcc<acc_t>& x, const TailAcc<acc_t>& y) {
     x.tail.template merge<M>(y.tail);
     x.bad = x.bad > y.bad ? x.bad : y.bad;
@@ -340,7 +346,24 @@ __global__ void __launch_bounds__(kThreads, topk_min_blocks<scalar_t, D>())
           EM::add(acc, P, tf, sf, st.A, st.B, st.dAB);
         }
         acc = block_reduce<acc_t>(acc, acc_scratch, merge_acc);
-        st.valid = acc.template close<M>(P, st.Z, st.Z2, st.L, st.S_G, st.K);  // false: the assistant is undefined
+        acc_t cond;
+        st.valid = acc.template close<M>(P, st.Z, st.Z2, st.L, st.S_G, st.K, cond);  // false: the assistant is undefined
+        // The bucket rule's bins with every logit finite: the dense kernels' exact pass R3 (amid_loss_kernels.cuh)
+        // where the online closing formulas would lose too much. The k + 1 bins are a short dense row, and in the
+        // C++ emulation of the float math such rows lost up to the whole loss at logit scale 12 and 8.4e-5 of it at
+        // scale 3 without it (tests/cpp: the "bins" regimes). renorm rows hold the teacher's -inf tail: the online
+        // sums, which are the more accurate ones there (as in the dense kernels).
+        if (a.bucket && st.valid && lse.bounded() && cond > acc_t(kExactCond)) {
+          const acc_t Wbar = acc.wbar();
+          Ex ex;
+          for (int64_t b = tid; b < nbins; b += nt) {
+            acc_t tf, sf;
+            bin(b, tf, sf);
+            exact_from_logits<D, O, POWER, M>(ex, P, tf, sf, st.A, st.B, st.dAB, st.Z, st.Z2);
+          }
+          ex = block_reduce<acc_t>(ex, ex_scratch, merge_ex);
+          ex.finalize(P, Wbar, st.L, st.S_G, st.K);
+        }
       }
     }
     if (s_flag != 0u && tid == 0) atomicMin(a.bad_row, static_cast<unsigned long long>(row));
