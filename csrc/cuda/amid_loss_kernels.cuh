@@ -301,8 +301,9 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     // build pays (with R3 in every kernel, and a second loop from R2's kept terms, the CI's build of the CUDA
     // kernels took ~75 minutes instead of ~55 on two cores).
     // The float64 kernels too: their closing formulas lose eps_64 cond, and with a tiny alpha-beta exponent at logit
-    // scale 12 that reached 2e-8 of the loss (tests/cpp, test_online_double: 9 of 600 rows over float64's 1e-9); the
-    // pass costs their unit ~13% more compile time (579 -> 653 s for sm_90a). Not in the top-k kernel (build time).
+    // scale 12 that reached 9e-9 of the loss (tests/cpp, test_online_double: 8 of 600 rows over float64's 1e-9); the
+    // pass costs their unit ~13% more compile time (579 -> 653 s for sm_90a). The top-k kernel's bucket rows take
+    // it on their bins (amid_topk_cuda.cu).
     if (lse.bounded() && cond > acc_t(kExactCond)) {
       const acc_t Wbar = acc.wbar();  // (formed before: R2's state need not stay live through R3)
       Ex ex;
