@@ -596,6 +596,17 @@ static void test_bounded_rows() {
   test_bounded_rows_one<double, amid::LibMath>("double");
 }
 
+// The largest |element| of a reference gradient row (double, from the CPU op) and the largest |g - ref| over it.
+static void grad_errors(const at::Tensor& ref_row, const std::vector<double>& g, double& gmax, double& emax) {
+  const at::Tensor r = ref_row.contiguous();
+  const double* ref = r.data_ptr<double>();
+  gmax = emax = 0;
+  for (size_t v = 0; v < g.size(); ++v) {
+    gmax = std::max(gmax, std::abs(ref[v]));
+    emax = std::max(emax, std::abs(g[v] - ref[v]));
+  }
+}
+
 // The CUDA kernels' float math (the online reductions in the kernel's reduction order, and the W pass)
 // against the double CPU op on the same float inputs: all 8 losses and the combined order 'jsd', alpha
 // -10 .. 10, lam 0.02 .. 0.98,
@@ -674,12 +685,8 @@ static void test_online_float(const FloatRegime& R) {
           });
           const double want = loss[0].item<double>();
           double rel = std::abs(out[5] - want) / std::abs(want);
-          double gmax = 0, emax = 0;
-          for (int64_t v = 0; v < V; ++v) {
-            const double gw = grad[0][v].item<double>();
-            gmax = std::max(gmax, std::abs(gw));
-            emax = std::max(emax, std::abs(g[v] - gw));
-          }
+          double gmax, emax;
+          grad_errors(grad[0], g, gmax, emax);
           if (R.teacher_topk > 0) {
             // Masked rows: loss and gradient are differences of O(1) masked masses (the loss can be ~1e-4
             // while sum_notU q ~ 1), so errors are absolute: the CUDA tests' float budget (1e-5, plus 1e-5
@@ -748,12 +755,8 @@ static void test_online_tiny_ab(double scale, double grad_tol) {
         });
         const double want = loss[0].item<double>();
         const double rel = std::abs(out[5] - want) / std::abs(want);
-        double gmax = 0, emax = 0;
-        for (int64_t v = 0; v < V; ++v) {
-          const double gw = grad[0][v].item<double>();
-          gmax = std::max(gmax, std::abs(gw));
-          emax = std::max(emax, std::abs(g[v] - gw));
-        }
+        double gmax, emax;
+        grad_errors(grad[0], g, gmax, emax);
         worst_loss = std::max(worst_loss, rel);
         worst_grad = std::max(worst_grad, emax / gmax);
         if (!(rel <= 1e-5) || !(emax <= grad_tol * gmax)) {
@@ -770,10 +773,11 @@ static void test_online_tiny_ab(double scale, double grad_tol) {
 }
 
 // The float64 kernels' math (gpu_row in double: their reduction order, online sums and exact pass) against the
-// double CPU op, with the float64 budgets of the CUDA tests (tests/utils.py: loss 1e-11 + 1e-9 relative,
-// gradient 1e-9 of its max, plus 1e-13 absolute: a row at scale 12 may have a gradient of 1e-9 whose elements are
-// differences of terms of the loss's size, so double's rounding alone leaves ~1e-14 there): all losses and orders at logits of scale 3 and 12, tiny alpha-beta
-// exponents at scale 12, and a teacher masked outside its top 8 at scale 12. Without the exact pass (which the
+// double CPU op, with the float64 budgets of the CUDA tests (tests/utils.py: loss 1e-11 + 1e-9 relative; gradient
+// 1e-9 of its max, plus 1e-13 absolute: a row at scale 12 may have a gradient of 1e-9 whose elements are
+// differences of terms of the loss's size, so double's rounding alone leaves ~1e-14 there): all losses and orders
+// at logits of scale 3 and 12, tiny alpha-beta exponents at scale 12, and a teacher masked outside its top 8 at
+// scale 12. Without the exact pass (which the
 // float64 kernels lacked until now) their closing formulas lose eps_64 cond: 8 of the 600 tiny-exponent rows over
 // the budget, the loss by up to 9.0e-9 relative (ab/rq, exponents (0.7, 1e-20), alpha 10, lam 0.5) and the
 // gradient by 2.6e-7 absolute (of 4.1); the ordinary rows at scale 12 by 4.3e-10 (within it).
@@ -805,12 +809,8 @@ static void test_online_double(const char* name, double scale, bool tiny_ab, int
                                                                 out, g.data());
             });
             const double want = loss[0].item<double>();
-            double gmax = 0, emax = 0;
-            for (int64_t v = 0; v < V; ++v) {
-              const double gw = grad[0][v].item<double>();
-              gmax = std::max(gmax, std::abs(gw));
-              emax = std::max(emax, std::abs(g[v] - gw));
-            }
+            double gmax, emax;
+            grad_errors(grad[0], g, gmax, emax);
             const double lerr = std::abs(out[5] - want);
             worst_loss = std::max(worst_loss, lerr / std::max(std::abs(want), 1e-2));
             worst_grad = std::max(worst_grad, emax);
