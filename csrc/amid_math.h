@@ -234,6 +234,18 @@ struct BoundedRow : Base {
   static constexpr bool kBounded = true;
 };
 
+// The library math in place of every approximate instruction (exp_approx, rcp_approx, log_mix): for a kernel
+// whose rows are short, where the approximate exponential's ~2^-22 relative error is not averaged out over
+// many elements, and whose instruction count does not matter: the top-k kernel (amid_topk_cuda.cu), whose
+// bucket rows are k + 1 bins. On the host this is LibMath's math exactly.
+struct PreciseMath : LibMath {
+  static AMID_HD float exp_approx(float x) { return ::expf(x); }
+  static AMID_HD double exp_approx(double x) { return ::exp(x); }
+  static AMID_HD float rcp_approx(float x) { return 1.0f / x; }
+  static AMID_HD double rcp_approx(double x) { return 1.0 / x; }
+  static AMID_HD float log_mix(float s) { return ::logf(s); }
+};
+
 // ------------------------------------------------------------------------------------------------
 // The reference side of a loss: the distribution the assistant is compared with (p for pr / rp,
 // q for qr / rq). Small losses are the regime where r ~ that side (spec §5.6), so the kernels carry

@@ -61,7 +61,11 @@ namespace amid {
 namespace topk_cuda {
 
 using namespace cuda_detail;
-using M = LibMath;
+// No approximate instruction (PreciseMath): a bucket row's statistics come from its k + 1 bins, too few to average
+// the approximate exponential's error out (in the C++ emulation of the float math, with R3 on every row, 9 bins had
+// the gradient off by 2.8e-4 of its largest element with the approximate instructions, 7.8e-5 without; tests/cpp:
+// the "bins" regimes), and this kernel is not the one tuned to the instruction.
+using M = PreciseMath;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarpSize;
@@ -346,14 +350,15 @@ __global__ void __launch_bounds__(kThreads, topk_min_blocks<scalar_t, D>())
           EM::add(acc, P, tf, sf, st.A, st.B, st.dAB);
         }
         acc = block_reduce<acc_t>(acc, acc_scratch, merge_acc);
-        acc_t cond;
-        st.valid = acc.template close<M>(P, st.Z, st.Z2, st.L, st.S_G, st.K, cond);  // false: the assistant is undefined
-        // The bucket rule's bins with every logit finite: the dense kernels' exact pass R3 (amid_loss_kernels.cuh)
-        // where the online closing formulas would lose too much. The k + 1 bins are a short dense row, and in the
-        // C++ emulation of the float math such rows lost up to the whole loss at logit scale 12 and 8.4e-5 of it at
-        // scale 3 without it (tests/cpp: the "bins" regimes). renorm rows hold the teacher's -inf tail: the online
-        // sums, which are the more accurate ones there (as in the dense kernels).
-        if (a.bucket && st.valid && lse.bounded() && cond > acc_t(kExactCond)) {
+        st.valid = acc.template close<M>(P, st.Z, st.Z2, st.L, st.S_G, st.K);  // false: the assistant is undefined
+        // The bucket rule's bins with every logit finite: the dense kernels' exact pass R3 (amid_loss_kernels.cuh),
+        // always (k + 1 elements: cheap next to the pass over V). The online closing formulas on so short a row
+        // lost up to the whole loss at logit scale 12 in the C++ emulation of the float math (tests/cpp: the
+        // "bins" regimes), and with R3 only where the loss's condition asks for it (the dense kernels' rule) they
+        // left 4.9e-6 of the loss and 1.8e-4 of the gradient at scale 3, for 9.8e-7 and 7.8e-5 with R3 always.
+        // renorm rows hold the teacher's -inf tail: the online sums, which are the more accurate ones there (as
+        // in the dense kernels).
+        if (a.bucket && st.valid && lse.bounded()) {
           const acc_t Wbar = acc.wbar();
           Ex ex;
           for (int64_t b = tid; b < nbins; b += nt) {
