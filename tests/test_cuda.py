@@ -234,9 +234,12 @@ def test_small_divergence(path, div, order):
             assert normwise_err(grad, ref_grad) <= 1e-4, opts
 
 
-def _assert_ab_exponents(path, order, s, t, pairs, grad_tol, loss_tol=1e-5, cases=((0.5, 0.1), (3.0, 0.5))):
+def _assert_ab_exponents(path, order, s, t, pairs, grad_tol, loss_tol=1e-5, cases=((0.5, 0.1), (3.0, 0.5)),
+                         grad_floor=None):
     """CUDA (s, t's dtype) against the CPU op in float64 for each alpha-beta exponent pair (a, b) in `pairs`, at
-    each (alpha, lam) of `cases`: loss loss_tol relative (plus 1e-11 absolute), gradient grad_tol normwise."""
+    each (alpha, lam) of `cases`: loss loss_tol relative (plus 1e-11 absolute), gradient grad_tol normwise, or
+    with grad_floor, grad_tol of max(the row's largest element, grad_floor) in every row (for rows whose gradient
+    can nearly vanish)."""
     for a, b in pairs:
         for alpha, lam in cases:
             opts = op_opts(alpha, lam, "ab", order, ab_alpha=a, ab_beta=b)
@@ -244,7 +247,11 @@ def _assert_ab_exponents(path, order, s, t, pairs, grad_tol, loss_tol=1e-5, case
             rows, grad = _cuda_rows_and_grad(s, t, **opts)
             rel = ((rows.double() - ref_rows).abs() / (ref_rows.abs() + 1e-11 / loss_tol)).max().item()
             assert rel <= loss_tol, (path, opts, rel)
-            assert normwise_err(grad, ref_grad) <= grad_tol, (path, opts)
+            if grad_floor is None:
+                assert normwise_err(grad, ref_grad) <= grad_tol, (path, opts)
+            else:
+                rows_err = (grad.double() - ref_grad).abs().amax(-1) / ref_grad.abs().amax(-1).clamp_min(grad_floor)
+                assert rows_err.max().item() <= grad_tol, (path, opts, rows_err)
 
 
 @pytest.mark.parametrize("order", ["pr", "qr", "rp", "rq", "jsd"])
@@ -285,10 +292,11 @@ def test_small_ab_exponent_at_large_logit_scale(path, order):
     """One tiny alpha-beta exponent with logits of scale 12 (losses up to ~70): neither online closing form holds
     (the shifted terms grow as e^(g |Z|), the power sums' difference is divided by a b), and the emulated kernels
     were off by a factor of 17 in the loss and 45 in the gradient; the exact pass takes those rows. Budgets as
-    tests/cpp's: loss 1e-5, gradient 5e-3 normwise (measured there 2.0e-6 / 2.9e-3)."""
+    tests/cpp's: loss 1e-5, and a row's gradient 1e-4 of max(its largest element, 1) (measured there 2.0e-6 /
+    5.6e-5; over the largest element alone 2.9e-3: some rows' gradient nearly vanishes at this scale)."""
     g = torch.Generator().manual_seed(17)
     s, t = make_logits(4, 2001, dtype=torch.float32, scale=12.0, generator=g)
-    _assert_ab_exponents(path, order, s, t, ((1e-20, 0.7), (0.7, 1e-20)), 5e-3)
+    _assert_ab_exponents(path, order, s, t, ((1e-20, 0.7), (0.7, 1e-20)), 1e-4, grad_floor=1.0)
 
 
 @pytest.mark.parametrize("order", ["pr", "rq", "jsd"])
