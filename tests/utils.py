@@ -39,6 +39,14 @@ def normwise_err(x: torch.Tensor, ref: torch.Tensor, floor: float = 1e-6) -> flo
     return (x - ref).abs().max().item() / max(ref.abs().max().item(), floor)
 
 
+def rowwise_err(x: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
+    """The worst row's max |x - ref| over max(that row's max |ref|, floor), in float64: normwise_err per row
+    of a [N, V] gradient. A floor (e.g. 1) for rows whose gradient can nearly vanish (logits of scale 12: |g| ~ 1e-9
+    beside a loss of 6), where the error over |g| alone says nothing."""
+    x, ref = x.double(), ref.double()
+    return ((x - ref).abs().amax(-1) / ref.abs().amax(-1).clamp_min(floor)).max().item()
+
+
 def assert_loss_close(x: torch.Tensor, ref: torch.Tensor, dtype, msg=""):
     atol, rtol = LOSS_TOL[dtype]
     torch.testing.assert_close(x.double(), ref.double(), atol=atol, rtol=rtol, msg=lambda m: f"{msg}\n{m}")

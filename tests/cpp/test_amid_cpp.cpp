@@ -314,7 +314,7 @@ static int g_rows = 0, g_exact_rows = 0;
 template <amid::Divergence D, amid::Order O, bool kBins = false, typename T>
 static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_t V, int C, double out[7],
                     double* grad) {
-  // the GPU math, with its approximate instructions emulated
+  // The GPU math, with its approximate instructions emulated (GpuEmuMath), or the top-k kernel's (PreciseMath).
   using M = std::conditional_t<kBins, amid::PreciseMath, GpuEmuMath>;
   const int kW = 8;  // bf16 / fp16 chunks (16 bytes)
   const T invT = P.inv_temperature;
@@ -599,11 +599,13 @@ static void test_bounded_rows() {
   test_bounded_rows_one<double, amid::LibMath>("double");
 }
 
-// The largest |element| of a reference gradient row (double, from the CPU op) and the largest |g - ref| over it.
-static void grad_errors(const at::Tensor& ref_row, const std::vector<double>& g, double& gmax, double& emax) {
+// The largest |element| of a reference gradient row (double, from the CPU op), raised to floor (FloatRegime::
+// grad_floor), and the largest |g - ref| over it.
+static void grad_errors(const at::Tensor& ref_row, const std::vector<double>& g, double& gmax, double& emax,
+                        double floor = 0) {
   const at::Tensor r = ref_row.contiguous();
   const double* ref = r.data_ptr<double>();
-  gmax = emax = 0;
+  gmax = floor, emax = 0;
   for (size_t v = 0; v < g.size(); ++v) {
     gmax = std::max(gmax, std::abs(ref[v]));
     emax = std::max(emax, std::abs(g[v] - ref[v]));
@@ -702,8 +704,7 @@ static void test_online_float(const FloatRegime& R) {
           const double want = loss[0].item<double>();
           double rel = std::abs(out[5] - want) / std::abs(want);
           double gmax, emax;
-          grad_errors(grad[0], g, gmax, emax);
-          gmax = std::max(gmax, R.grad_floor);
+          grad_errors(grad[0], g, gmax, emax, R.grad_floor);
           if (R.teacher_topk > 0) {
             // Masked rows: loss and gradient are differences of O(1) masked masses (the loss can be ~1e-4
             // while sum_notU q ~ 1), so errors are absolute: the CUDA tests' float budget (1e-5, plus 1e-5
@@ -773,8 +774,7 @@ static void test_online_tiny_ab(double scale, double grad_tol, double grad_floor
         const double want = loss[0].item<double>();
         const double rel = std::abs(out[5] - want) / std::abs(want);
         double gmax, emax;
-        grad_errors(grad[0], g, gmax, emax);
-        gmax = std::max(gmax, grad_floor);  // (as FloatRegime::grad_floor)
+        grad_errors(grad[0], g, gmax, emax, grad_floor);  // (as FloatRegime::grad_floor)
         worst_loss = std::max(worst_loss, rel);
         worst_grad = std::max(worst_grad, emax / gmax);
         if (!(rel <= 1e-5) || !(emax <= grad_tol * gmax)) {
