@@ -239,10 +239,10 @@ struct BoundedRow : Base {
 // many elements, and whose instruction count does not matter: the top-k kernel (amid_topk_cuda.cu), whose
 // bucket rows are k + 1 bins. On the host this is LibMath's math exactly.
 struct PreciseMath : LibMath {
+  using LibMath::exp_approx;  // (the double overloads are the library's already)
+  using LibMath::rcp_approx;
   static AMID_HD float exp_approx(float x) { return ::expf(x); }
-  static AMID_HD double exp_approx(double x) { return ::exp(x); }
   static AMID_HD float rcp_approx(float x) { return 1.0f / x; }
-  static AMID_HD double rcp_approx(double x) { return 1.0 / x; }
   static AMID_HD float log_mix(float s) { return ::logf(s); }
 };
 
