@@ -298,7 +298,8 @@ AMID_HD T log1p_series(T a) {
 // |x| < 1/2 both forms are log1p(lam_N' expm1(-+|x|)) / k, one series in the signed exponent.
 template <typename T>
 struct PowerPre {
-  T ax;   // -|x| (x = k dpq)
+  T x;    // k dpq
+  T ax;   // -|x|
   T sx;   // E's exponent: -|x| in the base form, |x| in the non-own form
   T E;    // e^-|x| in the base form (own or big: base), e^|x| in the non-own form (<= e^80: finite)
   T em1;  // expm1 of the same argument (double only: float's power_log does not use it)
@@ -310,6 +311,7 @@ template <bool REF_P, class M, typename T>
 AMID_HD PowerPre<T> power_pre(const LossParams<T>& P, T dpq) {
   PowerPre<T> m;
   const T x = P.k * dpq;  // NaN when both are -inf (handled by the caller's last select)
+  m.x = x;
   m.q_base = x <= T(0);
   // -|x| by fabs, not as a select on q_base: from that select and sx's, GCC derived masks it could not
   // vectorise, and the CPU kernel's mixture loop went scalar (9x slower)
@@ -344,6 +346,7 @@ AMID_HD void power_pre_both(const LossParams<T>& P, T dpq, PowerPre<T>& mp, Powe
   const T ep1 = -em1 * inv_e;
   const T w = M::rcp_approx(T(1) + P.lam_ratio * (q_base ? e : inv_e));
   // (no lambda here: the CPU kernel's loops vectorise only when everything in them is inlined)
+  mp.x = mq.x = x;
   mp.ax = mq.ax = ax;
   mp.q_base = mq.q_base = q_base;
   mp.own = !q_base;
@@ -467,12 +470,11 @@ AMID_HD void power_finish(const LossParams<T>& P, const PowerPre<T>& m, T c, T l
 // w = 0; a + x = -inf: w = 1). Masked on both sides: the caller's select.
 template <class M, typename T>
 AMID_HD T power_w_from_c(const LossParams<T>& P, const PowerPre<T>& m, T c) {
-  const bool base_form = m.base;
-  const T t = m.q_base ? (base_form ? T(0) : -m.ax) : (base_form ? m.ax : T(0));
+  // t = q_base ? (base form ? 0 : |x|) : (base form ? -|x| : 0), i.e. -x where the form's base is not q's
+  const T t = m.q_base != m.base ? -m.x : T(0);
   const T a = t - P.k * c;
-  const T x = m.q_base ? m.ax : -m.ax;  // k dpq (q_base: x <= 0)
   const bool w_small = a < T(-0.693147180559945309) - P.log_1m_lam;  // w < 1/2
-  const T e = M::exp_approx(w_small ? a + P.log_1m_lam : (a + x) + P.log_lam);
+  const T e = M::exp_approx(a + (w_small ? P.log_1m_lam : m.x + P.log_lam));
   return w_small ? e : T(1) - e;
 }
 
