@@ -56,7 +56,7 @@ struct OnlineLSE {
   // M::exp_approx(0) in sum_chunk: on the GPU MUFU.EX2's value at 0, which need not be exactly 1 (unmeasured;
   // the C++ tests' emulation gives it its worst error, -2^-22). That term is the largest of the row's sum, and
   // its error would move A and B the same way in every row (3e-7 in the emulation, the one float gradient
-  // above issue 9's 1e-4: kl/jsd at alpha 3, lam 0.1, 1.14e-4; with this 4.9e-5). So raise adds 1 - that
+  // above issue 9's 1e-4: kl/jsd at alpha 3, lam 0.1, 1.14e-4; with this 4.6e-5). So raise adds 1 - that
   // value once, here in the cold block (0 where the exponential is exact at 0, as the host's library math).
   // A tie with the maximum (another element equal to it) keeps its error, as before.
   template <class M>

@@ -697,7 +697,7 @@ static void grad_errors(const at::Tensor& ref_row, const std::vector<double>& g,
 // exponential): loss 2.3e-6 / 1.1e-6 (both regimes meet it; 2.1e-6 / 5.2e-6 before R1 corrected its row
 // maximum's term, see below; 8.2e-6 before ab's near-Z sums were divided by
 // the exponents, 6.5e-6 before ab's o^g, rho^g and W's powers took the approximate exponential); gradient
-// 3.4e-5 / 4.9e-5: both regimes meet it (4.0e-5 / 1.4e-4 before W's weight w was formed from the smaller of w
+// 3.4e-5 / 4.6e-5: both regimes meet it (4.0e-5 / 1.4e-4 before W's weight w was formed from the smaller of w
 // and 1 - w: taken as (1 - lam) e^a alone it lost eps |x| of 1 - w where w ~ 1, kl/jsd 1.4e-4 at alpha -10,
 // lam 0.02, see test_w_from_c; then 1.14e-4 before R1 corrected its row maximum's term, kl/jsd at alpha 3,
 // lam 0.1 (the CPU op's float math 3.1e-6): there K = 6.3 beside a gradient of at most 0.043, so K's error
