@@ -968,26 +968,13 @@ AMID_HD void w_mixture_c(const LossParams<T>& P, T tf, T sf, T c, RowLse<T> A, R
   power_mixture_from_c<ref_is_p<O>(), M>(P, lp, lq, lp - lq, c, lt, w, d);
 }
 
-// W's mixture for the combined order (kJSD): lt, w and d relative to both sides (mixture_both), with w as
-// the single orders' W (power_w_from_c) for the power mean.
+// W's mixture for the combined order (kJSD): lt, w and d relative to both sides, as R2's mixture_both. Its w is
+// R2's reciprocal form: power_pre_both has both e^-|x| and e^|x| for the two sides' logarithm terms, so w costs
+// one reciprocal there, where the single orders' W (from the kept term, without e) takes power_w_from_c.
 template <bool POWER, class M, typename T>
 AMID_HD void w_mixture_both(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T& lp, T& lq, T& lt,
                             T& w, T& dp, T& dq) {
-  if constexpr (POWER) {
-    lp = log_prob<M>(tf, A);
-    lq = log_prob<M>(sf, B);
-    const T dpq = logit_gap<M>(tf, sf, lp, lq, dAB);
-    PowerPre<T> mp, mq;
-    power_pre_both<M>(P, dpq, mp, mq);
-    const T cp = power_log<true, M, true>(P, mp), cq = power_log<false, M, true>(P, mq);
-    T lt_p, dp_, lt_q, dq_, w_q;
-    power_lt_d<true>(mp, cp, lp, lq, lt_p, dp_);
-    power_lt_d<false>(mq, cq, lp, lq, lt_q, dq_);
-    select_both_masked<M>(lp, lq, lt_p, power_w_from_c<M>(P, mp, cp), dp_, lt, w, dp);
-    select_both_masked<M>(lp, lq, lt_q, T(0), dq_, lt_q, w_q, dq);
-  } else {
-    mixture_both_from_logits_split<POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
-  }
+  mixture_both_from_logits_split<POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
 }
 
 // The combined order's gradient of one element from its mixture and the row statistics (Z for the pr
