@@ -942,7 +942,7 @@ AMID_HD T grad_from_mixture(const LossParams<T>& P, T lp, T lq, T lt, T w, T d, 
 template <Order O, bool POWER, class M, typename T>
 AMID_HD void w_mixture(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T& lp, T& lq, T& lt, T& w,
                        T& d) {
-  static_assert(O != Order::kJSD, "w_mixture: single orders only (kJSD: w_mixture_both)");
+  static_assert(O != Order::kJSD, "w_mixture: single orders only (kJSD: mixture_both_from_logits_split)");
   if constexpr (POWER) {  // as from R2's kept term (w_mixture_c): the same values
     lp = log_prob<M>(tf, A);
     lq = log_prob<M>(sf, B);
@@ -968,15 +968,6 @@ AMID_HD void w_mixture_c(const LossParams<T>& P, T tf, T sf, T c, RowLse<T> A, R
   power_mixture_from_c<ref_is_p<O>(), M>(P, lp, lq, lp - lq, c, lt, w, d);
 }
 
-// W's mixture for the combined order (kJSD): lt, w and d relative to both sides, as R2's mixture_both. Its w is
-// R2's reciprocal form: power_pre_both has both e^-|x| and e^|x| for the two sides' logarithm terms, so w costs
-// one reciprocal there, where the single orders' W (from the kept term, without e) takes power_w_from_c.
-template <bool POWER, class M, typename T>
-AMID_HD void w_mixture_both(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T& lp, T& lq, T& lt,
-                            T& w, T& dp, T& dq) {
-  mixture_both_from_logits_split<POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
-}
-
 // The combined order's gradient of one element from its mixture and the row statistics (Z for the pr
 // terms, Z2 for the qr ones: jsd_terms).
 template <Divergence D, class M, typename T>
@@ -989,14 +980,16 @@ AMID_HD T grad_from_mixture_both(const LossParams<T>& P, T lp, T lq, T lt, T w, 
 }
 
 // The gradient of one element from the row statistics, divided by the caller's scale (the W pass of
-// the GPU kernels; the C++ tests run it on the host in float): W's mixture (w_mixture, w_mixture_both),
+// the GPU kernels; the C++ tests run it on the host in float): W's mixture (w_mixture; for kJSD R2's own),
 // then the element's terms.
 template <Divergence D, Order O, bool POWER, class M, typename T>
 AMID_HD T grad_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T Z, T Z2, T S_G,
                            T K) {
   if constexpr (O == Order::kJSD) {
     T lp, lq, lt, w, dp, dq;
-    w_mixture_both<POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
+    // R2's w (its reciprocal form): power_pre_both has e^-|x| and e^|x| for the two sides' logarithm terms, so w
+    // costs one reciprocal there, where the single orders' W (from the kept term, without e) takes power_w_from_c
+    mixture_both_from_logits_split<POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
     return grad_from_mixture_both<D, M>(P, lp, lq, lt, w, dp, dq, Z, Z2, S_G, K);
   } else {
     T lp, lq, lt, w, d;

@@ -672,13 +672,13 @@ struct JsdExactAcc {
   }
 };
 
-// One element into an exact-pass state from the scaled logits (W's mixture: w_mixture, w_mixture_both).
+// One element into an exact-pass state from the scaled logits (W's mixture: w_mixture; for kJSD R2's own).
 template <Divergence D, Order O, bool POWER, class M, typename T, typename Acc>
 AMID_HD void exact_from_logits(Acc& acc, const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T Z,
                                T Z2) {
   if constexpr (O == Order::kJSD) {
     T lp, lq, lt, w, dp, dq;
-    w_mixture_both<POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
+    mixture_both_from_logits_split<POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
     acc.template add<M>(P, lp, lq, lt, w, dp, dq, Z, Z2);
   } else {
     T lp, lq, lt, w, d;

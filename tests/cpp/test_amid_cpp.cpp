@@ -396,8 +396,9 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
 }
 
 // W's weight w = d lt / d lq from the element's logarithm term (amid_math.h: power_w_from_c, one exponential)
-// against the logistic function of log((1 - lam) / lam) - k (lp - lq) in long double on the same lp, lq, over alpha on both sides of 1, lam from subnormal to 1 - 1e-7, lp - lq from 1e-6 to 400 in both signs, and
-// masked sides. Its error is bounded by the smaller of w and 1 - w: |w - w_ref| <= ulp(w_ref) + min(w_ref,
+// against the logistic function of log((1 - lam) / lam) - k (lp - lq) in long double on the same lp, lq, over
+// alpha on both sides of 1, lam from subnormal to 1 - 1e-7, lp - lq from 1e-6 to 400 in both signs, and masked
+// sides. Its error is bounded by the smaller of w and 1 - w: |w - w_ref| <= ulp(w_ref) + min(w_ref,
 // 1 - w_ref) b with b = u + eps (|x| + |k c| + |log lam| + |log(1 - lam)|) (u: the exponential's and the log
 // term's own error, 2^-21 for the GPU's approximate ones; the rest: the rounding of its argument), in units of
 // which the worst case is reported (measured: 1.2 in float, 1.0 in double). Taken as (1 - lam) e^(k (lq - lt))
@@ -989,13 +990,16 @@ static void test_lse_chunks() {
   std::mt19937 rng(3);
   std::normal_distribution<float> nd(0.f, 4.f);
   const float inf = std::numeric_limits<float>::infinity();
-  auto run = [&](const std::vector<float>& x, const std::vector<float>& y) {
+  // R1 as the kernels run it (8-element chunks, then the scalar tail), with the math policy of `policy`
+  auto run_with = [](auto policy, const std::vector<float>& x, const std::vector<float>& y) {
+    using P = decltype(policy);
     amid::LseAcc<float> a;
     size_t v = 0;
-    for (; v + 8 <= x.size(); v += 8) a.add_chunk<M, 8>(x.data() + v, y.data() + v);
-    for (; v < x.size(); ++v) a.add_chunk<M, 1>(x.data() + v, y.data() + v);
+    for (; v + 8 <= x.size(); v += 8) a.add_chunk<P, 8>(x.data() + v, y.data() + v);
+    for (; v < x.size(); ++v) a.add_chunk<P, 1>(x.data() + v, y.data() + v);
     return a;
   };
+  auto run = [&](const std::vector<float>& x, const std::vector<float>& y) { return run_with(M{}, x, y); };
   for (int rep = 0; rep < 24; ++rep) {
     const float u = rep % 2 ? 1.f / 1.3f : 1.f;  // 1 / T
     std::vector<float> x(203), y(203);
@@ -1020,14 +1024,6 @@ static void test_lse_chunks() {
   struct OffAtZero : amid::LibMath {
     using amid::LibMath::exp_approx;
     static float exp_approx(float x) { return x == 0.f ? 1.f - 0x1p-20f : ::expf(x); }
-  };
-  auto run_with = [](auto policy, const std::vector<float>& x, const std::vector<float>& y) {
-    using P = decltype(policy);
-    amid::LseAcc<float> a;
-    size_t v = 0;
-    for (; v + 8 <= x.size(); v += 8) a.add_chunk<P, 8>(x.data() + v, y.data() + v);
-    for (; v < x.size(); ++v) a.add_chunk<P, 1>(x.data() + v, y.data() + v);
-    return a;
   };
   double worst_off = 0;
   for (int rep = 0; rep < 8; ++rep) {
