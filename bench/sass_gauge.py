@@ -136,6 +136,8 @@ COLD_REGIONS = [
      "mixture: lam or 1 - lam below the normal range of the math type (a parameter: a uniform branch)"),
     ("amid_math.h", [r"void power_finish\(", r"if \(TINY_LAM && !M::kBounded && P\.lam_tiny\) \{"],
      "mixture: the scaled weight for lam < 2^-60 (a parameter: a uniform branch)"),
+    ("amid_math.h", [r"void power_mixture_from_d\(", r"if \(P\.lam_tiny\) \{"],
+     "W's mixture from d: the dominant non-reference side's term under a tiny lam (a parameter: a uniform branch)"),
 ]
 
 # sm_90 (H100 / H200) resources, as cuda_occupancy.h models them.

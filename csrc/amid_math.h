@@ -89,6 +89,10 @@ struct LossParams {
   // parameter, so the kernels' branches on it are uniform and never taken for ordinary lam.
   bool lam_tiny;
   T k, inv_k;       // k = (1 - alpha) / 2, used by kPower only
+  // k log2(e), log2(lam) and log2(1 - lam) (computed in double on the host): W's weight w from the kept d as one
+  // base-2 exponential of an FMA; c_non: log(1 - lam) / k (index 0: pr / rp) and log(lam) / k (1: qr / rq), lt - l_non
+  // where the non-reference side dominates (power_mixture_from_d). kPower only.
+  T k_log2e, log2_lam, log2_1m_lam, c_non[2];
   // The float power mean's series for |x| < 1/2 (power_log): with lam' the weight of the side that is not
   // the loss's reference (1 - lam for pr / rp, index 0; lam for qr / rq, index 1),
   //   log1p(lam' expm1(y)) / k = y sum_n mix_h[i][n] y^n,
@@ -177,6 +181,18 @@ struct LibMath {
 #endif
   }
   static AMID_HD double exp_approx(double x) { return ::exp(x); }
+  // 2^y, as exp_approx but for an argument already in the base-2 domain (no product with log2(e) to round): on the
+  // GPU one MUFU.EX2 (~2^-22 relative; flushes below 2^-126). The host uses exp2f.
+  static AMID_HD float exp2_approx(float y) {
+#if defined(__CUDA_ARCH__)
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
+    return r;
+#else
+    return ::exp2f(y);
+#endif
+  }
+  static AMID_HD double exp2_approx(double y) { return ::exp2(y); }
   // 1 / x. On the GPU the approximate reciprocal (one MUFU.RCP, flushes subnormals) refined by one
   // Newton step (< 1 ulp for normal x): an IEEE division is ~10 instructions plus a slow-path check.
   // Callers guard x = 0 and x = inf with selects (the step gives NaN there). The host (and the C++ tests'
@@ -241,7 +257,9 @@ struct BoundedRow : Base {
 struct PreciseMath : LibMath {
   using LibMath::exp_approx;  // (the double overloads are the library's already)
   using LibMath::rcp_approx;
+  using LibMath::exp2_approx;
   static AMID_HD float exp_approx(float x) { return ::expf(x); }
+  static AMID_HD float exp2_approx(float y) { return ::exp2f(y); }
   static AMID_HD float rcp_approx(float x) { return 1.0f / x; }
   static AMID_HD float log_mix(float s) { return ::logf(s); }
 };
@@ -273,9 +291,9 @@ AMID_HD T log1p_series(T a) {
          a * (T(1.0 / 7) + a * T(-1.0 / 8))))))));
 }
 
-// The power mean (kPower) in three steps, so that its one logarithm can be kept between passes: the
-// GPU's R2 stores c (power_log) per element in shared memory beside the row slice and W rebuilds lt, w
-// and d from it (power_mixture_from_c) with the same operations, bit for bit, without the log.
+// The power mean (kPower) in three steps, so that no logarithm is needed after R2: the GPU's R2 stores d
+// (power_kept: c where a side is masked) per element in shared memory beside the row slice and W rebuilds lt
+// and w from it (power_mixture_from_kept), the same values as W recomputing the mixture, without the log.
 //
 // Reference the larger of p^k, q^k (the branch's "base" B; N the other side) so that, with
 // x = k dpq and e = exp(-|x|) <= 1 (spec §3.2),
@@ -298,12 +316,11 @@ AMID_HD T log1p_series(T a) {
 // |x| < 1/2 both forms are log1p(lam_N' expm1(-+|x|)) / k, one series in the signed exponent.
 template <typename T>
 struct PowerPre {
-  T x;    // k dpq
   T ax;   // -|x|
   T sx;   // E's exponent: -|x| in the base form, |x| in the non-own form
   T E;    // e^-|x| in the base form (own or big: base), e^|x| in the non-own form (<= e^80: finite)
   T em1;  // expm1 of the same argument (double only: float's power_log does not use it)
-  T w;    // R2's weight (power_finish; W forms its own, power_w_from_c, and drops this one)
+  T w;    // R2's weight (power_finish; W forms its own from d, power_mixture_from_d, and drops this one)
   bool q_base, own, big, base;
 };
 
@@ -311,7 +328,6 @@ template <bool REF_P, class M, typename T>
 AMID_HD PowerPre<T> power_pre(const LossParams<T>& P, T dpq) {
   PowerPre<T> m;
   const T x = P.k * dpq;  // NaN when both are -inf (handled by the caller's last select)
-  m.x = x;
   m.q_base = x <= T(0);
   // -|x| by fabs, not as a select on q_base: from that select and sx's, GCC derived masks it could not
   // vectorise, and the CPU kernel's mixture loop went scalar (9x slower)
@@ -346,7 +362,6 @@ AMID_HD void power_pre_both(const LossParams<T>& P, T dpq, PowerPre<T>& mp, Powe
   const T ep1 = -em1 * inv_e;
   const T w = M::rcp_approx(T(1) + P.lam_ratio * (q_base ? e : inv_e));
   // (no lambda here: the CPU kernel's loops vectorise only when everything in them is inlined)
-  mp.x = mq.x = x;
   mp.ax = mq.ax = ax;
   mp.q_base = mq.q_base = q_base;
   mp.own = !q_base;
@@ -454,30 +469,6 @@ AMID_HD void power_finish(const LossParams<T>& P, const PowerPre<T>& m, T c, T l
   }
 }
 
-// w from c by one exponential (the W pass: no e, no reciprocal). With L = log(lam_B + lam_N e) (<= 0),
-// k c = L in the base form and L + |x| in the non-own one (1 + y_up = e^|x| (lam_B + lam_N e)), and
-// w = (1-lam) q^k / r~^k = (1-lam) exp((q_base ? 0 : -|x|) - L), so
-//   w = (1-lam) exp(a),  a = k (lq - lt) = t - k c,  t = q_base ? (base form ? 0 : |x|) : (base form ? -|x| : 0).
-// a carries an absolute error of ~eps (|x| + |k c|) (c is kept in T: up to ~5e-6 at |x| = 80), which becomes
-// w's relative error: taken as it is, 1 - w was off by ~eps |x| w where w ~ 1 (r ~ q with p and q far apart),
-// which cancelled in the gradient's w (G - r S_G) (measured with the GPU math emulated: 1.4e-4 of a kl/jsd
-// gradient at alpha = -10, 9.6e-5 of a bucket row's at logit scale 12). So w is formed from the smaller of its
-// two sides: 1 - w = lam p^k / r~^k = lam exp(a + x) (x = k dpq), and
-//   w = a < log(1 / (2 (1 - lam)))  ?  exp(a + log(1 - lam))  :  1 - exp(a + x + log(lam)),
-// the exponential <= 1/2 either way, so its argument's error eps (|x| + |k c|) scales min(w, 1 - w): the
-// absolute error of R2's reciprocal form, for one exponential still. The weights' logs are row constants
-// computed in double (no overflow of e^a at 1 - lam below float's range). Saturates at masked sides (a = -inf:
-// w = 0; a + x = -inf: w = 1). Masked on both sides: the caller's select.
-template <class M, typename T>
-AMID_HD T power_w_from_c(const LossParams<T>& P, const PowerPre<T>& m, T c) {
-  // t = q_base ? (base form ? 0 : |x|) : (base form ? -|x| : 0), i.e. -x where the form's base is not q's
-  const T t = m.q_base != m.base ? -m.x : T(0);
-  const T a = t - P.k * c;
-  const bool w_small = a < T(-0.693147180559945309) - P.log_1m_lam;  // w < 1/2
-  const T e = M::exp_approx(a + (w_small ? P.log_1m_lam : m.x + P.log_lam));
-  return w_small ? e : T(1) - e;
-}
-
 // Where both sides are masked (-inf): lt = -inf, w = d = 0. (No masks in a bounded row: M::kBounded.)
 template <class M, typename T>
 AMID_HD void select_both_masked(T lp, T lq, T lt_, T w_, T d_, T& lt, T& w, T& d) {
@@ -527,15 +518,82 @@ AMID_HD void mixture(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& 
   mixture<MODE, REF_P, M, TINY_LAM>(P, lp, lq, dpq, lt, w, d, c);
 }
 
-// The power mean from its logarithm term c, computed earlier for the same element by mixture or
-// power_log (the GPU's W pass, from R2's c in shared memory): the same lt and d as mixture, and w by
-// power_w_from_c.
+// The term R2 keeps per element for W (the resident power-mean kernels of a single order): d = lt - l_ref where
+// both sides are finite (every element of a bounded row), else c (power_log). From d, W needs neither the
+// mixture's form nor its selects (power_mixture_from_d); a masked side's lt and w take c's forms (d is +-inf
+// there).
+template <class M, typename T>
+AMID_HD T power_kept(T lp, T lq, T c, T d) {
+  if constexpr (M::kBounded) {
+    return d;
+  } else {
+    return (lp != neg_inf<T>()) & (lq != neg_inf<T>()) ? d : c;
+  }
+}
+
+// lt and w from d = lt - l_ref (both sides finite; the W pass: no mixture form, no logarithm, one exponential).
+// lt = l_ref + d, except where the non-reference side dominates the mixture (from_non: |x| > 80 on its side, as
+// power_lt_d): there d = (l_non - l_ref) + c is large and carries an error of ~eps |d|, which l_ref + d would put
+// into lt (tried in R2 too: the CPU op's float loss at logits of scale 1e4 moved by 6e-4, test_huge_logits), so
+// lt = l_non + c_non, c_non = log(that side's weight) / k
+// (LossParams::c_non: c_B is that constant to float's precision there, lam_N e^-80 below the rounding of the base's
+// weight). x is W's own (from lp - lq); where it differs from R2's at |x| = 80 the two forms agree to rounding.
+// w = d lt / d lq = (1 - lam) q^k / r~^k, and 1 - w = lam p^k / r~^k:
+//   log2 w = log2(1 - lam) - k log2(e) (lt - lq),   log2(1 - w) = log2(lam) - k log2(e) (lt - lp),
+// with lt - l_ref = d and lt - l_other = d -+ dpq, each one FMA of row constants (computed in double on the host:
+// no overflow at 1 - lam below float's range) and one base-2 exponential. w is formed from the smaller of its two
+// sides, so that the exponential is <= 1/2 and its argument's error, ~eps (|k (lt - l_side)| + |log2 weight|),
+// scales min(w, 1 - w): taken as (1 - lam) e^(k (lq - lt)) alone, 1 - w was off by ~eps |x| w where w ~ 1 (r ~ q,
+// p and q far apart), which cancelled in the gradient's w (G - r S_G) (measured with the GPU math emulated: 1.4e-4
+// of a kl/jsd gradient at alpha = -10, 9.6e-5 of a bucket row's at logit scale 12; test_w_from_kept).
+// (From c, the logarithm term, W took 10 instructions more per element, kl/pr in bf16: the mixture's forms and their
+// selects.)
 template <bool REF_P, class M, typename T>
-AMID_HD void power_mixture_from_c(const LossParams<T>& P, T lp, T lq, T dpq, T c, T& lt, T& w, T& d) {
-  T lt_, d_;
-  const PowerPre<T> m = power_pre<REF_P, M>(P, dpq);
-  power_lt_d<REF_P>(m, c, lp, lq, lt_, d_);
-  select_both_masked<M>(lp, lq, lt_, power_w_from_c<M>(P, m, c), d_, lt, w, d);
+AMID_HD void power_mixture_from_d(const LossParams<T>& P, T lp, T lq, T dpq, T d, T& lt, T& w) {
+  const T lt_lq = REF_P ? dpq + d : d;  // lt - lq
+  const T lt_lp = REF_P ? d : d - dpq;  // lt - lp
+  const T y_w = P.log2_1m_lam - P.k_log2e * lt_lq;  // log2 w
+  const bool w_small = y_w < T(-1);
+  const T e = M::exp2_approx(w_small ? y_w : P.log2_lam - P.k_log2e * lt_lp);
+  w = w_small ? e : T(1) - e;
+  const T x = P.k * dpq;
+  const bool from_non = REF_P ? x < T(-80) : x > T(80);
+  T c_non = P.c_non[REF_P ? 0 : 1];
+  if constexpr (!M::kBounded) {
+    // Under a tiny lam (a uniform branch; BoundedRow never runs one: the launcher's bounded_ok) the base's weight
+    // can be below lam_N e^-|x|: c_B = log(lam_B + lam_N e^-|x|) / k as power_log's log-sum-exp of the logs.
+    if (P.lam_tiny) {
+      const T log_w_non = REF_P ? P.log_1m_lam : P.log_lam, log_w_ref = REF_P ? P.log_lam : P.log_1m_lam;
+      const T b = log_w_ref - std::fabs(x), u = b - log_w_non;
+      c_non = ((u > T(0) ? b : log_w_non) + M::log1p(M::exp(u > T(0) ? -u : u))) * P.inv_k;
+    }
+  }
+  lt = from_non ? (REF_P ? lq : lp) + c_non : (REF_P ? lp : lq) + d;
+}
+
+// The mixture from R2's kept term (power_kept): lt, w and d, the same values wherever W takes them (the resident
+// kernels' W from shared memory, and every W and exact pass that recomputes the mixture: w_mixture). With one
+// side masked the kept term is c and the mixture saturates (spec: -inf logits): for alpha < 1 (k > 0) the
+// assistant follows the other side, lt = l_other + log(its weight) / k = l_other + c, and w = 1 where p is masked,
+// 0 where q is; for alpha > 1 (k < 0) it is masked too, lt = -inf, and w = 0 where p is masked, 1 where q is
+// (w = (1 - lam) q^k / r~^k). d = lt - l_ref: +-inf, or c where the reference side is the one kept (as power_lt_d).
+// Both sides masked: lt = -inf, w = d = 0 (select_both_masked).
+template <bool REF_P, class M, typename T>
+AMID_HD void power_mixture_from_kept(const LossParams<T>& P, T lp, T lq, T dpq, T kept, T& lt, T& w, T& d) {
+  T lt_, w_;
+  power_mixture_from_d<REF_P, M>(P, lp, lq, dpq, kept, lt_, w_);
+  if constexpr (M::kBounded) {
+    lt = lt_, w = w_, d = kept;
+  } else {
+    const bool p_masked = lp == neg_inf<T>(), q_masked = lq == neg_inf<T>();
+    const bool ref_masked = REF_P ? p_masked : q_masked, non_masked = REF_P ? q_masked : p_masked;
+    const bool k_pos = P.k > T(0);
+    const T d_m = ref_masked & k_pos ? std::numeric_limits<T>::infinity() : (non_masked & !k_pos ? neg_inf<T>() : kept);
+    const T lt_m = ref_masked & k_pos ? (REF_P ? lq : lp) + kept : (REF_P ? lp : lq) + d_m;
+    const T w_m = q_masked == !k_pos ? T(1) : T(0);
+    const bool one_masked = p_masked | q_masked;
+    select_both_masked<M>(lp, lq, one_masked ? lt_m : lt_, one_masked ? w_m : w_, one_masked ? d_m : kept, lt, w, d);
+  }
 }
 
 // Runtime-mode form (for code that does not specialise on the mode).
@@ -936,9 +994,9 @@ AMID_HD T grad_from_mixture(const LossParams<T>& P, T lp, T lq, T lt, T w, T d, 
   return element_grad(P.detach, w, q, r, o, S_G, K);
 }
 
-// W's mixture of one element from its logits (single orders): POWER as in mixture_from_logits_split, with w by
-// one exponential (power_w_from_c: no reciprocal, no tiny-lam scaling) where R2 took the reciprocal. The W
-// pass and the online kernels' exact pass (amid_online.h: ExactAcc) both take it.
+// W's mixture of one element from its logits (single orders): POWER as in mixture_from_logits_split, with lt and w
+// from R2's kept term (power_mixture_from_kept: one exponential, no reciprocal, no tiny-lam scaling) where R2 took
+// the reciprocal. The W pass and the online kernels' exact pass (amid_online.h: ExactAcc) both take it.
 template <Order O, bool POWER, class M, typename T>
 AMID_HD void w_mixture(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T& lp, T& lq, T& lt, T& w,
                        T& d) {
@@ -946,26 +1004,30 @@ AMID_HD void w_mixture(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T
   if constexpr (POWER) {  // as from R2's kept term (w_mixture_c): the same values
     lp = log_prob<M>(tf, A);
     lq = log_prob<M>(sf, B);
-    const T dpq = logit_gap<M>(tf, sf, lp, lq, dAB);
-    const T c = power_log<ref_is_p<O>(), M, true>(P, power_pre<ref_is_p<O>(), M>(P, dpq));
-    power_mixture_from_c<ref_is_p<O>(), M>(P, lp, lq, lp - lq, c, lt, w, d);  // (see w_mixture_c)
+    // R2's kept term (add_from_logits_c: power_kept of mixture's c and d, d before the both-masked select, which
+    // power_kept does not read there), then the mixture from it as the resident W takes it (see w_mixture_c)
+    const PowerPre<T> m = power_pre<ref_is_p<O>(), M>(P, logit_gap<M>(tf, sf, lp, lq, dAB));
+    const T c = power_log<ref_is_p<O>(), M, true>(P, m);
+    T lt_, d_;
+    power_lt_d<ref_is_p<O>()>(m, c, lp, lq, lt_, d_);
+    power_mixture_from_kept<ref_is_p<O>(), M>(P, lp, lq, lp - lq, power_kept<M>(lp, lq, c, d_), lt, w, d);
   } else {
     mixture_from_logits_split<POWER, ref_is_p<O>(), M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, d);
   }
 }
 
-// The same for the power mean of a single order, from the element's logarithm term c kept from R2
-// (power_log; the GPU's resident W pass): no logarithm, the same values as w_mixture bit for bit.
+// The same for the power mean of a single order, from the element's term kept from R2 (power_kept: d, or c
+// where a side is masked; the GPU's resident W pass): no logarithm, the same values as w_mixture bit for bit.
 template <Order O, class M, typename T>
-AMID_HD void w_mixture_c(const LossParams<T>& P, T tf, T sf, T c, RowLse<T> A, RowLse<T> B, T& lp, T& lq, T& lt, T& w,
-                         T& d) {
+AMID_HD void w_mixture_c(const LossParams<T>& P, T tf, T sf, T kept, RowLse<T> A, RowLse<T> B, T& lp, T& lq, T& lt,
+                         T& w, T& d) {
   static_assert(O != Order::kJSD, "w_mixture_c: single orders only (kJSD has two logarithm terms)");
   lp = log_prob<M>(tf, A);
   lq = log_prob<M>(sf, B);
-  // lp - lq itself, not logit_gap's accurate form: from c, the logit gap only selects the branch (whose
-  // forms agree at its edges, |x| = 0 and 80) and enters w through e^(|x| - |x|_R2), a relative error of
-  // k eps max(|lp|, |lq|); lt and d come from c, lp, lq.
-  power_mixture_from_c<ref_is_p<O>(), M>(P, lp, lq, lp - lq, c, lt, w, d);
+  // lp - lq itself, not logit_gap's accurate form: from the kept term, the logit gap enters w through
+  // k (lt - lq) or k (lt - lp) where that side is the smaller (a relative error of ~k eps max(|lp|, |lq|) of it),
+  // and (masked sides, c) selects c's form, whose forms agree at its edges (|x| = 0 and 80).
+  power_mixture_from_kept<ref_is_p<O>(), M>(P, lp, lq, lp - lq, kept, lt, w, d);
 }
 
 // The combined order's gradient of one element from its mixture and the row statistics (Z for the pr
@@ -988,7 +1050,7 @@ AMID_HD T grad_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowL
   if constexpr (O == Order::kJSD) {
     T lp, lq, lt, w, dp, dq;
     // R2's w (its reciprocal form): power_pre_both has e^-|x| and e^|x| for the two sides' logarithm terms, so w
-    // costs one reciprocal there, where the single orders' W (from the kept term, without e) takes power_w_from_c
+    // costs one reciprocal there, where the single orders' W (from the kept term, without e) takes one exponential
     mixture_both_from_logits_split<POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
     return grad_from_mixture_both<D, M>(P, lp, lq, lt, w, dp, dq, Z, Z2, S_G, K);
   } else {
@@ -998,12 +1060,12 @@ AMID_HD T grad_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowL
   }
 }
 
-// The same for the power mean of a single order, from the element's logarithm term c kept from R2
-// (power_log; the GPU's resident W pass): no logarithm, the same value as grad_from_logits bit for bit.
+// The same for the power mean of a single order, from the element's term kept from R2 (power_kept; the GPU's
+// resident W pass): no logarithm, the same value as grad_from_logits bit for bit.
 template <Divergence D, Order O, class M, typename T>
-AMID_HD T grad_from_logits_c(const LossParams<T>& P, T tf, T sf, T c, RowLse<T> A, RowLse<T> B, T Z, T S_G, T K) {
+AMID_HD T grad_from_logits_c(const LossParams<T>& P, T tf, T sf, T kept, RowLse<T> A, RowLse<T> B, T Z, T S_G, T K) {
   T lp, lq, lt, w, d;
-  w_mixture_c<O, M>(P, tf, sf, c, A, B, lp, lq, lt, w, d);
+  w_mixture_c<O, M>(P, tf, sf, kept, A, B, lp, lq, lt, w, d);
   return grad_from_mixture<D, O, M>(P, lp, lq, lt, w, d, Z, S_G, K);
 }
 

@@ -705,8 +705,8 @@ AMID_HD void add_from_logits(Acc& acc, const LossParams<T>& P, T tf, T sf, RowLs
   }
 }
 
-// The same for the power mean of a single order, returning the element's logarithm term c
-// (amid_math.h: power_log) for a later grad_from_logits_c (the GPU's resident R2 keeps it).
+// The same for the power mean of a single order, returning the element's term for W (amid_math.h: power_kept,
+// d or c) for a later grad_from_logits_c (the GPU's resident R2 keeps it).
 template <Order O, class M, typename T, typename Acc>
 AMID_HD T add_from_logits_c(Acc& acc, const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB) {
   static_assert(O != Order::kJSD, "add_from_logits_c: single orders only (kJSD has two logarithm terms)");
@@ -715,7 +715,7 @@ AMID_HD T add_from_logits_c(Acc& acc, const LossParams<T>& P, T tf, T sf, RowLse
   mixture<MixMode::kPower, ref_is_p<O>(), M>(P, lp, lq, logit_gap<M>(tf, sf, lp, lq, dAB), lt, w, d, c);
   acc.template rebase<M>(P, lt);
   acc.template add<M>(P, lp, lq, lt, w, d);
-  return c;
+  return power_kept<M>(lp, lq, c, d);
 }
 
 // The R2 state of loss (D, O).

@@ -239,6 +239,11 @@ LossParams<T> make_params(const char* op, double alpha, double lam, const std::s
   const double k = 0.5 * (1.0 - alpha);
   P.k = T(k);
   P.inv_k = k != 0.0 ? T(1.0 / k) : T(0);
+  P.k_log2e = T(k * 1.4426950408889634);
+  P.log2_lam = T(std::log(lam) * 1.4426950408889634);
+  P.log2_1m_lam = T(std::log1p(-lam) * 1.4426950408889634);
+  P.c_non[0] = k != 0.0 ? T(std::log1p(-lam) / k) : T(0);
+  P.c_non[1] = k != 0.0 ? T(std::log(lam) / k) : T(0);
   // The power mean's series (LossParams::mix_h): E(y) = 1 + lam' (e^y - 1) = sum e_n y^n, log E = lam' sum
   // h_n y^n from (log E)' E = E', n h_n = n / n! - sum_{0<j<n} j h_j lam' / (n-j)! (lam' factored out, so
   // that no cancellation depends on its size; then scaled by lam' / k). Its singularity is at |y| >= pi, so

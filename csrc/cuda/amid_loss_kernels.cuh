@@ -48,7 +48,7 @@ struct RowArgs {
   loss_t* stats;      // [N, kNumStats]
   int64_t N, V, ldt, lds;
   int cluster;        // CTAs per cluster of the launch (1: none); the forward kernel traps on a mismatch
-  bool stash;         // resident power-mean kernels: R2 keeps each element's logarithm term for W (kStash)
+  bool stash;         // resident power-mean kernels: R2 keeps each element's term for W (d or c: power_kept; kStash)
   bool bounded_ok;    // forward: rows that R1 finds bounded take the BoundedRow policy (AMID_CUDA_BOUNDED=0: none)
 };
 
@@ -76,9 +76,9 @@ __device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const
   });
 }
 
-// The same from the logarithm terms R2 kept in shared memory (cst, at the slice's misalignment): the
-// resident power-mean kernels of a single order, whose W then has no logarithm (amid_math.h:
-// grad_from_logits_c; the same values as write_grad_row bit for bit).
+// The same from the terms R2 kept in shared memory (cst, at the slice's misalignment; amid_math.h: power_kept,
+// d or c): the resident power-mean kernels of a single order, whose W then has no logarithm and no mixture form
+// (amid_math.h: grad_from_logits_c; the same values as write_grad_row bit for bit).
 template <Divergence D, Order O, class MM = M, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void write_grad_row_c(const LossParams<acc_t>& P, const scalar_t* t, const scalar_t* s,
                                                  const acc_t* cst, scalar_t* g, int64_t len, bool vec_ok,
@@ -102,7 +102,7 @@ __device__ __forceinline__ void write_grad_row_c(const LossParams<acc_t>& P, con
 
 // Shared-memory bytes of a resident CTA's row slice for a cluster of C: the teacher and student slices
 // (each padded by one vector for the global row's misalignment), and with `stash` one acc_t per element
-// (R2's logarithm terms; 32-byte aligned after the logits, at the same misalignment).
+// (R2's kept terms; 32-byte aligned after the logits, at the same misalignment).
 template <typename scalar_t>
 __host__ __device__ inline int64_t resident_slice_cap(int64_t V, int64_t C) {
   constexpr int kW = VecWidth<scalar_t>::value;
@@ -150,8 +150,8 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
   using Lse = LseAcc<acc_t>;
   using Acc = typename RowAccOf<D, O, acc_t>::type;  // JsdRowAcc for the combined order
   constexpr int kW = VecWidth<scalar_t>::value;
-  // R2 keeps each element's logarithm term for W (RowArgs::stash): the power mean of a single order
-  // (kJSD has two terms per element, and the cheap modes none). Same thread, same chunk in both passes.
+  // R2 keeps each element's term for W (RowArgs::stash; d, or c with a masked side): the power mean of a single
+  // order (kJSD has two terms per element, and the cheap modes none). Same thread, same chunk in both passes.
   constexpr bool kStash = RESIDENT && POWER && O != Order::kJSD;
 
   // Reduction scratch as raw storage (the accumulators have member initialisers, which shared
@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
 
     // R1: log-sum-exps of the scaled rows, and the validity flag.
     Lse lse;
-    acc_t* cst = nullptr;  // the kept logarithm terms (kStash), at the slice's misalignment
+    acc_t* cst = nullptr;  // the kept terms (kStash), at the slice's misalignment
     if constexpr (RESIDENT) {
       // Stage the slice in shared memory at the same 16-byte misalignment as the global row, so
       // the visitor's vector chunks line up with the gradient row's. R1 runs on the registers the

@@ -303,6 +303,14 @@ struct GpuEmuMath : amid::LibMath {
     const double bound = std::ldexp(1.0, -22) + std::abs(double(x)) * std::ldexp(1.0, -24);
     return float(double(::expf(x)) * (1.0 + perturb(x) * bound));
   }
+  // ex2.approx.ftz of an argument already in base 2: exp_approx's bound at x = y ln 2 (no product to round, but
+  // the same allowance as exp_approx for the instruction's error at large arguments).
+  using amid::LibMath::exp2_approx;
+  static float exp2_approx(float y) {
+    if (!(y > -INFINITY)) return ::exp2f(y);
+    const double bound = std::ldexp(1.0, -22) + std::abs(double(y)) * 0.6931471805599453 * std::ldexp(1.0, -24);
+    return float(double(::exp2f(y)) * (1.0 + perturb(y) * bound));
+  }
 };
 
 // The forward CUDA kernel's float math for one row, in its reduction order (gpu_order_reduce): R1,
@@ -395,17 +403,18 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
   }
 }
 
-// W's weight w = d lt / d lq from the element's logarithm term (amid_math.h: power_w_from_c, one exponential)
-// against the logistic function of log((1 - lam) / lam) - k (lp - lq) in long double on the same lp, lq, over
-// alpha on both sides of 1, lam from subnormal to 1 - 1e-7, lp - lq from 1e-6 to 400 in both signs, and masked
-// sides. Its error is bounded by the smaller of w and 1 - w: |w - w_ref| <= ulp(w_ref) + min(w_ref,
-// 1 - w_ref) b with b = u + eps (|x| + |k c| + |log lam| + |log(1 - lam)|) (u: the exponential's and the log
-// term's own error, 2^-21 for the GPU's approximate ones; the rest: the rounding of its argument), in units of
-// which the worst case is reported (measured: 1.2 in float, 1.0 in double). Taken as (1 - lam) e^(k (lq - lt))
-// alone, 1 - w was off by eps |x| w where w ~ 1 (1.4e-4 of a kl/jsd gradient at alpha = -10 in the GPU math's
-// emulation, test_online_float), and 59641 of these 511744 checks failed.
+// W's weight w = d lt / d lq from the element's kept term (amid_math.h: power_mixture_from_kept; d, or c with a
+// masked side; one exponential) against the logistic function of log((1 - lam) / lam) - k (lp - lq) in long double
+// on the same lp, lq, over alpha on both sides of 1, lam from subnormal to 1 - 1e-7, lp - lq from 1e-6 to 400 in
+// both signs, and masked sides. Its error is bounded by the smaller of w and 1 - w: |w - w_ref| <= ulp(w_ref) +
+// min(w_ref, 1 - w_ref) b with b = u + eps (|x| + |k d| + |log lam| + |log(1 - lam)|) (u: the exponential's own
+// error, 2^-21 for the GPU's approximate one; the rest: the rounding of its argument), in units of which the worst
+// case is reported (measured: 1.2 in float, 1.0 in double). Taken as (1 - lam) e^(k (lq - lt)) alone, 1 - w was off
+// by eps |x| w where w ~ 1 (1.4e-4 of a kl/jsd gradient at alpha = -10 in the GPU math's emulation,
+// test_online_float), and 59641 of these 511744 checks failed. W's d must be R2's (mixture's) bit for bit, and
+// its lt too, or (the other side dominating) within c's own error.
 template <typename T, class M>
-static void test_w_from_c_one(const char* tname) {
+static void test_w_from_kept_one(const char* tname) {
   const double eps = std::numeric_limits<T>::epsilon(), u = std::is_same<T, float>::value ? 0x1p-21 : 8 * eps;
   const T lam_tiny = std::is_same<T, float>::value ? T(1e-40) : T(1e-310);
   std::mt19937 rng(29);
@@ -429,7 +438,20 @@ static void test_w_from_c_one(const char* tname) {
           constexpr bool R = decltype(ref_p)::value;
           const amid::PowerPre<T> m = amid::power_pre<R, M>(P, dpq);
           const T c = amid::power_log<R, M, true>(P, m);
-          const double w = double(amid::power_w_from_c<M>(P, m, c));
+          T lt2, d2, lt, w_t, d;
+          amid::power_lt_d<R>(m, c, lpm, lq, lt2, d2);
+          amid::power_mixture_from_kept<R, M>(P, lpm, lq, dpq, amid::power_kept<M>(lpm, lq, c, d2), lt, w_t, d);
+          // lt: R2's where the reference side's form holds; where the other side dominates (|x| > 80), l_non plus the
+          // row constant that c is there (to c's own error: the logarithm's 2^-22 over k)
+          const bool lt_ok = std::memcmp(&lt, &lt2, sizeof(T)) == 0 ||
+                             std::abs(double(lt) - double(lt2)) <=
+                                 4 * eps * (std::abs(double(lt2)) + std::abs(double(c))) + 0x1p-21 / std::abs(Pd.k);
+          if (!lt_ok || std::memcmp(&d, &d2, sizeof(T)) != 0) {
+            ++failures;
+            std::fprintf(stderr, "FAILED w from kept (%s) alpha=%g lam=%g lp=%g lq=%g: W's lt, d %.9g %.9g, R2's %.9g %.9g\n",
+                         tname, alpha, lam, double(lpm), double(lq), double(lt), double(d), double(lt2), double(d2));
+          }
+          const double w = double(w_t);
           // w = 1 / (1 + lam / (1 - lam) e^x), x = k dpq: the logistic function of log((1 - lam) / lam) - x
           const long double z = (long double)Pd.k * (long double)dpq - (long double)Pd.log_odds;
           const double w_ref = double(z > 0 ? std::exp(-z) / (1 + std::exp(-z)) : 1 / (1 + std::exp(z)));
@@ -438,13 +460,13 @@ static void test_w_from_c_one(const char* tname) {
             ++masked;
             if (!(w == w_ref)) {
               ++failures;
-              std::fprintf(stderr, "FAILED w from c (%s, masked) alpha=%g lam=%g lp=%g lq=%g: %.9g vs %.9g\n", tname,
+              std::fprintf(stderr, "FAILED w from kept (%s, masked) alpha=%g lam=%g lp=%g lq=%g: %.9g vs %.9g\n", tname,
                            alpha, lam, double(lpm), double(lq), w, w_ref);
             }
             return;
           }
           const double x = Pd.k * double(dpq);
-          const double b = u + eps * (std::abs(x) + std::abs(Pd.k * double(c)) + std::abs(Pd.log_lam) +
+          const double b = u + eps * (std::abs(x) + std::abs(Pd.k * double(d)) + std::abs(Pd.log_lam) +
                                       std::abs(Pd.log_1m_lam));
           // beyond w's own rounding, and its flush to 0 below T's normal range (the GPU's approximate exponential)
           const double excess = std::max(0.0, std::abs(w - w_ref) - eps * w_ref - double(std::numeric_limits<T>::min()));
@@ -452,7 +474,7 @@ static void test_w_from_c_one(const char* tname) {
           if (units > worst) worst = units;
           if (!(units <= 4)) {
             ++failures;
-            std::fprintf(stderr, "FAILED w from c (%s) alpha=%g lam=%g dpq=%g: %.17g vs %.17g (%.3g units)\n", tname,
+            std::fprintf(stderr, "FAILED w from kept (%s) alpha=%g lam=%g dpq=%g: %.17g vs %.17g (%.3g units)\n", tname,
                          alpha, lam, double(dpq), w, w_ref, units);
           }
         };
@@ -466,9 +488,9 @@ static void test_w_from_c_one(const char* tname) {
               worst, checked);
 }
 
-static void test_w_from_c() {
-  test_w_from_c_one<float, GpuEmuMath>("float, GPU math");
-  test_w_from_c_one<double, amid::LibMath>("double");
+static void test_w_from_kept() {
+  test_w_from_kept_one<float, GpuEmuMath>("float, GPU math");
+  test_w_from_kept_one<double, amid::LibMath>("double");
 }
 
 // W from R2's kept logarithm terms (grad_from_logits_c, the resident power-mean kernels' W) against W
@@ -532,7 +554,7 @@ static void test_kept_terms_one(const char* tname) {
     }
   }
   EXPECT(checked == 2 * 4 * 5 * 6 * 257);  // every case is a power mean with a defined assistant
-  std::printf("kept logarithm terms (%s): W from them equals W recomputing the mixture on %d elements\n", tname,
+  std::printf("kept terms (%s): W from them equals W recomputing the mixture on %d elements\n", tname,
               checked);
 }
 
@@ -700,7 +722,7 @@ static void grad_errors(const at::Tensor& ref_row, const std::vector<double>& g,
 // the exponents, 6.5e-6 before ab's o^g, rho^g and W's powers took the approximate exponential); gradient
 // 3.4e-5 / 4.6e-5: both regimes meet it (4.0e-5 / 1.4e-4 before W's weight w was formed from the smaller of w
 // and 1 - w: taken as (1 - lam) e^a alone it lost eps |x| of 1 - w where w ~ 1, kl/jsd 1.4e-4 at alpha -10,
-// lam 0.02, see test_w_from_c; then 1.14e-4 before R1 corrected its row maximum's term, kl/jsd at alpha 3,
+// lam 0.02, see test_w_from_kept; then 1.14e-4 before R1 corrected its row maximum's term, kl/jsd at alpha 3,
 // lam 0.1 (the CPU op's float math 3.1e-6): there K = 6.3 beside a gradient of at most 0.043, so K's error
 // cancels 130-fold, and it came from A and B, which the emulated exponential's error at 0 (-2^-22 in every
 // row: the hash of 0) put off by 3e-7, see OnlineLSE::raise; 3.9e-5 / 2.0e-4 before R2 centred w,
@@ -1061,7 +1083,7 @@ int main(int argc, char** argv) {
   test_float_series();
   test_lse_chunks();
   test_online_reductions();
-  test_w_from_c();
+  test_w_from_kept();
   test_kept_terms();
   test_bounded_rows();
   test_online_float({"student within 1% of teacher", 11, 5003, 0.01, 1e-5, 1e-4});
@@ -1076,7 +1098,7 @@ int main(int argc, char** argv) {
   // of the gradient's largest element (9 bins) at scale 3: a short row does not average the approximate
   // exponential's error out. With either change alone the scale-3 regimes still fail: the library math with R3 by
   // the condition 4.9e-6 / 1.8e-4 (loss / gradient), the approximate math with R3 always 3.7e-6 / 2.8e-4; both,
-  // 9.8e-7 / 7.8e-5; 9.8e-7 / 4.6e-5 since W's weight w is formed from the smaller of w and 1 - w (test_w_from_c;
+  // 9.8e-7 / 7.8e-5; 9.8e-7 / 4.6e-5 since W's weight w is formed from the smaller of w and 1 - w (test_w_from_kept;
   // at scale 12 the 65 bins' gradient went 9.6e-5 -> 6.7e-6). The CPU op's float math gives 2.7e-5 / 1.2e-5
   // (gradient) and 2.1e-6 (loss) at most.
   test_online_float({"bins of a bucket row (k + 1 = 9)", 19, 9, 0.0, 1e-5, 1e-4, 0, 3.0, true});
