@@ -32,7 +32,7 @@ Method (what is counted, and how)
 3. **Elements per iteration** = (number of 128-bit logit loads in the loop / 2) x (16 / sizeof(dtype)):
    every chunk reads one 16-byte vector of the teacher row and one of the student row, so a loop
    that the compiler unrolled u times holds 2u such loads. Logit loads are those whose inline chain
-   holds visit_row's load line (cuda/utils.cuh); the 128-bit loads of the kept logarithm terms
+   holds visit_row's load line (cuda/utils.cuh); the 128-bit loads of the kept terms
    (W from R2's terms) are not, wherever the compiler attributes them.
 4. **Cold regions** are excluded: (a) blocks outside the loop's address range (out-of-line slow
    paths the compiler moved away); (b) blocks that CALL a subroutine (the slow paths of IEEE
@@ -61,7 +61,7 @@ Occupancy follows cuda_occupancy.h for sm_90 (65536 registers per SM in 4 sub-pa
 allocation per warp, 64 warps and 32 CTAs per SM, 228 KiB of shared memory per SM with 1 KiB reserved
 per CTA, 128-byte granules). The dynamic shared memory of a resident kernel is the launcher's choice
 for V = 151936 (the smallest cluster whose row slice fits the budget; constants read from the source).
-The resident power-mean kernels of a single order keep R2's logarithm term per element in shared memory
+The resident power-mean kernels of a single order keep R2's term d (or c) per element in shared memory
 for W (one fp32 per element beside the slice) where a cluster of at most kMaxCluster fits it; their W
 loop is then the one tagged `gauge:Ws` (reported as W), and the loads of those terms do not count as
 logit loads in step 3.
@@ -106,7 +106,7 @@ DTYPES = {
 DIVERGENCES = {0: "kl", 1: "ab"}
 ORDERS = {0: "pr", 1: "qr", 2: "rp", 3: "rq", 4: "jsd"}
 PASSES = ("stage", "R1", "R2", "W")
-# "Ws": the resident power-mean kernels' W pass from R2's kept logarithm terms (RowArgs::stash), reported
+# "Ws": the resident power-mean kernels' W pass from R2's kept terms (RowArgs::stash), reported
 # as W where the launcher keeps them at V_GAUGE. "stash": the load of those terms (not a logit load).
 # The forward kernel runs R2 and W in two forms, chosen per row after R1: rows whose logits are all finite
 # and below 2^100 in magnitude (bounded: nearly every row) take the tags above; the others ("m": -inf
@@ -475,7 +475,7 @@ def _is_vec_load(x: Ins) -> bool:
 
 def _logit_loads(ins: Sequence[Ins]) -> int:
     """The 128-bit loads of the logits among ins: those whose inline chain holds visit_row's load line
-    (not the kept logarithm terms, which the compiler may attribute to the line that uses them); all
+    (not the kept terms, which the compiler may attribute to the line that uses them); all
     128-bit loads when none carries that line (older sources, hand-written tests), minus any from a
     `// gauge:stash` line."""
     vec = [x for x in ins if _is_vec_load(x)]

@@ -461,7 +461,7 @@ void launch_fwd_mode(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a,
   // also keeps it within kResidentBudget. Otherwise: streaming (also when AMID_CUDA_PATH=resident).
   const int64_t budget = path == "resident" ? int64_t(info.max_dynamic_smem)
                                             : std::min<int64_t>(kResidentBudget, info.max_dynamic_smem);
-  // Candidates in order of preference: with the kept logarithm terms (power mean, single order) the
+  // Candidates in order of preference: with the kept terms (power mean, single order) the
   // smallest cluster whose slice fits, then without them (the W pass recomputes the mixture) the smallest
   // cluster; a cluster shape the device cannot schedule moves on to the next candidate, the last
   // fallback is streaming. AMID_CUDA_STASH=0 turns the kept terms off (tests cover both W passes).

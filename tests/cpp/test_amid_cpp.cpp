@@ -343,7 +343,7 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
   const amid::RowLse<T> A{r1.t.m, M::log(r1.t.s)}, B{r1.s.m, M::log(r1.s.s)};
   const T dAB = amid::row_lse_gap(A, B);
   using Acc = typename amid::RowAccOf<D, O, T>::type;
-  // The resident power-mean kernels of a single order keep each element's logarithm term from R2 for W
+  // The resident power-mean kernels of a single order keep each element's term from R2 for W (power_kept: d, or c)
   // (amid_loss_kernels.cuh: kStash); W from them must equal W recomputing the mixture, bit for bit.
   constexpr bool kStash = O != amid::Order::kJSD;
   const bool stash = kStash && P.mode == amid::MixMode::kPower;
@@ -493,7 +493,7 @@ static void test_w_from_kept() {
   test_w_from_kept_one<double, amid::LibMath>("double");
 }
 
-// W from R2's kept logarithm terms (grad_from_logits_c, the resident power-mean kernels' W) against W
+// W from R2's kept terms (grad_from_logits_c, the resident power-mean kernels' W) against W
 // recomputing the mixture (grad_from_logits), bit for bit, on the edges of the mixture: masked (-inf)
 // teacher / student / both, logits far apart (|x| > 80: the from-non form), huge logits, nearly equal
 // rows, lam near 0 and 1 and subnormal (the tiny-lam log-sum-exp form), alpha on both sides of 1 and
@@ -565,7 +565,7 @@ static void test_kept_terms() {
 
 // Rows whose logits are all finite with |x / T| < 2^100 run R2 and W under the BoundedRow policy on the GPU
 // (amid_loss_kernels.cuh), without the guards for -inf masks and overflow; there it must give the general
-// policy's values bit for bit: the row statistics, R2's kept logarithm terms and every gradient element.
+// policy's values bit for bit: the row statistics, R2's kept terms and every gradient element.
 // Every loss and order (jsd too), power-mean and cheap mixtures, lam from subnormal to 1 - 1e-7, logits from
 // nearly equal to far apart (|x| > 80), huge (1e20, 1e29) and offset (a teacher 700 above its student)
 // (a power mean under a subnormal lam is skipped: the kernel runs such rows with the general policy).
