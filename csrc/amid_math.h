@@ -406,12 +406,16 @@ AMID_HD T power_log(const LossParams<T>& P, const PowerPre<T>& m) {
     // |x| >= 1/2: k c = log1p(a), a = s_B - 1 = lam_E (E - 1) (lam_E the weight of E; |E - 1| >= 0.39:
     // no cancellation), by its series while |a| < 1/8 (a small weight lam_E: the assistant stays near its
     // reference, and c needs its relative accuracy), else the log of the sum, M::log_mix (one MUFU.LG2
-    // on the GPU, absolute error ~2^-22: at most ~1.4e-6 of c there). Where E = 0 (a masked side, or
-    // |x| > 87) the sum is one weight, whose log is a row constant computed in double: the same error
-    // in every masked element would shift the masked mass as a whole.
+    // on the GPU, absolute error ~2^-22: at most ~1.4e-6 of c there). Where a side is masked (x = -+inf)
+    // the sum is one weight, whose log is a row constant computed in double: the same error in every
+    // masked element would shift the masked mass as a whole. (Not where E only underflows, |x| > 87: a
+    // bounded row, which has no masked side, then needs no select and no load of that constant.)
     const T a = (from_non ? lam_ref : lam_nonref) * (m.E - T(1));
-    const T log_w = (from_non == REF_P) ? P.log_1m_lam : P.log_lam;  // log of s_B's weight without E
-    const T kc = (a > T(-0.125)) & (a < T(0.125)) ? log1p_series(a) : (m.E == T(0) ? log_w : M::log_mix(s_B));
+    T kc = (a > T(-0.125)) & (a < T(0.125)) ? log1p_series(a) : M::log_mix(s_B);
+    if constexpr (!M::kBounded) {
+      const T log_w = (from_non == REF_P) ? P.log_1m_lam : P.log_lam;  // log of s_B's weight without E
+      kc = m.ax == neg_inf<T>() ? log_w : kc;
+    }
     c = m.ax > T(-0.5) ? ser : kc * P.inv_k;
   } else {
     // double (the CPU kernel's float64 math), by the library: log1p of a_B = lam_N expm1(-|x|) in
