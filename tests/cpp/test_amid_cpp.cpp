@@ -563,6 +563,94 @@ static void test_kept_terms() {
   test_kept_terms_one<double, amid::LibMath>("double");
 }
 
+// R2 picks the mixture's form from its logit gap (logit_gap: (t - s) - (A - B) or lp - lq, whichever is more
+// accurate), W from lp - lq: at |x| = 80, where the other side's base takes over (from_non), the two can fall on
+// either side of the threshold. W's lt must be R2's there anyway (to rounding): the kept d means the same in every
+// form, and W's other-side form agrees with R2's non-own one at |x| = 80. (With c kept, as before session 33, the
+// term meant c_B on one side of the threshold and c_up on the other: lt off by |x| / k = 80 / k.) Elements whose
+// student logit is walked ulp by ulp across the threshold, in rows where logit_gap takes (t - s) - (A - B); the test
+// requires straddling elements to have been found.
+template <class M>
+static void test_kept_at_form_edge_one(const char* tname) {
+  std::mt19937 rng(41);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  int straddles = 0, checked = 0;
+  double worst = 0;
+  for (double alpha : {-10.0, -3.0, 0.2}) {
+    for (double lam : {0.1, 0.5, 0.9}) {
+      for (const char* ord : {"pr", "qr"}) {
+        const auto P = amid::make_params<float>("test", alpha, lam, "kl", ord, 0.2, 0.7, 1.0, false);
+        const bool ref_p = std::strcmp(ord, "pr") == 0;
+        for (int trial = 0; trial < 40; ++trial) {
+          const int64_t V = 6;
+          std::vector<float> t(V), s(V);
+          for (int64_t v = 0; v < V; ++v) t[v] = float(3 * nd(rng)), s[v] = float(3 * nd(rng));
+          // element 0 at x = k (lp - lq) = -+80 on the other side's side: lp - lq = -+80 / k (s moves lq)
+          const double target = (ref_p ? -80.0 : 80.0) / double(P.k);
+          auto lses = [&](amid::RowLse<float>& A, amid::RowLse<float>& B) {
+            amid::LseAcc<float> r1;
+            for (int64_t v = 0; v < V; ++v) r1.template add<M>(t[v], s[v]);
+            A = {r1.t.m, M::log(r1.t.s)}, B = {r1.s.m, M::log(r1.s.s)};
+          };
+          amid::RowLse<float> A, B;
+          for (int it = 0; it < 4; ++it) {  // s[0] so that lp - lq hits the target (A, B move with it)
+            lses(A, B);
+            const double lp = double(t[0]) - double(A.m) - double(A.l), lq = double(s[0]) - double(B.m) - double(B.l);
+            s[0] = float(double(s[0]) + ((lp - lq) - target));
+          }
+          for (int step = -64; step <= 64; ++step) {
+            std::vector<float> s2 = s;
+            s2[0] = s[0];
+            for (int j = 0; j < std::abs(step); ++j) s2[0] = std::nextafter(s2[0], step > 0 ? INFINITY : -INFINITY);
+            amid::LseAcc<float> r1;
+            for (int64_t v = 0; v < V; ++v) r1.template add<M>(t[v], s2[v]);
+            const amid::RowLse<float> A2{r1.t.m, M::log(r1.t.s)}, B2{r1.s.m, M::log(r1.s.s)};
+            const float dAB = amid::row_lse_gap(A2, B2);
+            const float tf = t[0], sf = s2[0];
+            const float lp = amid::log_prob<M>(tf, A2), lq = amid::log_prob<M>(sf, B2);
+            const float gap = amid::logit_gap<M>(tf, sf, lp, lq, dAB);
+            const bool r2_big = std::abs(P.k * gap) > 80.f, w_big = std::abs(P.k * (lp - lq)) > 80.f;
+            float lt_r2, w_r2, d_r2, c, lt, w, d, lp2, lq2;
+            auto run = [&](auto ref) {
+              constexpr bool R = decltype(ref)::value;
+              constexpr amid::Order O = R ? amid::Order::kPR : amid::Order::kQR;
+              amid::mixture<amid::MixMode::kPower, R, M>(P, lp, lq, gap, lt_r2, w_r2, d_r2, c);
+              amid::w_mixture_c<O, M>(P, tf, sf, amid::power_kept<M>(lp, lq, c, d_r2), A2, B2, lp2, lq2, lt, w, d);
+            };
+            if (ref_p) {
+              run(std::true_type{});
+            } else {
+              run(std::false_type{});
+            }
+            ++checked;
+            straddles += r2_big != w_big;
+            // to the rounding of lt, d (where R2's form was the other side's: d = (l_non - l_ref) + c, ~eps |d|) and c's
+            // own error (the logarithm's 2^-22 over k)
+            const double eps = std::numeric_limits<float>::epsilon();
+            const double tol = 4 * eps * (1 + std::abs(double(lt_r2)) + std::abs(double(d_r2))) + 0x1p-21 / std::abs(double(P.k));
+            const double err = std::abs(double(lt) - double(lt_r2)) / tol;
+            worst = std::max(worst, err);
+            if (!(err <= 1) || std::memcmp(&d, &d_r2, sizeof(float)) != 0) {
+              ++failures;
+              std::fprintf(stderr, "FAILED kept term at the form's edge (%s) alpha=%g lam=%g %s: lt %.9g vs R2's %.9g, d %.9g vs %.9g\n",
+                           tname, alpha, lam, ord, double(lt), double(lt_r2), double(d), double(d_r2));
+            }
+          }
+        }
+      }
+    }
+  }
+  EXPECT(straddles > 0);
+  std::printf("kept terms at |x| = 80 (%s): W's lt within %.2g of its bound of R2's on %d elements, %d with R2 and W on "
+              "either side\n",
+              tname, worst, checked, straddles);
+}
+
+static void test_kept_at_form_edge() {
+  test_kept_at_form_edge_one<GpuEmuMath>("float, GPU math");
+  test_kept_at_form_edge_one<amid::BoundedRow<GpuEmuMath>>("float, GPU math, bounded rows");
+}
+
 // Rows whose logits are all finite with |x / T| < 2^100 run R2 and W under the BoundedRow policy on the GPU
 // (amid_loss_kernels.cuh), without the guards for -inf masks and overflow; there it must give the general
 // policy's values bit for bit: the row statistics, R2's kept terms and every gradient element.
@@ -1085,6 +1173,7 @@ int main(int argc, char** argv) {
   test_online_reductions();
   test_w_from_kept();
   test_kept_terms();
+  test_kept_at_form_edge();
   test_bounded_rows();
   test_online_float({"student within 1% of teacher", 11, 5003, 0.01, 1e-5, 1e-4});
   test_online_float({"ordinary inputs", 5, 2001, 0.0, 1e-5, 1e-4});
