@@ -207,12 +207,12 @@ def nvcc_include_flags() -> List[str]:
 def compile_cubin(dtype: str, workdir: str, arch: str = ARCH) -> str:
     """nvcc -cubin of csrc/cuda/amid_loss_<dtype>.cu with setup.py's flags (and torch's defines).
 
-    Compiled from a snapshot of csrc/ in `workdir`, so the line info (and the pass tags read back from
-    it) match the code compiled even when csrc/ is edited meanwhile."""
+    Compiled from a snapshot of csrc/ taken now, in a new folder under `workdir`, so the line info (and the
+    pass tags read back from it) match the code compiled even when csrc/ is edited meanwhile, and a workdir
+    used before never supplies an older snapshot."""
     nvcc = find_tool("nvcc")
-    snap = os.path.join(workdir, "csrc")
-    if not os.path.isdir(snap):
-        shutil.copytree(os.path.join(ROOT, "csrc"), snap)
+    snap = os.path.join(tempfile.mkdtemp(prefix="snapshot-", dir=workdir), "csrc")
+    shutil.copytree(os.path.join(ROOT, "csrc"), snap)
     tu = os.path.join(snap, "cuda", f"amid_loss_{DTYPES[dtype][2]}.cu")
     out = os.path.join(workdir, f"amid_loss_{dtype}.{arch}.cubin")
     cmd = [nvcc, "-cubin", f"-arch={arch}", "-O3", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++20",
