@@ -304,6 +304,50 @@ def test_ordinary_inputs_float32_budgets(path, div, order):
         assert gerr <= 1e-4, (path, opts, gerr)
 
 
+def _form_edge_rows(k: float, ref_p: bool, n: int = 4, v: int = 2001, n_edge: int = 512) -> tuple:
+    """float32 rows whose first n_edge elements sit at x = k (lp - lq) = -+80 (k > 0: the other side's base beyond
+    it), spread over +-32 ulps of the smaller side's logit, so that R2 (its two-form logit gap) and W (lp - lq) can put
+    an element on either side of the threshold; the rest ordinary (scale 3). The smaller side's logits are moved to
+    the target in float64 by a few fixed-point steps (its log-sum-exp moves with them)."""
+    g = torch.Generator().manual_seed(43)
+    t = torch.randn(n, v, dtype=torch.float64, generator=g) * 3
+    s = torch.randn(n, v, dtype=torch.float64, generator=g) * 3
+    target = (-80.0 if ref_p else 80.0) / k  # lp - lq
+    small = t if ref_p else s  # the side 80 / k below the other: p for pr / rp, q for qr / rq
+    sign = 1.0 if ref_p else -1.0  # d(lp - lq) / d(small side's logit)
+    for _ in range(6):
+        a, b = torch.logsumexp(t, -1, keepdim=True), torch.logsumexp(s, -1, keepdim=True)
+        dpq = (t[:, :n_edge] - a) - (s[:, :n_edge] - b)
+        small[:, :n_edge] += sign * (target - dpq)
+    t32, s32 = t.float(), s.float()
+    small32 = t32 if ref_p else s32
+    edge = small32[:, :n_edge]
+    spread = (torch.arange(n_edge) % 65 - 32).float()
+    small32[:, :n_edge] = edge + spread * torch.finfo(torch.float32).eps * edge.abs().clamp_min(1.0)
+    return s32, t32
+
+
+@pytest.mark.parametrize("div,order", [("kl", "pr"), ("kl", "qr"), ("kl", "rp"), ("ab", "rq")])
+@pytest.mark.parametrize("alpha", [-10.0, -3.0])
+def test_mixture_form_edge(path, div, order, alpha):
+    """Elements at |x| = 80, where the other side's base takes over the mixture's form: the resident kernels' W
+    rebuilds lt from R2's kept d there (W decides the form from lp - lq, R2 from its two-form logit gap; where they
+    fell on either side, the c kept before session 33 meant c_B to one and c_up to the other, and W's lt was off by
+    80 / k: tests/cpp, test_kept_at_form_edge, found 135 such of 92880 walked elements; here, in float32 with
+    float64 log-sum-exps, 3 to 14 of each 2048 edge elements fall on either side). Against the CPU op in float64:
+    loss 1e-5 relative, gradient 1e-4 of max(a row's largest element, 1) (the CPU op in float32: 7.4e-7 and 2.5e-6 at
+    most; at alpha = 0.2, 80 / k = 200 and its float32 loss is off by 1.1e-5 itself, so that alpha is left out)."""
+    k = 0.5 * (1.0 - alpha)
+    s, t = _form_edge_rows(k, order in ("pr", "rp"))
+    opts = op_opts(alpha, 0.5, div, order)
+    ref_rows, _stats, ref_grad = amid.ops.amid_loss_fwd(s.double(), t.double(), None, compute_grad=True, **opts)
+    rows, grad = _cuda_rows_and_grad(s, t, **opts)
+    rel = ((rows.double() - ref_rows).abs() / ref_rows.abs()).max().item()
+    assert rel <= 1e-5, (path, opts, rel)
+    gerr = rowwise_err(grad, ref_grad, 1.0)
+    assert gerr <= 1e-4, (path, opts, gerr)
+
+
 @pytest.mark.parametrize("order", ["pr", "rq", "jsd"])
 def test_small_ab_exponent_at_large_logit_scale(path, order):
     """One tiny alpha-beta exponent with logits of scale 12 (losses up to ~70): neither online closing form holds
