@@ -173,9 +173,7 @@ struct LibMath {
   // The host uses expf (the C++ tests emulate the GPU's error: GpuEmuMath).
   static AMID_HD float exp_approx(float x) {
 #if defined(__CUDA_ARCH__)
-    float r;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x * 1.44269504088896341f));
-    return r;
+    return exp2_approx(x * 1.44269504088896341f);
 #else
     return ::expf(x);
 #endif
@@ -289,6 +287,15 @@ template <typename T>
 AMID_HD T log1p_series(T a) {
   return a * (T(1) + a * (T(-1.0 / 2) + a * (T(1.0 / 3) + a * (T(-1.0 / 4) + a * (T(1.0 / 5) + a * (T(-1.0 / 6) +
          a * (T(1.0 / 7) + a * T(-1.0 / 8))))))));
+}
+
+// log(e^a + e^b) by the larger one plus log1p of the other's ratio (no overflow, no cancellation): the power
+// mean's logarithm where a weight is below the normal range of T (the tiny-lam forms of power_log and
+// power_mixture_from_d).
+template <class M, typename T>
+AMID_HD T log_add_exp(T a, T b) {
+  const T u = a - b;
+  return (u > T(0) ? a : b) + M::log1p(M::exp(u > T(0) ? -u : u));
 }
 
 // The power mean (kPower) in three steps, so that no logarithm is needed after R2: the GPU's R2 stores d
@@ -433,8 +440,7 @@ AMID_HD T power_log(const LossParams<T>& P, const PowerPre<T>& m) {
     // the log-sum-exp of the logs.
     if (base_form & (s_B < T(16) * std::numeric_limits<T>::min())) {
       const T log_lam_B = m.q_base ? P.log_1m_lam : P.log_lam, log_lam_N = m.q_base ? P.log_lam : P.log_1m_lam;
-      const T u = (log_lam_N + m.ax) - log_lam_B;  // log(lam_N e / lam_B)
-      c = ((u > T(0) ? log_lam_N + m.ax : log_lam_B) + M::log1p(M::exp(u > T(0) ? -u : u))) * P.inv_k;
+      c = log_add_exp<M>(log_lam_N + m.ax, log_lam_B) * P.inv_k;
     }
   }
   return c;
@@ -568,8 +574,7 @@ AMID_HD void power_mixture_from_d(const LossParams<T>& P, T lp, T lq, T dpq, T d
     // can be below lam_N e^-|x|: c_B = log(lam_B + lam_N e^-|x|) / k as power_log's log-sum-exp of the logs.
     if (P.lam_tiny) {
       const T log_w_non = REF_P ? P.log_1m_lam : P.log_lam, log_w_ref = REF_P ? P.log_lam : P.log_1m_lam;
-      const T b = log_w_ref - std::fabs(x), u = b - log_w_non;
-      c_non = ((u > T(0) ? b : log_w_non) + M::log1p(M::exp(u > T(0) ? -u : u))) * P.inv_k;
+      c_non = log_add_exp<M>(log_w_ref - std::fabs(x), log_w_non) * P.inv_k;
     }
   }
   lt = from_non ? (REF_P ? lq : lp) + c_non : (REF_P ? lp : lq) + d;

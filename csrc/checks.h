@@ -239,9 +239,10 @@ LossParams<T> make_params(const char* op, double alpha, double lam, const std::s
   const double k = 0.5 * (1.0 - alpha);
   P.k = T(k);
   P.inv_k = k != 0.0 ? T(1.0 / k) : T(0);
-  P.k_log2e = T(k * 1.4426950408889634);
-  P.log2_lam = T(std::log(lam) * 1.4426950408889634);
-  P.log2_1m_lam = T(std::log1p(-lam) * 1.4426950408889634);
+  constexpr double kLog2e = 1.4426950408889634;  // log2(e)
+  P.k_log2e = T(k * kLog2e);
+  P.log2_lam = T(std::log(lam) * kLog2e);
+  P.log2_1m_lam = T(std::log1p(-lam) * kLog2e);
   P.c_non[0] = k != 0.0 ? T(std::log1p(-lam) / k) : T(0);
   P.c_non[1] = k != 0.0 ? T(std::log(lam) / k) : T(0);
   // The power mean's series (LossParams::mix_h): E(y) = 1 + lam' (e^y - 1) = sum e_n y^n, log E = lam' sum
