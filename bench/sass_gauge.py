@@ -55,6 +55,11 @@ Method (what is counted, and how)
    all finite with |x / T| < 2^100 (R1 checks; nearly every row), without the guards for -inf masks and
    overflow, tagged R2 / W / Ws; and for the other rows, tagged R2m / Wm / Wsm. "all passes" and the
    targets count the first; the "general" columns (R1 + R2m + Wm) the second.
+8. The float power-mean kernels hold the bounded rows' R2 twice more (amid_math.h: WideWeights): where the
+   mixture's weight on the side that is not the loss's reference is >= 0.32 (both weights for jsd; lam = 0.5 in
+   every order, 0.1 in pr and rp), R2 needs no log1p series: tagged R2, as in 7; for other lam, tagged R2n,
+   reported in the "narrow" columns (R1 + R2n + W). So do the W passes that recompute the mixture (the jsd
+   kernels', the streaming path's and the backward kernel's): W, and Wn for other lam.
 
 Static shared memory is ptxas's (cuobjdump -res-usage's SHARED minus the 1 KiB reservation it includes).
 Occupancy follows cuda_occupancy.h for sm_90 (65536 registers per SM in 4 sub-partitions, 256-register
@@ -115,7 +120,10 @@ GENERAL = ("R2m", "Wm")
 # "R3": the exact pass, which the forward kernel runs only for the rare rows whose closing formulas would
 # lose too much (amid_online.h: cond_of, ExactAcc); its own columns, not in "all passes".
 EXACT = "R3"
-TAGS = PASSES + ("Ws",) + GENERAL + ("Wsm", EXACT)
+# "R2n", "Wn": the bounded rows' R2 and (recomputing) W of the float power-mean kernels under narrow weights
+# (method, step 8).
+NARROW = ("R2n", "Wn")
+TAGS = PASSES + ("Ws",) + GENERAL + ("Wsm", EXACT) + NARROW
 
 # Targets of issue 9 (bf16, sm_90a): (instructions, MUFU) per element over R1 + R2 + W.
 TARGETS = {"kl": (130, 11), "ab": (170, 14)}
@@ -691,6 +699,7 @@ def gauge_cubin(cubin: str, dtypes: Sequence[str], warnings: List[str]) -> List[
         ws, wsm = loops.pop("Ws", None), loops.pop("Wsm", None)  # the W that runs at V_GAUGE
         if stash and ws:
             loops["W"] = ws
+            loops.pop("Wn", None)  # (W from the kept terms has no log, so one form)
         if stash and wsm:
             loops["Wm"] = wsm
         if kind == "fwd" and not loops:
@@ -722,6 +731,16 @@ def gauge_cubin(cubin: str, dtypes: Sequence[str], warnings: List[str]) -> List[
         ok = all(gen)
         row["general_instr_per_elem"] = round(sum(lc.instr_per_elem for lc in gen), 2) if ok else ""
         row["general_mufu_per_elem"] = round(sum(lc.mufu_per_elem for lc in gen), 3) if ok else ""
+        # Bounded rows under narrow weights (float power means): R1 + R2n + Wn, each pass in its wide form where it
+        # has no other ("" where no pass has a narrow form).
+        for p in NARROW:
+            lc = loops.get(p)
+            row[f"{p}_instr_per_elem"] = round(lc.instr_per_elem, 2) if lc else ""
+            row[f"{p}_mufu_per_elem"] = round(lc.mufu_per_elem, 3) if lc else ""
+        nar = [loops.get(p + "n", loops.get(p)) for p in ("R1", "R2", "W") if p in loops]
+        ok = any(p in loops for p in NARROW)
+        row["narrow_instr_per_elem"] = round(sum(lc.instr_per_elem for lc in nar), 2) if ok else ""
+        row["narrow_mufu_per_elem"] = round(sum(lc.mufu_per_elem for lc in nar), 3) if ok else ""
         lc = loops.get(EXACT)
         row[f"{EXACT}_instr_per_elem"] = round(lc.instr_per_elem, 2) if lc else ""
         row[f"{EXACT}_mufu_per_elem"] = round(lc.mufu_per_elem, 3) if lc else ""
@@ -762,7 +781,7 @@ def tool_version() -> str:
 
 def format_table(rows: Sequence[Dict[str, object]]) -> str:
     hdr = ["kernel", "dtype", "loss", "path", "mix", "regs", "spill", "smem", "dyn", "C", "CTA/SM", "R1 i/m", "R2 i/m",
-           "W i/m", "all i/m", "general i/m", "stage i", "target"]
+           "W i/m", "all i/m", "narrow i/m", "general i/m", "stage i", "target"]
     out = [hdr]
     for r in rows:
         def im(p: str) -> str:
@@ -772,6 +791,8 @@ def format_table(rows: Sequence[Dict[str, object]]) -> str:
         out.append([r["kernel"], r["dtype"], r["loss"], r["path"], str(r["mixture"]), str(r["registers"]), str(r["spill_instructions"]),
                     str(r["static_smem"]), str(r["dyn_smem"]), str(r["cluster"]), f"{r['ctas_per_sm']} ({r['cta_limit']})",
                     im("R1"), im("R2"), im("W"), f"{float(r['all_instr_per_elem']):.1f}/{float(r['all_mufu_per_elem']):.2f}",
+                    "-" if r.get("narrow_instr_per_elem", "") == "" else
+                    f"{float(r['narrow_instr_per_elem']):.1f}/{float(r['narrow_mufu_per_elem']):.2f}",
                     "-" if r.get("general_instr_per_elem", "") == "" else
                     f"{float(r['general_instr_per_elem']):.1f}/{float(r['general_mufu_per_elem']):.2f}",
                     "-" if st == "" else f"{float(st):.1f}", str(r["target"])])
@@ -795,13 +816,15 @@ def readme_table(csv_path: str) -> str:
              "The power-mean kernels (the mixture of 0 < λ < 1, α ≠ 1); the streaming variants and the "
              "cheap-mode kernels (λ ∈ {0, 1} or α = 1: no special function in the mixture) in the CSV. "
              "R2 and W are those of rows whose logits are all finite and below 2^100 in magnitude (nearly every "
-             "row); rows with −inf masks or huge logits run R2 and W with their guards (R1 + R2 + W, "
-             "\"masked / huge rows\"). R3 is the exact pass, which a row runs in addition only where its "
-             "closing formulas would lose too much (see the accuracy notes).",
+             "row), at λ = 0.5 (every order; in pr and rp any λ ≤ 0.68, in qr and rq any λ ≥ 0.32: the weight "
+             "on the side that is not the reference is at least 0.32, and R2's power mean needs no log1p series); "
+             "\"other λ\" is R1 + R2 + W of those rows at the other λ. Rows with −inf masks or huge logits run R2 "
+             "and W with their guards (R1 + R2 + W, \"masked / huge rows\"). R3 is the exact pass, which a row runs "
+             "in addition only where its closing formulas would lose too much (see the accuracy notes).",
              "",
              "| kernel | loss | path | regs | spills | smem static + dyn (cluster) | CTAs/SM | R1 | R2 | W | R1+R2+W | target "
-             "| masked / huge rows | R3 (rare rows) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| other λ | masked / huge rows | R3 (rare rows) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["dtype"] != "bf16" or r["path"] == "stream" or r.get("mixture", "any") == "cheap":  # in the CSV
             continue
@@ -809,16 +832,16 @@ def readme_table(csv_path: str) -> str:
         def im(p: str) -> str:
             return "–" if r[f"{p}_instr_per_elem"] == "" else \
                 f"{float(r[f'{p}_instr_per_elem']):.0f} / {float(r[f'{p}_mufu_per_elem']):.1f}"
-        def general(r) -> str:
-            i = r.get("general_instr_per_elem", "")
-            return "–" if i == "" else f"{float(i):.0f} / {float(r['general_mufu_per_elem']):.1f}"
+        def total(r, name: str) -> str:
+            i = r.get(f"{name}_instr_per_elem", "")
+            return "–" if i == "" else f"{float(i):.0f} / {float(r[f'{name}_mufu_per_elem']):.1f}"
         kept = " + terms" if r.get("stash") == "1" else ""
         smem = (f"{r['static_smem']} + {r['dyn_smem']} ({r['cluster']}{kept})" if r["path"] == "resident"
                 else r["static_smem"])
         lines.append(f"| {r['kernel']} | {r['loss']} | {r['path']} | {r['registers']} | {r['spill_instructions']} | "
                      f"{smem} | {r['ctas_per_sm']} | {im('R1')} | {im('R2')} | {im('W')} | "
                      f"{float(r['all_instr_per_elem']):.0f} / {float(r['all_mufu_per_elem']):.1f} | "
-                     f"{r['target'].replace('UNMET', '**unmet**') or ''} | {general(r)} | "
+                     f"{r['target'].replace('UNMET', '**unmet**') or ''} | {total(r, 'narrow')} | {total(r, 'general')} | "
                      f"{im(EXACT) if f'{EXACT}_instr_per_elem' in r else '–'} |")
     return "\n".join(lines)
 

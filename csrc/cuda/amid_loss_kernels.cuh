@@ -282,7 +282,17 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
       });
     };
     if (bounded) {
-      r2(BoundedRow<M>{});  // gauge:R2
+      // A power mean in float whose weights are wide (amid_math.h: WideWeights; lam = 0.5 in every order) runs
+      // R2 without power_log's log1p series: the same values (a uniform branch per launch, P being uniform).
+      if constexpr (POWER && std::is_same<acc_t, float>::value) {
+        if (wide_weights<O>(P)) {
+          r2(WideWeights<BoundedRow<M>>{});  // gauge:R2
+        } else {
+          r2(BoundedRow<M>{});  // gauge:R2n
+        }
+      } else {
+        r2(BoundedRow<M>{});  // gauge:R2
+      }
     } else {
       r2(M{});  // gauge:R2m
     }
@@ -339,7 +349,16 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
       }
       if (!done) {
         if (bounded) {
-          write_grad_row<D, O, POWER, BoundedRow<M>>(P, t, s, g, len, vec_ok, A, B, dAB, Z, Z2, S_G, K, scale);  // gauge:W
+          if constexpr (POWER && std::is_same<acc_t, float>::value) {  // (as R2)
+            if (wide_weights<O>(P)) {
+              using MW = WideWeights<BoundedRow<M>>;
+              write_grad_row<D, O, POWER, MW>(P, t, s, g, len, vec_ok, A, B, dAB, Z, Z2, S_G, K, scale);  // gauge:W
+            } else {
+              write_grad_row<D, O, POWER, BoundedRow<M>>(P, t, s, g, len, vec_ok, A, B, dAB, Z, Z2, S_G, K, scale);  // gauge:Wn
+            }
+          } else {
+            write_grad_row<D, O, POWER, BoundedRow<M>>(P, t, s, g, len, vec_ok, A, B, dAB, Z, Z2, S_G, K, scale);  // gauge:W
+          }
         } else {
           write_grad_row<D, O, POWER, M>(P, t, s, g, len, vec_ok, A, B, dAB, Z, Z2, S_G, K, scale);  // gauge:Wm
         }
@@ -374,7 +393,16 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     const scalar_t* t = a.t + row * a.ldt;
     const scalar_t* s = a.s + row * a.lds;
     const bool vec_ok = same_misalignment(t, s, sizeof(scalar_t)) && same_misalignment(t, g, sizeof(scalar_t));
-    write_grad_row<D, O, POWER>(P, t, s, g, a.V, vec_ok, A, B, dAB, Z, Z2, S_G, K, scale);  // gauge:W
+    // (a float power mean under wide weights without power_log's log1p series, as the forward's R2 and W)
+    if constexpr (POWER && std::is_same<acc_t, float>::value) {
+      if (wide_weights<O>(P)) {
+        write_grad_row<D, O, POWER, WideWeights<M>>(P, t, s, g, a.V, vec_ok, A, B, dAB, Z, Z2, S_G, K, scale);  // gauge:W
+      } else {
+        write_grad_row<D, O, POWER>(P, t, s, g, a.V, vec_ok, A, B, dAB, Z, Z2, S_G, K, scale);  // gauge:Wn
+      }
+    } else {
+      write_grad_row<D, O, POWER>(P, t, s, g, a.V, vec_ok, A, B, dAB, Z, Z2, S_G, K, scale);  // gauge:W
+    }
   }
 }
 

@@ -661,8 +661,10 @@ static void test_kept_at_form_edge() {
 template <typename T, class M>
 static void test_bounded_rows_one(const char* tname) {
   using MB = amid::BoundedRow<M>;
+  using MW = amid::WideWeights<MB>;  // the float power mean's R2 where the weights are wide (no log1p series)
   static_assert(MB::kBounded && !M::kBounded, "BoundedRow: expected kBounded true over a general policy");
-  int checked = 0;
+  static_assert(MW::kWideWeights && MW::kBounded && !MB::kWideWeights, "WideWeights: expected a flag over BoundedRow");
+  int checked = 0, checked_wide = 0;
   std::mt19937 rng(7);
   std::normal_distribution<double> nd(0.0, 1.0);
   const int64_t V = 131;
@@ -671,7 +673,8 @@ static void test_bounded_rows_one(const char* tname) {
   for (const char* div : {"kl", "ab"}) {
     for (const char* ord : {"pr", "qr", "rp", "rq", "jsd"}) {
       for (double alpha : {-10.0, -1.0, 0.5, 1.0, 3.0}) {
-        for (double lam : {double(lam_tiny), 1e-6, 0.3, 0.98, 1.0 - 1e-7, 1.0}) {
+        // (0.5 and 0.675: wide weights in every order, and near kWideWeight's edge: 1 - lam = 0.325)
+        for (double lam : {double(lam_tiny), 1e-6, 0.3, 0.5, 0.675, 0.98, 1.0 - 1e-7, 1.0}) {
           for (double temp : {1.0, 0.7}) {
             // (the second temperature also shifts the teacher by 700: logit_gap's other form, lp - lq)
             const double shift = temp == 1.0 ? 0.0 : 700.0;
@@ -700,8 +703,11 @@ static void test_bounded_rows_one(const char* tname) {
               const amid::RowLse<T> A{r1.t.m, M::log(r1.t.s)}, B{r1.s.m, M::log(r1.s.s)};
               const T dAB = amid::row_lse_gap(A, B);
               using Acc = typename amid::RowAccOf<D, O, T>::type;
-              Acc acc, accb;
+              Acc acc, accb, accw;
               std::vector<T> kept(V), keptb(V);
+              // (the kernels take WideWeights for a float power mean only; in double it changes nothing)
+              const bool wide = power && amid::wide_weights<O>(P);
+              checked_wide += wide;
               for (int64_t v = 0; v < V; ++v) {
                 const T tf = t[v] * invT, sf = s[v] * invT;
                 if constexpr (O != amid::Order::kJSD) {
@@ -709,17 +715,29 @@ static void test_bounded_rows_one(const char* tname) {
                     kept[v] = amid::add_from_logits_c<O, M>(acc, P, tf, sf, A, B, dAB);
                     keptb[v] = amid::add_from_logits_c<O, MB>(accb, P, tf, sf, A, B, dAB);
                     if (!same(kept[v], keptb[v])) ++failures;
+                    if (wide && !same(kept[v], amid::add_from_logits_c<O, MW>(accw, P, tf, sf, A, B, dAB))) {
+                      ++failures;
+                      std::fprintf(stderr, "FAILED wide weights (%s) %s/%s alpha=%g lam=%g T=%g: kept term %lld\n", tname,
+                                   div, ord, alpha, lam, temp, (long long)v);
+                    }
                     continue;
                   }
                 }
                 add_element<O, M>(P, acc, tf, sf, A, B, dAB);
                 add_element<O, MB>(P, accb, tf, sf, A, B, dAB);
+                if (wide) add_element<O, MW>(P, accw, tf, sf, A, B, dAB);
               }
-              T st[5] = {}, stb[5] = {};
+              T st[5] = {}, stb[5] = {}, stw[5] = {};
               const bool ok = acc.template close<M>(P, st[0], st[1], st[2], st[3], st[4]);
               const bool okb = accb.template close<M>(P, stb[0], stb[1], stb[2], stb[3], stb[4]);
               EXPECT(ok == okb);
+              if (wide) EXPECT(accw.template close<M>(P, stw[0], stw[1], stw[2], stw[3], stw[4]) == ok);
               for (int i = 0; i < 5; ++i) {
+                if (wide && !same(st[i], stw[i])) {
+                  ++failures;
+                  std::fprintf(stderr, "FAILED wide weights (%s) %s/%s alpha=%g lam=%g T=%g: statistic %d %.17g vs %.17g\n",
+                               tname, div, ord, alpha, lam, temp, i, double(stw[i]), double(st[i]));
+                }
                 if (!same(st[i], stb[i])) {
                   ++failures;
                   std::fprintf(stderr, "FAILED bounded row (%s) %s/%s alpha=%g lam=%g T=%g: statistic %d %.17g vs %.17g\n",
@@ -740,6 +758,10 @@ static void test_bounded_rows_one(const char* tname) {
                 }
                 ++checked;
                 bool eq = same(g, gb);
+                if (wide) {  // W recomputing the mixture under wide weights: the forward's (bounded) and the backward's
+                  eq = eq && same(g, amid::grad_from_logits<D, O, true, MW>(P, tf, sf, A, B, dAB, Z, Z2, S_G, K)) &&
+                       same(g, amid::grad_from_logits<D, O, true, amid::WideWeights<M>>(P, tf, sf, A, B, dAB, Z, Z2, S_G, K));
+                }
                 if constexpr (O != amid::Order::kJSD) {
                   if (power) {
                     eq = eq && same(g, amid::grad_from_logits_c<D, O, MB>(P, tf, sf, keptb[v], A, B, Z, S_G, K));
@@ -776,8 +798,10 @@ static void test_bounded_rows_one(const char* tname) {
   amid::LseAcc<T> merged = lse_of({{T(1), T(2)}});
   merged.template merge<M>(lse_of({{T(-INFINITY), T(2)}}));
   EXPECT(!merged.bounded());
-  std::printf("bounded rows (%s): the guard-free policy equals the general one bit for bit on %d elements\n", tname,
-              checked);
+  EXPECT(checked_wide > 0);
+  std::printf("bounded rows (%s): the guard-free policy equals the general one bit for bit on %d elements; the "
+              "wide-weights one (R2, and W recomputing the mixture) on %d power-mean rows\n",
+              tname, checked, checked_wide);
 }
 
 static void test_bounded_rows() {
