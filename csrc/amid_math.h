@@ -127,6 +127,10 @@ AMID_HD To bit_cast(From x) {
   return __builtin_bit_cast(To, x);
 }
 
+// a b + c with one rounding, float and double, host and device (one FFMA / DFMA on the GPU).
+AMID_HD float fma_t(float a, float b, float c) { return fmaf(a, b, c); }
+AMID_HD double fma_t(double a, double b, double c) { return fma(a, b, c); }
+
 // ------------------------------------------------------------------------------------------------
 // Math policy: the C / CUDA math library (accurate to ~1 ulp), plus the reciprocal and the
 // logarithms the power mean uses (rcp, log_mix, log_sel).
@@ -135,12 +139,14 @@ struct LibMath {
   // Whether every logit of the row is finite with |logit / T| < 2^100 (BoundedRow): no -inf masks and
   // no overflow in x - max, (t - s) - (A - B), so their guards compile out. The general policy: false.
   static constexpr bool kBounded = false;
-  static AMID_HD float exp(float x) { return ::expf(x); }
-  static AMID_HD double exp(double x) { return ::exp(x); }
-  static AMID_HD float log(float x) { return ::logf(x); }
-  static AMID_HD double log(double x) { return ::log(x); }
   // Whether the row's mixture weights are wide (WideWeights): the float power_log then needs no log1p series.
   static constexpr bool kWideWeights = false;
+  static AMID_HD float exp(float x) { return ::expf(x); }
+  static AMID_HD double exp(double x) { return ::exp(x); }
+  static AMID_HD float exp2(float y) { return ::exp2f(y); }
+  static AMID_HD double exp2(double y) { return ::exp2(y); }
+  static AMID_HD float log(float x) { return ::logf(x); }
+  static AMID_HD double log(double x) { return ::log(x); }
   static AMID_HD float log1p(float x) { return ::log1pf(x); }
   static AMID_HD double log1p(double x) { return ::log1p(x); }
   // expm1(x) for |x| < 1/2 as x expm1_div(x) (2.0 ulp with FMA, 2.1 without; no special function).
@@ -273,12 +279,6 @@ constexpr bool ref_is_p() {
   return O == Order::kPR || O == Order::kRP;
 }
 
-// c[I] + v (c[I+1] + v (... c[N-1])), expanded at compile time: a loop left inside an element
-// function would stop the CPU kernel's loops from vectorising (GCC does not unroll it first).
-template <int I, int N, typename T>
-AMID_HD T horner(const T* c, T v) {
-  if constexpr (I == N - 1) {
-    return c[I];
 // A math policy for rows of a power mean whose weight on the side that is not the loss's reference is at least
 // kWideWeight (both weights for the combined order kJSD; wide_weights): there the float power_log's log1p series
 // is never selected (its argument a = lam_nonref (e^-+|x| - 1) has |a| >= 0.32 (1 - e^-1/2) = 0.126 > 1/8 where
@@ -296,6 +296,12 @@ AMID_HD bool wide_weights(const LossParams<T>& P) {
   return O == Order::kJSD ? p_side & q_side : (ref_is_p<O>() ? p_side : q_side);
 }
 
+// c[I] + v (c[I+1] + v (... c[N-1])), expanded at compile time: a loop left inside an element
+// function would stop the CPU kernel's loops from vectorising (GCC does not unroll it first).
+template <int I, int N, typename T>
+AMID_HD T horner(const T* c, T v) {
+  if constexpr (I == N - 1) {
+    return c[I];
   } else {
     return c[I] + v * horner<I + 1, N>(c, v);
   }

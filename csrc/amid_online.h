@@ -26,22 +26,59 @@ AMID_HD T rescale_factor(T c, T d) {
 }
 
 // Log-sum-exp in online form, with the NaN / +inf detector of the validity check.
+// The sum is kept in base 2: s = sum 2^(x L - m2), L = log2(e) in T and m2 = m L rounded, so that each term of a
+// chunk is one FMA and one exponential (on the GPU FFMA + MUFU.EX2, where e^(x - m) took FADD, FMUL and MUFU.EX2:
+// two instructions per element of R1 fewer, both sides). As e^(x - m) with its product (x - m) L rounded, each
+// term is e^((x - m) L ln 2) up to the rounding of its argument, times 2^delta, delta = m L - m2 (|delta| <= half
+// an ulp of m2): a factor common to every term, which log_sum takes back exactly (delta by one FMA). So L's own
+// rounding still multiplies x - m only, never x (which can be 1e4 times larger).
+// delta grows with m (half an ulp of m L): past |m| = 2^(D + 6) (D = 24 digits in float, 53 in double; 2^30 and
+// 2^59) 2^delta could overflow, and so could m L itself (|m| > 2.4e38 in float). There the scale is L 2^-j instead
+// (lf), with j such that |m lf| is in [2^(D+5), 2^(D+6)) L: |delta| stays at most 2^6 (half an ulp of m2), and
+// every x other than m, which differs from it by at least an ulp of m, gets a term below 2^-92 of m's (an ulp of m
+// times lf is 2^6 L), where its true share e^(x - m) <= e^-64 is as negligible: the sum is the count of the
+// elements equal to m, as it should be. A side whose scale changes drops its sum the same way (the two maxima are at least that
+// far apart), so raise and merge multiply by 0 there instead of by 2^(m2 - m2') in mixed units.
 template <typename T>
 struct OnlineLSE {
-  T m = neg_inf<T>(), s = T(0);
+  static constexpr T kL = T(1.4426950408889634);  // log2(e)
+  static constexpr int kD = std::numeric_limits<T>::digits;
+  T m = neg_inf<T>(), m2 = neg_inf<T>(), s = T(0), lf = kL;
+  static AMID_HD T scale_of(T m) {
+    using std::fabs;
+    if (!(fabs(m) >= std::ldexp(T(1), kD + 6)) || !(fabs(m) < std::numeric_limits<T>::infinity())) return kL;
+    int e;  // |m| in [2^(e-1), 2^e)
+    std::frexp(m, &e);
+    return std::ldexp(kL, kD + 6 - e);
+  }
+  // The factor that takes a sum from reference (m2, lf) to (m2n, lfn): 2^(m2 - m2n) at the same scale, else 0.
+  template <class M>
+  static AMID_HD T rescale(T m2, T lf, T m2n, T lfn) {
+    return lf == lfn ? M::exp2(m2 - m2n) : T(0);
+  }
   template <class M>
   AMID_HD void add(T x) {
     if (x > m) {  // also false for NaN / -inf: those never move the max
-      s = s * M::exp(m - x) + T(1);  // m = -inf: s = 0 * 0 + 1
+      const T lx = scale_of(x), x2 = x * lx;
+      s = s * rescale<M>(m2, lf, x2, lx) + M::exp2(fma_t(x, lx, -x2));  // m = -inf: s = 0 * 0 + 2^(x L - x2)
       m = x;
+      m2 = x2;
+      lf = lx;
     } else if (x != neg_inf<T>()) {
-      s += M::exp(x - m);
+      s += M::exp2(fma_t(x, lf, -m2));
     }
+  }
+  // log(sum e^(x - m)), so that the log-sum-exp is m + log_sum (RowLse{m, log_sum}): log s less the common factor
+  // 2^delta (0 where m is not finite: an all -inf side, or +inf, an invalid row either way).
+  template <class M>
+  AMID_HD T log_sum() const {
+    const bool finite = (m > neg_inf<T>()) & (m < std::numeric_limits<T>::infinity());
+    return M::log(s) - (finite ? fma_t(m, lf, -m2) : T(0)) * T(0.69314718055994531);
   }
   // n elements at once (the GPU kernels' vector chunk) in three steps, which LseAcc::add_chunk runs for both
   // sides with one branch: the chunk's maximum (chunk_max); the running max raised to it, at most once per
   // chunk and rarely after the first chunks (raise); one exponential per element relative to it
-  // (sum_chunk; M::exp_approx: on the GPU a single MUFU.EX2). NaN never moves the max (it is summed, and
+  // (sum_chunk; M::exp2_approx: on the GPU a single MUFU.EX2). NaN never moves the max (it is summed, and
   // makes s NaN); +inf moves it and sums inf - inf = NaN: both leave s NaN, which the caller reads as an
   // invalid row (LseAcc::invalid).
   template <int n>
@@ -53,41 +90,46 @@ struct OnlineLSE {
     return cm;
   }
   // The running max raised to cm where cm is larger, the sum rescaled to it. The chunk's maximum then adds
-  // M::exp_approx(0) in sum_chunk: on the GPU MUFU.EX2's value at 0, which need not be exactly 1 (unmeasured;
-  // the C++ tests' emulation gives it its worst error, -2^-22). That term is the largest of the row's sum, and
-  // its error would move A and B the same way in every row (3e-7 in the emulation, the one float gradient
-  // above issue 9's 1e-4: kl/jsd at alpha 3, lam 0.1, 1.14e-4; with this 4.6e-5). So raise adds 1 - that
-  // value once, here in the cold block (0 where the exponential is exact at 0, as the host's library math).
+  // M::exp2_approx(delta) in sum_chunk: on the GPU MUFU.EX2's value near 0, which need not be 2^delta exactly
+  // (unmeasured; the C++ tests' emulation gives it its worst error, 2^-22). That term is the largest of the row's
+  // sum, and its error would move A and B the same way in every row (3e-7 in the emulation, the one float gradient
+  // above issue 9's 1e-4: kl/jsd at alpha 3, lam 0.1, 1.14e-4; with this 4.6e-5). So raise adds 2^delta less the
+  // approximate value at the same argument once, here in the cold block (0 where the exponential is exact, as the
+  // host's library math).
   // A tie with the maximum (another element equal to it) keeps its error, as before.
   template <class M>
   AMID_HD void raise(T cm) {
     if (cm > m) {  // a new running max
-      s = s * M::exp(m - cm) + (T(1) - M::exp_approx(T(0)));  // m = -inf: s = 0 * 0 (+ the correction)
+      const T lc = scale_of(cm), c2 = cm * lc, dc = fma_t(cm, lc, -c2);  // dc: the maximum's own argument, delta
+      s = s * rescale<M>(m2, lf, c2, lc) + (M::exp2(dc) - M::exp2_approx(dc));  // m = -inf: s = 0 (+ the correction)
       m = cm;
+      m2 = c2;
+      lf = lc;
     }
   }
   // The terms of a chunk once m >= its max. While every element so far was -inf they are taken relative to
-  // float's lowest value instead of m = -inf (x - m would be NaN for x = -inf): -inf adds 0, NaN adds NaN.
+  // float's lowest value instead of m2 = -inf (x L - m2 would be NaN for x = -inf): -inf adds 0, NaN adds NaN.
   // (A branch that skipped such chunks also skipped a NaN in them, among -inf only, before the first finite
   // logit: the row read as valid, the NaN as a masked entry.)
   template <class M, int n>
   AMID_HD void sum_chunk(const T* x) {
     using std::fmax;
-    const T ms = fmax(m, std::numeric_limits<T>::lowest());  // m, unless m = -inf
+    const T ms2 = fmax(m2, std::numeric_limits<T>::lowest());  // m2, unless m2 = -inf
 #pragma unroll
-    for (int j = 0; j < n; ++j) s += M::exp_approx(x[j] - ms);
+    for (int j = 0; j < n; ++j) s += M::exp2_approx(fma_t(x[j], lf, -ms2));
   }
   // Branch-free, with one exponential: the side with the larger max keeps its sum, the other's is
-  // scaled by e^(lo.m - hi.m) (0 for an empty side, m = -inf; 1 for equal maxima). A side with m = +inf
+  // scaled by 2^(lo.m2 - hi.m2) (0 for an empty side, m = -inf; 1 for equal maxima). A side with m = +inf
   // has s NaN already (add_chunk), and the result stays NaN (invalid).
   template <class M>
   AMID_HD void merge(const OnlineLSE& o) {
     const bool ge = m >= o.m;
-    const T e = m == o.m ? T(1) : M::exp(ge ? o.m - m : m - o.m);
+    const T e = m == o.m ? T(1) : (ge ? rescale<M>(o.m2, o.lf, m2, lf) : rescale<M>(m2, lf, o.m2, o.lf));
     s = s * (ge ? T(1) : e) + o.s * (ge ? e : T(1));
     m = ge ? m : o.m;
+    m2 = ge ? m2 : o.m2;
+    lf = ge ? lf : o.lf;
   }
-  AMID_HD T value(T log_s) const { return m + log_s; }  // caller supplies log(s)
 };
 
 // R1 state: both log-sum-exps, the invalid-input flag (NaN or +inf seen) and the largest |logit|

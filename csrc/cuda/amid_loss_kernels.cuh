@@ -252,7 +252,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     }
     // Each log-sum-exp as max + log(sum) (amid_math.h: RowLse), and A - B in double: log p and the
     // logit gap keep their accuracy at any logit scale, as in the CPU kernel.
-    const RowLse<acc_t> A{lse.t.m, M::log(lse.t.s)}, B{lse.s.m, M::log(lse.s.s)};
+    const RowLse<acc_t> A{lse.t.m, lse.t.template log_sum<M>()}, B{lse.s.m, lse.s.template log_sum<M>()};
     const acc_t dAB = row_lse_gap(A, B);
 
     // R2: the mixture per element; Z and the loss-specific sums in online form. A row whose logits are

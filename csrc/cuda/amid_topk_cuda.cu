@@ -289,7 +289,7 @@ __global__ void __launch_bounds__(kThreads, topk_min_blocks<scalar_t, D>())
           }
         });
         ta = block_reduce<acc_t>(ta, tail_scratch, merge_tail);
-        c = ta.bad != acc_t(0) ? nan_v<acc_t>() : (ta.tail.m == ninf ? ninf : ta.tail.m + M::log(ta.tail.s));
+        c = ta.bad != acc_t(0) ? nan_v<acc_t>() : (ta.tail.m == ninf ? ninf : ta.tail.m + ta.tail.template log_sum<M>());
         // ... and the teacher's: given, or log(1 - sum_b exp(lp_b)) in double (-inf when the top-k
         // hold all the mass, or more after rounding).
         if (a.tail_logmass) {
@@ -331,8 +331,8 @@ __global__ void __launch_bounds__(kThreads, topk_min_blocks<scalar_t, D>())
       }
       lse = block_reduce<acc_t>(lse, lse_scratch, merge_lse);
       if (!(lse.bad != acc_t(0) || lse.t.m == ninf || lse.s.m == ninf)) {
-        st.A = RowLse<acc_t>{lse.t.m, M::log(lse.t.s)};
-        st.B = RowLse<acc_t>{lse.s.m, M::log(lse.s.s)};
+        st.A = RowLse<acc_t>{lse.t.m, lse.t.template log_sum<M>()};
+        st.B = RowLse<acc_t>{lse.s.m, lse.s.template log_sum<M>()};
         st.dAB = row_lse_gap(st.A, st.B);
         // R2: the mixture per element; Z and the loss-specific sums.
         Acc acc;
