@@ -68,12 +68,28 @@ struct OnlineLSE {
       s += M::exp2(fma_t(x, lf, -m2));
     }
   }
-  // log(sum e^(x - m)), so that the log-sum-exp is m + log_sum (RowLse{m, log_sum}): log s less the common factor
-  // 2^delta (0 where m is not finite: an all -inf side, or +inf, an invalid row either way).
+  // The state without its caches (m2 and lf are functions of m, as raise, add and merge set them): what the GPU
+  // kernels' block and cluster reductions keep in shared memory and exchange, 2 values instead of 4 (static shared
+  // memory decides whether three kl CTAs fit per SM).
+  struct Packed {
+    T m, s;
+  };
+  AMID_HD Packed pack() const { return Packed{m, s}; }
+  static AMID_HD OnlineLSE unpack(const Packed& p) {
+    OnlineLSE o;
+    o.m = p.m;
+    o.s = p.s;
+    o.lf = scale_of(p.m);
+    o.m2 = p.m * o.lf;
+    return o;
+  }
+  // log(sum e^(x - m)), so that the log-sum-exp is m + log_sum (RowLse{m, log_sum}): the log of s without the
+  // common factor 2^delta (1 where m is not finite: an all -inf side, or +inf, an invalid row either way). The
+  // factor comes off s before the log: log s - delta ln 2 would cancel, up to |delta| 2^-24 absolute (|m| ~ 2^30).
   template <class M>
   AMID_HD T log_sum() const {
     const bool finite = (m > neg_inf<T>()) & (m < std::numeric_limits<T>::infinity());
-    return M::log(s) - (finite ? fma_t(m, lf, -m2) : T(0)) * T(0.69314718055994531);
+    return M::log(finite ? s * M::exp2(-fma_t(m, lf, -m2)) : s);
   }
   // n elements at once (the GPU kernels' vector chunk) in three steps, which LseAcc::add_chunk runs for both
   // sides with one branch: the chunk's maximum (chunk_max); the running max raised to it, at most once per
@@ -175,6 +191,26 @@ struct LseAcc {
     s.template merge<M>(o.s);
     bad = bad > o.bad ? bad : o.bad;
     amax = amax > o.amax ? amax : o.amax;
+  }
+  // Without the caches (OnlineLSE::Packed), for the GPU reductions: merged through the full state, the same bits.
+  struct Packed {
+    typename OnlineLSE<T>::Packed t, s;
+    T bad, amax;
+    template <class M>
+    AMID_HD void merge(const Packed& o) {
+      LseAcc a = unpack(*this);
+      a.template merge<M>(unpack(o));
+      *this = a.pack();
+    }
+  };
+  AMID_HD Packed pack() const { return Packed{t.pack(), s.pack(), bad, amax}; }
+  static AMID_HD LseAcc unpack(const Packed& p) {
+    LseAcc a;
+    a.t = OnlineLSE<T>::unpack(p.t);
+    a.s = OnlineLSE<T>::unpack(p.s);
+    a.bad = p.bad;
+    a.amax = p.amax;
+    return a;
   }
 };
 

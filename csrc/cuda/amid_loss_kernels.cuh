@@ -159,10 +159,11 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
   // Sized by the real warp count (kThreads / 32; the launch bounds forbid larger CTAs): every byte
   // counts, three resident kl CTAs per SM need static + dynamic shared memory <= 76.8 KB each.
   constexpr int kWarps = kThreads / kWarpSize;
-  __shared__ __align__(16) unsigned char lse_mem[sizeof(Lse) * (kWarps + 2)];
+  using LseP = typename Lse::Packed;  // (R1's state without its caches: amid_online.h, OnlineLSE::Packed)
+  __shared__ __align__(16) unsigned char lse_mem[sizeof(LseP) * (kWarps + 2)];
   __shared__ __align__(16) unsigned char acc_mem[sizeof(Acc) * (kWarps + 2)];
-  Lse* lse_scratch = reinterpret_cast<Lse*>(lse_mem);
-  Lse* lse_slot = lse_scratch + kWarps;
+  LseP* lse_scratch = reinterpret_cast<LseP*>(lse_mem);
+  LseP* lse_slot = lse_scratch + kWarps;
   Acc* acc_scratch = reinterpret_cast<Acc*>(acc_mem);
   Acc* acc_slot = acc_scratch + kWarps;
   // The exact pass's reduction (rare rows; see below) reuses acc_mem: static shared memory decides whether three
@@ -189,7 +190,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
   const acc_t invT = P.inv_temperature;
   int round = 0;
 
-  auto merge_lse = [](Lse& x, const Lse& y) { x.template merge<M>(y); };
+  auto merge_lse = [](LseP& x, const LseP& y) { x.template merge<M>(y); };
   auto merge_acc = [&P](Acc& x, const Acc& y) { x.template merge<M>(P, y); };
   auto merge_ex = [](Ex& x, const Ex& y) { x.merge(y); };
 
@@ -244,7 +245,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
         lse.template add_chunk<M, n>(x, y);
       });
     }
-    lse = cluster_reduce<acc_t, kWarps>(lse, lse_scratch, lse_slot, round++, merge_lse);
+    lse = Lse::unpack(cluster_reduce<acc_t, kWarps>(lse.pack(), lse_scratch, lse_slot, round++, merge_lse));
     const bool bad_row = lse.invalid();
     if (bad_row) {  // NaN / +inf, or an all -inf row: the row's loss, stats and gradient are NaN
       fill_row(a, row, g, len, lead, nan_v<acc_t>());

@@ -200,13 +200,14 @@ __global__ void __launch_bounds__(kThreads, topk_min_blocks<scalar_t, D>())
   constexpr int kW = VecWidth<scalar_t>::value;
   // Reduction scratch as raw storage (the accumulators have member initialisers, which shared
   // variables cannot run); every slot is written before it is read.
-  __shared__ __align__(16) unsigned char lse_mem[sizeof(Lse) * kWarps];
+  using LseP = typename Lse::Packed;  // (R1's state without its caches: amid_online.h, OnlineLSE::Packed)
+  __shared__ __align__(16) unsigned char lse_mem[sizeof(LseP) * kWarps];
   __shared__ __align__(16) unsigned char acc_mem[sizeof(Acc) * kWarps];
   __shared__ __align__(16) unsigned char tail_mem[sizeof(TailAcc<acc_t>) * kWarps];
   __shared__ __align__(16) unsigned char dbl_mem[sizeof(Scalar<double>) * kWarps];
   __shared__ unsigned int s_flag;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  Lse* lse_scratch = reinterpret_cast<Lse*>(lse_mem);
+  LseP* lse_scratch = reinterpret_cast<LseP*>(lse_mem);
   Acc* acc_scratch = reinterpret_cast<Acc*>(acc_mem);
   // The exact pass's reduction reuses acc_mem (static shared memory decides the CTAs per SM); block_reduce's
   // leading barrier orders its writes after the R2 reduction's reads.
@@ -221,7 +222,7 @@ __global__ void __launch_bounds__(kThreads, topk_min_blocks<scalar_t, D>())
   const int64_t V = a.V, k = a.k;
   const acc_t invT = P.inv_temperature;
   const acc_t ninf = neg_inf<acc_t>();
-  auto merge_lse = [](Lse& x, const Lse& y) { x.template merge<M>(y); };
+  auto merge_lse = [](LseP& x, const LseP& y) { x.template merge<M>(y); };
   auto merge_acc = [&P](Acc& x, const Acc& y) { x.template merge<M>(P, y); };
   auto merge_ex = [](Ex& x, const Ex& y) { x.merge(y); };
   auto merge_tail = [](TailAcc<acc_t>& x, const TailAcc<acc_t>& y) {
@@ -329,7 +330,7 @@ __global__ void __launch_bounds__(kThreads, topk_min_blocks<scalar_t, D>())
         bin(b, tf, sf);
         lse.template add<M>(tf, sf);
       }
-      lse = block_reduce<acc_t>(lse, lse_scratch, merge_lse);
+      lse = Lse::unpack(block_reduce<acc_t>(lse.pack(), lse_scratch, merge_lse));
       if (!(lse.bad != acc_t(0) || lse.t.m == ninf || lse.s.m == ninf)) {
         st.A = RowLse<acc_t>{lse.t.m, lse.t.template log_sum<M>()};
         st.B = RowLse<acc_t>{lse.s.m, lse.s.template log_sum<M>()};

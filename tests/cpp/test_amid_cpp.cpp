@@ -338,7 +338,11 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
           for (int j = 0; j < n; ++j) a.template add_chunk<M, 1>(x + j, y + j);
         }
       },
-      [](amid::LseAcc<T>& x, const amid::LseAcc<T>& y) { x.template merge<M>(y); });
+      [](amid::LseAcc<T>& x, const amid::LseAcc<T>& y) {  // (as the kernels: through the packed state)
+        auto p = x.pack();
+        p.template merge<M>(y.pack());
+        x = amid::LseAcc<T>::unpack(p);
+      });
   EXPECT(!r1.invalid());
   const amid::RowLse<T> A{r1.t.m, r1.t.template log_sum<M>()}, B{r1.s.m, r1.s.template log_sum<M>()};
   const T dAB = amid::row_lse_gap(A, B);
@@ -1172,6 +1176,40 @@ static void test_lse_chunks() {
   }
   EXPECT(worst_off <= 1e-7 || (std::fprintf(stderr, "lse with exp_approx off at 0: log s off by %.3g\n", worst_off), false));
   std::printf("R1 with an exponential off by 2^-20 at 0: log s moved by %.3g at most\n", worst_off);
+  // Near and past |m| = 2^30, where the base-2 sum changes its scale (OnlineLSE::scale_of): every element below
+  // the maximum is at least 2^-20 |m| (>= 950) below it, so log_sum is the log of the count of maxima; the first
+  // chunks hold values below the switch (|big| / 1.2), whose sum the raise across scales drops. Also merged
+  // through the packed state (as the kernels' reductions) from two halves, and its caches restored bit for bit.
+  int scale_checks = 0;
+  for (float big : {1.0e9f, 1.0737418e9f, 1.0737419e9f, 2.0e9f, 1e20f, 3e38f, -1.0e9f, -2.0e9f, -3e38f}) {
+    std::vector<float> x(43), y(43, 0.f);
+    int count = 0;
+    for (size_t i = 0; i < x.size(); ++i) {
+      const bool top = i >= 16 && i % 5 == 1;
+      count += top;
+      x[i] = i < 16 ? big / 1.2f : (top ? big : big - std::abs(big) * 0x1p-20f);
+    }
+    // (for a negative big, big / 1.2 is the larger: the maxima are those first chunks then)
+    if (big < 0) {
+      count = 0;
+      for (size_t i = 0; i < 16; ++i) x[i] = big / 1.2f, count += 1;
+    }
+    const auto a = run(x, y);
+    std::vector<float> x1(x.begin(), x.begin() + 24), y1(24, 0.f), x2(x.begin() + 24, x.end()), y2(x2.size(), 0.f);
+    auto h = run(x1, y1).pack();
+    h.template merge<M>(run(x2, y2).pack());
+    const auto b = amid::LseAcc<float>::unpack(h);
+    for (const auto* r : {&a, &b}) {
+      const double got = double(r->t.template log_sum<M>());
+      EXPECT(r->t.m == (big < 0 ? big / 1.2f : big));
+      EXPECT(std::abs(got - std::log(double(count))) <= 1e-6 ||
+             (std::fprintf(stderr, "lse near the scale switch, max %g: log_sum %.9g, want log %d\n", big, got, count), false));
+      const auto u = amid::OnlineLSE<float>::unpack(r->t.pack());
+      EXPECT(std::memcmp(&u, &r->t, sizeof(u)) == 0);
+      ++scale_checks;
+    }
+  }
+  std::printf("R1 near the base-2 scale's switch (|m| = 2^30) and past it: the count of maxima on %d rows\n", scale_checks);
   for (int k = 0; k < 8; ++k) {
     std::vector<float> x(40), y(40);
     for (auto& e : x) e = nd(rng);
