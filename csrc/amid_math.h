@@ -106,6 +106,9 @@ struct LossParams {
   // phi(v) / (c d) = -sum_{n>=2} ab_phi_cd[n-2] v^n with ab_phi_cd[n-2] = sum_{j<n-1} c^j g^(n-2-j) / n!
   // (float: economized to kAbPhiTermsFloat terms on |g v| <= 1/2).
   T ab_d, inv_c, inv_d, inv_g;
+  // g, c, dd times log2(e) (in double on the host): the element terms' powers as one MUFU.EX2 of one product or FMA
+  // (exp2_approx), not exp_approx's second product with log2(e)
+  T ab_g_log2e, ab_c_log2e, ab_d_log2e;
   // Where the assistant's mass is mostly missing (Z < -1.4), the online row sums (amid_online.h: finalize)
   // still shift their element terms by Z while g |Z| < ab_shift_limit = min(60, log(1 / (a b))): there the
   // shift's terms (~e^(g |Z|)) lose fewer digits than the power sums' difference divided by a b.
@@ -886,10 +889,12 @@ AMID_HD AbTerms<T> ab_terms_pow(const LossParams<T>& P, T v, T og, T xg, T xc_od
 
 template <class M, typename T>
 AMID_HD AbTerms<T> ab_terms(const LossParams<T>& P, T lo, T lx, T v) {
-  // o^g, x^g, x^c o^dd by exp_approx: arguments <= 0 (a, b > 0), and the big forms subtract two of them
+  // o^g, x^g, x^c o^dd by exp2_approx: arguments <= 0 (a, b > 0), and the big forms subtract two of them
   // only where their ratio is at least e^(1/2) (|y| >= 1/2), which amplifies its relative error at most 2.6x.
-  const T og = M::exp_approx(P.ab_g * lo), xg = M::exp_approx(P.ab_g * lx);
-  const T xc_od = M::exp_approx(P.ab_c * lx + P.ab_d * lo);
+  // (The exponents times log2(e) are row constants: one rounding of the argument, as g lo had before its product
+  // with log2(e) added a second.)
+  const T og = M::exp2_approx(P.ab_g_log2e * lo), xg = M::exp2_approx(P.ab_g_log2e * lx);
+  const T xc_od = M::exp2_approx(P.ab_c_log2e * lx + P.ab_d_log2e * lo);
   return ab_terms_pow<M>(P, v, og, xg, xc_od);
 }
 

@@ -368,13 +368,13 @@ struct RowAcc {
       const T lo = (O == Order::kPR || O == Order::kRP) ? lp : lq;  // the non-assistant side
       // x^a rho^b (pr/qr) or rho^a y^b (rp/rq), all in log space: -inf gives 0.
       const T lxy = (O == Order::kPR || O == Order::kQR) ? P.ab_a * lo + P.ab_b * rel : P.ab_a * rel + P.ab_b * lo;
-      // o^g and rho^g by exp_approx (arguments <= 0), as W's ab_terms: on the C++ tests' emulation of its
+      // o^g and rho^g by exp2_approx of g log2(e) times the log (arguments <= 0), as W's ab_terms: on the C++ tests' emulation of its
       // error the worst float loss went from 6.5e-6 to 8.2e-6 relative (budget 1e-5) and the gradients got
       // better (4.0e-4 -> 2.0e-4 on ordinary inputs). x^a rho^b and o keep the accurate exponential: with
       // exp_approx there the loss of ab/rq at alpha = 1, lam = 0.1 (and of ab/pr, for o) went past 1e-5.
       const T xy = M::exp(lxy);
-      const T og = M::exp_approx(P.ab_g * lo);
-      const T rg = M::exp_approx(P.ab_g * rel);
+      const T og = M::exp2_approx(P.ab_g_log2e * lo);
+      const T rg = M::exp2_approx(P.ab_g_log2e * rel);
       f[0] += xy;
       f[1] += xy * w;
       f[2] += og;

@@ -288,6 +288,9 @@ LossParams<T> make_params(const char* op, double alpha, double lam, const std::s
   P.inv_c = T(1.0 / c);
   P.inv_d = T(1.0 / dd);
   P.inv_g = T(1.0 / g);
+  P.ab_g_log2e = T(g * kLog2e);
+  P.ab_c_log2e = T(c * kLog2e);
+  P.ab_d_log2e = T(dd * kLog2e);
   P.ab_shift_limit = T(std::min(60.0, -std::log(ab_alpha * ab_beta)));
   if constexpr (std::is_same<T, float>::value) {
     double e_cd[kAbPhiTermsFloat];

@@ -88,6 +88,9 @@ struct VecMath {
 
   static AMID_HD double exp(double x) { return std::exp(x); }
   static AMID_HD double exp_approx(double x) { return std::exp(x); }
+  // 2^y (amid_math.h: LibMath::exp2_approx), as exp of y ln 2 (one more rounding of the argument, |y| 2^-24)
+  static AMID_HD float exp2_approx(float y) { return exp(y * 0.693147180559945309f); }
+  static AMID_HD double exp2_approx(double y) { return std::exp2(y); }
   static AMID_HD double log1p(double x) { return std::log1p(x); }
   static AMID_HD double log(double x) { return std::log(x); }
   static AMID_HD double log_sel(bool use_log1p, double y, double s) { return LibMath::log_sel(use_log1p, y, s); }
