@@ -484,19 +484,22 @@ AMID_HD T power_log(const LossParams<T>& P, const PowerPre<T>& m) {
   return c;
 }
 
-// lt and d from c (before the both-masked select).
+// lt and d from c (before the both-masked select). Where the other side is the base (|x| > 80) d = (l_non - l_ref) + c
+// is large, with l_non - l_ref the logit gap dpq the mixture took (-dpq with p as the reference: one subtraction
+// fewer than lq - lp, and the gap's more accurate form).
 template <bool REF_P, typename T>
-AMID_HD void power_lt_d(const PowerPre<T>& m, T c, T lp, T lq, T& lt, T& d) {
+AMID_HD void power_lt_d(const PowerPre<T>& m, T c, T lp, T lq, T dpq, T& lt, T& d) {
   const T l_ref = REF_P ? lp : lq, l_non = REF_P ? lq : lp;
   const bool from_non = !m.own & m.big;  // lt = l_non + c_B: d cancels, taken as a difference (large here)
-  d = from_non ? (l_non - l_ref) + c : c;
+  d = from_non ? c - (REF_P ? dpq : -dpq) : c;
   lt = from_non ? l_non + c : l_ref + c;
 }
 
 // lt, w, d from c (before the both-masked select): R2's form of w, by one reciprocal.
 template <bool REF_P, class M, bool TINY_LAM, typename T>
-AMID_HD void power_finish(const LossParams<T>& P, const PowerPre<T>& m, T c, T lp, T lq, T& lt, T& w, T& d) {
-  power_lt_d<REF_P>(m, c, lp, lq, lt, d);
+AMID_HD void power_finish(const LossParams<T>& P, const PowerPre<T>& m, T c, T lp, T lq, T dpq, T& lt, T& w,
+                          T& d) {
+  power_lt_d<REF_P>(m, c, lp, lq, dpq, lt, d);
   // w: (1-lam) / ((1-lam) + lam e) with q as the base, else e / (e + lam / (1-lam)); both terms of
   // each denominator are >= 0. If both vanish in T (lam / (1-lam) and e underflow), w is the
   // sigmoid's saturated value, 1 or 0 by the sign of log((1-lam)/lam) - |x|.
@@ -555,7 +558,7 @@ AMID_HD void mixture(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w, T& 
   } else {
     const PowerPre<T> m = power_pre<REF_P, M>(P, dpq);
     c = power_log<REF_P, M, TINY_LAM>(P, m);
-    power_finish<REF_P, M, TINY_LAM>(P, m, c, lp, lq, lt_, w_, d_);
+    power_finish<REF_P, M, TINY_LAM>(P, m, c, lp, lq, dpq, lt_, w_, d_);
   }
   select_both_masked<M>(lp, lq, lt_, w_, d_, lt, w, d);
 }
@@ -665,8 +668,8 @@ AMID_HD void mixture_both(const LossParams<T>& P, T lp, T lq, T dpq, T& lt, T& w
     PowerPre<T> mp, mq;
     power_pre_both<M>(P, dpq, mp, mq);
     T lt_p, w_p, d_p, lt_q, w_q, d_q;
-    power_finish<true, M, TINY_LAM>(P, mp, power_log<true, M, TINY_LAM>(P, mp), lp, lq, lt_p, w_p, d_p);
-    power_finish<false, M, TINY_LAM>(P, mq, power_log<false, M, TINY_LAM>(P, mq), lp, lq, lt_q, w_q, d_q);
+    power_finish<true, M, TINY_LAM>(P, mp, power_log<true, M, TINY_LAM>(P, mp), lp, lq, dpq, lt_p, w_p, d_p);
+    power_finish<false, M, TINY_LAM>(P, mq, power_log<false, M, TINY_LAM>(P, mq), lp, lq, dpq, lt_q, w_q, d_q);
     select_both_masked<M>(lp, lq, lt_p, w_p, d_p, lt, w, dp);
     select_both_masked<M>(lp, lq, lt_q, w_q, d_q, lt2, w2, dq);
   } else {
@@ -1055,10 +1058,11 @@ AMID_HD void w_mixture(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T
     lq = log_prob<M>(sf, B);
     // R2's kept term (add_from_logits_c: power_kept of mixture's c and d, d before the both-masked select, which
     // power_kept does not read there), then the mixture from it as the resident W takes it (see w_mixture_c)
-    const PowerPre<T> m = power_pre<ref_is_p<O>(), M>(P, logit_gap<M>(tf, sf, lp, lq, dAB));
+    const T dpq = logit_gap<M>(tf, sf, lp, lq, dAB);
+    const PowerPre<T> m = power_pre<ref_is_p<O>(), M>(P, dpq);
     const T c = power_log<ref_is_p<O>(), M, true>(P, m);
     T lt_, d_;
-    power_lt_d<ref_is_p<O>()>(m, c, lp, lq, lt_, d_);
+    power_lt_d<ref_is_p<O>()>(m, c, lp, lq, dpq, lt_, d_);
     power_mixture_from_kept<ref_is_p<O>(), M>(P, lp, lq, lp - lq, power_kept<M>(lp, lq, c, d_), lt, w, d);
   } else {
     mixture_from_logits_split<POWER, ref_is_p<O>(), M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, d);

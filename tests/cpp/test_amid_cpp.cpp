@@ -443,7 +443,7 @@ static void test_w_from_kept_one(const char* tname) {
           const amid::PowerPre<T> m = amid::power_pre<R, M>(P, dpq);
           const T c = amid::power_log<R, M, true>(P, m);
           T lt2, d2, lt, w_t, d;
-          amid::power_lt_d<R>(m, c, lpm, lq, lt2, d2);
+          amid::power_lt_d<R>(m, c, lpm, lq, dpq, lt2, d2);
           amid::power_mixture_from_kept<R, M>(P, lpm, lq, dpq, amid::power_kept<M>(lpm, lq, c, d2), lt, w_t, d);
           // lt: R2's where the reference side's form holds; where the other side dominates (|x| > 80), l_non plus the
           // row constant that c is there (to c's own error: the logarithm's 2^-22 over k)
