@@ -348,6 +348,42 @@ def test_mixture_form_edge(path, div, order, alpha):
     assert gerr <= 1e-4, (path, opts, gerr)
 
 
+def _r1_scale_rows(v: int = 2001) -> tuple:
+    """float32 rows for R1's base-2 sums near and past |m| = 2^30, where their scale changes (amid_online.h:
+    OnlineLSE::scale_of): one side's logits are a few maxima and values whole multiples of 128 below them (an ulp of
+    2^30 is 128), so its distribution is uniform over the maxima; the other side ordinary (scale 3). Rows: teacher
+    maxima at 1e9 (below the switch), at 2^30 among values just below it (thread sums that change scale across
+    chunks), at 2e9 and at 3e38 (past it); then the student at -1e9 and 2^30."""
+    g = torch.Generator().manual_seed(23)
+    tops = [(1.0e9, 0), (2.0**30, 0), (2.0e9, 0), (3.0e38, 0), (-1.0e9, 1), (2.0**30, 1)]
+    s, t = make_logits(len(tops), v, dtype=torch.float64, generator=g)
+    for i, (top, side) in enumerate(tops):
+        steps = torch.randint(0, 4, (v,), generator=g).double()
+        steps[torch.randint(0, v, (5,), generator=g)] = 0.0  # at least a few maxima
+        row = top - steps * max(128.0, abs(top) * 2.0**-20)  # (1e9 and 2e9: 954 and 1907; 3e38: its own scale)
+        (t if side == 0 else s)[i] = row
+    return s.float(), t.float()
+
+
+@pytest.mark.parametrize("div,order", [("kl", "pr"), ("kl", "rq"), ("ab", "qr"), ("kl", "jsd")])
+def test_r1_base2_scale_switch(path, div, order):
+    """R1 sums 2^(x log2(e) - m2) with m2 = m log2(e) rounded, and past |m| = 2^30 at a smaller scale (so that 2^delta,
+    delta = m log2(e) - m2, cannot overflow); sums of different scales meet in the reductions (one side's is then
+    negligible: its maximum is at least an ulp of 2^30 below). tests/cpp checks the sums on the host (the log of the
+    count of maxima); here the kernels against the CPU op in float64 on rows with maxima at 1e9, 2^30, 2e9 and 3e38:
+    loss 1e-5 relative, gradient 1e-4 of max(a row's largest element, 1) (the CPU op in float32: 4.2e-7 and 2.1e-7 at
+    most)."""
+    s, t = _r1_scale_rows()
+    opts = op_opts(0.5, 0.5, div, order)
+    ref_rows, _stats, ref_grad = amid.ops.amid_loss_fwd(s.double(), t.double(), None, compute_grad=True, **opts)
+    rows, grad = _cuda_rows_and_grad(s, t, **opts)
+    assert torch.isfinite(rows).all() and torch.isfinite(grad).all(), (path, opts)
+    rel = ((rows.double() - ref_rows).abs() / ref_rows.abs()).max().item()
+    assert rel <= 1e-5, (path, opts, rel)
+    gerr = rowwise_err(grad, ref_grad, 1.0)
+    assert gerr <= 1e-4, (path, opts, gerr)
+
+
 @pytest.mark.parametrize("order", ["pr", "rq", "jsd"])
 def test_small_ab_exponent_at_large_logit_scale(path, order):
     """One tiny alpha-beta exponent with logits of scale 12 (losses up to ~70): neither online closing form holds
