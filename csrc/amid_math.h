@@ -89,7 +89,6 @@ struct LossParams {
   // parameter, so the kernels' branches on it are uniform and never taken for ordinary lam.
   bool lam_tiny;
   T k, inv_k;       // k = (1 - alpha) / 2, used by kPower only
-  T ln2_inv_k;      // ln 2 / k: a base-2 logarithm's c (power_log under WideWeights)
   // k log2(e), log2(lam) and log2(1 - lam) (computed in double on the host): W's weight w from the kept d as one
   // base-2 exponential of an FMA; c_non: log(1 - lam) / k (index 0: pr / rp) and log(lam) / k (1: qr / rq), lt - l_non
   // where the non-reference side dominates (power_mixture_from_d). kPower only.
@@ -137,7 +136,7 @@ AMID_HD double fma_t(double a, double b, double c) { return fma(a, b, c); }
 
 // ------------------------------------------------------------------------------------------------
 // Math policy: the C / CUDA math library (accurate to ~1 ulp), plus the reciprocal and the
-// logarithms the power mean uses (rcp, log2_mix, log_sel).
+// logarithms the power mean uses (rcp, log_mix, log_sel).
 
 struct LibMath {
   // Whether every logit of the row is finite with |logit / T| < 2^100 (BoundedRow): no -inf masks and
@@ -229,22 +228,21 @@ struct LibMath {
 #endif
   }
   static AMID_HD double rcp_approx(double x) { return 1.0 / x; }
-  // log2(s) for the float power mean's sum s = lam_o + lam' e^+-|x| of two non-negative terms (a normal
+  // log(s) for the float power mean's sum s = lam_o + lam' e^+-|x| of two non-negative terms (a normal
   // number; power_log), where an absolute error of ~2^-22 is acceptable (|x| >= 1/2 there: the element's
   // assistant is not close to its reference). On the GPU one MUFU.LG2 (lg2.approx.ftz; CUDA's __log2f:
   // absolute error 2^-22 for s in [1/2, 2], else 2 ulp, i.e. up to 2^-22 |log2 s|) of the mantissa
-  // m = s 2^-e in [1/sqrt 2, sqrt 2), plus e by one FADD: 2^-22 absolute and one rounding at any s, where a
-  // logarithm kept to the last bit took ~22 instructions. In base 2: power_log scales it by ln 2 / k, a row
-  // constant, where a natural log took one product more. The host uses log2f (the C++ tests emulate the GPU's
-  // error). Float only: double's power_log keeps log_sel.
-  static AMID_HD float log2_mix(float s) {
+  // m = s 2^-e in [1/sqrt 2, sqrt 2), plus e ln 2 by one FMA: 2^-22 ln 2 absolute and one rounding at any
+  // s, where a logarithm kept to the last bit took ~22 instructions. The host uses logf (the C++ tests
+  // emulate the GPU's error). Float only: double's power_log keeps log_sel.
+  static AMID_HD float log_mix(float s) {
 #if defined(__CUDA_ARCH__)
     const int32_t eb = (bit_cast<int32_t>(s) - 0x3f3504f3) & int32_t(0xff800000);  // e << 23
     float r;
     asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(bit_cast<float>(bit_cast<int32_t>(s) - eb)));
-    return float(eb >> 23) + r;
+    return fmaf(float(eb >> 23), 0.693147180559945309f, r * 0.693147180559945309f);
 #else
-    return ::log2f(s);
+    return ::logf(s);
 #endif
   }
   // use_log1p ? log1p(y) : log(s): the double power mean's logarithm (power_log).
@@ -261,7 +259,7 @@ struct BoundedRow : Base {
   static constexpr bool kBounded = true;
 };
 
-// The library math in place of every approximate instruction (exp_approx, rcp_approx, log2_mix): for a kernel
+// The library math in place of every approximate instruction (exp_approx, rcp_approx, log_mix): for a kernel
 // whose rows are short, where the approximate exponential's ~2^-22 relative error is not averaged out over
 // many elements, and whose instruction count does not matter: the top-k kernel (amid_topk_cuda.cu), whose
 // bucket rows are k + 1 bins. On the host this is LibMath's math exactly.
@@ -272,7 +270,7 @@ struct PreciseMath : LibMath {
   static AMID_HD float exp_approx(float x) { return ::expf(x); }
   static AMID_HD float exp2_approx(float y) { return ::exp2f(y); }
   static AMID_HD float rcp_approx(float x) { return 1.0f / x; }
-  static AMID_HD float log2_mix(float s) { return ::log2f(s); }
+  static AMID_HD float log_mix(float s) { return ::logf(s); }
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -312,13 +310,11 @@ AMID_HD T horner(const T* c, T v) {
   }
 }
 
-// log2(1 + a) for |a| < 1/8 by log1p's Taylor series, its coefficients times log2(e) (truncation (1/8)^8 / 9 < 1e-8
-// relative; no special function; in base 2 as log2_mix, which it stands in for near s = 1).
+// log1p(a) for |a| < 1/8 by its Taylor series (truncation (1/8)^8 / 9 < 1e-8 relative; no special function).
 template <typename T>
-AMID_HD T log2p1_series(T a) {
-  constexpr double L = 1.4426950408889634;  // log2(e)
-  return a * (T(L) + a * (T(-L / 2) + a * (T(L / 3) + a * (T(-L / 4) + a * (T(L / 5) + a * (T(-L / 6) +
-         a * (T(L / 7) + a * T(-L / 8))))))));
+AMID_HD T log1p_series(T a) {
+  return a * (T(1) + a * (T(-1.0 / 2) + a * (T(1.0 / 3) + a * (T(-1.0 / 4) + a * (T(1.0 / 5) + a * (T(-1.0 / 6) +
+         a * (T(1.0 / 7) + a * T(-1.0 / 8))))))));
 }
 
 // log(e^a + e^b) by the larger one plus log1p of the other's ratio (no overflow, no cancellation): the power
@@ -444,29 +440,28 @@ AMID_HD T power_log(const LossParams<T>& P, const PowerPre<T>& m) {
     const T ser = m.sx * horner<0, kMixTerms>(P.mix_h[i], m.sx);
     // |x| >= 1/2: k c = log1p(a), a = s_B - 1 = lam_nonref (E - 1) (the own and non-own forms; |E - 1| >= 0.39:
     // no cancellation), by its series while |a| < 1/8 (a small weight lam_nonref: the assistant stays near its
-    // reference, and c needs its relative accuracy), else the log of the sum, M::log2_mix (one MUFU.LG2
+    // reference, and c needs its relative accuracy), else the log of the sum, M::log_mix (one MUFU.LG2
     // on the GPU, absolute error ~2^-22: at most ~1.4e-6 of c there). Where a side is masked (x = -+inf)
     // the sum is one weight, whose log is a row constant computed in double: the same error in every
     // masked element would shift the masked mass as a whole. (Not where E only underflows, |x| > 87: a
     // bounded row, which has no masked side, then needs no select and no load of that constant.)
     // (from_non, |x| > 80 with the other side as the base: s_B = lam_nonref + lam_ref e^-|x| is lam_nonref to
-    // float precision, and its log by log2_mix has the absolute error that every log2_mix element has; c is added to
+    // float precision, and its log by log_mix has the absolute error that every log_mix element has; c is added to
     // l_non - l_ref > 80 / |k| there. So the series is never taken there, and a is formed for the other forms only.)
     // Under the WideWeights policy (lam_nonref >= kWideWeight) |a| >= 0.32 (1 - e^-1/2) > 1/8 in both forms: the
     // series is never taken, and the same values come without it.
-    // (All in base 2: kc2 = k c / ln 2, and c its product with the row constant ln 2 / k.)
-    T kc2;
+    T kc;
     if constexpr (M::kWideWeights) {
-      kc2 = M::log2_mix(s_B);
+      kc = M::log_mix(s_B);
     } else {
       const T a = lam_nonref * (m.E - T(1));
-      kc2 = (a > T(-0.125)) & (a < T(0.125)) & !from_non ? log2p1_series(a) : M::log2_mix(s_B);
+      kc = (a > T(-0.125)) & (a < T(0.125)) & !from_non ? log1p_series(a) : M::log_mix(s_B);
     }
     if constexpr (!M::kBounded) {
-      const T log2_w = (from_non == REF_P) ? P.log2_1m_lam : P.log2_lam;  // log2 of s_B's weight without E
-      kc2 = m.ax == neg_inf<T>() ? log2_w : kc2;
+      const T log_w = (from_non == REF_P) ? P.log_1m_lam : P.log_lam;  // log of s_B's weight without E
+      kc = m.ax == neg_inf<T>() ? log_w : kc;
     }
-    c = m.ax > T(-0.5) ? ser : kc2 * P.ln2_inv_k;
+    c = m.ax > T(-0.5) ? ser : kc * P.inv_k;
   } else {
     // double (the CPU kernel's float64 math), by the library: log1p of a_B = lam_N expm1(-|x|) in
     // [-lam_N, 0] (lam_N the weight of the non-base side), or of y_up = lam_nonref expm1(|x|) >= 0;

@@ -77,7 +77,7 @@ struct VecMath {
     return u > 0.0f ? lu : -std::numeric_limits<float>::infinity();
   }
 
-  static AMID_HD float log2_mix(float s) { return log(s) * 1.44269504088896341f; }  // (LibMath::log2_mix; s is normal)
+  static AMID_HD float log_mix(float s) { return log(s); }  // (LibMath::log_mix; s is normal)
   static AMID_HD float rcp(float x) { return 1.0f / x; }
   static AMID_HD float rcp_approx(float x) { return 1.0f / x; }
   static AMID_HD float exp_approx(float x) { return exp(x); }

@@ -278,15 +278,15 @@ static Acc gpu_order_reduce(int64_t V, int C, int kW, Add&& add, Merge&& merge) 
 // CUDA build uses where the host uses the library function, emulated as deterministic perturbations of
 // their worst-case size (sign and fraction from a hash of x's bits): LibMath::exp_approx (ex2.approx.ftz of
 // x log2 e, 2 ulp by the PTX ISA, plus the product's rounding, |x| 2^-24 relative): +-(2^-22 + |x| 2^-24);
-// LibMath::rcp_approx (rcp.approx.ftz, 1 ulp): +-2^-23; LibMath::log2_mix (lg2.approx.ftz of the mantissa
-// in [1/sqrt 2, sqrt 2), CUDA's __log2f: 2^-22 absolute there; plus the exponent by an FADD, its rounding):
-// +-(2^-22 + |log2 s| 2^-24).
+// LibMath::rcp_approx (rcp.approx.ftz, 1 ulp): +-2^-23; LibMath::log_mix (lg2.approx.ftz of the mantissa
+// in [1/sqrt 2, sqrt 2), CUDA's __log2f: 2^-22 absolute there; times ln 2, plus e ln 2 by an FMA: the
+// product's rounding < 2^-26 and the FMA's): +-(2^-22 ln 2 + 2^-26 + |log s| 2^-24).
 struct GpuEmuMath : amid::LibMath {
   using amid::LibMath::exp_approx;
-  static float log2_mix(float s) {
-    const double l2 = std::log2(double(s));
-    const double bound = std::ldexp(1.0, -22) + std::abs(l2) * std::ldexp(1.0, -24);
-    return float(double(::log2f(s)) + perturb(s) * bound);
+  static float log_mix(float s) {
+    const double l = std::log(double(s));
+    const double bound = std::ldexp(std::log(2.0), -22) + std::ldexp(1.0, -26) + std::abs(l) * std::ldexp(1.0, -24);
+    return float(double(::logf(s)) + perturb(s) * bound);
   }
   // rcp.approx.ftz: 1 ulp (PTX ISA), emulated as a +-2^-23 relative perturbation (hash of x's bits).
   using amid::LibMath::rcp_approx;
