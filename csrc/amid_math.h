@@ -73,6 +73,8 @@ constexpr int kAbPhiTerms = 18;
 constexpr int kAbPhiTermsFloat = 7;
 // Coefficients of the power mean's series for |x| < 1/2 in float (power_log; make_params computes them).
 constexpr int kMixTerms = 9;
+// log2(e): one place for the host's row constants (make_params) and the kernels' base-2 exponentials.
+constexpr double kLog2e = 1.4426950408889634;
 
 template <typename T>
 struct LossParams {
@@ -184,7 +186,7 @@ struct LibMath {
   // The host uses expf (the C++ tests emulate the GPU's error: GpuEmuMath).
   static AMID_HD float exp_approx(float x) {
 #if defined(__CUDA_ARCH__)
-    return exp2_approx(x * 1.44269504088896341f);
+    return exp2_approx(x * float(kLog2e));
 #else
     return ::expf(x);
 #endif

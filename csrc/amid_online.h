@@ -41,7 +41,7 @@ AMID_HD T rescale_factor(T c, T d) {
 // far apart), so raise and merge multiply by 0 there instead of by 2^(m2 - m2') in mixed units.
 template <typename T>
 struct OnlineLSE {
-  static constexpr T kL = T(1.4426950408889634);  // log2(e)
+  static constexpr T kL = T(kLog2e);
   static constexpr int kD = std::numeric_limits<T>::digits;
   T m = neg_inf<T>(), m2 = neg_inf<T>(), s = T(0), lf = kL;
   static AMID_HD T scale_of(T m) {

@@ -239,7 +239,6 @@ LossParams<T> make_params(const char* op, double alpha, double lam, const std::s
   const double k = 0.5 * (1.0 - alpha);
   P.k = T(k);
   P.inv_k = k != 0.0 ? T(1.0 / k) : T(0);
-  constexpr double kLog2e = 1.4426950408889634;  // log2(e)
   P.k_log2e = T(k * kLog2e);
   P.log2_lam = T(std::log(lam) * kLog2e);
   P.log2_1m_lam = T(std::log1p(-lam) * kLog2e);
