@@ -263,6 +263,19 @@ def test_small_ab_exponents_float32(path, order):
                          1e-4)
 
 
+def _assert_float32_budgets(path, s, t, opts, grad_tol, grad_floor=0.0, finite=False):
+    """The kernels on float32 rows against the CPU op in float64: the loss within 1e-5 relative, and each row's
+    gradient within grad_tol of max(its largest element, grad_floor) (rowwise_err). finite: also no NaN / inf."""
+    ref_rows, _stats, ref_grad = amid.ops.amid_loss_fwd(s.double(), t.double(), None, compute_grad=True, **opts)
+    rows, grad = _cuda_rows_and_grad(s, t, **opts)
+    if finite:
+        assert torch.isfinite(rows).all() and torch.isfinite(grad).all(), (path, opts)
+    rel = ((rows.double() - ref_rows).abs() / ref_rows.abs()).max().item()
+    assert rel <= 1e-5, (path, opts, rel)
+    gerr = rowwise_err(grad, ref_grad, grad_floor)
+    assert gerr <= grad_tol, (path, opts, gerr)
+
+
 @pytest.mark.parametrize("div,order", [("kl", "pr"), ("kl", "qr"), ("kl", "rq"), ("ab", "pr"), ("ab", "rp"),
                                        ("kl", "jsd")])
 def test_large_logit_scale_loss_float32(path, div, order):
@@ -275,13 +288,7 @@ def test_large_logit_scale_loss_float32(path, div, order):
     g = torch.Generator().manual_seed(5)
     s, t = make_logits(4, 2001, dtype=torch.float32, scale=12.0, generator=g)
     for alpha, lam in ((0.5, 0.98), (0.5, 0.1), (1.0, 0.9), (-3.0, 0.5), (3.0, 0.5)):
-        opts = op_opts(alpha, lam, div, order)
-        ref_rows, _stats, ref_grad = amid.ops.amid_loss_fwd(s.double(), t.double(), None, compute_grad=True, **opts)
-        rows, grad = _cuda_rows_and_grad(s, t, **opts)
-        rel = ((rows.double() - ref_rows).abs() / ref_rows.abs()).max().item()
-        assert rel <= 1e-5, (path, opts, rel)
-        gerr = rowwise_err(grad, ref_grad, 1.0)
-        assert gerr <= 5e-5, (path, opts, gerr)
+        _assert_float32_budgets(path, s, t, op_opts(alpha, lam, div, order), 5e-5, grad_floor=1.0)
 
 
 @pytest.mark.parametrize("div,order", PAIRS + [("kl", "jsd"), ("ab", "jsd")])
@@ -295,13 +302,8 @@ def test_ordinary_inputs_float32_budgets(path, div, order):
     g = torch.Generator().manual_seed(5)
     s, t = make_logits(4, 2001, dtype=torch.float32, generator=g)
     for alpha, lam in ((-10.0, 0.02), (3.0, 0.1), (0.5, 0.5), (-3.0, 0.9), (10.0, 0.98)):
-        opts = op_opts(alpha, lam, div, order)
-        ref_rows, _stats, ref_grad = amid.ops.amid_loss_fwd(s.double(), t.double(), None, compute_grad=True, **opts)
-        rows, grad = _cuda_rows_and_grad(s, t, **opts)
-        rel = ((rows.double() - ref_rows).abs() / ref_rows.abs()).max().item()
-        assert rel <= 1e-5, (path, opts, rel)
-        gerr = rowwise_err(grad, ref_grad)  # every row's error over its largest element, as tests/cpp
-        assert gerr <= 1e-4, (path, opts, gerr)
+        # (every row's gradient error over its largest element, as tests/cpp)
+        _assert_float32_budgets(path, s, t, op_opts(alpha, lam, div, order), 1e-4)
 
 
 def _form_edge_rows(k: float, ref_p: bool, n: int = 4, v: int = 2001, n_edge: int = 512) -> tuple:
@@ -339,13 +341,7 @@ def test_mixture_form_edge(path, div, order, alpha):
     most; at alpha = 0.2, 80 / k = 200 and its float32 loss is off by 1.1e-5 itself, so that alpha is left out)."""
     k = 0.5 * (1.0 - alpha)
     s, t = _form_edge_rows(k, order in ("pr", "rp"))
-    opts = op_opts(alpha, 0.5, div, order)
-    ref_rows, _stats, ref_grad = amid.ops.amid_loss_fwd(s.double(), t.double(), None, compute_grad=True, **opts)
-    rows, grad = _cuda_rows_and_grad(s, t, **opts)
-    rel = ((rows.double() - ref_rows).abs() / ref_rows.abs()).max().item()
-    assert rel <= 1e-5, (path, opts, rel)
-    gerr = rowwise_err(grad, ref_grad, 1.0)
-    assert gerr <= 1e-4, (path, opts, gerr)
+    _assert_float32_budgets(path, s, t, op_opts(alpha, 0.5, div, order), 1e-4, grad_floor=1.0)
 
 
 def _r1_scale_rows(v: int = 2001) -> tuple:
@@ -374,14 +370,7 @@ def test_r1_base2_scale_switch(path, div, order):
     loss 1e-5 relative, gradient 1e-4 of max(a row's largest element, 1) (the CPU op in float32: 4.2e-7 and 2.1e-7 at
     most)."""
     s, t = _r1_scale_rows()
-    opts = op_opts(0.5, 0.5, div, order)
-    ref_rows, _stats, ref_grad = amid.ops.amid_loss_fwd(s.double(), t.double(), None, compute_grad=True, **opts)
-    rows, grad = _cuda_rows_and_grad(s, t, **opts)
-    assert torch.isfinite(rows).all() and torch.isfinite(grad).all(), (path, opts)
-    rel = ((rows.double() - ref_rows).abs() / ref_rows.abs()).max().item()
-    assert rel <= 1e-5, (path, opts, rel)
-    gerr = rowwise_err(grad, ref_grad, 1.0)
-    assert gerr <= 1e-4, (path, opts, gerr)
+    _assert_float32_budgets(path, s, t, op_opts(0.5, 0.5, div, order), 1e-4, grad_floor=1.0, finite=True)
 
 
 @pytest.mark.parametrize("order", ["pr", "rq", "jsd"])
