@@ -282,6 +282,7 @@ struct RowAcc {
   // times per thread, and the steady state is one comparison (bench/sass_gauge.py counts that block as cold).
   template <class M>
   AMID_HD void rebase(const LossParams<T>& P, T mx) {
+    if constexpr (M::kFixedShift) return;  // m stays 0 (begin)
     if (mx > m) {
       if (m != neg_inf<T>()) {
         const T d = m - mx;
@@ -302,6 +303,20 @@ struct RowAcc {
       }
     }
   }
+
+  // The state R2 starts from: m = 0 for the FixedShift policy (amid_math.h; kl only: ab's powers rho^c would
+  // flush to 0 at c lt < -87), which never raises it; else m = -inf, raised by the first element.
+  template <class M>
+  AMID_HD void begin() {
+    static_assert(!M::kFixedShift || D == Divergence::kKL, "RowAcc: FixedShift is for kl's R2 only");
+    if constexpr (M::kFixedShift) {
+      m = T(0);
+      pm[0] = T(1);
+    }
+  }
+  // Whether a FixedShift R2's sums hold the row well enough (amid_math.h: FixedShift, kFixedShiftMinS); false also
+  // for S NaN. Else the kernel runs R2 again under the running maximum.
+  AMID_HD bool shift_ok() const { return S >= T(kFixedShiftMinS); }
 
   // One element; the caller has already rebased to m >= lt. lp, lq may be -inf.
   // In the rp / rq orders (kCenterW) every w-weighted sum (Wb and the fields with w) takes w - (1 - lam)
@@ -331,7 +346,7 @@ struct RowAcc {
       const bool small = (d > T(-0.5)) & (d < T(0.5));  // false for NaN / inf d
       const T d2 = d * d;
       const T p1 = phi1_div(d);
-      const T tau = small ? o * (d + d2 * p1) : rho * pm[0] - o;
+      const T tau = small ? o * (d + d2 * p1) : (M::kFixedShift ? rho : rho * pm[0]) - o;
       f[x_r ? 3 : 4] += tau;
       const bool keep = M::kBounded || ((lp != neg_inf<T>()) & (lq != neg_inf<T>()));
       if (!keep) {
@@ -428,10 +443,12 @@ struct RowAcc {
   static AMID_HD MergeScale merge_scale(const LossParams<T>& P, T m_a, T m_b) {
     MergeScale k;
     k.ge = m_a >= m_b;
-    const T dm = m_a == m_b ? T(0) : (k.ge ? m_b - m_a : m_a - m_b);
+    const bool same = m_a == m_b;
+    const T dm = same ? T(0) : (k.ge ? m_b - m_a : m_a - m_b);
     // (exp_approx: the scaled side's share of the merged sum is e^(c dm), so the factor's relative error,
-    // ~2^-22 + c |dm| 2^-24, costs the sum at most ~2^-22 relative per merge)
-    k.e1 = M::exp_approx(dm);
+    // ~2^-22 + c |dm| 2^-24, costs the sum at most ~2^-22 relative per merge. 1 for equal maxima, as every merge
+    // of a FixedShift R2 (m = 0) has: the GPU's ex2.approx(0) is 1, the C++ tests' emulation of it is not)
+    k.e1 = same ? T(1) : M::exp_approx(dm);
     k.e_c01 = k.e_g = k.e1;
     if constexpr (D == Divergence::kAB) {  // (an exponent that underflowed to 0 in T: no scaling, as rescale_factor)
       const T c01 = exponent(P, 0), g = exponent(P, 3);
@@ -649,6 +666,12 @@ struct JsdRowAcc {
     a.template rebase<M>(P, mx);
     b.template rebase<M>(P, mx);
   }
+  template <class M>
+  AMID_HD void begin() {
+    a.template begin<M>();
+    b.template begin<M>();
+  }
+  AMID_HD bool shift_ok() const { return a.shift_ok(); }  // (b sums the same rho)
   template <class M>
   AMID_HD void add(const LossParams<T>& P, T lp, T lq, T lt, T w, T dp, T dq) {
     a.template add<M>(P, lp, lq, lt, w, dp);

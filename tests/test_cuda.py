@@ -373,6 +373,29 @@ def test_r1_base2_scale_switch(path, div, order):
     _assert_float32_budgets(path, s, t, op_opts(0.5, 0.5, div, order), 1e-4, grad_floor=1.0, finite=True)
 
 
+def _far_apart_rows(gaps=(20.0, 50.0, 90.0), v=2001):
+    """One float32 row per gap G: the teacher peaked on token 0, the student on token 1, every other logit G below
+    (plus N(0, 1) noise): S = sum r~ ~ e^(-G / 2) at alpha 1 and lam 0.5, ~ V e^-G at alpha > 1."""
+    g = torch.Generator().manual_seed(23)
+    t = torch.randn(len(gaps), v, generator=g, dtype=torch.float64) - torch.tensor(gaps, dtype=torch.float64)[:, None]
+    s = torch.randn(len(gaps), v, generator=g, dtype=torch.float64) - torch.tensor(gaps, dtype=torch.float64)[:, None]
+    t[:, 0] = 0.0
+    s[:, 1] = 0.0
+    return s.float(), t.float()
+
+
+@pytest.mark.parametrize("order", ["pr", "rq", "jsd"])
+@pytest.mark.parametrize("alpha", [1.0, 3.0])
+def test_fixed_shift_and_its_second_r2(path, order, alpha):
+    """kl's R2 sums e^lt relative to lt = 0 (amid_math.h: FixedShift) and runs again under the running maximum
+    where S = sum r~ < 2^-20 (RowAcc::shift_ok): rows on both sides of that threshold (G = 20: S ~ 2^-14 at alpha 1,
+    2^-18 at alpha 3) and below float's range (G = 90: every e^lt flushes to 0 and only the second R2 has the row).
+    Against the CPU op in float64, with the budgets of tests/cpp's test_fixed_shift_rows: loss 1e-5 relative, a row's
+    gradient 1e-4 of max(its largest element, 1) (measured there, over 600 such rows: 9.0e-6 and 2.4e-5)."""
+    s, t = _far_apart_rows()
+    _assert_float32_budgets(path, s, t, op_opts(alpha, 0.5, "kl", order), 1e-4, grad_floor=1.0, finite=True)
+
+
 @pytest.mark.parametrize("order", ["pr", "rq", "jsd"])
 def test_small_ab_exponent_at_large_logit_scale(path, order):
     """One tiny alpha-beta exponent with logits of scale 12 (losses up to ~70): neither online closing form holds

@@ -258,11 +258,14 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
 
     // R2: the mixture per element; Z and the loss-specific sums in online form. A row whose logits are
     // all finite with |x / T| < 2^100 (nearly every row) runs R2 and W with the BoundedRow policy: the same
-    // values, bit for bit, without the guards for -inf masks and overflow (a uniform branch per row).
+    // values, bit for bit, without the guards for -inf masks and overflow (a uniform branch per row); kl's R2
+    // there also sums relative to lt = 0 (FixedShift: other values, within the budgets; see below).
     const bool bounded = a.bounded_ok && lse.bounded();
     Acc acc;
     auto r2 = [&](auto policy) {
       using MM = decltype(policy);
+      acc = Acc{};
+      acc.template begin<MM>();
       visit_row(t, s, len, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
         constexpr int n = decltype(nc)::value;
         if constexpr (kStash) {
@@ -282,22 +285,32 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
         }
       });
     };
-    if (bounded) {
-      // A power mean in float whose weights are wide (amid_math.h: WideWeights; lam = 0.5 in every order) runs
-      // R2 without power_log's log1p series: the same values (a uniform branch per launch, P being uniform).
-      if constexpr (POWER && std::is_same<acc_t, float>::value) {
-        if (wide_weights<O>(P)) {
-          r2(WideWeights<BoundedRow<M>>{});  // gauge:R2
+    // kl's bounded R2 takes its sums relative to lt = 0 (amid_math.h: FixedShift; kl/pr 6 instructions per element
+    // fewer); a row where that leaves S below 2^-20 (shift_ok, a uniform branch after the cluster's merge: every
+    // thread holds the merged state) runs R2 again in the general policy, under the running maximum. Its reduction
+    // takes the next round's slot (cluster_reduce alternates two), and its kept terms overwrite the first R2's with
+    // the same values (BoundedRow's are the general policy's). One call site per policy: a loop, not a second call
+    // (each call inlines the pass).
+    using MB = std::conditional_t<D == Divergence::kKL, FixedShift<BoundedRow<M>>, BoundedRow<M>>;
+    for (bool general = !bounded;; general = true) {
+      if (!general) {
+        // A power mean in float whose weights are wide (amid_math.h: WideWeights; lam = 0.5 in every order) runs
+        // R2 without power_log's log1p series: the same values (a uniform branch per launch, P being uniform).
+        if constexpr (POWER && std::is_same<acc_t, float>::value) {
+          if (wide_weights<O>(P)) {
+            r2(WideWeights<MB>{});  // gauge:R2
+          } else {
+            r2(MB{});  // gauge:R2n
+          }
         } else {
-          r2(BoundedRow<M>{});  // gauge:R2n
+          r2(MB{});  // gauge:R2
         }
       } else {
-        r2(BoundedRow<M>{});  // gauge:R2
+        r2(M{});  // gauge:R2m
       }
-    } else {
-      r2(M{});  // gauge:R2m
+      acc = cluster_reduce<acc_t, kWarps>(acc, acc_scratch, acc_slot, round++, merge_acc);
+      if (general || !MB::kFixedShift || acc.shift_ok()) break;
     }
-    acc = cluster_reduce<acc_t, kWarps>(acc, acc_scratch, acc_slot, round++, merge_acc);
     acc_t Z, Z2, L, S_G, K, cond;
     const bool ok = acc.template close<M>(P, Z, Z2, L, S_G, K, cond);
     if (!ok) {  // alpha >= 1 with disjoint supports: the assistant is undefined

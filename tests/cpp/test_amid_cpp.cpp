@@ -247,7 +247,7 @@ static void online_row(const amid::LossParams<T>& P, const T* s, const T* t, int
 // CTAs' results in a butterfly. Float sums in this order carry the rounding the GPU's do, which
 // sequential sums over long chunks exaggerate.
 template <typename Acc, typename Add, typename Merge>
-static Acc gpu_order_reduce(int64_t V, int C, int kW, Add&& add, Merge&& merge) {
+static Acc gpu_order_reduce(int64_t V, int C, int kW, Add&& add, Merge&& merge, const Acc& init = Acc{}) {
   constexpr int kThreads = 256, kWarp = 32;
   auto butterfly = [&](std::vector<Acc>& x) {  // lane 0's result of the xor butterfly
     for (size_t off = x.size() / 2; off > 0; off /= 2)
@@ -258,7 +258,7 @@ static Acc gpu_order_reduce(int64_t V, int C, int kW, Add&& add, Merge&& merge) 
   std::vector<Acc> ctas;
   for (int rank = 0; rank < C; ++rank) {
     const int64_t v0 = std::min<int64_t>(rank * part, V), v1 = std::min<int64_t>(v0 + part, V), len = v1 - v0;
-    std::vector<Acc> th(kThreads);
+    std::vector<Acc> th(kThreads, init);
     const int64_t nvec = len / kW;
     for (int64_t c = 0; c < nvec; ++c) add(th[c % kThreads], v0 + c * kW, kW);
     for (int64_t i = nvec * kW; i < len; ++i) add(th[(i - nvec * kW) % kThreads], v0 + i, 1);
@@ -316,7 +316,8 @@ struct GpuEmuMath : amid::LibMath {
 // The forward CUDA kernel's float math for one row, in its reduction order (gpu_order_reduce): R1,
 // R2, the closing formulas, and the W pass as write_grad_row does it. out: A, B, Z, S_G, K, L, Z2.
 // Rows gpu_row has run, and how many of them took the exact pass (reported per regime).
-static int g_rows = 0, g_exact_rows = 0;
+static int g_rows = 0, g_exact_rows = 0, g_reruns = 0;
+static bool g_fixed_shift = true;  // gpu_row: kl's bounded rows take R2 relative to lt = 0, as the kernel (FixedShift)
 // kBins: the top-k kernel's bucket bins instead (amid_topk_cuda.cu): no approximate instruction (PreciseMath,
 // which on the host is the library math) and the exact pass on every bounded row.
 template <amid::Divergence D, amid::Order O, bool kBins = false, typename T>
@@ -352,20 +353,43 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
   constexpr bool kStash = O != amid::Order::kJSD;
   const bool stash = kStash && P.mode == amid::MixMode::kPower;
   std::vector<T> kept(V);
-  const auto r2 = gpu_order_reduce<Acc>(
-      V, C, kW,
-      [&](Acc& a, int64_t v0, int n) {
-        for (int64_t v = v0; v < v0 + n; ++v) {
-          if constexpr (kStash) {
-            if (stash) {
-              kept[v] = amid::add_from_logits_c<O, M>(a, P, t[v] * invT, s[v] * invT, A, B, dAB);
-              continue;
+  auto run_r2 = [&](auto policy) {
+    using MM = decltype(policy);
+    Acc init;
+    init.template begin<MM>();
+    return gpu_order_reduce<Acc>(
+        V, C, kW,
+        [&](Acc& a, int64_t v0, int n) {
+          for (int64_t v = v0; v < v0 + n; ++v) {
+            if constexpr (kStash) {
+              if (stash) {
+                kept[v] = amid::add_from_logits_c<O, MM>(a, P, t[v] * invT, s[v] * invT, A, B, dAB);
+                continue;
+              }
             }
+            add_element<O, MM>(P, a, t[v] * invT, s[v] * invT, A, B, dAB);
           }
-          add_element<O, M>(P, a, t[v] * invT, s[v] * invT, A, B, dAB);
-        }
-      },
-      [&](Acc& x, const Acc& y) { x.template merge<M>(P, y); });
+        },
+        [&](Acc& x, const Acc& y) { x.template merge<M>(P, y); }, init);
+  };
+  // As the kernel: kl's bounded rows (not under a tiny lam: the launcher's bounded_ok) take R2 relative to lt = 0
+  // (FixedShift; BoundedRow is M's values bit for bit, test_bounded_rows), and again under the running maximum
+  // where that leaves S below 2^-60 (g_reruns counts them).
+  const bool bounded = g_fixed_shift && r1.bounded() && !kBins && !(P.mode == amid::MixMode::kPower && P.lam_tiny);
+  Acc r2;
+  if constexpr (D == amid::Divergence::kKL) {
+    if (bounded) {
+      r2 = run_r2(amid::FixedShift<amid::BoundedRow<M>>{});
+      if (!r2.shift_ok()) {
+        ++g_reruns;
+        r2 = run_r2(M{});
+      }
+    } else {
+      r2 = run_r2(M{});
+    }
+  } else {
+    r2 = run_r2(M{});
+  }
   T Z = 0, Z2 = 0, L = 0, S_G = 0, K = 0, cond = 0;
   const bool ok = r2.template close<M>(P, Z, Z2, L, S_G, K, cond);
   EXPECT(ok);
@@ -885,6 +909,81 @@ struct FloatRegime {
   double grad_floor = 0;
 };
 
+// kl's R2 relative to lt = 0 (amid_math.h: FixedShift) where S = sum r~ is small: the kernel keeps such a row's
+// sums while S >= kFixedShiftMinS (2^-20; RowAcc::shift_ok) and runs R2 again under the running maximum below.
+// Rows built for it: the teacher peaked on token 0, the student on token 1, every other logit G below (plus
+// N(0, 1) noise), so that S ~ V e^-G at alpha > 1 (the assistant is small wherever either side is), e^(-min(lam,
+// 1 - lam) G) at alpha 1, and >= max(lam, 1 - lam)^(1 / k) at alpha 0.5: S from ~1 to ~2^-130, both sides of the
+// threshold, and below float's range (G = 90, 100: every term flushes to 0 without the second R2). Each row against
+// the double CPU op: loss 1e-5 of max(|L|, 1e-7), gradient 1e-4 of max(its largest element, 1); and against the
+// same row under the running maximum (the general policy): at most 10x its error, or 5e-6 (loss) and 1e-5
+// (gradient), which the fixed shift's error where S is small comes near. The losses of the rows that saturate on one
+// token (alpha 1, r ~ the reference side) fall to 1e-36; there the fixed shift's errors are ~4.6e-13 absolute
+// (ex2.approx's error in the largest term, which the running maximum takes as e^0 = 1), the running maximum's
+// from 1e-13 (G 40 .. 70) to ~1e-28 (G 90, 100).
+static void test_fixed_shift_rows() {
+  at::manual_seed(23);
+  const int64_t V = 2001;
+  double worst_loss = 0, worst_grad = 0, worst_loss_gen = 0, worst_grad_gen = 0;
+  int rows = 0, reruns = 0, n_case = 0;
+  for (double G : {20.0, 30.0, 40.0, 45.0, 50.0, 55.0, 60.0, 70.0, 90.0, 100.0}) {
+    for (const char* ord : {"pr", "qr", "rp", "rq", "jsd"}) {
+      for (double alpha : {0.5, 1.0, 3.0, 10.0}) {
+        for (double lam : {0.1, 0.5, 0.9}) {
+          at::Tensor t = at::randn({1, V}, at::kDouble) - G, s = at::randn({1, V}, at::kDouble) - G;
+          t[0][0] = 0.0;
+          s[0][1] = 0.0;
+          t = t.to(at::kFloat), s = s.to(at::kFloat);
+          auto [loss, stats, grad] = amid::amid_loss_fwd(s.to(at::kDouble), t.to(at::kDouble), std::nullopt, alpha,
+                                                         lam, "kl", ord, 0.2, 0.7, 1.0, false, true);
+          const auto P = amid::make_params<float>("test", alpha, lam, "kl", ord, 0.2, 0.7, 1.0, false);
+          const double want = loss[0].item<double>();
+          double err[2][2];  // [fixed shift, general][loss, gradient]
+          const int C = (++n_case % 2) ? 1 : 8;
+          for (int general = 0; general < 2; ++general) {
+            g_fixed_shift = general == 0;
+            const int before = g_reruns;
+            double out[7];
+            std::vector<double> g(V);
+            amid::dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
+              gpu_row<decltype(dc)::value, decltype(oc)::value>(P, s.data_ptr<float>(), t.data_ptr<float>(), V, C, out,
+                                                                g.data());
+            });
+            if (!general) reruns += g_reruns > before;
+            double gmax, emax;
+            grad_errors(grad[0], g, gmax, emax, 1.0);
+            err[general][0] = std::abs(out[5] - want) / std::max(std::abs(want), 1e-7);
+            err[general][1] = emax / gmax;
+          }
+          g_fixed_shift = true;
+          ++rows;
+          worst_loss = std::max(worst_loss, err[0][0]);
+          worst_loss_gen = std::max(worst_loss_gen, err[1][0]);
+          worst_grad = std::max(worst_grad, err[0][1]);
+          worst_grad_gen = std::max(worst_grad_gen, err[1][1]);
+          const bool ok = err[0][0] <= 1e-5 && err[0][1] <= 1e-4 &&
+                          err[0][0] <= std::max(10 * err[1][0], 5e-6) && err[0][1] <= std::max(10 * err[1][1], 1e-5);
+          if (!ok) {
+            ++failures;
+            std::fprintf(stderr, "FAILED fixed shift G=%g kl/%s alpha=%g lam=%g: loss %.3g, its error %.3g (general %.3g), "
+                         "grad err %.3g (general %.3g)\n", G, ord, alpha, lam, want, err[0][0], err[1][0], err[0][1],
+                         err[1][1]);
+          }
+        }
+      }
+    }
+  }
+  // both sides of the threshold: rows that keep the fixed shift's sums, and rows that run R2 again
+  if (reruns == 0 || reruns == rows) {
+    ++failures;
+    std::fprintf(stderr, "FAILED fixed shift: %d of %d rows ran R2 again; expected some and not all\n", reruns, rows);
+  }
+  std::printf("kl's R2 relative to lt = 0 on rows with S from ~1 to ~2^-130: loss worst rel. %.3g (running maximum "
+              "%.3g), gradient worst %.3g (%.3g); R2 again under the running maximum: %d of %d rows\n", worst_loss,
+              worst_loss_gen, worst_grad, worst_grad_gen, reruns, rows);
+  g_rows = g_exact_rows = g_reruns = 0;
+}
+
 static void test_online_float(const FloatRegime& R) {
   at::manual_seed(R.seed);
   const int64_t V = R.V;
@@ -947,9 +1046,9 @@ static void test_online_float(const FloatRegime& R) {
       }
     }
   }
-  std::printf("online reductions in float, %s: loss worst rel. %.3g, gradient worst %.3g (exact pass: %d of %d rows)\n", R.name, worst_loss,
-              worst_grad, g_exact_rows, g_rows);
-  g_rows = g_exact_rows = 0;
+  std::printf("online reductions in float, %s: loss worst rel. %.3g, gradient worst %.3g (exact pass: %d of %d rows, "
+              "R2 again under the running maximum: %d)\n", R.name, worst_loss, worst_grad, g_exact_rows, g_rows, g_reruns);
+  g_rows = g_exact_rows = g_reruns = 0;
   if (R.teacher_topk > 0) {
     std::printf("  masked rows, worst absolute errors: online loss %.3g, gradient %.3g; the CPU op in float: %.3g, %.3g\n",
                 masked.online_loss, masked.online_grad, masked.cpu_loss, masked.cpu_grad);
@@ -1004,8 +1103,8 @@ static void test_online_tiny_ab(double scale, double grad_tol, double grad_floor
     }
   }
   std::printf("online reductions in float, tiny alpha-beta exponents, logits of scale %g: loss worst rel. %.3g, gradient worst %.3g "
-              "(exact pass: %d of %d rows)\n", scale, worst_loss, worst_grad, g_exact_rows, g_rows);
-  g_rows = g_exact_rows = 0;
+              "(exact pass: %d of %d rows, R2 again: %d)\n", scale, worst_loss, worst_grad, g_exact_rows, g_rows, g_reruns);
+  g_rows = g_exact_rows = g_reruns = 0;
 }
 
 // The float64 kernels' math (gpu_row in double: their reduction order, online sums and exact pass) against the
@@ -1062,9 +1161,9 @@ static void test_online_double(const char* name, double scale, bool tiny_ab, int
     }
   }
   std::printf("online reductions in double, %s: loss worst rel. %.3g (to |loss| or 0.01), gradient worst abs. %.3g "
-              "(exact pass: %d of %d rows)\n",
-              name, worst_loss, worst_grad, g_exact_rows, g_rows);
-  g_rows = g_exact_rows = 0;
+              "(exact pass: %d of %d rows, R2 again: %d)\n",
+              name, worst_loss, worst_grad, g_exact_rows, g_rows, g_reruns);
+  g_rows = g_exact_rows = g_reruns = 0;
 }
 
 static void test_online_reductions() {
@@ -1243,6 +1342,7 @@ int main(int argc, char** argv) {
   test_online_float({"teacher top-8 of 2001, the rest -inf", 13, 2001, 0.0, 1e-5, 1e-5, 8});
   test_online_float({"teacher top-8 of 2001, the rest -inf, logits of scale 12", 13, 2001, 0.0, 1e-5, 1e-5, 8, 12.0});
   test_online_float({"ordinary inputs, logits of scale 12", 5, 2001, 0.0, 1e-5, 3e-5, 0, 12.0, false, 1.0});
+  test_fixed_shift_rows();
   // The top-k kernel's bucket rows run R1, R2 and R3 on their k + 1 bins (amid_topk_cuda.cu): a short dense row,
   // with no approximate instruction and R3 on every row with finite logits (kBins). The dense kernels' math (R3 by
   // the loss's condition, the approximate exponential) left up to the whole loss at logit scale 12 without R3;
