@@ -777,20 +777,69 @@ AMID_HD T logit_gap(T tf, T sf, T lp, T lq, T dAB) {
   return (b1 <= b2) & f1_finite ? f1 : lp - lq;
 }
 
+// lp - lq of an element of a row of 16-bit logits (bf16, fp16; the GPU kernels' bounded rows) from its raw logits t, s,
+// with row constants c (a float of 8 significant bits near (m_t - m_s) / invT, the maxima's gap in raw units) and
+//   dl = (A - B) - c invT  (in double, rounded once):    lp - lq = ((t - s) - c) invT - dl,
+// two subtractions and one FFMA, where logit_gap takes two forms and chooses (7 instructions, plus tf = t invT).
+// The subtractions are exact nearly always: t - s of two values of 8 (bf16) or 11 (fp16) significant bits is exact
+// in float while their exponents differ by at most 16 (13), and the difference with c, of 8 bits near it, likewise.
+// The gap then carries the FFMA's rounding alone, 2^-24 of itself, and dl's, one rounding of a value within log V
+// of 0 common to the row, where logit_gap's forms carry 2^-24 (|lp| + |lq|) or the roundings of tf, sf and of dAB
+// (2^-25 |A - B|, an offset between the rows' logits, in every element alike). Where t - s does round (a logit
+// within 2^-16 of 0 beside the other's magnitude), its error is 2^-24 |t - s| invT <= 2^-24 (|lp| + |lq| + |A - B|),
+// f1's. Valid for finite logits whose difference does not overflow (bounded rows: |x / T| < 2^100); -inf gives
+// -+inf as lp - lq does (both -inf: NaN, which the mixture's both-masked select replaces).
+template <typename T>
+struct RawGap {
+  T b;      // (t - s) - c, from the element's raw logits
+  T inv_t;  // 1 / T
+  T dl;     // (A - B) - c inv_t
+};
+template <class M, typename T>
+AMID_HD T logit_gap(T, T, T, T, const RawGap<T>& g) {
+  return fma_t(g.b, g.inv_t, -g.dl);
+}
+// The row constants of RawGap, and an element's from its raw logits.
+template <typename T>
+struct RawGapRow {
+  T c, inv_t, dl;
+  AMID_HD RawGap<T> at(T t, T s) const { return RawGap<T>{(t - s) - c, inv_t, dl}; }
+};
+template <typename T>
+AMID_HD RawGapRow<T> raw_gap_row(RowLse<T> A, RowLse<T> B, T inv_t) {
+  const double dm = double(A.m) - double(B.m);
+  // c: (m_t - m_s) / invT truncated to 8 significant bits (0 where that is not finite); c inv_t is exact in double.
+  // Any c near it will do (dl takes the rest exactly): an approximate reciprocal, not a division (whose slow path,
+  // a call, costs the kernels registers: a spill per row)
+  const float cf = float(dm) * LibMath::rcp_approx(float(inv_t));
+  const float c = (cf - cf == 0.0f) ? bit_cast<float>(bit_cast<uint32_t>(cf) & 0xffff0000u) : 0.0f;
+  const double dl = (dm + (double(A.l) - double(B.l))) - double(c) * double(inv_t);
+  return RawGapRow<T>{T(c), inv_t, T(dl)};
+}
+// The gap argument of the element functions (the _from_logits family): the row's dAB, or the element's RawGap.
+template <typename T>
+AMID_HD T gap_arg(T dAB, T, T) {
+  return dAB;
+}
+template <typename T>
+AMID_HD RawGap<T> gap_arg(const RawGapRow<T>& r, T t, T s) {
+  return r.at(t, s);
+}
+
 // The mixture from the temperature-scaled logits tf, sf and their log-sum-exps A, B (dAB = A - B),
 // returning lp and lq too; the one place that forms lp, lq and lp - lq from the logits (see
 // mixture, logit_gap). The first form takes the mode as a template argument, the second reads it
 // from P; the last two take single log-sum-exps (l = 0).
-template <MixMode MODE, bool REF_P, class M, bool TINY_LAM = true, typename T>
-AMID_HD void mixture_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T& lp, T& lq,
+template <MixMode MODE, bool REF_P, class M, bool TINY_LAM = true, typename T, typename G>
+AMID_HD void mixture_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, G dAB, T& lp, T& lq,
                                  T& lt, T& w, T& d) {
   lp = log_prob<M>(tf, A);
   lq = log_prob<M>(sf, B);
   mixture<MODE, REF_P, M, TINY_LAM>(P, lp, lq, logit_gap<M>(tf, sf, lp, lq, dAB), lt, w, d);
 }
 
-template <bool REF_P, class M, typename T>
-AMID_HD void mixture_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T& lp, T& lq,
+template <bool REF_P, class M, typename T, typename G>
+AMID_HD void mixture_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, G dAB, T& lp, T& lq,
                                  T& lt, T& w, T& d) {
   lp = log_prob<M>(tf, A);
   lq = log_prob<M>(sf, B);
@@ -800,8 +849,8 @@ AMID_HD void mixture_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A
 // The GPU kernels' split: POWER kernels compile only the power mean (kPower, the one mode with special
 // functions); the others choose among the three cheap modes at run time, so that no kernel carries
 // the power mean's code and registers beside a per-element switch.
-template <bool POWER, bool REF_P, class M, typename T>
-AMID_HD void mixture_from_logits_split(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T& lp,
+template <bool POWER, bool REF_P, class M, typename T, typename G>
+AMID_HD void mixture_from_logits_split(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, G dAB, T& lp,
                                        T& lq, T& lt, T& w, T& d) {
   lp = log_prob<M>(tf, A);
   lq = log_prob<M>(sf, B);
@@ -829,8 +878,8 @@ AMID_HD void mixture_from_logits(const LossParams<T>& P, T tf, T sf, T A, T B, T
 
 // The combined order's mixture from the logits (kJSD; see mixture_both), with the mode as a template
 // argument or read from P, and single log-sum-exps A, B in the second form.
-template <MixMode MODE, class M, bool TINY_LAM = true, typename T>
-AMID_HD void mixture_both_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T& lp,
+template <MixMode MODE, class M, bool TINY_LAM = true, typename T, typename G>
+AMID_HD void mixture_both_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, G dAB, T& lp,
                                       T& lq, T& lt, T& w, T& dp, T& dq) {
   lp = log_prob<M>(tf, A);
   lq = log_prob<M>(sf, B);
@@ -838,8 +887,8 @@ AMID_HD void mixture_both_from_logits(const LossParams<T>& P, T tf, T sf, RowLse
 }
 
 // The GPU kernels' split (see mixture_from_logits_split) for the combined order.
-template <bool POWER, class M, typename T>
-AMID_HD void mixture_both_from_logits_split(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB,
+template <bool POWER, class M, typename T, typename G>
+AMID_HD void mixture_both_from_logits_split(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, G dAB,
                                             T& lp, T& lq, T& lt, T& w, T& dp, T& dq) {
   lp = log_prob<M>(tf, A);
   lq = log_prob<M>(sf, B);
@@ -1073,8 +1122,8 @@ AMID_HD T grad_from_mixture(const LossParams<T>& P, T lp, T lq, T lt, T w, T d, 
 // W's mixture of one element from its logits (single orders): POWER as in mixture_from_logits_split, with lt and w
 // from R2's kept term (power_mixture_from_kept: one exponential, no reciprocal, no tiny-lam scaling) where R2 took
 // the reciprocal. The W pass and the online kernels' exact pass (amid_online.h: ExactAcc) both take it.
-template <Order O, bool POWER, class M, typename T>
-AMID_HD void w_mixture(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T& lp, T& lq, T& lt, T& w,
+template <Order O, bool POWER, class M, typename T, typename G>
+AMID_HD void w_mixture(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, G dAB, T& lp, T& lq, T& lt, T& w,
                        T& d) {
   static_assert(O != Order::kJSD, "w_mixture: single orders only (kJSD: mixture_both_from_logits_split)");
   if constexpr (POWER) {  // as from R2's kept term (w_mixture_c): the same values
@@ -1121,8 +1170,8 @@ AMID_HD T grad_from_mixture_both(const LossParams<T>& P, T lp, T lq, T lt, T w, 
 // The gradient of one element from the row statistics, divided by the caller's scale (the W pass of
 // the GPU kernels; the C++ tests run it on the host in float): W's mixture (w_mixture; for kJSD R2's own),
 // then the element's terms.
-template <Divergence D, Order O, bool POWER, class M, typename T>
-AMID_HD T grad_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T Z, T Z2, T S_G,
+template <Divergence D, Order O, bool POWER, class M, typename T, typename G>
+AMID_HD T grad_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, G dAB, T Z, T Z2, T S_G,
                            T K) {
   if constexpr (O == Order::kJSD) {
     T lp, lq, lt, w, dp, dq;

@@ -774,8 +774,8 @@ struct JsdExactAcc {
 };
 
 // One element into an exact-pass state from the scaled logits (W's mixture: w_mixture; for kJSD R2's own).
-template <Divergence D, Order O, bool POWER, class M, typename T, typename Acc>
-AMID_HD void exact_from_logits(Acc& acc, const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB, T Z,
+template <Divergence D, Order O, bool POWER, class M, typename T, typename Acc, typename G>
+AMID_HD void exact_from_logits(Acc& acc, const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, G dAB, T Z,
                                T Z2) {
   if constexpr (O == Order::kJSD) {
     T lp, lq, lt, w, dp, dq;
@@ -791,8 +791,8 @@ AMID_HD void exact_from_logits(Acc& acc, const LossParams<T>& P, T tf, T sf, Row
 // One element into an R2 state from the scaled logits tf, sf (the CUDA kernels' R2, and the C++ tests'
 // emulation of it): the mixture (POWER as in amid_math.h: mixture_from_logits_split), a rebase to its
 // lt, and the sums; the combined order keeps d relative to both sides.
-template <Order O, bool POWER, class M, typename T, typename Acc>
-AMID_HD void add_from_logits(Acc& acc, const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB) {
+template <Order O, bool POWER, class M, typename T, typename Acc, typename G>
+AMID_HD void add_from_logits(Acc& acc, const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, G dAB) {
   if constexpr (O == Order::kJSD) {
     T lp, lq, lt, w, dp, dq;
     mixture_both_from_logits_split<POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, dp, dq);
@@ -808,8 +808,8 @@ AMID_HD void add_from_logits(Acc& acc, const LossParams<T>& P, T tf, T sf, RowLs
 
 // The same for the power mean of a single order, returning the element's term for W (amid_math.h: power_kept,
 // d or c) for a later grad_from_logits_c (the GPU's resident R2 keeps it).
-template <Order O, class M, typename T, typename Acc>
-AMID_HD T add_from_logits_c(Acc& acc, const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, T dAB) {
+template <Order O, class M, typename T, typename Acc, typename G>
+AMID_HD T add_from_logits_c(Acc& acc, const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, G dAB) {
   static_assert(O != Order::kJSD, "add_from_logits_c: single orders only (kJSD has two logarithm terms)");
   const T lp = log_prob<M>(tf, A), lq = log_prob<M>(sf, B);
   T lt, w, d, c;

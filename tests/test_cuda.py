@@ -396,6 +396,22 @@ def test_fixed_shift_and_its_second_r2(path, order, alpha):
     _assert_float32_budgets(path, s, t, op_opts(alpha, 0.5, "kl", order), 1e-4, grad_floor=1.0, finite=True)
 
 
+@pytest.mark.parametrize("div,order", [("kl", "pr"), ("kl", "qr"), ("ab", "rq"), ("kl", "jsd")])
+@pytest.mark.parametrize("offset,temperature", [(0.0, 1.0), (300.0, 1.0), (40.0, 2.0)])
+def test_bf16_logit_gap_from_raw_logits(path, div, order, offset, temperature):
+    """The 16-bit kernels take a bounded row's logit gap lp - lq from the raw logits (amid_math.h: RawGap, with
+    the row constants c and dl), teacher rows offset from the student's by up to 300 (A - B ~ 300, where a gap
+    formed against A - B in float carries 2^-25 |A - B| ~ 9e-6 in every element: tests/cpp measured losses off by
+    2e-5 that way). bf16 logits against the CPU op in float64 on the same values: loss 1e-5 relative (emulated in
+    tests/cpp: 3.6e-6 at offset 300); the gradient is written in bf16, so 4e-3 of a row's largest element (its
+    rounding, 2^-9, twice over)."""
+    g = torch.Generator().manual_seed(29)
+    s, t = make_logits(4, 2001, dtype=torch.float64, generator=g)
+    s, t = s.bfloat16(), (t + offset).bfloat16()
+    for alpha, lam in ((-3.0, 0.9), (1.0, 0.1), (3.0, 0.5), (10.0, 0.98)):
+        _assert_float32_budgets(path, s, t, op_opts(alpha, lam, div, order, temperature=temperature), 4e-3, finite=True)
+
+
 @pytest.mark.parametrize("order", ["pr", "rq", "jsd"])
 def test_small_ab_exponent_at_large_logit_scale(path, order):
     """One tiny alpha-beta exponent with logits of scale 12 (losses up to ~70): neither online closing form holds

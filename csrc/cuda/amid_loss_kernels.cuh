@@ -55,12 +55,12 @@ struct RowArgs {
 // ------------------------------------------------------------------------------------------------
 // The W pass shared by the forward (gradient in the forward) and backward kernels: the gradient of
 // `len` elements from the row statistics, g = scale * (w (G - r S_G) + H - q K) (amid_math.h:
-// element_terms; for kl G, H, S_G, K are the shifted ones).
+// element_terms; for kl G, H, S_G, K are the shifted ones). gap: the row's dAB, or RawGapRow (gap_arg).
 
-template <Divergence D, Order O, bool POWER, class MM = M, typename scalar_t, typename acc_t>
+template <Divergence D, Order O, bool POWER, class MM = M, typename scalar_t, typename acc_t, typename Gap>
 __device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const scalar_t* t, const scalar_t* s,
                                                scalar_t* g, int64_t len, bool vec_ok, RowLse<acc_t> A,
-                                               RowLse<acc_t> B, acc_t dAB, acc_t Z, acc_t Z2, acc_t S_G, acc_t K,
+                                               RowLse<acc_t> B, Gap gap, acc_t Z, acc_t Z2, acc_t S_G, acc_t K,
                                                acc_t scale) {
   constexpr int kW = VecWidth<scalar_t>::value;
   const acc_t invT = P.inv_temperature;
@@ -70,7 +70,8 @@ __device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const
 #pragma unroll
     for (int j = 0; j < n; ++j) {
       const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
-      out[j] = scalar_t(scale * grad_from_logits<D, O, POWER, MM>(P, tf, sf, A, B, dAB, Z, Z2, S_G, K));
+      out[j] = scalar_t(scale * grad_from_logits<D, O, POWER, MM>(P, tf, sf, A, B, gap_arg(gap, acc_t(tv[j]), acc_t(sv[j])),
+                                                                   Z, Z2, S_G, K));
     }
     store_chunk_global<n>(g, i, out);
   });
@@ -255,6 +256,17 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     // logit gap keep their accuracy at any logit scale, as in the CPU kernel.
     const RowLse<acc_t> A{lse.t.m, lse.t.template log_sum<M>()}, B{lse.s.m, lse.s.template log_sum<M>()};
     const acc_t dAB = row_lse_gap(A, B);
+    // 16-bit logits: a bounded row's logit gaps from the raw logits (amid_math.h: RawGap; one FFMA after two exact
+    // subtractions, where logit_gap's two forms take 7 instructions); float32 / float64 keep logit_gap.
+    constexpr bool kRawGap = sizeof(scalar_t) == 2;
+    const RawGapRow<acc_t> rg = raw_gap_row(A, B, invT);
+    auto bounded_gap = [&]() {
+      if constexpr (kRawGap) {
+        return rg;
+      } else {
+        return dAB;
+      }
+    };
 
     // R2: the mixture per element; Z and the loss-specific sums in online form. A row whose logits are
     // all finite with |x / T| < 2^100 (nearly every row) runs R2 and W with the BoundedRow policy: the same
@@ -264,6 +276,13 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     Acc acc;
     auto r2 = [&](auto policy) {
       using MM = decltype(policy);
+      const auto gap = [&]() {  // (the general policy's rows may hold -inf and huge logits: logit_gap)
+        if constexpr (MM::kBounded) {
+          return bounded_gap();
+        } else {
+          return dAB;
+        }
+      }();
       acc = Acc{};
       acc.template begin<MM>();
       visit_row(t, s, len, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
@@ -273,14 +292,14 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
 #pragma unroll
           for (int j = 0; j < n; ++j) {
             const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
-            cv[j] = add_from_logits_c<O, MM>(acc, P, tf, sf, A, B, dAB);
+            cv[j] = add_from_logits_c<O, MM>(acc, P, tf, sf, A, B, gap_arg(gap, acc_t(tv[j]), acc_t(sv[j])));
           }
           if (cst) store_vals<n>(cst, i, cv);
         } else {
 #pragma unroll
           for (int j = 0; j < n; ++j) {
             const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
-            add_from_logits<O, POWER, MM>(acc, P, tf, sf, A, B, dAB);
+            add_from_logits<O, POWER, MM>(acc, P, tf, sf, A, B, gap_arg(gap, acc_t(tv[j]), acc_t(sv[j])));
           }
         }
       });
@@ -334,7 +353,8 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
       visit_row(t, s, len, vec_ok, [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {  // gauge:R3
 #pragma unroll
         for (int j = 0; j < decltype(nc)::value; ++j) {
-          exact_from_logits<D, O, POWER, M>(ex, P, acc_t(tv[j]) * invT, acc_t(sv[j]) * invT, A, B, dAB, Z, Z2);
+          exact_from_logits<D, O, POWER, M>(ex, P, acc_t(tv[j]) * invT, acc_t(sv[j]) * invT, A, B,
+                                            gap_arg(bounded_gap(), acc_t(tv[j]), acc_t(sv[j])), Z, Z2);  // (bounded)
         }
       });
       ex = cluster_reduce<acc_t, kWarps>(ex, ex_scratch, ex_slot, round++, merge_ex);
@@ -366,12 +386,12 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
           if constexpr (POWER && std::is_same<acc_t, float>::value) {  // (as R2)
             if (wide_weights<O>(P)) {
               using MW = WideWeights<BoundedRow<M>>;
-              write_grad_row<D, O, POWER, MW>(P, t, s, g, len, vec_ok, A, B, dAB, Z, Z2, S_G, K, scale);  // gauge:W
+              write_grad_row<D, O, POWER, MW>(P, t, s, g, len, vec_ok, A, B, bounded_gap(), Z, Z2, S_G, K, scale);  // gauge:W
             } else {
-              write_grad_row<D, O, POWER, BoundedRow<M>>(P, t, s, g, len, vec_ok, A, B, dAB, Z, Z2, S_G, K, scale);  // gauge:Wn
+              write_grad_row<D, O, POWER, BoundedRow<M>>(P, t, s, g, len, vec_ok, A, B, bounded_gap(), Z, Z2, S_G, K, scale);  // gauge:Wn
             }
           } else {
-            write_grad_row<D, O, POWER, BoundedRow<M>>(P, t, s, g, len, vec_ok, A, B, dAB, Z, Z2, S_G, K, scale);  // gauge:W
+            write_grad_row<D, O, POWER, BoundedRow<M>>(P, t, s, g, len, vec_ok, A, B, bounded_gap(), Z, Z2, S_G, K, scale);  // gauge:W
           }
         } else {
           write_grad_row<D, O, POWER, M>(P, t, s, g, len, vec_ok, A, B, dAB, Z, Z2, S_G, K, scale);  // gauge:Wm

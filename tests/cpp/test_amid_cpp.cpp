@@ -319,8 +319,9 @@ struct GpuEmuMath : amid::LibMath {
 static int g_rows = 0, g_exact_rows = 0, g_reruns = 0;
 static bool g_fixed_shift = true;  // gpu_row: kl's bounded rows take R2 relative to lt = 0, as the kernel (FixedShift)
 // kBins: the top-k kernel's bucket bins instead (amid_topk_cuda.cu): no approximate instruction (PreciseMath,
-// which on the host is the library math) and the exact pass on every bounded row.
-template <amid::Divergence D, amid::Order O, bool kBins = false, typename T>
+// which on the host is the library math) and the exact pass on every bounded row. kRaw16: the 16-bit kernels'
+// (bf16, fp16 logits, here as floats of their values): bounded rows take lp - lq from the raw logits (RawGap).
+template <amid::Divergence D, amid::Order O, bool kBins = false, bool kRaw16 = false, typename T>
 static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_t V, int C, double out[7],
                     double* grad) {
   // The GPU math, with its approximate instructions emulated (GpuEmuMath), or the top-k kernel's (PreciseMath).
@@ -353,7 +354,16 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
   constexpr bool kStash = O != amid::Order::kJSD;
   const bool stash = kStash && P.mode == amid::MixMode::kPower;
   std::vector<T> kept(V);
-  auto run_r2 = [&](auto policy) {
+  // The element's gap argument (amid_math.h: gap_arg): the 16-bit kernels' RawGap, or the row's dAB.
+  const amid::RawGapRow<T> rg = amid::raw_gap_row(A, B, invT);
+  auto with_gap = [&](bool raw, int64_t v, auto&& f) {
+    if (raw) {
+      f(amid::gap_arg(rg, t[v], s[v]));
+    } else {
+      f(dAB);
+    }
+  };
+  auto run_r2 = [&](auto policy, bool raw) {
     using MM = decltype(policy);
     Acc init;
     init.template begin<MM>();
@@ -361,34 +371,51 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
         V, C, kW,
         [&](Acc& a, int64_t v0, int n) {
           for (int64_t v = v0; v < v0 + n; ++v) {
-            if constexpr (kStash) {
-              if (stash) {
-                kept[v] = amid::add_from_logits_c<O, MM>(a, P, t[v] * invT, s[v] * invT, A, B, dAB);
-                continue;
+            with_gap(raw, v, [&](auto gap) {
+              if constexpr (kStash) {
+                if (stash) {
+                  kept[v] = amid::add_from_logits_c<O, MM>(a, P, t[v] * invT, s[v] * invT, A, B, gap);
+                  return;
+                }
               }
-            }
-            add_element<O, MM>(P, a, t[v] * invT, s[v] * invT, A, B, dAB);
+              if (P.mode == amid::MixMode::kPower) {
+                amid::add_from_logits<O, true, MM>(a, P, t[v] * invT, s[v] * invT, A, B, gap);
+              } else {
+                amid::add_from_logits<O, false, MM>(a, P, t[v] * invT, s[v] * invT, A, B, gap);
+              }
+            });
           }
         },
         [&](Acc& x, const Acc& y) { x.template merge<M>(P, y); }, init);
   };
-  // As the kernel: kl's bounded rows (not under a tiny lam: the launcher's bounded_ok) take R2 relative to lt = 0
-  // (FixedShift; BoundedRow is M's values bit for bit, test_bounded_rows), and again under the running maximum
-  // where that leaves S below 2^-60 (g_reruns counts them).
-  const bool bounded = g_fixed_shift && r1.bounded() && !kBins && !(P.mode == amid::MixMode::kPower && P.lam_tiny);
+  // As the kernel: bounded rows (not under a tiny lam: the launcher's bounded_ok) take the BoundedRow policy (M's
+  // values bit for bit, test_bounded_rows) and, in the 16-bit kernels, the raw logit gap; kl's R2 there sums
+  // relative to lt = 0 (FixedShift), and again under the running maximum (the general policy, dAB) where that leaves
+  // S below kFixedShiftMinS (g_reruns counts them).
+  const bool bounded = r1.bounded() && !kBins && !(P.mode == amid::MixMode::kPower && P.lam_tiny);
+  const bool raw = kRaw16 && bounded;
+  bool r2_raw = false;  // whether R2's final sums (and kept terms) took the raw gap
   Acc r2;
   if constexpr (D == amid::Divergence::kKL) {
-    if (bounded) {
-      r2 = run_r2(amid::FixedShift<amid::BoundedRow<M>>{});
+    if (bounded && g_fixed_shift) {
+      r2 = run_r2(amid::FixedShift<amid::BoundedRow<M>>{}, raw);
+      r2_raw = raw;
       if (!r2.shift_ok()) {
         ++g_reruns;
-        r2 = run_r2(M{});
+        r2 = run_r2(M{}, false);
+        r2_raw = false;
       }
+    } else if (raw) {
+      r2 = run_r2(amid::BoundedRow<M>{}, true);
+      r2_raw = true;
     } else {
-      r2 = run_r2(M{});
+      r2 = run_r2(M{}, false);
     }
+  } else if (raw) {
+    r2 = run_r2(amid::BoundedRow<M>{}, true);
+    r2_raw = true;
   } else {
-    r2 = run_r2(M{});
+    r2 = run_r2(M{}, false);
   }
   T Z = 0, Z2 = 0, L = 0, S_G = 0, K = 0, cond = 0;
   const bool ok = r2.template close<M>(P, Z, Z2, L, S_G, K, cond);
@@ -403,21 +430,28 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
         V, C, kW,
         [&](Ex& a, int64_t v0, int n) {
           for (int64_t v = v0; v < v0 + n; ++v) {
-            if (P.mode == amid::MixMode::kPower) {
-              amid::exact_from_logits<D, O, true, M>(a, P, t[v] * invT, s[v] * invT, A, B, dAB, Z, Z2);
-            } else {
-              amid::exact_from_logits<D, O, false, M>(a, P, t[v] * invT, s[v] * invT, A, B, dAB, Z, Z2);
-            }
+            with_gap(kRaw16 && !kBins, v, [&](auto gap) {  // (the kernel's R3: bounded rows only, so the raw gap)
+              if (P.mode == amid::MixMode::kPower) {
+                amid::exact_from_logits<D, O, true, M>(a, P, t[v] * invT, s[v] * invT, A, B, gap, Z, Z2);
+              } else {
+                amid::exact_from_logits<D, O, false, M>(a, P, t[v] * invT, s[v] * invT, A, B, gap, Z, Z2);
+              }
+            });
           }
         },
         [&](Ex& x, const Ex& y) { x.merge(y); });
     r3.finalize(P, r2.wbar(), L, S_G, K);
   }
   out[0] = A.m + A.l, out[1] = B.m + B.l, out[2] = Z, out[3] = S_G, out[4] = K, out[5] = L, out[6] = Z2;
+  // W recomputing the mixture (the streaming kernels' W: the raw gap in a bounded 16-bit row) or from R2's kept terms
+  // (the resident single orders), which must agree bit for bit where both took R2's gap.
   for (int64_t v = 0; v < V; ++v) {
-    const T g = P.mode == amid::MixMode::kPower
-                    ? amid::grad_from_logits<D, O, true, M>(P, t[v] * invT, s[v] * invT, A, B, dAB, Z, Z2, S_G, K)
-                    : amid::grad_from_logits<D, O, false, M>(P, t[v] * invT, s[v] * invT, A, B, dAB, Z, Z2, S_G, K);
+    T g = 0;
+    with_gap(kStash && stash ? r2_raw : raw, v, [&](auto gap) {
+      g = P.mode == amid::MixMode::kPower
+              ? amid::grad_from_logits<D, O, true, M>(P, t[v] * invT, s[v] * invT, A, B, gap, Z, Z2, S_G, K)
+              : amid::grad_from_logits<D, O, false, M>(P, t[v] * invT, s[v] * invT, A, B, gap, Z, Z2, S_G, K);
+    });
     if constexpr (kStash) {
       if (stash) {
         const T gc = amid::grad_from_logits_c<D, O, M>(P, t[v] * invT, s[v] * invT, kept[v], A, B, Z, S_G, K);
@@ -907,6 +941,9 @@ struct FloatRegime {
   // vanish (an assistant saturated on one token: |g| ~ 1e-9 beside a loss of 6, where float's rounding of the
   // O(1) terms it is the difference of decides the error, the CPU op's too)
   double grad_floor = 0;
+  bool raw16 = false;        // logits rounded to bf16, through the 16-bit kernels' math (gpu_row's kRaw16)
+  double temperature = 1.0;
+  double offset = 0;         // added to the teacher's logits (an offset between the two rows: A - B)
 };
 
 // kl's R2 relative to lt = 0 (amid_math.h: FixedShift) where S = sum r~ is small: the kernel keeps such a row's
@@ -999,13 +1036,19 @@ static void test_online_float(const FloatRegime& R) {
           at::Tensor t = (at::randn({1, V}, at::kDouble) * R.scale).to(at::kFloat);
           at::Tensor s = (R.student_noise > 0 ? t.to(at::kDouble) + at::randn({1, V}, at::kDouble) * R.student_noise
                                               : at::randn({1, V}, at::kDouble) * R.scale).to(at::kFloat);
+          if (R.offset != 0) t = (t.to(at::kDouble) + R.offset).to(at::kFloat);
+          if (R.raw16) {
+            t = t.to(at::kBFloat16).to(at::kFloat);
+            s = s.to(at::kBFloat16).to(at::kFloat);
+          }
           if (R.teacher_topk > 0) {
             const at::Tensor kth = std::get<0>(t.topk(R.teacher_topk, 1)).narrow(1, R.teacher_topk - 1, 1);
             t = t.masked_fill(t < kth, -INFINITY);
           }
+          const double T_ = R.temperature;
           auto [loss, stats, grad] = amid::amid_loss_fwd(s.to(at::kDouble), t.to(at::kDouble), std::nullopt, alpha,
-                                                         lam, div, ord, 0.2, 0.7, 1.0, false, true);
-          const auto P = amid::make_params<float>("test", alpha, lam, div, ord, 0.2, 0.7, 1.0, false);
+                                                         lam, div, ord, 0.2, 0.7, T_, false, true);
+          const auto P = amid::make_params<float>("test", alpha, lam, div, ord, 0.2, 0.7, T_, false);
           double out[7];
           std::vector<double> g(V);
           amid::dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
@@ -1014,6 +1057,8 @@ static void test_online_float(const FloatRegime& R) {
             const int C = (++n_case % 2) ? 1 : 8;
             if (R.bins) {
               gpu_row<d, o, true>(P, s.data_ptr<float>(), t.data_ptr<float>(), V, C, out, g.data());
+            } else if (R.raw16) {
+              gpu_row<d, o, false, true>(P, s.data_ptr<float>(), t.data_ptr<float>(), V, C, out, g.data());
             } else {
               gpu_row<d, o>(P, s.data_ptr<float>(), t.data_ptr<float>(), V, C, out, g.data());
             }
@@ -1027,7 +1072,7 @@ static void test_online_float(const FloatRegime& R) {
             // while sum_notU q ~ 1), so errors are absolute: the CUDA tests' float budget (1e-5, plus 1e-5
             // relative) per case, and over the regime at most 5x the worst error of the CPU op's own float
             // math on the same inputs (two passes, Z known; measured 4.2x, a gradient at alpha = 10).
-            auto [lf, sf, gf] = amid::amid_loss_fwd(s, t, std::nullopt, alpha, lam, div, ord, 0.2, 0.7, 1.0, false, true);
+            auto [lf, sf, gf] = amid::amid_loss_fwd(s, t, std::nullopt, alpha, lam, div, ord, 0.2, 0.7, T_, false, true);
             masked.online_loss = std::max(masked.online_loss, std::abs(out[5] - want));
             masked.online_grad = std::max(masked.online_grad, emax);
             masked.cpu_loss = std::max(masked.cpu_loss, std::abs(lf[0].item<double>() - want));
@@ -1343,6 +1388,21 @@ int main(int argc, char** argv) {
   test_online_float({"teacher top-8 of 2001, the rest -inf, logits of scale 12", 13, 2001, 0.0, 1e-5, 1e-5, 8, 12.0});
   test_online_float({"ordinary inputs, logits of scale 12", 5, 2001, 0.0, 1e-5, 3e-5, 0, 12.0, false, 1.0});
   test_fixed_shift_rows();
+  // The 16-bit kernels' logit gap from the raw logits (amid_math.h: RawGap) on bf16-valued logits, at T = 1 (t - s
+  // exact) and T = 2 (the FFMA scales), with a student near its teacher (the gap's relative accuracy) and ordinary.
+  test_online_float({"bf16 logits, student within 1% of teacher", 11, 5003, 0.01, 1e-5, 1e-4, 0, 3.0, false, 0, true});
+  test_online_float({"bf16 logits, ordinary inputs", 5, 2001, 0.0, 1e-5, 1e-4, 0, 3.0, false, 0, true});
+  test_online_float({"bf16 logits, ordinary inputs, T = 2", 5, 2001, 0.0, 1e-5, 1e-4, 0, 3.0, false, 0, true, 2.0});
+  test_online_float({"bf16 logits, teacher top-8 of 2001, the rest -inf", 13, 2001, 0.0, 1e-5, 1e-5, 8, 3.0, false, 0,
+                     true});
+  test_online_float({"bf16 logits, ordinary inputs, logits of scale 12", 5, 2001, 0.0, 1e-5, 3e-5, 0, 12.0, false, 1.0,
+                     true});
+  test_online_float({"bf16 logits, ordinary inputs, teacher offset 40", 5, 2001, 0.0, 1e-5, 1e-4, 0, 3.0, false, 0, true,
+                     1.0, 40.0});
+  test_online_float({"bf16 logits, ordinary inputs, teacher offset 300", 5, 2001, 0.0, 1e-5, 1e-4, 0, 3.0, false, 0,
+                     true, 1.0, 300.0});
+  test_online_float({"bf16 logits, student within 1% of teacher, offset 300", 11, 5003, 0.01, 1e-5, 1e-4, 0, 3.0, false,
+                     0, true, 1.0, 300.0});
   // The top-k kernel's bucket rows run R1, R2 and R3 on their k + 1 bins (amid_topk_cuda.cu): a short dense row,
   // with no approximate instruction and R3 on every row with finite logits (kBins). The dense kernels' math (R3 by
   // the loss's condition, the approximate exponential) left up to the whole loss at logit scale 12 without R3;
