@@ -258,15 +258,13 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     const acc_t dAB = row_lse_gap(A, B);
     // 16-bit logits: a bounded row's logit gaps from the raw logits (amid_math.h: RawGap; one FFMA after two exact
     // subtractions, where logit_gap's two forms take 7 instructions); float32 / float64 keep logit_gap.
-    constexpr bool kRawGap = sizeof(scalar_t) == 2;
-    const RawGapRow<acc_t> rg = raw_gap_row(A, B, invT);
-    auto bounded_gap = [&]() {
-      if constexpr (kRawGap) {
-        return rg;
+    const auto bounded_gap = [&]() {
+      if constexpr (sizeof(scalar_t) == 2) {
+        return raw_gap_row(A, B, invT);
       } else {
         return dAB;
       }
-    };
+    }();
 
     // R2: the mixture per element; Z and the loss-specific sums in online form. A row whose logits are
     // all finite with |x / T| < 2^100 (nearly every row) runs R2 and W with the BoundedRow policy: the same
@@ -278,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
       using MM = decltype(policy);
       const auto gap = [&]() {  // (the general policy's rows may hold -inf and huge logits: logit_gap)
         if constexpr (MM::kBounded) {
-          return bounded_gap();
+          return bounded_gap;
         } else {
           return dAB;
         }
@@ -354,7 +352,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
 #pragma unroll
         for (int j = 0; j < decltype(nc)::value; ++j) {
           exact_from_logits<D, O, POWER, M>(ex, P, acc_t(tv[j]) * invT, acc_t(sv[j]) * invT, A, B,
-                                            gap_arg(bounded_gap(), acc_t(tv[j]), acc_t(sv[j])), Z, Z2);  // (bounded)
+                                            gap_arg(bounded_gap, acc_t(tv[j]), acc_t(sv[j])), Z, Z2);  // (bounded)
         }
       });
       ex = cluster_reduce<acc_t, kWarps>(ex, ex_scratch, ex_slot, round++, merge_ex);
@@ -386,12 +384,12 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
           if constexpr (POWER && std::is_same<acc_t, float>::value) {  // (as R2)
             if (wide_weights<O>(P)) {
               using MW = WideWeights<BoundedRow<M>>;
-              write_grad_row<D, O, POWER, MW>(P, t, s, g, len, vec_ok, A, B, bounded_gap(), Z, Z2, S_G, K, scale);  // gauge:W
+              write_grad_row<D, O, POWER, MW>(P, t, s, g, len, vec_ok, A, B, bounded_gap, Z, Z2, S_G, K, scale);  // gauge:W
             } else {
-              write_grad_row<D, O, POWER, BoundedRow<M>>(P, t, s, g, len, vec_ok, A, B, bounded_gap(), Z, Z2, S_G, K, scale);  // gauge:Wn
+              write_grad_row<D, O, POWER, BoundedRow<M>>(P, t, s, g, len, vec_ok, A, B, bounded_gap, Z, Z2, S_G, K, scale);  // gauge:Wn
             }
           } else {
-            write_grad_row<D, O, POWER, BoundedRow<M>>(P, t, s, g, len, vec_ok, A, B, bounded_gap(), Z, Z2, S_G, K, scale);  // gauge:W
+            write_grad_row<D, O, POWER, BoundedRow<M>>(P, t, s, g, len, vec_ok, A, B, bounded_gap, Z, Z2, S_G, K, scale);  // gauge:W
           }
         } else {
           write_grad_row<D, O, POWER, M>(P, t, s, g, len, vec_ok, A, B, dAB, Z, Z2, S_G, K, scale);  // gauge:Wm

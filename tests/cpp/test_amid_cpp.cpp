@@ -189,10 +189,11 @@ static void test_mix_series() {
 }
 
 // One element into an online R2 state, as the forward kernel's R2 does it (the combined order 'jsd' keeps d
-// relative to both sides), and one element's gradient as write_grad_row does it.
-template <amid::Order O, class M, typename T, typename Acc>
+// relative to both sides), and one element's gradient as write_grad_row does it. G: the row's dAB or a RawGap
+// (amid_math.h: gap_arg).
+template <amid::Order O, class M, typename T, typename Acc, typename G>
 static void add_element(const amid::LossParams<T>& P, Acc& acc, T tf, T sf, amid::RowLse<T> A, amid::RowLse<T> B,
-                        T dAB) {
+                        G dAB) {
   if (P.mode == amid::MixMode::kPower) {
     amid::add_from_logits<O, true, M>(acc, P, tf, sf, A, B, dAB);
   } else {
@@ -378,11 +379,7 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
                   return;
                 }
               }
-              if (P.mode == amid::MixMode::kPower) {
-                amid::add_from_logits<O, true, MM>(a, P, t[v] * invT, s[v] * invT, A, B, gap);
-              } else {
-                amid::add_from_logits<O, false, MM>(a, P, t[v] * invT, s[v] * invT, A, B, gap);
-              }
+              add_element<O, MM>(P, a, t[v] * invT, s[v] * invT, A, B, gap);
             });
           }
         },
@@ -396,6 +393,10 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
   const bool raw = kRaw16 && bounded;
   bool r2_raw = false;  // whether R2's final sums (and kept terms) took the raw gap
   Acc r2;
+  auto plain_r2 = [&]() {  // (BoundedRow's values are M's: it matters only for the gap)
+    r2 = raw ? run_r2(amid::BoundedRow<M>{}, true) : run_r2(M{}, false);
+    r2_raw = raw;
+  };
   if constexpr (D == amid::Divergence::kKL) {
     if (bounded && g_fixed_shift) {
       r2 = run_r2(amid::FixedShift<amid::BoundedRow<M>>{}, raw);
@@ -405,17 +406,11 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
         r2 = run_r2(M{}, false);
         r2_raw = false;
       }
-    } else if (raw) {
-      r2 = run_r2(amid::BoundedRow<M>{}, true);
-      r2_raw = true;
     } else {
-      r2 = run_r2(M{}, false);
+      plain_r2();
     }
-  } else if (raw) {
-    r2 = run_r2(amid::BoundedRow<M>{}, true);
-    r2_raw = true;
   } else {
-    r2 = run_r2(M{}, false);
+    plain_r2();
   }
   T Z = 0, Z2 = 0, L = 0, S_G = 0, K = 0, cond = 0;
   const bool ok = r2.template close<M>(P, Z, Z2, L, S_G, K, cond);
