@@ -71,8 +71,10 @@ enum StatIndex : int {
 constexpr int kAbPhiTerms = 18;
 // ... of which float math evaluates the first 7: make_params economizes the series to them (float only).
 constexpr int kAbPhiTermsFloat = 7;
-// Coefficients of the power mean's series for |x| < 1/2 in float (power_log; make_params computes them).
-constexpr int kMixTerms = 9;
+// Coefficients of the power mean's series for |x| < 1/2 in float (power_log; make_params economizes its first
+// kMixTaylor Taylor terms to kMixTerms).
+constexpr int kMixTerms = 6;
+constexpr int kMixTaylor = 18;
 // log2(e): one place for the host's row constants (make_params) and the kernels' base-2 exponentials.
 constexpr double kLog2e = 1.4426950408889634;
 
@@ -159,13 +161,13 @@ struct LibMath {
   // expm1(x) for |x| < 1/2 as x expm1_div(x) (2.0 ulp with FMA, 2.1 without; no special function).
   static AMID_HD float expm1_small(float x) { return x * expm1_div(x); }
   static AMID_HD double expm1_small(double x) { return ::expm1(x); }
-  // expm1(x) / x for |x| < 1/2 (1 at x = 0; stays accurate for subnormal x): a degree-6 polynomial fitted for
-  // relative error on [-1/2, 1/2] (2^-28 before rounding), two FMAs fewer than the degree-8 Taylor form it
-  // replaces and as accurate: 1.13 ulp evaluated with FMA (the GPU), 1.33 without, against 1.00 / 1.2
-  // (tests/cpp: test_float_series).
+  // expm1(x) / x for |x| < 1/2 (1 at x = 0; stays accurate for subnormal x): a degree-5 polynomial fitted for
+  // relative error on [-1/2, 1/2] (9.6e-8 before rounding; a discrete minimax with the constant fixed at 1), three
+  // FMAs fewer than the degree-8 Taylor form: 4.0 ulp evaluated with FMA (the GPU). Its users need far less:
+  // r - ref and the alpha-beta terms to ~1e-6 relative (tests/cpp: test_float_series).
   static AMID_HD float expm1_div(float x) {
-    return 1.0f + x * (0.5000000596046448f + x * (0.16666662693023682f + x * (0.041665319353342056f +
-           x * (0.008333634585142136f + x * (0.0013997324276715517f + x * 0.00019841153698507696f)))));
+    return 1.0f + x * (0.4999995231628418f + x * (0.1666606217622757f + x * (0.04167160764336586f +
+           x * (0.00840570405125618f + x * 0.0013822148321196437f))));
   }
   static AMID_HD double expm1_div(double x) { return x == 0.0 ? 1.0 : ::expm1(x) / x; }
   // expm1(x) given e = exp(x) (so no second special-function call in float): e - 1 is exact enough
@@ -457,9 +459,9 @@ AMID_HD T power_log(const LossParams<T>& P, const PowerPre<T>& m) {
   T c;
   if constexpr (std::is_same<T, float>::value) {
     // |x| < 1/2 (own or non-own form, sx = -|x| or |x|): c = log1p(lam_nonref expm1(sx)) / k by the
-    // Bernoulli cumulant series in sx with row-constant coefficients (LossParams::mix_h; 1e-8 relative
-    // truncation), accurate to the last bits as c -> 0 (the small-divergence regime, spec §5.6), for 9
-    // FMAs where expm1's series and a log1p took ~35 instructions.
+    // Bernoulli cumulant series in sx with row-constant coefficients (LossParams::mix_h, economized on |sx| <= 1/2:
+    // 1.3e-7 relative truncation, 3.9 ulp evaluated), relatively accurate as c -> 0 (the small-divergence regime, spec
+    // §5.6), for 6 FMAs where expm1's series and a log1p took ~35 instructions (9 Taylor terms before session 36).
     constexpr int i = REF_P ? 0 : 1;
     const T ser = m.sx * horner<0, kMixTerms>(P.mix_h[i], m.sx);
     // |x| >= 1/2: k c = log1p(a), a = s_B - 1 = lam_nonref (E - 1) (the own and non-own forms; |E - 1| >= 0.39:
@@ -989,16 +991,16 @@ AMID_HD AbTerms<T> ab_terms(const LossParams<T>& P, T lo, T lx, T v) {
 // semantics: where a logit is -inf the loss term and G, H are dropped while r~ stays in Z, so there
 // G' = -r S0, H' = -q K0. ab needs no mask (exp(-inf) = 0) and no shift (S0 = K0 = 0).
 // (e^x - 1 - x) / x^2 and (1 + (x - 1) e^x) / x^2 for |x| < 1/2: the second-order KL element
-// functions divided by x^2 (Taylor coefficients 1/n! and (n-1)/n!, n >= 2). In float, degree-6 polynomials
-// fitted for relative error on [-1/2, 1/2], one and two FMAs fewer than the 8- and 9-term Taylor forms they
-// replace and as accurate: 1.00 and 1.24 ulp evaluated with FMA, 1.08 and 1.6 without, against 1.02 / 1.28
-// and 1.13 / 1.6 (tests/cpp: test_float_series).
+// functions divided by x^2 (Taylor coefficients 1/n! and (n-1)/n!, n >= 2). In float, degree-5 polynomials
+// fitted for relative error on [-1/2, 1/2] (discrete minimax, the constant 1/2 fixed; 0 and 2.0e-7 before
+// rounding), two and three FMAs fewer than the 8- and 9-term Taylor forms: 1.8 and 4.5 ulp evaluated with FMA.
+// The loss needs them to ~1e-6 relative (its budget is 1e-5; tests/cpp: test_float_series).
 template <typename T>
 AMID_HD T phi1_div(T x) {
   if constexpr (std::is_same<T, float>::value) {
-    const float c[7] = {0.5f, 0.1666666716337204f, 0.0416666641831398f, 0.008333182893693447f,
-                        0.0013889040565118194f, 0.00019961956422775984f, 2.4841641788952984e-05f};
-    return horner<0, 7>(c, x);
+    const float c[6] = {0.5f, 0.1666666865348816f, 0.041665852069854736f, 0.00833395216614008f,
+                        0.0013982654782012105f, 0.00019620649982243776f};
+    return horner<0, 6>(c, x);
   } else {
     const T c[13] = {T(1.0 / 2), T(1.0 / 6), T(1.0 / 24), T(1.0 / 120), T(1.0 / 720), T(1.0 / 5040),
                      T(1.0 / 40320), T(1.0 / 362880), T(1.0 / 3628800), T(1.0 / 39916800),
@@ -1009,9 +1011,9 @@ AMID_HD T phi1_div(T x) {
 template <typename T>
 AMID_HD T phi2_div(T x) {
   if constexpr (std::is_same<T, float>::value) {
-    const float c[7] = {0.5f, 0.3333333730697632f, 0.12499994784593582f, 0.03333214297890663f,
-                        0.00694487988948822f, 0.001200087950564921f, 0.00017316940648015589f};
-    return horner<0, 7>(c, x);
+    const float c[6] = {0.5f, 0.33333316445350647f, 0.12499527633190155f, 0.03333606198430061f,
+                        0.007005203980952501f, 0.0011866962304338813f};
+    return horner<0, 6>(c, x);
   } else {
     const T c[13] = {T(1.0 / 2), T(2.0 / 6), T(3.0 / 24), T(4.0 / 120), T(5.0 / 720), T(6.0 / 5040),
                      T(7.0 / 40320), T(8.0 / 362880), T(9.0 / 3628800), T(10.0 / 39916800),
