@@ -175,7 +175,7 @@ struct LibMath {
   // alpha -> 1, where lt - lq = log1p(lam expm1(k d)) / k amplifies the absolute error of expm1 by
   // 1/k (spec §5.3), and in the small-divergence regime (spec §5.6).
   static AMID_HD float expm1_from_exp(float x, float e) {
-    return (x > -0.5f) & (x < 0.5f) ? expm1_small(x) : e - 1.0f;
+    return std::fabs(x) < 0.5f ? expm1_small(x) : e - 1.0f;
   }
   static AMID_HD double expm1_from_exp(double x, double /*e*/) { return ::expm1(x); }
   // The same given nax = -|x| too (the mixture has it): one comparison.
@@ -481,7 +481,7 @@ AMID_HD T power_log(const LossParams<T>& P, const PowerPre<T>& m) {
       kc = M::log_mix(s_B);
     } else {
       const T a = lam_nonref * (m.E - T(1));
-      kc = (a > T(-0.125)) & (a < T(0.125)) & !from_non ? log1p_series(a) : M::log_mix(s_B);
+      kc = (std::fabs(a) < T(0.125)) & !from_non ? log1p_series(a) : M::log_mix(s_B);
     }
     if constexpr (!M::kBounded) {
       const T log_w = (from_non == REF_P) ? P.log_1m_lam : P.log_lam;  // log of s_B's weight without E
@@ -952,9 +952,9 @@ template <class M, typename T>
 AMID_HD AbTerms<T> ab_terms_pow(const LossParams<T>& P, T v, T og, T xg, T xc_od) {
   const T c = P.ab_c, dd = P.ab_d, g = P.ab_g;
   const T cv = c * v, dv = dd * v, gv = g * v;
-  const bool small_c = (cv > T(-0.5)) & (cv < T(0.5));  // false for NaN / inf v
-  const bool small_d = (dv > T(-0.5)) & (dv < T(0.5));
-  const bool small_g = (gv > T(-0.5)) & (gv < T(0.5));
+  const bool small_c = std::fabs(cv) < T(0.5);  // false for NaN / inf v
+  const bool small_d = std::fabs(dv) < T(0.5);
+  const bool small_g = std::fabs(gv) < T(0.5);
   AbTerms<T> r;
   r.Gd = small_d ? xc_od * v * M::expm1_div(dv) : (xg - xc_od) * P.inv_d;
   r.Hc = small_c ? og * v * M::expm1_div(cv) : (xc_od - og) * P.inv_c;
@@ -1038,7 +1038,7 @@ AMID_HD Terms<T> element_terms(const LossParams<T>& P, T p, T q, T r, T lp, T lq
     const bool keep = M::kBounded || ((lp != neg_inf<T>()) & (lq != neg_inf<T>()));
     const T ref = ref_is_p<O>() ? p : q;
     // r - ref: ref expm1(e) near r = ref, the plain difference once |e| >= 1/2 (no cancellation).
-    const bool small = (e > T(-0.5)) & (e < T(0.5));
+    const bool small = std::fabs(e) < T(0.5);
     const T diff = small ? ref * M::expm1_small(e) : r - ref;
     // The loss term in second-order form, exact where the divergence is tiny (spec §5.6): with
     // sum r = sum ref = 1, KL(ref || r) = sum ref (e^e - 1 - e) and KL(r || ref) = sum ref (1 + (e - 1) e^e),

@@ -343,7 +343,7 @@ struct RowAcc {
       // the series the loss term needs anyway (one series per element, not two); else rho e^m - o (no
       // cancellation there: r~ / o = e^d is outside [0.6, 1.65]). r~ = rho e^m = e^(lt - m) e^m carries
       // ~2^-22 + (|lt - m| + |m|) 2^-24 of relative error, as e^lt would (|lt| 2^-24).
-      const bool small = (d > T(-0.5)) & (d < T(0.5));  // false for NaN / inf d
+      const bool small = std::fabs(d) < T(0.5);  // false for NaN / inf d
       const T d2 = d * d;
       const T p1 = phi1_div(d);
       const T tau = small ? o * (d + d2 * p1) : (M::kFixedShift ? rho : rho * pm[0]) - o;
@@ -415,7 +415,7 @@ struct RowAcc {
       }
       // tau = r~ - o as for kl: the series for |d| < 1/2, else rho e^m - o.
       const T o = M::exp(lo);
-      f[11] += (d > T(-0.5)) & (d < T(0.5)) ? o * M::expm1_small(d) : rho * pm[0] - o;
+      f[11] += std::fabs(d) < T(0.5) ? o * M::expm1_small(d) : rho * pm[0] - o;
     }
   }
 
