@@ -346,7 +346,16 @@ struct RowAcc {
       const bool small = std::fabs(d) < T(0.5);  // false for NaN / inf d
       const T d2 = d * d;
       const T p1 = phi1_div(d);
-      const T tau = small ? o * (d + d2 * p1) : (M::kFixedShift ? rho : rho * pm[0]) - o;
+      const T tau_big = (M::kFixedShift ? rho : rho * pm[0]) - o;
+      // pr / qr: o d^2 phi1(d) once, for tau (o d + it, one FMA) and for f[5] (their loss term): one instruction
+      // fewer than tau as o (d + d^2 phi1) and the term as its own product
+      T o_phi1 = T(0), tau;
+      if constexpr (x_r) {
+        o_phi1 = o * (d2 * p1);
+        tau = small ? fma_t(o, d, o_phi1) : tau_big;
+      } else {
+        tau = small ? o * (d + d2 * p1) : tau_big;
+      }
       f[x_r ? 3 : 4] += tau;
       const bool keep = M::kBounded || ((lp != neg_inf<T>()) & (lq != neg_inf<T>()));
       if (!keep) {
@@ -370,7 +379,7 @@ struct RowAcc {
         f[0] -= o * d;
         f[1] += o * w;
         f[4] += tau * w;
-        f[5] += small ? o * d2 * p1 : tau - o * d;
+        f[5] += small ? o_phi1 : tau - o * d;
       } else {
         f[0] += rho;
         f[1] += rho * d;
