@@ -252,6 +252,20 @@ struct LibMath {
     return ::logf(s);
 #endif
   }
+  // log(s) + a for s in (0, 1], a normal number (the sums of power_log under WideWeights, >= min(lam, 1 - lam)). CUDA's
+  // __log2f has absolute error 2^-22 on [1/2, 2], else 2 ulp of its result: still 2^-22 absolute down to s = 1/4,
+  // 2^-22 |log2 s| below. On the GPU one MUFU.LG2 (lg2.approx.ftz) and one FMA with ln 2, without log_mix's mantissa
+  // split (6 instructions), which sums of any magnitude need. The host uses logf (the C++ tests emulate the GPU's
+  // error).
+  static AMID_HD float log_unit_add(float s, float a) {
+#if defined(__CUDA_ARCH__)
+    float r;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(s));
+    return fmaf(r, 0.693147180559945309f, a);
+#else
+    return ::logf(s) + a;
+#endif
+  }
   // use_log1p ? log1p(y) : log(s): the double power mean's logarithm (power_log).
   static AMID_HD double log_sel(bool use_log1p, double y, double s) { return use_log1p ? ::log1p(y) : ::log(s); }
 };
@@ -278,6 +292,7 @@ struct PreciseMath : LibMath {
   static AMID_HD float exp2_approx(float y) { return ::exp2f(y); }
   static AMID_HD float rcp_approx(float x) { return 1.0f / x; }
   static AMID_HD float log_mix(float s) { return ::logf(s); }
+  static AMID_HD float log_unit_add(float s, float a) { return ::logf(s) + a; }
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -292,14 +307,20 @@ constexpr bool ref_is_p() {
 // A math policy for rows of a power mean whose weight on the side that is not the loss's reference is at least
 // kWideWeight (both weights for the combined order kJSD; wide_weights): there the float power_log's log1p series
 // is never selected (its argument a = lam_nonref (e^-+|x| - 1) has |a| >= 0.32 (1 - e^-1/2) = 0.126 > 1/8 where
-// |x| >= 1/2), so it compiles out: the same values as Base, bit for bit, ~16 instructions per element fewer in
-// the GPU's R2. lam = 0.5 takes it in every order, lam = 0.1 in pr and rp. A uniform choice per launch
+// |x| >= 1/2), so it compiles out (~16 instructions per element fewer in the GPU's R2), and the float mixture takes
+// the logarithm of a sum <= 1 in every form (kSplitLog; power_log: one MUFU.LG2 without the mantissa split, 6 fewer):
+// Base's values to the approximate logarithm's error (tests/cpp: test_bounded_rows measures them; in double the
+// same values bit for bit). lam = 0.5 takes it in every order, lam = 0.1 in pr and rp. A uniform choice per launch
 // (amid_loss_kernels.cuh), over BoundedRow.
 template <class Base>
 struct WideWeights : Base {
   static constexpr bool kWideWeights = true;
 };
 constexpr double kWideWeight = 0.32;
+// Whether power_pre takes E = e^-|x| in every form (float under WideWeights: power_log's split logarithm); else E is
+// e^-|x| in the base form and e^|x| in the non-own one.
+template <class M, typename T>
+constexpr bool kSplitLog = M::kWideWeights && std::is_same<T, float>::value;
 
 // A math policy for kl's R2 over a bounded row: the Z-dependent sums (S = sum rho, Wb = sum rho w, and rp / rq's
 // rho-weighted fields) relative to lt = 0 instead of the running maximum m, so that an element needs neither the
@@ -397,15 +418,26 @@ AMID_HD PowerPre<T> power_pre(const LossParams<T>& P, T dpq) {
   m.own = REF_P ? !m.q_base : m.q_base;
   m.big = m.ax < T(-80);
   m.base = m.own | m.big;
-  const T sx = m.base ? m.ax : -m.ax;
-  m.sx = sx;
-  m.E = M::exp_approx(sx);  // the element's one exponential (one MUFU.EX2 on the GPU)
-  m.em1 = M::expm1_from_exp_abs(sx, m.ax, m.E);
-  // w = 1 / (1 + lam / (1-lam) e^(q_base ? -|x| : |x|)): E has that sign where base == q_base; else
-  // e^(...) = 1 / E and w = E / (E + lam / (1-lam)). One reciprocal (to 1 ulp: w only weights R2's
-  // sums); w = 0 where E = 0 in the second form (e^|x| infinite), 1 in the first.
-  const bool same = sx == x;  // (a float comparison: the CPU loops vectorise it, not bool == bool)
-  m.w = (same ? T(1) : m.E) * M::rcp_approx(same ? T(1) + P.lam_ratio * m.E : m.E + P.lam_ratio);
+  if constexpr (kSplitLog<M, T>) {
+    // sx only for power_log's series (|x| < 1/2, never big): there base = own, so sx = -|x| where p's side is the own
+    // one (x > 0 with REF_P, x <= 0 without) and |x| elsewhere: -x with p as the reference, x with q. No select.
+    m.sx = REF_P ? -x : x;
+    // E = e^-|x| in every form (power_log takes the non-own form's log as |x| + the log of a sum <= 1)
+    m.E = M::exp_approx(m.ax);  // the element's one exponential (one MUFU.EX2 on the GPU)
+    m.em1 = T(0);  // (unused in float)
+    // w = 1 / (1 + lam / (1-lam) e^x): E = e^x where x <= 0 (q_base), else e^x = 1 / E and w = E / (E + lam / (1-lam))
+    m.w = (m.q_base ? T(1) : m.E) * M::rcp_approx(m.q_base ? T(1) + P.lam_ratio * m.E : m.E + P.lam_ratio);
+  } else {
+    const T sx = m.base ? m.ax : -m.ax;
+    m.sx = sx;
+    m.E = M::exp_approx(sx);  // the element's one exponential (one MUFU.EX2 on the GPU)
+    m.em1 = M::expm1_from_exp_abs(sx, m.ax, m.E);
+    // w = 1 / (1 + lam / (1-lam) e^(q_base ? -|x| : |x|)): E has that sign where base == q_base; else
+    // e^(...) = 1 / E and w = E / (E + lam / (1-lam)). One reciprocal (to 1 ulp: w only weights R2's
+    // sums); w = 0 where E = 0 in the second form (e^|x| infinite), 1 in the first.
+    const bool same = sx == x;  // (a float comparison: the CPU loops vectorise it, not bool == bool)
+    m.w = (same ? T(1) : m.E) * M::rcp_approx(same ? T(1) + P.lam_ratio * m.E : m.E + P.lam_ratio);
+  }
   return m;
 }
 
@@ -419,6 +451,21 @@ AMID_HD void power_pre_both(const LossParams<T>& P, T dpq, PowerPre<T>& mp, Powe
   const bool q_base = x <= T(0);
   const T ax = -std::fabs(x);  // (as in power_pre)
   const T e = M::exp_approx(ax);
+  if constexpr (kSplitLog<M, T>) {
+    // E = e^-|x| on both sides (power_pre: kSplitLog), so no 1 / e; w as power_pre's
+    mp.ax = mq.ax = ax;
+    mp.sx = -x, mq.sx = x;  // (the series' exponent only: as power_pre's)
+    mp.E = mq.E = e;
+    mp.em1 = mq.em1 = T(0);
+    mp.w = mq.w = (q_base ? T(1) : e) * M::rcp_approx(q_base ? T(1) + P.lam_ratio * e : e + P.lam_ratio);
+    mp.q_base = mq.q_base = q_base;
+    mp.own = !q_base;
+    mq.own = q_base;
+    mp.big = mq.big = ax < T(-80);
+    mp.base = mp.own | mp.big;
+    mq.base = mq.own | mq.big;
+    return;
+  }
   const T inv_e = M::rcp_approx(e);  // +inf where e = 0 (|x| > 80: there both sides take the base form)
   const T em1 = M::expm1_from_exp_abs(ax, ax, e);
   const T ep1 = -em1 * inv_e;
@@ -476,10 +523,18 @@ AMID_HD T power_log(const LossParams<T>& P, const PowerPre<T>& m) {
     // float precision, and its log by log_mix has the absolute error that every log_mix element has; c is added to
     // l_non - l_ref > 80 / |k| there. So the series is never taken there, and a is formed for the other forms only.)
     // Under the WideWeights policy (lam_nonref >= kWideWeight) |a| >= 0.32 (1 - e^-1/2) > 1/8 in both forms: the
-    // series is never taken, and the same values come without it.
+    // series is never taken.
+    // Under WideWeights with E = e^-|x| in every form (kSplitLog): the non-own form's sum lam_ref + lam_nonref e^|x| is
+    // e^|x| (lam_nonref + lam_ref e^-|x|), the same sum as the from_non base form's, so every element's logarithm is
+    // that of a sum in [min(lam_ref, lam_nonref), 1], plus |x| in the non-own form: one MUFU.LG2 and one FMA
+    // (M::log_unit_add), where the sum's magnitude needed log_mix's mantissa split (6 instructions more). Its error:
+    // 2^-22 ln 2 absolute where the sum is >= 1/4 (lam = 0.5: every sum is >= 1/2), at most 2^-22 relative of the log
+    // below (lam_ref < 1/4, own form), against log_mix's 2^-22 ln 2 + 2^-24 |log s|; and the non-own form no longer
+    // takes e^|x|'s relative error, 2^-22 + |x| 2^-24, into its log as an absolute one.
     T kc;
     if constexpr (M::kWideWeights) {
-      kc = M::log_mix(s_B);
+      const T s_W = m.own ? lam_ref + lam_nonref * m.E : lam_nonref + lam_ref * m.E;
+      kc = M::log_unit_add(s_W, m.base ? T(0) : -m.ax);
     } else {
       const T a = lam_nonref * (m.E - T(1));
       kc = (std::fabs(a) < T(0.125)) & !from_non ? log1p_series(a) : M::log_mix(s_B);

@@ -305,14 +305,17 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     // kl's bounded R2 takes its sums relative to lt = 0 (amid_math.h: FixedShift; kl/pr 6 instructions per element
     // fewer); a row where that leaves S below 2^-20 (shift_ok, a uniform branch after the cluster's merge: every
     // thread holds the merged state) runs R2 again in the general policy, under the running maximum. Its reduction
-    // takes the next round's slot (cluster_reduce alternates two), and its kept terms overwrite the first R2's with
-    // the same values (BoundedRow's are the general policy's). One call site per policy: a loop, not a second call
+    // takes the next round's slot (cluster_reduce alternates two), and its kept terms overwrite all of the first R2's
+    // (the same values, or under wide weights M's: W then takes them with the sums they were formed with). One call
+    // site per policy: a loop, not a second call
     // (each call inlines the pass).
     using MB = std::conditional_t<D == Divergence::kKL, FixedShift<BoundedRow<M>>, BoundedRow<M>>;
     for (bool general = !bounded;; general = true) {
       if (!general) {
         // A power mean in float whose weights are wide (amid_math.h: WideWeights; lam = 0.5 in every order) runs
-        // R2 without power_log's log1p series: the same values (a uniform branch per launch, P being uniform).
+        // R2 without power_log's log1p series and with its own logarithm of the mixture's sums (kSplitLog; the
+        // streaming W and the backward kernel too): a uniform branch per launch, P being uniform. The general
+        // policy's passes (masked rows, the rerun below, R3) keep M: the two agree to the approximate log's error.
         if constexpr (POWER && std::is_same<acc_t, float>::value) {
           if (wide_weights<O>(P)) {
             r2(WideWeights<MB>{});  // gauge:R2
@@ -510,7 +513,9 @@ void launch_fwd_mode(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a,
                      const LossParams<at::opmath_type<scalar_t>>& P, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const std::string path = forced_path();
-  // AMID_CUDA_BOUNDED=0: every row runs the general R2 / W (tests compare both; they agree bit for bit).
+  // AMID_CUDA_BOUNDED=0: every row runs the general R2 / W (tests compare both; they agree to the approximate
+  // instructions' errors: kl's fixed shift and a float power mean's wide-weights logarithm differ from M's, the guards
+  // alone change nothing).
   // A tiny lam (LossParams::lam_tiny) needs the mixture's scaled forms, which BoundedRow leaves out:
   // then every row takes the general policy.
   const bool bounded_ok = !env_is("AMID_CUDA_BOUNDED", "0") && !(POWER && P.lam_tiny);
