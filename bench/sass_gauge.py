@@ -57,7 +57,8 @@ Method (what is counted, and how)
    targets count the first; the "general" columns (R1 + R2m + Wm) the second.
 8. The float power-mean kernels hold the bounded rows' R2 twice more (amid_math.h: WideWeights): where the
    mixture's weight on the side that is not the loss's reference is >= 0.32 (both weights for jsd; lam = 0.5 in
-   every order, 0.1 in pr and rp), R2 needs no log1p series: tagged R2, as in 7; for other lam, tagged R2n,
+   every order, 0.1 in pr and rp), R2 needs no log1p series and takes the logarithm of a sum <= 1 (one MUFU.LG2
+   without the mantissa split): tagged R2, as in 7; for other lam, tagged R2n,
    reported in the "narrow" columns (R1 + R2n + W). So do the W passes that recompute the mixture (the jsd
    kernels', the streaming path's and the backward kernel's): W, and Wn for other lam.
 
