@@ -197,6 +197,24 @@ struct LibMath {
 #endif
   }
   static AMID_HD double exp_approx(double x) { return ::exp(x); }
+  // e^x to ~2^-22 relative at any x (no |x| 2^-24 term), for terms whose error must not grow with |x| (the alpha-beta
+  // R2's x^a rho^b and o, whose arguments reach tens): y = x log2(e) rounded, and its rounding's share of the result,
+  // c = x - y ln 2 (two FMAs with ln 2 in two parts; |c| <~ |x| 2^-24), as the factor 1 + c (2^-23 beyond ex2.approx's
+  // 2^-22 in all, measured over x in [-100, 20]). On the GPU one MUFU.EX2 and five FMA-pipe instructions where expf took
+  // ~8.6 in the gauge. Results below 2^-126 flush to 0, an overflow is +inf (1 + c > 0); x = -inf gives NaN (callers:
+  // exp_corrected, which guards it outside bounded rows). The host uses expf (the C++ tests emulate the GPU's error).
+  static AMID_HD float exp_corr(float x) {
+#if defined(__CUDA_ARCH__)
+    const float y = x * float(kLog2e);
+    constexpr float kLn2Hi = 0.693147180559945309f;
+    constexpr float kLn2Lo = float(0.693147180559945309 - double(kLn2Hi));
+    const float c = fmaf(y, -kLn2Lo, fmaf(y, -kLn2Hi, x));  // (y times -ln 2: with -y, nvcc formed x (-log2 e) apart)
+    return exp2_approx(y) * (1.0f + c);
+#else
+    return ::expf(x);
+#endif
+  }
+  static AMID_HD double exp_corr(double x) { return ::exp(x); }
   // 2^y, as exp_approx but for an argument already in the base-2 domain (no product with log2(e) to round): on the
   // GPU one MUFU.EX2 (~2^-22 relative; flushes below 2^-126). The host uses exp2f.
   static AMID_HD float exp2_approx(float y) {
@@ -288,11 +306,13 @@ struct PreciseMath : LibMath {
   using LibMath::exp_approx;  // (the double overloads are the library's already)
   using LibMath::rcp_approx;
   using LibMath::exp2_approx;
+  using LibMath::exp_corr;
   static AMID_HD float exp_approx(float x) { return ::expf(x); }
   static AMID_HD float exp2_approx(float y) { return ::exp2f(y); }
   static AMID_HD float rcp_approx(float x) { return 1.0f / x; }
   static AMID_HD float log_mix(float s) { return ::logf(s); }
   static AMID_HD float log_unit_add(float s, float a) { return ::logf(s) + a; }
+  static AMID_HD float exp_corr(float x) { return ::expf(x); }
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -345,6 +365,16 @@ template <Order O, typename T>
 AMID_HD bool wide_weights(const LossParams<T>& P) {
   const bool p_side = double(P.one_minus_lam) >= kWideWeight, q_side = double(P.lam) >= kWideWeight;
   return O == Order::kJSD ? p_side & q_side : (ref_is_p<O>() ? p_side : q_side);
+}
+
+// e^x by M::exp_corr (2^-22 relative at any x), with -inf giving 0 outside bounded rows (whose arguments are finite).
+template <class M, typename T>
+AMID_HD T exp_corrected(T x) {
+  if constexpr (M::kBounded) {
+    return M::exp_corr(x);
+  } else {
+    return x == neg_inf<T>() ? T(0) : M::exp_corr(x);
+  }
 }
 
 // c[I] + v (c[I+1] + v (... c[N-1])), expanded at compile time: a loop left inside an element

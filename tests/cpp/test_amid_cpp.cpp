@@ -327,6 +327,14 @@ struct GpuEmuMath : amid::LibMath {
     const double bound = std::log(2.0) * err2 + std::abs(l2) * std::log(2.0) * std::ldexp(1.0, -24);
     return float(double(::logf(s)) + perturb(s) * bound + double(a));
   }
+  // LibMath::exp_corr (ex2.approx.ftz of x log2 e rounded, 2 ulp, times 1 + r ln 2 for the product's rounding r, one
+  // rounding more): +-(2^-22 + 2^-23) relative, at any x; flushed to 0 below 2^-126 as ex2.approx.ftz.
+  using amid::LibMath::exp_corr;
+  static float exp_corr(float x) {
+    const float e = ::expf(x);
+    if (!(e >= 0x1p-126f) || std::isinf(e)) return e < 0x1p-126f ? 0.0f : e;  // (0, flushed, inf, NaN)
+    return float(double(e) * (1.0 + perturb(x) * (std::ldexp(1.0, -22) + std::ldexp(1.0, -23))));
+  }
   // rcp.approx.ftz: 1 ulp (PTX ISA), emulated as a +-2^-23 relative perturbation (hash of x's bits).
   using amid::LibMath::rcp_approx;
   static float rcp_approx(float x) { return float(double(1.0f / x) * (1.0 + perturb(x) * std::ldexp(1.0, -23))); }
