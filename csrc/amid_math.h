@@ -481,25 +481,6 @@ AMID_HD void power_pre_both(const LossParams<T>& P, T dpq, PowerPre<T>& mp, Powe
   const bool q_base = x <= T(0);
   const T ax = -std::fabs(x);  // (as in power_pre)
   const T e = M::exp_approx(ax);
-  if constexpr (kSplitLog<M, T>) {
-    // E = e^-|x| on both sides (power_pre: kSplitLog), so no 1 / e; w as power_pre's
-    mp.ax = mq.ax = ax;
-    mp.sx = -x, mq.sx = x;  // (the series' exponent only: as power_pre's)
-    mp.E = mq.E = e;
-    mp.em1 = mq.em1 = T(0);
-    mp.w = mq.w = (q_base ? T(1) : e) * M::rcp_approx(q_base ? T(1) + P.lam_ratio * e : e + P.lam_ratio);
-    mp.q_base = mq.q_base = q_base;
-    mp.own = !q_base;
-    mq.own = q_base;
-    mp.big = mq.big = ax < T(-80);
-    mp.base = mp.own | mp.big;
-    mq.base = mq.own | mq.big;
-    return;
-  }
-  const T inv_e = M::rcp_approx(e);  // +inf where e = 0 (|x| > 80: there both sides take the base form)
-  const T em1 = M::expm1_from_exp_abs(ax, ax, e);
-  const T ep1 = -em1 * inv_e;
-  const T w = M::rcp_approx(T(1) + P.lam_ratio * (q_base ? e : inv_e));
   // (no lambda here: the CPU kernel's loops vectorise only when everything in them is inlined)
   mp.ax = mq.ax = ax;
   mp.q_base = mq.q_base = q_base;
@@ -508,6 +489,18 @@ AMID_HD void power_pre_both(const LossParams<T>& P, T dpq, PowerPre<T>& mp, Powe
   mp.big = mq.big = ax < T(-80);
   mp.base = mp.own | mp.big;
   mq.base = mq.own | mq.big;
+  if constexpr (kSplitLog<M, T>) {
+    // E = e^-|x| on both sides (power_pre: kSplitLog), so no 1 / e; w as power_pre's
+    mp.sx = -x, mq.sx = x;  // (the series' exponent only: as power_pre's)
+    mp.E = mq.E = e;
+    mp.em1 = mq.em1 = T(0);
+    mp.w = mq.w = (q_base ? T(1) : e) * M::rcp_approx(q_base ? T(1) + P.lam_ratio * e : e + P.lam_ratio);
+    return;
+  }
+  const T inv_e = M::rcp_approx(e);  // +inf where e = 0 (|x| > 80: there both sides take the base form)
+  const T em1 = M::expm1_from_exp_abs(ax, ax, e);
+  const T ep1 = -em1 * inv_e;
+  const T w = M::rcp_approx(T(1) + P.lam_ratio * (q_base ? e : inv_e));
   // Each side's exponent as a float select (sx = -|x| in its base form, |x| in its non-own one; the two
   // agree at x = 0): on the masks above GCC's CPU loops went scalar.
   const T sx_p = x < T(-80) ? x : -x, sx_q = x > T(80) ? -x : x;
