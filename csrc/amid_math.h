@@ -110,6 +110,11 @@ struct LossParams {
   // phi(v) / (c d) = -sum_{n>=2} ab_phi_cd[n-2] v^n with ab_phi_cd[n-2] = sum_{j<n-1} c^j g^(n-2-j) / n!
   // (float: economized to kAbPhiTermsFloat terms on |g v| <= 1/2).
   T ab_d, inv_c, inv_d, inv_g;
+  // R2's element terms (ab_terms_one_series) form one of Hc, Gd by its series: the one whose exponent is the smaller,
+  // ab_e_s = min(c, d) (Hc where c <= d, else Gd), with inv_e_s = 1 / ab_e_s; Pcd from it divided by the larger
+  // exponent, signed: ab_pcd_k = 1 / d where c <= d, else -1 / c; and the other term from Gd = Hc - g Pcd:
+  // ab_other_g = -g where c <= d (Gd), else g (Hc).
+  T ab_e_s, inv_e_s, ab_pcd_k, ab_other_g;
   // g, c, dd times log2(e) (in double on the host): the element terms' powers as one MUFU.EX2 of one product or FMA
   // (exp2_approx), not exp_approx's second product with log2(e)
   T ab_g_log2e, ab_c_log2e, ab_d_log2e;
@@ -1041,6 +1046,34 @@ AMID_HD AbTerms<T> ab_terms_pow(const LossParams<T>& P, T v, T og, T xg, T xc_od
   const T p_series = -og * v * v * horner<0, std::is_same<T, double>::value ? kAbPhiTerms : kAbPhiTermsFloat>(P.ab_phi_cd, v);
   const T p_big = c <= dd ? (r.Hc - Xg_g) * P.inv_d : (Xg_g - r.Gd) * P.inv_c;
   r.Pcd = small_g ? p_series : p_big;
+  return r;
+}
+
+// The same terms with one expm1 series where ab_terms_pow takes two (R2: amid_online.h, RowAcc::add, which needs all
+// three). Of Hc = o^g expm1(c v) / c and Gd = x^c o^dd expm1(dd v) / dd it forms the one whose exponent e_s is the
+// smaller (Hc where c <= dd, else Gd) as ab_terms_pow does, Pcd from it by ab_terms_pow's forms (the big one divides
+// by the larger exponent, as there), and the other by Gd = Hc - g Pcd (exact: Pcd dd = Hc - Xg / g, so Hc - g Pcd =
+// (Xg - c Hc) / dd). That sum loses no more than the terms' own rounding: where |g v| < 1/2 the two addends are
+// O(v) and O(v^2); beyond, it carries ~eps max(o^g, x^g, x^c o^dd) / e_big absolutely, as Pcd's big form and the
+// larger of Hc, Gd do (where it is the smaller, e.g. Gd ~ x^c o^dd / dd << Hc ~ o^g / c for v -> -inf, it is
+// relatively worse, but the element's gradient and the row sums hold the larger one with that error anyway).
+// Row constants: LossParams::ab_e_s, inv_e_s, ab_pcd_k, ab_other_g (which side is which: two selects per element).
+template <class M, typename T>
+AMID_HD AbTerms<T> ab_terms_one_series(const LossParams<T>& P, T v, T og, T xg, T xc_od) {
+  const bool gd_series = P.ab_c > P.ab_d;  // (a row constant)
+  const T base = gd_series ? xc_od : og;   // the series term's factor: o^g for Hc, x^c o^dd for Gd
+  const T top = gd_series ? xg : xc_od;    // its big form: (top - base) / e_s
+  const T sv = P.ab_e_s * v, gv = P.ab_g * v;
+  const bool small_s = std::fabs(sv) < T(0.5);  // false for NaN / inf v
+  const bool small_g = std::fabs(gv) < T(0.5);
+  const T Ts = small_s ? base * v * M::expm1_div(sv) : (top - base) * P.inv_e_s;
+  const T Xg_g = (xg - og) * P.inv_g;
+  const T p_series = -og * v * v * horner<0, std::is_same<T, double>::value ? kAbPhiTerms : kAbPhiTermsFloat>(P.ab_phi_cd, v);
+  AbTerms<T> r;
+  r.Pcd = small_g ? p_series : (Ts - Xg_g) * P.ab_pcd_k;
+  const T To = fma_t(P.ab_other_g, r.Pcd, Ts);
+  r.Hc = gd_series ? To : Ts;
+  r.Gd = gd_series ? Ts : To;
   return r;
 }
 

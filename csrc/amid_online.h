@@ -412,7 +412,7 @@ struct RowAcc {
       // cancelling pair there) share theirs. Measured on the emulated gradient (tests/cpp, ordinary inputs,
       // lam = 0.02): Gd summed in every order, ab/rq 1.7e-4; from Hc in every order, ab/qr 1.8e-4 and a tiny
       // exponent (0.7, 1e-20, alpha 10) 1.2e-4; as here, both below 1.2e-4.
-      const AbTerms<T> at = ab_terms_pow<M>(P, d, og, rg * pm[2], xy * pm[1]);
+      const AbTerms<T> at = ab_terms_one_series<M>(P, d, og, rg * pm[2], xy * pm[1]);
       f[5] += og * w;
       f[6] += at.Pcd;
       f[7] += at.Hc;

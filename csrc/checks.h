@@ -291,6 +291,11 @@ LossParams<T> make_params(const char* op, double alpha, double lam, const std::s
   P.inv_c = T(1.0 / c);
   P.inv_d = T(1.0 / dd);
   P.inv_g = T(1.0 / g);
+  const bool gd_series = T(c) > T(dd);  // (as ab_terms_one_series compares them: rounded)
+  P.ab_e_s = T(gd_series ? dd : c);
+  P.inv_e_s = T(gd_series ? 1.0 / dd : 1.0 / c);
+  P.ab_pcd_k = T(gd_series ? -1.0 / c : 1.0 / dd);
+  P.ab_other_g = T(gd_series ? g : -g);
   P.ab_g_log2e = T(g * kLog2e);
   P.ab_c_log2e = T(c * kLog2e);
   P.ab_d_log2e = T(dd * kLog2e);
