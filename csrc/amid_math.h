@@ -347,11 +347,13 @@ constexpr double kWideWeight = 0.32;
 template <class M, typename T>
 constexpr bool kSplitLog = M::kWideWeights && std::is_same<T, float>::value;
 
-// A math policy for kl's R2 over a bounded row: the Z-dependent sums (S = sum rho, Wb = sum rho w, and rp / rq's
-// rho-weighted fields) relative to lt = 0 instead of the running maximum m, so that an element needs neither the
-// test of lt against m (with its rarely taken rescaling block) nor lt - m: rho = e^lt (kl/pr's R2: 90 -> 84
-// instructions per element on sm_90a). lt <= 0 up to rounding (a power mean lies between its arguments, two
-// log-probabilities), so no term overflows.
+// A math policy for R2 over a bounded row: the Z-dependent sums (S = sum rho, Wb = sum rho w, kl rp / rq's
+// rho-weighted fields, alpha-beta's rho^c sums) relative to lt = 0 instead of the running maximum m, so that an
+// element needs neither the test of lt against m (with its rarely taken rescaling block) nor lt - m: rho = e^lt, and
+// alpha-beta's powers need no factor e^(c m) (kl/pr's R2: 90 -> 84 instructions per element on sm_90a; ab/rq's 125.4 ->
+// 115.8). lt <= 0 up to rounding (a power mean lies between its arguments, two log-probabilities), so no term
+// overflows. (alpha-beta's rho^c, c < 1, flush later than rho: e^(c lt) with c lt >= -87 for the row's largest terms
+// once S >= kFixedShiftMinS below, lt >= log(2^-20 / V).)
 // The price is accuracy where S is small. Under the running maximum the largest term is e^0 = 1 exactly and the
 // others' arguments lt - m are small near it; here every term has ex2.approx's error, 2^-22, and its argument's
 // rounding, |lt| 2^-25, which lt's own error does not share: Z's error grows by about that of the terms that make

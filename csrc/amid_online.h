@@ -304,14 +304,14 @@ struct RowAcc {
     }
   }
 
-  // The state R2 starts from: m = 0 for the FixedShift policy (amid_math.h; kl only: ab's powers rho^c would
-  // flush to 0 at c lt < -87), which never raises it; else m = -inf, raised by the first element.
+  // The state R2 starts from: m = 0 for the FixedShift policy (amid_math.h), which never raises it (so e^(c m) = 1);
+  // else m = -inf, raised by the first element.
   template <class M>
   AMID_HD void begin() {
-    static_assert(!M::kFixedShift || D == Divergence::kKL, "RowAcc: FixedShift is for kl's R2 only");
     if constexpr (M::kFixedShift) {
       m = T(0);
-      pm[0] = T(1);
+#pragma unroll
+      for (int i = 0; i < kPm; ++i) pm[i] = T(1);
     }
   }
   // Whether a FixedShift R2's sums hold the row well enough (amid_math.h: FixedShift, kFixedShiftMinS); false also
@@ -412,7 +412,8 @@ struct RowAcc {
       // cancelling pair there) share theirs. Measured on the emulated gradient (tests/cpp, ordinary inputs,
       // lam = 0.02): Gd summed in every order, ab/rq 1.7e-4; from Hc in every order, ab/qr 1.8e-4 and a tiny
       // exponent (0.7, 1e-20, alpha 10) 1.2e-4; as here, both below 1.2e-4.
-      const AbTerms<T> at = ab_terms_one_series<M>(P, d, og, rg * pm[2], xy * pm[1]);
+      const AbTerms<T> at = ab_terms_one_series<M>(P, d, og, M::kFixedShift ? rg : rg * pm[2],
+                                                   M::kFixedShift ? xy : xy * pm[1]);
       f[5] += og * w;
       f[6] += at.Pcd;
       f[7] += at.Hc;
@@ -425,7 +426,7 @@ struct RowAcc {
       }
       // tau = r~ - o as for kl: the series for |d| < 1/2, else rho e^m - o.
       const T o = exp_corrected<M>(lo);
-      f[11] += std::fabs(d) < T(0.5) ? o * M::expm1_small(d) : rho * pm[0] - o;
+      f[11] += std::fabs(d) < T(0.5) ? o * M::expm1_small(d) : (M::kFixedShift ? rho : rho * pm[0]) - o;
     }
   }
 
@@ -462,8 +463,8 @@ struct RowAcc {
     k.e_c01 = k.e_g = k.e1;
     if constexpr (D == Divergence::kAB) {  // (an exponent that underflowed to 0 in T: no scaling, as rescale_factor)
       const T c01 = exponent(P, 0), g = exponent(P, 3);
-      k.e_c01 = c01 == T(0) ? T(1) : M::exp_approx(c01 * dm);
-      k.e_g = g == T(0) ? T(1) : M::exp_approx(g * dm);
+      k.e_c01 = same | (c01 == T(0)) ? T(1) : M::exp_approx(c01 * dm);
+      k.e_g = same | (g == T(0)) ? T(1) : M::exp_approx(g * dm);
     }
     return k;
   }

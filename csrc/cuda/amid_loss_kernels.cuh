@@ -198,9 +198,8 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
   for (int64_t row = cluster_id; row < a.N; row += n_clusters) {
     const acc_t weight = a.row_weight ? a.row_weight[row] : acc_t(1);
     scalar_t* g = a.grad ? a.grad + row * a.V + v0 : nullptr;
-    const bool lead = rank == 0 && threadIdx.x == 0;
     if (weight == acc_t(0)) {  // ignored row: not read
-      fill_row(a, row, g, len, lead, acc_t(0));
+      fill_row(a, row, g, len, cluster_lead_thread(), acc_t(0));
       continue;
     }
     const scalar_t* t = a.t + row * a.ldt + v0;
@@ -249,7 +248,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     lse = Lse::unpack(cluster_reduce<acc_t, kWarps>(lse.pack(), lse_scratch, lse_slot, round++, merge_lse));
     const bool bad_row = lse.invalid();
     if (bad_row) {  // NaN / +inf, or an all -inf row: the row's loss, stats and gradient are NaN
-      fill_row(a, row, g, len, lead, nan_v<acc_t>());
+      fill_row(a, row, g, len, cluster_lead_thread(), nan_v<acc_t>());
       continue;
     }
     // Each log-sum-exp as max + log(sum) (amid_math.h: RowLse), and A - B in double: log p and the
@@ -268,8 +267,8 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
 
     // R2: the mixture per element; Z and the loss-specific sums in online form. A row whose logits are
     // all finite with |x / T| < 2^100 (nearly every row) runs R2 and W with the BoundedRow policy: the same
-    // values, bit for bit, without the guards for -inf masks and overflow (a uniform branch per row); kl's R2
-    // there also sums relative to lt = 0 (FixedShift: other values, within the budgets; see below).
+    // values, bit for bit, without the guards for -inf masks and overflow (a uniform branch per row); R2
+    // sums there relative to lt = 0 (FixedShift: other values, within the budgets; see below).
     const bool bounded = a.bounded_ok && lse.bounded();
     Acc acc;
     auto r2 = [&](auto policy) {
@@ -302,14 +301,14 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
         }
       });
     };
-    // kl's bounded R2 takes its sums relative to lt = 0 (amid_math.h: FixedShift; kl/pr 6 instructions per element
-    // fewer); a row where that leaves S below 2^-20 (shift_ok, a uniform branch after the cluster's merge: every
+    // A bounded R2 takes its sums relative to lt = 0 (amid_math.h: FixedShift; kl/pr 6 instructions per element
+    // fewer, ab/rq 9.6); a row where that leaves S below 2^-20 (shift_ok, a uniform branch after the cluster's merge: every
     // thread holds the merged state) runs R2 again in the general policy, under the running maximum. Its reduction
     // takes the next round's slot (cluster_reduce alternates two), and its kept terms overwrite all of the first R2's
     // (the same values, or under wide weights M's: W then takes them with the sums they were formed with). One call
     // site per policy: a loop, not a second call
     // (each call inlines the pass).
-    using MB = std::conditional_t<D == Divergence::kKL, FixedShift<BoundedRow<M>>, BoundedRow<M>>;
+    using MB = FixedShift<BoundedRow<M>>;
     for (bool general = !bounded;; general = true) {
       if (!general) {
         // A power mean in float whose weights are wide (amid_math.h: WideWeights; lam = 0.5 in every order) runs
@@ -334,7 +333,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     acc_t Z, Z2, L, S_G, K, cond;
     const bool ok = acc.template close<M>(P, Z, Z2, L, S_G, K, cond);
     if (!ok) {  // alpha >= 1 with disjoint supports: the assistant is undefined
-      fill_row(a, row, g, len, lead, nan_v<acc_t>());
+      fill_row(a, row, g, len, cluster_lead_thread(), nan_v<acc_t>());
       continue;
     }
     // R3, the exact pass, for a row whose closing formulas would lose too much (amid_online.h: cond_of,
@@ -361,7 +360,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
       ex = cluster_reduce<acc_t, kWarps>(ex, ex_scratch, ex_slot, round++, merge_ex);
       ex.finalize(P, Wbar, L, S_G, K);
     }
-    if (lead) {
+    if (cluster_lead_thread()) {
       a.loss[row] = weight * L;
       acc_t* st = a.stats + row * kNumStats;
       st[kStatAMax] = A.m, st[kStatBMax] = B.m, st[kStatZ] = Z, st[kStatSG] = S_G, st[kStatK] = K;

@@ -132,6 +132,18 @@ __device__ __forceinline__ unsigned cluster_rank() {
 #endif
 }
 
+// Whether this is its cluster's first thread (thread 0 of rank 0), from the special registers at each call: asm
+// volatile, so that the result is formed where it is used (per row, outside the passes) instead of being kept in a
+// register across the row, which at the register cap ptxas spilled (amid_fwd_kernel: 3-5 spill instructions).
+__device__ __forceinline__ bool cluster_lead_thread() {
+  unsigned tid, rank = 0;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+#endif
+  return (tid | rank) == 0;
+}
+
 // Before a CTA of a cluster exits, peers may still read its shared memory (the last round's slot).
 __device__ __forceinline__ void cluster_exit_barrier() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

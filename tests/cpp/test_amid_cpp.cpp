@@ -364,7 +364,7 @@ struct GpuEmuMath : amid::LibMath {
 // R2, the closing formulas, and the W pass as write_grad_row does it. out: A, B, Z, S_G, K, L, Z2.
 // Rows gpu_row has run, and how many of them took the exact pass (reported per regime).
 static int g_rows = 0, g_exact_rows = 0, g_reruns = 0, g_wide_rows = 0;
-static bool g_fixed_shift = true;  // gpu_row: kl's bounded rows take R2 relative to lt = 0, as the kernel (FixedShift)
+static bool g_fixed_shift = true;  // gpu_row: bounded rows take R2 relative to lt = 0, as the kernel (FixedShift)
 // kBins: the top-k kernel's bucket bins instead (amid_topk_cuda.cu): no approximate instruction (PreciseMath,
 // which on the host is the library math) and the exact pass on every bounded row. kRaw16: the 16-bit kernels'
 // (bf16, fp16 logits, here as floats of their values): bounded rows take lp - lq from the raw logits (RawGap).
@@ -432,7 +432,7 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
         [&](Acc& x, const Acc& y) { x.template merge<M>(P, y); }, init);
   };
   // As the kernel: bounded rows (not under a tiny lam: the launcher's bounded_ok) take the BoundedRow policy (M's
-  // values bit for bit, test_bounded_rows) and, in the 16-bit kernels, the raw logit gap; kl's R2 there sums
+  // values bit for bit, test_bounded_rows) and, in the 16-bit kernels, the raw logit gap; R2 there sums
   // relative to lt = 0 (FixedShift), and again under the running maximum (the general policy, dAB) where that leaves
   // S below kFixedShiftMinS (g_reruns counts them).
   const bool bounded = r1.bounded() && !kBins && !(P.mode == amid::MixMode::kPower && P.lam_tiny);
@@ -451,20 +451,16 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
     r2_raw = raw;
     r2_wide = wide;
   };
-  if constexpr (D == amid::Divergence::kKL) {
-    if (bounded && g_fixed_shift) {
-      using MF = amid::FixedShift<amid::BoundedRow<M>>;
-      r2 = wide ? run_r2(amid::WideWeights<MF>{}, raw) : run_r2(MF{}, raw);
-      r2_raw = raw;
-      r2_wide = wide;
-      if (!r2.shift_ok()) {
-        ++g_reruns;
-        r2 = run_r2(M{}, false);
-        r2_raw = false;
-        r2_wide = false;
-      }
-    } else {
-      plain_r2();
+  if (bounded && g_fixed_shift) {
+    using MF = amid::FixedShift<amid::BoundedRow<M>>;
+    r2 = wide ? run_r2(amid::WideWeights<MF>{}, raw) : run_r2(MF{}, raw);
+    r2_raw = raw;
+    r2_wide = wide;
+    if (!r2.shift_ok()) {
+      ++g_reruns;
+      r2 = run_r2(M{}, false);
+      r2_raw = false;
+      r2_wide = false;
     }
   } else {
     plain_r2();
@@ -1019,8 +1015,9 @@ struct FloatRegime {
   double offset = 0;         // added to the teacher's logits (an offset between the two rows: A - B)
 };
 
-// kl's R2 relative to lt = 0 (amid_math.h: FixedShift) where S = sum r~ is small: the kernel keeps such a row's
+// R2 relative to lt = 0 (amid_math.h: FixedShift) where S = sum r~ is small: the kernel keeps such a row's
 // sums while S >= kFixedShiftMinS (2^-20; RowAcc::shift_ok) and runs R2 again under the running maximum below.
+// kl and alpha-beta (whose bounded R2 takes the fixed shift too, with e^(c m) = 1 for its powers rho^c).
 // Rows built for it: the teacher peaked on token 0, the student on token 1, every other logit G below (plus
 // N(0, 1) noise), so that S ~ V e^-G at alpha > 1 (the assistant is small wherever either side is), e^(-min(lam,
 // 1 - lam) G) at alpha 1, and >= max(lam, 1 - lam)^(1 / k) at alpha 0.5: S from ~1 to ~2^-130, both sides of the
@@ -1034,8 +1031,9 @@ struct FloatRegime {
 static void test_fixed_shift_rows() {
   at::manual_seed(23);
   const int64_t V = 2001;
-  double worst_loss = 0, worst_grad = 0, worst_loss_gen = 0, worst_grad_gen = 0;
+  double worst_loss = 0, worst_grad = 0, worst_loss_gen = 0, worst_grad_gen = 0, worst_loss_ab_gen = 0;
   int rows = 0, reruns = 0, n_case = 0;
+  for (const char* loss_type : {"kl", "ab"}) {
   for (double G : {20.0, 30.0, 40.0, 45.0, 50.0, 55.0, 60.0, 70.0, 90.0, 100.0}) {
     for (const char* ord : {"pr", "qr", "rp", "rq", "jsd"}) {
       for (double alpha : {0.5, 1.0, 3.0, 10.0}) {
@@ -1045,8 +1043,8 @@ static void test_fixed_shift_rows() {
           s[0][1] = 0.0;
           t = t.to(at::kFloat), s = s.to(at::kFloat);
           auto [loss, stats, grad] = amid::amid_loss_fwd(s.to(at::kDouble), t.to(at::kDouble), std::nullopt, alpha,
-                                                         lam, "kl", ord, 0.2, 0.7, 1.0, false, true);
-          const auto P = amid::make_params<float>("test", alpha, lam, "kl", ord, 0.2, 0.7, 1.0, false);
+                                                         lam, loss_type, ord, 0.2, 0.7, 1.0, false, true);
+          const auto P = amid::make_params<float>("test", alpha, lam, loss_type, ord, 0.2, 0.7, 1.0, false);
           const double want = loss[0].item<double>();
           double err[2][2];  // [fixed shift, general][loss, gradient]
           const int C = (++n_case % 2) ? 1 : 8;
@@ -1071,26 +1069,32 @@ static void test_fixed_shift_rows() {
           worst_loss_gen = std::max(worst_loss_gen, err[1][0]);
           worst_grad = std::max(worst_grad, err[0][1]);
           worst_grad_gen = std::max(worst_grad_gen, err[1][1]);
-          const bool ok = err[0][0] <= 1e-5 && err[0][1] <= 1e-4 &&
+          // (alpha-beta: the loss within 1e-5, or the running maximum's error where that is larger: at alpha 0.5, lam 0.1,
+          // G 90 / 100 both are 1.15e-5, the float mixture's lt = l_ref + d with |d| ~ 80, which the exact pass takes
+          // too; noted in the summary line)
+          const double loss_budget = std::strcmp(loss_type, "ab") == 0 ? std::max(1e-5, err[1][0]) : 1e-5;
+          if (std::strcmp(loss_type, "ab") == 0) worst_loss_ab_gen = std::max(worst_loss_ab_gen, err[1][0]);
+          const bool ok = err[0][0] <= loss_budget && err[0][1] <= 1e-4 &&
                           err[0][0] <= std::max(10 * err[1][0], 5e-6) && err[0][1] <= std::max(10 * err[1][1], 1e-5);
           if (!ok) {
             ++failures;
-            std::fprintf(stderr, "FAILED fixed shift G=%g kl/%s alpha=%g lam=%g: loss %.3g, its error %.3g (general %.3g), "
-                         "grad err %.3g (general %.3g)\n", G, ord, alpha, lam, want, err[0][0], err[1][0], err[0][1],
-                         err[1][1]);
+            std::fprintf(stderr, "FAILED fixed shift G=%g %s/%s alpha=%g lam=%g: loss %.3g, its error %.3g (general %.3g), "
+                         "grad err %.3g (general %.3g)\n", G, loss_type, ord, alpha, lam, want, err[0][0], err[1][0],
+                         err[0][1], err[1][1]);
           }
         }
       }
     }
+  }
   }
   // both sides of the threshold: rows that keep the fixed shift's sums, and rows that run R2 again
   if (reruns == 0 || reruns == rows) {
     ++failures;
     std::fprintf(stderr, "FAILED fixed shift: %d of %d rows ran R2 again; expected some and not all\n", reruns, rows);
   }
-  std::printf("kl's R2 relative to lt = 0 on rows with S from ~1 to ~2^-130: loss worst rel. %.3g (running maximum "
-              "%.3g), gradient worst %.3g (%.3g); R2 again under the running maximum: %d of %d rows\n", worst_loss,
-              worst_loss_gen, worst_grad, worst_grad_gen, reruns, rows);
+  std::printf("kl's and alpha-beta's R2 relative to lt = 0 on rows with S from ~1 to ~2^-130: loss worst rel. %.3g (running maximum "
+              "%.3g; alpha-beta's %.3g), gradient worst %.3g (%.3g); R2 again under the running maximum: %d of %d rows\n",
+              worst_loss, worst_loss_gen, worst_loss_ab_gen, worst_grad, worst_grad_gen, reruns, rows);
   g_rows = g_exact_rows = g_reruns = g_wide_rows = 0;
 }
 
