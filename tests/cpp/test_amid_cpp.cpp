@@ -1098,6 +1098,56 @@ static void test_fixed_shift_rows() {
   g_rows = g_exact_rows = g_reruns = g_wide_rows = 0;
 }
 
+// The fixed shift against the running maximum on ordinary rows (scale 3, V = 4099, one row offset by 700), in the
+// cases of tests/test_cuda.py's test_bounded_rows_match_general, which compares the forward's rows and stats of the
+// two (AMID_CUDA_BOUNDED=1 / 0) at rtol 1e-5 on a GPU: here the same comparison with the kernels' math emulated
+// (gpu_row with and without the fixed shift): loss, S_G and K within 1e-5 relative, Z within 1e-6 + 1e-5 |Z|.
+static void test_fixed_shift_matches_running_max() {
+  at::manual_seed(31);
+  const int64_t V = 4099;
+  double worst = 0, worst_z = 0;
+  int n = 0;
+  struct Case { const char* div; const char* ord; double alpha, lam; };
+  for (const Case c : {Case{"kl", "pr", 0.5, 0.3}, Case{"kl", "rq", -1.0, 0.1}, Case{"ab", "qr", 0.5, 0.1},
+                       Case{"kl", "jsd", 1.0, 0.5}, Case{"ab", "rp", 3.0, 0.9}, Case{"ab", "rq", 0.5, 0.5},
+                       Case{"ab", "pr", 0.5, 0.5}, Case{"ab", "jsd", 0.5, 0.5}}) {
+    const auto P = amid::make_params<float>("test", c.alpha, c.lam, c.div, c.ord, 0.2, 0.7, 1.0, false);
+    for (int row = 0; row < 6; ++row) {
+      at::Tensor s = at::randn({V}, at::kDouble) * 3.0 + at::randn({1}, at::kDouble);
+      at::Tensor t = at::randn({V}, at::kDouble) * 3.0 + at::randn({1}, at::kDouble) + (row == 2 ? 700.0 : 0.0);
+      s = s.to(at::kFloat), t = t.to(at::kFloat);
+      double out[2][7];
+      std::vector<double> g(V);
+      for (int general = 0; general < 2; ++general) {
+        g_fixed_shift = general == 0;
+        amid::dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
+          gpu_row<decltype(dc)::value, decltype(oc)::value>(P, s.data_ptr<float>(), t.data_ptr<float>(), V, 8,
+                                                            out[general], g.data());
+        });
+      }
+      g_fixed_shift = true;
+      for (int k : {2, 3, 4, 5, 6}) {  // Z, S_G, K, L, Z2
+        // Z, Z2: logarithms, compared absolutely (Z is 0 up to rounding where Sum r~ = 1 exactly, e.g. kl/rq at
+        // alpha = -1, an arithmetic mean: there the two forms' ~2e-8 differ by more than 1e-5 of themselves)
+        const bool log_stat = k == 2 || k == 6;
+        // (Z: within 1e-6 + 1e-5 |Z|, as torch.testing.assert_close(atol=1e-6, rtol=1e-5) there)
+        const double d = std::abs(out[0][k] - out[1][k]) / (log_stat ? 1e-6 + 1e-5 * std::abs(out[1][k])
+                                                                      : std::max(std::abs(out[1][k]), 1e-30));
+        (log_stat ? worst_z : worst) = std::max(log_stat ? worst_z : worst, d);
+        if (!(d <= (log_stat ? 1.0 : 1e-5))) {
+          ++failures;
+          std::fprintf(stderr, "FAILED fixed shift vs running maximum %s/%s alpha=%g lam=%g row %d stat %d: %.9g vs %.9g\n",
+                       c.div, c.ord, c.alpha, c.lam, row, k, out[0][k], out[1][k]);
+        }
+      }
+      ++n;
+    }
+  }
+  std::printf("fixed shift vs running maximum (test_bounded_rows_match_general's cases, emulated): loss, S_G, K within "
+              "%.3g relative, Z within %.3g of 1e-6 + 1e-5 |Z| on %d rows\n", worst, worst_z, n);
+  g_rows = g_exact_rows = g_reruns = g_wide_rows = 0;
+}
+
 static void test_online_float(const FloatRegime& R) {
   at::manual_seed(R.seed);
   const int64_t V = R.V;
@@ -1467,6 +1517,7 @@ int main(int argc, char** argv) {
   test_online_float({"teacher top-8 of 2001, the rest -inf, logits of scale 12", 13, 2001, 0.0, 1e-5, 1e-5, 8, 12.0});
   test_online_float({"ordinary inputs, logits of scale 12", 5, 2001, 0.0, 1e-5, 3e-5, 0, 12.0, false, 1.0});
   test_fixed_shift_rows();
+  test_fixed_shift_matches_running_max();
   // The 16-bit kernels' logit gap from the raw logits (amid_math.h: RawGap) on bf16-valued logits, at T = 1 (t - s
   // exact) and T = 2 (the FFMA scales), with a student near its teacher (the gap's relative accuracy) and ordinary.
   test_online_float({"bf16 logits, student within 1% of teacher", 11, 5003, 0.01, 1e-5, 1e-4, 0, 3.0, false, 0, true});
