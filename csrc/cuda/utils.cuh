@@ -134,7 +134,7 @@ __device__ __forceinline__ unsigned cluster_rank() {
 
 // Whether this is its cluster's first thread (thread 0 of rank 0), from the special registers at each call: asm
 // volatile, so that the result is formed where it is used (per row, outside the passes) instead of being kept in a
-// register across the row, which at the register cap ptxas spilled (amid_fwd_kernel: 3-5 spill instructions).
+// register across the row (amid_fwd_kernel: at the register cap, ptxas spilled that flag in alpha-beta's kernels).
 __device__ __forceinline__ bool cluster_lead_thread() {
   unsigned tid, rank = 0;
   asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
