@@ -148,30 +148,32 @@ struct OnlineLSE {
   }
 };
 
-// R1 state: both log-sum-exps, the invalid-input flag (NaN or +inf seen) and the largest |logit|
-// (bounded: every logit finite with |x| < 2^100, so the row can take the BoundedRow math policy).
+// R1 state: both log-sum-exps, the invalid-input flag (NaN or +inf seen) and the smallest logit (bounded: every
+// logit finite with |x| < 2^100, so the row can take the BoundedRow math policy; the largest is the running max).
 template <typename T>
 struct LseAcc {
   OnlineLSE<T> t, s;
   T bad = T(0);
-  T amax = T(0);  // max |x| over both sides (fmax ignores NaN; -inf gives inf)
+  T lo = std::numeric_limits<T>::infinity();  // min x over both sides (fmin ignores NaN; -inf gives -inf)
   template <class M>
   AMID_HD void add(T tv, T sv) {
-    using std::fabs;
-    using std::fmax;
+    using std::fmin;
     bad = ((tv < std::numeric_limits<T>::infinity()) & (sv < std::numeric_limits<T>::infinity())) ? bad : T(1);
-    amax = fmax(amax, fmax(fabs(tv), fabs(sv)));
+    lo = fmin(lo, fmin(tv, sv));
     t.template add<M>(tv);
     s.template add<M>(sv);
   }
   // Both sides' chunk steps (OnlineLSE: chunk_max, raise, sum_chunk), with one branch for a new running max
-  // on either (rarely taken).
-  template <class M, int n>
+  // on either (rarely taken). MIN = false leaves the chunk out of lo: for a caller that takes the minimum of the
+  // unscaled 16-bit logits itself, two to an instruction (amid_loss_kernels.cuh: PackedMin), and folds it in by
+  // add_min.
+  template <class M, int n, bool MIN = true>
   AMID_HD void add_chunk(const T* tv, const T* sv) {
-    using std::fabs;
-    using std::fmax;
+    using std::fmin;
+    if constexpr (MIN) {
 #pragma unroll
-    for (int j = 0; j < n; ++j) amax = fmax(amax, fmax(fabs(tv[j]), fabs(sv[j])));
+      for (int j = 0; j < n; ++j) lo = fmin(lo, fmin(tv[j], sv[j]));
+    }
     const T ct = OnlineLSE<T>::template chunk_max<n>(tv), cs = OnlineLSE<T>::template chunk_max<n>(sv);
     if ((ct > t.m) | (cs > s.m)) {  // a new running max on either side
       t.template raise<M>(ct);
@@ -184,18 +186,24 @@ struct LseAcc {
   AMID_HD bool invalid() const {
     return (bad != T(0)) | (t.s != t.s) | (s.s != s.s) | (t.m == neg_inf<T>()) | (s.m == neg_inf<T>());
   }
-  AMID_HD bool bounded() const { return amax < T(1.2676506002282294e30); }  // 2^100
+  // Every logit in (-2^100, 2^100): the running maxima below 2^100 and the minimum above -2^100.
+  AMID_HD bool bounded() const {
+    constexpr T kB = T(1.2676506002282294e30);  // 2^100
+    return (t.m < kB) & (s.m < kB) & (lo > -kB);
+  }
+  // The minimum of logits summed with add_chunk<M, n, false> (fmin: a NaN, +inf when there were none, leaves lo).
+  AMID_HD void add_min(T x) { lo = std::fmin(lo, x); }
   template <class M>
   AMID_HD void merge(const LseAcc& o) {
     t.template merge<M>(o.t);
     s.template merge<M>(o.s);
     bad = bad > o.bad ? bad : o.bad;
-    amax = amax > o.amax ? amax : o.amax;
+    lo = lo < o.lo ? lo : o.lo;
   }
   // Without the caches (OnlineLSE::Packed), for the GPU reductions: merged through the full state, the same bits.
   struct Packed {
     typename OnlineLSE<T>::Packed t, s;
-    T bad, amax;
+    T bad, lo;
     template <class M>
     AMID_HD void merge(const Packed& o) {
       LseAcc a = unpack(*this);
@@ -203,13 +211,13 @@ struct LseAcc {
       *this = a.pack();
     }
   };
-  AMID_HD Packed pack() const { return Packed{t.pack(), s.pack(), bad, amax}; }
+  AMID_HD Packed pack() const { return Packed{t.pack(), s.pack(), bad, lo}; }
   static AMID_HD LseAcc unpack(const Packed& p) {
     LseAcc a;
     a.t = OnlineLSE<T>::unpack(p.t);
     a.s = OnlineLSE<T>::unpack(p.s);
     a.bad = p.bad;
-    a.amax = p.amax;
+    a.lo = p.lo;
     return a;
   }
 };

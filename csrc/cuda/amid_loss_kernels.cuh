@@ -7,6 +7,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -34,6 +36,65 @@ template <typename T>
 __device__ __forceinline__ T nan_v() {
   return std::numeric_limits<T>::quiet_NaN();
 }
+
+// The acc_t values of n logits (a vector chunk, or one element). A bf16 is the high half of a float, so two packed in
+// one 32-bit word widen by a shift (the low one) and a mask (the high one): two instructions, where the per-element
+// conversion took three (a PRMT extracting the high half, then the same shift; bf16 sm_90a: one instruction per element
+// fewer in each pass, the same values bit for bit). Other types, and n = 1: the plain conversion.
+template <int n, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void widen(const scalar_t* v, acc_t* out) {
+  if constexpr (std::is_same<scalar_t, c10::BFloat16>::value && std::is_same<acc_t, float>::value && n % 2 == 0) {
+    uint32_t w[n / 2];
+    memcpy(w, v, sizeof(w));
+#pragma unroll
+    for (int j = 0; j < n / 2; ++j) {
+      out[2 * j] = __uint_as_float(w[j] << 16);
+      out[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < n; ++j) out[j] = acc_t(v[j]);
+  }
+}
+
+// R1's minimum logit of a row (LseAcc::lo, for the bounded test) over 16-bit vector chunks: taken on the unscaled
+// logits two to an instruction (HMNMX2 on a packed pair; NaN ignored, as fmin), where LseAcc took it on the scaled
+// floats, one instruction per logit; then scaled and folded in once (fold): rounding is monotone, so the minimum of the
+// scaled logits is the scaled minimum (invT > 0), the same value bit for bit. float / double: kOn false (LseAcc's).
+template <typename scalar_t>
+struct PackedMin {
+  static constexpr bool kOn = false;
+  template <int n>
+  __device__ __forceinline__ void add(const scalar_t*) {}
+  template <typename acc_t>
+  __device__ __forceinline__ void fold(LseAcc<acc_t>&, acc_t) const {}
+};
+template <typename scalar_t, typename pair_t>
+struct PackedMin16 {
+  static constexpr bool kOn = true;
+  pair_t m;
+  __device__ __forceinline__ PackedMin16() {
+    const uint32_t inf2 = std::is_same<pair_t, __nv_bfloat162>::value ? 0x7f807f80u : 0x7c007c00u;  // (+inf, +inf)
+    memcpy(&m, &inf2, sizeof(m));
+  }
+  template <int n>
+  __device__ __forceinline__ void add(const scalar_t* v) {
+    static_assert(n % 2 == 0, "PackedMin: whole pairs");
+    pair_t w[n / 2];
+    memcpy(w, v, sizeof(w));
+#pragma unroll
+    for (int j = 0; j < n / 2; ++j) m = __hmin2(m, w[j]);
+  }
+  template <typename acc_t>
+  __device__ __forceinline__ void fold(LseAcc<acc_t>& lse, acc_t invT) const {
+    const float a = __low2float(m), b = __high2float(m);
+    lse.add_min(acc_t(a < b ? a : b) * invT);
+  }
+};
+template <>
+struct PackedMin<c10::BFloat16> : PackedMin16<c10::BFloat16, __nv_bfloat162> {};
+template <>
+struct PackedMin<c10::Half> : PackedMin16<c10::Half, __half2> {};
 
 // Everything a kernel needs besides the loss parameters. Pointers are to the first element;
 // rows are `ld*` elements apart.
@@ -67,11 +128,14 @@ __device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const
   visit_row(t, s, len, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
     constexpr int n = decltype(nc)::value;
     alignas(16) scalar_t out[kW];
+    acc_t tw[n], sw[n];
+    widen<n>(tv, tw);
+    widen<n>(sv, sw);
 #pragma unroll
     for (int j = 0; j < n; ++j) {
-      const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
-      out[j] = scalar_t(scale * grad_from_logits<D, O, POWER, MM>(P, tf, sf, A, B, gap_arg(gap, acc_t(tv[j]), acc_t(sv[j])),
-                                                                   Z, Z2, S_G, K));
+      const acc_t tf = tw[j] * invT, sf = sw[j] * invT;
+      out[j] = scalar_t(scale * grad_from_logits<D, O, POWER, MM>(P, tf, sf, A, B, gap_arg(gap, tw[j], sw[j]), Z, Z2,
+                                                                   S_G, K));
     }
     store_chunk_global<n>(g, i, out);
   });
@@ -92,9 +156,12 @@ __device__ __forceinline__ void write_grad_row_c(const LossParams<acc_t>& P, con
     alignas(16) acc_t cv[n];
     load_vals<n>(cst, i, cv);  // gauge:stash
     alignas(16) scalar_t out[kW];
+    acc_t tw[n], sw[n];
+    widen<n>(tv, tw);
+    widen<n>(sv, sw);
 #pragma unroll
     for (int j = 0; j < n; ++j) {
-      const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
+      const acc_t tf = tw[j] * invT, sf = sw[j] * invT;
       out[j] = scalar_t(scale * grad_from_logits_c<D, O, MM>(P, tf, sf, cv[j], A, B, Z, S_G, K));
     }
     store_chunk_global<n>(g, i, out);
@@ -208,6 +275,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
 
     // R1: log-sum-exps of the scaled rows, and the validity flag.
     Lse lse;
+    PackedMin<scalar_t> pmin;  // (16-bit logits: R1's minimum, folded into lse below)
     acc_t* cst = nullptr;  // the kept terms (kStash), at the slice's misalignment
     if constexpr (RESIDENT) {
       // Stage the slice in shared memory at the same 16-byte misalignment as the global row, so
@@ -228,9 +296,17 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
         store_chunk<n>(st, i, tv);
         store_chunk<n>(ss, i, sv);
         acc_t x[n], y[n];
+        widen<n>(tv, x);
+        widen<n>(sv, y);
 #pragma unroll
-        for (int j = 0; j < n; ++j) x[j] = acc_t(tv[j]) * invT, y[j] = acc_t(sv[j]) * invT;
-        lse.template add_chunk<M, n>(x, y);
+        for (int j = 0; j < n; ++j) x[j] *= invT, y[j] *= invT;
+        if constexpr (PackedMin<scalar_t>::kOn && n > 1) {
+          pmin.template add<n>(tv);
+          pmin.template add<n>(sv);
+          lse.template add_chunk<M, n, false>(x, y);
+        } else {
+          lse.template add_chunk<M, n>(x, y);
+        }
       });
       __syncthreads();
       t = st;
@@ -240,11 +316,20 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
       visit_row(t, s, len, vec_ok, [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {  // gauge:R1
         constexpr int n = decltype(nc)::value;
         acc_t x[n], y[n];
+        widen<n>(tv, x);
+        widen<n>(sv, y);
 #pragma unroll
-        for (int j = 0; j < n; ++j) x[j] = acc_t(tv[j]) * invT, y[j] = acc_t(sv[j]) * invT;
-        lse.template add_chunk<M, n>(x, y);
+        for (int j = 0; j < n; ++j) x[j] *= invT, y[j] *= invT;
+        if constexpr (PackedMin<scalar_t>::kOn && n > 1) {
+          pmin.template add<n>(tv);
+          pmin.template add<n>(sv);
+          lse.template add_chunk<M, n, false>(x, y);
+        } else {
+          lse.template add_chunk<M, n>(x, y);
+        }
       });
     }
+    pmin.fold(lse, invT);
     lse = Lse::unpack(cluster_reduce<acc_t, kWarps>(lse.pack(), lse_scratch, lse_slot, round++, merge_lse));
     const bool bad_row = lse.invalid();
     if (bad_row) {  // NaN / +inf, or an all -inf row: the row's loss, stats and gradient are NaN
@@ -284,19 +369,22 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
       acc.template begin<MM>();
       visit_row(t, s, len, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
         constexpr int n = decltype(nc)::value;
+        acc_t tw[n], sw[n];
+        widen<n>(tv, tw);
+        widen<n>(sv, sw);
         if constexpr (kStash) {
           alignas(16) acc_t cv[n];
 #pragma unroll
           for (int j = 0; j < n; ++j) {
-            const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
-            cv[j] = add_from_logits_c<O, MM>(acc, P, tf, sf, A, B, gap_arg(gap, acc_t(tv[j]), acc_t(sv[j])));
+            const acc_t tf = tw[j] * invT, sf = sw[j] * invT;
+            cv[j] = add_from_logits_c<O, MM>(acc, P, tf, sf, A, B, gap_arg(gap, tw[j], sw[j]));
           }
           if (cst) store_vals<n>(cst, i, cv);
         } else {
 #pragma unroll
           for (int j = 0; j < n; ++j) {
-            const acc_t tf = acc_t(tv[j]) * invT, sf = acc_t(sv[j]) * invT;
-            add_from_logits<O, POWER, MM>(acc, P, tf, sf, A, B, gap_arg(gap, acc_t(tv[j]), acc_t(sv[j])));
+            const acc_t tf = tw[j] * invT, sf = sw[j] * invT;
+            add_from_logits<O, POWER, MM>(acc, P, tf, sf, A, B, gap_arg(gap, tw[j], sw[j]));
           }
         }
       });
@@ -351,10 +439,14 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
       const acc_t Wbar = acc.wbar();  // (formed before: R2's state need not stay live through R3)
       Ex ex;
       visit_row(t, s, len, vec_ok, [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {  // gauge:R3
+        constexpr int n = decltype(nc)::value;
+        acc_t tw[n], sw[n];
+        widen<n>(tv, tw);
+        widen<n>(sv, sw);
 #pragma unroll
-        for (int j = 0; j < decltype(nc)::value; ++j) {
-          exact_from_logits<D, O, POWER, M>(ex, P, acc_t(tv[j]) * invT, acc_t(sv[j]) * invT, A, B,
-                                            gap_arg(bounded_gap, acc_t(tv[j]), acc_t(sv[j])), Z, Z2);  // (bounded)
+        for (int j = 0; j < n; ++j) {
+          exact_from_logits<D, O, POWER, M>(ex, P, tw[j] * invT, sw[j] * invT, A, B, gap_arg(bounded_gap, tw[j], sw[j]),
+                                            Z, Z2);  // (bounded)
         }
       });
       ex = cluster_reduce<acc_t, kWarps>(ex, ex_scratch, ex_slot, round++, merge_ex);

@@ -205,12 +205,19 @@ __device__ __forceinline__ void visit_row(const scalar_t* __restrict__ t, const 
   }
 }
 
-// Stores n (1 or kW) values at g[i], with one 16-byte store when n == kW (then g + i is aligned).
+// Stores n (1 or kW) values at g[i] of *shared* memory, with one 16-byte store when n == kW (then g + i is aligned).
+// The packed registers go through st.shared.v4 explicitly, as store_chunk_global's: a plain uint4 assignment was split
+// into four 32-bit stores where the registers were also widened (R1's staging copy; bf16 sm_90a: 3 instructions per
+// 8 elements).
 template <int n, typename scalar_t>
 __device__ __forceinline__ void store_chunk(scalar_t* g, int64_t i, const scalar_t* vals) {
   constexpr int kW = VecWidth<scalar_t>::value;
   if constexpr (n == kW) {
-    *reinterpret_cast<uint4*>(g + i) = *reinterpret_cast<const uint4*>(vals);
+    uint4 v;
+    static_assert(sizeof(v) == kW * sizeof(scalar_t), "a chunk is 16 bytes");
+    memcpy(&v, vals, sizeof(v));
+    const unsigned addr = unsigned(__cvta_generic_to_shared(g + i));
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
   } else {
 #pragma unroll
     for (int j = 0; j < n; ++j) g[i + j] = vals[j];

@@ -919,6 +919,18 @@ static void test_bounded_rows_one(const char* tname) {
   EXPECT(!lse_of({{T(1), T(2)}, {T(-INFINITY), T(0)}}).bounded());
   EXPECT(!lse_of({{T(1), T(-INFINITY)}}).bounded());
   EXPECT(!lse_of({{T(1), T(1.2676506002282294e30)}}).bounded());
+  EXPECT(!lse_of({{T(-1.2676506002282294e30), T(1)}}).bounded());  // (the minimum: -2^100)
+  EXPECT(lse_of({{T(-1e29), T(1)}, {T(2), T(-1e30)}}).bounded());
+  // The 16-bit kernels' R1 leaves the vector chunks' minimum to PackedMin and folds it in by add_min.
+  for (T m : {T(-3), T(-1.2676506002282294e30), T(-INFINITY)}) {
+    amid::LseAcc<T> folded;
+    const T us[8] = {1, 2, m, 4, 5, 6, 7, 8}, vs[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    folded.template add_chunk<M, 8, false>(us, vs);
+    EXPECT(folded.bounded());  // (without its minimum)
+    folded.add_min(m);
+    EXPECT(folded.bounded() == (m == T(-3)));
+    EXPECT(folded.lo == m);
+  }
   amid::LseAcc<T> chunked;
   const T xs[8] = {1, 2, 3, 4, 5, 6, 7, T(-INFINITY)}, ys[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   chunked.template add_chunk<M, 8>(ys, ys);
