@@ -1032,6 +1032,14 @@ struct AbTerms {
   T Pcd, Gd, Hc;
 };
 
+// What both forms of Pcd take (ab_terms_pow, ab_terms_one_series): Xg / g = (x^g - o^g) / g, for the big form, and
+// the series in v for |g v| < 1/2.
+template <typename T>
+AMID_HD void ab_pcd_parts(const LossParams<T>& P, T v, T og, T xg, T& Xg_g, T& p_series) {
+  Xg_g = (xg - og) * P.inv_g;
+  p_series = -og * v * v * horner<0, std::is_same<T, double>::value ? kAbPhiTerms : kAbPhiTermsFloat>(P.ab_phi_cd, v);
+}
+
 // From the three powers o^g, x^g and x^c o^dd: the online row sums (amid_online.h) form them from terms they
 // already have, relative to the unnormalised assistant (v = lt - lo there; the closing formulas shift by Z).
 template <class M, typename T>
@@ -1044,8 +1052,8 @@ AMID_HD AbTerms<T> ab_terms_pow(const LossParams<T>& P, T v, T og, T xg, T xc_od
   AbTerms<T> r;
   r.Gd = small_d ? xc_od * v * M::expm1_div(dv) : (xg - xc_od) * P.inv_d;
   r.Hc = small_c ? og * v * M::expm1_div(cv) : (xc_od - og) * P.inv_c;
-  const T Xg_g = (xg - og) * P.inv_g;
-  const T p_series = -og * v * v * horner<0, std::is_same<T, double>::value ? kAbPhiTerms : kAbPhiTermsFloat>(P.ab_phi_cd, v);
+  T Xg_g, p_series;
+  ab_pcd_parts(P, v, og, xg, Xg_g, p_series);
   const T p_big = c <= dd ? (r.Hc - Xg_g) * P.inv_d : (Xg_g - r.Gd) * P.inv_c;
   r.Pcd = small_g ? p_series : p_big;
   return r;
@@ -1069,8 +1077,8 @@ AMID_HD AbTerms<T> ab_terms_one_series(const LossParams<T>& P, T v, T og, T xg, 
   const bool small_s = std::fabs(sv) < T(0.5);  // false for NaN / inf v
   const bool small_g = std::fabs(gv) < T(0.5);
   const T Ts = small_s ? base * v * M::expm1_div(sv) : (top - base) * P.inv_e_s;
-  const T Xg_g = (xg - og) * P.inv_g;
-  const T p_series = -og * v * v * horner<0, std::is_same<T, double>::value ? kAbPhiTerms : kAbPhiTermsFloat>(P.ab_phi_cd, v);
+  T Xg_g, p_series;
+  ab_pcd_parts(P, v, og, xg, Xg_g, p_series);
   AbTerms<T> r;
   r.Pcd = small_g ? p_series : (Ts - Xg_g) * P.ab_pcd_k;
   const T To = fma_t(P.ab_other_g, r.Pcd, Ts);
