@@ -276,6 +276,22 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     // R1: log-sum-exps of the scaled rows, and the validity flag.
     Lse lse;
     PackedMin<scalar_t> pmin;  // (16-bit logits: R1's minimum, folded into lse below)
+    // R1's work on a chunk of n logits (both paths): widened and scaled by 1/T, into both log-sum-exps and the minimum.
+    auto r1_chunk = [&](const scalar_t* tv, const scalar_t* sv, auto nc) {
+      constexpr int n = decltype(nc)::value;
+      acc_t x[n], y[n];
+      widen<n>(tv, x);
+      widen<n>(sv, y);
+#pragma unroll
+      for (int j = 0; j < n; ++j) x[j] *= invT, y[j] *= invT;
+      if constexpr (PackedMin<scalar_t>::kOn && n > 1) {
+        pmin.template add<n>(tv);
+        pmin.template add<n>(sv);
+        lse.template add_chunk<M, n, false>(x, y);
+      } else {
+        lse.template add_chunk<M, n>(x, y);
+      }
+    };
     acc_t* cst = nullptr;  // the kept terms (kStash), at the slice's misalignment
     if constexpr (RESIDENT) {
       // Stage the slice in shared memory at the same 16-byte misalignment as the global row, so
@@ -295,18 +311,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
         constexpr int n = decltype(nc)::value;
         store_chunk<n>(st, i, tv);
         store_chunk<n>(ss, i, sv);
-        acc_t x[n], y[n];
-        widen<n>(tv, x);
-        widen<n>(sv, y);
-#pragma unroll
-        for (int j = 0; j < n; ++j) x[j] *= invT, y[j] *= invT;
-        if constexpr (PackedMin<scalar_t>::kOn && n > 1) {
-          pmin.template add<n>(tv);
-          pmin.template add<n>(sv);
-          lse.template add_chunk<M, n, false>(x, y);
-        } else {
-          lse.template add_chunk<M, n>(x, y);
-        }
+        r1_chunk(tv, sv, nc);
       });
       __syncthreads();
       t = st;
@@ -314,19 +319,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
       vec_ok = g == nullptr || same_misalignment(st, g, sizeof(scalar_t));
     } else {
       visit_row(t, s, len, vec_ok, [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {  // gauge:R1
-        constexpr int n = decltype(nc)::value;
-        acc_t x[n], y[n];
-        widen<n>(tv, x);
-        widen<n>(sv, y);
-#pragma unroll
-        for (int j = 0; j < n; ++j) x[j] *= invT, y[j] *= invT;
-        if constexpr (PackedMin<scalar_t>::kOn && n > 1) {
-          pmin.template add<n>(tv);
-          pmin.template add<n>(sv);
-          lse.template add_chunk<M, n, false>(x, y);
-        } else {
-          lse.template add_chunk<M, n>(x, y);
-        }
+        r1_chunk(tv, sv, nc);
       });
     }
     pmin.fold(lse, invT);
