@@ -205,16 +205,19 @@ struct LibMath {
   // e^x to ~2^-22 relative at any x (no |x| 2^-24 term), for terms whose error must not grow with |x| (the alpha-beta
   // R2's x^a rho^b and o, whose arguments reach tens): y = x log2(e) rounded, and its rounding's share of the result,
   // c = x - y ln 2 (two FMAs with ln 2 in two parts; |c| <~ |x| 2^-24), as the factor 1 + c (2^-23 beyond ex2.approx's
-  // 2^-22 in all, measured over x in [-100, 20]). On the GPU one MUFU.EX2 and five FMA-pipe instructions where expf took
-  // ~8.6 in the gauge. Results below 2^-126 flush to 0, an overflow is +inf (1 + c > 0); x = -inf gives NaN (callers:
-  // exp_corrected, which guards it outside bounded rows). The host uses expf (the C++ tests emulate the GPU's error).
+  // 2^-22 in all, measured over x in [-100, 20] with the factor rounded before the product; now one FMA, e + e c). On the
+  // GPU one MUFU.EX2 and four FMA-pipe instructions where expf took ~8.6 in the gauge. Results below 2^-126 flush to 0;
+  // x = -inf gives NaN (callers: exp_corrected, which guards it outside bounded rows), and so may an overflow (x > 88.7:
+  // inf + inf c with c < 0), which no caller passes (logs of probabilities times positive exponents: x <= 0). The host
+  // uses expf (the C++ tests emulate the GPU's error).
   static AMID_HD float exp_corr(float x) {
 #if defined(__CUDA_ARCH__)
     const float y = x * float(kLog2e);
     constexpr float kLn2Hi = 0.693147180559945309f;
     constexpr float kLn2Lo = float(0.693147180559945309 - double(kLn2Hi));
     const float c = fmaf(y, -kLn2Lo, fmaf(y, -kLn2Hi, x));  // (y times -ln 2: with -y, nvcc formed x (-log2 e) apart)
-    return exp2_approx(y) * (1.0f + c);
+    const float e = exp2_approx(y);
+    return fmaf(e, c, e);  // e (1 + c) in one FMA (one rounding fewer than the sum and the product)
 #else
     return ::expf(x);
 #endif
