@@ -61,6 +61,11 @@ Method (what is counted, and how)
    without the mantissa split): tagged R2, as in 7; for other lam, tagged R2n,
    reported in the "narrow" columns (R1 + R2n + W). So do the W passes that recompute the mixture (the jsd
    kernels', the streaming path's and the backward kernel's): W, and Wn for other lam.
+9. In the float power-mean kernels (bf16, fp16, float32), bounded rows take the power mean's near-gap policy
+   (amid_math.h: NearGaps, near_gaps) where R1's extremes show that no element has |k (lp - lq)| > 79 (every row of
+   an ordinary distillation at |k| <= 1): the R2 of step 8 and the W from R2's kept terms without the far-gap form,
+   tagged R2 / Ws. The other bounded rows run them with it, tagged R2f / Wsf, reported in the "far" columns
+   (R1 + R2f + Wsf, each pass in its near form where it has no other).
 
 Static shared memory is ptxas's (cuobjdump -res-usage's SHARED minus the 1 KiB reservation it includes).
 Occupancy follows cuda_occupancy.h for sm_90 (65536 registers per SM in 4 sub-partitions, 256-register
@@ -124,7 +129,9 @@ EXACT = "R3"
 # "R2n", "Wn": the bounded rows' R2 and (recomputing) W of the float power-mean kernels under narrow weights
 # (method, step 8).
 NARROW = ("R2n", "Wn")
-TAGS = PASSES + ("Ws",) + GENERAL + ("Wsm", EXACT) + NARROW
+# "R2f", "Wsf": the bounded rows' R2 and W (from the kept terms) where a logit gap may be far (method, step 9).
+FAR = ("R2f", "Wsf")
+TAGS = PASSES + ("Ws",) + GENERAL + ("Wsm", EXACT) + NARROW + FAR
 
 # Targets of issue 9 (bf16, sm_90a): (instructions, MUFU) per element over R1 + R2 + W.
 TARGETS = {"kl": (130, 11), "ab": (170, 14)}
@@ -697,12 +704,14 @@ def gauge_cubin(cubin: str, dtypes: Sequence[str], warnings: List[str]) -> List[
                                else (1, 0, False))
         ctas, limiter = ctas_per_sm(regs, static, dyn, consts["threads"])
         loops = hot_loops(fn, eb, cold, warnings)
-        ws, wsm = loops.pop("Ws", None), loops.pop("Wsm", None)  # the W that runs at V_GAUGE
+        ws, wsm, wsf = loops.pop("Ws", None), loops.pop("Wsm", None), loops.pop("Wsf", None)  # the W at V_GAUGE
         if stash and ws:
             loops["W"] = ws
             loops.pop("Wn", None)  # (W from the kept terms has no log, so one form)
         if stash and wsm:
             loops["Wm"] = wsm
+        if stash and wsf:
+            loops["Wf"] = wsf
         if kind == "fwd" and not loops:
             warnings.append("no pass-tagged hot loop in the forward kernels: is csrc/ the source the cubins "
                             "were built from (the line info must match the `// gauge:` tags)?")
@@ -742,6 +751,14 @@ def gauge_cubin(cubin: str, dtypes: Sequence[str], warnings: List[str]) -> List[
         ok = any(p in loops for p in NARROW)
         row["narrow_instr_per_elem"] = round(sum(lc.instr_per_elem for lc in nar), 2) if ok else ""
         row["narrow_mufu_per_elem"] = round(sum(lc.mufu_per_elem for lc in nar), 3) if ok else ""
+        # Bounded rows with a far logit gap: R1 + R2f + Wsf, each pass in its near form where it has no other.
+        for p, lc in (("R2f", loops.get("R2f")), ("Wsf", loops.get("Wf"))):
+            row[f"{p}_instr_per_elem"] = round(lc.instr_per_elem, 2) if lc else ""
+            row[f"{p}_mufu_per_elem"] = round(lc.mufu_per_elem, 3) if lc else ""
+        far = [loops.get(p + "f", loops.get(p)) for p in ("R1", "R2", "W") if p in loops]
+        ok = "R2f" in loops or "Wf" in loops
+        row["far_instr_per_elem"] = round(sum(lc.instr_per_elem for lc in far), 2) if ok else ""
+        row["far_mufu_per_elem"] = round(sum(lc.mufu_per_elem for lc in far), 3) if ok else ""
         lc = loops.get(EXACT)
         row[f"{EXACT}_instr_per_elem"] = round(lc.instr_per_elem, 2) if lc else ""
         row[f"{EXACT}_mufu_per_elem"] = round(lc.mufu_per_elem, 3) if lc else ""
@@ -782,7 +799,7 @@ def tool_version() -> str:
 
 def format_table(rows: Sequence[Dict[str, object]]) -> str:
     hdr = ["kernel", "dtype", "loss", "path", "mix", "regs", "spill", "smem", "dyn", "C", "CTA/SM", "R1 i/m", "R2 i/m",
-           "W i/m", "all i/m", "narrow i/m", "general i/m", "stage i", "target"]
+           "W i/m", "all i/m", "narrow i/m", "far i/m", "general i/m", "stage i", "target"]
     out = [hdr]
     for r in rows:
         def im(p: str) -> str:
@@ -794,6 +811,8 @@ def format_table(rows: Sequence[Dict[str, object]]) -> str:
                     im("R1"), im("R2"), im("W"), f"{float(r['all_instr_per_elem']):.1f}/{float(r['all_mufu_per_elem']):.2f}",
                     "-" if r.get("narrow_instr_per_elem", "") == "" else
                     f"{float(r['narrow_instr_per_elem']):.1f}/{float(r['narrow_mufu_per_elem']):.2f}",
+                    "-" if r.get("far_instr_per_elem", "") == "" else
+                    f"{float(r['far_instr_per_elem']):.1f}/{float(r['far_mufu_per_elem']):.2f}",
                     "-" if r.get("general_instr_per_elem", "") == "" else
                     f"{float(r['general_instr_per_elem']):.1f}/{float(r['general_mufu_per_elem']):.2f}",
                     "-" if st == "" else f"{float(st):.1f}", str(r["target"])])
@@ -819,13 +838,15 @@ def readme_table(csv_path: str) -> str:
              "R2 and W are those of rows whose logits are all finite and below 2^100 in magnitude (nearly every "
              "row), at λ = 0.5 (every order; in pr and rp any λ ≤ 0.68, in qr and rq any λ ≥ 0.32: the weight "
              "on the side that is not the reference is at least 0.32, and R2's power mean needs no log1p series); "
-             "\"other λ\" is R1 + R2 + W of those rows at the other λ. Rows with −inf masks or huge logits run R2 "
+             "\"other λ\" is R1 + R2 + W of those rows at the other λ; \"far gaps\" of those rows where a logit gap "
+             "may exceed 79 / |k| nats (R1's extremes; at |k| <= 1 a row with a gap of 79 nats or more), which keep "
+             "the power mean's far-gap form. Rows with −inf masks or huge logits run R2 "
              "and W with their guards (R1 + R2 + W, \"masked / huge rows\"). R3 is the exact pass, which a row runs "
              "in addition only where its closing formulas would lose too much (see the accuracy notes).",
              "",
              "| kernel | loss | path | regs | spills | smem static + dyn (cluster) | CTAs/SM | R1 | R2 | W | R1+R2+W | target "
-             "| other λ | masked / huge rows | R3 (rare rows) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| other λ | far gaps | masked / huge rows | R3 (rare rows) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["dtype"] != "bf16" or r["path"] == "stream" or r.get("mixture", "any") == "cheap":  # in the CSV
             continue
@@ -842,7 +863,7 @@ def readme_table(csv_path: str) -> str:
         lines.append(f"| {r['kernel']} | {r['loss']} | {r['path']} | {r['registers']} | {r['spill_instructions']} | "
                      f"{smem} | {r['ctas_per_sm']} | {im('R1')} | {im('R2')} | {im('W')} | "
                      f"{float(r['all_instr_per_elem']):.0f} / {float(r['all_mufu_per_elem']):.1f} | "
-                     f"{r['target'].replace('UNMET', '**unmet**') or ''} | {total(r, 'narrow')} | {total(r, 'general')} | "
+                     f"{r['target'].replace('UNMET', '**unmet**') or ''} | {total(r, 'narrow')} | {total(r, 'far')} | {total(r, 'general')} | "
                      f"{im(EXACT) if f'{EXACT}_instr_per_elem' in r else '–'} |")
     return "\n".join(lines)
 

@@ -155,6 +155,8 @@ struct LibMath {
   static constexpr bool kWideWeights = false;
   // Whether R2 takes kl's Z-dependent sums relative to lt = 0 instead of the running maximum (FixedShift).
   static constexpr bool kFixedShift = false;
+  // Whether no element of the row has |k (lp - lq)| > 80, the power mean's far-gap form (NearGaps).
+  static constexpr bool kNearGaps = false;
   static AMID_HD float exp(float x) { return ::expf(x); }
   static AMID_HD double exp(double x) { return ::exp(x); }
   static AMID_HD float exp2(float y) { return ::exp2f(y); }
@@ -371,6 +373,28 @@ struct FixedShift : Base {
   static constexpr bool kFixedShift = true;
 };
 constexpr double kFixedShiftMinS = 0x1p-20;
+
+// A math policy for a bounded row in which no element's power-mean exponent x = k (lp - lq) exceeds 80 in magnitude
+// (near_gaps, from R1's extremes): there power_pre's far-gap form (big: the other side as the base, lt = l_non + c,
+// d = c - (l_non - l_ref); power_lt_d) is never selected, so it compiles out with its selects and, in the orders whose
+// loss does not read the other side's log-probability (rq, qr for alpha-beta; every order's R2 for kl), that
+// log-probability too: the same values bit for bit (tests/cpp: test_near_gaps). The fast path of every row whose
+// logit gaps stay within 80 / |k| nats (every row of an ordinary distillation at |k| <= 1, alpha in [-1, 3]);
+// other rows run Base (amid_loss_kernels.cuh: a uniform branch per row).
+template <class Base>
+struct NearGaps : Base {
+  static constexpr bool kNearGaps = true;
+};
+// Whether every element of a row has |k (lp - lq)| <= kNearGap < 80 (power_pre's far-gap threshold; the margin covers
+// the rounding of lp - lq), from each side's largest and smallest scaled logits and A - B (dAB): lp - lq =
+// (t - s) - (A - B) lies in [t_min - s_max - dAB, t_max - s_min - dAB] (so a teacher offset from its student moves
+// nothing). NaN or inf: false.
+constexpr double kNearGap = 79;
+template <typename T>
+AMID_HD bool near_gaps(const LossParams<T>& P, T t_max, T s_max, T t_min, T s_min, T dAB) {
+  const T up = (t_max - s_min) - dAB, down = (s_max - t_min) + dAB;  // bounds of lp - lq and of lq - lp
+  return std::fabs(P.k) * (up > down ? up : down) <= T(kNearGap);
+}
 template <Order O, typename T>
 AMID_HD bool wide_weights(const LossParams<T>& P) {
   const bool p_side = double(P.one_minus_lam) >= kWideWeight, q_side = double(P.lam) >= kWideWeight;
@@ -456,7 +480,7 @@ AMID_HD PowerPre<T> power_pre(const LossParams<T>& P, T dpq) {
   // vectorise, and the CPU kernel's mixture loop went scalar (9x slower)
   m.ax = -std::fabs(x);
   m.own = REF_P ? !m.q_base : m.q_base;
-  m.big = m.ax < T(-80);
+  m.big = M::kNearGaps ? false : m.ax < T(-80);
   m.base = m.own | m.big;
   if constexpr (kSplitLog<M, T>) {
     // sx only for power_log's series (|x| < 1/2, never big): there base = own, so sx = -|x| where p's side is the own
@@ -496,7 +520,7 @@ AMID_HD void power_pre_both(const LossParams<T>& P, T dpq, PowerPre<T>& mp, Powe
   mp.q_base = mq.q_base = q_base;
   mp.own = !q_base;
   mq.own = q_base;
-  mp.big = mq.big = ax < T(-80);
+  mp.big = mq.big = M::kNearGaps ? false : ax < T(-80);
   mp.base = mp.own | mp.big;
   mq.base = mq.own | mq.big;
   if constexpr (kSplitLog<M, T>) {
@@ -723,7 +747,7 @@ AMID_HD void power_mixture_from_d(const LossParams<T>& P, T lp, T lq, T dpq, T d
   const T e = M::exp2_approx(w_small ? y_w : P.log2_lam - P.k_log2e * lt_lp);
   w = w_small ? e : T(1) - e;
   const T x = P.k * dpq;
-  const bool from_non = REF_P ? x < T(-80) : x > T(80);
+  const bool from_non = !M::kNearGaps && (REF_P ? x < T(-80) : x > T(80));  // (never in a NearGaps row)
   T c_non = P.c_non[REF_P ? 0 : 1];
   if constexpr (!M::kBounded) {
     // Under a tiny lam (a uniform branch; BoundedRow never runs one: the launcher's bounded_ok) the base's weight

@@ -148,31 +148,35 @@ struct OnlineLSE {
   }
 };
 
-// R1 state: both log-sum-exps, the invalid-input flag (NaN or +inf seen) and the smallest logit (bounded: every
+// R1 state: both log-sum-exps (a NaN sum where a NaN or +inf was seen) and each side's smallest logit (bounded: every
 // logit finite with |x| < 2^100, so the row can take the BoundedRow math policy; the largest is the running max).
 template <typename T>
 struct LseAcc {
   OnlineLSE<T> t, s;
-  T bad = T(0);
-  T lo = std::numeric_limits<T>::infinity();  // min x over both sides (fmin ignores NaN; -inf gives -inf)
+  // The smallest x of each side (fmin ignores NaN; -inf gives -inf): the bounded test, and with the maxima the bounds
+  // of every element's lp - lq (near_gaps). A NaN or +inf logit leaves t.s NaN (add; add_chunk's sums turn NaN by
+  // themselves), which invalid() reads.
+  T lo_t = std::numeric_limits<T>::infinity(), lo_s = std::numeric_limits<T>::infinity();
   template <class M>
   AMID_HD void add(T tv, T sv) {
     using std::fmin;
-    bad = ((tv < std::numeric_limits<T>::infinity()) & (sv < std::numeric_limits<T>::infinity())) ? bad : T(1);
-    lo = fmin(lo, fmin(tv, sv));
+    const bool ok = (tv < std::numeric_limits<T>::infinity()) & (sv < std::numeric_limits<T>::infinity());
+    lo_t = fmin(lo_t, tv);
+    lo_s = fmin(lo_s, sv);
     t.template add<M>(tv);
     s.template add<M>(sv);
+    t.s = ok ? t.s : std::numeric_limits<T>::quiet_NaN();  // (NaN stays NaN through every later add, raise and merge)
   }
   // Both sides' chunk steps (OnlineLSE: chunk_max, raise, sum_chunk), with one branch for a new running max
-  // on either (rarely taken). MIN = false leaves the chunk out of lo: for a caller that takes the minimum of the
-  // unscaled 16-bit logits itself, two to an instruction (amid_loss_kernels.cuh: PackedMin), and folds it in by
-  // add_min.
+  // on either (rarely taken). MIN = false leaves the chunk out of the minima: for a caller that takes the minima of
+  // the unscaled 16-bit logits itself, two to an instruction (amid_loss_kernels.cuh: PackedMin), and folds them in
+  // by add_min.
   template <class M, int n, bool MIN = true>
   AMID_HD void add_chunk(const T* tv, const T* sv) {
     using std::fmin;
     if constexpr (MIN) {
 #pragma unroll
-      for (int j = 0; j < n; ++j) lo = fmin(lo, fmin(tv[j], sv[j]));
+      for (int j = 0; j < n; ++j) lo_t = fmin(lo_t, tv[j]), lo_s = fmin(lo_s, sv[j]);
     }
     const T ct = OnlineLSE<T>::template chunk_max<n>(tv), cs = OnlineLSE<T>::template chunk_max<n>(sv);
     if ((ct > t.m) | (cs > s.m)) {  // a new running max on either side
@@ -182,28 +186,31 @@ struct LseAcc {
     t.template sum_chunk<M, n>(tv);
     s.template sum_chunk<M, n>(sv);
   }
-  // NaN or +inf seen (by add, or by add_chunk: s NaN), or a side that is all -inf.
+  // NaN or +inf seen (a NaN sum), or a side that is all -inf.
   AMID_HD bool invalid() const {
-    return (bad != T(0)) | (t.s != t.s) | (s.s != s.s) | (t.m == neg_inf<T>()) | (s.m == neg_inf<T>());
+    return (t.s != t.s) | (s.s != s.s) | (t.m == neg_inf<T>()) | (s.m == neg_inf<T>());
   }
-  // Every logit in (-2^100, 2^100): the running maxima below 2^100 and the minimum above -2^100.
+  // Every logit in (-2^100, 2^100): the running maxima below 2^100 and the minima above -2^100.
   AMID_HD bool bounded() const {
     constexpr T kB = T(1.2676506002282294e30);  // 2^100
-    return (t.m < kB) & (s.m < kB) & (lo > -kB);
+    return (t.m < kB) & (s.m < kB) & (lo_t > -kB) & (lo_s > -kB);
   }
-  // The minimum of logits summed with add_chunk<M, n, false> (fmin: a NaN, +inf when there were none, leaves lo).
-  AMID_HD void add_min(T x) { lo = std::fmin(lo, x); }
+  // The minima of logits summed with add_chunk<M, n, false> (fmin: a NaN, +inf when there were none, leaves them).
+  AMID_HD void add_min(T xt, T xs) {
+    lo_t = std::fmin(lo_t, xt);
+    lo_s = std::fmin(lo_s, xs);
+  }
   template <class M>
   AMID_HD void merge(const LseAcc& o) {
     t.template merge<M>(o.t);
     s.template merge<M>(o.s);
-    bad = bad > o.bad ? bad : o.bad;
-    lo = lo < o.lo ? lo : o.lo;
+    lo_t = lo_t < o.lo_t ? lo_t : o.lo_t;
+    lo_s = lo_s < o.lo_s ? lo_s : o.lo_s;
   }
   // Without the caches (OnlineLSE::Packed), for the GPU reductions: merged through the full state, the same bits.
   struct Packed {
     typename OnlineLSE<T>::Packed t, s;
-    T bad, lo;
+    T lo_t, lo_s;
     template <class M>
     AMID_HD void merge(const Packed& o) {
       LseAcc a = unpack(*this);
@@ -211,13 +218,13 @@ struct LseAcc {
       *this = a.pack();
     }
   };
-  AMID_HD Packed pack() const { return Packed{t.pack(), s.pack(), bad, lo}; }
+  AMID_HD Packed pack() const { return Packed{t.pack(), s.pack(), lo_t, lo_s}; }
   static AMID_HD LseAcc unpack(const Packed& p) {
     LseAcc a;
     a.t = OnlineLSE<T>::unpack(p.t);
     a.s = OnlineLSE<T>::unpack(p.s);
-    a.bad = p.bad;
-    a.lo = p.lo;
+    a.lo_t = p.lo_t;
+    a.lo_s = p.lo_s;
     return a;
   }
 };

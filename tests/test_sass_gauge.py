@@ -206,7 +206,12 @@ def test_gauge_on_built_library(tmp_path, capsys):
             # Rows with masks or huge logits (R2m, Wm) run the guards that bounded rows (R2, W) compile out.
             assert r["R2_instr_per_elem"] < r["R2m_instr_per_elem"], (r["loss"], r["path"], r["mixture"])
             assert r["general_instr_per_elem"] > r["all_instr_per_elem"], (r["loss"], r["path"], r["mixture"])
+        if r["kernel"] == "fwd" and r["far_instr_per_elem"] != "":
+            # Bounded rows whose logit gaps may be far keep the power mean's far-gap form, which near rows compile out.
+            assert r["far_instr_per_elem"] > r["all_instr_per_elem"], (r["loss"], r["path"], r["mixture"])
     assert sum(r["general_instr_per_elem"] != "" for r in rows if r["kernel"] == "fwd") >= 30, warnings
+    # The far-gap form (R2f under wide weights) in every forward power-mean kernel.
+    assert sum(r["far_instr_per_elem"] != "" for r in rows if r["kernel"] == "fwd") == 20, warnings
     # The exact pass (R3, rare rows) is found in the forward kernels and costs about a W pass.
     assert sum(r["R3_instr_per_elem"] != "" for r in rows if r["kernel"] == "fwd") >= 30, warnings
     targets = {r["loss"]: r["target"] for r in rows if r["target"]}

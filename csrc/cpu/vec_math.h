@@ -21,6 +21,7 @@ namespace amid {
 struct VecMath {
   static constexpr bool kBounded = false;  // (amid_math.h: LibMath::kBounded; the CPU keeps every guard)
   static constexpr bool kWideWeights = false;  // (amid_math.h: WideWeights; the CPU keeps the log1p series)
+  static constexpr bool kNearGaps = false;  // (amid_math.h: NearGaps; the CPU keeps the far-gap form)
   // exp(x): x = n ln2 + r, |r| <= ln2/2, exp(r) by its degree-7 Taylor polynomial (truncation
   // < 6e-9 relative), 2^n assembled in the exponent bits. -inf and x < -87.3 give 0; NaN gives NaN.
   static AMID_HD float exp(float x) {

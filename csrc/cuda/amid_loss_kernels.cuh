@@ -57,38 +57,41 @@ __device__ __forceinline__ void widen(const scalar_t* v, acc_t* out) {
   }
 }
 
-// R1's minimum logit of a row (LseAcc::lo, for the bounded test) over 16-bit vector chunks: taken on the unscaled
-// logits two to an instruction (HMNMX2 on a packed pair; NaN ignored, as fmin), where LseAcc took it on the scaled
-// floats, one instruction per logit; then scaled and folded in once (fold): rounding is monotone, so the minimum of the
-// scaled logits is the scaled minimum (invT > 0), the same value bit for bit. float / double: kOn false (LseAcc's).
+// R1's minimum logit of each side of a row (LseAcc::lo_t, lo_s: the bounded test, near_gaps) over 16-bit vector chunks:
+// taken on the unscaled logits two to an instruction (HMNMX2 on a packed pair; NaN ignored, as fmin), where LseAcc
+// took it on the scaled floats, one instruction per logit; then scaled and folded in once (fold): rounding is
+// monotone, so the minimum of the scaled logits is the scaled minimum (invT > 0), the same value bit for bit.
+// float / double: kOn false (LseAcc's).
 template <typename scalar_t>
 struct PackedMin {
   static constexpr bool kOn = false;
   template <int n>
-  __device__ __forceinline__ void add(const scalar_t*) {}
+  __device__ __forceinline__ void add(const scalar_t*, const scalar_t*) {}
   template <typename acc_t>
   __device__ __forceinline__ void fold(LseAcc<acc_t>&, acc_t) const {}
 };
 template <typename scalar_t, typename pair_t>
 struct PackedMin16 {
   static constexpr bool kOn = true;
-  pair_t m;
+  pair_t mt, ms;  // the teacher's and the student's
   __device__ __forceinline__ PackedMin16() {
     const uint32_t inf2 = std::is_same<pair_t, __nv_bfloat162>::value ? 0x7f807f80u : 0x7c007c00u;  // (+inf, +inf)
-    memcpy(&m, &inf2, sizeof(m));
+    memcpy(&mt, &inf2, sizeof(mt));
+    memcpy(&ms, &inf2, sizeof(ms));
   }
   template <int n>
-  __device__ __forceinline__ void add(const scalar_t* v) {
+  __device__ __forceinline__ void add(const scalar_t* tv, const scalar_t* sv) {
     static_assert(n % 2 == 0, "PackedMin: whole pairs");
-    pair_t w[n / 2];
-    memcpy(w, v, sizeof(w));
+    pair_t wt[n / 2], ws[n / 2];
+    memcpy(wt, tv, sizeof(wt));
+    memcpy(ws, sv, sizeof(ws));
 #pragma unroll
-    for (int j = 0; j < n / 2; ++j) m = __hmin2(m, w[j]);
+    for (int j = 0; j < n / 2; ++j) mt = __hmin2(mt, wt[j]), ms = __hmin2(ms, ws[j]);
   }
   template <typename acc_t>
   __device__ __forceinline__ void fold(LseAcc<acc_t>& lse, acc_t invT) const {
-    const float a = __low2float(m), b = __high2float(m);
-    lse.add_min(acc_t(a < b ? a : b) * invT);
+    const float at = __low2float(mt), bt = __high2float(mt), as = __low2float(ms), bs = __high2float(ms);
+    lse.add_min(acc_t(at < bt ? at : bt) * invT, acc_t(as < bs ? as : bs) * invT);
   }
 };
 template <>
@@ -285,8 +288,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
 #pragma unroll
       for (int j = 0; j < n; ++j) x[j] *= invT, y[j] *= invT;
       if constexpr (PackedMin<scalar_t>::kOn && n > 1) {
-        pmin.template add<n>(tv);
-        pmin.template add<n>(sv);
+        pmin.template add<n>(tv, sv);
         lse.template add_chunk<M, n, false>(x, y);
       } else {
         lse.template add_chunk<M, n>(x, y);
@@ -347,7 +349,12 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     // all finite with |x / T| < 2^100 (nearly every row) runs R2 and W with the BoundedRow policy: the same
     // values, bit for bit, without the guards for -inf masks and overflow (a uniform branch per row); R2
     // sums there relative to lt = 0 (FixedShift: other values, within the budgets; see below).
-    const bool bounded = a.bounded_ok && lse.bounded();
+    // (R1's extremes are not read after R2: held across it, they cost the alpha-beta kernels spills, per row)
+    const bool finite_row = lse.bounded(), bounded = a.bounded_ok && finite_row;
+    // A bounded row whose logit gaps are near (amid_math.h: NearGaps; nearly every row at |k| <= 1) runs the float
+    // power mean's R2 (under wide weights) and W from the kept terms without its far-gap form: a uniform branch per
+    // row, from R1's extremes. Other bounded rows run the same passes with it (gauge:R2f, gauge:Wsf).
+    const bool near = bounded && near_gaps(P, lse.t.m, lse.s.m, lse.lo_t, lse.lo_s, dAB);
     Acc acc;
     auto r2 = [&](auto policy) {
       using MM = decltype(policy);
@@ -398,7 +405,11 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
         // policy's passes (masked rows, the rerun below, R3) keep M: the two agree to the approximate log's error.
         if constexpr (POWER && std::is_same<acc_t, float>::value) {
           if (wide_weights<O>(P)) {
-            r2(WideWeights<MB>{});  // gauge:R2
+            if (near) {
+              r2(NearGaps<WideWeights<MB>>{});  // gauge:R2
+            } else {
+              r2(WideWeights<MB>{});  // gauge:R2f
+            }
           } else {
             r2(MB{});  // gauge:R2n
           }
@@ -428,7 +439,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     // scale 12 that reached 9e-9 of the loss (tests/cpp, test_online_double: 8 of 600 rows over float64's 1e-9); the
     // pass costs their unit ~13% more compile time (579 -> 653 s for sm_90a). The top-k kernel's bucket rows take
     // it on their bins (amid_topk_cuda.cu).
-    if (lse.bounded() && cond > acc_t(kExactCond)) {
+    if (finite_row && cond > acc_t(kExactCond)) {
       const acc_t Wbar = acc.wbar();  // (formed before: R2's state need not stay live through R3)
       Ex ex;
       visit_row(t, s, len, vec_ok, [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {  // gauge:R3
@@ -458,10 +469,22 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
       bool done = false;
       if constexpr (kStash) {
         if (cst) {
-          if (bounded) {
-            write_grad_row_c<D, O, BoundedRow<M>>(P, t, s, cst, g, len, vec_ok, A, B, Z, S_G, K, scale);  // gauge:Ws
+          // (near rows without the far-gap form in the float kernels only, as R2: a third W costs the float64 unit's
+          // build time for ~3 instructions per element)
+          if constexpr (std::is_same<acc_t, float>::value) {
+            if (near) {
+              write_grad_row_c<D, O, NearGaps<BoundedRow<M>>>(P, t, s, cst, g, len, vec_ok, A, B, Z, S_G, K, scale);  // gauge:Ws
+            } else if (bounded) {
+              write_grad_row_c<D, O, BoundedRow<M>>(P, t, s, cst, g, len, vec_ok, A, B, Z, S_G, K, scale);  // gauge:Wsf
+            } else {
+              write_grad_row_c<D, O, M>(P, t, s, cst, g, len, vec_ok, A, B, Z, S_G, K, scale);  // gauge:Wsm
+            }
           } else {
-            write_grad_row_c<D, O, M>(P, t, s, cst, g, len, vec_ok, A, B, Z, S_G, K, scale);  // gauge:Wsm
+            if (bounded) {
+              write_grad_row_c<D, O, BoundedRow<M>>(P, t, s, cst, g, len, vec_ok, A, B, Z, S_G, K, scale);  // gauge:Ws
+            } else {
+              write_grad_row_c<D, O, M>(P, t, s, cst, g, len, vec_ok, A, B, Z, S_G, K, scale);  // gauge:Wsm
+            }
           }
           done = true;
         }

@@ -331,7 +331,7 @@ __global__ void __launch_bounds__(kThreads, topk_min_blocks<scalar_t, D>())
         lse.template add<M>(tf, sf);
       }
       lse = Lse::unpack(block_reduce<acc_t>(lse.pack(), lse_scratch, merge_lse));
-      if (!(lse.bad != acc_t(0) || lse.t.m == ninf || lse.s.m == ninf)) {
+      if (!lse.invalid()) {
         st.A = RowLse<acc_t>{lse.t.m, lse.t.template log_sum<M>()};
         st.B = RowLse<acc_t>{lse.s.m, lse.s.template log_sum<M>()};
         st.dAB = row_lse_gap(st.A, st.B);

@@ -363,7 +363,7 @@ struct GpuEmuMath : amid::LibMath {
 // The forward CUDA kernel's float math for one row, in its reduction order (gpu_order_reduce): R1,
 // R2, the closing formulas, and the W pass as write_grad_row does it. out: A, B, Z, S_G, K, L, Z2.
 // Rows gpu_row has run, and how many of them took the exact pass (reported per regime).
-static int g_rows = 0, g_exact_rows = 0, g_reruns = 0, g_wide_rows = 0;
+static int g_rows = 0, g_exact_rows = 0, g_reruns = 0, g_wide_rows = 0, g_near_rows = 0;
 static bool g_fixed_shift = true;  // gpu_row: bounded rows take R2 relative to lt = 0, as the kernel (FixedShift)
 // kBins: the top-k kernel's bucket bins instead (amid_topk_cuda.cu): no approximate instruction (PreciseMath,
 // which on the host is the library math) and the exact pass on every bounded row. kRaw16: the 16-bit kernels'
@@ -442,6 +442,10 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
   const bool wide = std::is_same<T, float>::value && bounded && P.mode == amid::MixMode::kPower &&
                     amid::wide_weights<O>(P);
   g_wide_rows += wide;
+  // A bounded row whose logit gaps are near (amid_math.h: NearGaps, near_gaps; from R1's extremes) takes R2 and the
+  // kept-term W without the power mean's far-gap form, as the kernel (the same values bit for bit: test_near_gaps).
+  const bool near = bounded && amid::near_gaps(P, r1.t.m, r1.s.m, r1.lo_t, r1.lo_s, dAB);
+  g_near_rows += near;
   bool r2_raw = false;  // whether R2's final sums (and kept terms) took the raw gap
   bool r2_wide = false;  // whether they took WideWeights
   Acc r2;
@@ -453,7 +457,8 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
   };
   if (bounded && g_fixed_shift) {
     using MF = amid::FixedShift<amid::BoundedRow<M>>;
-    r2 = wide ? run_r2(amid::WideWeights<MF>{}, raw) : run_r2(MF{}, raw);
+    r2 = wide ? (near ? run_r2(amid::NearGaps<amid::WideWeights<MF>>{}, raw) : run_r2(amid::WideWeights<MF>{}, raw))
+              : run_r2(MF{}, raw);
     r2_raw = raw;
     r2_wide = wide;
     if (!r2.shift_ok()) {
@@ -506,7 +511,9 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
       if (stash) {
         // (bit for bit where R2 and W took the same policy; a rerun R2's kept terms are M's, W's WideWeights: the two
         // logarithms differ by their errors, ~1e-6 of the gradient's scale, test_bounded_rows)
-        const T gc = amid::grad_from_logits_c<D, O, M>(P, t[v] * invT, s[v] * invT, kept[v], A, B, Z, S_G, K);
+        const T gc = near ? amid::grad_from_logits_c<D, O, amid::NearGaps<amid::BoundedRow<M>>>(
+                                P, t[v] * invT, s[v] * invT, kept[v], A, B, Z, S_G, K)
+                          : amid::grad_from_logits_c<D, O, M>(P, t[v] * invT, s[v] * invT, kept[v], A, B, Z, S_G, K);
         const bool agree = r2_wide == wide ? std::memcmp(&gc, &g, sizeof(T)) == 0
                                            : std::abs(double(gc) - double(g)) <= 1e-5 * (1 + std::abs(double(g)));
         if (!agree) {
@@ -921,15 +928,30 @@ static void test_bounded_rows_one(const char* tname) {
   EXPECT(!lse_of({{T(1), T(1.2676506002282294e30)}}).bounded());
   EXPECT(!lse_of({{T(-1.2676506002282294e30), T(1)}}).bounded());  // (the minimum: -2^100)
   EXPECT(lse_of({{T(-1e29), T(1)}, {T(2), T(-1e30)}}).bounded());
-  // The 16-bit kernels' R1 leaves the vector chunks' minimum to PackedMin and folds it in by add_min.
+  // The 16-bit kernels' R1 leaves the vector chunks' minima to PackedMin and folds them in by add_min (either side).
   for (T m : {T(-3), T(-1.2676506002282294e30), T(-INFINITY)}) {
-    amid::LseAcc<T> folded;
-    const T us[8] = {1, 2, m, 4, 5, 6, 7, 8}, vs[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    folded.template add_chunk<M, 8, false>(us, vs);
-    EXPECT(folded.bounded());  // (without its minimum)
-    folded.add_min(m);
-    EXPECT(folded.bounded() == (m == T(-3)));
-    EXPECT(folded.lo == m);
+    for (int side = 0; side < 2; ++side) {
+      amid::LseAcc<T> folded;
+      const T us[8] = {1, 2, m, 4, 5, 6, 7, 8}, vs[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      folded.template add_chunk<M, 8, false>(side ? vs : us, side ? us : vs);
+      EXPECT(folded.bounded());  // (without its minima)
+      folded.add_min(side ? T(0) : m, side ? m : T(0));
+      EXPECT(folded.bounded() == (m == T(-3)));
+      EXPECT((side ? folded.lo_s : folded.lo_t) == m && (side ? folded.lo_t : folded.lo_s) == T(0));
+    }
+  }
+  // A NaN or +inf logit on either side makes the row invalid (the scalar path poisons the teacher's sum), and stays so
+  // through later elements and merges.
+  for (T bad : {T(NAN), T(INFINITY)}) {
+    for (int side = 0; side < 2; ++side) {
+      amid::LseAcc<T> a = lse_of({{T(1), T(2)}}), b = lse_of({{T(3), T(-4)}});
+      EXPECT(!a.invalid());
+      a.template add<M>(side ? T(0) : bad, side ? bad : T(0));
+      a.template add<M>(T(50), T(60));  // (a new running maximum on both sides)
+      EXPECT(a.invalid());
+      b.template merge<M>(a);
+      EXPECT(b.invalid());
+    }
   }
   amid::LseAcc<T> chunked;
   const T xs[8] = {1, 2, 3, 4, 5, 6, 7, T(-INFINITY)}, ys[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -945,6 +967,162 @@ static void test_bounded_rows_one(const char* tname) {
               "wide-weights one (R2, and W recomputing the mixture) on %d power-mean rows, %s (worst %.2g of the "
               "scale, bound 2e-5)\n",
               tname, checked, checked_wide, kWideExact ? "bit for bit" : "within the logarithm's error", wide_worst);
+}
+
+// The near-gap policy (amid_math.h: NearGaps, near_gaps), which the forward kernels take for a bounded row whose
+// logit gaps stay within 79 / |k| nats by R1's extremes. (1) near_gaps is sound: over alpha from -10 to 7 and rows
+// from nearly equal to far apart (bf16-valued logits in float, a teacher offset by 700 at T = 0.7), wherever it says
+// near, every element's |k (lp - lq)| is at most 80, with lp - lq as the kernels form it (logit_gap, and in float the
+// 16-bit kernels' RawGap): power_pre's far-gap form would not have been taken. Ordinary rows at |k| <= 1 are near,
+// a row with a gap of 100 / |k| is not. (2) On near rows the policy changes no value: R2's sums and kept terms under
+// the kernels' R2 policies (the fixed shift, with wide weights in float), the row statistics, W from the kept terms
+// and W recomputing the mixture, bit for bit, in every loss and order.
+template <typename T, class M>
+static void test_near_gaps_one(const char* tname) {
+  using MB = amid::BoundedRow<M>;
+  using MF = amid::FixedShift<MB>;
+  using MW = std::conditional_t<std::is_same<T, float>::value, amid::WideWeights<MF>, MF>;  // the kernels' R2
+  static_assert(amid::NearGaps<MW>::kNearGaps && !MW::kNearGaps && amid::NearGaps<MW>::kFixedShift,
+                "NearGaps: expected a flag over the policy it wraps");
+  std::mt19937 rng(11);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  const int64_t V = 203;
+  auto same = [](T a, T b) { return std::memcmp(&a, &b, sizeof(T)) == 0; };
+  auto bf16 = [](T x) {  // a float rounded to its nearest bf16 value (the 16-bit kernels' logits)
+    if constexpr (std::is_same<T, float>::value) {
+      uint32_t b;
+      std::memcpy(&b, &x, 4);
+      b = (b + 0x7fffu + ((b >> 16) & 1u)) & 0xffff0000u;
+      std::memcpy(&x, &b, 4);
+    }
+    return x;
+  };
+  int near_rows = 0, far_rows = 0, checked = 0;
+  double worst_near_x = 0, best_far_x = 1e300;  // max |k (lp - lq)| of near rows; the smallest such max of far rows
+  for (double alpha : {-10.0, -5.0, -3.0, -1.0, 0.0, 0.5, 0.9, 3.0, 7.0}) {
+    for (double scale : {0.3, 3.0, 10.0, 20.0, 40.0}) {
+      for (double temp : {1.0, 0.7}) {
+        for (int raw = 0; raw < (std::is_same<T, float>::value ? 2 : 1); ++raw) {
+          const double shift = temp == 1.0 ? 0.0 : 700.0;
+          std::vector<T> t(V), s(V);
+          for (int64_t v = 0; v < V; ++v) {
+            const double base = scale * nd(rng);
+            t[v] = T(base + shift);
+            s[v] = T(v % 3 == 0 ? base + 1e-3 * nd(rng) : base + 0.5 * scale * nd(rng));
+            if (raw) t[v] = bf16(t[v]), s[v] = bf16(s[v]);
+          }
+          const auto P0 = amid::make_params<T>("test", alpha, 0.5, "kl", "pr", 0.2, 0.7, temp, false);
+          if (P0.mode != amid::MixMode::kPower) continue;
+          const T invT = P0.inv_temperature;
+          amid::LseAcc<T> r1;
+          for (int64_t v = 0; v < V; ++v) r1.template add<M>(t[v] * invT, s[v] * invT);
+          EXPECT(r1.bounded() && !r1.invalid());
+          const amid::RowLse<T> A{r1.t.m, r1.t.template log_sum<M>()}, B{r1.s.m, r1.s.template log_sum<M>()};
+          const T dAB = amid::row_lse_gap(A, B);
+          const amid::RawGapRow<T> rg = amid::raw_gap_row(A, B, invT);
+          double max_x = 0;
+          for (int64_t v = 0; v < V; ++v) {
+            const T tf = t[v] * invT, sf = s[v] * invT;
+            const T lp = amid::log_prob<MB>(tf, A), lq = amid::log_prob<MB>(sf, B);
+            max_x = std::max(max_x, std::abs(double(P0.k * amid::logit_gap<MB>(tf, sf, lp, lq, dAB))));
+            if (raw) max_x = std::max(max_x, std::abs(double(P0.k * amid::logit_gap<MB>(tf, sf, lp, lq, rg.at(t[v], s[v])))));
+          }
+          const bool nr = amid::near_gaps(P0, r1.t.m, r1.s.m, r1.lo_t, r1.lo_s, dAB);
+          near_rows += nr;
+          far_rows += !nr;
+          if (nr) {
+            worst_near_x = std::max(worst_near_x, max_x);
+            if (!(max_x <= 80)) {
+              ++failures;
+              std::fprintf(stderr, "FAILED near gaps (%s): alpha=%g scale=%g T=%g: near, but |k (lp - lq)| reaches %.9g\n",
+                           tname, alpha, scale, temp, max_x);
+            }
+          } else {
+            best_far_x = std::min(best_far_x, max_x);
+          }
+          // ordinary rows at |k| <= 1 are near (not a vacuous test)
+          if (scale == 3.0 && std::abs(double(P0.k)) <= 1 && !nr) {
+            ++failures;
+            std::fprintf(stderr, "FAILED near gaps (%s): alpha=%g T=%g: an ordinary row (scale 3) is not near\n", tname,
+                         alpha, temp);
+          }
+          if (!nr || raw) continue;
+          // (2) every loss and order on this near row: the same values with and without the policy
+          for (const char* div : {"kl", "ab"}) {
+            for (const char* ord : {"pr", "qr", "rp", "rq", "jsd"}) {
+              for (double lam : {0.1, 0.5, 0.9}) {
+                const auto P = amid::make_params<T>("test", alpha, lam, div, ord, 0.2, 0.7, temp, false);
+                amid::dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
+                  constexpr amid::Divergence D = decltype(dc)::value;
+                  constexpr amid::Order O = decltype(oc)::value;
+                  using Acc = typename amid::RowAccOf<D, O, T>::type;
+                  auto r2 = [&](auto policy, std::vector<T>& kept) {
+                    using MM = decltype(policy);
+                    Acc acc;
+                    acc.template begin<MM>();
+                    for (int64_t v = 0; v < V; ++v) {
+                      const T tf = t[v] * invT, sf = s[v] * invT;
+                      if constexpr (O != amid::Order::kJSD) {
+                        kept[v] = amid::add_from_logits_c<O, MM>(acc, P, tf, sf, A, B, dAB);
+                      } else {
+                        add_element<O, MM>(P, acc, tf, sf, A, B, dAB);
+                      }
+                    }
+                    return acc;
+                  };
+                  const bool wide = amid::wide_weights<O>(P);
+                  std::vector<T> kept(V), kept_n(V);
+                  const Acc acc = wide ? r2(MW{}, kept) : r2(MF{}, kept);
+                  const Acc acc_n = wide ? r2(amid::NearGaps<MW>{}, kept_n) : r2(amid::NearGaps<MF>{}, kept_n);
+                  T st[5] = {}, st_n[5] = {};
+                  const bool ok = acc.template close<M>(P, st[0], st[1], st[2], st[3], st[4]);
+                  EXPECT(acc_n.template close<M>(P, st_n[0], st_n[1], st_n[2], st_n[3], st_n[4]) == ok);
+                  bool eq = true;
+                  for (int i = 0; i < 5; ++i) eq = eq && same(st[i], st_n[i]);
+                  const T Z = st[0], Z2 = st[1], S_G = st[3], K = st[4];
+                  using MWW = amid::WideWeights<MB>;  // W recomputing the mixture (the streaming kernels' W)
+                  for (int64_t v = 0; v < V && ok; ++v) {
+                    const T tf = t[v] * invT, sf = s[v] * invT;
+                    eq = eq && same(kept[v], kept_n[v]) &&
+                         same(amid::grad_from_logits<D, O, true, MWW>(P, tf, sf, A, B, dAB, Z, Z2, S_G, K),
+                              amid::grad_from_logits<D, O, true, amid::NearGaps<MWW>>(P, tf, sf, A, B, dAB, Z, Z2, S_G, K));
+                    if constexpr (O != amid::Order::kJSD) {
+                      eq = eq && same(amid::grad_from_logits_c<D, O, MB>(P, tf, sf, kept[v], A, B, Z, S_G, K),
+                                      amid::grad_from_logits_c<D, O, amid::NearGaps<MB>>(P, tf, sf, kept[v], A, B, Z, S_G, K));
+                    }
+                    ++checked;
+                  }
+                  if (!eq) {
+                    ++failures;
+                    std::fprintf(stderr, "FAILED near gaps (%s) %s/%s alpha=%g lam=%g scale=%g T=%g: a value differs "
+                                 "under NearGaps\n", tname, div, ord, alpha, lam, scale, temp);
+                  }
+                });
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  // a row with one gap of 100 / |k| (its student's logit moved) is not near
+  {
+    const auto P = amid::make_params<T>("test", 0.5, 0.5, "kl", "pr", 0.2, 0.7, 1.0, false);
+    amid::LseAcc<T> r1;
+    for (int64_t v = 0; v < V; ++v) r1.template add<M>(T(3 * nd(rng)), T(v == 7 ? -100 / std::abs(double(P.k)) : 3 * nd(rng)));
+    const T dAB = amid::row_lse_gap(amid::RowLse<T>{r1.t.m, r1.t.template log_sum<M>()},
+                                    amid::RowLse<T>{r1.s.m, r1.s.template log_sum<M>()});
+    EXPECT(!amid::near_gaps(P, r1.t.m, r1.s.m, r1.lo_t, r1.lo_s, dAB));
+  }
+  EXPECT(near_rows > 0 && far_rows > 0 && checked > 0);
+  std::printf("near gaps (%s): %d near rows (their largest |k (lp - lq)| %.3g <= 80), %d far (smallest largest gap "
+              "%.3g); NearGaps equals the policies it wraps bit for bit on %d elements (R2's sums and kept terms, W)\n",
+              tname, near_rows, worst_near_x, far_rows, best_far_x, checked);
+}
+
+static void test_near_gaps() {
+  test_near_gaps_one<float, GpuEmuMath>("float, GPU math");
+  test_near_gaps_one<double, amid::LibMath>("double");
 }
 
 static void test_bounded_rows() {
@@ -1108,7 +1286,7 @@ static void test_fixed_shift_rows() {
   std::printf("kl's and alpha-beta's R2 relative to lt = 0 on rows with S from ~1 to ~2^-130: loss worst rel. %.3g (running maximum "
               "%.3g; alpha-beta's %.3g), gradient worst %.3g (%.3g); R2 again under the running maximum: %d of %d rows\n",
               worst_loss, worst_loss_gen, worst_loss_ab_gen, worst_grad, worst_grad_gen, reruns, rows);
-  g_rows = g_exact_rows = g_reruns = g_wide_rows = 0;
+  g_rows = g_exact_rows = g_reruns = g_wide_rows = g_near_rows = 0;
 }
 
 // The fixed shift against the running maximum on ordinary rows (scale 3, V = 4099, one row offset by 700), in the
@@ -1158,7 +1336,7 @@ static void test_fixed_shift_matches_running_max() {
   }
   std::printf("fixed shift vs running maximum (test_bounded_rows_match_general's cases, emulated): loss, S_G, K within "
               "%.3g relative, Z within %.3g of 1e-6 + 1e-5 |Z| on %d rows\n", worst, worst_z, n);
-  g_rows = g_exact_rows = g_reruns = g_wide_rows = 0;
+  g_rows = g_exact_rows = g_reruns = g_wide_rows = g_near_rows = 0;
 }
 
 static void test_online_float(const FloatRegime& R) {
@@ -1232,9 +1410,9 @@ static void test_online_float(const FloatRegime& R) {
     }
   }
   std::printf("online reductions in float, %s: loss worst rel. %.3g, gradient worst %.3g (exact pass: %d of %d rows, "
-              "R2 again under the running maximum: %d; wide weights: %d)\n", R.name, worst_loss, worst_grad, g_exact_rows,
-              g_rows, g_reruns, g_wide_rows);
-  g_rows = g_exact_rows = g_reruns = g_wide_rows = 0;
+              "R2 again under the running maximum: %d; wide weights: %d; near gaps: %d)\n", R.name, worst_loss, worst_grad,
+              g_exact_rows, g_rows, g_reruns, g_wide_rows, g_near_rows);
+  g_rows = g_exact_rows = g_reruns = g_wide_rows = g_near_rows = 0;
   if (R.teacher_topk > 0) {
     std::printf("  masked rows, worst absolute errors: online loss %.3g, gradient %.3g; the CPU op in float: %.3g, %.3g\n",
                 masked.online_loss, masked.online_grad, masked.cpu_loss, masked.cpu_grad);
@@ -1290,7 +1468,7 @@ static void test_online_tiny_ab(double scale, double grad_tol, double grad_floor
   }
   std::printf("online reductions in float, tiny alpha-beta exponents, logits of scale %g: loss worst rel. %.3g, gradient worst %.3g "
               "(exact pass: %d of %d rows, R2 again: %d)\n", scale, worst_loss, worst_grad, g_exact_rows, g_rows, g_reruns);
-  g_rows = g_exact_rows = g_reruns = g_wide_rows = 0;
+  g_rows = g_exact_rows = g_reruns = g_wide_rows = g_near_rows = 0;
 }
 
 // The float64 kernels' math (gpu_row in double: their reduction order, online sums and exact pass) against the
@@ -1349,7 +1527,7 @@ static void test_online_double(const char* name, double scale, bool tiny_ab, int
   std::printf("online reductions in double, %s: loss worst rel. %.3g (to |loss| or 0.01), gradient worst abs. %.3g "
               "(exact pass: %d of %d rows, R2 again: %d)\n",
               name, worst_loss, worst_grad, g_exact_rows, g_rows, g_reruns);
-  g_rows = g_exact_rows = g_reruns = g_wide_rows = 0;
+  g_rows = g_exact_rows = g_reruns = g_wide_rows = g_near_rows = 0;
 }
 
 static void test_online_reductions() {
@@ -1524,6 +1702,7 @@ int main(int argc, char** argv) {
   test_kept_terms();
   test_kept_at_form_edge();
   test_bounded_rows();
+  test_near_gaps();
   test_online_float({"student within 1% of teacher", 11, 5003, 0.01, 1e-5, 1e-4});
   test_online_float({"ordinary inputs", 5, 2001, 0.0, 1e-5, 1e-4});
   test_online_float({"teacher top-8 of 2001, the rest -inf", 13, 2001, 0.0, 1e-5, 1e-5, 8});
