@@ -265,10 +265,14 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
   auto merge_acc = [&P](Acc& x, const Acc& y) { x.template merge<M>(P, y); };
   auto merge_ex = [](Ex& x, const Ex& y) { x.merge(y); };
 
+  // The row weight is read again where it is used (the loss and W's scale) rather than held from the row's start
+  // across the passes, where ptxas spilled it: bf16 sm_90a, kl 2 spill instructions per row -> 0, ab resident 27-29
+  // -> 10. Not in the ab streaming kernels, whose spills went 30 -> 55 that way.
+  constexpr bool kReadWeightAgain = RESIDENT || D == Divergence::kKL;
   for (int64_t row = cluster_id; row < a.N; row += n_clusters) {
-    const acc_t weight = a.row_weight ? a.row_weight[row] : acc_t(1);
+    const acc_t weight0 = a.row_weight ? a.row_weight[row] : acc_t(1);
     scalar_t* g = a.grad ? a.grad + row * a.V + v0 : nullptr;
-    if (weight == acc_t(0)) {  // ignored row: not read
+    if (weight0 == acc_t(0)) {  // ignored row: not read
       fill_row(a, row, g, len, cluster_lead_thread(), acc_t(0));
       continue;
     }
@@ -456,6 +460,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
       ex = cluster_reduce<acc_t, kWarps>(ex, ex_scratch, ex_slot, round++, merge_ex);
       ex.finalize(P, Wbar, L, S_G, K);
     }
+    const acc_t weight = !kReadWeightAgain ? weight0 : a.row_weight ? a.row_weight[row] : acc_t(1);
     if (cluster_lead_thread()) {
       a.loss[row] = weight * L;
       acc_t* st = a.stats + row * kNumStats;
