@@ -1086,31 +1086,39 @@ AMID_HD AbTerms<T> ab_terms_pow(const LossParams<T>& P, T v, T og, T xg, T xc_od
   return r;
 }
 
-// The same terms with one expm1 series where ab_terms_pow takes two (R2: amid_online.h, RowAcc::add, which needs all
+// The same terms with one expm1 series where ab_terms_pow takes two (R2: amid_online.h, RowAcc::add, which sums all
 // three). Of Hc = o^g expm1(c v) / c and Gd = x^c o^dd expm1(dd v) / dd it forms the one whose exponent e_s is the
-// smaller (Hc where c <= dd, else Gd) as ab_terms_pow does, Pcd from it by ab_terms_pow's forms (the big one divides
-// by the larger exponent, as there), and the other by Gd = Hc - g Pcd (exact: Pcd dd = Hc - Xg / g, so Hc - g Pcd =
-// (Xg - c Hc) / dd). That sum loses no more than the terms' own rounding: where |g v| < 1/2 the two addends are
-// O(v) and O(v^2); beyond, it carries ~eps max(o^g, x^g, x^c o^dd) / e_big absolutely, as Pcd's big form and the
-// larger of Hc, Gd do (where it is the smaller, e.g. Gd ~ x^c o^dd / dd << Hc ~ o^g / c for v -> -inf, it is
-// relatively worse, but the element's gradient and the row sums hold the larger one with that error anyway).
+// smaller (Hc where c <= dd, else Gd) as ab_terms_pow does: Ts, the series term, and Pcd from it by ab_terms_pow's
+// forms (the big one divides by the larger exponent, as there). The other term is To = Ts + ab_other_g Pcd (Gd = Hc -
+// g Pcd, exact: Pcd dd = Hc - Xg / g, so Hc - g Pcd = (Xg - c Hc) / dd), which the row sums take from the sums of Ts
+// and Pcd (RowAcc::finalize: linear in both, as are their w-weighted sums), so no element forms it or selects which
+// is which (a row constant; RowAcc::add says what that saved). That sum loses no more than
+// the terms' own rounding: where |g v| < 1/2 the two addends are O(v) and O(v^2); beyond, it carries ~eps max(o^g,
+// x^g, x^c o^dd) / e_big absolutely, as Pcd's big form and the larger of Hc, Gd do (where it is the smaller, e.g. Gd
+// ~ x^c o^dd / dd << Hc ~ o^g / c for v -> -inf, it is relatively worse, but the element's gradient and the row sums
+// hold the larger one with that error anyway).
 // Row constants: LossParams::ab_e_s, inv_e_s, ab_pcd_k, ab_other_g (which side is which: two selects per element).
+template <typename T>
+struct AbSeriesTerms {
+  T Pcd, Ts;  // Ts: Hc where ab_c <= ab_d, else Gd (ab_series_is_gd)
+};
+template <typename T>
+AMID_HD bool ab_series_is_gd(const LossParams<T>& P) {
+  return P.ab_c > P.ab_d;
+}
 template <class M, typename T>
-AMID_HD AbTerms<T> ab_terms_one_series(const LossParams<T>& P, T v, T og, T xg, T xc_od) {
-  const bool gd_series = P.ab_c > P.ab_d;  // (a row constant)
+AMID_HD AbSeriesTerms<T> ab_terms_one_series(const LossParams<T>& P, T v, T og, T xg, T xc_od) {
+  const bool gd_series = ab_series_is_gd(P);  // (a row constant)
   const T base = gd_series ? xc_od : og;   // the series term's factor: o^g for Hc, x^c o^dd for Gd
   const T top = gd_series ? xg : xc_od;    // its big form: (top - base) / e_s
   const T sv = P.ab_e_s * v, gv = P.ab_g * v;
   const bool small_s = std::fabs(sv) < T(0.5);  // false for NaN / inf v
   const bool small_g = std::fabs(gv) < T(0.5);
-  const T Ts = small_s ? base * v * M::expm1_div(sv) : (top - base) * P.inv_e_s;
+  AbSeriesTerms<T> r;
+  r.Ts = small_s ? base * v * M::expm1_div(sv) : (top - base) * P.inv_e_s;
   T Xg_g, p_series;
   ab_pcd_parts(P, v, og, xg, Xg_g, p_series);
-  AbTerms<T> r;
-  r.Pcd = small_g ? p_series : (Ts - Xg_g) * P.ab_pcd_k;
-  const T To = fma_t(P.ab_other_g, r.Pcd, Ts);
-  r.Hc = gd_series ? To : Ts;
-  r.Gd = gd_series ? Ts : To;
+  r.Pcd = small_g ? p_series : (r.Ts - Xg_g) * P.ab_pcd_k;
   return r;
 }
 

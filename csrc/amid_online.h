@@ -250,7 +250,7 @@ AMID_HD T cond_of(T bound_L, T L) {
 // amid_math.h: mixture, assistant_excess), U the unmasked elements.
 template <Divergence D, Order O, typename T>
 struct RowAcc {
-  static constexpr int kF = D == Divergence::kKL ? 9 : 12;
+  static constexpr int kF = D == Divergence::kKL ? 9 : 11;
   // kl pr / qr: the indices of sum_notU o (the reference side's masked mass) and sum_U o (its kept mass,
   // summed by itself only in the general policy; see kept_mass). rp / rq keep 1 - sum_notU o: one more
   // float in their R2 state would cost the resident kernel its third CTA per SM (shared memory).
@@ -280,9 +280,9 @@ struct RowAcc {
   //               f3 = sum rho^g, f4 = sum rho^g w (c = g)     (x = p or q, g = a + b)
   //   ab rp / rq: f0 = sum rho^a y^b, f1 = sum rho^a y^b w (c = a), f2 = sum y^g (c = 0),
   //               f3 = sum rho^g, f4 = sum rho^g w (c = g)     (y = p or q)
-  //   ab, relative to o (amid_math.h: ab_terms_pow, with v = d):  f5 = sum o^g w, f6 = sum Pcd,
-  //               f7 = sum Hc, f9 = sum Hc w, f11 = sum tau, and pr / qr: f8 = sum Gd, f10 = sum Gd w;
-  //               rp / rq: f8 = sum Pcd w (f10 unused)                                   c = 0
+  //   ab, relative to o (amid_math.h: ab_terms_one_series, with v = d):  f5 = sum o^g w, f6 = sum Pcd,
+  //               f7 = sum Ts, f8 = sum Pcd w, f9 = sum Ts w, f10 = sum tau               c = 0
+  //               (Ts: Hc or Gd, ab_series_is_gd; the other from these, in finalize)
   static AMID_HD T exponent(const LossParams<T>& P, int i) {
     if constexpr (D == Divergence::kKL) {
       return (O == Order::kRP || O == Order::kRQ) && i < 4 ? T(1) : T(0);
@@ -421,27 +421,21 @@ struct RowAcc {
       f[3] += rg;
       f[4] += rg * w;
       // W's element terms at v = d (lt - lo, before Z is known), divided by the small exponents (ab_terms_pow):
-      // from r~^g and x^c o^(g-c) (the assistant's powers). Gd = Hc - g Pcd, so of the sums of Gd and Hc
-      // one may come from the other: rp / rq take Gd's from Hc's, so that S_G and S_H (whose sum K keeps,
-      // Wbar being centred) share their rounding; pr / qr sum Gd itself, so that S_Gw and Wbar S_G (K's
-      // cancelling pair there) share theirs. Measured on the emulated gradient (tests/cpp, ordinary inputs,
-      // lam = 0.02): Gd summed in every order, ab/rq 1.7e-4; from Hc in every order, ab/qr 1.8e-4 and a tiny
-      // exponent (0.7, 1e-20, alpha 10) 1.2e-4; as here, both below 1.2e-4.
-      const AbTerms<T> at = ab_terms_one_series<M>(P, d, og, M::kFixedShift ? rg : rg * pm[2],
-                                                   M::kFixedShift ? xy : xy * pm[1]);
+      // from r~^g and x^c o^(g-c) (the assistant's powers). Of Hc and Gd the sums take the series term Ts (and Pcd),
+      // with w too, and finalize forms the other from them (Gd = Hc - g Pcd): formed per element, it cost an FMA and
+      // a select or two (bf16 sm_90a R2: ab/rq 105.0 -> 103.9 per element, ab/pr 108.25 -> 103.9). The emulated
+      // float errors stay within their budgets (tests/cpp; the worst gradient, ordinary bf16 inputs with a teacher
+      // offset of 300, 5.7e-5 -> 7.0e-5 of 1e-4).
+      const AbSeriesTerms<T> at = ab_terms_one_series<M>(P, d, og, M::kFixedShift ? rg : rg * pm[2],
+                                                          M::kFixedShift ? xy : xy * pm[1]);
       f[5] += og * w;
       f[6] += at.Pcd;
-      f[7] += at.Hc;
-      f[9] += at.Hc * w;
-      if constexpr (kCenterW) {
-        f[8] += at.Pcd * w;
-      } else {
-        f[8] += at.Gd;
-        f[10] += at.Gd * w;
-      }
+      f[7] += at.Ts;
+      f[8] += at.Pcd * w;
+      f[9] += at.Ts * w;
       // tau = r~ - o as for kl: the series for |d| < 1/2, else rho e^m - o.
       const T o = exp_corrected<M>(lo);
-      f[11] += std::fabs(d) < T(0.5) ? o * M::expm1_small(d) : (M::kFixedShift ? rho : rho * pm[0]) - o;
+      f[10] += std::fabs(d) < T(0.5) ? o * M::expm1_small(d) : (M::kFixedShift ? rho : rho * pm[0]) - o;
     }
   }
 
@@ -598,9 +592,9 @@ struct RowAcc {
         S_Gw = (f[3] * inv_S - Z * Rw) - (Wb - f[2]) * inv_S;
         S_H = O == Order::kRQ ? R_m : T(0);
       }
-    } else if (f[11] > T(-0.75) || P.ab_g * -Z < P.ab_shift_limit) {
-      // (f11 = sum tau = e^Z - 1 <= 1 for every alpha; below -3/4 the assistant's mass is mostly
-      // missing and log1p(f11) loses digits: then Z is the running LSE's, and the power sums relative to
+    } else if (f[10] > T(-0.75) || P.ab_g * -Z < P.ab_shift_limit) {
+      // (f10 = sum tau = e^Z - 1 <= 1 for every alpha; below -3/4 the assistant's mass is mostly
+      // missing and log1p(f10) loses digits: then Z is the running LSE's, and the power sums relative to
       // the running max, below, give the loss, unless a b is so small that their difference (divided by
       // a b) loses more than the shift below, whose terms grow as e^(g |Z|): ab_shift_limit. The
       // sums relative to o are the more accurate ones wherever both apply: measured in tests/cpp.)
@@ -614,15 +608,19 @@ struct RowAcc {
       //   sum Pcd(e) = O Phi_z + e^(-c Z) sum Pcd + mu sum Hg                    (O = sum o^g),
       //   sum Gd(e)  = e^(-g Z) sum Gd - mu (O + c sum Hc),   the same with w   (sum Gd = sum Hc - g sum Pcd),
       //   sum Hc(e)  = O m_c / c + e^(-c Z) sum Hc.
-      if (f[11] > T(-0.75)) Z = M::log1p(f[11]);  // as for kl: accurate near 0, and ab's sums depend on it at first order
+      if (f[10] > T(-0.75)) Z = M::log1p(f[10]);  // as for kl: accurate near 0, and ab's sums depend on it at first order
       const T c = P.ab_c, dd = P.ab_d, g = P.ab_g;
       const T ec = M::exp(-c * Z), eg = M::exp(-g * Z);
       // Phi_z, m_c / c and -mu are the element terms of o = 1, x = e^-Z (v = -Z): ab_terms_pow's forms, which
       // never divide a tiny product by a tiny exponent.
       const AbTerms<T> tz = ab_terms_pow<M>(P, -Z, T(1), eg, ec);
       const T phi_z = tz.Pcd, hc_z = tz.Hc, mu = -tz.Gd;
-      const T Om = f[2], Omw = f[5], Pcd = f[6], Hc = f[7], Hcw = f[9];
-      const T Gd = kCenterW ? Hc - g * Pcd : f[8], Gdw = kCenterW ? Hcw - g * f[8] : f[10];  // (see add)
+      const T Om = f[2], Omw = f[5], Pcd = f[6];
+      // Hc and Gd (with w) from the sums of the series term Ts and of Pcd (see add): the other term is Ts + ab_other_g Pcd
+      const bool gd_series = ab_series_is_gd(P);
+      const T To = f[7] + P.ab_other_g * Pcd, Tow = f[9] + P.ab_other_g * f[8];
+      const T Hc = gd_series ? To : f[7], Hcw = gd_series ? Tow : f[9];
+      const T Gd = gd_series ? f[7] : To, Gdw = gd_series ? f[9] : Tow;
       const T Hg = (c * Hc + dd * Gd) * P.inv_g;
       L = -(Om * phi_z + ec * Pcd + mu * Hg);
       bound_L = abs_nn(Om * phi_z) + abs_nn(ec * Pcd) + abs_nn(mu * Hg);
