@@ -267,8 +267,11 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
 
   // The row weight is read again where it is used (the loss and W's scale) rather than held from the row's start
   // across the passes, where ptxas spilled it: bf16 sm_90a, kl 2 spill instructions per row -> 0, ab resident 27-29
-  // -> 10. Not in the ab streaming kernels, whose spills went 30 -> 55 that way.
-  constexpr bool kReadWeightAgain = RESIDENT || D == Divergence::kKL;
+  // -> 9-10. Not in the bf16 ab streaming kernels (30 -> 55 that way), nor for the other dtypes, where it moved the
+  // spills both ways (sm_90a, kl/pr resident: fp16 2 -> 4, float32 0 -> 5; kl/rq resident: 2 -> 0, 7 -> 5). All of
+  // them per row; which is faster, if either, is for the GPU benchmark to say.
+  constexpr bool kReadWeightAgain =
+      std::is_same<scalar_t, c10::BFloat16>::value && (RESIDENT || D == Divergence::kKL);
   for (int64_t row = cluster_id; row < a.N; row += n_clusters) {
     const acc_t weight0 = a.row_weight ? a.row_weight[row] : acc_t(1);
     scalar_t* g = a.grad ? a.grad + row * a.V + v0 : nullptr;
