@@ -11,7 +11,8 @@ predict their speed without a GPU.
 Where the cubins come from (first that applies):
   --library PATH   a built amid library (amid/_C*.so, build/libamid.so) or a .cubin: the sm_90a
                    cubins embedded in it are extracted with `cuobjdump -xelf`;
-  --compile        nvcc compiles csrc/cuda/amid_loss_<dtype>.cu for sm_90a here (~40 s per dtype);
+  --compile        nvcc compiles csrc/cuda/amid_loss_<dtype>.cu for sm_90a here (~5 min per 16-bit or float32
+                   dtype on 2 cores, ~10 min for float64);
   (neither)        the installed amid library if it holds CUDA kernels, else --compile.
 Tools: cuobjdump and nvdisasm from $CUDA_HOME/bin, PATH, or the triton wheel beside torch.
 
