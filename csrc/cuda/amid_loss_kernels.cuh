@@ -266,10 +266,10 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
   auto merge_ex = [](Ex& x, const Ex& y) { x.merge(y); };
 
   // The row weight is read again where it is used (the loss and W's scale) rather than held from the row's start
-  // across the passes, where ptxas spilled it: bf16 sm_90a, kl 2 spill instructions per row -> 0, ab resident 27-29
-  // -> 9-10. Not in the bf16 ab streaming kernels (30 -> 55 that way), nor for the other dtypes, where it moved the
-  // spills both ways (sm_90a, kl/pr resident: fp16 2 -> 4, float32 0 -> 5; kl/rq resident: 2 -> 0, 7 -> 5). All of
-  // them per row; which is faster, if either, is for the GPU benchmark to say.
+  // across the passes, where ptxas spilled it: bf16 sm_90a, kl 2 spill instructions per row -> 0, ab pr / qr / rq
+  // resident 27-29 -> 9. Not in the bf16 ab streaming kernels (30-32 -> 53-59 that way), nor for the other dtypes,
+  // where it moved the spills both ways (sm_90a, kl/pr resident: fp16 2 -> 4, float32 0 -> 5; kl/rq resident: 2 -> 0,
+  // 7 -> 5). All of them per row; which is faster, if either, is for the GPU benchmark to say.
   constexpr bool kReadWeightAgain =
       std::is_same<scalar_t, c10::BFloat16>::value && (RESIDENT || D == Divergence::kKL);
   for (int64_t row = cluster_id; row < a.N; row += n_clusters) {
