@@ -11,8 +11,8 @@ predict their speed without a GPU.
 Where the cubins come from (first that applies):
   --library PATH   a built amid library (amid/_C*.so, build/libamid.so) or a .cubin: the sm_90a
                    cubins embedded in it are extracted with `cuobjdump -xelf`;
-  --compile        nvcc compiles csrc/cuda/amid_loss_<dtype>.cu for sm_90a here (~5 min per 16-bit or float32
-                   dtype on 2 cores, ~10 min for float64);
+  --compile        nvcc compiles csrc/cuda/amid_loss_<dtype>_{kl,ab}.cu for sm_90a here, the two side by side
+                   (on 2 cores: bf16 ~2.5 min to compile, float64 ~4 min; reading float64's SASS adds minutes);
   (neither)        the installed amid library if it holds CUDA kernels, else --compile.
 Tools: cuobjdump and nvdisasm from $CUDA_HOME/bin, PATH, or the triton wheel beside torch.
 
@@ -221,8 +221,9 @@ def nvcc_include_flags() -> List[str]:
     return [f"-I{os.path.abspath(d)}" for d in inc]
 
 
-def compile_cubin(dtype: str, workdir: str, arch: str = ARCH) -> str:
-    """nvcc -cubin of csrc/cuda/amid_loss_<dtype>.cu with setup.py's flags (and torch's defines).
+def compile_cubins(dtype: str, workdir: str, arch: str = ARCH) -> List[str]:
+    """nvcc -cubin of csrc/cuda/amid_loss_<dtype>_<divergence>.cu (kl, ab) with setup.py's flags (and torch's
+    defines), the two units side by side.
 
     Compiled from a snapshot of csrc/ taken now, in a new folder under `workdir`, so the line info (and the
     pass tags read back from it) match the code compiled even when csrc/ is edited meanwhile, and a workdir
@@ -230,13 +231,19 @@ def compile_cubin(dtype: str, workdir: str, arch: str = ARCH) -> str:
     nvcc = find_tool("nvcc")
     snap = os.path.join(tempfile.mkdtemp(prefix="snapshot-", dir=workdir), "csrc")
     shutil.copytree(os.path.join(ROOT, "csrc"), snap)
-    tu = os.path.join(snap, "cuda", f"amid_loss_{DTYPES[dtype][2]}.cu")
-    out = os.path.join(workdir, f"amid_loss_{dtype}.{arch}.cubin")
-    cmd = [nvcc, "-cubin", f"-arch={arch}", "-O3", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++20",
-           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-           "-D__CUDA_NO_HALF2_OPERATORS__", "-DAMID_WITH_CUDA", *nvcc_include_flags(), "-o", out, tu]
-    run(cmd)
-    return out
+    jobs = []
+    for div in DIVERGENCES.values():
+        tu = os.path.join(snap, "cuda", f"amid_loss_{DTYPES[dtype][2]}_{div}.cu")
+        out = os.path.join(workdir, f"amid_loss_{dtype}_{div}.{arch}.cubin")
+        cmd = [nvcc, "-cubin", f"-arch={arch}", "-O3", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++20",
+               "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+               "-D__CUDA_NO_HALF2_OPERATORS__", "-DAMID_WITH_CUDA", *nvcc_include_flags(), "-o", out, tu]
+        jobs.append((cmd, out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+    for cmd, _, proc in jobs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"sass_gauge: `{' '.join(cmd)}` failed ({proc.returncode}):\n{err[-3000:]}")
+    return [out for _, out, _ in jobs]
 
 
 def installed_library() -> Optional[str]:
@@ -914,7 +921,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       "(build with TORCH_CUDA_ARCH_LIST containing 9.0a)", file=sys.stderr)
                 return 2
         else:
-            cubins, source = [compile_cubin(d, tmp) for d in dtypes], "nvcc -cubin"
+            cubins, source = [c for d in dtypes for c in compile_cubins(d, tmp)], "nvcc -cubin"
         rows = []
         for c in cubins:
             rows += gauge_cubin(c, dtypes, warnings)

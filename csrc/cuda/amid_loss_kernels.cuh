@@ -745,13 +745,12 @@ void launch_bwd(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a, const Los
 }
 
 
-// Explicit instantiation of both launchers for one dtype and the ten (divergence, order) pairs.
-#define AMID_INSTANTIATE_LAUNCHERS(T)                                                        \
-  AMID_INSTANTIATE_ONE(T, kKL, kPR) AMID_INSTANTIATE_ONE(T, kKL, kQR)                         \
-  AMID_INSTANTIATE_ONE(T, kKL, kRP) AMID_INSTANTIATE_ONE(T, kKL, kRQ)                         \
-  AMID_INSTANTIATE_ONE(T, kAB, kPR) AMID_INSTANTIATE_ONE(T, kAB, kQR)                         \
-  AMID_INSTANTIATE_ONE(T, kAB, kRP) AMID_INSTANTIATE_ONE(T, kAB, kRQ)                         \
-  AMID_INSTANTIATE_ONE(T, kKL, kJSD) AMID_INSTANTIATE_ONE(T, kAB, kJSD)
+// Explicit instantiation of both launchers for one dtype, one divergence and its five orders: one translation unit
+// each (csrc/cuda/amid_loss_<dtype>_<divergence>.cu), so a build on many cores compiles them side by side. nvcc
+// compiles a unit's kernels one after another: with a unit per dtype, float64's was the build's critical path.
+#define AMID_INSTANTIATE_LAUNCHERS(T, D)                                                     \
+  AMID_INSTANTIATE_ONE(T, D, kPR) AMID_INSTANTIATE_ONE(T, D, kQR) AMID_INSTANTIATE_ONE(T, D, kRP) \
+  AMID_INSTANTIATE_ONE(T, D, kRQ) AMID_INSTANTIATE_ONE(T, D, kJSD)
 #define AMID_LAUNCHERS_ONE(PREFIX, T, D, O)                                                    \
   PREFIX template void launch_fwd<T, Divergence::D, Order::O>(                                 \
       const RowArgs<T, at::opmath_type<T>>&, const LossParams<at::opmath_type<T>>&, cudaStream_t); \

@@ -1,0 +1,9 @@
+// amid_loss_bf16_ab.cu -- the AMiD kernels of the alpha-beta losses instantiated for c10::BFloat16 inputs (one file per dtype
+// and divergence so that the CUDA build compiles them in parallel: amid_loss_kernels.cuh).
+#include "amid_loss_kernels.cuh"
+
+namespace amid {
+namespace cuda_impl {
+AMID_INSTANTIATE_LAUNCHERS(c10::BFloat16, kAB)
+}  // namespace cuda_impl
+}  // namespace amid

@@ -1,9 +1,0 @@
-// amid_loss_f32.cu -- the AMiD kernels instantiated for float inputs (one file per dtype so the
-// CUDA build compiles in parallel).
-#include "amid_loss_kernels.cuh"
-
-namespace amid {
-namespace cuda_impl {
-AMID_INSTANTIATE_LAUNCHERS(float)
-}  // namespace cuda_impl
-}  // namespace amid
