@@ -114,6 +114,8 @@ struct RowArgs {
   int cluster;        // CTAs per cluster of the launch (1: none); the forward kernel traps on a mismatch
   bool stash;         // resident power-mean kernels: R2 keeps each element's term for W (d or c: power_kept; kStash)
   bool bounded_ok;    // forward: rows that R1 finds bounded take the BoundedRow policy (AMID_CUDA_BOUNDED=0: none)
+
+  __device__ __forceinline__ loss_t weight(int64_t row) const { return row_weight ? row_weight[row] : loss_t(1); }
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -273,7 +275,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
   constexpr bool kReadWeightAgain =
       std::is_same<scalar_t, c10::BFloat16>::value && (RESIDENT || D == Divergence::kKL);
   for (int64_t row = cluster_id; row < a.N; row += n_clusters) {
-    const acc_t weight0 = a.row_weight ? a.row_weight[row] : acc_t(1);
+    const acc_t weight0 = a.weight(row);
     scalar_t* g = a.grad ? a.grad + row * a.V + v0 : nullptr;
     if (weight0 == acc_t(0)) {  // ignored row: not read
       fill_row(a, row, g, len, cluster_lead_thread(), acc_t(0));
@@ -463,7 +465,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
       ex = cluster_reduce<acc_t, kWarps>(ex, ex_scratch, ex_slot, round++, merge_ex);
       ex.finalize(P, Wbar, L, S_G, K);
     }
-    const acc_t weight = !kReadWeightAgain ? weight0 : a.row_weight ? a.row_weight[row] : acc_t(1);
+    const acc_t weight = kReadWeightAgain ? a.weight(row) : weight0;
     if (cluster_lead_thread()) {
       a.loss[row] = weight * L;
       acc_t* st = a.stats + row * kNumStats;
@@ -529,7 +531,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
                                                             const LossParams<at::opmath_type<scalar_t>> P) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
-    const acc_t weight = a.row_weight ? a.row_weight[row] : acc_t(1);
+    const acc_t weight = a.weight(row);
     scalar_t* g = a.grad + row * a.V;
     if (weight == acc_t(0)) {
       fill_vec(g, a.V, scalar_t(0));
