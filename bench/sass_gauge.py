@@ -34,7 +34,9 @@ Method (what is counted, and how)
    every chunk reads one 16-byte vector of the teacher row and one of the student row, so a loop
    that the compiler unrolled u times holds 2u such loads. Logit loads are those whose inline chain
    holds visit_row's load line (cuda/utils.cuh); the 128-bit loads of the kept terms
-   (W from R2's terms) are not, wherever the compiler attributes them.
+   (W from R2's terms) are not, wherever the compiler attributes them. A loop with fewer than two such
+   loads (a W whose logit vectors hold kept values, and whose loads the line table gives to the lines
+   that use them) counts its 16-byte gradient stores instead, one per chunk.
 4. **Cold regions** are excluded: (a) blocks outside the loop's address range (out-of-line slow
    paths the compiler moved away); (b) blocks that CALL a subroutine (the slow paths of IEEE
    division, sqrt and friends); (c) blocks whose instructions come mostly from source regions that
@@ -132,7 +134,11 @@ EXACT = "R3"
 NARROW = ("R2n", "Wn")
 # "R2f", "Wsf": the bounded rows' R2 and W (from the kept terms) where a logit gap may be far (method, step 9).
 FAR = ("R2f", "Wsf")
-TAGS = PASSES + ("Ws",) + GENERAL + ("Wsm", EXACT) + NARROW + FAR
+# "Ws3": the W of the 16-bit alpha-beta qr / rq resident kernels from the three values their R2 keeps (RowArgs::stash
+# 2: d and q^g beside the slice, q in place of the logits; amid_math.h: ab_grad_from_kept3), reported as W where the
+# launcher keeps them at V_GAUGE.
+KEPT3 = ("Ws3",)
+TAGS = PASSES + ("Ws",) + GENERAL + ("Wsm", EXACT) + NARROW + FAR + KEPT3
 
 # Targets of issue 9 (bf16, sm_90a): (instructions, MUFU) per element over R1 + R2 + W.
 TARGETS = {"kl": (130, 11), "ab": (170, 14)}
@@ -530,7 +536,12 @@ def hot_loops(fn: Function, elem_bytes: int, cold: Dict[str, List[Tuple[int, int
     for h, l in innermost:
         nvec = _logit_loads(ins[h:l + 1])
         if nvec < 2:
-            continue
+            # A W loop whose logit loads the line table gives to the lines that use them (seen where W reads its
+            # kept values from the logits' slots, write_grad_row_kept3): its 16-byte gradient stores, one per chunk.
+            nst = sum(1 for x in ins[h:l + 1] if x.base == "STG" and ".128" in x.op)
+            if nst == 0:
+                continue
+            nvec = 2 * nst
         outer = Counter(ins[i].frames[-1] for i in range(h, l + 1) if ins[i].frames)
         tags = Counter()
         for (f, ln), c in outer.items():
@@ -631,22 +642,29 @@ def source_constants() -> Dict[str, int]:
 
 
 def resident_smem(V: int, elem_bytes: int, static_smem: int, consts: Dict[str, int],
-                  stash_bytes: int = 0) -> Tuple[int, int, bool]:
-    """(cluster size, dynamic bytes, stash) the launcher picks for a resident row of V elements on sm_90
-    (amid_loss_kernels.cuh: launch_fwd_mode, resident_bytes): with stash_bytes > 0 (the kept logarithm
-    terms, bytes per element) first the smallest cluster whose slice and terms fit, then without them."""
+                  stash_bytes: int = 0, kept3: bool = False) -> Tuple[int, int, int]:
+    """(cluster size, dynamic bytes, stash level) the launcher picks for a resident row of V elements on sm_90
+    (amid_loss_kernels.cuh: launch_fwd_mode, resident_bytes, RowArgs::stash): with kept3 (the 16-bit alpha-beta qr / rq
+    kernels) first the smallest cluster whose slice and two kept values per element fit the shared memory of two CTAs
+    per SM (level 2); with stash_bytes > 0 (the kept logarithm term, bytes per element) the smallest cluster whose
+    slice and term fit the budget (level 1); then without them (level 0)."""
     kw = 16 // elem_bytes
     optin = SM90["smem_per_sm"] - SM90["smem_reserved"]  # 227 KiB per CTA
     budget = min(consts["budget"], optin - static_smem)
-    for with_stash in ([True] if stash_bytes else []) + [False]:
+    two_per_sm = min(optin - static_smem,
+                     SM90["smem_per_sm"] // 2 // SM90["smem_granule"] * SM90["smem_granule"] - SM90["smem_reserved"]
+                     - static_smem)
+    levels = ([2] if kept3 and stash_bytes else []) + ([1] if stash_bytes else []) + [0]
+    for level in levels:
+        lim = two_per_sm if level == 2 else budget
         c = 1
         while c <= consts["max_cluster"]:
             cap = ((V + c - 1) // c + kw - 1) // kw * kw + kw
-            b = (2 * cap * elem_bytes + 31) // 32 * 32 + (cap * stash_bytes if with_stash else 0)
-            if b <= budget:
-                return c, b, with_stash
+            b = (2 * cap * elem_bytes + 31) // 32 * 32 + cap * stash_bytes * level
+            if b <= lim:
+                return c, b, level
             c *= 2
-    return 0, 0, False
+    return 0, 0, 0
 
 
 def ctas_per_sm(regs: int, static_smem: int, dyn_smem: int, threads: int) -> Tuple[int, str]:
@@ -708,11 +726,15 @@ def gauge_cubin(cubin: str, dtypes: Sequence[str], warnings: List[str]) -> List[
         regs, static = r.get("REG", 0), max(0, r.get("SHARED", 0) - SM90["smem_reserved"])
         spills = sum(1 for x in fn.ins if x.base in ("STL", "LDL"))
         stash_bytes = (8 if dtype == "f64" else 4) if (mixture == "power" and order != "jsd") else 0
-        cluster, dyn, stash = (resident_smem(V_GAUGE, eb, static, consts, stash_bytes) if path == "resident"
-                               else (1, 0, False))
+        kept3 = eb == 2 and div == "ab" and order in ("qr", "rq")  # (amid_loss_kernels.cuh: kept3_kernel)
+        cluster, dyn, stash = (resident_smem(V_GAUGE, eb, static, consts, stash_bytes, kept3) if path == "resident"
+                               else (1, 0, 0))
         ctas, limiter = ctas_per_sm(regs, static, dyn, consts["threads"])
         loops = hot_loops(fn, eb, cold, warnings)
         ws, wsm, wsf = loops.pop("Ws", None), loops.pop("Wsm", None), loops.pop("Wsf", None)  # the W at V_GAUGE
+        ws3 = loops.pop("Ws3", None)
+        if stash == 2 and ws3:
+            ws = wsf = ws3  # (every bounded row, near or far: one W)
         if stash and ws:
             loops["W"] = ws
             loops.pop("Wn", None)  # (W from the kept terms has no log, so one form)
@@ -726,7 +748,7 @@ def gauge_cubin(cubin: str, dtypes: Sequence[str], warnings: List[str]) -> List[
         row: Dict[str, object] = dict(kernel=kind, dtype=dtype, loss=f"{div}/{order}", path=path, mixture=mixture,
                                       registers=regs,
                                       spill_instructions=spills, local_bytes=r.get("LOCAL", 0),
-                                      static_smem=static, dyn_smem=dyn, cluster=cluster, stash=int(stash),
+                                      static_smem=static, dyn_smem=dyn, cluster=cluster, stash=stash,
                                       ctas_per_sm=ctas,
                                       cta_limit=limiter)
         tot_i = tot_m = 0.0
@@ -865,7 +887,7 @@ def readme_table(csv_path: str) -> str:
         def total(r, name: str) -> str:
             i = r.get(f"{name}_instr_per_elem", "")
             return "–" if i == "" else f"{float(i):.0f} / {float(r[f'{name}_mufu_per_elem']):.1f}"
-        kept = " + terms" if r.get("stash") == "1" else ""
+        kept = {"1": " + terms", "2": " + 3 terms"}.get(str(r.get("stash")), "")
         smem = (f"{r['static_smem']} + {r['dyn_smem']} ({r['cluster']}{kept})" if r["path"] == "resident"
                 else r["static_smem"])
         lines.append(f"| {r['kernel']} | {r['loss']} | {r['path']} | {r['registers']} | {r['spill_instructions']} | "

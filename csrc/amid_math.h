@@ -1355,6 +1355,52 @@ AMID_HD T grad_from_logits_c(const LossParams<T>& P, T tf, T sf, T kept, RowLse<
   return grad_from_mixture<D, O, M>(P, lp, lq, lt, w, d, Z, S_G, K);
 }
 
+// W of the alpha-beta orders whose reference is q (qr, rq) from three kept values: d = lt - lq, q and q^g, as a
+// bounded R2 formed them (amid_online.h: add_from_logits_c3; the 16-bit resident kernels keep q where the row's logits
+// were, and q^g beside d). Recomputed, W takes six exponentials per element (q, r, w, q^g, r^g, r^c q^dd); from these,
+// four. With v = d - Z = lr - lq, every alpha-beta term is q^g times a function of v, and r = q e^v:
+//   r^g = q^g e^gv,  r^c q^dd = q^g e^cv,
+// so ab_terms_pow of (1, e^gv, e^cv) gives Gd / q^g and Hc / q^g, and w = (1 - lam) e^-kd (w's own form from d):
+//   grad = q^g (w Gd' - Hc') - q (w e^v S_G + K)   (detached: w = 0).
+// q itself is R2's (exp_corrected of lq): the gradient's q K, which cancels against the other terms where the student is
+// peaked (q ~ 1, K ~ 4 beside a gradient of 4e-3 in tests/cpp), keeps W's accuracy; a q formed as r~ e^-d (kept r~)
+// carried |d| 2^-24 more and was off by 7e-4 there. Products of powers, so each factor must stay finite and normal where
+// the product matters: e^v <= e^(d_max - Z), d <= max(0, lp - lq) (r~ is a mean of p and q), Z >= -14 while R2's fixed
+// shift holds (S >= 2^-20; after a rerun of R2 the kernel's W takes d alone), and q, q^g normal: a row takes these values
+// where max(1, g) (max(0, max(lp - lq)) + 14) <= 80 and max(1, g) (-min lq) <= 80 (ab_kept3_row_ok, from R1's extremes
+// as near_gaps; ordinary rows). w from d alone: its error is ~2^-21 absolute, not relative to 1 - w (W-from-d's form
+// takes lp - lq for that); the C++ tests measure the gradient against double (test_kept3_w, test_online_float).
+constexpr double kKept3MaxExp = 80.0;
+constexpr double kKept3MinZ = -14.0;  // (fixed shift: S >= 2^-20, Z >= -13.87)
+template <typename T>
+AMID_HD bool ab_kept3_row_ok(const LossParams<T>& P, T t_max, T s_min, RowLse<T> B, T dAB) {
+  const double e = P.ab_g > T(1) ? double(P.ab_g) : 1.0;
+  const double dpq_max = (double(t_max) - double(s_min)) - double(dAB);
+  const double lq_min = double(s_min) - (double(B.m) + double(B.l));
+  return e * ((dpq_max > 0 ? dpq_max : 0.0) - kKept3MinZ) <= kKept3MaxExp && e * -lq_min <= kKept3MaxExp;
+}
+// The row constants of ab_grad_from_kept3. log2_w: log2(1 - lam), or -inf when the gradient is detached (P.detach:
+// w = 0 drops the terms through the mixture, exactly as element_grad's detached form, without a branch per element).
+template <typename T>
+struct Kept3Row {
+  T Z, nzl2, S_G, K, log2_w;  // Z, -Z log2(e), S_G, K, log2(1 - lam) or -inf
+};
+template <typename T>
+AMID_HD Kept3Row<T> kept3_row(const LossParams<T>& P, T Z, T S_G, T K) {
+  return {Z, -Z * T(kLog2e), S_G, K, P.detach ? neg_inf<T>() : P.log2_1m_lam};
+}
+template <Order O, class M, typename T>
+AMID_HD T ab_grad_from_kept3(const LossParams<T>& P, T d, T q, T qg, const Kept3Row<T>& R) {
+  static_assert(O == Order::kQR || O == Order::kRQ, "ab_grad_from_kept3: the orders whose reference is q");
+  const T v = d - R.Z;
+  const T ev = M::exp2_approx(fma_t(d, T(kLog2e), R.nzl2));   // r / q
+  const T xg = M::exp2_approx(P.ab_g_log2e * v);              // r^g / q^g
+  const T xc_od = M::exp2_approx(P.ab_c_log2e * v);           // r^c q^dd / q^g
+  const AbTerms<T> t = ab_terms_pow<M>(P, v, T(1), xg, xc_od);  // (Pcd unused: the loss is R2's)
+  const T w = M::exp2_approx(R.log2_w - P.k_log2e * d);        // (0 when detached)
+  return qg * (w * t.Gd - t.Hc) - q * (w * ev * R.S_G + R.K);
+}
+
 // The kl row loss: the sum of the second-order terms Terms::l or of the first-order ones l1, whichever
 // carries the smaller rounding error. Both are exact in exact arithmetic; sum l is exact to the last
 // bit for a tiny divergence (every term >= 0, O(e^2)), but with -inf masks its masked corrections

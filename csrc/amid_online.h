@@ -248,6 +248,12 @@ AMID_HD T cond_of(T bound_L, T L) {
 // five loss-specific sums f[i] with exponents c_i (c = 0: plain sums, independent of Z). o is the
 // loss's reference side (p for pr / rp, q for qr / rq), d = lt - l_ref, tau = r~ - o (see
 // amid_math.h: mixture, assistant_excess), U the unmasked elements.
+// An element's reference-side probability o (q in qr / rq) and o^g, as RowAcc::add formed them (ab; kl: 0).
+template <typename T>
+struct RefPowers {
+  T o, og;
+};
+
 template <Divergence D, Order O, typename T>
 struct RowAcc {
   static constexpr int kF = D == Divergence::kKL ? 9 : 11;
@@ -343,8 +349,10 @@ struct RowAcc {
   // normwise (tests/cpp, ordinary inputs), now by 4.0e-5 and 7.4e-5. Not in pr / qr: there the
   // uncentred S_Gw carries w0 S_G, whose error cancels S_G's own in the gradient (ab/qr at alpha 0.5,
   // lam 0.02: 1.2e-4 uncentred, 6.0e-4 centred); kl's pr / qr S_G is the masked mass (no error to cancel).
+  // Returns (ab) the element's o and o^g, which the 16-bit resident alpha-beta kernels of the orders whose reference is q
+  // keep for W (add_from_logits_c3, amid_math.h: ab_grad_from_kept3); other callers drop them.
   template <class M>
-  AMID_HD void add(const LossParams<T>& P, T lp, T lq, T lt, T w_elem, T d) {
+  AMID_HD RefPowers<T> add(const LossParams<T>& P, T lp, T lq, T lt, T w_elem, T d) {
     const T w = kCenterW ? w_elem - P.one_minus_lam : w_elem;
     const bool finite_lt = M::kBounded || lt != neg_inf<T>();  // (lt is finite in a bounded row)
     const T rel = finite_lt ? lt - m : neg_inf<T>();  // log rho
@@ -381,7 +389,7 @@ struct RowAcc {
         } else {
           f[8] += o;
         }
-        return;
+        return {T(0), T(0)};
       }
       // sum_U o directly: 1 - sum_notU o loses its digits when most of o is masked (a top-k teacher's
       // tail under alpha >= 1), and finalize multiplies it by up to e^-Z. A bounded row has no masked
@@ -403,6 +411,7 @@ struct RowAcc {
         f[5] += small ? o * d2 * (T(1) + (d - T(1)) * p1) : d * (o + tau) - tau;
       }
       f[7] += o * abs_nn(d);  // the error bound of the first-order form (d finite here: kept element)
+      return {T(0), T(0)};
     } else {
       const T lo = (O == Order::kPR || O == Order::kRP) ? lp : lq;  // the non-assistant side
       // x^a rho^b (pr/qr) or rho^a y^b (rp/rq), all in log space: -inf gives 0.
@@ -436,6 +445,7 @@ struct RowAcc {
       // tau = r~ - o as for kl: the series for |d| < 1/2, else rho e^m - o.
       const T o = exp_corrected<M>(lo);
       f[10] += std::fabs(d) < T(0.5) ? o * M::expm1_small(d) : (M::kFixedShift ? rho : rho * pm[0]) - o;
+      return {o, og};
     }
   }
 
@@ -841,6 +851,22 @@ AMID_HD T add_from_logits_c(Acc& acc, const LossParams<T>& P, T tf, T sf, RowLse
   acc.template rebase<M>(P, lt);
   acc.template add<M>(P, lp, lq, lt, w, d);
   return power_kept<M>(lp, lq, c, d);
+}
+
+// The same for the 16-bit resident alpha-beta kernels of the orders whose reference is q (qr, rq) in a bounded row:
+// besides d (BoundedRow's power_kept), the element's q and q^g, from which W forms its powers with two exponentials
+// fewer (amid_math.h: ab_grad_from_kept3).
+template <Order O, class M, typename T, typename Acc, typename G>
+AMID_HD T add_from_logits_c3(Acc& acc, const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, G dAB,
+                             RefPowers<T>& kept) {
+  static_assert((O == Order::kQR || O == Order::kRQ) && M::kBounded,
+                "add_from_logits_c3: alpha-beta qr / rq, bounded rows");
+  const T lp = log_prob<M>(tf, A), lq = log_prob<M>(sf, B);
+  T lt, w, d, c;
+  mixture<MixMode::kPower, ref_is_p<O>(), M>(P, lp, lq, logit_gap<M>(tf, sf, lp, lq, dAB), lt, w, d, c);
+  acc.template rebase<M>(P, lt);
+  kept = acc.template add<M>(P, lp, lq, lt, w, d);
+  return d;
 }
 
 // The R2 state of loss (D, O).

@@ -600,6 +600,60 @@ def test_kept_log_terms_match_recompute(monkeypatch, v, dtype, div, order):
     assert torch.isfinite(out["1"][1]).all() and (out["1"][1][3] == 0).all()
 
 
+def _kept3_rows(v=151936, dtype=torch.bfloat16):
+    """Rows of every kind the kept3 kernels tell apart, as 16-bit values: ordinary (scale 3), a student within 1% of
+    its teacher, independent logits of scale 12 (the exact pass), far apart (G = 50, 90: R2 again under the running
+    maximum), a masked teacher (-inf), an ignored row (weight 0), a teacher offset by 300."""
+    g = torch.Generator().manual_seed(37)
+    t = torch.randn(8, v, generator=g, dtype=torch.float64) * 3
+    s = torch.randn(8, v, generator=g, dtype=torch.float64) * 3
+    s[1] = t[1] + 0.01 * torch.randn(v, generator=g, dtype=torch.float64)
+    t[2], s[2] = t[2] * 4, s[2] * 4
+    for r, gap in ((3, 50.0), (4, 90.0)):
+        t[r] = torch.randn(v, generator=g, dtype=torch.float64) - gap
+        s[r] = torch.randn(v, generator=g, dtype=torch.float64) - gap
+        t[r, 0], s[r, 1] = 0.0, 0.0
+    t[5, :100] = float("-inf")
+    t[7] += 300.0
+    w = torch.ones(8, dtype=torch.float32)
+    w[6] = 0
+    return s.to(dtype), t.to(dtype), w
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("order", ["qr", "rq"])
+@pytest.mark.parametrize("alpha,lam", [(0.5, 0.5), (0.5, 0.1), (-3.0, 0.9), (0.9, 0.98)])
+def test_three_kept_values(monkeypatch, dtype, order, alpha, lam):
+    """The 16-bit alpha-beta qr / rq resident kernels keep three values per element for W (amid_loss_kernels.cuh:
+    kKept3; d and q^g beside the row slice, q in place of its logits: V = 151936 then takes a cluster of 16 with
+    114048 bytes of shared memory per CTA), from which W takes four exponentials per element instead of six (amid_math.h:
+    ab_grad_from_kept3). On rows of every kind (_kept3_rows: the exact pass and R2's rerun then read the row from global
+    memory), against the CPU op in float64 on the same 16-bit values (loss 1e-5 relative to max(|loss|, 1e-7); the
+    gradient is stored in 16 bits, 4e-3 of max(a row's largest element, 1)), and against AMID_CUDA_STASH=1 (d alone)
+    and 0 (W recomputes the mixture). The row 90 apart is outside amid_math.h's ab_kept3_row_ok (it keeps d alone);
+    alpha -3 and 0.9 put k on both sides of 1 / 2, lam 0.98 the mixture near p."""
+    s, t, w = _kept3_rows(dtype=dtype)
+    opts = op_opts(alpha, lam, "ab", order)
+    ref_rows, _st, ref_grad = amid.ops.amid_loss_fwd(s.double(), t.double(), w.double(), compute_grad=True, **opts)
+    monkeypatch.delenv("AMID_CUDA_PATH", raising=False)
+    out = {}
+    for kept in ("", "1", "0"):
+        if kept:
+            monkeypatch.setenv("AMID_CUDA_STASH", kept)
+        else:
+            monkeypatch.delenv("AMID_CUDA_STASH", raising=False)
+        rows, _st, grad = amid.ops.amid_loss_fwd(s.cuda(), t.cuda(), w.cuda(), compute_grad=True, **opts)
+        out[kept] = (rows.double().cpu(), grad.double().cpu())
+        assert torch.isfinite(out[kept][0]).all() and torch.isfinite(out[kept][1]).all(), (kept, opts)
+        assert (out[kept][1][6] == 0).all() and out[kept][0][6] == 0
+        rel = ((out[kept][0] - ref_rows).abs() / ref_rows.abs().clamp_min(1e-7)).max().item()
+        assert rel <= 1e-5, (kept, opts, rel)
+        assert rowwise_err(out[kept][1], ref_grad, 1.0) <= 4e-3, (kept, opts)
+    for kept in ("1", "0"):
+        torch.testing.assert_close(out[""][0], out[kept][0], atol=1e-7, rtol=1e-5)
+        assert rowwise_err(out[""][1], out[kept][1], 1.0) <= 8e-3, (kept, opts)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("div,order,alpha,lam", [("kl", "pr", 0.5, 0.3), ("kl", "rq", -1.0, 0.1), ("ab", "qr", 0.5, 0.1),
                                                  ("kl", "jsd", 1.0, 0.5), ("ab", "rp", 3.0, 0.9)])

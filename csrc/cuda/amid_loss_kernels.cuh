@@ -112,7 +112,10 @@ struct RowArgs {
   loss_t* stats;      // [N, kNumStats]
   int64_t N, V, ldt, lds;
   int cluster;        // CTAs per cluster of the launch (1: none); the forward kernel traps on a mismatch
-  bool stash;         // resident power-mean kernels: R2 keeps each element's term for W (d or c: power_kept; kStash)
+  // resident power-mean kernels: what R2 keeps per element for W (kStash): 0 nothing (W recomputes the mixture), 1 its
+  // term d or c (power_kept), 2 also q^g beside it and q where the row's logits were (kKept3)
+  int stash;
+  int kept_stride;    // stash 2: the elements between the two kept arrays (the slice's capacity, resident_slice_cap)
   bool bounded_ok;    // forward: rows that R1 finds bounded take the BoundedRow policy (AMID_CUDA_BOUNDED=0: none)
 
   __device__ __forceinline__ loss_t weight(int64_t row) const { return row_weight ? row_weight[row] : loss_t(1); }
@@ -173,9 +176,69 @@ __device__ __forceinline__ void write_grad_row_c(const LossParams<acc_t>& P, con
   });
 }
 
+// A float per element kept in the row slice's two 16-bit arrays once R2 no longer needs the logits (kKept3): a vector
+// chunk's 8 floats fill its teacher and student vectors (the first 4, the last 4), a single element's float is split
+// (its high half where its teacher logit was, its low half where its student logit was). W reads them back with the
+// same chunking (visit_row on the same slice).
+template <int n, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_kept_in_logits(scalar_t* st, scalar_t* ss, int64_t i, const acc_t* x) {
+  static_assert(sizeof(scalar_t) == 2 && sizeof(acc_t) == 4, "store_kept_in_logits: 16-bit logits, float values");
+  if constexpr (n == VecWidth<scalar_t>::value) {
+    static_assert(n * sizeof(scalar_t) == 4 * sizeof(acc_t), "a chunk's vector holds 4 floats");
+    alignas(16) scalar_t lo[n], hi[n];
+    memcpy(lo, x, sizeof(lo));
+    memcpy(hi, x + 4, sizeof(hi));
+    store_chunk<n>(st, i, lo);
+    store_chunk<n>(ss, i, hi);
+  } else {
+#pragma unroll
+    for (int j = 0; j < n; ++j) {
+      const uint32_t a = __float_as_uint(x[j]);
+      reinterpret_cast<uint16_t*>(st)[i + j] = uint16_t(a >> 16);
+      reinterpret_cast<uint16_t*>(ss)[i + j] = uint16_t(a & 0xffffu);
+    }
+  }
+}
+template <int n, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_kept_from_logits(const scalar_t* tv, const scalar_t* sv, acc_t* x) {
+  if constexpr (n == VecWidth<scalar_t>::value) {
+    memcpy(x, tv, 4 * sizeof(acc_t));
+    memcpy(x + 4, sv, 4 * sizeof(acc_t));
+  } else {
+#pragma unroll
+    for (int j = 0; j < n; ++j) {
+      uint16_t h, l;
+      memcpy(&h, tv + j, 2);
+      memcpy(&l, sv + j, 2);
+      x[j] = __uint_as_float((uint32_t(h) << 16) | l);
+    }
+  }
+}
+
+// W from the three values R2 kept (kKept3: d and q^g in cst, cst2; q in the logits' arrays st, ss):
+// amid_math.h, ab_grad_from_kept3 (four exponentials per element where write_grad_row_c takes six).
+template <Order O, class MM, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void write_grad_row_kept3(const LossParams<acc_t>& P, const scalar_t* st, const scalar_t* ss,
+                                                     const acc_t* cst, const acc_t* cst2, scalar_t* g, int64_t len,
+                                                     bool vec_ok, acc_t Z, acc_t S_G, acc_t K, acc_t scale) {
+  constexpr int kW = VecWidth<scalar_t>::value;
+  const Kept3Row<acc_t> R = kept3_row(P, Z, S_G, K);
+  visit_row(st, ss, len, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
+    constexpr int n = decltype(nc)::value;
+    alignas(16) acc_t dv[n], gv[n], qv[n];
+    load_vals<n>(cst, i, dv);   // gauge:stash
+    load_vals<n>(cst2, i, gv);  // gauge:stash
+    load_kept_from_logits<n>(tv, sv, qv);
+    alignas(16) scalar_t out[kW];
+#pragma unroll
+    for (int j = 0; j < n; ++j) out[j] = scalar_t(scale * ab_grad_from_kept3<O, MM>(P, dv[j], qv[j], gv[j], R));
+    store_chunk_global<n>(g, i, out);
+  });
+}
+
 // Shared-memory bytes of a resident CTA's row slice for a cluster of C: the teacher and student slices
-// (each padded by one vector for the global row's misalignment), and with `stash` one acc_t per element
-// (R2's kept terms; 32-byte aligned after the logits, at the same misalignment).
+// (each padded by one vector for the global row's misalignment), and `kept` acc_t per element (R2's kept terms:
+// RowArgs::stash 1 keeps one, 2 two; 32-byte aligned after the logits, at the same misalignment).
 template <typename scalar_t>
 __host__ __device__ inline int64_t resident_slice_cap(int64_t V, int64_t C) {
   constexpr int kW = VecWidth<scalar_t>::value;
@@ -186,9 +249,17 @@ __host__ __device__ inline int64_t resident_logit_bytes(int64_t cap) {
   return (2 * cap * int64_t(sizeof(scalar_t)) + 31) / 32 * 32;
 }
 template <typename scalar_t, typename acc_t>
-inline int64_t resident_bytes(int64_t V, int64_t C, bool stash) {
+inline int64_t resident_bytes(int64_t V, int64_t C, int kept) {
   const int64_t cap = resident_slice_cap<scalar_t>(V, C);
-  return resident_logit_bytes<scalar_t>(cap) + (stash ? cap * int64_t(sizeof(acc_t)) : 0);
+  return resident_logit_bytes<scalar_t>(cap) + kept * cap * int64_t(sizeof(acc_t));
+}
+
+// Whether the resident kernel of (scalar_t, D, O) can keep three values per element for W (RowArgs::stash 2): the
+// 16-bit alpha-beta kernels of the orders whose reference is q (whose R2 no longer needs the logits after it, so that
+// one value takes their place).
+template <typename scalar_t, Divergence D, Order O>
+constexpr bool kept3_kernel() {
+  return sizeof(scalar_t) == 2 && D == Divergence::kAB && (O == Order::kQR || O == Order::kRQ);
 }
 
 // A row that is not computed: `value` into this CTA's slice of the gradient row (if any) and, from
@@ -226,6 +297,11 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
   // R2 keeps each element's term for W (RowArgs::stash; d, or c with a masked side): the power mean of a single
   // order (kJSD has two terms per element, and the cheap modes none). Same thread, same chunk in both passes.
   constexpr bool kStash = RESIDENT && POWER && O != Order::kJSD;
+  // The 16-bit alpha-beta kernels of the orders whose reference is q keep two more values per bounded row (RowArgs::stash
+  // 2) where the row's extremes allow (amid_math.h: ab_kept3_row_ok): q^g beside d, and q in place of the logits, which
+  // R2 is the last pass to need (the exact pass and a rerun of R2 then read the row from global memory); W then takes
+  // four exponentials per element instead of six (write_grad_row_kept3).
+  constexpr bool kKept3 = kStash && kept3_kernel<scalar_t, D, O>();
 
   // Reduction scratch as raw storage (the accumulators have member initialisers, which shared
   // variables cannot run); every slot is written before it is read.
@@ -364,8 +440,18 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     // power mean's R2 (under wide weights) and W from the kept terms without its far-gap form: a uniform branch per
     // row, from R1's extremes. Other bounded rows run the same passes with it (gauge:R2f, gauge:Wsf).
     const bool near = bounded && near_gaps(P, lse.t.m, lse.s.m, lse.lo_t, lse.lo_s, dAB);
+    // Whether R2 keeps the three values (kKept3); once it has, the row's logits are only in global memory.
+    const bool kept3 = kKept3 && a.stash == 2 && cst != nullptr && bounded &&
+                       ab_kept3_row_ok(P, lse.t.m, lse.lo_s, B, dAB);
+    // The row's logits in global memory, for the passes that read them again after a kept3 R2 (rare rows)
+    const auto global_t = [&]() { return a.t + row * a.ldt + v0; };
+    const auto global_s = [&]() { return a.s + row * a.lds + v0; };
+    const auto global_vec_ok = [&]() {
+      return same_misalignment(global_t(), global_s(), sizeof(scalar_t)) &&
+             (g == nullptr || same_misalignment(global_t(), g, sizeof(scalar_t)));
+    };
     Acc acc;
-    auto r2 = [&](auto policy) {
+    auto r2 = [&](auto policy, const scalar_t* rt, const scalar_t* rs, bool rvec) {
       using MM = decltype(policy);
       const auto gap = [&]() {  // (the general policy's rows may hold -inf and huge logits: logit_gap)
         if constexpr (MM::kBounded) {
@@ -376,11 +462,30 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
       }();
       acc = Acc{};
       acc.template begin<MM>();
-      visit_row(t, s, len, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
+      visit_row(rt, rs, len, rvec, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
         constexpr int n = decltype(nc)::value;
         acc_t tw[n], sw[n];
         widen<n>(tv, tw);
         widen<n>(sv, sw);
+        if constexpr (kKept3 && MM::kBounded && MM::kFixedShift) {
+          // (the same element math as below, which also returns q and q^g: one loop body, uniform branches around
+          // the stores; the chunk's logits are in registers, so its slots in t, s can take q)
+          alignas(16) acc_t cv[n], qv[n], gv[n];
+#pragma unroll
+          for (int j = 0; j < n; ++j) {
+            const acc_t tf = tw[j] * invT, sf = sw[j] * invT;
+            RefPowers<acc_t> k3;
+            cv[j] = add_from_logits_c3<O, MM>(acc, P, tf, sf, A, B, gap_arg(gap, tw[j], sw[j]), k3);
+            qv[j] = k3.o;
+            gv[j] = k3.og;
+          }
+          if (cst) store_vals<n>(cst, i, cv);
+          if (kept3) {
+            store_vals<n>(cst + a.kept_stride, i, gv);
+            store_kept_in_logits<n>(const_cast<scalar_t*>(t), const_cast<scalar_t*>(s), i, qv);
+          }
+          return;
+        }
         if constexpr (kStash) {
           alignas(16) acc_t cv[n];
 #pragma unroll
@@ -406,6 +511,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     // site per policy: a loop, not a second call
     // (each call inlines the pass).
     using MB = FixedShift<BoundedRow<M>>;
+    bool kept3_w = kept3;  // whether W takes the three kept values (not after a rerun of R2)
     for (bool general = !bounded;; general = true) {
       if (!general) {
         // A power mean in float whose weights are wide (amid_math.h: WideWeights; lam = 0.5 in every order) runs
@@ -415,18 +521,23 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
         if constexpr (POWER && std::is_same<acc_t, float>::value) {
           if (wide_weights<O>(P)) {
             if (near) {
-              r2(NearGaps<WideWeights<MB>>{});  // gauge:R2
+              r2(NearGaps<WideWeights<MB>>{}, t, s, vec_ok);  // gauge:R2
             } else {
-              r2(WideWeights<MB>{});  // gauge:R2f
+              r2(WideWeights<MB>{}, t, s, vec_ok);  // gauge:R2f
             }
           } else {
-            r2(MB{});  // gauge:R2n
+            r2(MB{}, t, s, vec_ok);  // gauge:R2n
           }
         } else {
-          r2(MB{});  // gauge:R2
+          r2(MB{}, t, s, vec_ok);  // gauge:R2
         }
       } else {
-        r2(M{});  // gauge:R2m
+        // (a rerun after a kept3 R2 reads the logits from global memory and keeps d alone)
+        kept3_w = false;
+        const scalar_t* rt = kept3 ? global_t() : t;
+        const scalar_t* rs = kept3 ? global_s() : s;
+        const bool rvec = kept3 ? global_vec_ok() : vec_ok;
+        r2(M{}, rt, rs, rvec);  // gauge:R2m
       }
       acc = cluster_reduce<acc_t, kWarps>(acc, acc_scratch, acc_slot, round++, merge_acc);
       if (general || !MB::kFixedShift || acc.shift_ok()) break;
@@ -451,7 +562,11 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     if (finite_row && cond > acc_t(kExactCond)) {
       const acc_t Wbar = acc.wbar();  // (formed before: R2's state need not stay live through R3)
       Ex ex;
-      visit_row(t, s, len, vec_ok, [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {  // gauge:R3
+      // (the kept3 kernels' R3 reads the logits from global memory: after a kept3 R2 they are there only; the pass is rare)
+      const scalar_t* xt = kKept3 ? global_t() : t;
+      const scalar_t* xs = kKept3 ? global_s() : s;
+      const bool xvec = kKept3 ? global_vec_ok() : vec_ok;
+      visit_row(xt, xs, len, xvec, [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {  // gauge:R3
         constexpr int n = decltype(nc)::value;
         acc_t tw[n], sw[n];
         widen<n>(tv, tw);
@@ -477,8 +592,19 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     if (g) {
       const acc_t scale = weight * invT;
       bool done = false;
+      if constexpr (kKept3) {
+        if (kept3_w) {
+          const acc_t* cst2 = cst + a.kept_stride;
+          write_grad_row_kept3<O, BoundedRow<M>>(P, t, s, cst, cst2, g, len, vec_ok, Z, S_G, K, scale);  // gauge:Ws3
+          done = true;
+        } else if (kept3) {  // (R2 ran again: its kept d, with the logits from global memory)
+          t = global_t();
+          s = global_s();
+          vec_ok = global_vec_ok();
+        }
+      }
       if constexpr (kStash) {
-        if (cst) {
+        if (cst && !done) {
           // (near rows without the far-gap form in the float kernels only, as R2: a third W costs the float64 unit's
           // build time for ~3 instructions per element)
           if constexpr (std::is_same<acc_t, float>::value) {
@@ -584,6 +710,9 @@ struct ResidentInfo {
   int max_cluster = 1;  // 8 (portable) or kMaxCluster when non-portable sizes are allowed
   int static_smem = 0;
   int max_dynamic_smem = 0;
+  // The largest dynamic shared memory with which two CTAs still fit on one SM (what a kernel limited to two CTAs per SM by
+  // its registers can take without losing occupancy; RowArgs::stash 2's budget)
+  int two_per_sm_dynamic_smem = 0;
 };
 
 // Clusters need an sm_90+ device *and* code compiled for sm_90+: a kernel JIT-compiled on Hopper from
@@ -613,6 +742,10 @@ const ResidentInfo& resident_info(Kernel kernel) {
   r.clusters = prop->major >= 9 && attr.ptxVersion >= 90;
   r.static_smem = int(attr.sharedSizeBytes);
   r.max_dynamic_smem = std::max(0, int(prop->sharedMemPerBlockOptin) - r.static_smem);
+  // (each CTA's shared memory, with the driver's reservation, is allocated in 128-byte granules)
+  r.two_per_sm_dynamic_smem =
+      std::min(r.max_dynamic_smem, std::max(0, int(prop->sharedMemPerMultiprocessor / 2 / 128 * 128) -
+                                                   int(prop->reservedSharedMemPerBlock) - r.static_smem));
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, r.max_dynamic_smem));
   if (r.clusters) {
     r.max_cluster = 8;
@@ -643,19 +776,24 @@ void launch_fwd_mode(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a,
   // also keeps it within kResidentBudget. Otherwise: streaming (also when AMID_CUDA_PATH=resident).
   const int64_t budget = path == "resident" ? int64_t(info.max_dynamic_smem)
                                             : std::min<int64_t>(kResidentBudget, info.max_dynamic_smem);
-  // Candidates in order of preference: with the kept terms (power mean, single order) the
-  // smallest cluster whose slice fits, then without them (the W pass recomputes the mixture) the smallest
-  // cluster; a cluster shape the device cannot schedule moves on to the next candidate, the last
-  // fallback is streaming. AMID_CUDA_STASH=0 turns the kept terms off (tests cover both W passes).
+  // Candidates in order of preference: with the most kept terms (power mean, single order; RowArgs::stash) the
+  // smallest cluster whose slice fits, then with fewer, then without them (the W pass recomputes the mixture) the
+  // smallest cluster; a cluster shape the device cannot schedule moves on to the next candidate, the last
+  // fallback is streaming. The three kept values (stash 2: the 16-bit alpha-beta qr / rq kernels; per row where
+  // amid_math.h's ab_kept3_row_ok allows them) take up to the shared memory of two CTAs per SM, which their
+  // registers allow anyway (V = 151936 bf16: a cluster of 16, 114048 bytes each). AMID_CUDA_STASH=0 turns the kept
+  // terms off, AMID_CUDA_STASH=1 keeps d alone (tests cover every W pass).
   // (Only with a gradient row to write: the loss alone needs no W pass.)
   const bool stash_ok = POWER && O != Order::kJSD && a.grad != nullptr && !env_is("AMID_CUDA_STASH", "0");
-  std::pair<int, bool> cand[2];
+  const bool kept3_ok = stash_ok && kept3_kernel<scalar_t, D, O>() && !env_is("AMID_CUDA_STASH", "1");
+  std::pair<int, int> cand[3];
   int n_cand = 0;
   if (path != "stream") {
-    for (int with = stash_ok ? 1 : 0; with >= 0; --with) {
+    for (int level = kept3_ok ? 2 : (stash_ok ? 1 : 0); level >= 0; --level) {
+      const int64_t lim = level == 2 ? int64_t(info.two_per_sm_dynamic_smem) : budget;
       for (int c = 1; c <= info.max_cluster; c *= 2) {
-        if (resident_bytes<scalar_t, acc_t>(a.V, c, with == 1) <= budget) {
-          cand[n_cand++] = {c, with == 1};
+        if (resident_bytes<scalar_t, acc_t>(a.V, c, level) <= lim) {
+          cand[n_cand++] = {c, level};
           break;
         }
       }
@@ -667,6 +805,7 @@ void launch_fwd_mode(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a,
     RowArgs<scalar_t, at::opmath_type<scalar_t>> args = a;
     args.cluster = C;
     args.stash = cand[ci].second;
+    args.kept_stride = int(resident_slice_cap<scalar_t>(a.V, C));
     args.bounded_ok = bounded_ok;
     cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute attr[1];
@@ -707,7 +846,7 @@ void launch_fwd_mode(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a,
   const int64_t blocks = std::min<int64_t>(a.N, int64_t(std::max(per_sm, 1)) * sm_count());
   RowArgs<scalar_t, at::opmath_type<scalar_t>> args = a;
   args.cluster = 1;
-  args.stash = false;
+  args.stash = 0;
   args.bounded_ok = bounded_ok;
   streaming<<<unsigned(blocks), kThreads, 0, stream>>>(args, P);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
