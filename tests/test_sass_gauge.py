@@ -154,6 +154,12 @@ def test_occupancy_and_resident_smem():
     assert g.resident_smem(151936, 2, 656, consts, stash_bytes=4) == (16, 76032, True)
     assert g.ctas_per_sm(80, 656, 76032, 256) == (3, "registers/shared memory")
     assert g.resident_smem(151936, 4, 656, consts, stash_bytes=4) == (16, 76000, False)
+    # The 16-bit alpha-beta qr / rq kernels keep two values per element beside the slice (kept3: level 2) within the shared
+    # memory of two CTAs per SM (their registers allow two): a cluster of 16, 2 * 9504 * 2 + 2 * 9504 * 4 bytes; at
+    # V = 262144 neither that nor the single term fits (W recomputes).
+    assert g.resident_smem(151936, 2, 928, consts, stash_bytes=4, kept3=True) == (16, 114048, 2)
+    assert g.ctas_per_sm(128, 928, 114048, 256) == (2, "registers/shared memory")
+    assert g.resident_smem(262144, 2, 928, consts, stash_bytes=4, kept3=True) == (16, 65568, 0)
     # Without non-portable clusters (at most 8) the bf16 terms do not fit either.
     assert g.resident_smem(151936, 2, 656, dict(consts, max_cluster=8), stash_bytes=4) == (8, 76000, False)
     # 71 registers -> 72 * 32 = 2304 per warp: 7 warps per sub-partition, 28 per SM, 3 CTAs of 8 warps;
