@@ -16,7 +16,10 @@
 //     slice fits the shared-memory budget (kResidentBudget, and always the device's opt-in limit
 //     minus the static size) with a cluster of at most 8 (16 non-portable) CTAs, and on sm_80 when
 //     the whole row fits one CTA; the launch passes the cluster size in, the kernel traps on a
-//     mismatch (code built without clusters, e.g. JIT from sm_80 PTX, never gets a cluster);
+//     mismatch (code built without clusters, e.g. JIT from sm_80 PTX, never gets a cluster). The
+//     power-mean kernels of a single order keep R2's term per element beside the slice for W
+//     (RowArgs::stash); the 16-bit alpha-beta qr / rq ones also q^g, and q in place of the logits,
+//     so that their rare passes after R2 (the exact pass, R2's rerun) read the row from device memory;
 //   * streaming: the three passes read device memory (the re-reads mostly hit L2); the fallback
 //     for long rows without clusters.
 // Rows whose weight is 0 are skipped (no read; zero gradient). Loss and stats in fp32 (fp64 for
