@@ -511,7 +511,6 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     // site per policy: a loop, not a second call
     // (each call inlines the pass).
     using MB = FixedShift<BoundedRow<M>>;
-    bool kept3_w = kept3;  // whether W takes the three kept values (not after a rerun of R2)
     for (bool general = !bounded;; general = true) {
       if (!general) {
         // A power mean in float whose weights are wide (amid_math.h: WideWeights; lam = 0.5 in every order) runs
@@ -532,8 +531,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
           r2(MB{}, t, s, vec_ok);  // gauge:R2
         }
       } else {
-        // (a rerun after a kept3 R2 reads the logits from global memory and keeps d alone)
-        kept3_w = false;
+        // (a rerun after a kept3 R2 reads the logits from global memory; it keeps d again, beside the same q and q^g)
         const scalar_t* rt = kept3 ? global_t() : t;
         const scalar_t* rs = kept3 ? global_s() : s;
         const bool rvec = kept3 ? global_vec_ok() : vec_ok;
@@ -593,11 +591,13 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
       const acc_t scale = weight * invT;
       bool done = false;
       if constexpr (kKept3) {
-        if (kept3_w) {
+        // (Z >= -14, which ab_kept3_row_ok assumed: always where R2's fixed shift held, and after its rerun where Z
+        // still is; otherwise W from d, with the logits from global memory)
+        if (kept3 && Z >= acc_t(kKept3MinZ)) {
           const acc_t* cst2 = cst + a.kept_stride;
           write_grad_row_kept3<O, BoundedRow<M>>(P, t, s, cst, cst2, g, len, vec_ok, Z, S_G, K, scale);  // gauge:Ws3
           done = true;
-        } else if (kept3) {  // (R2 ran again: its kept d, with the logits from global memory)
+        } else if (kept3) {
           t = global_t();
           s = global_s();
           vec_ok = global_vec_ok();

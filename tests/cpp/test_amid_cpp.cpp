@@ -405,8 +405,8 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
   const bool stash = kStash && P.mode == amid::MixMode::kPower;
   std::vector<T> kept(V);
   // The 16-bit resident alpha-beta kernels of the orders whose reference is q keep q and q^g too (kKept3), in a bounded
-  // row whose extremes allow it (ab_kept3_row_ok); W then takes ab_grad_from_kept3, unless R2 ran again (then W from d,
-  // with the logits from global memory).
+  // row whose extremes allow it (ab_kept3_row_ok); W then takes ab_grad_from_kept3 where Z >= kKept3MinZ (which the
+  // row test assumed: always unless R2 ran again, whose rerun keeps d again beside the same q, q^g), else W from d.
   constexpr bool kKept3 = kRaw16 && D == amid::Divergence::kAB && (O == amid::Order::kQR || O == amid::Order::kRQ);
   std::vector<T> kept_q(kKept3 ? V : 0), kept_qg(kKept3 ? V : 0);
   bool kept3 = false;  // set below: whether this row's R2 kept the three values
@@ -482,7 +482,6 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
     r2_wide = wide;
     if (!r2.shift_ok()) {
       ++g_reruns;
-      kept3 = false;
       r2 = run_r2(M{}, false);
       r2_raw = false;
       r2_wide = false;
@@ -516,6 +515,7 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
     r3.finalize(P, r2.wbar(), L, S_G, K);
   }
   out[0] = A.m + A.l, out[1] = B.m + B.l, out[2] = Z, out[3] = S_G, out[4] = K, out[5] = L, out[6] = Z2;
+  kept3 = kept3 && Z >= T(amid::kKept3MinZ);
   g_kept3_rows += kept3;
   const amid::Kept3Row<T> k3row = amid::kept3_row(P, Z, S_G, K);  // (ab_grad_from_kept3's row constants)
   double dev3 = 0, gmax3 = 0;
