@@ -93,8 +93,11 @@ if want test; then
   # the CUDA parametrisations of the others.
   # With pytest-xdist (in the H200 image), four worker processes: a test that crashes its process (as a CPU
   # op's segfault once did, ending the stage) then costs one worker, which xdist replaces, not the stage.
-  XDIST=(); $PY -c "import xdist" 2>/dev/null && XDIST=(-n 4)
+  # XDIST_WORKERS (default 4; the first run with 4 passed 397 tests in 150 s, GPU and CPUs far from busy).
+  # The JUnit XML names every test with its outcome and time (the -q log names only failures).
+  XDIST=(); $PY -c "import xdist" 2>/dev/null && XDIST=(-n "${XDIST_WORKERS:-4}")
   run_capped test "${CAP_TEST:-180}" pytest_cuda.log $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" --maxfail=25 -rfE \
+    --durations=15 --junitxml="$WORK/pytest_cuda.xml" \
     tests/test_cuda.py tests/test_topk_cuda.py tests/test_amid_loss.py tests/test_compile.py \
     tests/test_registration.py tests/test_fused_linear.py -k cuda
   tail -25 "$WORK/pytest_cuda.log" | tee -a "$SUMMARY"
@@ -108,7 +111,7 @@ if want sanitize; then
   # distributed shared memory hazards) and synccheck (barrier misuse), instrumenting amid's kernels only.
   run_capped sanitize_compare "${CAP_SANITIZE:-45}" sanitize_compare.log $PY bench/sanitize_case.py
   tail -14 "$WORK/sanitize_compare.log" | tee -a "$SUMMARY"
-  for tool in racecheck synccheck; do
+  for tool in ${SANITIZE_TOOLS-racecheck synccheck}; do  # SANITIZE_TOOLS="": the comparison alone
     capvar=CAP_${tool^^}
     run_capped "$tool" "${!capvar:-60}" "$tool.log" compute-sanitizer --tool "$tool" --error-exitcode 1 \
       --kernel-name kns=amid_ $PY bench/sanitize_case.py --no-compare
@@ -132,7 +135,7 @@ if want profile; then
   run_capped profile "${CAP_PROFILE:-60}" profile.log ncu --clock-control none -k regex:amid_fwd \
     --launch-skip 2 --launch-count 1 --section SpeedOfLight --section ComputeWorkloadAnalysis \
     --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy --section InstructionStats \
-    --section WarpStateStats --print-details all $PY bench/profile_step.py
+    --section WarpStateStats --section SourceCounters --print-details all $PY bench/profile_step.py
   # InstructionStats: executed / issued instructions (compare with bench/sass_gauge.py's per-element
   # counts x N x V); WarpStateStats: what the warps wait on (stall reasons).
   grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|XU|Registers|Occupancy|Block Size|Cluster|Executed Instructions|Issued Instructions|Issue Slots|Executed Ipc|Warp Cycles Per|Stall" \
@@ -145,7 +148,11 @@ if want profile; then
     $PY bench/profile_step.py --calls 10 &&
     $PY bench/profile_step.py --calls 10 --divergence ab --order rq &&
     AMID_CUDA_STASH=0 $PY bench/profile_step.py --calls 10 &&
-    AMID_CUDA_BOUNDED=0 $PY bench/profile_step.py --calls 10"
+    AMID_CUDA_BOUNDED=0 $PY bench/profile_step.py --calls 10 &&
+    AMID_CUDA_STASH=1 $PY bench/profile_step.py --calls 10 --divergence ab --order rq &&
+    AMID_CUDA_STASH=0 $PY bench/profile_step.py --calls 10 --divergence ab --order rq &&
+    AMID_CUDA_PATH=stream $PY bench/profile_step.py --calls 10 &&
+    $PY bench/profile_step.py --calls 10 --alpha 1"
   grep -E "^amid_loss_fwd" "$WORK/variants.log" | tee -a "$SUMMARY"
 fi
 if want memcheck; then
