@@ -104,11 +104,12 @@ if want test; then
 fi
 
 if want sanitize; then
-  # bench/sanitize_case.py: V = 151936 bf16 (clusters of 16 with the kept log terms; the comparison also with
-  # AMID_CUDA_STASH=0: clusters of 8), N = 3 x the clusters of 8 that fit at once, rows
-  # mixing NaN / +inf, ignored and -inf-masked; the gradient buffers are poisoned with NaN before each op
-  # call. First the comparison with the CPU op, then the kernels alone under racecheck (shared and
-  # distributed shared memory hazards) and synccheck (barrier misuse), instrumenting amid's kernels only.
+  # bench/sanitize_case.py: V = 151936 bf16 with AMID_CUDA_PATH=resident (clusters of 16 with the kept log terms;
+  # the comparison also with AMID_CUDA_STASH=0: clusters of 8) and the default streaming path, N = 3 x the
+  # clusters of 8 that fit at once, rows mixing NaN / +inf, ignored and -inf-masked; the gradient buffers are
+  # poisoned with NaN before each op call. First the comparison with the CPU op (and float64), then the kernels
+  # alone under racecheck (shared and distributed shared memory hazards) and synccheck (barrier misuse),
+  # instrumenting amid's kernels only.
   run_capped sanitize_compare "${CAP_SANITIZE:-45}" sanitize_compare.log $PY bench/sanitize_case.py
   tail -14 "$WORK/sanitize_compare.log" | tee -a "$SUMMARY"
   for tool in ${SANITIZE_TOOLS-racecheck synccheck}; do  # SANITIZE_TOOLS="": the comparison alone
@@ -131,7 +132,7 @@ fi
 
 if want profile; then
   # Counters of the headline kernel (8192 x 151936 bf16, kl/pr, alpha = lam = 0.5, gradient in the
-  # forward). --clock-control none: the card's clocks are left as they are.
+  # forward; the default path, streaming). --clock-control none: the card's clocks are left as they are.
   run_capped profile "${CAP_PROFILE:-60}" profile.log ncu --clock-control none -k regex:amid_fwd \
     --launch-skip 2 --launch-count 1 --section SpeedOfLight --section ComputeWorkloadAnalysis \
     --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy --section InstructionStats \
@@ -140,19 +141,19 @@ if want profile; then
   # counts x N x V); WarpStateStats: what the warps wait on (stall reasons).
   grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|XU|Registers|Occupancy|Block Size|Cluster|Executed Instructions|Issued Instructions|Issue Slots|Executed Ipc|Warp Cycles Per|Stall" \
     "$WORK/profile.log" | head -45 | tee -a "$SUMMARY"
-  # The forward kernel's time (CUDA events, no profiler) in the variants that say where time goes:
-  # ab/rq (issue 9's second target); without the kept log terms (AMID_CUDA_STASH=0: 8-CTA clusters, so
-  # twice the elements per CTA and row against the per-row reductions); every row on the general
-  # (masked-row) R2 / W (AMID_CUDA_BOUNDED=0: what the bounded-row policy saves).
+  # The forward kernel's time (CUDA events, no profiler) on both paths: the default (streaming) kl/pr, ab/rq and
+  # alpha = 1; every row on the general (masked-row) R2 / W (AMID_CUDA_BOUNDED=0: what the bounded-row policy
+  # saves); the resident kernel (AMID_CUDA_PATH=resident) with its kept terms, and without them
+  # (AMID_CUDA_STASH=0: 8-CTA clusters, twice the elements per CTA and row against the per-row reductions).
   run_capped variants "${CAP_VARIANTS:-75}" variants.log bash -c "
     $PY bench/profile_step.py --calls 10 &&
     $PY bench/profile_step.py --calls 10 --divergence ab --order rq &&
-    AMID_CUDA_STASH=0 $PY bench/profile_step.py --calls 10 &&
+    $PY bench/profile_step.py --calls 10 --alpha 1 &&
     AMID_CUDA_BOUNDED=0 $PY bench/profile_step.py --calls 10 &&
-    AMID_CUDA_STASH=1 $PY bench/profile_step.py --calls 10 --divergence ab --order rq &&
-    AMID_CUDA_STASH=0 $PY bench/profile_step.py --calls 10 --divergence ab --order rq &&
-    AMID_CUDA_PATH=stream $PY bench/profile_step.py --calls 10 &&
-    $PY bench/profile_step.py --calls 10 --alpha 1"
+    AMID_CUDA_PATH=resident $PY bench/profile_step.py --calls 10 &&
+    AMID_CUDA_PATH=resident AMID_CUDA_STASH=0 $PY bench/profile_step.py --calls 10 &&
+    AMID_CUDA_PATH=resident $PY bench/profile_step.py --calls 10 --divergence ab --order rq &&
+    AMID_CUDA_PATH=resident AMID_CUDA_STASH=0 $PY bench/profile_step.py --calls 10 --divergence ab --order rq"
   grep -E "^amid_loss_fwd" "$WORK/variants.log" | tee -a "$SUMMARY"
 fi
 if want memcheck; then

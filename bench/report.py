@@ -2,6 +2,7 @@
 
     python bench/report.py            # one table per amid_loss / fused_linear CSV
     python bench/report.py A.csv ...  # those CSVs only
+    python bench/report.py --cuda-headline bench/results/cuda-nvidia-h200-amid_loss.csv   # the README's GPU table
 """
 from __future__ import annotations
 
@@ -74,7 +75,43 @@ def fused_linear_table(rows) -> str:
     return "\n".join(out)
 
 
+def cuda_headline_table(rows) -> str:
+    """The README's GPU table: per shape, the copy floor, amid's kl/pr (and its multiple of the floor), the baselines
+    measured in the same run (torch.compile, Liger's KL-div and JSD, eager) and a few other amid losses, fwd + bwd
+    medians in ms; then the peak extra memory over the gradient's size."""
+    def cell(shape, provider, setting=None):
+        for r in rows:
+            if (r["N"], r["V"]) == shape and r["provider"] == provider and (setting is None or r["setting"] == setting):
+                return r
+        return None
+
+    def ms(r):
+        return _ms(float(r["time_ms_p50"])) if r else "-"
+
+    def mem(r):
+        return f"{float(r['peak_extra_mb']) / float(r['grad_mb']):.1f}" if r and r["grad_mb"] else "-"
+
+    head = "kl/pr alpha=0.5 lam=0.5"
+    out = ["| N × V (bf16) | copy floor ms | amid kl/pr | torch.compile | Liger KLDiv | Liger JSD | eager | amid kl/rq | "
+           "amid ab/pr | amid kl/pr α=1 | peak extra, × gradient: amid / compile / Liger / eager |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    shapes = list(dict.fromkeys((r["N"], r["V"]) for r in rows))
+    for shape in shapes:
+        copy, amid, comp = cell(shape, "copy_r2w1"), cell(shape, "amid", head), cell(shape, "compile", head)
+        eager, lk, lj = cell(shape, "eager", head), cell(shape, "liger_kldiv"), cell(shape, "liger_jsd")
+        t = float(amid["time_ms_p50"]) if amid else None
+        amid_s = f"**{ms(amid)}** ({t / float(copy['time_ms_p50']):.1f}× copy)" if amid and copy else ms(amid)
+        comp_s = f"{ms(comp)} ({float(comp['time_ms_p50']) / t:.2f}× amid)" if comp and t else ms(comp)
+        out.append(f"| {shape[0]} × {shape[1]} | {ms(copy)} | {amid_s} | {comp_s} | {ms(lk)} | {ms(lj)} | {ms(eager)} | "
+                   f"{ms(cell(shape, 'amid', 'kl/rq alpha=0.5 lam=0.5'))} | {ms(cell(shape, 'amid', 'ab/pr alpha=0.5 lam=0.5'))} | "
+                   f"{ms(cell(shape, 'amid', 'kl/pr alpha=1 lam=0.5'))} | {mem(amid)} / {mem(comp)} / {mem(lk)} / {mem(eager)} |")
+    return "\n".join(out)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--cuda-headline"]:
+        print(cuda_headline_table(_rows(sys.argv[2])))
+        return
     # The CSVs given, else every amid_loss / fused_linear benchmark CSV (the other CSVs have their own columns).
     paths = sys.argv[1:] or sorted(p for pat in ("*-amid_loss*.csv", "*-fused_linear*.csv")
                                    for p in glob.glob(os.path.join(HERE, "results", pat)))

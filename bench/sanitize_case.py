@@ -1,8 +1,9 @@
 """The CUDA checks of bench/gpu_check.sh's `sanitize` stage: a clustered case with awkward rows, compared
-with the CPU op, on gradient buffers poisoned with NaN.
+with the CPU op, on gradient buffers poisoned with NaN; the default (streaming) path on the same rows.
 
-The case: V = 151936 bf16 (the resident path on sm_90: clusters of 16 CTAs keeping R2's logarithm terms in
-shared memory; with AMID_CUDA_STASH=0, clusters of 8 whose W recomputes), N = 3 x the clusters of 8 that fit
+The case: V = 151936 bf16 (AMID_CUDA_PATH=resident on sm_90: clusters of 16 CTAs keeping R2's logarithm terms in
+shared memory; with AMID_CUDA_STASH=0, clusters of 8 whose W recomputes; then AMID_CUDA_PATH=stream, the
+default: one CTA per row), N = 3 x the clusters of 8 that fit
 on the GPU at once (so every CTA handles several rows: the row loop's reuse of shared memory and of the
 cluster reduction slots is exercised), rows mixing
   * plain rows (randn * 3),
@@ -14,9 +15,9 @@ Before each op call a tensor of the gradient's size is filled with NaN and freed
 allocator hands that memory to the op's gradient (the script checks the pointer): any element the
 kernel fails to write stays NaN and the comparison with the CPU op catches it.
 
-  python bench/sanitize_case.py                 # forward (gradient in the forward) + backward, compare,
-                                                # with the kept terms and with AMID_CUDA_STASH=0
-  python bench/sanitize_case.py --no-compare    # the kernels only, default path (under compute-sanitizer)
+  python bench/sanitize_case.py                 # forward (gradient in the forward) + backward, compare: resident
+                                                # with the kept terms and with AMID_CUDA_STASH=0, and streaming
+  python bench/sanitize_case.py --no-compare    # the kernels only, both paths (under compute-sanitizer)
 Exit status 0 when every comparison passes.
 """
 from __future__ import annotations
@@ -126,9 +127,12 @@ def main() -> int:
     td, sd, wd = t.to(dev), s.to(dev), w.to(dev)
     ok = True
     ref, ref64 = {}, {}
-    cases = [(loss, kept) for loss in LOSSES for kept in (("1",) if args.no_compare else ("1", "0"))]
-    for (div, order, alpha, lam), kept in cases:
-        os.environ["AMID_CUDA_STASH"] = kept  # read by the launcher at each call
+    # (path, AMID_CUDA_STASH): the kept terms are the resident kernel's alone.
+    runs = [("resident", "1")] + ([] if args.no_compare else [("resident", "0")]) + [("stream", "1")]
+    cases = [(loss, run) for loss in LOSSES for run in runs]
+    for (div, order, alpha, lam), (path, kept) in cases:
+        os.environ["AMID_CUDA_PATH"] = path  # both read by the launcher at each call
+        os.environ["AMID_CUDA_STASH"] = kept
         opts = (alpha, lam, div, order, 0.5, 0.5, 1.0, False)
         p = poison((n, V), dtype, dev)
         loss, stats, grad = torch.ops.amid.amid_loss_fwd(sd, td, wd, *opts, True)
@@ -138,7 +142,8 @@ def main() -> int:
         gb = torch.ops.amid.amid_loss_bwd(gl.to(dev), sd, td, wd, stats, *opts)
         reused2 = gb.data_ptr() == p2
         torch.cuda.synchronize()
-        print(f"{div}/{order} alpha={alpha} lam={lam} AMID_CUDA_STASH={kept}: poisoned buffer reused by fwd grad: "
+        print(f"{div}/{order} alpha={alpha} lam={lam} AMID_CUDA_PATH={path} AMID_CUDA_STASH={kept}: poisoned buffer "
+              f"reused by fwd grad: "
               f"{reused}, bwd grad: {reused2}")
         if args.no_compare:
             continue

@@ -792,7 +792,9 @@ def gauge_cubin(cubin: str, dtypes: Sequence[str], warnings: List[str]) -> List[
         lc = loops.get(EXACT)
         row[f"{EXACT}_instr_per_elem"] = round(lc.instr_per_elem, 2) if lc else ""
         row[f"{EXACT}_mufu_per_elem"] = round(lc.mufu_per_elem, 3) if lc else ""
-        if kind == "fwd" and path == "resident" and dtype == "bf16" and mixture != "cheap" and \
+        # Both forward paths: the resident kernel the targets were set for, and the streaming one, the launcher's
+        # default since an H200 measured it faster (amid_loss_kernels.cuh, launch_fwd_mode).
+        if kind == "fwd" and path in ("resident", "stream") and dtype == "bf16" and mixture != "cheap" and \
                 f"{div}/{order}" in ("kl/pr", "ab/rq"):
             ti, tm = TARGETS[div]
             missing = [p for p in ("R1", "R2", "W") if p not in loops]
@@ -863,7 +865,9 @@ def readme_table(csv_path: str) -> str:
     lines = [f"SASS gauge of the {r0['arch']} kernels (`{os.path.basename(csv_path)}`: commit {r0['commit']}, "
              f"nvdisasm {r0['tools']}, source {r0['source']}). Per element: issued instructions / MUFU ops in the hot "
              f"loop of each pass (method: `bench/sass_gauge.py`); CTAs per SM on sm_90 at V = {V_GAUGE}. "
-             "The power-mean kernels (the mixture of 0 < λ < 1, α ≠ 1); the streaming variants and the "
+             "The power-mean kernels (the mixture of 0 < λ < 1, α ≠ 1): the forward kernel's resident path "
+             "(`AMID_CUDA_PATH=resident`) and, for kl/pr and ab/rq, its streaming path (the default since session 45: "
+             "faster on an H200; W recomputes the mixture); the other streaming variants and the "
              "cheap-mode kernels (λ ∈ {0, 1} or α = 1: no special function in the mixture) in the CSV. "
              "R2 and W are those of rows whose logits are all finite and below 2^100 in magnitude (nearly every "
              "row), at λ = 0.5 (every order; in pr and rp any λ ≤ 0.68, in qr and rq any λ ≥ 0.32: the weight "
@@ -878,7 +882,8 @@ def readme_table(csv_path: str) -> str:
              "| other λ | far gaps | masked / huge rows | R3 (rare rows) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["dtype"] != "bf16" or r["path"] == "stream" or r.get("mixture", "any") == "cheap":  # in the CSV
+        if r["dtype"] != "bf16" or r.get("mixture", "any") == "cheap" or \
+                (r["path"] == "stream" and r["loss"] not in ("kl/pr", "ab/rq")):  # in the CSV
             continue
 
         def im(p: str) -> str:

@@ -1,9 +1,9 @@
 """CUDA kernels against the float64 reference and against the CPU op.
 
 Skipped unless a GPU is present and amid was built with its CUDA kernels (nothing here touches the
-GPU at import). Each case runs on both read paths of the forward kernel (AMID_CUDA_PATH=stream:
-three passes over device memory; =resident: the row slice staged in shared memory, split over a
-thread-block cluster on sm_90), plus the default choice.
+GPU at import). Each case runs on both read paths of the forward kernel (AMID_CUDA_PATH=stream, the
+default: three passes over device memory; =resident: the row slice staged in shared memory, split over a
+thread-block cluster on sm_90); test_paths_agree checks that the default is the streaming kernel.
 
 Shapes (why): V = 1 (degenerate row), 31/32/33 (around a warp and the bf16 vector width of 8),
 1000/1001 (vector tails), 32000 (Llama-2), 50257 (odd, GPT-2: rows misaligned for 16-byte loads),
@@ -25,7 +25,7 @@ from utils import (ALPHAS, LAMS, PAIRS, assert_grad_close, assert_loss_close, ma
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and amid's CUDA kernels")
 
-PATHS = ["auto", "stream", "resident"]
+PATHS = ["stream", "resident"]
 VOCABS = [1, 31, 32, 33, 1000, 1001, 32000, 50257, 128256, 151936, 262144]
 
 
@@ -519,16 +519,18 @@ def test_current_stream_and_device_guard():
     torch.testing.assert_close(grad, grad2)
 
 
-def test_paths_agree():
-    """The streaming and resident (cluster) paths give the same numbers up to summation order."""
+def test_paths_agree(monkeypatch):
+    """The streaming and resident (cluster) paths give the same numbers up to summation order, and the default
+    (AMID_CUDA_PATH unset; the launcher streams, the faster path on an H200) is the streaming kernel, bit for bit."""
     s, t = make_logits(33, 151936, dtype=torch.bfloat16, device="cuda")
     out = {}
-    for p in ("stream", "resident"):
-        os.environ["AMID_CUDA_PATH"] = p
-        try:
-            out[p] = amid.ops.amid_loss_fwd(s, t, None, 0.5, 0.5, "ab", "pr", 0.2, 0.7, 1.0, False, True)
-        finally:
-            del os.environ["AMID_CUDA_PATH"]
+    for p in ("stream", "resident", None):
+        if p:
+            monkeypatch.setenv("AMID_CUDA_PATH", p)
+        else:
+            monkeypatch.delenv("AMID_CUDA_PATH", raising=False)
+        out[p] = amid.ops.amid_loss_fwd(s, t, None, 0.5, 0.5, "ab", "pr", 0.2, 0.7, 1.0, False, True)
+    assert all(torch.equal(a, b) for a, b in zip(out[None], out["stream"]))
     torch.testing.assert_close(out["stream"][0], out["resident"][0], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out["stream"][2].float(), out["resident"][2].float(), atol=1e-6, rtol=2e-2)
 
@@ -580,15 +582,16 @@ def test_kept_log_terms_match_recompute(monkeypatch, v, dtype, div, order):
     """The resident power-mean kernels keep R2's logarithm term per element in shared memory for W
     (amid_loss_kernels.cuh: kStash; V = 151936 bf16 then takes a cluster of 16); AMID_CUDA_STASH=0 makes
     W recompute the mixture. Same numbers up to the reduction order (the two W passes agree bit for bit
-    in the C++ test), with masked teacher, student and both entries, and an ignored row; the launcher's own choice of path and cluster (AMID_CUDA_PATH unset). V = 262144
-    bf16 does not fit the terms (W recomputes: the fallback is exercised)."""
+    in the C++ test), with masked teacher, student and both entries, and an ignored row; AMID_CUDA_PATH=resident
+    with the launcher's own choice of cluster. V = 262144 bf16 does not fit the terms (W recomputes: the fallback is
+    exercised)."""
     s, t = make_logits(7, v, dtype=dtype, device="cuda")
     t[0, :9] = float("-inf")
     s[1, 3:12] = float("-inf")
     t[2, 5], s[2, 5] = float("-inf"), float("-inf")
     w = torch.ones(7, device="cuda")
     w[3] = 0
-    monkeypatch.delenv("AMID_CUDA_PATH", raising=False)
+    monkeypatch.setenv("AMID_CUDA_PATH", "resident")
     out = {}
     for kept in ("1", "0"):
         monkeypatch.setenv("AMID_CUDA_STASH", kept)
@@ -635,7 +638,7 @@ def test_three_kept_values(monkeypatch, dtype, order, alpha, lam):
     s, t, w = _kept3_rows(dtype=dtype)
     opts = op_opts(alpha, lam, "ab", order)
     ref_rows, _st, ref_grad = amid.ops.amid_loss_fwd(s.double(), t.double(), w.double(), compute_grad=True, **opts)
-    monkeypatch.delenv("AMID_CUDA_PATH", raising=False)
+    monkeypatch.setenv("AMID_CUDA_PATH", "resident")
     out = {}
     for kept in ("", "1", "0"):
         if kept:

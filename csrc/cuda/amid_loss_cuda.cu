@@ -12,16 +12,18 @@
 // Two ways to read the row in the three passes:
 //   * resident: each CTA copies its slice of t and s into shared memory (16-byte loads), running
 //     R1 on the loaded registers, and R2 / W read shared memory: the logits are read from device
-//     memory once, so forward + backward moves the 6 bytes / element (bf16) floor. Used when a
-//     slice fits the shared-memory budget (kResidentBudget, and always the device's opt-in limit
-//     minus the static size) with a cluster of at most 8 (16 non-portable) CTAs, and on sm_80 when
-//     the whole row fits one CTA; the launch passes the cluster size in, the kernel traps on a
-//     mismatch (code built without clusters, e.g. JIT from sm_80 PTX, never gets a cluster). The
+//     memory once, so forward + backward moves the 6 bytes / element (bf16) floor. Run with
+//     AMID_CUDA_PATH=resident (on an H200 it was slower than streaming at every shape measured:
+//     amid_loss_kernels.cuh, launch_fwd_mode) when a slice fits the shared-memory budget
+//     (kResidentBudget, else the device's opt-in limit minus the static size) with a cluster of at
+//     most 8 (16 non-portable) CTAs, or on sm_80 the whole row in one CTA; the launch passes the
+//     cluster size in, the kernel traps on a mismatch (code built without clusters, e.g. JIT from
+//     sm_80 PTX, never gets a cluster). The
 //     power-mean kernels of a single order keep R2's term per element beside the slice for W
 //     (RowArgs::stash); the 16-bit alpha-beta qr / rq ones also q^g, and q in place of the logits,
 //     so that their rare passes after R2 (the exact pass, R2's rerun) read the row from device memory;
-//   * streaming: the three passes read device memory (the re-reads mostly hit L2); the fallback
-//     for long rows without clusters.
+//   * streaming (the default): the three passes read device memory (one CTA per row; the re-reads
+//     partly hit L2).
 // Rows whose weight is 0 are skipped (no read; zero gradient). Loss and stats in fp32 (fp64 for
 // fp64 inputs), math in fp32 (fp64), gradient in the input dtype. 64-bit row offsets, any row
 // stride. No fast-math; the math library's expf / log1pf.

@@ -689,8 +689,8 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
 
 int sm_count();
 
-// "auto" (default), "stream" or "resident": AMID_CUDA_PATH forces a path (tests use it to cover
-// both on one GPU).
+// "auto" (default: streaming), "stream" or "resident": AMID_CUDA_PATH picks a read path (tests use it to
+// cover both on one GPU).
 inline std::string forced_path() {
   const char* e = std::getenv("AMID_CUDA_PATH");
   return e ? std::string(e) : std::string("auto");
@@ -770,12 +770,20 @@ void launch_fwd_mode(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a,
   // then every row takes the general policy.
   const bool bounded_ok = !env_is("AMID_CUDA_BOUNDED", "0") && !(POWER && P.lam_tiny);
 
+  // Which path by default: measured on an H200 (bf16, sm_90a, session 45; bench/results/gpu-h200-ed4bcc4), the
+  // streaming kernel's forward with the gradient beat the resident one at every shape and loss tried: 8192 x 151936
+  // kl/pr 7.7 ms vs 12.1 (clusters of 16 with the kept terms) and 10.2 (clusters of 8 recomputing), ab/rq 11.8 vs
+  // 19.2, and at V = 32000, 128256 and 262144. The resident kernel reads the row once, but each CTA of a 16-CTA
+  // cluster meets ~37 elements per thread of a row between cluster barriers (ncu: a third of the warps' samples
+  // stalled at a barrier, issue slots 52% busy), while a streaming CTA's row is 593 elements per thread and its
+  // re-reads cost less. So "auto" streams; AMID_CUDA_PATH=resident runs the resident kernel.
+  const bool want_resident = path == "resident";
   auto resident = amid_fwd_kernel<scalar_t, D, O, true, POWER>;
-  const ResidentInfo& info = resident_info(resident);
-  // The slice must fit the opt-in limit (minus static shared memory) on this device; the default path
-  // also keeps it within kResidentBudget. Otherwise: streaming (also when AMID_CUDA_PATH=resident).
-  const int64_t budget = path == "resident" ? int64_t(info.max_dynamic_smem)
-                                            : std::min<int64_t>(kResidentBudget, info.max_dynamic_smem);
+  // The resident slice: within kResidentBudget (the layout the SASS gauge models) where one fits, else within the
+  // device's opt-in limit (minus static shared memory); otherwise streaming.
+  const ResidentInfo* info = want_resident ? &resident_info(resident) : nullptr;
+  const int64_t budgets[2] = {info ? std::min<int64_t>(kResidentBudget, info->max_dynamic_smem) : 0,
+                              info ? int64_t(info->max_dynamic_smem) : 0};
   // Candidates in order of preference: with the most kept terms (power mean, single order; RowArgs::stash) the
   // smallest cluster whose slice fits, then with fewer, then without them (the W pass recomputes the mixture) the
   // smallest cluster; a cluster shape the device cannot schedule moves on to the next candidate, the last
@@ -788,10 +796,10 @@ void launch_fwd_mode(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a,
   const bool kept3_ok = stash_ok && kept3_kernel<scalar_t, D, O>() && !env_is("AMID_CUDA_STASH", "1");
   std::pair<int, int> cand[3];
   int n_cand = 0;
-  if (path != "stream") {
+  for (int bi = 0; info && bi < 2 && n_cand == 0; ++bi) {
     for (int level = kept3_ok ? 2 : (stash_ok ? 1 : 0); level >= 0; --level) {
-      const int64_t lim = level == 2 ? int64_t(info.two_per_sm_dynamic_smem) : budget;
-      for (int c = 1; c <= info.max_cluster; c *= 2) {
+      const int64_t lim = level == 2 ? int64_t(info->two_per_sm_dynamic_smem) : budgets[bi];
+      for (int c = 1; c <= info->max_cluster; c *= 2) {
         if (resident_bytes<scalar_t, acc_t>(a.V, c, level) <= lim) {
           cand[n_cand++] = {c, level};
           break;
