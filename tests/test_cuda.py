@@ -13,7 +13,6 @@ Memory checker (documented, not run by pytest):
     compute-sanitizer --tool memcheck python -m pytest -x -q tests/test_cuda.py -k "small or edge"
 """
 import math
-import os
 
 import pytest
 import torch
