@@ -91,15 +91,20 @@ fi
 if want test; then
   # Every CUDA test: tests/test_cuda.py and tests/test_topk_cuda.py (the sparse-teacher kernel) whole, and
   # the CUDA parametrisations of the others.
-  # With pytest-xdist (in the H200 image), four worker processes: a test that crashes its process (as a CPU
-  # op's segfault once did, ending the stage) then costs one worker, which xdist replaces, not the stage.
-  # XDIST_WORKERS (default 4; the first run with 4 passed 397 tests in 150 s, GPU and CPUs far from busy).
-  # The JUnit XML names every test with its outcome and time (the -q log names only failures).
+  # With pytest-xdist (in the H200 image), worker processes: a test that crashes its process (as a CPU op's
+  # segfault once did, ending the stage) then costs one worker, which xdist replaces, not the stage.
+  # XDIST_WORKERS (default 4), each with OMP_NUM_THREADS = the cores / the workers: the float64 references run on
+  # the CPU, and on the H200 machine (16 cores) 8 workers of 16 threads each passed fewer tests per second than 4
+  # (session 45, over much the same early tests of test_cuda.py: 457 in 265 s against 397 in 150 s). The smaller
+  # files first, test_cuda.py's grid last, so a stage stopped at its
+  # cap has run every kind of test. The JUnit XML names every test with its outcome and time.
   XDIST=(); $PY -c "import xdist" 2>/dev/null && XDIST=(-n "${XDIST_WORKERS:-4}")
+  THREADS=$(( $(nproc) / ${XDIST_WORKERS:-4} )); [ "$THREADS" -lt 1 ] && THREADS=1
+  [ ${#XDIST[@]} -gt 0 ] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS}
   run_capped test "${CAP_TEST:-180}" pytest_cuda.log $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" --maxfail=25 -rfE \
     --durations=15 --junitxml="$WORK/pytest_cuda.xml" \
-    tests/test_cuda.py tests/test_topk_cuda.py tests/test_amid_loss.py tests/test_compile.py \
-    tests/test_registration.py tests/test_fused_linear.py -k cuda
+    tests/test_topk_cuda.py tests/test_amid_loss.py tests/test_compile.py tests/test_registration.py \
+    tests/test_fused_linear.py tests/test_cuda.py -k cuda
   tail -25 "$WORK/pytest_cuda.log" | tee -a "$SUMMARY"
 fi
 
