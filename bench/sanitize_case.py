@@ -143,8 +143,7 @@ def main() -> int:
         reused2 = gb.data_ptr() == p2
         torch.cuda.synchronize()
         print(f"{div}/{order} alpha={alpha} lam={lam} AMID_CUDA_PATH={path} AMID_CUDA_STASH={kept}: poisoned buffer "
-              f"reused by fwd grad: "
-              f"{reused}, bwd grad: {reused2}")
+              f"reused by fwd grad: {reused}, bwd grad: {reused2}")
         if args.no_compare:
             continue
         if opts not in ref:  # the CPU op once per loss (both paths compare with it)
@@ -159,7 +158,8 @@ def main() -> int:
         check("grad (fwd) vs CPU op, per element", grad, gc, 2 ** -7, 1e-9)
         check("grad (bwd) vs CPU op, per element", gb, gbc, 2 ** -7, 1e-9)
         # Judged: each row against the CPU op in float64 (the tests' reference), err over the row's largest
-        # element (tests/test_cuda.py's 16-bit budget, 4e-3: about one bf16 ulp of it), the CPU op's own bf16
+        # element (tests/test_cuda.py's 16-bit budget, 4e-3: half a bf16 ulp of it, the rounding of the stored value, plus
+        # 1e-4 for the fp32 computation), the CPU op's own bf16
         # output measured the same way beside it.
         if opts not in ref64:
             ref64[opts] = torch.ops.amid.amid_loss_fwd(s.double(), t.double(), w.double(), *opts, True)[2]
