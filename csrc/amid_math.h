@@ -902,8 +902,12 @@ AMID_HD T logit_gap(T tf, T sf, T lp, T lq, T dAB) {
 // of 0 common to the row, where logit_gap's forms carry 2^-24 (|lp| + |lq|) or the roundings of tf, sf and of dAB
 // (2^-25 |A - B|, an offset between the rows' logits, in every element alike). Where t - s does round (a logit
 // within 2^-16 of 0 beside the other's magnitude), its error is 2^-24 |t - s| invT <= 2^-24 (|lp| + |lq| + |A - B|),
-// f1's. Valid for finite logits whose difference does not overflow (bounded rows: |x / T| < 2^100); -inf gives
-// -+inf as lp - lq does (both -inf: NaN, which the mixture's both-masked select replaces).
+// f1's. That bound is absolute, not relative to lp - lq: with c large it leaves nothing of a small gap (a student logit of
+// 1e29 beside a teacher's 3: t - s rounds by 2^-24 1e29, and lp - lq = -2 came out 0; the H200, session 46, gave kl/pr
+// 0.019 for a loss of 3.60), where logit_gap takes lp - lq. So the kernels take RawGap only on rows that raw_gap_ok
+// admits (finite logits, |x / T| summed over the two sides' extremes <= 2^11: every error above <= 2^-13 absolute);
+// other rows take the general policy and logit_gap. -inf gives -+inf as lp - lq does (both -inf: NaN, which the
+// mixture's both-masked select replaces).
 template <typename T>
 struct RawGap {
   T b;      // (t - s) - c, from the element's raw logits
@@ -930,6 +934,15 @@ AMID_HD RawGapRow<T> raw_gap_row(RowLse<T> A, RowLse<T> B, T inv_t) {
   const float c = (cf - cf == 0.0f) ? bit_cast<float>(bit_cast<uint32_t>(cf) & 0xffff0000u) : 0.0f;
   const double dl = (dm + (double(A.l) - double(B.l))) - double(c) * double(inv_t);
   return RawGapRow<T>{T(c), inv_t, T(dl)};
+}
+// Whether a row of 16-bit logits may take RawGap (above): from R1's extremes of the scaled logits x / T, the largest
+// |t| plus the largest |s| at most 2^11, so that t - s, c and the FFMA's rounding leave at most 2^-13 of lp - lq (the
+// 16-bit budgets are 2^-9 relative; a teacher offset by 700 from its student still qualifies). NaN fails.
+constexpr double kRawGapMax = 2048;
+template <typename T>
+AMID_HD bool raw_gap_ok(T t_max, T s_max, T t_min, T s_min) {
+  const T at = max_nn(abs_nn(t_max), abs_nn(t_min)), as = max_nn(abs_nn(s_max), abs_nn(s_min));
+  return at + as <= T(kRawGapMax);
 }
 // The gap argument of the element functions (the _from_logits family): the row's dAB, or the element's RawGap.
 template <typename T>

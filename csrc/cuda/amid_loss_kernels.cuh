@@ -435,7 +435,11 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     // values, bit for bit, without the guards for -inf masks and overflow (a uniform branch per row); R2
     // sums there relative to lt = 0 (FixedShift: other values, within the budgets; see below).
     // (R1's extremes are not read after R2: held across it, they cost the alpha-beta kernels spills, per row)
-    const bool finite_row = lse.bounded(), bounded = a.bounded_ok && finite_row;
+    // 16-bit logits: only rows whose extremes admit the raw gap (amid_math.h: raw_gap_ok; a logit of 1e29 beside small
+    // ones does not) count as finite here: the others take the general policy and logit_gap, and no R3 (which takes
+    // the raw gap too), as rows with masks do.
+    const bool finite_row = lse.bounded() && (sizeof(scalar_t) != 2 || raw_gap_ok(lse.t.m, lse.s.m, lse.lo_t, lse.lo_s));
+    const bool bounded = a.bounded_ok && finite_row;
     // A bounded row whose logit gaps are near (amid_math.h: NearGaps; nearly every row at |k| <= 1) runs the float
     // power mean's R2 (under wide weights) and W from the kept terms without its far-gap form: a uniform branch per
     // row, from R1's extremes. Other bounded rows run the same passes with it (gauge:R2f, gauge:Wsf).

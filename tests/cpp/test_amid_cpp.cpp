@@ -363,6 +363,7 @@ struct GpuEmuMath : amid::LibMath {
 // The forward CUDA kernel's float math for one row, in its reduction order (gpu_order_reduce): R1,
 // R2, the closing formulas, and the W pass as write_grad_row does it. out: A, B, Z, S_G, K, L, Z2.
 // Rows gpu_row has run, and how many of them took the exact pass (reported per regime).
+static int g_raw_rows = 0;  // gpu_row: bf16-valued rows that took the raw logit gap (RawGap)
 static int g_rows = 0, g_exact_rows = 0, g_reruns = 0, g_wide_rows = 0, g_near_rows = 0, g_kept3_rows = 0;
 // The largest difference between W from the three kept values (ab_grad_from_kept3) and W recomputing the mixture, over
 // the gradient's largest element, since it was last reset (test_online_float reports it per regime).
@@ -453,8 +454,11 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
   // values bit for bit, test_bounded_rows) and, in the 16-bit kernels, the raw logit gap; R2 there sums
   // relative to lt = 0 (FixedShift), and again under the running maximum (the general policy, dAB) where that leaves
   // S below kFixedShiftMinS (g_reruns counts them).
-  const bool bounded = r1.bounded() && !kBins && !(P.mode == amid::MixMode::kPower && P.lam_tiny);
+  // (16-bit rows whose extremes do not admit the raw gap, raw_gap_ok, count as not finite, as in the kernel)
+  const bool finite = r1.bounded() && (!kRaw16 || amid::raw_gap_ok(r1.t.m, r1.s.m, r1.lo_t, r1.lo_s));
+  const bool bounded = finite && !kBins && !(P.mode == amid::MixMode::kPower && P.lam_tiny);
   const bool raw = kRaw16 && bounded;
+  g_raw_rows += raw;
   // A float power mean under wide weights: bounded rows' R2 and the streaming W take WideWeights (its own logarithm
   // of the mixture's sums: kSplitLog), the general policy's rows and R2's rerun M, as the kernel.
   const bool wide = std::is_same<T, float>::value && bounded && P.mode == amid::MixMode::kPower &&
@@ -494,7 +498,7 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
   EXPECT(ok);
   // R3, the exact pass, where the kernel takes it (bounded rows whose loss's condition exceeds kExactCond).
   ++g_rows;
-  const bool exact = r1.bounded() && (kBins || cond > T(amid::kExactCond));
+  const bool exact = finite && (kBins || cond > T(amid::kExactCond));
   g_exact_rows += exact;
   if (exact) {
     using Ex = typename amid::ExactAccOf<D, O, T>::type;
@@ -502,7 +506,7 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
         V, C, kW,
         [&](Ex& a, int64_t v0, int n) {
           for (int64_t v = v0; v < v0 + n; ++v) {
-            with_gap(kRaw16 && !kBins, v, [&](auto gap) {  // (the kernel's R3: bounded rows only, so the raw gap)
+            with_gap(kRaw16 && !kBins, v, [&](auto gap) {  // (the kernel's R3: finite rows only, so the raw gap)
               if (P.mode == amid::MixMode::kPower) {
                 amid::exact_from_logits<D, O, true, M>(a, P, t[v] * invT, s[v] * invT, A, B, gap, Z, Z2);
               } else {
@@ -1483,6 +1487,70 @@ static void test_fixed_shift_matches_running_max() {
   g_rows = g_exact_rows = g_reruns = g_wide_rows = g_near_rows = 0;
 }
 
+// test_bounded_rows_match_general's rows (tests/test_cuda.py) through the kernels' float math against the double CPU
+// op on the same values: ordinary rows, one with a student logit of 1e29 and a teacher logit of -1e29, one whose
+// teacher is offset by 700, and a masked one; float logits and bf16-valued ones (the 16-bit kernels' raw logit gap,
+// RawGap). The H200 (session 46) showed the bf16 kernels' bounded rows losing the 1e29 row's loss (kl/pr 0.019 for
+// 3.60): t - s of a logit near 0 beside one of 1e29 rounds by 2^-24 of 1e29, and the row's gap c of ~1e29 then
+// leaves nothing of lp - lq; such rows must take the two-form gap (logit_gap), which raw_gap_ok decides. Losses to
+// 1e-5 relative; gradients per row to 1e-4 of max(the row's largest element, 0.01 max(1, |loss|)): the gradient is a
+// difference of terms of the loss's size or 1 (the 1e29 row's is ~0 where q is one-hot), whose float rounding alone
+// leaves 3e-7 there, and ~1e21 beside a loss of 1e28, in the CPU op's float gradient too.
+static void test_huge_logit_rows() {
+  at::manual_seed(46);
+  const int64_t V = 4099;
+  double worst_loss = 0, worst_grad = 0;
+  int n = 0, raw_rows = 0;
+  struct Case { const char* div; const char* ord; double alpha, lam; };
+  for (const Case c : {Case{"kl", "pr", 0.5, 0.3}, Case{"kl", "rq", -1.0, 0.1}, Case{"ab", "qr", 0.5, 0.1},
+                       Case{"kl", "jsd", 1.0, 0.5}, Case{"ab", "rp", 3.0, 0.9}, Case{"ab", "rq", 0.5, 0.5},
+                       Case{"kl", "pr", 0.5, 0.5}}) {
+    const auto P = amid::make_params<float>("test", c.alpha, c.lam, c.div, c.ord, 0.2, 0.7, 1.0, false);
+    for (bool raw16 : {false, true}) {
+      for (int row = 0; row < 4; ++row) {
+        at::Tensor s = at::randn({1, V}, at::kDouble) * 3.0 + at::randn({1}, at::kDouble);
+        at::Tensor t = at::randn({1, V}, at::kDouble) * 3.0 + at::randn({1}, at::kDouble);
+        if (row == 1) s[0][7] = 1e29, t[0][8] = -1e29;
+        if (row == 2) t += 700.0;
+        if (row == 3) t.narrow(1, 0, 5).fill_(-INFINITY);
+        s = s.to(raw16 ? at::kBFloat16 : at::kFloat).to(at::kFloat);
+        t = t.to(raw16 ? at::kBFloat16 : at::kFloat).to(at::kFloat);
+        auto [loss, stats, grad] = amid::amid_loss_fwd(s.to(at::kDouble), t.to(at::kDouble), std::nullopt, c.alpha,
+                                                       c.lam, c.div, c.ord, 0.2, 0.7, 1.0, false, true);
+        double out[7];
+        std::vector<double> g(V);
+        amid::dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
+          constexpr auto d = decltype(dc)::value;
+          constexpr auto o = decltype(oc)::value;
+          if (raw16) {
+            gpu_row<d, o, false, true>(P, s.data_ptr<float>(), t.data_ptr<float>(), V, 8, out, g.data());
+          } else {
+            gpu_row<d, o>(P, s.data_ptr<float>(), t.data_ptr<float>(), V, 8, out, g.data());
+          }
+        });
+        raw_rows += raw16 && g_raw_rows;
+        g_raw_rows = 0;
+        const double want = loss[0].item<double>();
+        const double rel = std::abs(out[5] - want) / std::max(std::abs(want), 1e-30);
+        double gmax, emax;
+        grad_errors(grad[0], g, gmax, emax, 0.01 * std::max(1.0, std::abs(want)));
+        worst_loss = std::max(worst_loss, rel);
+        worst_grad = std::max(worst_grad, emax / gmax);
+        ++n;
+        if (!(rel <= 1e-5) || !(emax <= 1e-4 * gmax)) {
+          ++failures;
+          std::fprintf(stderr, "FAILED huge-logit rows (%s) %s/%s alpha=%g lam=%g row %d: loss %.9g vs %.9g, grad err %.3g "
+                       "of %.3g\n", raw16 ? "bf16 values" : "float", c.div, c.ord, c.alpha, c.lam, row, out[5], want,
+                       emax, gmax);
+        }
+      }
+    }
+  }
+  std::printf("huge-logit rows (test_bounded_rows_match_general's, emulated): loss worst rel. %.3g, gradient worst %.3g "
+              "on %d rows (raw logit gap: %d of the bf16 ones)\n", worst_loss, worst_grad, n, raw_rows);
+  g_rows = g_exact_rows = g_reruns = g_wide_rows = g_near_rows = 0;
+}
+
 static void test_online_float(const FloatRegime& R) {
   at::manual_seed(R.seed);
   const int64_t V = R.V;
@@ -1857,6 +1925,7 @@ int main(int argc, char** argv) {
   test_online_float({"ordinary inputs, logits of scale 12", 5, 2001, 0.0, 1e-5, 3e-5, 0, 12.0, false, 1.0});
   test_fixed_shift_rows();
   test_fixed_shift_matches_running_max();
+  test_huge_logit_rows();
   // The 16-bit kernels' logit gap from the raw logits (amid_math.h: RawGap) on bf16-valued logits, at T = 1 (t - s
   // exact) and T = 2 (the FFMA scales), with a student near its teacher (the gap's relative accuracy) and ordinary.
   test_online_float({"bf16 logits, student within 1% of teacher", 11, 5003, 0.01, 1e-5, 1e-4, 0, 3.0, false, 0, true});
