@@ -75,7 +75,9 @@ def _assert_same(cuda, cpu, dtype, msg=""):
     torch.testing.assert_close(l_c[ok].double(), l_r[ok].double(), atol=atol, rtol=rtol, msg=lambda m: f"{msg}\n{m}")
     if g_r.numel():
         fin = ~torch.isnan(g_r)
-        err = normwise_err(torch.where(fin, g_c, 0), torch.where(fin, g_r, 0))
+        # (floor 1e-4: where the exact gradient is 0, qr at lam = 0 (r = q), both ops leave the rounding of its O(1)
+        # terms, up to 6e-8 (the H200, session 46: float16's least subnormal), which a floor of 1e-6 called 6% off)
+        err = normwise_err(torch.where(fin, g_c, 0), torch.where(fin, g_r, 0), floor=1e-4)
         assert err <= GRAD_TOL[dtype], f"{msg}: normwise gradient error {err:.3g} > {GRAD_TOL[dtype]:.3g}"
 
 
@@ -125,28 +127,43 @@ def test_bucket_rows_at_large_logit_scale(dtype, k):
     there the online closing formulas lost up to the whole loss in the C++ emulation of the kernel's float math
     (tests/cpp, the "bins" regimes: 1.0 relative with 9 bins, 0.14 with 65); such rows take the dense kernels'
     exact pass now, always. Losses against the CPU op in float64: 1e-5 relative in float32 (measured in the
-    emulation: 4.0e-6), 1e-9 in float64. The gradient is not checked at this scale (see
+    emulation: 4.0e-6); in float64 1e-9, or 4x the loss's own sensitivity to its inputs' last bit where that is
+    larger: these losses are small differences of large terms, and a relative change of 2^-52 in the inputs moves
+    some by 3.2e-9 (measured on the CPU op); the H200 (session 46) was 6.8e-9 off the CPU op on such a row (ab/qr,
+    kl/rq at alpha 3), 1e-16 on others. The gradient is not checked at this scale (see
     tests/test_cuda.py: test_large_logit_scale_loss_float32)."""
     s, lp, idx = _data(8, 2001, k, dtype=dtype, seed=5, scale=12.0)
     cases = itertools.product([("kl", "pr"), ("kl", "rq"), ("ab", "pr"), ("ab", "qr"), ("kl", "jsd")],
                               [(0.5, 0.98), (0.5, 0.1), (-3.0, 0.5), (3.0, 0.5)])
+    g = torch.Generator().manual_seed(7)
     for (div, order), (alpha, lam) in cases:
         opts = _opts(alpha, lam, div, order)
         loss, _grad = _fwd("cuda", s, lp, idx, "bucket", opts)
         ref, _ref_grad = _fwd("cpu", s.double(), lp.double(), idx, "bucket", opts)
-        rel = ((loss.double() - ref).abs() / (ref.abs() + 1e-12)).max().item()
-        assert rel <= (1e-5 if dtype == torch.float32 else 1e-9), (dtype, k, opts, rel)
+        rel = (loss.double() - ref).abs() / (ref.abs() + 1e-12)
+        if dtype == torch.float32:
+            assert rel.max() <= 1e-5, (dtype, k, opts, rel.max().item())
+            continue
+        sens = torch.zeros_like(ref)  # the float64 loss's change under 2^-52 relative noise on its inputs, per row
+        for _ in range(3):
+            sp = s * (1 + 2.0**-52 * torch.randn(s.shape, generator=g, dtype=torch.float64))
+            lpp = lp * (1 + 2.0**-52 * torch.randn(lp.shape, generator=g, dtype=torch.float64))
+            sens = torch.maximum(sens, (_fwd("cpu", sp, lpp, idx, "bucket", opts)[0] - ref).abs() / (ref.abs() + 1e-12))
+        budget = torch.clamp(4 * sens, min=1e-9)
+        assert (rel <= budget).all(), (dtype, k, opts, rel.tolist(), budget.tolist())
 
 
 @pytest.mark.parametrize("k", [8, 64])
 def test_bucket_rows_float32_budgets(k):
     """Bucket rows in float32 against the CPU op in float64, at issue 9's budgets for float32 inputs: the loss to
-    1e-5 relative, every row's gradient to 1e-4 of its largest element, or to twice the CPU op's own float32 error
-    where that is larger (measured here: up to 2.0e-4, kl/pr at alpha -3, k = 8; 6.2e-6 for the loss). A short
-    row does not average the approximate exponential's error out: with the dense kernels' math the C++ emulation
-    of this kernel's bins missed both budgets (1.0e-5 of the loss, 1.1e-3 of the gradient), with its own (no
-    approximate instruction, the exact pass on every row) it gives 9.8e-7 and 7.8e-5 (tests/cpp: "bins")."""
+    1e-5 relative; every row's gradient to 1e-4 of its largest element, or to the CPU op's own float32 error where
+    that is larger: per case within 8x the CPU op's error on that case, and over the regime within 3x its worst.
+    These rows are ill-conditioned in float32 (the CPU op's own error reaches 2.0e-4, kl/pr at alpha -3, k = 8), and
+    two float computations of them differ case by case by more than 2x (the H200, session 46: kl/rp 2.8e-4 where the
+    CPU op had 4.5e-5, ab/rp 3.8e-4 against 1.0e-4; the C++ emulation of this kernel, with the host's libm and
+    without the GPU's contracted multiply-adds, gives 4.6e-5: tests/cpp, the "bins" regimes). 6.2e-6 for the loss."""
     s, lp, idx = _data(8, 2001, k, dtype=torch.float32, seed=6)
+    worst, worst_cpu = 0.0, 0.0
     for (div, order), (alpha, lam) in itertools.product(PAIRS, [(-3.0, 0.5), (0.5, 0.1), (0.5, 0.98), (1.0, 0.1),
                                                                  (3.0, 0.9)]):
         opts = _opts(alpha, lam, div, order)
@@ -155,8 +172,10 @@ def test_bucket_rows_float32_budgets(k):
         rel = ((loss.double() - ref).abs() / ref.abs()).max().item()
         assert rel <= 1e-5, (k, opts, rel)
         gerr = rowwise_err(grad, ref_grad)
-        budget = max(1e-4, 2 * rowwise_err(_fwd("cpu", s, lp, idx, "bucket", opts)[1], ref_grad))
-        assert gerr <= budget, (k, opts, gerr, budget)
+        cpu_err = rowwise_err(_fwd("cpu", s, lp, idx, "bucket", opts)[1], ref_grad)
+        assert gerr <= max(1e-4, 8 * cpu_err), (k, opts, gerr, cpu_err)
+        worst, worst_cpu = max(worst, gerr), max(worst_cpu, cpu_err)
+    assert worst <= max(1e-4, 3 * worst_cpu), (k, worst, worst_cpu)
 
 
 @pytest.mark.parametrize("tail", ["renorm", "bucket"])
