@@ -97,14 +97,15 @@ if want test; then
   # the CPU, and on the H200 machine (16 cores) 8 workers of 16 threads each passed fewer tests per second than 4
   # (session 45, over much the same early tests of test_cuda.py: 457 in 265 s against 397 in 150 s). The smaller
   # files first, test_cuda.py's grid last, so a stage stopped at its
-  # cap has run every kind of test. The JUnit XML names every test with its outcome and time.
+  # cap has run every kind of test. The JUnit XML names every test with its outcome and time. PYTEST_K (default
+  # "cuda") narrows the selection, e.g. to the tests an earlier capped run did not reach.
   XDIST=(); $PY -c "import xdist" 2>/dev/null && XDIST=(-n "${XDIST_WORKERS:-4}")
   THREADS=$(( $(nproc) / ${XDIST_WORKERS:-4} )); [ "$THREADS" -lt 1 ] && THREADS=1
   [ ${#XDIST[@]} -gt 0 ] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS}
   run_capped test "${CAP_TEST:-180}" pytest_cuda.log $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" --maxfail=25 -rfE \
     --durations=15 --junitxml="$WORK/pytest_cuda.xml" \
     tests/test_topk_cuda.py tests/test_amid_loss.py tests/test_compile.py tests/test_registration.py \
-    tests/test_fused_linear.py tests/test_cuda.py -k cuda
+    tests/test_fused_linear.py tests/test_cuda.py -k "${PYTEST_K:-cuda}"
   tail -25 "$WORK/pytest_cuda.log" | tee -a "$SUMMARY"
 fi
 
