@@ -279,16 +279,20 @@ __device__ __forceinline__ void fill_row(const RowArgs<scalar_t, acc_t>& a, int6
 // whether the row slice is staged in shared memory, and whether the mixture is the power mean
 // (kPower) or one of the cheap modes.
 
-// Launch bounds: at least three single-order kl CTAs per SM (<= 80 registers: the resident row slices of
-// three CTAs fit in shared memory, bench/sass_gauge.py checks both) and two ab or 'jsd' CTAs (kl 'jsd' has
-// more static shared memory, so three resident CTAs do not fit anyway, and at 80 registers it spilled); ptxas keeps every
-// variant unspilled under these (without a minimum it capped them at 64 and the ab streaming variants
-// spilled). float64 (a reference dtype on the GPU): one CTA per SM, up to 255 registers (at 80 / 128 its
-// double math spilled, 10 to 600 instructions per kernel). Which occupancy is fastest is for the GPU
-// benchmark to say (not yet measured).
+// Launch bounds: at least three resident single-order kl CTAs per SM (<= 80 registers: the resident row slices of
+// three CTAs fit in shared memory, bench/sass_gauge.py checks both), four streaming ones (<= 64 registers), and two
+// ab or 'jsd' CTAs (kl 'jsd' has more static shared memory, so three resident CTAs do not fit anyway, and at 80
+// registers it spilled; without a minimum ptxas capped them at 64 and the ab streaming variants spilled).
+// The streaming kl kernels' four: ncu on the H200 (session 46) found the bf16 kl/pr one issue-bound with its warps
+// waiting on loads (long scoreboard 2.81 cycles per issued instruction) at 80 registers, 3 CTAs, 37.5% occupancy;
+// at 64 the gauge reads the same hot loops (bf16: no spill; f16's power mean 10 spill instructions, 2 before, outside
+// the loops, which gain 0.6 instructions per element; f32's cheap modes 2) and 50% occupancy. Its speed is not yet
+// measured (session 46's lease ended before; compare with bench/results/gpu-h200-21d04a3/variants.log).
+// float64 (a reference dtype on the GPU): one CTA per SM, up to 255 registers (at 80 / 128 its double math
+// spilled, 10 to 600 instructions per kernel).
 template <typename scalar_t, Divergence D, Order O, bool RESIDENT, bool POWER>
 __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::value ? 1
-                                            : D == Divergence::kKL && O != Order::kJSD ? 3 : 2) amid_fwd_kernel(const RowArgs<scalar_t, at::opmath_type<scalar_t>> a,
+                                            : D == Divergence::kKL && O != Order::kJSD ? (RESIDENT ? 3 : 4) : 2) amid_fwd_kernel(const RowArgs<scalar_t, at::opmath_type<scalar_t>> a,
                                                             const LossParams<at::opmath_type<scalar_t>> P) {
   using acc_t = at::opmath_type<scalar_t>;
   using Lse = LseAcc<acc_t>;
