@@ -1289,7 +1289,9 @@ AMID_HD T grad_from_mixture(const LossParams<T>& P, T lp, T lq, T lt, T w, T d, 
   const T lr = lt - Z;
   const T p = M::exp_approx(lp), q = M::exp_approx(lq), r = M::exp_approx(lr);
   const Terms<T> o = element_terms<D, O, M>(P, p, q, r, lp, lq, lr, d - Z);
-  return element_grad(P.detach, w, q, r, o, S_G, K);
+  // (make_params admits a detached assistant in qr and rq only: in pr and rp the flag is known false, and the GPU's W
+  // no longer selects between the two forms per element, one instruction per element of kl/pr in bf16)
+  return element_grad((O == Order::kQR || O == Order::kRQ) && P.detach, w, q, r, o, S_G, K);
 }
 
 // W's mixture of one element from its logits (single orders): POWER as in mixture_from_logits_split, with lt and w
