@@ -67,8 +67,9 @@ Method (what is counted, and how)
 9. In the float power-mean kernels (bf16, fp16, float32), bounded rows take the power mean's near-gap policy
    (amid_math.h: NearGaps, near_gaps) where R1's extremes show that no element has |k (lp - lq)| > 79 (every row of
    an ordinary distillation at |k| <= 1): the R2 of step 8 and the W from R2's kept terms without the far-gap form,
-   tagged R2 / Ws. The other bounded rows run them with it, tagged R2f / Wsf, reported in the "far" columns
-   (R1 + R2f + Wsf, each pass in its near form where it has no other).
+   tagged R2 / Ws, and (kernels that keep no terms: the streaming path's, the jsd kernels') the W of step 8
+   recomputing the mixture without it, tagged W. The other bounded rows run them with it, tagged R2f / Wsf / Wf,
+   reported in the "far" columns (R1 + R2f + Wsf or Wf, each pass in its near form where it has no other).
 
 Static shared memory is ptxas's (cuobjdump -res-usage's SHARED minus the 1 KiB reservation it includes).
 Occupancy follows cuda_occupancy.h for sm_90 (65536 registers per SM in 4 sub-partitions, 256-register
@@ -132,8 +133,9 @@ EXACT = "R3"
 # "R2n", "Wn": the bounded rows' R2 and (recomputing) W of the float power-mean kernels under narrow weights
 # (method, step 8).
 NARROW = ("R2n", "Wn")
-# "R2f", "Wsf": the bounded rows' R2 and W (from the kept terms) where a logit gap may be far (method, step 9).
-FAR = ("R2f", "Wsf")
+# "R2f", "Wsf", "Wf": the bounded rows' R2 and W (from the kept terms; recomputing the mixture) where a logit gap may
+# be far (method, step 9).
+FAR = ("R2f", "Wsf", "Wf")
 # "Ws3": the W of the 16-bit alpha-beta qr / rq resident kernels from the three values their R2 keeps (RowArgs::stash
 # 2: d and q^g beside the slice, q in place of the logits; amid_math.h: ab_grad_from_kept3), reported as W where the
 # launcher keeps them at V_GAUGE.
@@ -742,6 +744,10 @@ def gauge_cubin(cubin: str, dtypes: Sequence[str], warnings: List[str]) -> List[
             loops["Wm"] = wsm
         if stash and wsf:
             loops["Wf"] = wsf
+        if "W" not in loops and "Wf" in loops:
+            # (a resident kernel that can keep R2's terms but does not at V_GAUGE, e.g. float32's: its W recomputes the
+            # mixture in the one form it has there, the far-gap one, on every row)
+            loops["W"] = loops["Wf"]
         if kind == "fwd" and not loops:
             warnings.append("no pass-tagged hot loop in the forward kernels: is csrc/ the source the cubins "
                             "were built from (the line info must match the `// gauge:` tags)?")

@@ -445,8 +445,9 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     const bool finite_row = lse.bounded() && (sizeof(scalar_t) != 2 || raw_gap_ok(lse.t.m, lse.s.m, lse.lo_t, lse.lo_s));
     const bool bounded = a.bounded_ok && finite_row;
     // A bounded row whose logit gaps are near (amid_math.h: NearGaps; nearly every row at |k| <= 1) runs the float
-    // power mean's R2 (under wide weights) and W from the kept terms without its far-gap form: a uniform branch per
-    // row, from R1's extremes. Other bounded rows run the same passes with it (gauge:R2f, gauge:Wsf).
+    // power mean's R2 (under wide weights) and W (from the kept terms, or recomputing the mixture under wide weights)
+    // without its far-gap form: a uniform branch per row, from R1's extremes. Other bounded rows run the same passes
+    // with it (gauge:R2f, gauge:Wsf, gauge:Wf).
     const bool near = bounded && near_gaps(P, lse.t.m, lse.s.m, lse.lo_t, lse.lo_s, dAB);
     // Whether R2 keeps the three values (kKept3); once it has, the row's logits are only in global memory.
     const bool kept3 = kKept3 && a.stash == 2 && cst != nullptr && bounded &&
@@ -638,7 +639,17 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
           if constexpr (POWER && std::is_same<acc_t, float>::value) {  // (as R2)
             if (wide_weights<O>(P)) {
               using MW = WideWeights<BoundedRow<M>>;
-              write_grad_row<D, O, POWER, MW>(P, t, s, g, len, vec_ok, A, B, bounded_gap, Z, Z2, S_G, K, scale);  // gauge:W
+              // A near row without the far-gap form, as R2 (the streaming kernels' and kl / ab jsd's W: bf16 kl/pr 7
+              // instructions per element fewer). The kernels that keep R2's terms run this W only where they could not
+              // keep them (rare rows): one form there, which a second would cost registers (bf16 ab/pr resident: 9 ->
+              // 19 spill instructions per row).
+              bool near_w = false;
+              if constexpr (!kStash) near_w = near;
+              if (near_w) {
+                write_grad_row<D, O, POWER, NearGaps<MW>>(P, t, s, g, len, vec_ok, A, B, bounded_gap, Z, Z2, S_G, K, scale);  // gauge:W
+              } else {
+                write_grad_row<D, O, POWER, MW>(P, t, s, g, len, vec_ok, A, B, bounded_gap, Z, Z2, S_G, K, scale);  // gauge:Wf
+              }
             } else {
               write_grad_row<D, O, POWER, BoundedRow<M>>(P, t, s, g, len, vec_ok, A, B, bounded_gap, Z, Z2, S_G, K, scale);  // gauge:Wn
             }

@@ -531,6 +531,9 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
       using MW = amid::WideWeights<amid::BoundedRow<M>>;
       g = P.mode != amid::MixMode::kPower
               ? amid::grad_from_logits<D, O, false, M>(P, t[v] * invT, s[v] * invT, A, B, gap, Z, Z2, S_G, K)
+              : wide && near
+                  ? amid::grad_from_logits<D, O, true, amid::NearGaps<MW>>(P, t[v] * invT, s[v] * invT, A, B, gap, Z, Z2,
+                                                                           S_G, K)  // (the streaming W of a near row)
               : wide ? amid::grad_from_logits<D, O, true, MW>(P, t[v] * invT, s[v] * invT, A, B, gap, Z, Z2, S_G, K)
                      : amid::grad_from_logits<D, O, true, M>(P, t[v] * invT, s[v] * invT, A, B, gap, Z, Z2, S_G, K);
     });
