@@ -639,7 +639,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
           if constexpr (POWER && std::is_same<acc_t, float>::value) {  // (as R2)
             if (wide_weights<O>(P)) {
               using MW = WideWeights<BoundedRow<M>>;
-              // A near row without the far-gap form, as R2 (the streaming kernels' and kl / ab jsd's W: bf16 kl/pr 7
+              // A near row without the far-gap form, as R2 (the streaming kernels' and kl / ab jsd's W: bf16 kl/pr 6
               // instructions per element fewer). The kernels that keep R2's terms run this W only where they could not
               // keep them (rare rows): one form there, which a second would cost registers (bf16 ab/pr resident: 9 ->
               // 19 spill instructions per row).

@@ -533,7 +533,7 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
               ? amid::grad_from_logits<D, O, false, M>(P, t[v] * invT, s[v] * invT, A, B, gap, Z, Z2, S_G, K)
               : wide && near
                   ? amid::grad_from_logits<D, O, true, amid::NearGaps<MW>>(P, t[v] * invT, s[v] * invT, A, B, gap, Z, Z2,
-                                                                           S_G, K)  // (the streaming W of a near row)
+                                                                           S_G, K)  // (a near row: the streaming W; MW's values)
               : wide ? amid::grad_from_logits<D, O, true, MW>(P, t[v] * invT, s[v] * invT, A, B, gap, Z, Z2, S_G, K)
                      : amid::grad_from_logits<D, O, true, M>(P, t[v] * invT, s[v] * invT, A, B, gap, Z, Z2, S_G, K);
     });
