@@ -643,9 +643,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
               // instructions per element fewer). The kernels that keep R2's terms run this W only where they could not
               // keep them (rare rows): one form there, which a second would cost registers (bf16 ab/pr resident: 9 ->
               // 19 spill instructions per row).
-              bool near_w = false;
-              if constexpr (!kStash) near_w = near;
-              if (near_w) {
+              if (!kStash && near) {
                 write_grad_row<D, O, POWER, NearGaps<MW>>(P, t, s, g, len, vec_ok, A, B, bounded_gap, Z, Z2, S_G, K, scale);  // gauge:W
               } else {
                 write_grad_row<D, O, POWER, MW>(P, t, s, g, len, vec_ok, A, B, bounded_gap, Z, Z2, S_G, K, scale);  // gauge:Wf
