@@ -70,6 +70,10 @@ Method (what is counted, and how)
    tagged R2 / Ws, and (kernels that keep no terms: the streaming path's, the jsd kernels') the W of step 8
    recomputing the mixture without it, tagged W. The other bounded rows run them with it, tagged R2f / Wsf / Wf,
    reported in the "far" columns (R1 + R2f + Wsf or Wf, each pass in its near form where it has no other).
+10. At alpha = 0.5 (1 / k = 4, the library's default alpha; a runtime choice per launch) the streaming kl/pr and kl/qr
+   kernels' near rows take a third W (amid_math.h: grad_from_logits_pow2, p, q and r from one exponential and
+   squarings), tagged Wi and reported in the "alpha = 1/2" columns (R1 + R2 + Wi) with their own target check; W and
+   "all passes" stay those of any other alpha.
 
 Static shared memory is ptxas's (cuobjdump -res-usage's SHARED minus the 1 KiB reservation it includes).
 Occupancy follows cuda_occupancy.h for sm_90 (65536 registers per SM in 4 sub-partitions, 256-register
@@ -140,7 +144,11 @@ FAR = ("R2f", "Wsf", "Wf")
 # 2: d and q^g beside the slice, q in place of the logits; amid_math.h: ab_grad_from_kept3), reported as W where the
 # launcher keeps them at V_GAUGE.
 KEPT3 = ("Ws3",)
-TAGS = PASSES + ("Ws",) + GENERAL + ("Wsm", EXACT) + NARROW + FAR + KEPT3
+# "Wi": the streaming kl kernels' W of a near row at alpha = 0.5 (1 / k = 4, the library's default; amid_math.h:
+# grad_from_logits_pow2: p, q, r from one exponential and squarings), reported in the "alpha = 1/2" columns
+# (R1 + R2 + Wi); W stays the general alpha's.
+POW2 = ("Wi",)
+TAGS = PASSES + ("Ws",) + GENERAL + ("Wsm", EXACT) + NARROW + FAR + KEPT3 + POW2
 
 # Targets of issue 9 (bf16, sm_90a): (instructions, MUFU) per element over R1 + R2 + W.
 TARGETS = {"kl": (130, 11), "ab": (170, 14)}
@@ -795,6 +803,17 @@ def gauge_cubin(cubin: str, dtypes: Sequence[str], warnings: List[str]) -> List[
         ok = "R2f" in loops or "Wf" in loops
         row["far_instr_per_elem"] = round(sum(lc.instr_per_elem for lc in far), 2) if ok else ""
         row["far_mufu_per_elem"] = round(sum(lc.mufu_per_elem for lc in far), 3) if ok else ""
+        # alpha = 1/2 (the library's default alpha; 1 / k = 4): R1 + R2 + Wi where the kernel has that W (streaming kl/pr,
+        # kl/qr), "" elsewhere.
+        lc = loops.get("Wi")
+        row["Wi_instr_per_elem"] = round(lc.instr_per_elem, 2) if lc else ""
+        row["Wi_mufu_per_elem"] = round(lc.mufu_per_elem, 3) if lc else ""
+        half = [loops.get("R1"), loops.get("R2"), lc]
+        ok = all(half)
+        half_i = sum(x.instr_per_elem for x in half) if ok else 0.0
+        half_m = sum(x.mufu_per_elem for x in half) if ok else 0.0
+        row["alpha_half_instr_per_elem"] = round(half_i, 2) if ok else ""
+        row["alpha_half_mufu_per_elem"] = round(half_m, 3) if ok else ""
         lc = loops.get(EXACT)
         row[f"{EXACT}_instr_per_elem"] = round(lc.instr_per_elem, 2) if lc else ""
         row[f"{EXACT}_mufu_per_elem"] = round(lc.mufu_per_elem, 3) if lc else ""
@@ -810,6 +829,13 @@ def gauge_cubin(cubin: str, dtypes: Sequence[str], warnings: List[str]) -> List[
                              + (f" ctas>={TARGET_CTAS_KL}:{'met' if met[3] else 'UNMET'}" if div == "kl" else ""))
         else:
             row["target"] = ""
+        row["target_alpha_half"] = ""
+        if row["target"] and row["alpha_half_instr_per_elem"] != "":
+            ti, tm = TARGETS[div]
+            met = [half_i <= ti, half_m <= tm, spills == 0] + ([ctas >= TARGET_CTAS_KL] if div == "kl" else [])
+            row["target_alpha_half"] = (f"instr<={ti}:{'met' if met[0] else 'UNMET'} mufu<={tm}:{'met' if met[1] else 'UNMET'} "
+                                        f"spills=0:{'met' if met[2] else 'UNMET'}"
+                                        + (f" ctas>={TARGET_CTAS_KL}:{'met' if met[3] else 'UNMET'}" if div == "kl" else ""))
         rows.append(row)
     order_key = {"fwd": 0, "bwd": 1}
     mix_key = {"power": 0, "any": 0, "cheap": 1}
@@ -837,7 +863,7 @@ def tool_version() -> str:
 
 def format_table(rows: Sequence[Dict[str, object]]) -> str:
     hdr = ["kernel", "dtype", "loss", "path", "mix", "regs", "spill", "smem", "dyn", "C", "CTA/SM", "R1 i/m", "R2 i/m",
-           "W i/m", "all i/m", "narrow i/m", "far i/m", "general i/m", "stage i", "target"]
+           "W i/m", "all i/m", "narrow i/m", "far i/m", "general i/m", "stage i", "target", "alpha=1/2 i/m", "target alpha=1/2"]
     out = [hdr]
     for r in rows:
         def im(p: str) -> str:
@@ -853,7 +879,10 @@ def format_table(rows: Sequence[Dict[str, object]]) -> str:
                     f"{float(r['far_instr_per_elem']):.1f}/{float(r['far_mufu_per_elem']):.2f}",
                     "-" if r.get("general_instr_per_elem", "") == "" else
                     f"{float(r['general_instr_per_elem']):.1f}/{float(r['general_mufu_per_elem']):.2f}",
-                    "-" if st == "" else f"{float(st):.1f}", str(r["target"])])
+                    "-" if st == "" else f"{float(st):.1f}", str(r["target"]),
+                    "-" if r.get("alpha_half_instr_per_elem", "") == "" else
+                    f"{float(r['alpha_half_instr_per_elem']):.1f}/{float(r['alpha_half_mufu_per_elem']):.2f}",
+                    str(r.get("target_alpha_half", ""))])
     w = [max(len(row[i]) for row in out) for i in range(len(hdr))]
     return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(row)).rstrip() for row in out)
 
@@ -881,12 +910,14 @@ def readme_table(csv_path: str) -> str:
              "\"other λ\" is R1 + R2 + W of those rows at the other λ; \"far gaps\" of those rows where a logit gap "
              "may exceed 79 / |k| nats (R1's extremes; at |k| <= 1 a row with a gap of 79 nats or more), which keep "
              "the power mean's far-gap form. Rows with −inf masks or huge logits run R2 "
-             "and W with their guards (R1 + R2 + W, \"masked / huge rows\"). R3 is the exact pass, which a row runs "
+             "and W with their guards (R1 + R2 + W, \"masked / huge rows\"). \"α = ½\": at α = 0.5 (the library's default; "
+             "1 / k = 4) the streaming kl/pr and kl/qr kernels' near rows take another W (p, q and r from one exponential "
+             "and squarings), R1 + R2 + that W; the other columns are those of any α. R3 is the exact pass, which a row runs "
              "in addition only where its closing formulas would lose too much (see the accuracy notes).",
              "",
              "| kernel | loss | path | regs | spills | smem static + dyn (cluster) | CTAs/SM | R1 | R2 | W | R1+R2+W | target "
-             "| other λ | far gaps | masked / huge rows | R3 (rare rows) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| α = ½: R1+R2+W, target | other λ | far gaps | masked / huge rows | R3 (rare rows) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["dtype"] != "bf16" or r.get("mixture", "any") == "cheap" or \
                 (r["path"] == "stream" and r["loss"] not in ("kl/pr", "ab/rq")):  # in the CSV
@@ -895,6 +926,12 @@ def readme_table(csv_path: str) -> str:
         def im(p: str) -> str:
             return "–" if r[f"{p}_instr_per_elem"] == "" else \
                 f"{float(r[f'{p}_instr_per_elem']):.0f} / {float(r[f'{p}_mufu_per_elem']):.1f}"
+        def half(r) -> str:  # (CSVs before the alpha = 1/2 W have no such columns)
+            i = r.get("alpha_half_instr_per_elem", "")
+            if not i:
+                return "–"
+            tgt = r.get("target_alpha_half", "").replace("UNMET", "**unmet**")
+            return f"{float(i):.0f} / {float(r['alpha_half_mufu_per_elem']):.1f}" + (f": {tgt}" if tgt else "")
         def total(r, name: str) -> str:
             i = r.get(f"{name}_instr_per_elem", "")
             return "–" if i == "" else f"{float(i):.0f} / {float(r[f'{name}_mufu_per_elem']):.1f}"
@@ -904,7 +941,8 @@ def readme_table(csv_path: str) -> str:
         lines.append(f"| {r['kernel']} | {r['loss']} | {r['path']} | {r['registers']} | {r['spill_instructions']} | "
                      f"{smem} | {r['ctas_per_sm']} | {im('R1')} | {im('R2')} | {im('W')} | "
                      f"{float(r['all_instr_per_elem']):.0f} / {float(r['all_mufu_per_elem']):.1f} | "
-                     f"{r['target'].replace('UNMET', '**unmet**') or ''} | {total(r, 'narrow')} | {total(r, 'far')} | {total(r, 'general')} | "
+                     f"{r['target'].replace('UNMET', '**unmet**') or ''} | {half(r)} | "
+                     f"{total(r, 'narrow')} | {total(r, 'far')} | {total(r, 'general')} | "
                      f"{im(EXACT) if f'{EXACT}_instr_per_elem' in r else '–'} |")
     return "\n".join(lines)
 

@@ -93,6 +93,9 @@ struct LossParams {
   // parameter, so the kernels' branches on it are uniform and never taken for ordinary lam.
   bool lam_tiny;
   T k, inv_k;       // k = (1 - alpha) / 2, used by kPower only
+  // 1 / k where it is 1, 2, 4 or 8 (alpha = -1, 0, 1/2, 3/4; k then a power of two), else 0: the GPU's streaming
+  // kl/pr, kl/qr W with p, q, r from one exponential (grad_from_logits_pow2; compiled for kPow2N). kPower only.
+  int pow_n;
   // k log2(e), log2(lam) and log2(1 - lam) (computed in double on the host): W's weight w from the kept d as one
   // base-2 exponential of an FMA; c_non: log(1 - lam) / k (index 0: pr / rp) and log(lam) / k (1: qr / rq), lt - l_non
   // where the non-reference side dominates (power_mixture_from_d). kPower only.
@@ -294,6 +297,18 @@ struct LibMath {
     return ::logf(s) + a;
 #endif
   }
+  // log2(s) c + a for a positive normal s (the streaming kl W's scaled sums at k = 1 / N, grad_from_logits_pow2: c =
+  // N ln 2 makes it a natural log over k): one MUFU.LG2 (absolute error 2^-22 on [1/2, 2], else 2 ulp of its result) and
+  // one FMA. The host uses log2f (the C++ tests emulate the GPU's error).
+  static AMID_HD float log2_fma(float s, float c, float a) {
+#if defined(__CUDA_ARCH__)
+    float r;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(s));
+    return fmaf(r, c, a);
+#else
+    return fmaf(::log2f(s), c, a);
+#endif
+  }
   // use_log1p ? log1p(y) : log(s): the double power mean's logarithm (power_log).
   static AMID_HD double log_sel(bool use_log1p, double y, double s) { return use_log1p ? ::log1p(y) : ::log(s); }
 };
@@ -322,6 +337,7 @@ struct PreciseMath : LibMath {
   static AMID_HD float rcp_approx(float x) { return 1.0f / x; }
   static AMID_HD float log_mix(float s) { return ::logf(s); }
   static AMID_HD float log_unit_add(float s, float a) { return ::logf(s) + a; }
+  static AMID_HD float log2_fma(float s, float c, float a) { return fmaf(::log2f(s), c, a); }
   static AMID_HD float exp_corr(float x) { return ::expf(x); }
 };
 
@@ -1359,6 +1375,80 @@ AMID_HD T grad_from_logits(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowL
     w_mixture<O, POWER, M>(P, tf, sf, A, B, dAB, lp, lq, lt, w, d);
     return grad_from_mixture<D, O, M>(P, lp, lq, lt, w, d, Z, S_G, K);
   }
+}
+
+// x^N for N a power of two: log2(N) squarings.
+template <int N, typename T>
+AMID_HD T pow_pow2(T x) {
+  static_assert(N >= 1 && (N & (N - 1)) == 0, "pow_pow2: expected N a power of two");
+  if constexpr (N == 1) {
+    return x;
+  } else {
+    const T h = pow_pow2<N / 2>(x);
+    return h * h;
+  }
+}
+
+// W of kl/pr and kl/qr at k = 1 / N, N a power of two (LossParams::pow_n; N = 4 is alpha = 0.5, the library's
+// default), in a near row under wide weights (float; the streaming kernels' W, which recomputes the mixture): with B
+// the side whose k-th power is the larger (b its probability, lam_B its weight, N the other side) and E = e^-|x| from
+// power_pre, the power mean is r~ = b s^N, s = lam_B + lam_N E (the sum whose logarithm power_log takes), and the
+// other side's probability is b e^-|lp - lq| = b E^N (x = k (lp - lq) exactly: k is a power of two). So p, q and r
+// come from one exponential (b) and squarings, where grad_from_logits takes three (p, q, r = e^(lt - Z)) and a fourth
+// for w (from d, power_mixture_from_kept); w = (1 - lam) (q / b)^k / s by one reciprocal of s. The row constant
+// e^-Z enters through the weights (Pow2Row: s' = s e^(-k Z), so r = b s'^N), and with it the element terms'
+// e = d - Z = (ln s' + [non-own form] |x|) / k: power_log's logarithm (its series where |x| < 1/2, then minus Z).
+// 4 MUFU per element (E, b, the logarithm, the reciprocal) where grad_from_logits takes 6. Not bit for bit the
+// recomputing W's values (nor the kept-term W's): r and b E^N carry the squarings' roundings, N times the relative
+// error of E and s (~2^-22 each), and E^N of the smaller side is absolutely within 2^-24 of b (its relative error,
+// N |x| 2^-24 from E's argument, grows only where it is a vanishing share of b). tests/cpp (gpu_row) measures it
+// against float64 and against that W. Not rp / rq: there G = r e, with e up to the logit gap (~90 in rows far apart),
+// and the shifted sums cancel r e against S_G only where W's r has R2's rounding (e^(lt - Z) from the same lt); with
+// this r the emulated gradient of such rows was 5x the recomputing W's error (5.5e-5 against 1e-5 of the largest
+// element, tests/cpp test_fixed_shift_rows, kl/rp alpha 0.5 lam 0.5), pr / qr within it.
+// The one N the GPU kernels compile it for (each N is one more W per kl kernel): alpha = 0.5, the library's default.
+constexpr int kPow2N = 4;
+template <typename T>
+struct Pow2Row {
+  T s_ref, s_nonref;  // the weights of the loss's reference side and of the other, times e^(-k Z)
+  T w_num;            // (1 - lam) e^(-k Z): w = w_num (q / b)^k / s'
+  T log_mul;          // ln 2 / k: e = log2(s') log_mul (+ |lp - lq| in the non-own form)
+  T Z;
+};
+template <bool REF_P, typename T>
+AMID_HD Pow2Row<T> pow2_row(const LossParams<T>& P, T Z) {
+  const T c = T(::exp(-double(P.k) * double(Z)));  // (once per row: in double)
+  Pow2Row<T> R;
+  R.s_ref = (REF_P ? P.lam : P.one_minus_lam) * c;
+  R.s_nonref = (REF_P ? P.one_minus_lam : P.lam) * c;
+  R.w_num = P.one_minus_lam * c;
+  R.log_mul = T(0.693147180559945309) * P.inv_k;
+  R.Z = Z;
+  return R;
+}
+template <Divergence D, Order O, int N, class M, typename T, typename G>
+AMID_HD T grad_from_logits_pow2(const LossParams<T>& P, T tf, T sf, RowLse<T> A, RowLse<T> B, G gap,
+                                const Pow2Row<T>& R, T S_G, T K) {
+  static_assert(D == Divergence::kKL && (O == Order::kPR || O == Order::kQR), "grad_from_logits_pow2: kl/pr, kl/qr only");
+  static_assert(M::kNearGaps && M::kBounded && kSplitLog<M, T>, "grad_from_logits_pow2: near bounded rows, float, "
+                                                                 "wide weights (E = e^-|x| in every form)");
+  constexpr bool REF_P = ref_is_p<O>();
+  const T lp = log_prob<M>(tf, A), lq = log_prob<M>(sf, B);
+  const T dpq = logit_gap<M>(tf, sf, lp, lq, gap);
+  const PowerPre<T> m = power_pre<REF_P, M>(P, dpq);  // (its w is R2's form: unused here)
+  // s' as power_log's sum (the own form: B is the reference side), scaled; e by power_log's series where |x| < 1/2,
+  // else from the logarithm (base = own: no far-gap form; |x| / k = |lp - lq| exactly)
+  const T s = m.own ? R.s_ref + R.s_nonref * m.E : R.s_nonref + R.s_ref * m.E;
+  const T ser = m.sx * horner<0, kMixTerms>(P.mix_h[REF_P ? 0 : 1], m.sx);
+  const T e_log = M::log2_fma(s, R.log_mul, m.base ? T(0) : std::fabs(dpq));  // (both formed: a select, no branch)
+  const T e = m.ax > T(-0.5) ? ser - R.Z : e_log;
+  const T b = M::exp_approx(m.q_base ? lq : lp);
+  const T o = b * pow_pow2<N>(m.E);
+  const T p = m.q_base ? o : b, q = m.q_base ? b : o;
+  const T r = b * pow_pow2<N>(s);
+  const T w = M::rcp_approx(s) * (m.q_base ? R.w_num : R.w_num * m.E);
+  const Terms<T> t = element_terms<D, O, M>(P, p, q, r, lp, lq, (REF_P ? lp : lq) + e, e);
+  return element_grad((O == Order::kQR || O == Order::kRQ) && P.detach, w, q, r, t, S_G, K);
 }
 
 // The same for the power mean of a single order, from the element's term kept from R2 (power_kept; the GPU's

@@ -239,6 +239,7 @@ LossParams<T> make_params(const char* op, double alpha, double lam, const std::s
   const double k = 0.5 * (1.0 - alpha);
   P.k = T(k);
   P.inv_k = k != 0.0 ? T(1.0 / k) : T(0);
+  P.pow_n = (k == 1.0 || k == 0.5 || k == 0.25 || k == 0.125) ? int(1.0 / k) : 0;
   P.k_log2e = T(k * kLog2e);
   P.log2_lam = T(std::log(lam) * kLog2e);
   P.log2_1m_lam = T(std::log1p(-lam) * kLog2e);

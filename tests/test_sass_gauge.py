@@ -222,5 +222,12 @@ def test_gauge_on_built_library(tmp_path, capsys):
     assert sum(r["R3_instr_per_elem"] != "" for r in rows if r["kernel"] == "fwd") >= 30, warnings
     targets = {r["loss"]: r["target"] for r in rows if r["target"]}
     assert set(targets) == {"kl/pr", "ab/rq"}
+    # The alpha = 0.5 W (tag Wi) in the streaming kl/pr and kl/qr power-mean kernels only, with fewer MUFU ops than W.
+    half = {(r["loss"], r["path"], r["mixture"]) for r in rows if r["alpha_half_instr_per_elem"] != ""}
+    assert half == {("kl/pr", "stream", "power"), ("kl/qr", "stream", "power")}, (half, warnings)
+    for r in rows:
+        if r["Wi_instr_per_elem"] != "":
+            assert r["Wi_mufu_per_elem"] < r["W_mufu_per_elem"], (r["loss"], r["Wi_mufu_per_elem"], r["W_mufu_per_elem"])
+    assert [r["target_alpha_half"] != "" for r in rows if r["target"]].count(True) == 1  # (kl/pr streaming)
     with capsys.disabled():  # the report, met or not
         print("\n" + g.format_table(rows))

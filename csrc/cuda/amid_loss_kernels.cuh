@@ -149,6 +149,31 @@ __device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const
   });
 }
 
+// The same at k = 1 / N (amid_math.h: grad_from_logits_pow2; a kl/pr or kl/qr near row under wide weights, float).
+template <Divergence D, Order O, int N, class MM, typename scalar_t, typename acc_t, typename Gap>
+__device__ __forceinline__ void write_grad_row_pow2(const LossParams<acc_t>& P, const scalar_t* t, const scalar_t* s,
+                                                    scalar_t* g, int64_t len, bool vec_ok, RowLse<acc_t> A,
+                                                    RowLse<acc_t> B, Gap gap, acc_t Z, acc_t S_G, acc_t K,
+                                                    acc_t scale) {
+  constexpr int kW = VecWidth<scalar_t>::value;
+  const acc_t invT = P.inv_temperature;
+  const Pow2Row<acc_t> R = pow2_row<ref_is_p<O>()>(P, Z);
+  visit_row(t, s, len, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
+    constexpr int n = decltype(nc)::value;
+    alignas(16) scalar_t out[kW];
+    acc_t tw[n], sw[n];
+    widen<n>(tv, tw);
+    widen<n>(sv, sw);
+#pragma unroll
+    for (int j = 0; j < n; ++j) {
+      const acc_t tf = tw[j] * invT, sf = sw[j] * invT;
+      out[j] = scalar_t(scale * grad_from_logits_pow2<D, O, N, MM>(P, tf, sf, A, B, gap_arg(gap, tw[j], sw[j]), R, S_G,
+                                                                    K));
+    }
+    store_chunk_global<n>(g, i, out);
+  });
+}
+
 // The same from the terms R2 kept in shared memory (cst, at the slice's misalignment; amid_math.h: power_kept,
 // d or c): the resident power-mean kernels of a single order, whose W then has no logarithm and no mixture form
 // (amid_math.h: grad_from_logits_c; the same values as write_grad_row bit for bit).
@@ -644,7 +669,16 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
               // keep them (rare rows): one form there, which a second would cost registers (bf16 ab/pr resident: 9 ->
               // 19 spill instructions per row).
               if (!kStash && near) {
-                write_grad_row<D, O, POWER, NearGaps<MW>>(P, t, s, g, len, vec_ok, A, B, bounded_gap, Z, Z2, S_G, K, scale);  // gauge:W
+                // kl/pr, kl/qr at alpha = 0.5 (1 / k = 4, the library's default): p, q, r from one exponential and
+                // squarings (amid_math.h: grad_from_logits_pow2; bf16 kl/pr 6 -> 4 MUFU per element). Other alpha: W.
+                constexpr bool kPow2 = D == Divergence::kKL && (O == Order::kPR || O == Order::kQR);
+                if (kPow2 && P.pow_n == kPow2N) {
+                  if constexpr (kPow2) {
+                    write_grad_row_pow2<D, O, kPow2N, NearGaps<MW>>(P, t, s, g, len, vec_ok, A, B, bounded_gap, Z, S_G, K, scale);  // gauge:Wi
+                  }
+                } else {
+                  write_grad_row<D, O, POWER, NearGaps<MW>>(P, t, s, g, len, vec_ok, A, B, bounded_gap, Z, Z2, S_G, K, scale);  // gauge:W
+                }
               } else {
                 write_grad_row<D, O, POWER, MW>(P, t, s, g, len, vec_ok, A, B, bounded_gap, Z, Z2, S_G, K, scale);  // gauge:Wf
               }

@@ -368,6 +368,11 @@ static int g_rows = 0, g_exact_rows = 0, g_reruns = 0, g_wide_rows = 0, g_near_r
 // The largest difference between W from the three kept values (ab_grad_from_kept3) and W recomputing the mixture, over
 // the gradient's largest element, since it was last reset (test_online_float reports it per regime).
 static double g_kept3_dev = 0;
+// The same for the streaming kl/pr, kl/qr W at 1 / k = kPow2N (grad_from_logits_pow2) against W recomputing the mixture,
+// over max(the gradient's largest element, 1) (a gradient that nearly vanishes is a difference of O(1) terms: see
+// FloatRegime::grad_floor), and the rows that took it.
+static double g_pow2_dev = 0;
+static int g_pow2_rows = 0;
 static bool g_fixed_shift = true;  // gpu_row: bounded rows take R2 relative to lt = 0, as the kernel (FixedShift)
 // kBins: the top-k kernel's bucket bins instead (amid_topk_cuda.cu): no approximate instruction (PreciseMath,
 // which on the host is the library math) and the exact pass on every bounded row. kRaw16: the 16-bit kernels'
@@ -523,6 +528,15 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
   g_kept3_rows += kept3;
   const amid::Kept3Row<T> k3row = amid::kept3_row(P, Z, S_G, K);  // (ab_grad_from_kept3's row constants)
   double dev3 = 0, gmax3 = 0;
+  // The streaming kernels' W of a kl/pr, kl/qr near row under wide weights at 1 / k = kPow2N (alpha = 0.5): grad_from_logits_pow2,
+  // not the recomputing W's values bit for bit; its gradient is the one returned (the kernel's default path), and its
+  // largest difference from the recomputing W is reported (test_online_float; float64 is the budget).
+  constexpr bool kPow2 = D == amid::Divergence::kKL && (O == amid::Order::kPR || O == amid::Order::kQR) &&
+                        std::is_same<T, float>::value;
+  const bool pow2 = kPow2 && wide && near && P.mode == amid::MixMode::kPower && P.pow_n == amid::kPow2N;
+  g_pow2_rows += pow2;
+  const amid::Pow2Row<T> prow = amid::pow2_row<amid::ref_is_p<O>()>(P, Z);
+  double dev2 = 0, gmax2 = 0;  // (gmax2: of the recomputing W)
   // W recomputing the mixture (the streaming kernels' W: the raw gap in a bounded 16-bit row) or from R2's kept terms
   // (the resident single orders), which must agree bit for bit where both took R2's gap.
   for (int64_t v = 0; v < V; ++v) {
@@ -560,9 +574,22 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
         g = g3;
       }
     }
+    if constexpr (kPow2) {
+      if (pow2) {
+        T g2 = 0;
+        with_gap(raw, v, [&](auto gap) {
+          using MN = amid::NearGaps<amid::WideWeights<amid::BoundedRow<M>>>;
+          g2 = amid::grad_from_logits_pow2<D, O, amid::kPow2N, MN>(P, t[v] * invT, s[v] * invT, A, B, gap, prow, S_G, K);
+        });
+        dev2 = std::max(dev2, std::abs(double(g2) - double(g)));
+        gmax2 = std::max(gmax2, std::abs(double(g)));
+        g = g2;
+      }
+    }
     grad[v] = double(g * invT);
   }
   if (gmax3 > 0) g_kept3_dev = std::max(g_kept3_dev, dev3 / gmax3);
+  g_pow2_dev = std::max(g_pow2_dev, dev2 / std::max(gmax2, 1.0));
 }
 
 // W's weight w = d lt / d lq from the element's kept term (amid_math.h: power_mixture_from_kept; d, or c with a
@@ -1556,6 +1583,7 @@ static void test_huge_logit_rows() {
 
 static void test_online_float(const FloatRegime& R) {
   at::manual_seed(R.seed);
+  g_pow2_rows = 0, g_pow2_dev = 0;  // (other tests' gpu_row calls count too)
   const int64_t V = R.V;
   double worst_loss = 0, worst_grad = 0;
   struct {
@@ -1626,10 +1654,11 @@ static void test_online_float(const FloatRegime& R) {
   }
   std::printf("online reductions in float, %s: loss worst rel. %.3g, gradient worst %.3g (exact pass: %d of %d rows, "
               "R2 again under the running maximum: %d; wide weights: %d; near gaps: %d; W from three kept values: %d, "
-              "at most %.3g from W recomputing)\n", R.name, worst_loss, worst_grad,
-              g_exact_rows, g_rows, g_reruns, g_wide_rows, g_near_rows, g_kept3_rows, g_kept3_dev);
-  g_rows = g_exact_rows = g_reruns = g_wide_rows = g_near_rows = g_kept3_rows = 0;
-  g_kept3_dev = 0;
+              "at most %.3g from W recomputing; streaming kl/pr, kl/qr W at alpha = 0.5: %d rows, at most %.3g from it)\n", R.name,
+              worst_loss, worst_grad, g_exact_rows, g_rows, g_reruns, g_wide_rows, g_near_rows, g_kept3_rows, g_kept3_dev,
+              g_pow2_rows, g_pow2_dev);
+  g_rows = g_exact_rows = g_reruns = g_wide_rows = g_near_rows = g_kept3_rows = g_pow2_rows = 0;
+  g_kept3_dev = g_pow2_dev = 0;
   if (R.teacher_topk > 0) {
     std::printf("  masked rows, worst absolute errors: online loss %.3g, gradient %.3g; the CPU op in float: %.3g, %.3g\n",
                 masked.online_loss, masked.online_grad, masked.cpu_loss, masked.cpu_grad);
