@@ -95,6 +95,9 @@ struct LossParams {
   T k, inv_k;       // k = (1 - alpha) / 2, used by kPower only
   // 1 / k where it is 1, 2, 4 or 8 (alpha = -1, 0, 1/2, 3/4; k then a power of two), else 0: the GPU's streaming
   // kl/pr, kl/qr W with p, q, r from one exponential (grad_from_logits_pow2; compiled for kPow2N). kPower only.
+  // Here, not in lam_tiny's padding: the 4 bytes it shifts the fields below by changed ptxas's register allocation of
+  // the alpha-beta kernels (bf16 sm_90a spill instructions per row: ab/rq streaming 32 -> 0, resident 83 -> 61; in
+  // the padding, as before; before ab_a 14 and 83, before mix_h 4 and 61). Measured with the gauge, not designed.
   int pow_n;
   // k log2(e), log2(lam) and log2(1 - lam) (computed in double on the host): W's weight w from the kept d as one
   // base-2 exponential of an FMA; c_non: log(1 - lam) / k (index 0: pr / rp) and log(lam) / k (1: qr / rq), lt - l_non
