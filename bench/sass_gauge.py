@@ -817,25 +817,23 @@ def gauge_cubin(cubin: str, dtypes: Sequence[str], warnings: List[str]) -> List[
         lc = loops.get(EXACT)
         row[f"{EXACT}_instr_per_elem"] = round(lc.instr_per_elem, 2) if lc else ""
         row[f"{EXACT}_mufu_per_elem"] = round(lc.mufu_per_elem, 3) if lc else ""
+        def target_text(instr: float, mufu: float) -> str:  # issue 9's targets, met or not, for these totals
+            ti, tm = TARGETS[div]
+            met = [instr <= ti, mufu <= tm, spills == 0] + ([ctas >= TARGET_CTAS_KL] if div == "kl" else [])
+            return (f"instr<={ti}:{'met' if met[0] else 'UNMET'} mufu<={tm}:{'met' if met[1] else 'UNMET'} "
+                    f"spills=0:{'met' if met[2] else 'UNMET'}"
+                    + (f" ctas>={TARGET_CTAS_KL}:{'met' if met[3] else 'UNMET'}" if div == "kl" else ""))
         # Both forward paths: the resident kernel the targets were set for, and the streaming one, the launcher's
         # default since an H200 measured it faster (amid_loss_kernels.cuh, launch_fwd_mode).
         if kind == "fwd" and path in ("resident", "stream") and dtype == "bf16" and mixture != "cheap" and \
                 f"{div}/{order}" in ("kl/pr", "ab/rq"):
-            ti, tm = TARGETS[div]
             missing = [p for p in ("R1", "R2", "W") if p not in loops]
-            met = [tot_i <= ti, tot_m <= tm, spills == 0] + ([ctas >= TARGET_CTAS_KL] if div == "kl" else [])
-            row["target"] = f"unknown (no hot loop found for {','.join(missing)})" if missing else (f"instr<={ti}:{'met' if met[0] else 'UNMET'} mufu<={tm}:{'met' if met[1] else 'UNMET'} "
-                             f"spills=0:{'met' if met[2] else 'UNMET'}"
-                             + (f" ctas>={TARGET_CTAS_KL}:{'met' if met[3] else 'UNMET'}" if div == "kl" else ""))
+            row["target"] = (f"unknown (no hot loop found for {','.join(missing)})" if missing
+                             else target_text(tot_i, tot_m))
         else:
             row["target"] = ""
-        row["target_alpha_half"] = ""
-        if row["target"] and row["alpha_half_instr_per_elem"] != "":
-            ti, tm = TARGETS[div]
-            met = [half_i <= ti, half_m <= tm, spills == 0] + ([ctas >= TARGET_CTAS_KL] if div == "kl" else [])
-            row["target_alpha_half"] = (f"instr<={ti}:{'met' if met[0] else 'UNMET'} mufu<={tm}:{'met' if met[1] else 'UNMET'} "
-                                        f"spills=0:{'met' if met[2] else 'UNMET'}"
-                                        + (f" ctas>={TARGET_CTAS_KL}:{'met' if met[3] else 'UNMET'}" if div == "kl" else ""))
+        row["target_alpha_half"] = (target_text(half_i, half_m)
+                                    if row["target"] and row["alpha_half_instr_per_elem"] != "" else "")
         rows.append(row)
     order_key = {"fwd": 0, "bwd": 1}
     mix_key = {"power": 0, "any": 0, "cheap": 1}

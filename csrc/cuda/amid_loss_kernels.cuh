@@ -126,13 +126,12 @@ struct RowArgs {
 // `len` elements from the row statistics, g = scale * (w (G - r S_G) + H - q K) (amid_math.h:
 // element_terms; for kl G, H, S_G, K are the shifted ones). gap: the row's dAB, or RawGapRow (gap_arg).
 
-template <Divergence D, Order O, bool POWER, class MM = M, typename scalar_t, typename acc_t, typename Gap>
-__device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const scalar_t* t, const scalar_t* s,
-                                               scalar_t* g, int64_t len, bool vec_ok, RowLse<acc_t> A,
-                                               RowLse<acc_t> B, Gap gap, acc_t Z, acc_t Z2, acc_t S_G, acc_t K,
-                                               acc_t scale) {
+// The element loop of the W passes that read only the logits: elem(tf, sf, t, s) is an element's gradient from its
+// scaled logits tf = t / T, sf = s / T and its raw ones (for the gap, gap_arg), divided by scale.
+template <typename scalar_t, typename acc_t, typename Elem>
+__device__ __forceinline__ void write_grad_elems(const scalar_t* t, const scalar_t* s, scalar_t* g, int64_t len,
+                                                 bool vec_ok, acc_t invT, acc_t scale, Elem&& elem) {
   constexpr int kW = VecWidth<scalar_t>::value;
-  const acc_t invT = P.inv_temperature;
   visit_row(t, s, len, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
     constexpr int n = decltype(nc)::value;
     alignas(16) scalar_t out[kW];
@@ -141,11 +140,19 @@ __device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const
     widen<n>(sv, sw);
 #pragma unroll
     for (int j = 0; j < n; ++j) {
-      const acc_t tf = tw[j] * invT, sf = sw[j] * invT;
-      out[j] = scalar_t(scale * grad_from_logits<D, O, POWER, MM>(P, tf, sf, A, B, gap_arg(gap, tw[j], sw[j]), Z, Z2,
-                                                                   S_G, K));
+      out[j] = scalar_t(scale * elem(tw[j] * invT, sw[j] * invT, tw[j], sw[j]));
     }
     store_chunk_global<n>(g, i, out);
+  });
+}
+
+template <Divergence D, Order O, bool POWER, class MM = M, typename scalar_t, typename acc_t, typename Gap>
+__device__ __forceinline__ void write_grad_row(const LossParams<acc_t>& P, const scalar_t* t, const scalar_t* s,
+                                               scalar_t* g, int64_t len, bool vec_ok, RowLse<acc_t> A,
+                                               RowLse<acc_t> B, Gap gap, acc_t Z, acc_t Z2, acc_t S_G, acc_t K,
+                                               acc_t scale) {
+  write_grad_elems(t, s, g, len, vec_ok, P.inv_temperature, scale, [&](acc_t tf, acc_t sf, acc_t tr, acc_t sr) {
+    return grad_from_logits<D, O, POWER, MM>(P, tf, sf, A, B, gap_arg(gap, tr, sr), Z, Z2, S_G, K);
   });
 }
 
@@ -155,22 +162,9 @@ __device__ __forceinline__ void write_grad_row_pow2(const LossParams<acc_t>& P, 
                                                     scalar_t* g, int64_t len, bool vec_ok, RowLse<acc_t> A,
                                                     RowLse<acc_t> B, Gap gap, acc_t Z, acc_t S_G, acc_t K,
                                                     acc_t scale) {
-  constexpr int kW = VecWidth<scalar_t>::value;
-  const acc_t invT = P.inv_temperature;
   const Pow2Row<acc_t> R = pow2_row<ref_is_p<O>()>(P, Z);
-  visit_row(t, s, len, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
-    constexpr int n = decltype(nc)::value;
-    alignas(16) scalar_t out[kW];
-    acc_t tw[n], sw[n];
-    widen<n>(tv, tw);
-    widen<n>(sv, sw);
-#pragma unroll
-    for (int j = 0; j < n; ++j) {
-      const acc_t tf = tw[j] * invT, sf = sw[j] * invT;
-      out[j] = scalar_t(scale * grad_from_logits_pow2<D, O, N, MM>(P, tf, sf, A, B, gap_arg(gap, tw[j], sw[j]), R, S_G,
-                                                                    K));
-    }
-    store_chunk_global<n>(g, i, out);
+  write_grad_elems(t, s, g, len, vec_ok, P.inv_temperature, scale, [&](acc_t tf, acc_t sf, acc_t tr, acc_t sr) {
+    return grad_from_logits_pow2<D, O, N, MM>(P, tf, sf, A, B, gap_arg(gap, tr, sr), R, S_G, K);
   });
 }
 
