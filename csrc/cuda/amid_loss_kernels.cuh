@@ -355,10 +355,16 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
   if (C != unsigned(a.cluster)) __trap();
   const unsigned cluster_id = blockIdx.x / C, n_clusters = gridDim.x / C;
   // This CTA's slice [v0, v1) of every row: whole multiples of the vector width.
-  const int64_t part = ((a.V + C - 1) / C + kW - 1) / kW * kW;
-  const int64_t v0 = rank * part < a.V ? rank * part : a.V;
-  const int64_t v1 = v0 + part < a.V ? v0 + part : a.V;
-  const int64_t len = v1 - v0;
+  // The resident alpha-beta kernels of a single order index rows and slices in 32 bits (idx_t): at the 128-register cap
+  // their 64-bit row index and slice bounds, live across the passes, were what ptxas spilled (bf16 sm_90a, ab/qr and
+  // ab/rq: 61 spill instructions -> 19, ab/pr and ab/rp 7 -> 2; per row, none in a pass's loop). Their rows are short
+  // (a slice fits in shared memory) and the launcher sends them at most 2^31 - 1 rows. The other kernels keep 64 bits:
+  // there the same change moved spills both ways (streaming ab/rq 0 -> 2, resident kl/pr 0 -> 4, ab/jsd 7 -> 17).
+  using idx_t = std::conditional_t<RESIDENT && D == Divergence::kAB && O != Order::kJSD, unsigned, int64_t>;
+  const idx_t part = idx_t(((a.V + C - 1) / C + kW - 1) / kW * kW);
+  const idx_t v0 = rank * part < idx_t(a.V) ? rank * part : idx_t(a.V);
+  const idx_t v1 = v0 + part < idx_t(a.V) ? v0 + part : idx_t(a.V);
+  const idx_t len = v1 - v0;
   const acc_t invT = P.inv_temperature;
   int round = 0;
 
@@ -373,7 +379,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
   // 7 -> 5). All of them per row; which is faster, if either, is for the GPU benchmark to say.
   constexpr bool kReadWeightAgain =
       std::is_same<scalar_t, c10::BFloat16>::value && (RESIDENT || D == Divergence::kKL);
-  for (int64_t row = cluster_id; row < a.N; row += n_clusters) {
+  for (idx_t row = cluster_id; row < idx_t(a.N); row += n_clusters) {
     const acc_t weight0 = a.weight(row);
     scalar_t* g = a.grad ? a.grad + row * a.V + v0 : nullptr;
     if (weight0 == acc_t(0)) {  // ignored row: not read
@@ -609,7 +615,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     const acc_t weight = kReadWeightAgain ? a.weight(row) : weight0;
     if (cluster_lead_thread()) {
       a.loss[row] = weight * L;
-      acc_t* st = a.stats + row * kNumStats;
+      acc_t* st = a.stats + int64_t(row) * kNumStats;
       st[kStatAMax] = A.m, st[kStatBMax] = B.m, st[kStatZ] = Z, st[kStatSG] = S_G, st[kStatK] = K;
       st[kStatALog] = A.l, st[kStatBLog] = B.l, st[kStatZ2] = Z2;
     }
@@ -822,7 +828,8 @@ void launch_fwd_mode(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a,
   // cluster meets ~37 elements per thread of a row between cluster barriers (ncu: a third of the warps' samples
   // stalled at a barrier, issue slots 52% busy), while a streaming CTA's row is 593 elements per thread and its
   // re-reads cost less. So "auto" streams; AMID_CUDA_PATH=resident runs the resident kernel.
-  const bool want_resident = path == "resident";
+  // (at most 2^31 - 1 rows: the resident alpha-beta kernels index rows in 32 bits, amid_fwd_kernel's idx_t)
+  const bool want_resident = path == "resident" && a.N <= int64_t(std::numeric_limits<int32_t>::max());
   auto resident = amid_fwd_kernel<scalar_t, D, O, true, POWER>;
   // The resident slice: within kResidentBudget (the layout the SASS gauge models) where one fits, else within the
   // device's opt-in limit (minus static shared memory); otherwise streaming.
