@@ -74,6 +74,9 @@ Method (what is counted, and how)
    kernels' near rows take a third W (amid_math.h: grad_from_logits_pow2, p, q and r from one exponential and
    squarings), tagged Wi and reported in the "alpha = 1/2" columns (R1 + R2 + Wi) with their own target check; W and
    "all passes" stay those of any other alpha.
+11. R1 runs in two forms (a runtime choice per launch): at temperature T = 1 (the default) without scaling the logits
+   by 1 / T, tagged R1 and counted everywhere above; at any other T with it, tagged R1t (CSV columns R1t_*; add
+   R1t - R1 per element to a total for T != 1).
 
 Static shared memory is ptxas's (cuobjdump -res-usage's SHARED minus the 1 KiB reservation it includes).
 Occupancy follows cuda_occupancy.h for sm_90 (65536 registers per SM in 4 sub-partitions, 256-register
@@ -148,7 +151,9 @@ KEPT3 = ("Ws3",)
 # grad_from_logits_pow2: p, q, r from one exponential and squarings), reported in the "alpha = 1/2" columns
 # (R1 + R2 + Wi); W stays the general alpha's.
 POW2 = ("Wi",)
-TAGS = PASSES + ("Ws",) + GENERAL + ("Wsm", EXACT) + NARROW + FAR + KEPT3 + POW2
+# "R1t": R1 at a temperature other than 1 (the logits scaled by 1 / T; "R1" is T = 1's, the default), in the CSV.
+R1T = ("R1t",)
+TAGS = PASSES + ("Ws",) + GENERAL + ("Wsm", EXACT) + NARROW + FAR + KEPT3 + POW2 + R1T
 
 # Targets of issue 9 (bf16, sm_90a): (instructions, MUFU) per element over R1 + R2 + W.
 TARGETS = {"kl": (130, 11), "ab": (170, 14)}
@@ -817,6 +822,10 @@ def gauge_cubin(cubin: str, dtypes: Sequence[str], warnings: List[str]) -> List[
         lc = loops.get(EXACT)
         row[f"{EXACT}_instr_per_elem"] = round(lc.instr_per_elem, 2) if lc else ""
         row[f"{EXACT}_mufu_per_elem"] = round(lc.mufu_per_elem, 3) if lc else ""
+        # R1 at T != 1 (the logits scaled by 1 / T; the R1 columns are T = 1's, the default), for the CSV
+        lc = loops.get("R1t")
+        row["R1t_instr_per_elem"] = round(lc.instr_per_elem, 2) if lc else ""
+        row["R1t_mufu_per_elem"] = round(lc.mufu_per_elem, 3) if lc else ""
         def target_text(instr: float, mufu: float) -> str:  # issue 9's targets, met or not, for these totals
             ti, tm = TARGETS[div]
             met = [instr <= ti, mufu <= tm, spills == 0] + ([ctas >= TARGET_CTAS_KL] if div == "kl" else [])
@@ -910,8 +919,10 @@ def readme_table(csv_path: str) -> str:
              "the power mean's far-gap form. Rows with −inf masks or huge logits run R2 "
              "and W with their guards (R1 + R2 + W, \"masked / huge rows\"). \"α = ½\": at α = 0.5 (the library's default; "
              "1 / k = 4) the streaming kl/pr and kl/qr kernels' near rows take another W (p, q and r from one exponential "
-             "and squarings), R1 + R2 + that W; the other columns are those of any α. R3 is the exact pass, which a row runs "
-             "in addition only where its closing formulas would lose too much (see the accuracy notes).",
+             "and squarings), R1 + R2 + that W; the other columns are those of any α. R1 is that of temperature 1 (the "
+             "default; at other T, R1 scales the logits: 2 instructions per element more in bf16, the CSV's R1t). R3 is "
+             "the exact pass, which a row runs in addition only where its closing formulas would lose too much (see the "
+             "accuracy notes).",
              "",
              "| kernel | loss | path | regs | spills | smem static + dyn (cluster) | CTAs/SM | R1 | R2 | W | R1+R2+W | target "
              "| α = ½: R1+R2+W, target | other λ | far gaps | masked / huge rows | R3 (rare rows) |",
