@@ -1418,13 +1418,15 @@ struct Pow2Row {
   T log_mul;          // ln 2 / k: e = log2(s') log_mul (+ |lp - lq| in the non-own form)
   T Z;
 };
+// w_scale multiplies w (w_num): kl/pr's gradient, w (G - r S_G) - q K (H = 0), takes a row's scale through w and K
+// instead of one product per element (the caller passes K times it too; 1: the unscaled gradient).
 template <bool REF_P, typename T>
-AMID_HD Pow2Row<T> pow2_row(const LossParams<T>& P, T Z) {
+AMID_HD Pow2Row<T> pow2_row(const LossParams<T>& P, T Z, T w_scale = T(1)) {
   const T c = T(::exp(-double(P.k) * double(Z)));  // (once per row: in double)
   Pow2Row<T> R;
   R.s_ref = (REF_P ? P.lam : P.one_minus_lam) * c;
   R.s_nonref = (REF_P ? P.one_minus_lam : P.lam) * c;
-  R.w_num = P.one_minus_lam * c;
+  R.w_num = T(double(P.one_minus_lam) * double(c) * double(w_scale));
   R.log_mul = T(0.693147180559945309) * P.inv_k;
   R.Z = Z;
   return R;

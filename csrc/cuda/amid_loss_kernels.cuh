@@ -128,9 +128,11 @@ struct RowArgs {
 
 // The element loop of the W passes that read only the logits: elem(tf, sf, t, s) is an element's gradient from its
 // scaled logits tf = t / T, sf = s / T and its raw ones (for the gap, gap_arg), divided by scale.
-template <typename scalar_t, typename acc_t, typename Elem>
+// scale: the row's factor (weight / T), or NoScale where elem's values carry it already.
+struct NoScale {};
+template <typename scalar_t, typename acc_t, typename Scale, typename Elem>
 __device__ __forceinline__ void write_grad_elems(const scalar_t* t, const scalar_t* s, scalar_t* g, int64_t len,
-                                                 bool vec_ok, acc_t invT, acc_t scale, Elem&& elem) {
+                                                 bool vec_ok, acc_t invT, Scale scale, Elem&& elem) {
   constexpr int kW = VecWidth<scalar_t>::value;
   visit_row(t, s, len, vec_ok, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
     constexpr int n = decltype(nc)::value;
@@ -140,7 +142,12 @@ __device__ __forceinline__ void write_grad_elems(const scalar_t* t, const scalar
     widen<n>(sv, sw);
 #pragma unroll
     for (int j = 0; j < n; ++j) {
-      out[j] = scalar_t(scale * elem(tw[j] * invT, sw[j] * invT, tw[j], sw[j]));
+      const acc_t e = elem(tw[j] * invT, sw[j] * invT, tw[j], sw[j]);
+      if constexpr (std::is_same<Scale, NoScale>::value) {
+        out[j] = scalar_t(e);
+      } else {
+        out[j] = scalar_t(scale * e);
+      }
     }
     store_chunk_global<n>(g, i, out);
   });
@@ -162,10 +169,20 @@ __device__ __forceinline__ void write_grad_row_pow2(const LossParams<acc_t>& P, 
                                                     scalar_t* g, int64_t len, bool vec_ok, RowLse<acc_t> A,
                                                     RowLse<acc_t> B, Gap gap, acc_t Z, acc_t S_G, acc_t K,
                                                     acc_t scale) {
-  const Pow2Row<acc_t> R = pow2_row<ref_is_p<O>()>(P, Z);
-  write_grad_elems(t, s, g, len, vec_ok, P.inv_temperature, scale, [&](acc_t tf, acc_t sf, acc_t tr, acc_t sr) {
-    return grad_from_logits_pow2<D, O, N, MM>(P, tf, sf, A, B, gap_arg(gap, tr, sr), R, S_G, K);
-  });
+  // kl/pr (H = 0): the gradient w (G - r S_G) - q K is linear in w and K, which take the row's scale (pow2_row's w_scale,
+  // K scale), one product per element fewer; kl/qr's H keeps the product.
+  if constexpr (O == Order::kPR) {
+    const Pow2Row<acc_t> R = pow2_row<ref_is_p<O>()>(P, Z, scale);
+    const acc_t Ks = K * scale;
+    write_grad_elems(t, s, g, len, vec_ok, P.inv_temperature, NoScale{}, [&](acc_t tf, acc_t sf, acc_t tr, acc_t sr) {
+      return grad_from_logits_pow2<D, O, N, MM>(P, tf, sf, A, B, gap_arg(gap, tr, sr), R, S_G, Ks);
+    });
+  } else {
+    const Pow2Row<acc_t> R = pow2_row<ref_is_p<O>()>(P, Z);
+    write_grad_elems(t, s, g, len, vec_ok, P.inv_temperature, scale, [&](acc_t tf, acc_t sf, acc_t tr, acc_t sr) {
+      return grad_from_logits_pow2<D, O, N, MM>(P, tf, sf, A, B, gap_arg(gap, tr, sr), R, S_G, K);
+    });
+  }
 }
 
 // The same from the terms R2 kept in shared memory (cst, at the slice's misalignment; amid_math.h: power_kept,

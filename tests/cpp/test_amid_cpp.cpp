@@ -536,6 +536,8 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
   const bool pow2 = kPow2 && wide && near && P.mode == amid::MixMode::kPower && P.pow_n == amid::kPow2N;
   g_pow2_rows += pow2;
   const amid::Pow2Row<T> prow = amid::pow2_row<amid::ref_is_p<O>()>(P, Z);
+  // (kl/pr: the kernel passes the row's scale, here 1 / T, through w and K instead of a product per element)
+  const amid::Pow2Row<T> prow_s = amid::pow2_row<amid::ref_is_p<O>()>(P, Z, invT);
   double dev2 = 0, gmax2 = 0;  // (gmax2: of the recomputing W)
   // W recomputing the mixture (the streaming kernels' W: the raw gap in a bounded 16-bit row) or from R2's kept terms
   // (the resident single orders), which must agree bit for bit where both took R2's gap.
@@ -574,19 +576,25 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
         g = g3;
       }
     }
+    bool scaled = false;  // (g already carries 1 / T)
     if constexpr (kPow2) {
       if (pow2) {
-        T g2 = 0;
+        T g2 = 0, g2s = 0;
         with_gap(raw, v, [&](auto gap) {
           using MN = amid::NearGaps<amid::WideWeights<amid::BoundedRow<M>>>;
           g2 = amid::grad_from_logits_pow2<D, O, amid::kPow2N, MN>(P, t[v] * invT, s[v] * invT, A, B, gap, prow, S_G, K);
+          if constexpr (O == amid::Order::kPR) {
+            g2s = amid::grad_from_logits_pow2<D, O, amid::kPow2N, MN>(P, t[v] * invT, s[v] * invT, A, B, gap, prow_s, S_G,
+                                                                      K * invT);
+          }
         });
         dev2 = std::max(dev2, std::abs(double(g2) - double(g)));
         gmax2 = std::max(gmax2, std::abs(double(g)));
-        g = g2;
+        g = O == amid::Order::kPR ? g2s : g2;
+        scaled = O == amid::Order::kPR;
       }
     }
-    grad[v] = double(g * invT);
+    grad[v] = double(scaled ? g : g * invT);
   }
   if (gmax3 > 0) g_kept3_dev = std::max(g_kept3_dev, dev3 / gmax3);
   g_pow2_dev = std::max(g_pow2_dev, dev2 / std::max(gmax2, 1.0));
