@@ -169,8 +169,8 @@ __device__ __forceinline__ void write_grad_row_pow2(const LossParams<acc_t>& P, 
                                                     scalar_t* g, int64_t len, bool vec_ok, RowLse<acc_t> A,
                                                     RowLse<acc_t> B, Gap gap, acc_t Z, acc_t S_G, acc_t K,
                                                     acc_t scale) {
-  // kl/pr (H = 0): the gradient w (G - r S_G) - q K is linear in w and K, which take the row's scale (pow2_row's w_scale,
-  // K scale), one product per element fewer; kl/qr's H keeps the product.
+  // kl/pr (H = 0): the gradient w (G - r S_G) - q K is linear in w and K, so the row's scale goes into w (pow2_row's
+  // w_scale) and K (Ks) once per row, one product per element fewer; kl/qr's H keeps the per-element product.
   if constexpr (O == Order::kPR) {
     const Pow2Row<acc_t> R = pow2_row<ref_is_p<O>()>(P, Z, scale);
     const acc_t Ks = K * scale;
@@ -374,8 +374,8 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
   // This CTA's slice [v0, v1) of every row: whole multiples of the vector width.
   // The resident alpha-beta kernels of a single order index rows and slices in 32 bits (idx_t): at the 128-register cap
   // their 64-bit row index and slice bounds, live across the passes, were what ptxas spilled (bf16 sm_90a, ab/qr and
-  // ab/rq: 61 spill instructions -> 19, ab/pr and ab/rp 7 -> 2; per row, none in a pass's loop). Their rows are short
-  // (a slice fits in shared memory) and the launcher sends them at most 2^31 - 1 rows. The other kernels keep 64 bits:
+  // ab/rq: 61 spill instructions -> 19 (18 since R1's T = 1 form), ab/pr and ab/rp 7 -> 2; none in a pass's loop). Slices
+  // fit in shared memory, and the launcher sends them at most 2^31 - 1 rows. The other kernels keep 64 bits:
   // there the same change moved spills both ways (streaming ab/rq 0 -> 2, resident kl/pr 0 -> 4, ab/jsd 7 -> 17).
   using idx_t = std::conditional_t<RESIDENT && D == Divergence::kAB && O != Order::kJSD, unsigned, int64_t>;
   const idx_t part = idx_t(((a.V + C - 1) / C + kW - 1) / kW * kW);
