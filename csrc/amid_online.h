@@ -83,6 +83,17 @@ struct OnlineLSE {
     o.m2 = p.m * o.lf;
     return o;
   }
+  // p's sum taken to a maximum mx >= p.m (merge's factor on the side with the smaller maximum, without the sum it is
+  // added to), so that the sums of states taken to their common maximum add: the GPU kernels' R1 reductions take the
+  // maxima first, then these, then plain sums (amid_loss_kernels.cuh: lse_group_reduce). p.m = mx (an all -inf group
+  // too) keeps the sum as it is.
+  template <class M>
+  static AMID_HD T sum_to(const Packed& p, T mx) {
+    const OnlineLSE a = unpack(p);
+    const T lx = scale_of(mx);
+    const T f = rescale<M>(a.m2, a.lf, mx * lx, lx);
+    return p.m == mx ? p.s : p.s * f;
+  }
   // log(sum e^(x - m)), so that the log-sum-exp is m + log_sum (RowLse{m, log_sum}): the log of s without the
   // common factor 2^delta (1 where m is not finite: an all -inf side, or +inf, an invalid row either way). The
   // factor comes off s before the log: log s - delta ln 2 would cancel, up to |delta| 2^-24 absolute (|m| ~ 2^30).

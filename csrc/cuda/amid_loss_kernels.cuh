@@ -99,6 +99,34 @@ struct PackedMin<c10::BFloat16> : PackedMin16<c10::BFloat16, __nv_bfloat162> {};
 template <>
 struct PackedMin<c10::Half> : PackedMin16<c10::Half, __half2> {};
 
+// R1's group reduction (utils.cuh: cluster_reduce_groups; every lane of a group ends with the same state, bit for bit):
+// the maxima and minima first (exact in any order), each lane's sums taken to the maxima (OnlineLSE::sum_to: one
+// exponential per side), then plain sums. A butterfly of LseAcc::Packed merges recomputed both states' caches
+// (OnlineLSE::scale_of, twice per side) and took an exponential per side at every step, and the CTA's warps' states
+// were merged one after another: bf16 sm_90a, streaming kl/pr, R1's reduction along warp 0's path ~900 instructions per
+// thread and row -> ~310, its warp step (every warp) ~400 -> ~70, 16 MUFU ops -> 2 (read off the SASS; not yet timed on
+// a GPU). The C++ tests' emulation sums in the same order (tests/cpp: lse_group).
+template <typename T>
+__device__ __forceinline__ typename LseAcc<T>::Packed lse_group_reduce(typename LseAcc<T>::Packed a, unsigned width) {
+  using std::fmax;
+  using std::fmin;
+  T mt = a.t.m, ms = a.s.m;
+  for (unsigned o = width / 2; o > 0; o >>= 1) {
+    mt = fmax(mt, __shfl_xor_sync(0xffffffffu, mt, int(o)));
+    ms = fmax(ms, __shfl_xor_sync(0xffffffffu, ms, int(o)));
+    a.lo_t = fmin(a.lo_t, __shfl_xor_sync(0xffffffffu, a.lo_t, int(o)));
+    a.lo_s = fmin(a.lo_s, __shfl_xor_sync(0xffffffffu, a.lo_s, int(o)));
+  }
+  T st = OnlineLSE<T>::template sum_to<M>(a.t, mt), ss = OnlineLSE<T>::template sum_to<M>(a.s, ms);
+  for (unsigned o = width / 2; o > 0; o >>= 1) {
+    st += __shfl_xor_sync(0xffffffffu, st, int(o));
+    ss += __shfl_xor_sync(0xffffffffu, ss, int(o));
+  }
+  a.t = {mt, st};
+  a.s = {ms, ss};
+  return a;
+}
+
 // Everything a kernel needs besides the loss parameters. Pointers are to the first element;
 // rows are `ld*` elements apart.
 template <typename scalar_t, typename loss_t>
@@ -386,7 +414,6 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
   const bool unit_t = invT == acc_t(1);  // (R1 below)
   int round = 0;
 
-  auto merge_lse = [](LseP& x, const LseP& y) { x.template merge<M>(y); };
   auto merge_acc = [&P](Acc& x, const Acc& y) { x.template merge<M>(P, y); };
   auto merge_ex = [](Ex& x, const Ex& y) { x.merge(y); };
 
@@ -476,7 +503,10 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
       }
     }
     pmin.fold(lse, invT);
-    lse = Lse::unpack(cluster_reduce<acc_t, kWarps>(lse.pack(), lse_scratch, lse_slot, round++, merge_lse));
+    lse = Lse::unpack(cluster_reduce_groups<acc_t, kWarps>(
+        lse.pack(), lse_scratch, lse_slot, round++,
+        [](const LseP& x, unsigned width) { return lse_group_reduce<acc_t>(x, width); },
+        [](const LseP* sc) { return lse_group_reduce<acc_t>(sc[threadIdx.x % kWarps], kWarps); }));
     const bool bad_row = lse.invalid();
     if (bad_row) {  // NaN / +inf, or an all -inf row: the row's loss, stats and gradient are NaN
       fill_row(a, row, g, len, cluster_lead_thread(), nan_v<acc_t>());

@@ -34,6 +34,19 @@ __device__ __forceinline__ Acc shfl_xor_acc(const Acc& a, int offset) {
   return out;
 }
 
+// A butterfly over groups of `width` lanes (a power of two <= 32; the group of lane l is the `width` lanes around it
+// whose indices differ from l in the low bits only): lane l merges lane l ^ offset's state, offsets width / 2 .. 1.
+// Lane 0's result is that of the C++ tests' emulation (tests/cpp: gpu_order_reduce, `butterfly`).
+template <typename T, typename Acc, typename Merge>
+__device__ __forceinline__ Acc group_reduce(Acc a, unsigned width, Merge&& merge) {
+  for (unsigned offset = width / 2; offset > 0; offset >>= 1) {
+    const Acc o = shfl_xor_acc<T>(a, int(offset));
+    merge(a, o);
+  }
+  return a;
+}
+
+// group_reduce over the whole warp, unrolled.
 template <typename T, typename Acc, typename Merge>
 __device__ __forceinline__ Acc warp_reduce(Acc a, Merge&& merge) {
 #pragma unroll
@@ -60,39 +73,35 @@ __device__ __forceinline__ Acc block_reduce(Acc a, Acc* scratch, Merge&& merge) 
 }
 
 // CTA- and cluster-wide reduction for CTAs of kWarps warps (the forward kernel's), through distributed
-// shared memory on sm_90+. Every warp reduces its lanes (butterfly) and lane 0 publishes the warp's
-// state in scratch[warp]; then one warp does the rest while the others wait at the barrier: it merges
-// the warps' states in order (each lane the same, so all hold the CTA's state; the order of the C++
-// tests' emulation, tests/cpp: gpu_order_reduce). That is kWarps - 1 merges in one warp, where every
-// thread merging all warps' states cost them in every warp. In a cluster, lane 0 publishes it
-// in `slot[round & 1]` (two alternating slots, so a CTA that runs ahead to the next round cannot
-// overwrite a slot a peer is still reading: one cluster barrier separates rounds k and k + 2); after
-// the cluster barrier lane k < C reads rank k's slot (C remote reads per CTA) and the C lanes merge in
-// a butterfly, in the same order in every CTA of the cluster (C is a power of two <= 16). Lane 0 hands
-// the result to the CTA through scratch[0]; the __syncwarp before makes every lane's reads of scratch[]
-// happen before that write. Lane 0 of every CTA of the cluster merges the same slots in the same order
-// (lane k of each CTA too), so every CTA ends with the same state, bit for bit. The leading
-// __syncthreads protects scratch from the previous call's readers.
+// shared memory on sm_90+. `group(x, width)` reduces x over groups of `width` lanes (as group_reduce: lane 0's result
+// counts); `ctas(scratch)`, run by warp 0, gives the CTA's state from its warps' (lane 0's result counts). Every warp
+// reduces its lanes (width 32) and lane 0 publishes the warp's state in scratch[warp]; then warp 0 does the rest
+// while the others wait at the barrier (cluster_reduce: it merges the warps' states in order, each lane the same;
+// R1's reduction: the kWarps lanes reduce them as a group; the orders of the C++ tests' emulation, tests/cpp:
+// gpu_order_reduce). In a cluster, lane 0 publishes the CTA's state in `slot[round & 1]` (two alternating slots, so a
+// CTA that runs ahead to the next round cannot overwrite a slot a peer is still reading: one cluster barrier separates
+// rounds k and k + 2); after the cluster barrier lane k < C reads rank k's slot (C remote reads per CTA) and the C
+// lanes reduce them as a group (width C, a power of two <= 16), in the same order in every CTA of the cluster. Lane 0
+// hands the result to the CTA through scratch[0]; the __syncwarp before makes every lane's reads of scratch[] happen
+// before that write. Lane 0 of every CTA of the cluster reduces the same slots in the same order, so every CTA ends
+// with the same state, bit for bit. The leading __syncthreads protects scratch from the previous call's readers.
 //
 // Barrier semantics: cluster.sync() is barrier.cluster.arrive.release + wait.acquire; on sm_90a
 // ptxas implements any release / fence at cluster scope as MEMBAR.ALL.GPU and the acquire as an L1
 // invalidate (checked in the SASS; a relaxed arrive plus fence.acq_rel.cluster compiles to the
 // same), so nothing weaker is available short of an mbarrier + st.async protocol.
-template <typename T, int kWarps, typename Acc, typename Merge>
-__device__ __forceinline__ Acc cluster_reduce(Acc a, Acc* scratch, Acc* slot, int round, Merge&& merge) {
+template <typename T, int kWarps, typename Acc, typename Group, typename Ctas>
+__device__ __forceinline__ Acc cluster_reduce_groups(Acc a, Acc* scratch, Acc* slot, int round, Group&& group,
+                                                     Ctas&& ctas) {
   static_assert(kWarps >= 1 && kWarps <= kWarpSize && (kWarps & (kWarps - 1)) == 0,
                 "cluster_reduce: the warp count must be a power of two <= 32");
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  a = warp_reduce<T>(a, merge);
+  a = group(a, unsigned(kWarpSize));
   __syncthreads();
   if (lane == 0) scratch[warp] = a;
   __syncthreads();
   Acc x = a;
-  if (warp == 0) {
-    x = scratch[0];
-#pragma unroll 1
-    for (int w = 1; w < kWarps; ++w) merge(x, scratch[w]);
-  }
+  if (warp == 0) x = ctas(static_cast<const Acc*>(scratch));
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
@@ -103,10 +112,7 @@ __device__ __forceinline__ Acc cluster_reduce(Acc a, Acc* scratch, Acc* slot, in
     cluster.sync();  // release our slot, acquire the peers'
     if (warp == 0) {
       if (unsigned(lane) < nblocks) x = *cluster.map_shared_rank(mine, unsigned(lane));
-      for (unsigned offset = nblocks / 2; offset > 0; offset >>= 1) {
-        const Acc o = shfl_xor_acc<T>(x, int(offset));
-        merge(x, o);
-      }
+      x = group(x, nblocks);
     }
   }
 #endif
@@ -114,6 +120,22 @@ __device__ __forceinline__ Acc cluster_reduce(Acc a, Acc* scratch, Acc* slot, in
   if (threadIdx.x == 0) *scratch = x;
   __syncthreads();
   return *scratch;
+}
+
+// cluster_reduce_groups with butterflies of `merge` (group_reduce), the warps' states merged one after another.
+template <typename T, int kWarps, typename Acc, typename Merge>
+__device__ __forceinline__ Acc cluster_reduce(Acc a, Acc* scratch, Acc* slot, int round, Merge&& merge) {
+  return cluster_reduce_groups<T, kWarps>(
+      a, scratch, slot, round,
+      [&](const Acc& x, unsigned width) {
+        return width == unsigned(kWarpSize) ? warp_reduce<T>(x, merge) : group_reduce<T>(x, width, merge);
+      },
+      [&](const Acc* sc) {
+        Acc x = sc[0];
+#pragma unroll 1
+        for (int w = 1; w < kWarps; ++w) merge(x, sc[w]);
+        return x;
+      });
 }
 
 // The number of CTAs in this CTA's cluster, and its rank (1 and 0 without clusters).

@@ -270,20 +270,24 @@ static void online_row(const amid::LossParams<T>& P, const T* s, const T* t, int
 }
 
 // The same row as the forward CUDA kernel reduces it, in the same order (amid_loss_kernels.cuh,
-// cuda/utils.cuh): C CTAs of kThreads threads each take a slice of ceil(V / C) elements rounded up to the
-// vector width kW; thread i accumulates the kW-element chunks i, i + kThreads, ... of its CTA's slice
-// in sequence (rows aligned: no scalar head; the scalar tail elements go to threads 0, 1, ...); then
-// the warp butterfly (lane l merges lane l ^ offset, offsets 16 .. 1), the warps in order, and the C
-// CTAs' results in a butterfly. Float sums in this order carry the rounding the GPU's do, which
-// sequential sums over long chunks exaggerate.
-template <typename Acc, typename Add, typename Merge>
-static Acc gpu_order_reduce(int64_t V, int C, int kW, Add&& add, Merge&& merge, const Acc& init = Acc{}) {
+// cuda/utils.cuh: cluster_reduce_groups): C CTAs of kThreads threads each take a slice of ceil(V / C) elements
+// rounded up to the vector width kW; thread i accumulates the kW-element chunks i, i + kThreads, ... of its CTA's
+// slice in sequence (rows aligned: no scalar head; the scalar tail elements go to threads 0, 1, ...); then `group`
+// reduces the 32 lanes of each warp and the C CTAs' states (each: lane 0's result), and the warps' states are merged
+// one after another, or with kGroupWarps reduced as a group too. `butterfly` is the kernels' group_reduce (lane l
+// merges lane l ^ offset, offsets n / 2 .. 1; cluster_reduce); the forward kernel's R1 takes lse_group
+// (lse_group_reduce) at every level. Float sums in this order carry the rounding the GPU's do, which sequential sums
+// over long chunks exaggerate.
+template <typename Acc, typename Merge>
+static Acc butterfly(std::vector<Acc> x, Merge&& merge) {  // lane 0's result of the xor butterfly
+  for (size_t off = x.size() / 2; off > 0; off /= 2)
+    for (size_t i = 0; i < off; ++i) merge(x[i], x[i + off]);
+  return x[0];
+}
+template <bool kGroupWarps, typename Acc, typename Add, typename Merge, typename Group>
+static Acc gpu_order_reduce_groups(int64_t V, int C, int kW, Add&& add, Merge&& merge, Group&& group,
+                                   const Acc& init = Acc{}) {
   constexpr int kThreads = 256, kWarp = 32;
-  auto butterfly = [&](std::vector<Acc>& x) {  // lane 0's result of the xor butterfly
-    for (size_t off = x.size() / 2; off > 0; off /= 2)
-      for (size_t i = 0; i < off; ++i) merge(x[i], x[i + off]);
-    return x[0];
-  };
   const int64_t part = ((V + C - 1) / C + kW - 1) / kW * kW;
   std::vector<Acc> ctas;
   for (int rank = 0; rank < C; ++rank) {
@@ -294,14 +298,40 @@ static Acc gpu_order_reduce(int64_t V, int C, int kW, Add&& add, Merge&& merge, 
     for (int64_t i = nvec * kW; i < len; ++i) add(th[(i - nvec * kW) % kThreads], v0 + i, 1);
     std::vector<Acc> warps;
     for (int w = 0; w < kThreads / kWarp; ++w) {
-      std::vector<Acc> lanes(th.begin() + w * kWarp, th.begin() + (w + 1) * kWarp);
-      warps.push_back(butterfly(lanes));
+      warps.push_back(group(std::vector<Acc>(th.begin() + w * kWarp, th.begin() + (w + 1) * kWarp)));
     }
-    Acc r = warps[0];
-    for (size_t w = 1; w < warps.size(); ++w) merge(r, warps[w]);
-    ctas.push_back(r);
+    if constexpr (kGroupWarps) {
+      ctas.push_back(group(warps));
+    } else {
+      Acc r = warps[0];
+      for (size_t w = 1; w < warps.size(); ++w) merge(r, warps[w]);
+      ctas.push_back(r);
+    }
   }
-  return butterfly(ctas);
+  return group(ctas);
+}
+template <typename Acc, typename Add, typename Merge>
+static Acc gpu_order_reduce(int64_t V, int C, int kW, Add&& add, Merge&& merge, const Acc& init = Acc{}) {
+  return gpu_order_reduce_groups<false, Acc>(
+      V, C, kW, add, merge, [&](const std::vector<Acc>& x) { return butterfly(x, merge); }, init);
+}
+// R1's group reduction in the forward kernel (amid_loss_kernels.cuh: lse_group_reduce), lane 0's result: the maxima
+// and minima of the group's states, each state's sum taken to the maxima (OnlineLSE::sum_to), and those sums added in
+// the butterfly's order.
+template <class M, typename T>
+static amid::LseAcc<T> lse_group(const std::vector<amid::LseAcc<T>>& x) {
+  using P = typename amid::LseAcc<T>::Packed;
+  T mt = -INFINITY, ms = -INFINITY, lt = INFINITY, ls = INFINITY;
+  for (const auto& a : x) mt = std::fmax(mt, a.t.m), ms = std::fmax(ms, a.s.m), lt = std::fmin(lt, a.lo_t),
+                          ls = std::fmin(ls, a.lo_s);
+  std::vector<T> st, ss;
+  for (const auto& a : x) {
+    const P p = a.pack();
+    st.push_back(amid::OnlineLSE<T>::template sum_to<M>(p.t, mt));
+    ss.push_back(amid::OnlineLSE<T>::template sum_to<M>(p.s, ms));
+  }
+  const auto add = [](T& u, const T& v) { u += v; };
+  return amid::LseAcc<T>::unpack(P{{mt, butterfly(st, add)}, {ms, butterfly(ss, add)}, lt, ls});
 }
 
 // The GPU's math policy on the host: LibMath, with the error of the approximate instructions that the
@@ -385,7 +415,7 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
   const int kW = 8;  // bf16 / fp16 chunks (16 bytes)
   const T invT = P.inv_temperature;
   // R1 by vector chunks (LseAcc::add_chunk, with the GPU's exp_approx error), the scalar tail by elements.
-  const auto r1 = gpu_order_reduce<amid::LseAcc<T>>(
+  const auto r1 = gpu_order_reduce_groups<!kBins, amid::LseAcc<T>>(
       V, C, kW,
       [&](amid::LseAcc<T>& a, int64_t v, int n) {
         T x[8], y[8];
@@ -400,6 +430,17 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
         auto p = x.pack();
         p.template merge<M>(y.pack());
         x = amid::LseAcc<T>::unpack(p);
+      },
+      [](const std::vector<amid::LseAcc<T>>& x) {  // (the forward kernel's lse_group_reduce; the top-k kernel merges)
+        if constexpr (kBins) {
+          return butterfly(x, [](amid::LseAcc<T>& u, const amid::LseAcc<T>& v) {
+            auto p = u.pack();
+            p.template merge<M>(v.pack());
+            u = amid::LseAcc<T>::unpack(p);
+          });
+        } else {
+          return lse_group<M>(x);
+        }
       });
   EXPECT(!r1.invalid());
   const amid::RowLse<T> A{r1.t.m, r1.t.template log_sum<M>()}, B{r1.s.m, r1.s.template log_sum<M>()};
