@@ -74,9 +74,10 @@ Method (what is counted, and how)
    kernels' near rows take a third W (amid_math.h: grad_from_logits_pow2, p, q and r from one exponential and
    squarings), tagged Wi and reported in the "alpha = 1/2" columns (R1 + R2 + Wi) with their own target check; W and
    "all passes" stay those of any other alpha.
-11. R1 runs in two forms (a runtime choice per launch): at temperature T = 1 (the default) without scaling the logits
-   by 1 / T, tagged R1 and counted everywhere above; at any other T with it, tagged R1t (CSV columns R1t_*; add
-   R1t - R1 per element to a total for T != 1).
+11. R1 runs in two forms (a runtime choice per launch): at temperature T = 1 (the default) on the widened logits,
+   tagged R1 and counted everywhere above; at any other T on the raw logits with the scale L / T (amid_online.h:
+   OnlineLSE::raise, kRaw), tagged R1t (CSV columns R1t_*; add R1t - R1 per element to a total for T != 1; the same
+   loop since session 50, where it scaled each logit by 1 / T first).
 
 Static shared memory is ptxas's (cuobjdump -res-usage's SHARED minus the 1 KiB reservation it includes).
 Occupancy follows cuda_occupancy.h for sm_90 (65536 registers per SM in 4 sub-partitions, 256-register
@@ -151,7 +152,7 @@ KEPT3 = ("Ws3",)
 # grad_from_logits_pow2: p, q, r from one exponential and squarings), reported in the "alpha = 1/2" columns
 # (R1 + R2 + Wi); W stays the general alpha's.
 POW2 = ("Wi",)
-# "R1t": R1 at a temperature other than 1 (the logits scaled by 1 / T; "R1" is T = 1's, the default), in the CSV.
+# "R1t": R1 at a temperature other than 1 (the raw logits with the scale L / T; "R1" is T = 1's, the default), in the CSV.
 R1T = ("R1t",)
 TAGS = PASSES + ("Ws",) + GENERAL + ("Wsm", EXACT) + NARROW + FAR + KEPT3 + POW2 + R1T
 
@@ -920,7 +921,7 @@ def readme_table(csv_path: str) -> str:
              "and W with their guards (R1 + R2 + W, \"masked / huge rows\"). \"α = ½\": at α = 0.5 (the library's default; "
              "1 / k = 4) the streaming kl/pr and kl/qr kernels' near rows take another W (p, q and r from one exponential "
              "and squarings), R1 + R2 + that W; the other columns are those of any α. R1 is that of temperature 1 (the "
-             "default; at other T, R1 scales the logits: 2 instructions per element more in bf16, the CSV's R1t). R3 is "
+             "default; at other T, the CSV's R1t, the same count since session 50). R3 is "
              "the exact pass, which a row runs in addition only where its closing formulas would lose too much (see the "
              "accuracy notes).",
              "",

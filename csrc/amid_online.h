@@ -124,15 +124,34 @@ struct OnlineLSE {
   // approximate value at the same argument once, here in the cold block (0 where the exponential is exact, as the
   // host's library math).
   // A tie with the maximum (another element equal to it) keeps its error, as before.
-  template <class M>
-  AMID_HD void raise(T cm) {
+  // kRaw: R1 on the unscaled logits of a row at temperature T (invT = 1 / T; the GPU kernels at T != 1): the state
+  // of the scaled logits x / T kept on the raw ones, m the raw maximum and lf the scale of raw logits, scale_of(m / T)
+  // / T (L / T in the ordinary range), so that each term is still one FMA of the raw logit and no element takes a
+  // product by 1 / T; `unscale` then gives the state of the scaled logits.
+  template <class M, bool kRaw = false>
+  AMID_HD void raise(T cm, T invT = T(1)) {
     if (cm > m) {  // a new running max
-      const T lc = scale_of(cm), c2 = cm * lc, dc = fma_t(cm, lc, -c2);  // dc: the maximum's own argument, delta
+      const T lc = kRaw ? scale_of(cm * invT) * invT : scale_of(cm);
+      const T c2 = cm * lc, dc = fma_t(cm, lc, -c2);  // dc: the maximum's own argument, delta
       s = s * rescale<M>(m2, lf, c2, lc) + (M::exp2(dc) - M::exp2_approx(dc));  // m = -inf: s = 0 (+ the correction)
       m = cm;
       m2 = c2;
       lf = lc;
     }
+  }
+  // A kRaw state (raise) made the state of the scaled logits: the maximum m / T (the largest scaled logit, rounding being
+  // monotone) with its own scale, and s times 2^(delta' - delta) for the two states' common factors (delta = m lf - m2,
+  // see above), as two exponentials so that neither overflows (|delta| <= 2^7 each). Its terms differ from those of R1
+  // on the scaled logits by the rounding of lf = L / T instead of that of each x / T: 2^-24 relative of (x - m) L / T
+  // where the scaled R1 had 2^-24 of x L / T. An all -inf side, or +inf / NaN (an invalid row), keeps its sum.
+  template <class M>
+  AMID_HD void unscale(T invT) {
+    const T ms = m * invT, ls = scale_of(ms), m2s = ms * ls;
+    const bool finite = (m > neg_inf<T>()) & (m < std::numeric_limits<T>::infinity());
+    s = finite ? s * M::exp2(-fma_t(m, lf, -m2)) * M::exp2(fma_t(ms, ls, -m2s)) : s;
+    m = ms;
+    m2 = m2s;
+    lf = ls;
   }
   // The terms of a chunk once m >= its max. While every element so far was -inf they are taken relative to
   // float's lowest value instead of m2 = -inf (x L - m2 would be NaN for x = -inf): -inf adds 0, NaN adds NaN.
@@ -182,8 +201,9 @@ struct LseAcc {
   // on either (rarely taken). MIN = false leaves the chunk out of the minima: for a caller that takes the minima of
   // the unscaled 16-bit logits itself, two to an instruction (amid_loss_kernels.cuh: PackedMin), and folds them in
   // by add_min.
-  template <class M, int n, bool MIN = true>
-  AMID_HD void add_chunk(const T* tv, const T* sv) {
+  // kRaw: tv, sv are the unscaled logits of a row at temperature 1 / invT (OnlineLSE::raise; then unscale).
+  template <class M, int n, bool MIN = true, bool kRaw = false>
+  AMID_HD void add_chunk(const T* tv, const T* sv, T invT = T(1)) {
     using std::fmin;
     if constexpr (MIN) {
 #pragma unroll
@@ -191,11 +211,19 @@ struct LseAcc {
     }
     const T ct = OnlineLSE<T>::template chunk_max<n>(tv), cs = OnlineLSE<T>::template chunk_max<n>(sv);
     if ((ct > t.m) | (cs > s.m)) {  // a new running max on either side
-      t.template raise<M>(ct);
-      s.template raise<M>(cs);
+      t.template raise<M, kRaw>(ct, invT);
+      s.template raise<M, kRaw>(cs, invT);
     }
     t.template sum_chunk<M, n>(tv);
     s.template sum_chunk<M, n>(sv);
+  }
+  // The state of the scaled logits from one of add_chunk<..., kRaw = true> (OnlineLSE::unscale; the minima too).
+  template <class M>
+  AMID_HD void unscale(T invT) {
+    t.template unscale<M>(invT);
+    s.template unscale<M>(invT);
+    lo_t *= invT;
+    lo_s *= invT;
   }
   // NaN or +inf seen (a NaN sum), or a side that is all -inf.
   AMID_HD bool invalid() const {

@@ -438,24 +438,23 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     // R1: log-sum-exps of the scaled rows, and the validity flag.
     Lse lse;
     PackedMin<scalar_t> pmin;  // (16-bit logits: R1's minimum, folded into lse below)
-    // R1's work on a chunk of n logits (both paths): widened and scaled by 1/T, into both log-sum-exps and the minimum.
-    // At T = 1 (the default; a uniform branch per launch) R1 runs without the product, which changes no value (x * 1 is
-    // x, NaN and infinities included) and which the exponentials' FFMA cannot absorb (the maxima take the scaled
-    // logits too): 2 instructions per element of R1 fewer (bf16 sm_90a). R2 and W fold 1/T into an FFMA already.
-    auto r1_chunk = [&](const scalar_t* tv, const scalar_t* sv, auto nc, auto scaled) {
+    // R1's work on a chunk of n logits (both paths): widened, into both log-sum-exps and the minimum. The log-sum-exps
+    // are those of the scaled logits x / T. At T = 1 (the default; a uniform branch per launch) the widened logits
+    // are those. At other T (`raw`) the states are kept on the raw logits with the scale L / T (amid_online.h:
+    // OnlineLSE::raise, kRaw) and made those of the scaled logits once after the pass (unscale, below): where every
+    // widened logit took a product by 1 / T, which the exponentials' FFMA cannot absorb (the maxima took the scaled
+    // logits too; bf16 sm_90a: 2 instructions per element). R2 and W fold 1/T into an FFMA already.
+    auto r1_chunk = [&](const scalar_t* tv, const scalar_t* sv, auto nc, auto raw) {
       constexpr int n = decltype(nc)::value;
+      constexpr bool kRaw = decltype(raw)::value;
       acc_t x[n], y[n];
       widen<n>(tv, x);
       widen<n>(sv, y);
-      if constexpr (decltype(scaled)::value) {
-#pragma unroll
-        for (int j = 0; j < n; ++j) x[j] *= invT, y[j] *= invT;
-      }
       if constexpr (PackedMin<scalar_t>::kOn && n > 1) {
         pmin.template add<n>(tv, sv);
-        lse.template add_chunk<M, n, false>(x, y);
+        lse.template add_chunk<M, n, false, kRaw>(x, y, invT);
       } else {
-        lse.template add_chunk<M, n>(x, y);
+        lse.template add_chunk<M, n, true, kRaw>(x, y, invT);
       }
     };
     acc_t* cst = nullptr;  // the kept terms (kStash), at the slice's misalignment
@@ -473,12 +472,12 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
       }
       __syncthreads();  // the previous row's readers are done with the buffer
       const bool copy_vec = same_misalignment(t, s, sizeof(scalar_t));
-      const auto stage = [&](auto scaled) {
+      const auto stage = [&](auto raw) {
         visit_row(t, s, len, copy_vec, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
           constexpr int n = decltype(nc)::value;
           store_chunk<n>(st, i, tv);
           store_chunk<n>(ss, i, sv);
-          r1_chunk(tv, sv, nc, scaled);
+          r1_chunk(tv, sv, nc, raw);
         });
       };
       if (unit_t) {
@@ -491,9 +490,9 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
       s = ss;
       vec_ok = g == nullptr || same_misalignment(st, g, sizeof(scalar_t));
     } else {
-      const auto r1 = [&](auto scaled) {
+      const auto r1 = [&](auto raw) {
         visit_row(t, s, len, vec_ok, [&](int64_t, const scalar_t* tv, const scalar_t* sv, auto nc) {
-          r1_chunk(tv, sv, nc, scaled);
+          r1_chunk(tv, sv, nc, raw);
         });
       };
       if (unit_t) {
@@ -502,6 +501,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
         r1(std::true_type{});  // gauge:R1t
       }
     }
+    if (!unit_t) lse.template unscale<M>(invT);  // (R1 at T != 1: see r1_chunk)
     pmin.fold(lse, invT);
     lse = Lse::unpack(cluster_reduce_groups<acc_t, kWarps>(
         lse.pack(), lse_scratch, lse_slot, round++,

@@ -273,7 +273,8 @@ static void online_row(const amid::LossParams<T>& P, const T* s, const T* t, int
 // cuda/utils.cuh: cluster_reduce_groups): C CTAs of kThreads threads each take a slice of ceil(V / C) elements
 // rounded up to the vector width kW; thread i accumulates the kW-element chunks i, i + kThreads, ... of its CTA's
 // slice in sequence (rows aligned: no scalar head; the scalar tail elements go to threads 0, 1, ...); then `group`
-// reduces the 32 lanes of each warp and the C CTAs' states (each: lane 0's result), and the warps' states are merged
+// reduces the 32 lanes of each warp (after `finish` on each thread's state) and the C CTAs' states (each: lane 0's
+// result), and the warps' states are merged
 // one after another, or with kGroupWarps reduced as a group too. `butterfly` is the kernels' group_reduce (lane l
 // merges lane l ^ offset, offsets n / 2 .. 1; cluster_reduce); the forward kernel's R1 takes lse_group
 // (lse_group_reduce) at every level. Float sums in this order carry the rounding the GPU's do, which sequential sums
@@ -284,8 +285,8 @@ static Acc butterfly(std::vector<Acc> x, Merge&& merge) {  // lane 0's result of
     for (size_t i = 0; i < off; ++i) merge(x[i], x[i + off]);
   return x[0];
 }
-template <bool kGroupWarps, typename Acc, typename Add, typename Merge, typename Group>
-static Acc gpu_order_reduce_groups(int64_t V, int C, int kW, Add&& add, Merge&& merge, Group&& group,
+template <bool kGroupWarps, typename Acc, typename Add, typename Merge, typename Group, typename Finish>
+static Acc gpu_order_reduce_groups(int64_t V, int C, int kW, Add&& add, Merge&& merge, Group&& group, Finish&& finish,
                                    const Acc& init = Acc{}) {
   constexpr int kThreads = 256, kWarp = 32;
   const int64_t part = ((V + C - 1) / C + kW - 1) / kW * kW;
@@ -296,6 +297,7 @@ static Acc gpu_order_reduce_groups(int64_t V, int C, int kW, Add&& add, Merge&& 
     const int64_t nvec = len / kW;
     for (int64_t c = 0; c < nvec; ++c) add(th[c % kThreads], v0 + c * kW, kW);
     for (int64_t i = nvec * kW; i < len; ++i) add(th[(i - nvec * kW) % kThreads], v0 + i, 1);
+    for (Acc& a : th) finish(a);
     std::vector<Acc> warps;
     for (int w = 0; w < kThreads / kWarp; ++w) {
       warps.push_back(group(std::vector<Acc>(th.begin() + w * kWarp, th.begin() + (w + 1) * kWarp)));
@@ -313,7 +315,7 @@ static Acc gpu_order_reduce_groups(int64_t V, int C, int kW, Add&& add, Merge&& 
 template <typename Acc, typename Add, typename Merge>
 static Acc gpu_order_reduce(int64_t V, int C, int kW, Add&& add, Merge&& merge, const Acc& init = Acc{}) {
   return gpu_order_reduce_groups<false, Acc>(
-      V, C, kW, add, merge, [&](const std::vector<Acc>& x) { return butterfly(x, merge); }, init);
+      V, C, kW, add, merge, [&](const std::vector<Acc>& x) { return butterfly(x, merge); }, [](Acc&) {}, init);
 }
 // R1's group reduction in the forward kernel (amid_loss_kernels.cuh: lse_group_reduce), lane 0's result: the maxima
 // and minima of the group's states, each state's sum taken to the maxima (OnlineLSE::sum_to), and those sums added in
@@ -415,10 +417,21 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
   const int kW = 8;  // bf16 / fp16 chunks (16 bytes)
   const T invT = P.inv_temperature;
   // R1 by vector chunks (LseAcc::add_chunk, with the GPU's exp_approx error), the scalar tail by elements.
+  const bool raw_r1 = !kBins && invT != T(1);
   const auto r1 = gpu_order_reduce_groups<!kBins, amid::LseAcc<T>>(
       V, C, kW,
       [&](amid::LseAcc<T>& a, int64_t v, int n) {
+        // (at T != 1, as the forward kernel: the raw logits with the scale L / T, then unscale; the top-k kernel scales)
         T x[8], y[8];
+        if (raw_r1) {
+          for (int j = 0; j < n; ++j) x[j] = t[v + j], y[j] = s[v + j];
+          if (n == 8) {
+            a.template add_chunk<M, 8, true, true>(x, y, invT);
+          } else {
+            for (int j = 0; j < n; ++j) a.template add_chunk<M, 1, true, true>(x + j, y + j, invT);
+          }
+          return;
+        }
         for (int j = 0; j < n; ++j) x[j] = t[v + j] * invT, y[j] = s[v + j] * invT;
         if (n == 8) {
           a.template add_chunk<M, 8>(x, y);
@@ -441,6 +454,9 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
         } else {
           return lse_group<M>(x);
         }
+      },
+      [&](amid::LseAcc<T>& a) {
+        if (raw_r1) a.template unscale<M>(invT);
       });
   EXPECT(!r1.invalid());
   const amid::RowLse<T> A{r1.t.m, r1.t.template log_sum<M>()}, B{r1.s.m, r1.s.template log_sum<M>()};
@@ -1575,6 +1591,63 @@ static void test_fixed_shift_matches_running_max() {
 // 1e-5 relative; gradients per row to 1e-4 of max(the row's largest element, 0.01 max(1, |loss|)): the gradient is a
 // difference of terms of the loss's size or 1 (the 1e29 row's is ~0 where q is one-hot), whose float rounding alone
 // leaves 3e-7 there, and ~1e21 beside a loss of 1e28, in the CPU op's float gradient too.
+// R1 at T != 1 as the forward kernel runs it (amid_online.h: OnlineLSE::raise with kRaw, then unscale): the raw logits
+// with the scale L / T, made the state of the scaled logits once. Against float64's LSE(t / T) and against R1 on the
+// scaled logits (the kernel's at T = 1), over logit offsets up to the huge-logit scale (|m / T| >= 2^30, where the
+// scale changes: amid_online.h, OnlineLSE::scale_of): A within 4 ulp of itself plus 1e-6 (ex2.approx's 2^-22 per term),
+// as the scaled R1's; each thread's 8-element chunks in sequence, then the threads' states merged.
+static void test_raw_r1() {
+  std::mt19937 rng(50);
+  std::normal_distribution<double> nd(0.0, 3.0);
+  const int64_t V = 2001;
+  double worst_raw = 0, worst_scaled = 0;
+  int rows = 0;
+  for (const double T_ : {0.7, 1.7, 3.0}) {
+    for (const double offset : {0.0, -40.0, 1e3, 3e5, 2e7, 5e9}) {
+      std::vector<float> t(V);
+      for (auto& x : t) x = float(offset + nd(rng));
+      const float invT = float(1.0 / T_);
+      double mx = -INFINITY, sum = 0;  // float64's LSE of the scaled floats
+      for (float x : t) mx = std::max(mx, double(x * invT));
+      for (float x : t) sum += std::exp(double(x * invT) - mx);
+      const double want = mx + std::log(sum);
+      auto lse_of = [&](bool raw) {
+        std::vector<amid::LseAcc<float>> th(256);
+        for (int64_t c = 0; c * 8 < V; ++c) {
+          amid::LseAcc<float>& a = th[c % 256];
+          float x[8], y[8];
+          const int n = int(std::min<int64_t>(8, V - c * 8));
+          for (int j = 0; j < n; ++j) x[j] = raw ? t[c * 8 + j] : t[c * 8 + j] * invT, y[j] = x[j];
+          for (int j = 0; j < n; j += (n == 8 ? 8 : 1)) {
+            if (n == 8) {
+              raw ? a.add_chunk<GpuEmuMath, 8, true, true>(x, y, invT) : a.add_chunk<GpuEmuMath, 8>(x, y);
+            } else {
+              raw ? a.add_chunk<GpuEmuMath, 1, true, true>(x + j, y + j, invT) : a.add_chunk<GpuEmuMath, 1>(x + j, y + j);
+            }
+          }
+        }
+        if (raw) for (auto& a : th) a.unscale<GpuEmuMath>(invT);
+        amid::LseAcc<float> r = th[0];
+        for (size_t i = 1; i < th.size(); ++i) r.merge<GpuEmuMath>(th[i]);
+        EXPECT(!r.invalid() && r.lo_t == r.lo_s);
+        return double(r.t.m) + double(r.t.log_sum<GpuEmuMath>());
+      };
+      const double tol = 4 * std::abs(want) * 0x1p-24 + 1e-6;
+      const double e_raw = std::abs(lse_of(true) - want), e_scaled = std::abs(lse_of(false) - want);
+      worst_raw = std::max(worst_raw, e_raw / tol);
+      worst_scaled = std::max(worst_scaled, e_scaled / tol);
+      ++rows;
+      if (!(e_raw <= tol)) {
+        ++failures;
+        std::fprintf(stderr, "FAILED raw R1: T %g offset %g: A off by %.3g (tolerance %.3g; scaled R1 %.3g)\n", T_, offset,
+                     e_raw, tol, e_scaled);
+      }
+    }
+  }
+  std::printf("R1 at T != 1 on the raw logits (scale L / T, then unscale): A within %.2f of its tolerance on %d rows "
+              "(R1 on the scaled logits: %.2f)\n", worst_raw, rows, worst_scaled);
+}
+
 static void test_huge_logit_rows() {
   at::manual_seed(46);
   const int64_t V = 4099;
@@ -2007,11 +2080,16 @@ int main(int argc, char** argv) {
   test_fixed_shift_rows();
   test_fixed_shift_matches_running_max();
   test_huge_logit_rows();
+  test_raw_r1();
   // The 16-bit kernels' logit gap from the raw logits (amid_math.h: RawGap) on bf16-valued logits, at T = 1 (t - s
   // exact) and T = 2 (the FFMA scales), with a student near its teacher (the gap's relative accuracy) and ordinary.
   test_online_float({"bf16 logits, student within 1% of teacher", 11, 5003, 0.01, 1e-5, 1e-4, 0, 3.0, false, 0, true});
   test_online_float({"bf16 logits, ordinary inputs", 5, 2001, 0.0, 1e-5, 1e-4, 0, 3.0, false, 0, true});
   test_online_float({"bf16 logits, ordinary inputs, T = 2", 5, 2001, 0.0, 1e-5, 1e-4, 0, 3.0, false, 0, true, 2.0});
+  // T = 1.7, whose 1 / T is not a power of two: the forward kernel's R1 at T != 1 on the raw logits with the scale
+  // L / T (OnlineLSE::raise, kRaw; unscale), which at T = 2 gives the scaled R1's values bit for bit.
+  test_online_float({"bf16 logits, ordinary inputs, T = 1.7", 5, 2001, 0.0, 1e-5, 1e-4, 0, 3.0, false, 0, true, 1.7});
+  test_online_float({"ordinary inputs, T = 1.7", 5, 2001, 0.0, 1e-5, 1e-4, 0, 3.0, false, 0, false, 1.7});
   test_online_float({"bf16 logits, teacher top-8 of 2001, the rest -inf", 13, 2001, 0.0, 1e-5, 1e-5, 8, 3.0, false, 0,
                      true});
   test_online_float({"bf16 logits, ordinary inputs, logits of scale 12", 5, 2001, 0.0, 1e-5, 3e-5, 0, 12.0, false, 1.0,
