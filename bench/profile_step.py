@@ -27,12 +27,13 @@ def main() -> None:
     ap.add_argument("--order", default="pr")
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--lam", type=float, default=0.5)
+    ap.add_argument("--temperature", type=float, default=1.0, help="T (R1 takes its other form at T != 1)")
     ap.add_argument("--calls", type=int, default=3)
     a = ap.parse_args()
     import amid
 
     s, t, _ = make_inputs(a.n, a.v, torch.bfloat16, "cuda")
-    args = (s, t, None, a.alpha, a.lam, a.divergence, a.order, 0.2, 0.7, 1.0, False, True)
+    args = (s, t, None, a.alpha, a.lam, a.divergence, a.order, 0.2, 0.7, a.temperature, False, True)
     times = []
     for _ in range(a.calls):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -47,7 +48,7 @@ def main() -> None:
     env = " ".join(f"{k}={os.environ[k]}" for k in ("AMID_CUDA_PATH", "AMID_CUDA_STASH", "AMID_CUDA_BOUNDED")
                    if k in os.environ)
     print(f"amid_loss_fwd (gradient in the forward) {a.n}x{a.v} bf16 {a.divergence}/{a.order} alpha={a.alpha} "
-          f"lam={a.lam}{' ' + env if env else ''}: {ms:.3f} ms (median of {len(timed)}), "
+          f"lam={a.lam}{f' T={a.temperature}' if a.temperature != 1.0 else ''}{' ' + env if env else ''}: {ms:.3f} ms (median of {len(timed)}), "
           f"{6 * a.n * a.v / ms / 1e6:.0f} GB/s against the 6*N*V-byte floor")
 
 
