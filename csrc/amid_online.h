@@ -141,14 +141,18 @@ struct OnlineLSE {
   }
   // A kRaw state (raise) made the state of the scaled logits: the maximum m / T (the largest scaled logit, rounding being
   // monotone) with its own scale, and s times 2^(delta' - delta) for the two states' common factors (delta = m lf - m2,
-  // see above), as two exponentials so that neither overflows (|delta| <= 2^7 each). Its terms differ from those of R1
-  // on the scaled logits by the rounding of lf = L / T instead of that of each x / T: 2^-24 relative of (x - m) L / T
-  // where the scaled R1 had 2^-24 of x L / T. An all -inf side, or +inf / NaN (an invalid row), keeps its sum.
+  // see above; where the difference could overflow, |delta| <= 2^7 each, as two exponentials). Its terms differ from
+  // those of R1 on the scaled logits by the rounding of lf = L / T instead of that of each x / T: 2^-24 relative of
+  // (x - m) L / T where the scaled R1 had 2^-24 of x L / T; where 1 / T is a power of two they are the same values, and
+  // so is the state (delta' = delta, a factor of exactly 1). An all -inf side, or +inf / NaN (an invalid row), keeps
+  // its sum.
   template <class M>
   AMID_HD void unscale(T invT) {
+    using std::fabs;
     const T ms = m * invT, ls = scale_of(ms), m2s = ms * ls;
     const bool finite = (m > neg_inf<T>()) & (m < std::numeric_limits<T>::infinity());
-    s = finite ? s * M::exp2(-fma_t(m, lf, -m2)) * M::exp2(fma_t(ms, ls, -m2s)) : s;
+    const T dr = fma_t(m, lf, -m2), ds = fma_t(ms, ls, -m2s), d = ds - dr;
+    if (finite) s = fabs(d) < T(64) ? s * M::exp2(d) : s * M::exp2(-dr) * M::exp2(ds);
     m = ms;
     m2 = m2s;
     lf = ls;

@@ -1595,14 +1595,16 @@ static void test_fixed_shift_matches_running_max() {
 // with the scale L / T, made the state of the scaled logits once. Against float64's LSE(t / T) and against R1 on the
 // scaled logits (the kernel's at T = 1), over logit offsets up to the huge-logit scale (|m / T| >= 2^30, where the
 // scale changes: amid_online.h, OnlineLSE::scale_of): A within 4 ulp of itself plus 1e-6 (ex2.approx's 2^-22 per term),
-// as the scaled R1's; each thread's 8-element chunks in sequence, then the threads' states merged.
+// as the scaled R1's; at T = 2 (1 / T a power of two) the scaled R1's state bit for bit. Each thread's 8-element chunks in
+// sequence, then the threads' states merged.
 static void test_raw_r1() {
   std::mt19937 rng(50);
   std::normal_distribution<double> nd(0.0, 3.0);
   const int64_t V = 2001;
   double worst_raw = 0, worst_scaled = 0;
   int rows = 0;
-  for (const double T_ : {0.7, 1.7, 3.0}) {
+  int same_at_2 = 0;
+  for (const double T_ : {0.7, 1.7, 2.0, 3.0}) {
     for (const double offset : {0.0, -40.0, 1e3, 3e5, 2e7, 5e9}) {
       std::vector<float> t(V);
       for (auto& x : t) x = float(offset + nd(rng));
@@ -1630,10 +1632,17 @@ static void test_raw_r1() {
         amid::LseAcc<float> r = th[0];
         for (size_t i = 1; i < th.size(); ++i) r.merge<GpuEmuMath>(th[i]);
         EXPECT(!r.invalid() && r.lo_t == r.lo_s);
-        return double(r.t.m) + double(r.t.log_sum<GpuEmuMath>());
+        return r;
       };
       const double tol = 4 * std::abs(want) * 0x1p-24 + 1e-6;
-      const double e_raw = std::abs(lse_of(true) - want), e_scaled = std::abs(lse_of(false) - want);
+      const amid::LseAcc<float> r_raw = lse_of(true), r_scaled = lse_of(false);
+      const auto A = [](const amid::LseAcc<float>& r) { return double(r.t.m) + double(r.t.log_sum<GpuEmuMath>()); };
+      const double e_raw = std::abs(A(r_raw) - want), e_scaled = std::abs(A(r_scaled) - want);
+      if (T_ == 2.0) {  // (the merged states: maximum, sum and minimum)
+        const bool same = r_raw.t.m == r_scaled.t.m && r_raw.t.s == r_scaled.t.s && r_raw.lo_t == r_scaled.lo_t;
+        EXPECT(same);
+        same_at_2 += same;
+      }
       worst_raw = std::max(worst_raw, e_raw / tol);
       worst_scaled = std::max(worst_scaled, e_scaled / tol);
       ++rows;
@@ -1645,7 +1654,8 @@ static void test_raw_r1() {
     }
   }
   std::printf("R1 at T != 1 on the raw logits (scale L / T, then unscale): A within %.2f of its tolerance on %d rows "
-              "(R1 on the scaled logits: %.2f)\n", worst_raw, rows, worst_scaled);
+              "(R1 on the scaled logits: %.2f); at T = 2 equal to the scaled R1's on %d of 6\n", worst_raw, rows,
+              worst_scaled, same_at_2);
 }
 
 static void test_huge_logit_rows() {
