@@ -1595,8 +1595,8 @@ static void test_fixed_shift_matches_running_max() {
 // with the scale L / T, made the state of the scaled logits once. Against float64's LSE(t / T) and against R1 on the
 // scaled logits (the kernel's at T = 1), over logit offsets up to the huge-logit scale (|m / T| >= 2^30, where the
 // scale changes: amid_online.h, OnlineLSE::scale_of): A within 4 ulp of itself plus 1e-6 (ex2.approx's 2^-22 per term),
-// as the scaled R1's; at T = 2 (1 / T a power of two) the scaled R1's state bit for bit. Each thread's 8-element chunks in
-// sequence, then the threads' states merged.
+// as the scaled R1's; at T = 2 (1 / T a power of two) the scaled R1's state bit for bit. In the forward kernel's order
+// (gpu_order_reduce_groups, one CTA) and R1 reduction (lse_group).
 static void test_raw_r1() {
   std::mt19937 rng(50);
   std::normal_distribution<double> nd(0.0, 3.0);
@@ -1613,24 +1613,25 @@ static void test_raw_r1() {
       for (float x : t) mx = std::max(mx, double(x * invT));
       for (float x : t) sum += std::exp(double(x * invT) - mx);
       const double want = mx + std::log(sum);
-      auto lse_of = [&](bool raw) {
-        std::vector<amid::LseAcc<float>> th(256);
-        for (int64_t c = 0; c * 8 < V; ++c) {
-          amid::LseAcc<float>& a = th[c % 256];
-          float x[8], y[8];
-          const int n = int(std::min<int64_t>(8, V - c * 8));
-          for (int j = 0; j < n; ++j) x[j] = raw ? t[c * 8 + j] : t[c * 8 + j] * invT, y[j] = x[j];
-          for (int j = 0; j < n; j += (n == 8 ? 8 : 1)) {
-            if (n == 8) {
-              raw ? a.add_chunk<GpuEmuMath, 8, true, true>(x, y, invT) : a.add_chunk<GpuEmuMath, 8>(x, y);
-            } else {
-              raw ? a.add_chunk<GpuEmuMath, 1, true, true>(x + j, y + j, invT) : a.add_chunk<GpuEmuMath, 1>(x + j, y + j);
-            }
-          }
-        }
-        if (raw) for (auto& a : th) a.unscale<GpuEmuMath>(invT);
-        amid::LseAcc<float> r = th[0];
-        for (size_t i = 1; i < th.size(); ++i) r.merge<GpuEmuMath>(th[i]);
+      auto lse_of = [&](bool raw) {  // (in the forward kernel's order and reductions: gpu_order_reduce_groups, lse_group)
+        using L = amid::LseAcc<float>;
+        const L r = gpu_order_reduce_groups<true, L>(
+            V, 1, 8,
+            [&](L& a, int64_t v, int n) {
+              float x[8];
+              for (int j = 0; j < n; ++j) x[j] = raw ? t[v + j] : t[v + j] * invT;
+              if (n == 8) {
+                raw ? a.add_chunk<GpuEmuMath, 8, true, true>(x, x, invT) : a.add_chunk<GpuEmuMath, 8>(x, x);
+              } else {
+                for (int j = 0; j < n; ++j) {
+                  raw ? a.add_chunk<GpuEmuMath, 1, true, true>(x + j, x + j, invT) : a.add_chunk<GpuEmuMath, 1>(x + j, x + j);
+                }
+              }
+            },
+            [](L& u, const L& w) { u.merge<GpuEmuMath>(w); }, [](const std::vector<L>& x) { return lse_group<GpuEmuMath>(x); },
+            [&](L& a) {
+              if (raw) a.unscale<GpuEmuMath>(invT);
+            });
         EXPECT(!r.invalid() && r.lo_t == r.lo_s);
         return r;
       };
