@@ -564,6 +564,32 @@ struct RowAcc {
     }
   }
 
+  // The state's plain sums (S, Wb and every field): where every state's m is 0 and its powers of e^m are 1 (a
+  // FixedShift R2: begin, and rebase does nothing), merge's factors are all 1 (merge_scale: equal maxima) and merging
+  // is adding these, the same bits (x + y * 1 rounds as x + y). The GPU's reduction of such states shuffles and adds
+  // these kF + 2 values only (amid_loss_kernels.cuh), not m and the powers, and computes no factors.
+  struct Sums {
+    T S, Wb, f[kF];
+    AMID_HD void add(const Sums& o) {
+      S += o.S;
+      Wb += o.Wb;
+#pragma unroll
+      for (int i = 0; i < kF; ++i) f[i] += o.f[i];
+    }
+  };
+  AMID_HD Sums sums() const {
+    Sums u;
+    u.S = S, u.Wb = Wb;
+#pragma unroll
+    for (int i = 0; i < kF; ++i) u.f[i] = f[i];
+    return u;
+  }
+  AMID_HD void set_sums(const Sums& u) {
+    S = u.S, Wb = u.Wb;
+#pragma unroll
+    for (int i = 0; i < kF; ++i) f[i] = u.f[i];
+  }
+
   // kl: sum_U o, the reference side's unmasked mass. pr / qr: 1 when nothing is masked (every bounded row,
   // where add does not sum it), else the direct sum (1 - sum_notU o cancels when most of o is masked, as
   // under a top-k teacher with alpha >= 1); rp / rq: 1 - sum_notU o.
@@ -761,6 +787,20 @@ struct JsdRowAcc {
     const auto k = RowAcc<D, Order::kPR, T>::template merge_scale<M>(P, a.m, o.a.m);
     a.merge_scaled(k, o.a);
     b.merge_scaled(typename RowAcc<D, Order::kQR, T>::MergeScale{k.ge, k.e1, k.e_c01, k.e_g}, o.b);
+  }
+  // (RowAcc::Sums: both sides' plain sums, for states whose m is 0)
+  struct Sums {
+    typename RowAcc<D, Order::kPR, T>::Sums a;
+    typename RowAcc<D, Order::kQR, T>::Sums b;
+    AMID_HD void add(const Sums& o) {
+      a.add(o.a);
+      b.add(o.b);
+    }
+  };
+  AMID_HD Sums sums() const { return Sums{a.sums(), b.sums()}; }
+  AMID_HD void set_sums(const Sums& u) {
+    a.set_sums(u.a);
+    b.set_sums(u.b);
   }
   AMID_HD T wbar() const { return a.wbar(); }  // (pr and qr: both uncentred, the same sums)
   template <class M>

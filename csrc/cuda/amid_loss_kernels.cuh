@@ -638,7 +638,24 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
         const bool rvec = kept3 ? global_vec_ok() : vec_ok;
         r2(M{}, rt, rs, rvec);  // gauge:R2m
       }
-      acc = cluster_reduce<acc_t, kWarps>(acc, acc_scratch, acc_slot, round++, merge_acc);
+      if (!general && MB::kFixedShift) {
+        // The FixedShift R2: every state's m is 0, so the cluster adds their plain sums (RowAcc::Sums: merge's bits,
+        // tests/cpp test_fixed_shift_sums), without merge's factors and its branch, and m and the powers of e^m not
+        // shuffled (kl 11 values per step instead of 13, alpha-beta 13 instead of 17). bf16 sm_90a, resident, along warp
+        // 0's path in a 16-CTA cluster (SASS, loops counted by their trip counts): kl/pr ~785 -> ~515 instructions per
+        // thread and row, ab/rq ~1200 -> ~590. Its scratch and slots lie in acc_mem's (the slots sizeof(Acc) apart), so
+        // that a round's slots never overlap the next round's, whichever state that one reduces. The state is rebuilt
+        // with begin's constants after the reduction: held across it, m and the powers cost the streaming kl kernels
+        // (64 registers) 108-117 spill instructions.
+        using Sums = typename Acc::Sums;
+        const Sums u = cluster_reduce<acc_t, kWarps>(
+            acc.sums(), reinterpret_cast<Sums*>(acc_scratch), reinterpret_cast<Sums*>(acc_slot), round++,
+            [](Sums& x, const Sums& y) { x.add(y); }, unsigned(sizeof(Acc)));
+        acc.template begin<MB>();  // (m = 0 and its powers 1 as constants, not held across the reduction)
+        acc.set_sums(u);
+      } else {
+        acc = cluster_reduce<acc_t, kWarps>(acc, acc_scratch, acc_slot, round++, merge_acc);
+      }
       if (general || !MB::kFixedShift || acc.shift_ok()) break;
     }
     acc_t Z, Z2, L, S_G, K, cond;

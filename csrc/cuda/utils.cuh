@@ -85,6 +85,8 @@ __device__ __forceinline__ Acc block_reduce(Acc a, Acc* scratch, Merge&& merge) 
 // hands the result to the CTA through scratch[0]; the __syncwarp before makes every lane's reads of scratch[] happen
 // before that write. Lane 0 of every CTA of the cluster reduces the same slots in the same order, so every CTA ends
 // with the same state, bit for bit. The leading __syncthreads protects scratch from the previous call's readers.
+// The two slots lie slot_bytes apart (sizeof(Acc) unless a smaller state reduces in a larger one's storage: its slots
+// then lie in the larger one's, so that consecutive rounds' slots never overlap, whichever state each round reduces).
 //
 // Barrier semantics: cluster.sync() is barrier.cluster.arrive.release + wait.acquire; on sm_90a
 // ptxas implements any release / fence at cluster scope as MEMBAR.ALL.GPU and the acquire as an L1
@@ -92,7 +94,7 @@ __device__ __forceinline__ Acc block_reduce(Acc a, Acc* scratch, Merge&& merge) 
 // same), so nothing weaker is available short of an mbarrier + st.async protocol.
 template <typename T, int kWarps, typename Acc, typename Group, typename Ctas>
 __device__ __forceinline__ Acc cluster_reduce_groups(Acc a, Acc* scratch, Acc* slot, int round, Group&& group,
-                                                     Ctas&& ctas) {
+                                                     Ctas&& ctas, unsigned slot_bytes = sizeof(Acc)) {
   static_assert(kWarps >= 1 && kWarps <= kWarpSize && (kWarps & (kWarps - 1)) == 0,
                 "cluster_reduce: the warp count must be a power of two <= 32");
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
@@ -107,7 +109,7 @@ __device__ __forceinline__ Acc cluster_reduce_groups(Acc a, Acc* scratch, Acc* s
   cg::cluster_group cluster = cg::this_cluster();
   const unsigned nblocks = cluster.num_blocks();
   if (nblocks > 1) {
-    Acc* mine = slot + (round & 1);
+    Acc* mine = reinterpret_cast<Acc*>(reinterpret_cast<unsigned char*>(slot) + (round & 1) * slot_bytes);
     if (threadIdx.x == 0) *mine = x;
     cluster.sync();  // release our slot, acquire the peers'
     if (warp == 0) {
@@ -124,7 +126,8 @@ __device__ __forceinline__ Acc cluster_reduce_groups(Acc a, Acc* scratch, Acc* s
 
 // cluster_reduce_groups with butterflies of `merge` (group_reduce), the warps' states merged one after another.
 template <typename T, int kWarps, typename Acc, typename Merge>
-__device__ __forceinline__ Acc cluster_reduce(Acc a, Acc* scratch, Acc* slot, int round, Merge&& merge) {
+__device__ __forceinline__ Acc cluster_reduce(Acc a, Acc* scratch, Acc* slot, int round, Merge&& merge,
+                                              unsigned slot_bytes = sizeof(Acc)) {
   return cluster_reduce_groups<T, kWarps>(
       a, scratch, slot, round,
       [&](const Acc& x, unsigned width) {
@@ -135,7 +138,8 @@ __device__ __forceinline__ Acc cluster_reduce(Acc a, Acc* scratch, Acc* slot, in
 #pragma unroll 1
         for (int w = 1; w < kWarps; ++w) merge(x, sc[w]);
         return x;
-      });
+      },
+      slot_bytes);
 }
 
 // The number of CTAs in this CTA's cluster, and its rank (1 and 0 without clusters).

@@ -406,6 +406,9 @@ static double g_kept3_dev = 0;
 static double g_pow2_dev = 0;
 static int g_pow2_rows = 0;
 static bool g_fixed_shift = true;  // gpu_row: bounded rows take R2 relative to lt = 0, as the kernel (FixedShift)
+// gpu_row: a FixedShift R2's states reduce by adding their plain sums (RowAcc::Sums), as the kernel; false: by merge
+// (test_fixed_shift_sums: the same bits)
+static bool g_sums_reduce = true;
 // kBins: the top-k kernel's bucket bins instead (amid_topk_cuda.cu): no approximate instruction (PreciseMath,
 // which on the host is the library math) and the exact pass on every bounded row. kRaw16: the 16-bit kernels'
 // (bf16, fp16 logits, here as floats of their values): bounded rows take lp - lq from the raw logits (RawGap).
@@ -510,7 +513,18 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
             });
           }
         },
-        [&](Acc& x, const Acc& y) { x.template merge<M>(P, y); }, init);
+        [&](Acc& x, const Acc& y) {
+          if constexpr (MM::kFixedShift) {
+            if (g_sums_reduce) {  // (m = 0 in every state: the kernel adds the plain sums)
+              auto u = x.sums();
+              u.add(y.sums());
+              x.set_sums(u);
+              return;
+            }
+          }
+          x.template merge<M>(P, y);
+        },
+        init);
   };
   // As the kernel: bounded rows (not under a tiny lam: the launcher's bounded_ok) take the BoundedRow policy (M's
   // values bit for bit, test_bounded_rows) and, in the 16-bit kernels, the raw logit gap; R2 there sums
@@ -1582,6 +1596,60 @@ static void test_fixed_shift_matches_running_max() {
   g_rows = g_exact_rows = g_reruns = g_wide_rows = g_near_rows = 0;
 }
 
+// The forward kernel reduces a FixedShift R2's states by adding their plain sums (RowAcc::Sums: m = 0 in every state,
+// so merge's factors are 1), not through merge: the two must give the same bits. gpu_row both ways, on ordinary rows and
+// on rows whose sums span many binades (the peaked rows of test_fixed_shift_rows, G = 30), every order, kl and
+// alpha-beta, one CTA and clusters of 8: every output and every gradient element bit for bit.
+static void test_fixed_shift_sums() {
+  at::manual_seed(37);
+  const int64_t V = 2001;
+  int rows = 0, fixed = 0;
+  for (const char* div : {"kl", "ab"}) {
+    for (const char* ord : {"pr", "qr", "rp", "rq", "jsd"}) {
+      for (double alpha : {0.5, -1.0, 3.0}) {
+        for (int kind = 0; kind < 2; ++kind) {
+          const double lam = kind ? 0.3 : 0.8;
+          at::Tensor t = at::randn({V}, at::kDouble) * 3.0, s = at::randn({V}, at::kDouble) * 3.0;
+          if (kind) {  // peaked: teacher on token 0, student on token 1, the rest 30 below
+            t = t / 3.0 - 30.0, s = s / 3.0 - 30.0;
+            t[0] = 0.0, s[1] = 0.0;
+          }
+          t = t.to(at::kFloat), s = s.to(at::kFloat);
+          const auto P = amid::make_params<float>("test", alpha, lam, div, ord, 0.2, 0.7, 1.0, false);
+          for (int C : {1, 8}) {
+            double out[2][7];
+            std::vector<double> g[2] = {std::vector<double>(V), std::vector<double>(V)};
+            const int before = g_reruns;
+            for (int how = 0; how < 2; ++how) {
+              g_sums_reduce = how == 0;
+              amid::dispatch_loss(P.divergence, P.order, [&](auto dc, auto oc) {
+                gpu_row<decltype(dc)::value, decltype(oc)::value>(P, s.data_ptr<float>(), t.data_ptr<float>(), V, C,
+                                                                  out[how], g[how].data());
+              });
+            }
+            g_sums_reduce = true;
+            ++rows;
+            fixed += g_reruns == before;  // (a rerun's R2 is the general policy's: merge both ways)
+            if (std::memcmp(out[0], out[1], sizeof(out[0])) != 0 ||
+                std::memcmp(g[0].data(), g[1].data(), V * sizeof(double)) != 0) {
+              ++failures;
+              std::fprintf(stderr, "FAILED fixed-shift sums vs merge %s/%s alpha=%g lam=%g C=%d: loss %.9g vs %.9g\n",
+                           div, ord, alpha, lam, C, out[0][5], out[1][5]);
+            }
+          }
+        }
+      }
+    }
+  }
+  if (fixed < rows / 2) {
+    ++failures;
+    std::fprintf(stderr, "FAILED fixed-shift sums: only %d of %d rows kept the fixed shift's R2\n", fixed, rows);
+  }
+  std::printf("a FixedShift R2 reduced by adding its plain sums (RowAcc::Sums) gives merge's bits: %d rows (%d kept the "
+              "fixed shift), every output and gradient element\n", rows, fixed);
+  g_rows = g_exact_rows = g_reruns = g_wide_rows = g_near_rows = 0;
+}
+
 // test_bounded_rows_match_general's rows (tests/test_cuda.py) through the kernels' float math against the double CPU
 // op on the same values: ordinary rows, one with a student logit of 1e29 and a teacher logit of -1e29, one whose
 // teacher is offset by 700, and a masked one; float logits and bf16-valued ones (the 16-bit kernels' raw logit gap,
@@ -2090,6 +2158,7 @@ int main(int argc, char** argv) {
   test_online_float({"ordinary inputs, logits of scale 12", 5, 2001, 0.0, 1e-5, 3e-5, 0, 12.0, false, 1.0});
   test_fixed_shift_rows();
   test_fixed_shift_matches_running_max();
+  test_fixed_shift_sums();
   test_huge_logit_rows();
   test_raw_r1();
   // The 16-bit kernels' logit gap from the raw logits (amid_math.h: RawGap) on bf16-valued logits, at T = 1 (t - s
