@@ -73,7 +73,8 @@ Method (what is counted, and how)
 10. At alpha = 0.5 (1 / k = 4, the library's default alpha; a runtime choice per launch) the streaming kl/pr and kl/qr
    kernels' near rows take a third W (amid_math.h: grad_from_logits_pow2, p, q and r from one exponential and
    squarings), tagged Wi and reported in the "alpha = 1/2" columns (R1 + R2 + Wi) with their own target check; W and
-   "all passes" stay those of any other alpha.
+   "all passes" stay those of any other alpha. At alpha = -1 (k = 1: the arithmetic mixture, DistiLLM's skew KLs)
+   they take the same W at N = 1 (no squaring), tagged Wa and reported in the "alpha = -1" columns (R1 + R2 + Wa).
 11. R1 runs in two forms (a runtime choice per launch): at temperature T = 1 (the default) on the widened logits,
    tagged R1 and counted everywhere above; at any other T on the raw logits with the scale L / T (amid_online.h:
    OnlineLSE::raise, kRaw), tagged R1t (CSV columns R1t_*; add R1t - R1 per element to a total for T != 1; the same
@@ -150,8 +151,9 @@ FAR = ("R2f", "Wsf", "Wf")
 KEPT3 = ("Ws3",)
 # "Wi": the streaming kl kernels' W of a near row at alpha = 0.5 (1 / k = 4, the library's default; amid_math.h:
 # grad_from_logits_pow2: p, q, r from one exponential and squarings), reported in the "alpha = 1/2" columns
-# (R1 + R2 + Wi); W stays the general alpha's.
-POW2 = ("Wi",)
+# (R1 + R2 + Wi); W stays the general alpha's. "Wa": the same W at alpha = -1 (k = 1, the arithmetic mixture), in the
+# "alpha = -1" columns (R1 + R2 + Wa).
+POW2 = ("Wi", "Wa")
 # "R1t": R1 at a temperature other than 1 (the raw logits with the scale L / T; "R1" is T = 1's, the default), in the CSV.
 R1T = ("R1t",)
 TAGS = PASSES + ("Ws",) + GENERAL + ("Wsm", EXACT) + NARROW + FAR + KEPT3 + POW2 + R1T
@@ -820,6 +822,14 @@ def gauge_cubin(cubin: str, dtypes: Sequence[str], warnings: List[str]) -> List[
         half_m = sum(x.mufu_per_elem for x in half) if ok else 0.0
         row["alpha_half_instr_per_elem"] = round(half_i, 2) if ok else ""
         row["alpha_half_mufu_per_elem"] = round(half_m, 3) if ok else ""
+        # alpha = -1 (k = 1, the arithmetic mixture): R1 + R2 + Wa, the same kernels
+        lc = loops.get("Wa")
+        row["Wa_instr_per_elem"] = round(lc.instr_per_elem, 2) if lc else ""
+        row["Wa_mufu_per_elem"] = round(lc.mufu_per_elem, 3) if lc else ""
+        arith = [loops.get("R1"), loops.get("R2"), lc]
+        ok = all(arith)
+        row["alpha_m1_instr_per_elem"] = round(sum(x.instr_per_elem for x in arith), 2) if ok else ""
+        row["alpha_m1_mufu_per_elem"] = round(sum(x.mufu_per_elem for x in arith), 3) if ok else ""
         lc = loops.get(EXACT)
         row[f"{EXACT}_instr_per_elem"] = round(lc.instr_per_elem, 2) if lc else ""
         row[f"{EXACT}_mufu_per_elem"] = round(lc.mufu_per_elem, 3) if lc else ""
@@ -871,7 +881,7 @@ def tool_version() -> str:
 
 def format_table(rows: Sequence[Dict[str, object]]) -> str:
     hdr = ["kernel", "dtype", "loss", "path", "mix", "regs", "spill", "smem", "dyn", "C", "CTA/SM", "R1 i/m", "R2 i/m",
-           "W i/m", "all i/m", "narrow i/m", "far i/m", "general i/m", "stage i", "target", "alpha=1/2 i/m", "target alpha=1/2"]
+           "W i/m", "all i/m", "narrow i/m", "far i/m", "general i/m", "stage i", "target", "alpha=1/2 i/m", "target alpha=1/2", "alpha=-1 i/m"]
     out = [hdr]
     for r in rows:
         def im(p: str) -> str:
@@ -890,7 +900,9 @@ def format_table(rows: Sequence[Dict[str, object]]) -> str:
                     "-" if st == "" else f"{float(st):.1f}", str(r["target"]),
                     "-" if r.get("alpha_half_instr_per_elem", "") == "" else
                     f"{float(r['alpha_half_instr_per_elem']):.1f}/{float(r['alpha_half_mufu_per_elem']):.2f}",
-                    str(r.get("target_alpha_half", ""))])
+                    str(r.get("target_alpha_half", "")),
+                    "-" if r.get("alpha_m1_instr_per_elem", "") == "" else
+                    f"{float(r['alpha_m1_instr_per_elem']):.1f}/{float(r['alpha_m1_mufu_per_elem']):.2f}"])
     w = [max(len(row[i]) for row in out) for i in range(len(hdr))]
     return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(row)).rstrip() for row in out)
 

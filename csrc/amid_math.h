@@ -94,7 +94,7 @@ struct LossParams {
   bool lam_tiny;
   T k, inv_k;       // k = (1 - alpha) / 2, used by kPower only
   // 1 / k where it is 1, 2, 4 or 8 (alpha = -1, 0, 1/2, 3/4; k then a power of two), else 0: the GPU's streaming
-  // kl/pr, kl/qr W with p, q, r from one exponential (grad_from_logits_pow2; compiled for kPow2N). kPower only.
+  // kl/pr, kl/qr W with p, q, r from one exponential (grad_from_logits_pow2; compiled for kPow2N and kPow2NArith). kPower only.
   // Here, not in lam_tiny's padding: the 4 bytes it shifts the fields below by changed ptxas's register allocation of
   // the alpha-beta kernels (bf16 sm_90a spill instructions per row: ab/rq streaming 32 -> 0, resident 83 -> 61; in
   // the padding, as before; before ab_a 14 and 83, before mix_h 4 and 61). Measured with the gauge, not designed.
@@ -1409,8 +1409,11 @@ AMID_HD T pow_pow2(T x) {
 // and the shifted sums cancel r e against S_G only where W's r has R2's rounding (e^(lt - Z) from the same lt); with
 // this r the emulated gradient of such rows was 5x the recomputing W's error (5.5e-5 against 1e-5 of the largest
 // element, tests/cpp test_fixed_shift_rows, kl/rp alpha 0.5 lam 0.5), pr / qr within it.
-// The one N the GPU kernels compile it for (each N is one more W per kl kernel): alpha = 0.5, the library's default.
+// The N the GPU kernels compile it for (each N is one more W per streaming kl/pr, kl/qr kernel): 4, alpha = 0.5 (the
+// library's default), and 1, alpha = -1 (the arithmetic mixture lam p + (1 - lam) q: DistiLLM's skew KLs, kl/pr and
+// kl/qr; s' itself is r / b, no squaring).
 constexpr int kPow2N = 4;
+constexpr int kPow2NArith = 1;
 template <typename T>
 struct Pow2Row {
   T s_ref, s_nonref;  // the weights of the loss's reference side and of the other, times e^(-k Z)

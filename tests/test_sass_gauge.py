@@ -236,5 +236,13 @@ def test_gauge_on_built_library(tmp_path, capsys):
         if r["Wi_instr_per_elem"] != "":
             assert r["Wi_mufu_per_elem"] < r["W_mufu_per_elem"], (r["loss"], r["Wi_mufu_per_elem"], r["W_mufu_per_elem"])
     assert [r["target_alpha_half"] != "" for r in rows if r["target"]].count(True) == 1  # (kl/pr streaming)
+    # The same W at alpha = -1 (tag Wa, N = 1: the arithmetic mixture, DistiLLM's skew KLs), in the same kernels, with
+    # the MUFU ops of Wi and fewer instructions (no squaring).
+    arith = {(r["loss"], r["path"], r["mixture"]) for r in rows if r["alpha_m1_instr_per_elem"] != ""}
+    assert arith == half, (arith, warnings)
+    for r in rows:
+        if r["Wa_instr_per_elem"] != "":
+            assert r["Wa_mufu_per_elem"] == r["Wi_mufu_per_elem"] < r["W_mufu_per_elem"], (r["loss"], r["Wa_mufu_per_elem"])
+            assert r["Wa_instr_per_elem"] < r["Wi_instr_per_elem"], (r["loss"], r["Wa_instr_per_elem"])
     with capsys.disabled():  # the report, met or not
         print("\n" + g.format_table(rows))

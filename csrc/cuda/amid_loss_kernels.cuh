@@ -753,12 +753,17 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
               // keep them (rare rows): one form there, which a second would cost registers (bf16 ab/pr resident: 9 ->
               // 19 spill instructions per row).
               if (!kStash && near) {
-                // kl/pr, kl/qr at alpha = 0.5 (1 / k = 4, the library's default): p, q, r from one exponential and
-                // squarings (amid_math.h: grad_from_logits_pow2; bf16 kl/pr 6 -> 4 MUFU per element). Other alpha: W.
+                // kl/pr, kl/qr at alpha = 0.5 (1 / k = 4, the library's default) and alpha = -1 (k = 1, the
+                // arithmetic mixture: DistiLLM's skew KLs): p, q, r from one exponential and squarings (amid_math.h:
+                // grad_from_logits_pow2; bf16 kl/pr 6 -> 4 MUFU per element). Other alpha: W.
                 constexpr bool kPow2 = D == Divergence::kKL && (O == Order::kPR || O == Order::kQR);
                 if (kPow2 && P.pow_n == kPow2N) {
                   if constexpr (kPow2) {
                     write_grad_row_pow2<D, O, kPow2N, NearGaps<MW>>(P, t, s, g, len, vec_ok, A, B, bounded_gap, Z, S_G, K, scale);  // gauge:Wi
+                  }
+                } else if (kPow2 && P.pow_n == kPow2NArith) {
+                  if constexpr (kPow2) {
+                    write_grad_row_pow2<D, O, kPow2NArith, NearGaps<MW>>(P, t, s, g, len, vec_ok, A, B, bounded_gap, Z, S_G, K, scale);  // gauge:Wa
                   }
                 } else {
                   write_grad_row<D, O, POWER, NearGaps<MW>>(P, t, s, g, len, vec_ok, A, B, bounded_gap, Z, Z2, S_G, K, scale);  // gauge:W

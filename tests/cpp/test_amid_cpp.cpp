@@ -400,7 +400,7 @@ static int g_rows = 0, g_exact_rows = 0, g_reruns = 0, g_wide_rows = 0, g_near_r
 // The largest difference between W from the three kept values (ab_grad_from_kept3) and W recomputing the mixture, over
 // the gradient's largest element, since it was last reset (test_online_float reports it per regime).
 static double g_kept3_dev = 0;
-// The same for the streaming kl/pr, kl/qr W at 1 / k = kPow2N (grad_from_logits_pow2) against W recomputing the mixture,
+// The same for the streaming kl/pr, kl/qr W at 1 / k = kPow2N or kPow2NArith (grad_from_logits_pow2) against W recomputing the mixture,
 // over max(the gradient's largest element, 1) (a gradient that nearly vanishes is a difference of O(1) terms: see
 // FloatRegime::grad_floor), and the rows that took it.
 static double g_pow2_dev = 0;
@@ -599,12 +599,14 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
   g_kept3_rows += kept3;
   const amid::Kept3Row<T> k3row = amid::kept3_row(P, Z, S_G, K);  // (ab_grad_from_kept3's row constants)
   double dev3 = 0, gmax3 = 0;
-  // The streaming kernels' W of a kl/pr, kl/qr near row under wide weights at 1 / k = kPow2N (alpha = 0.5): grad_from_logits_pow2,
+  // The streaming kernels' W of a kl/pr, kl/qr near row under wide weights at 1 / k = kPow2N (alpha = 0.5) or kPow2NArith
+  // (alpha = -1): grad_from_logits_pow2,
   // not the recomputing W's values bit for bit; its gradient is the one returned (the kernel's default path), and its
   // largest difference from the recomputing W is reported (test_online_float; float64 is the budget).
   constexpr bool kPow2 = D == amid::Divergence::kKL && (O == amid::Order::kPR || O == amid::Order::kQR) &&
                         std::is_same<T, float>::value;
-  const bool pow2 = kPow2 && wide && near && P.mode == amid::MixMode::kPower && P.pow_n == amid::kPow2N;
+  const bool pow2 = kPow2 && wide && near && P.mode == amid::MixMode::kPower &&
+                    (P.pow_n == amid::kPow2N || P.pow_n == amid::kPow2NArith);
   g_pow2_rows += pow2;
   const amid::Pow2Row<T> prow = amid::pow2_row<amid::ref_is_p<O>()>(P, Z);
   // (kl/pr: the kernel passes the row's scale, here 1 / T, through w and K instead of a product per element)
@@ -651,14 +653,21 @@ static void gpu_row(const amid::LossParams<T>& P, const T* s, const T* t, int64_
     if constexpr (kPow2) {
       if (pow2) {
         T g2 = 0, g2s = 0;
-        with_gap(raw, v, [&](auto gap) {
-          using MN = amid::NearGaps<amid::WideWeights<amid::BoundedRow<M>>>;
-          g2 = amid::grad_from_logits_pow2<D, O, amid::kPow2N, MN>(P, t[v] * invT, s[v] * invT, A, B, gap, prow, S_G, K);
-          if constexpr (O == amid::Order::kPR) {
-            g2s = amid::grad_from_logits_pow2<D, O, amid::kPow2N, MN>(P, t[v] * invT, s[v] * invT, A, B, gap, prow_s, S_G,
-                                                                      K * invT);
-          }
-        });
+        const auto w_pow2 = [&](auto nc) {  // (the kernel's W at N = nc)
+          constexpr int N = decltype(nc)::value;
+          with_gap(raw, v, [&](auto gap) {
+            using MN = amid::NearGaps<amid::WideWeights<amid::BoundedRow<M>>>;
+            g2 = amid::grad_from_logits_pow2<D, O, N, MN>(P, t[v] * invT, s[v] * invT, A, B, gap, prow, S_G, K);
+            if constexpr (O == amid::Order::kPR) {
+              g2s = amid::grad_from_logits_pow2<D, O, N, MN>(P, t[v] * invT, s[v] * invT, A, B, gap, prow_s, S_G, K * invT);
+            }
+          });
+        };
+        if (P.pow_n == amid::kPow2N) {
+          w_pow2(std::integral_constant<int, amid::kPow2N>{});
+        } else {
+          w_pow2(std::integral_constant<int, amid::kPow2NArith>{});
+        }
         dev2 = std::max(dev2, std::abs(double(g2) - double(g)));
         gmax2 = std::max(gmax2, std::abs(double(g)));
         g = O == amid::Order::kPR ? g2s : g2;
@@ -1441,6 +1450,14 @@ static void grad_errors(const at::Tensor& ref_row, const std::vector<double>& g,
 // the CPU op's float math 1 and more). So its error is taken over max(gmax, 1) (grad_floor): 1.1e-5 worst, with
 // or without the exact pass, against 2.0e-6 for the CPU op's float math (the approximate exponential's
 // 2^-22 + |x| 2^-24, at arguments up to ~50 here).
+// Every regime's gradient error is taken over max(gmax, max q |K|, grad_floor) and its loss error over max(|L|, 1e-7)
+// (session 52). An element is q_v (u_v - K) (the softmax's Jacobian; K = sum q u), so where it nearly cancels its
+// rounding is that of q_v |K|, not its own size: a student peaked on one token (q ~ 0.95 at logits of scale 3, a rare
+// draw) beside an element of 2e-3 there is the difference of terms of size ~1.4, and the emulated exponentials'
+// 2^-22 left 1.2e-6 (1.9e-4 of gmax; the CPU op's expf 4e-8). With gmax alone, main's seeds passed by luck: alpha = -1
+// added to the list redrew every case and 4 failed (ab/pr at alpha -10, -3; bf16 ordinary rows and 9 bins), and so
+// did the T = 0.7 regimes (grad_floor 0.01 until then). Over each regime's seed and 15 others (seed + 100 .. 1500, run
+// by hand): gradient at most 8.2e-5 (bf16, within 1%), loss 9.2e-6 (bf16, scale 12), all within the budgets.
 // On masked rows the exact pass is worse than the online sums (the gradient of the top-8 regime at scale 12:
 // 8.7e-5 against 5.8e-6 absolute; the online sums keep the masked mass apart), so rows with -inf take none.
 struct FloatRegime {
@@ -1793,7 +1810,7 @@ static void test_online_float(const FloatRegime& R) {
   int n_case = 0;  // odd cases: one CTA; even: a cluster of 8 (the cluster merge)
   for (const char* div : {"kl", "ab"}) {
     for (const char* ord : {"pr", "qr", "rp", "rq", "jsd"}) {
-      for (double alpha : {-10.0, -3.0, 0.5, 1.0, 3.0, 10.0}) {
+      for (double alpha : {-10.0, -3.0, -1.0, 0.5, 1.0, 3.0, 10.0}) {
         for (double lam : {0.02, 0.1, 0.5, 0.9, 0.98}) {
           at::Tensor t = (at::randn({1, V}, at::kDouble) * R.scale).to(at::kFloat);
           at::Tensor s = (R.student_noise > 0 ? t.to(at::kDouble) + at::randn({1, V}, at::kDouble) * R.student_noise
@@ -1826,14 +1843,24 @@ static void test_online_float(const FloatRegime& R) {
             }
           });
           const double want = loss[0].item<double>();
-          double rel = std::abs(out[5] - want) / std::abs(want);
+          // (over max(|L|, 1e-7), as test_fixed_shift_rows: a loss of 1e-9 is a difference of O(1) sums, whose
+          // rounding the CPU op in float shares: 1.9e-5 of ab/qr's 1.1e-9 on 9 bins at scale 12, alpha 3, lam 0.1)
+          double rel = std::abs(out[5] - want) / std::max(std::abs(want), 1e-7);
           double gmax, emax;
           grad_errors(grad[0], g, gmax, emax, R.grad_floor);
+          // Every element is q_v (u_v - K) (the softmax's Jacobian; K = sum q u, the stats' K), so where one nearly
+          // cancels, its rounding is that of the terms it is the difference of, q_v |K|, not its own size: the budget
+          // is taken of the larger (see the regimes in main: a student peaked on one token).
+          const double qk = at::softmax(s.to(at::kDouble) / T_, 1).max().item<double>() *
+                            std::abs(stats[0][amid::kStatK].item<double>());
+          gmax = std::max(gmax, qk);
           if (R.teacher_topk > 0) {
             // Masked rows: loss and gradient are differences of O(1) masked masses (the loss can be ~1e-4
             // while sum_notU q ~ 1), so errors are absolute: the CUDA tests' float budget (1e-5, plus 1e-5
-            // relative) per case, and over the regime at most 5x the worst error of the CPU op's own float
-            // math on the same inputs (two passes, Z known; measured 4.2x, a gradient at alpha = 10).
+            // relative) per case, and over the regime at most 10x the worst error of the CPU op's own float
+            // math on the same inputs (two passes, Z known): the emulated exponential's error is 2^-22 where expf's is
+            // ~2^-24, and the CPU op's worst error is itself a draw: over 16 seeds up to 8.6x (gradient) and 7.0x (loss); 5x,
+            // set from one seed's 4.2x, failed 4 of 6 other seeds.
             auto [lf, sf, gf] = amid::amid_loss_fwd(s, t, std::nullopt, alpha, lam, div, ord, 0.2, 0.7, T_, false, true);
             masked.online_loss = std::max(masked.online_loss, std::abs(out[5] - want));
             masked.online_grad = std::max(masked.online_grad, emax);
@@ -1846,8 +1873,11 @@ static void test_online_float(const FloatRegime& R) {
           worst_grad = std::max(worst_grad, emax / gmax);
           if (!(rel <= R.loss_tol) || !(emax <= R.grad_tol * gmax)) {
             ++failures;
-            std::fprintf(stderr, "FAILED online float (%s) %s/%s alpha=%g lam=%g: loss %.9g vs %.9g, grad err %.3g of %.3g\n",
-                         R.name, div, ord, alpha, lam, out[5], want, emax, gmax);
+            auto [lf, sf, gf] = amid::amid_loss_fwd(s, t, std::nullopt, alpha, lam, div, ord, 0.2, 0.7, T_, false, true);
+            std::fprintf(stderr, "FAILED online float (%s) %s/%s alpha=%g lam=%g: loss %.9g vs %.9g, grad err %.3g of %.3g "
+                         "(the CPU op in float: loss %.9g, grad err %.3g)\n",
+                         R.name, div, ord, alpha, lam, out[5], want, emax, gmax, lf[0].item<double>(),
+                         (gf[0].to(at::kDouble) - grad[0]).abs().max().item<double>());
           }
         }
       }
@@ -1855,7 +1885,7 @@ static void test_online_float(const FloatRegime& R) {
   }
   std::printf("online reductions in float, %s: loss worst rel. %.3g, gradient worst %.3g (exact pass: %d of %d rows, "
               "R2 again under the running maximum: %d; wide weights: %d; near gaps: %d; W from three kept values: %d, "
-              "at most %.3g from W recomputing; streaming kl/pr, kl/qr W at alpha = 0.5: %d rows, at most %.3g from it)\n", R.name,
+              "at most %.3g from W recomputing; streaming kl/pr, kl/qr W at alpha = 0.5 and -1: %d rows, at most %.3g from it)\n", R.name,
               worst_loss, worst_grad, g_exact_rows, g_rows, g_reruns, g_wide_rows, g_near_rows, g_kept3_rows, g_kept3_dev,
               g_pow2_rows, g_pow2_dev);
   g_rows = g_exact_rows = g_reruns = g_wide_rows = g_near_rows = g_kept3_rows = g_pow2_rows = 0;
@@ -1863,9 +1893,9 @@ static void test_online_float(const FloatRegime& R) {
   if (R.teacher_topk > 0) {
     std::printf("  masked rows, worst absolute errors: online loss %.3g, gradient %.3g; the CPU op in float: %.3g, %.3g\n",
                 masked.online_loss, masked.online_grad, masked.cpu_loss, masked.cpu_grad);
-    if (!(masked.online_loss <= 5 * masked.cpu_loss && masked.online_grad <= 5 * masked.cpu_grad)) {
+    if (!(masked.online_loss <= 10 * masked.cpu_loss && masked.online_grad <= 10 * masked.cpu_grad)) {
       ++failures;
-      std::fprintf(stderr, "FAILED online float (%s): more than 5x the CPU op's float error\n", R.name);
+      std::fprintf(stderr, "FAILED online float (%s): more than 10x the CPU op's float error\n", R.name);
     }
   }
 }
@@ -2174,10 +2204,9 @@ int main(int argc, char** argv) {
   // the largest gradient element, at the student's peak (~1e-3), is a difference of terms of the size of q there, and Z
   // (the log of a sum that one term dominates) carries that term's ex2.approx error, up to 2^-22 relative (the CPU op's
   // expf: 2^-24): so the element's error is ~2^-22 q, up to 4.8e-7 here (6e-4 of the element; the CPU op in float:
-  // 3e-9 .. 2.2e-7, 2.8e-4 of the element at worst). The gradient's error is therefore taken over max(its largest
-  // element, 0.01), as for the other regimes whose gradient is a small difference of larger terms (grad_floor).
-  test_online_float({"ordinary inputs, T = 0.7", 5, 2001, 0.0, 1e-5, 1e-4, 0, 3.0, false, 0.01, false, 0.7});
-  test_online_float({"bf16 logits, ordinary inputs, T = 0.7", 5, 2001, 0.0, 1e-5, 1e-4, 0, 3.0, false, 0.01, true, 0.7});
+  // 3e-9 .. 2.2e-7, 2.8e-4 of the element at worst): within the budget over the terms' size, q |K| (test_online_float).
+  test_online_float({"ordinary inputs, T = 0.7", 5, 2001, 0.0, 1e-5, 1e-4, 0, 3.0, false, 0, false, 0.7});
+  test_online_float({"bf16 logits, ordinary inputs, T = 0.7", 5, 2001, 0.0, 1e-5, 1e-4, 0, 3.0, false, 0, true, 0.7});
   test_online_float({"bf16 logits, teacher top-8 of 2001, the rest -inf", 13, 2001, 0.0, 1e-5, 1e-5, 8, 3.0, false, 0,
                      true});
   test_online_float({"bf16 logits, ordinary inputs, logits of scale 12", 5, 2001, 0.0, 1e-5, 3e-5, 0, 12.0, false, 1.0,
