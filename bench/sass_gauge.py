@@ -932,7 +932,9 @@ def readme_table(csv_path: str) -> str:
              "the power mean's far-gap form. Rows with −inf masks or huge logits run R2 "
              "and W with their guards (R1 + R2 + W, \"masked / huge rows\"). \"α = ½\": at α = 0.5 (the library's default; "
              "1 / k = 4) the streaming kl/pr and kl/qr kernels' near rows take another W (p, q and r from one exponential "
-             "and squarings), R1 + R2 + that W; the other columns are those of any α. R1 is that of temperature 1 (the "
+             "and squarings), R1 + R2 + that W, and at α = −1 (k = 1, the arithmetic mixture: DistiLLM's skew KLs) "
+             "the same W without the squarings, in parentheses; the other columns are those of any α. R1 is that of "
+             "temperature 1 (the "
              "default; at other T, the CSV's R1t, the same count since session 50). R3 is "
              "the exact pass, which a row runs in addition only where its closing formulas would lose too much (see the "
              "accuracy notes).",
@@ -953,7 +955,9 @@ def readme_table(csv_path: str) -> str:
             if not i:
                 return "–"
             tgt = r.get("target_alpha_half", "").replace("UNMET", "**unmet**")
-            return f"{float(i):.0f} / {float(r['alpha_half_mufu_per_elem']):.1f}" + (f": {tgt}" if tgt else "")
+            m1 = r.get("alpha_m1_instr_per_elem", "")  # (CSVs before session 52 have no alpha = -1 columns)
+            m1 = f" (α = −1: {float(m1):.0f} / {float(r['alpha_m1_mufu_per_elem']):.1f})" if m1 else ""
+            return f"{float(i):.0f} / {float(r['alpha_half_mufu_per_elem']):.1f}" + m1 + (f": {tgt}" if tgt else "")
         def total(r, name: str) -> str:
             i = r.get(f"{name}_instr_per_elem", "")
             return "–" if i == "" else f"{float(i):.0f} / {float(r[f'{name}_mufu_per_elem']):.1f}"
