@@ -39,12 +39,22 @@ def normwise_err(x: torch.Tensor, ref: torch.Tensor, floor: float = 1e-6) -> flo
     return (x - ref).abs().max().item() / max(ref.abs().max().item(), floor)
 
 
-def rowwise_err(x: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
+def rowwise_err(x: torch.Tensor, ref: torch.Tensor, floor=0.0) -> float:
     """The worst row's max |x - ref| over max(that row's max |ref|, floor), in float64: normwise_err per row
     of a [N, V] gradient. A floor (e.g. 1) for rows whose gradient can nearly vanish (logits of scale 12: |g| ~ 1e-9
-    beside a loss of 6), where the error over |g| alone says nothing."""
+    beside a loss of 6), where the error over |g| alone says nothing; a float, or one per row (a tensor [N]:
+    grad_terms_scale)."""
     x, ref = x.double(), ref.double()
-    return ((x - ref).abs().amax(-1) / ref.abs().amax(-1).clamp_min(floor)).max().item()
+    floor = floor.double().to(ref.device) if torch.is_tensor(floor) else torch.tensor(floor, dtype=torch.float64)
+    return ((x - ref).abs().amax(-1) / torch.maximum(ref.abs().amax(-1), floor)).max().item()
+
+
+def grad_terms_scale(s: torch.Tensor, stats: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per row, max_v q_v |K| (q = softmax(s / T), K the op's stats[:, 4]): every gradient element is q_v (u_v - K)
+    (the softmax's Jacobian), so where one nearly cancels its rounding is that of terms of this size, not its own
+    (a student peaked on one token; tests/cpp test_online_float takes the same floor)."""
+    q_max = torch.softmax(s.double().cpu() / temperature, -1).amax(-1)
+    return q_max * stats.double().cpu()[:, 4].abs()
 
 
 def assert_loss_close(x: torch.Tensor, ref: torch.Tensor, dtype, msg=""):
