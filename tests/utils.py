@@ -45,7 +45,7 @@ def rowwise_err(x: torch.Tensor, ref: torch.Tensor, floor=0.0) -> float:
     beside a loss of 6), where the error over |g| alone says nothing; a float, or one per row (a tensor [N]:
     grad_terms_scale)."""
     x, ref = x.double(), ref.double()
-    floor = floor.double().to(ref.device) if torch.is_tensor(floor) else torch.tensor(floor, dtype=torch.float64)
+    floor = torch.as_tensor(floor, dtype=torch.float64, device=ref.device)
     return ((x - ref).abs().amax(-1) / torch.maximum(ref.abs().amax(-1), floor)).max().item()
 
 
