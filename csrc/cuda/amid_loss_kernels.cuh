@@ -343,20 +343,32 @@ __device__ __forceinline__ void fill_row(const RowArgs<scalar_t, acc_t>& a, int6
 // whether the row slice is staged in shared memory, and whether the mixture is the power mean
 // (kPower) or one of the cheap modes.
 
-// Launch bounds: at least three resident single-order kl CTAs per SM (<= 80 registers: the resident row slices of
-// three CTAs fit in shared memory, bench/sass_gauge.py checks both), four streaming ones (<= 64 registers), and two
-// ab or 'jsd' CTAs (kl 'jsd' has more static shared memory, so three resident CTAs do not fit anyway, and at 80
-// registers it spilled; without a minimum ptxas capped them at 64 and the ab streaming variants spilled).
+// Launch bounds: the fewest CTAs per SM ptxas must size its registers for. Resident: three single-order kl CTAs
+// (<= 80 registers: the resident row slices of three CTAs fit in shared memory, bench/sass_gauge.py checks both), two
+// of the others (kl 'jsd' has more static shared memory, so three do not fit anyway). Streaming: four single-order kl
+// CTAs (<= 64 registers), three of kl 'jsd' and of the single-order ab kernels (<= 80), two of ab 'jsd' (<= 128).
 // The streaming kl kernels' four: ncu on the H200 (session 46) found the bf16 kl/pr one issue-bound with its warps
 // waiting on loads (long scoreboard 2.81 cycles per issued instruction) at 80 registers, 3 CTAs, 37.5% occupancy;
 // at 64 the gauge reads the same hot loops (bf16: no spill; f16's power mean 10 spill instructions, 2 before, outside
-// the loops, which gain 0.6 instructions per element; f32's cheap modes 2) and 50% occupancy. Its speed is not yet
-// measured (session 46's lease ended before; compare with bench/results/gpu-h200-21d04a3/variants.log).
+// the loops, which gain 0.6 instructions per element; f32's cheap modes 2) and 50% occupancy. The streaming kl 'jsd'
+// and single-order ab kernels' three (session 53; they had two, at 128 registers, 25% occupancy, where an earlier
+// version of their code spilled at 80 and, without a minimum, at ptxas's cap of 64): the gauge reads their hot loops
+// within +-0.6 instructions per element of two CTAs' (bf16, f16, float32) and, with the streaming kernel's slice and
+// reductions known to be the whole row's (below) and the weight read again, no spill in their power-mean kernels (3
+// spill instructions in ab/rp's cheap one, per row); at 64 registers (four CTAs) f16's ab power mean spilled 58, and ab
+// 'jsd' spills 84 at 80. None of these occupancies' speeds is measured yet (session 46's lease ended before; compare
+// with bench/results/gpu-h200-21d04a3/variants.log: streaming ab/rq's forward 11.81 ms at two CTAs).
 // float64 (a reference dtype on the GPU): one CTA per SM, up to 255 registers (at 80 / 128 its double math
 // spilled, 10 to 600 instructions per kernel).
+template <typename scalar_t, Divergence D, Order O, bool RESIDENT>
+constexpr int fwd_min_ctas_per_sm() {
+  constexpr bool kl_single = D == Divergence::kKL && O != Order::kJSD;
+  if (std::is_same<scalar_t, double>::value) return 1;
+  if (RESIDENT) return kl_single ? 3 : 2;
+  return kl_single ? 4 : (D == Divergence::kAB && O == Order::kJSD ? 2 : 3);
+}
 template <typename scalar_t, Divergence D, Order O, bool RESIDENT, bool POWER>
-__global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::value ? 1
-                                            : D == Divergence::kKL && O != Order::kJSD ? (RESIDENT ? 3 : 4) : 2) amid_fwd_kernel(const RowArgs<scalar_t, at::opmath_type<scalar_t>> a,
+__global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, RESIDENT>()) amid_fwd_kernel(const RowArgs<scalar_t, at::opmath_type<scalar_t>> a,
                                                             const LossParams<at::opmath_type<scalar_t>> P) {
   using acc_t = at::opmath_type<scalar_t>;
   using Lse = LseAcc<acc_t>;
@@ -394,10 +406,14 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
   Ex* ex_slot = ex_scratch + kWarps;
   extern __shared__ __align__(16) unsigned char smem_raw[];
 
-  const unsigned C = cluster_size(), rank = cluster_rank();
   // The launch's cluster shape must be the one this code sees: a kernel built without cluster support
   // (e.g. JIT-compiled from sm_80 PTX) launched with clusters would read past its row slice.
-  if (C != unsigned(a.cluster)) __trap();
+  if (cluster_size() != unsigned(a.cluster)) __trap();
+  // The streaming kernel is launched without clusters (the check above holds it to that): its slice is the whole row,
+  // known at compile time (v0 = 0, len = V: nothing held in registers across the passes for them), and its reductions
+  // compile without the cluster exchange (cluster_reduce's kCluster). bf16 sm_90a, the streaming alpha-beta kernels at
+  // 80 registers (fwd_min_ctas_per_sm): spill instructions 8 -> 2, kl 'jsd' 6 -> 0.
+  const unsigned C = RESIDENT ? cluster_size() : 1u, rank = RESIDENT ? cluster_rank() : 0u;
   const unsigned cluster_id = blockIdx.x / C, n_clusters = gridDim.x / C;
   // This CTA's slice [v0, v1) of every row: whole multiples of the vector width.
   // The resident alpha-beta kernels of a single order index rows and slices in 32 bits (idx_t): at the 128-register cap
@@ -419,11 +435,13 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
 
   // The row weight is read again where it is used (the loss and W's scale) rather than held from the row's start
   // across the passes, where ptxas spilled it: bf16 sm_90a, kl 2 spill instructions per row -> 0, ab pr / qr / rq
-  // resident 27-29 -> 9. Not in the bf16 ab streaming kernels (30-32 -> 53-59 that way), nor for the other dtypes,
-  // where it moved the spills both ways (sm_90a, kl/pr resident: fp16 2 -> 4, float32 0 -> 5; kl/rq resident: 2 -> 0,
-  // 7 -> 5). All of them per row; which is faster, if either, is for the GPU benchmark to say.
+  // resident 27-29 -> 9; since the ab streaming kernels compile for 80 registers (session 53), theirs 2 -> 0 (at 128
+  // registers they had gone 30-32 -> 53-59 that way), and the fp16 streaming kernels' too (ab and kl, power mean: 2 ->
+  // 0). Not for fp16's resident kernels nor float32's, where it moved the spills both ways (sm_90a, kl/pr resident:
+  // fp16 2 -> 4, float32 0 -> 5; kl/rq resident: 2 -> 0, 7 -> 5). All of them per row; which is faster, if either,
+  // is for the GPU benchmark to say.
   constexpr bool kReadWeightAgain =
-      std::is_same<scalar_t, c10::BFloat16>::value && (RESIDENT || D == Divergence::kKL);
+      std::is_same<scalar_t, c10::BFloat16>::value || (std::is_same<scalar_t, c10::Half>::value && !RESIDENT);
   for (idx_t row = cluster_id; row < idx_t(a.N); row += n_clusters) {
     const acc_t weight0 = a.weight(row);
     scalar_t* g = a.grad ? a.grad + row * a.V + v0 : nullptr;
@@ -503,7 +521,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
     }
     if (!unit_t) lse.template unscale<M>(invT);  // (R1 at T != 1: see r1_chunk)
     pmin.fold(lse, invT);
-    lse = Lse::unpack(cluster_reduce_groups<acc_t, kWarps>(
+    lse = Lse::unpack(cluster_reduce_groups<acc_t, kWarps, RESIDENT>(
         lse.pack(), lse_scratch, lse_slot, round++,
         [](const LseP& x, unsigned width) { return lse_group_reduce<acc_t>(x, width); },
         [](const LseP* sc) { return lse_group_reduce<acc_t>(sc[threadIdx.x % kWarps], kWarps); }));
@@ -648,13 +666,13 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
         // with begin's constants after the reduction: held across it, m and the powers cost the streaming kl kernels
         // (64 registers) 108-117 spill instructions.
         using Sums = typename Acc::Sums;
-        const Sums u = cluster_reduce<acc_t, kWarps>(
+        const Sums u = cluster_reduce<acc_t, kWarps, RESIDENT>(
             acc.sums(), reinterpret_cast<Sums*>(acc_scratch), reinterpret_cast<Sums*>(acc_slot), round++,
             [](Sums& x, const Sums& y) { x.add(y); }, unsigned(sizeof(Acc)));
         acc.template begin<MB>();  // (m = 0 and its powers 1 as constants, not held across the reduction)
         acc.set_sums(u);
       } else {
-        acc = cluster_reduce<acc_t, kWarps>(acc, acc_scratch, acc_slot, round++, merge_acc);
+        acc = cluster_reduce<acc_t, kWarps, RESIDENT>(acc, acc_scratch, acc_slot, round++, merge_acc);
       }
       if (general || !MB::kFixedShift || acc.shift_ok()) break;
     }
@@ -693,7 +711,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
                                             Z, Z2);  // (bounded)
         }
       });
-      ex = cluster_reduce<acc_t, kWarps>(ex, ex_scratch, ex_slot, round++, merge_ex);
+      ex = cluster_reduce<acc_t, kWarps, RESIDENT>(ex, ex_scratch, ex_slot, round++, merge_ex);
       ex.finalize(P, Wbar, L, S_G, K);
     }
     const acc_t weight = kReadWeightAgain ? a.weight(row) : weight0;

@@ -87,12 +87,14 @@ __device__ __forceinline__ Acc block_reduce(Acc a, Acc* scratch, Merge&& merge) 
 // with the same state, bit for bit. The leading __syncthreads protects scratch from the previous call's readers.
 // The two slots lie slot_bytes apart (sizeof(Acc) unless a smaller state reduces in a larger one's storage: its slots
 // then lie in the larger one's, so that consecutive rounds' slots never overlap, whichever state each round reduces).
+// kCluster false (a kernel launched without clusters, such as the forward kernel's streaming path): the cluster
+// exchange compiles out, and `slot` and `round` are not used.
 //
 // Barrier semantics: cluster.sync() is barrier.cluster.arrive.release + wait.acquire; on sm_90a
 // ptxas implements any release / fence at cluster scope as MEMBAR.ALL.GPU and the acquire as an L1
 // invalidate (checked in the SASS; a relaxed arrive plus fence.acq_rel.cluster compiles to the
 // same), so nothing weaker is available short of an mbarrier + st.async protocol.
-template <typename T, int kWarps, typename Acc, typename Group, typename Ctas>
+template <typename T, int kWarps, bool kCluster = true, typename Acc, typename Group, typename Ctas>
 __device__ __forceinline__ Acc cluster_reduce_groups(Acc a, Acc* scratch, Acc* slot, int round, Group&& group,
                                                      Ctas&& ctas, unsigned slot_bytes = sizeof(Acc)) {
   static_assert(kWarps >= 1 && kWarps <= kWarpSize && (kWarps & (kWarps - 1)) == 0,
@@ -107,7 +109,7 @@ __device__ __forceinline__ Acc cluster_reduce_groups(Acc a, Acc* scratch, Acc* s
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
-  const unsigned nblocks = cluster.num_blocks();
+  const unsigned nblocks = kCluster ? cluster.num_blocks() : 1u;
   if (nblocks > 1) {
     Acc* mine = reinterpret_cast<Acc*>(reinterpret_cast<unsigned char*>(slot) + (round & 1) * slot_bytes);
     if (threadIdx.x == 0) *mine = x;
@@ -125,10 +127,10 @@ __device__ __forceinline__ Acc cluster_reduce_groups(Acc a, Acc* scratch, Acc* s
 }
 
 // cluster_reduce_groups with butterflies of `merge` (group_reduce), the warps' states merged one after another.
-template <typename T, int kWarps, typename Acc, typename Merge>
+template <typename T, int kWarps, bool kCluster = true, typename Acc, typename Merge>
 __device__ __forceinline__ Acc cluster_reduce(Acc a, Acc* scratch, Acc* slot, int round, Merge&& merge,
                                               unsigned slot_bytes = sizeof(Acc)) {
-  return cluster_reduce_groups<T, kWarps>(
+  return cluster_reduce_groups<T, kWarps, kCluster>(
       a, scratch, slot, round,
       [&](const Acc& x, unsigned width) {
         return width == unsigned(kWarpSize) ? warp_reduce<T>(x, merge) : group_reduce<T>(x, width, merge);
