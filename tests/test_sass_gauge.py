@@ -227,6 +227,14 @@ def test_gauge_on_built_library(tmp_path, capsys):
             assert r["R1t_instr_per_elem"] != "", (r["loss"], r["path"], r["mixture"], warnings)
             assert r["R1t_instr_per_elem"] == r["R1_instr_per_elem"], (r["loss"], r["path"], r["R1_instr_per_elem"],
                                                                       r["R1t_instr_per_elem"])
+    # The streaming forward kernels (the default path) at the occupancy their launch bounds ask for (amid_loss_kernels.cuh:
+    # fwd_min_ctas_per_sm; registers alone decide it there), and no spill in their power-mean kernels.
+    for r in rows:
+        if r["kernel"] == "fwd" and r["path"] == "stream":
+            want = 4 if r["loss"].startswith("kl/") and r["loss"] != "kl/jsd" else 2 if r["loss"] == "ab/jsd" else 3
+            assert r["ctas_per_sm"] >= want, (r["loss"], r["mixture"], r["registers"], r["ctas_per_sm"])
+            if r["mixture"] == "power":
+                assert r["spill_instructions"] == 0, (r["loss"], r["spill_instructions"])
     targets = {r["loss"]: r["target"] for r in rows if r["target"]}
     assert set(targets) == {"kl/pr", "ab/rq"}
     # The alpha = 0.5 W (tag Wi) in the streaming kl/pr and kl/qr power-mean kernels only, with fewer MUFU ops than W.
