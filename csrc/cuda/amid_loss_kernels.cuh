@@ -356,7 +356,7 @@ __device__ __forceinline__ void fill_row(const RowArgs<scalar_t, acc_t>& a, int6
 // within +-0.6 instructions per element of two CTAs' (bf16, f16, float32) and, with the streaming kernel's slice and
 // reductions known to be the whole row's (below) and the weight read again, no spill in their power-mean kernels (3
 // spill instructions in ab/rp's cheap one, per row); at 64 registers (four CTAs) f16's ab power mean spilled 58, and ab
-// 'jsd' spills 84 at 80. None of these occupancies' speeds is measured yet (session 46's lease ended before; compare
+// 'jsd' spills 44 at 80 (bf16). None of these occupancies' speeds is measured yet (session 46's lease ended before; compare
 // with bench/results/gpu-h200-21d04a3/variants.log: streaming ab/rq's forward 11.81 ms at two CTAs).
 // float64 (a reference dtype on the GPU): one CTA per SM, up to 255 registers (at 80 / 128 its double math
 // spilled, 10 to 600 instructions per kernel).
