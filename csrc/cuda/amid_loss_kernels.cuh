@@ -353,7 +353,8 @@ __device__ __forceinline__ void fill_row(const RowArgs<scalar_t, acc_t>& a, int6
 // the loops, which gain 0.6 instructions per element; f32's cheap modes 2) and 50% occupancy. The streaming kl 'jsd'
 // and single-order ab kernels' three (session 53; they had two, at 128 registers, 25% occupancy, where an earlier
 // version of their code spilled at 80 and, without a minimum, at ptxas's cap of 64): the gauge reads their hot loops
-// within +-0.6 instructions per element of two CTAs' (bf16, f16, float32) and, with the streaming kernel's slice and
+// within +-0.9 instructions per element of two CTAs' in the power-mean kernels, +-2.1 in the cheap modes (bf16, f16,
+// float32; sass_gauge-sm_90a-f716fe2.csv against 3282b31's) and, with the streaming kernel's slice and
 // reductions known to be the whole row's (below) and the weight read again, no spill in their power-mean kernels (3
 // spill instructions in ab/rp's cheap one, per row); at 64 registers (four CTAs) f16's ab power mean spilled 58, and ab
 // 'jsd' spills 44 at 80 (bf16). None of these occupancies' speeds is measured yet (session 46's lease ended before; compare
