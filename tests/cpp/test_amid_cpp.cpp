@@ -1572,11 +1572,12 @@ static void test_fixed_shift_rows() {
 // The fixed shift against the running maximum on ordinary rows (scale 3, V = 4099, one row offset by 700), in the
 // cases of tests/test_cuda.py's test_bounded_rows_match_general, which compares the forward's rows and stats of the
 // two (AMID_CUDA_BOUNDED=1 / 0) at rtol 1e-5 on a GPU: here the same comparison with the kernels' math emulated
-// (gpu_row with and without the fixed shift): loss, S_G and K within 1e-5 relative, Z within 1e-6 + 1e-5 |Z|.
+// (gpu_row with and without the fixed shift): loss and S_G within 1e-5 relative, K within 3e-5 of its scale (below), Z
+// within 1e-6 + 1e-5 |Z|.
 static void test_fixed_shift_matches_running_max() {
   at::manual_seed(31);
   const int64_t V = 4099;
-  double worst = 0, worst_z = 0;
+  double worst = 0, worst_z = 0, worst_k = 0;
   int n = 0;
   struct Case { const char* div; const char* ord; double alpha, lam; };
   for (const Case c : {Case{"kl", "pr", 0.5, 0.3}, Case{"kl", "rq", -1.0, 0.1}, Case{"ab", "qr", 0.5, 0.1},
@@ -1597,15 +1598,27 @@ static void test_fixed_shift_matches_running_max() {
         });
       }
       g_fixed_shift = true;
+      // K: each form's own float error (against the CPU op in float64, this seed) reaches 1.65e-5 of K (alpha-beta qr
+      // row 4, both forms alike), so two forms may differ by up to twice one's error: 3e-5. And K enters the gradient
+      // as q K (element_grad) and is a difference of sums (S_Gw - Wbar S_G + S_H) that cancels: it is measured over
+      // max(|K|, the gradient's scale over the largest q), not over K alone. (Under the old budget, 1e-5 of K, main's
+      // code failed on seeds 3 and 6: alpha-beta rq and jsd at alpha = 0.5, lam = 0.5, 1.25e-5 and 3.0e-4 of K, the
+      // second a K of 1.8e-3. Over seeds 0-19 now at most 1.25e-5 of the scale, 1.31e-5 with power_pre in base 2.)
+      // g: the running maximum's gradient.
+      double gmax = 0;
+      for (double x : g) gmax = std::max(gmax, std::abs(x));
+      const double qmax = at::softmax(s.to(at::kDouble), 0).max().item<double>();
       for (int k : {2, 3, 4, 5, 6}) {  // Z, S_G, K, L, Z2
         // Z, Z2: logarithms, compared absolutely (Z is 0 up to rounding where Sum r~ = 1 exactly, e.g. kl/rq at
         // alpha = -1, an arithmetic mean: there the two forms' ~2e-8 differ by more than 1e-5 of themselves)
         const bool log_stat = k == 2 || k == 6;
         // (Z: within 1e-6 + 1e-5 |Z|, as torch.testing.assert_close(atol=1e-6, rtol=1e-5) there)
+        const double scale = k == 4 ? std::max(std::abs(out[1][k]), gmax / qmax) : std::abs(out[1][k]);
         const double d = std::abs(out[0][k] - out[1][k]) / (log_stat ? 1e-6 + 1e-5 * std::abs(out[1][k])
-                                                                      : std::max(std::abs(out[1][k]), 1e-30));
-        (log_stat ? worst_z : worst) = std::max(log_stat ? worst_z : worst, d);
-        if (!(d <= (log_stat ? 1.0 : 1e-5))) {
+                                                                      : std::max(scale, 1e-30));
+        double& w = log_stat ? worst_z : k == 4 ? worst_k : worst;
+        w = std::max(w, d);
+        if (!(d <= (log_stat ? 1.0 : k == 4 ? 3e-5 : 1e-5))) {
           ++failures;
           std::fprintf(stderr, "FAILED fixed shift vs running maximum %s/%s alpha=%g lam=%g row %d stat %d: %.9g vs %.9g\n",
                        c.div, c.ord, c.alpha, c.lam, row, k, out[0][k], out[1][k]);
@@ -1614,8 +1627,9 @@ static void test_fixed_shift_matches_running_max() {
       ++n;
     }
   }
-  std::printf("fixed shift vs running maximum (test_bounded_rows_match_general's cases, emulated): loss, S_G, K within "
-              "%.3g relative, Z within %.3g of 1e-6 + 1e-5 |Z| on %d rows\n", worst, worst_z, n);
+  std::printf("fixed shift vs running maximum (test_bounded_rows_match_general's cases, emulated): loss, S_G within "
+              "%.3g relative, K within %.3g of its scale, Z within %.3g of 1e-6 + 1e-5 |Z| on %d rows\n", worst, worst_k,
+              worst_z, n);
   g_rows = g_exact_rows = g_reruns = g_wide_rows = g_near_rows = 0;
 }
 
