@@ -77,6 +77,7 @@ constexpr int kMixTerms = 6;
 constexpr int kMixTaylor = 18;
 // log2(e): one place for the host's row constants (make_params) and the kernels' base-2 exponentials.
 constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
 
 template <typename T>
 struct LossParams {
@@ -130,6 +131,12 @@ struct LossParams {
   T ab_shift_limit;
   T ab_phi_cd[kAbPhiTerms];
   T inv_temperature;
+  // The float mixture under WideWeights (kSplitLog) in base 2: power_pre's exponent x2 = k log2(e) (lp - lq), so that
+  // E = e^-|x| is one MUFU.EX2 of -|x2| without a product by log2(e); mix_h2 is mix_h for an argument in base 2
+  // (mix_h[i][n] ln(2)^(n+1)), and ln2_inv_k = ln(2) / k takes power_log's base-2 logarithm to c. kPower only.
+  // (Last: a field inserted earlier shifts the others, and ptxas's register allocation with them.)
+  T mix_h2[2][kMixTerms];
+  T ln2_inv_k;
 };
 
 template <typename T>
@@ -286,23 +293,22 @@ struct LibMath {
     return ::logf(s);
 #endif
   }
-  // log(s) + a for s in (0, 1], a normal number (the sums of power_log under WideWeights, >= min(lam, 1 - lam)). CUDA's
-  // __log2f has absolute error 2^-22 on [1/2, 2], else 2 ulp of its result: still 2^-22 absolute down to s = 1/4,
-  // 2^-22 |log2 s| below. On the GPU one MUFU.LG2 (lg2.approx.ftz) and one FMA with ln 2, without log_mix's mantissa
-  // split (6 instructions), which sums of any magnitude need. The host uses logf (the C++ tests emulate the GPU's
-  // error).
-  static AMID_HD float log_unit_add(float s, float a) {
+  // log2(s) + a for s in (0, 1], a normal number: the sums of power_log under WideWeights, >= min(lam, 1 - lam) (there
+  // without log_mix's mantissa split, 6 instructions, which sums of any magnitude need). One MUFU.LG2 (lg2.approx.ftz,
+  // CUDA's __log2f: absolute error 2^-22 on [1/2, 2], else 2 ulp of its result, so still 2^-22 absolute down to
+  // s = 1/4, 2^-22 |log2 s| below) and one add. The host uses log2f (the C++ tests emulate the GPU's error).
+  static AMID_HD float log2_add(float s, float a) {
 #if defined(__CUDA_ARCH__)
     float r;
     asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(s));
-    return fmaf(r, 0.693147180559945309f, a);
+    return r + a;
 #else
-    return ::logf(s) + a;
+    return ::log2f(s) + a;
 #endif
   }
   // log2(s) c + a for a positive normal s (the streaming kl W's scaled sums at k = 1 / N, grad_from_logits_pow2: c =
-  // N ln 2 makes it a natural log over k): one MUFU.LG2 (absolute error 2^-22 on [1/2, 2], else 2 ulp of its result) and
-  // one FMA. The host uses log2f (the C++ tests emulate the GPU's error).
+  // N ln 2 makes it a natural log over k): one MUFU.LG2 (the error of log2_add's) and one FMA. The host uses log2f (the
+  // C++ tests emulate the GPU's error).
   static AMID_HD float log2_fma(float s, float c, float a) {
 #if defined(__CUDA_ARCH__)
     float r;
@@ -339,7 +345,7 @@ struct PreciseMath : LibMath {
   static AMID_HD float exp2_approx(float y) { return ::exp2f(y); }
   static AMID_HD float rcp_approx(float x) { return 1.0f / x; }
   static AMID_HD float log_mix(float s) { return ::logf(s); }
-  static AMID_HD float log_unit_add(float s, float a) { return ::logf(s) + a; }
+  static AMID_HD float log2_add(float s, float a) { return ::log2f(s) + a; }
   static AMID_HD float log2_fma(float s, float c, float a) { return fmaf(::log2f(s), c, a); }
   static AMID_HD float exp_corr(float x) { return ::expf(x); }
 };
@@ -482,6 +488,7 @@ AMID_HD T log_add_exp(T a, T b) {
 // |x| < 1/2 both forms are log1p(lam_N' expm1(-+|x|)) / k, one series in the signed exponent.
 template <typename T>
 struct PowerPre {
+  // (kSplitLog: ax and sx in base 2, x log2(e): power_pre)
   T ax;   // -|x|
   T sx;   // E's exponent: -|x| in the base form, |x| in the non-own form
   T E;    // e^-|x| in the base form (own or big: base), e^|x| in the non-own form (<= e^80: finite)
@@ -493,20 +500,22 @@ struct PowerPre {
 template <bool REF_P, class M, typename T>
 AMID_HD PowerPre<T> power_pre(const LossParams<T>& P, T dpq) {
   PowerPre<T> m;
-  const T x = P.k * dpq;  // NaN when both are -inf (handled by the caller's last select)
+  // NaN when both are -inf (handled by the caller's last select). Under kSplitLog in base 2 (x log2(e): ax, sx and the
+  // thresholds on them too; LossParams::mix_h2), so that E takes no product by log2(e).
+  const T x = (kSplitLog<M, T> ? P.k_log2e : P.k) * dpq;
   m.q_base = x <= T(0);
   // -|x| by fabs, not as a select on q_base: from that select and sx's, GCC derived masks it could not
   // vectorise, and the CPU kernel's mixture loop went scalar (9x slower)
   m.ax = -std::fabs(x);
   m.own = REF_P ? !m.q_base : m.q_base;
-  m.big = M::kNearGaps ? false : m.ax < T(-80);
+  m.big = M::kNearGaps ? false : m.ax < (kSplitLog<M, T> ? T(-80 * kLog2e) : T(-80));
   m.base = m.own | m.big;
   if constexpr (kSplitLog<M, T>) {
     // sx only for power_log's series (|x| < 1/2, never big): there base = own, so sx = -|x| where p's side is the own
     // one (x > 0 with REF_P, x <= 0 without) and |x| elsewhere: -x with p as the reference, x with q. No select.
     m.sx = REF_P ? -x : x;
     // E = e^-|x| in every form (power_log takes the non-own form's log as |x| + the log of a sum <= 1)
-    m.E = M::exp_approx(m.ax);  // the element's one exponential (one MUFU.EX2 on the GPU)
+    m.E = M::exp2_approx(m.ax);  // the element's one exponential (one MUFU.EX2 on the GPU; ax in base 2)
     m.em1 = T(0);  // (unused in float)
     // w = 1 / (1 + lam / (1-lam) e^x): E = e^x where x <= 0 (q_base), else e^x = 1 / E and w = E / (E + lam / (1-lam))
     m.w = (m.q_base ? T(1) : m.E) * M::rcp_approx(m.q_base ? T(1) + P.lam_ratio * m.E : m.E + P.lam_ratio);
@@ -530,16 +539,16 @@ AMID_HD PowerPre<T> power_pre(const LossParams<T>& P, T dpq) {
 // power_log) both expm1 from one (expm1(|x|) = -expm1(-|x|) e^|x|).
 template <class M, typename T>
 AMID_HD void power_pre_both(const LossParams<T>& P, T dpq, PowerPre<T>& mp, PowerPre<T>& mq) {
-  const T x = P.k * dpq;
+  const T x = (kSplitLog<M, T> ? P.k_log2e : P.k) * dpq;  // (as in power_pre: base 2 under kSplitLog)
   const bool q_base = x <= T(0);
   const T ax = -std::fabs(x);  // (as in power_pre)
-  const T e = M::exp_approx(ax);
+  const T e = kSplitLog<M, T> ? M::exp2_approx(ax) : M::exp_approx(ax);
   // (no lambda here: the CPU kernel's loops vectorise only when everything in them is inlined)
   mp.ax = mq.ax = ax;
   mp.q_base = mq.q_base = q_base;
   mp.own = !q_base;
   mq.own = q_base;
-  mp.big = mq.big = M::kNearGaps ? false : ax < T(-80);
+  mp.big = mq.big = M::kNearGaps ? false : ax < (kSplitLog<M, T> ? T(-80 * kLog2e) : T(-80));
   mp.base = mp.own | mp.big;
   mq.base = mq.own | mq.big;
   if constexpr (kSplitLog<M, T>) {
@@ -587,7 +596,7 @@ AMID_HD T power_log(const LossParams<T>& P, const PowerPre<T>& m) {
     // 1.3e-7 relative truncation, 3.9 ulp evaluated), relatively accurate as c -> 0 (the small-divergence regime, spec
     // §5.6), for 6 FMAs where expm1's series and a log1p took ~35 instructions (9 Taylor terms before session 36).
     constexpr int i = REF_P ? 0 : 1;
-    const T ser = m.sx * horner<0, kMixTerms>(P.mix_h[i], m.sx);
+    const T ser = m.sx * horner<0, kMixTerms>(kSplitLog<M, T> ? P.mix_h2[i] : P.mix_h[i], m.sx);
     // |x| >= 1/2: k c = log1p(a), a = s_B - 1 = lam_nonref (E - 1) (the own and non-own forms; |E - 1| >= 0.39:
     // no cancellation), by its series while |a| < 1/8 (a small weight lam_nonref: the assistant stays near its
     // reference, and c needs its relative accuracy), else the log of the sum, M::log_mix (one MUFU.LG2
@@ -602,24 +611,31 @@ AMID_HD T power_log(const LossParams<T>& P, const PowerPre<T>& m) {
     // series is never taken.
     // Under WideWeights with E = e^-|x| in every form (kSplitLog): the non-own form's sum lam_ref + lam_nonref e^|x| is
     // e^|x| (lam_nonref + lam_ref e^-|x|), the same sum as the from_non base form's, so every element's logarithm is
-    // that of a sum in [min(lam_ref, lam_nonref), 1], plus |x| in the non-own form: one MUFU.LG2 and one FMA
-    // (M::log_unit_add), where the sum's magnitude needed log_mix's mantissa split (6 instructions more). Its error:
+    // that of a sum in [min(lam_ref, lam_nonref), 1], plus |x| in the non-own form: one MUFU.LG2 and one add
+    // (M::log2_add), where the sum's magnitude needed log_mix's mantissa split (6 instructions more). Its error:
     // 2^-22 ln 2 absolute where the sum is >= 1/4 (lam = 0.5: every sum is >= 1/2), at most 2^-22 relative of the log
     // below (lam_ref < 1/4, own form), against log_mix's 2^-22 ln 2 + 2^-24 |log s|; and the non-own form no longer
     // takes e^|x|'s relative error, 2^-22 + |x| 2^-24, into its log as an absolute one.
+    // (kSplitLog, whose ax and sx are in base 2: that logarithm in base 2 too, log2(s) + |x| log2(e) by one add, and
+    // c = its product by ln 2 / k, where base e took an FMA with ln 2 and the product by 1 / k. The exact form
+    // log2(s) ln 2 / k + sign(k) |lp - lq|, one FMA, took one instruction more for the sign of k: a uniform choice.)
     T kc;
     if constexpr (M::kWideWeights) {
       const T s_W = m.own ? lam_ref + lam_nonref * m.E : lam_nonref + lam_ref * m.E;
-      kc = M::log_unit_add(s_W, m.base ? T(0) : -m.ax);
+      kc = M::log2_add(s_W, m.base ? T(0) : -m.ax);
     } else {
       const T a = lam_nonref * (m.E - T(1));
       kc = (std::fabs(a) < T(0.125)) & !from_non ? log1p_series(a) : M::log_mix(s_B);
     }
     if constexpr (!M::kBounded) {
-      const T log_w = (from_non == REF_P) ? P.log_1m_lam : P.log_lam;  // log of s_B's weight without E
+      // the log of s_B's weight without E (kSplitLog: in base 2, as kc; in double on the host). (One select for both
+      // policies: written inside each, nvcc made the base-2 pair a constant-bank load per element behind a branch, the
+      // backward kernels +3.5 to +7 instructions per element, bf16 sm_90a.)
+      const T log_w = M::kWideWeights ? ((from_non == REF_P) ? P.log2_1m_lam : P.log2_lam)
+                                      : ((from_non == REF_P) ? P.log_1m_lam : P.log_lam);
       kc = m.ax == neg_inf<T>() ? log_w : kc;
     }
-    c = m.ax > T(-0.5) ? ser : kc * P.inv_k;
+    c = m.ax > (M::kWideWeights ? T(-0.5 * kLog2e) : T(-0.5)) ? ser : kc * (M::kWideWeights ? P.ln2_inv_k : P.inv_k);
   } else {
     // double (the CPU kernel's float64 math), by the library: log1p of a_B = lam_N expm1(-|x|) in
     // [-lam_N, 0] (lam_N the weight of the non-base side), or of y_up = lam_nonref expm1(|x|) >= 0;
@@ -636,7 +652,7 @@ AMID_HD T power_log(const LossParams<T>& P, const PowerPre<T>& m) {
     // the log-sum-exp of the logs.
     if (base_form & (s_B < T(16) * std::numeric_limits<T>::min())) {
       const T log_lam_B = m.q_base ? P.log_1m_lam : P.log_lam, log_lam_N = m.q_base ? P.log_lam : P.log_1m_lam;
-      c = log_add_exp<M>(log_lam_N + m.ax, log_lam_B) * P.inv_k;
+      c = log_add_exp<M>(log_lam_N + (kSplitLog<M, T> ? m.ax * T(kLn2) : m.ax), log_lam_B) * P.inv_k;
     }
   }
   return c;
@@ -670,11 +686,12 @@ AMID_HD void power_finish(const LossParams<T>& P, const PowerPre<T>& m, T c, T l
     // the base, with lam / (1-lam) and e both tiny): both scaled by 2^100 first, or 1 / den would overflow
     // (num * inf: NaN or inf, e.g. a subnormal lam with a masked student element) where num / den is at
     // most 1; and lam / (1-lam) may be 0 in T here (0 * inf above).
-    const T e = M::exp_approx(m.ax);  // e^-|x| (E is e^|x| in the non-own form)
+    const T ax = kSplitLog<M, T> ? m.ax * T(kLn2) : m.ax;  // -|x| (base e)
+    const T e = M::exp_approx(ax);  // e^-|x| (E is e^|x| in the non-own form)
     const T num = m.q_base ? T(1) : e;
     const T den = m.q_base ? T(1) + P.lam_ratio * e : e + P.lam_ratio;
     const T sc = den < T(8.673617379884035e-19) ? T(1.2676506002282294e30) : T(1);
-    w = den > T(0) ? (num * sc) * M::rcp(den * sc) : (P.log_odds + m.ax > T(0) ? T(1) : T(0));
+    w = den > T(0) ? (num * sc) * M::rcp(den * sc) : (P.log_odds + ax > T(0) ? T(1) : T(0));
   }
 }
 
@@ -1447,9 +1464,9 @@ AMID_HD T grad_from_logits_pow2(const LossParams<T>& P, T tf, T sf, RowLse<T> A,
   // s' as power_log's sum (the own form: B is the reference side), scaled; e by power_log's series where |x| < 1/2,
   // else from the logarithm (base = own: no far-gap form; |x| / k = |lp - lq| exactly)
   const T s = m.own ? R.s_ref + R.s_nonref * m.E : R.s_nonref + R.s_ref * m.E;
-  const T ser = m.sx * horner<0, kMixTerms>(P.mix_h[REF_P ? 0 : 1], m.sx);
+  const T ser = m.sx * horner<0, kMixTerms>(P.mix_h2[REF_P ? 0 : 1], m.sx);  // (kSplitLog: base 2)
   const T e_log = M::log2_fma(s, R.log_mul, m.base ? T(0) : std::fabs(dpq));  // (both formed: a select, no branch)
-  const T e = m.ax > T(-0.5) ? ser - R.Z : e_log;
+  const T e = m.ax > T(-0.5 * kLog2e) ? ser - R.Z : e_log;
   const T b = M::exp_approx(m.q_base ? lq : lp);
   const T o = b * pow_pow2<N>(m.E);
   const T p = m.q_base ? o : b, q = m.q_base ? b : o;

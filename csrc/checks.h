@@ -262,8 +262,13 @@ LossParams<T> make_params(const char* op, double alpha, double lam, const std::s
     double taylor[kMixTaylor], econ[kMixTerms];
     for (int n = 0; n < kMixTaylor; ++n) taylor[n] = h[n + 1];
     economize(taylor, 0.5, econ);
-    for (int n = 0; n < kMixTerms; ++n) P.mix_h[i][n] = T(k != 0.0 ? econ[n] * (lw / k) : 0.0);
+    double ln2_pow = kLn2;  // ln(2)^(n+1)
+    for (int n = 0; n < kMixTerms; ++n, ln2_pow *= kLn2) {
+      P.mix_h[i][n] = T(k != 0.0 ? econ[n] * (lw / k) : 0.0);
+      P.mix_h2[i][n] = T(k != 0.0 ? econ[n] * (lw / k) * ln2_pow : 0.0);
+    }
   }
+  P.ln2_inv_k = k != 0.0 ? T(kLn2 / k) : T(0);
   if (lam == 0.0) {
     P.mode = MixMode::kStudent;
   } else if (lam == 1.0) {

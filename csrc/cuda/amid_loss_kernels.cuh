@@ -368,6 +368,12 @@ constexpr int fwd_min_ctas_per_sm() {
   if (RESIDENT) return kl_single ? 3 : 2;
   return kl_single ? 4 : (D == Divergence::kAB && O == Order::kJSD ? 2 : 3);
 }
+// Whether amid_fwd_kernel indexes rows and slices in 32 bits (its idx_t, below): the launcher then sends it at most
+// 2^31 - 1 rows per launch and V < 2^31.
+template <Divergence D, Order O, bool RESIDENT>
+constexpr bool fwd_index_32() {
+  return RESIDENT ? (D == Divergence::kAB && O != Order::kJSD) : (D == Divergence::kKL && O == Order::kJSD);
+}
 template <typename scalar_t, Divergence D, Order O, bool RESIDENT, bool POWER>
 __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, RESIDENT>()) amid_fwd_kernel(const RowArgs<scalar_t, at::opmath_type<scalar_t>> a,
                                                             const LossParams<at::opmath_type<scalar_t>> P) {
@@ -420,13 +426,19 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
   // The resident alpha-beta kernels of a single order index rows and slices in 32 bits (idx_t): at the 128-register cap
   // their 64-bit row index and slice bounds, live across the passes, were what ptxas spilled (bf16 sm_90a, ab/qr and
   // ab/rq: 61 spill instructions -> 19 (18 since R1's T = 1 form), ab/pr and ab/rp 7 -> 2; none in a pass's loop). Slices
-  // fit in shared memory, and the launcher sends them at most 2^31 - 1 rows. The other kernels keep 64 bits:
-  // there the same change moved spills both ways (streaming ab/rq 0 -> 2, resident kl/pr 0 -> 4, ab/jsd 7 -> 17).
-  using idx_t = std::conditional_t<RESIDENT && D == Divergence::kAB && O != Order::kJSD, unsigned, int64_t>;
+  // fit in shared memory, and the launcher sends them at most 2^31 - 1 rows. So does the streaming kl 'jsd' kernel
+  // (with kLenIsV below: 0 spill instructions at 80 registers, 18 without either; launch_fwd_mode sends every streaming
+  // launch at most 2^31 - 1 rows, and V < 2^31). The other kernels keep 64 bits: there the same change moved spills
+  // both ways (streaming ab/rq 0 -> 2, resident kl/pr 0 -> 4, ab/jsd 7 -> 17).
+  using idx_t = std::conditional_t<fwd_index_32<D, O, RESIDENT>(), unsigned, int64_t>;
   const idx_t part = idx_t(((a.V + C - 1) / C + kW - 1) / kW * kW);
-  const idx_t v0 = rank * part < idx_t(a.V) ? rank * part : idx_t(a.V);
+  // (The streaming kl 'jsd' kernel spells out v0 = 0 and len = V, so that len is the launch's V rather than a value
+  // the row loop holds: bf16 sm_90a, with its 32-bit idx_t, 18 spill instructions per row -> 0. In the other
+  // streaming kernels the same moved spills from 0 to 7-11: kl/rp, kl/rq, ab/pr and ab/rp's cheap mode.)
+  constexpr bool kLenIsV = !RESIDENT && std::is_same<idx_t, unsigned>::value;
+  const idx_t v0 = kLenIsV ? idx_t(0) : rank * part < idx_t(a.V) ? rank * part : idx_t(a.V);
   const idx_t v1 = v0 + part < idx_t(a.V) ? v0 + part : idx_t(a.V);
-  const idx_t len = v1 - v0;
+  const idx_t len = kLenIsV ? idx_t(a.V) : v1 - v0;
   const acc_t invT = P.inv_temperature;
   const bool unit_t = invT == acc_t(1);  // (R1 below)
   int round = 0;
@@ -438,11 +450,13 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
   // across the passes, where ptxas spilled it: bf16 sm_90a, kl 2 spill instructions per row -> 0, ab pr / qr / rq
   // resident 27-29 -> 9; since the ab streaming kernels compile for 80 registers (session 53), theirs 2 -> 0 (at 128
   // registers they had gone 30-32 -> 53-59 that way), and the fp16 streaming kernels' too (ab and kl, power mean: 2 ->
-  // 0). Not for fp16's resident kernels nor float32's, where it moved the spills both ways (sm_90a, kl/pr resident:
-  // fp16 2 -> 4, float32 0 -> 5; kl/rq resident: 2 -> 0, 7 -> 5). All of them per row; which is faster, if either,
-  // is for the GPU benchmark to say.
+  // 0); since power_pre's exponent is in base 2 (session 54), fp16's resident kl kernels too (kl/pr 2 -> 0, kl/qr 2 ->
+  // 0, kl 'jsd' 8 -> 0). Not fp16's resident alpha-beta kernels (ab/qr, ab/rq 8 -> 13, ab/jsd 4 -> 5, ab/pr, ab/rp 2 ->
+  // 0) nor float32's, where it moved the spills both ways (sm_90a, kl/pr resident 0 -> 5; kl/rq resident 7 -> 5). All
+  // of them per row; which is faster, if either, is for the GPU benchmark to say.
   constexpr bool kReadWeightAgain =
-      std::is_same<scalar_t, c10::BFloat16>::value || (std::is_same<scalar_t, c10::Half>::value && !RESIDENT);
+      std::is_same<scalar_t, c10::BFloat16>::value ||
+      (std::is_same<scalar_t, c10::Half>::value && (!RESIDENT || D == Divergence::kKL));
   for (idx_t row = cluster_id; row < idx_t(a.N); row += n_clusters) {
     const acc_t weight0 = a.weight(row);
     scalar_t* g = a.grad ? a.grad + row * a.V + v0 : nullptr;
@@ -1016,8 +1030,23 @@ void launch_fwd_mode(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a,
   args.cluster = 1;
   args.stash = 0;
   args.bounded_ok = bounded_ok;
-  streaming<<<unsigned(blocks), kThreads, 0, stream>>>(args, P);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // At most 2^31 - 1 rows per launch (kernels with a 32-bit idx_t: fwd_index_32), each launch on its rows' slices.
+  constexpr int64_t kMaxRows = std::numeric_limits<int32_t>::max();
+  if constexpr (fwd_index_32<D, O, false>()) {
+    TORCH_CHECK(a.V <= kMaxRows, "amid_loss_fwd: expected a vocabulary below 2^31 for this loss on CUDA, got V = ", a.V);
+  }
+  for (int64_t r0 = 0; r0 < a.N; r0 += kMaxRows) {
+    args.N = std::min(kMaxRows, a.N - r0);
+    args.t = a.t + r0 * a.ldt;
+    args.s = a.s + r0 * a.lds;
+    args.grad = a.grad ? a.grad + r0 * a.V : nullptr;
+    args.row_weight = a.row_weight ? a.row_weight + r0 : nullptr;
+    args.grad_loss = a.grad_loss ? a.grad_loss + r0 : nullptr;
+    args.loss = a.loss + r0;
+    args.stats = a.stats + r0 * kNumStats;
+    streaming<<<unsigned(std::min(blocks, args.N)), kThreads, 0, stream>>>(args, P);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 template <typename scalar_t, Divergence D, Order O, bool POWER>
