@@ -1435,7 +1435,6 @@ template <typename T>
 struct Pow2Row {
   T s_ref, s_nonref;  // the weights of the loss's reference side and of the other, times e^(-k Z)
   T w_num;            // (1 - lam) e^(-k Z): w = w_num (q / b)^k / s'
-  T log_mul;          // ln 2 / k: e = log2(s') log_mul (+ |lp - lq| in the non-own form)
   T Z;
 };
 // w_scale multiplies w (w_num): kl/pr's gradient, w (G - r S_G) - q K (H = 0), takes a row's scale through w and K
@@ -1447,7 +1446,6 @@ AMID_HD Pow2Row<T> pow2_row(const LossParams<T>& P, T Z, T w_scale = T(1)) {
   R.s_ref = (REF_P ? P.lam : P.one_minus_lam) * c;
   R.s_nonref = (REF_P ? P.one_minus_lam : P.lam) * c;
   R.w_num = T(double(P.one_minus_lam) * double(c) * double(w_scale));
-  R.log_mul = T(0.693147180559945309) * P.inv_k;
   R.Z = Z;
   return R;
 }
@@ -1465,7 +1463,7 @@ AMID_HD T grad_from_logits_pow2(const LossParams<T>& P, T tf, T sf, RowLse<T> A,
   // else from the logarithm (base = own: no far-gap form; |x| / k = |lp - lq| exactly)
   const T s = m.own ? R.s_ref + R.s_nonref * m.E : R.s_nonref + R.s_ref * m.E;
   const T ser = m.sx * horner<0, kMixTerms>(P.mix_h2[REF_P ? 0 : 1], m.sx);  // (kSplitLog: base 2)
-  const T e_log = M::log2_fma(s, R.log_mul, m.base ? T(0) : std::fabs(dpq));  // (both formed: a select, no branch)
+  const T e_log = M::log2_fma(s, P.ln2_inv_k, m.base ? T(0) : std::fabs(dpq));  // (both formed: a select, no branch)
   const T e = m.ax > T(-0.5 * kLog2e) ? ser - R.Z : e_log;
   const T b = M::exp_approx(m.q_base ? lq : lp);
   const T o = b * pow_pow2<N>(m.E);
