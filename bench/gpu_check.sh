@@ -150,10 +150,11 @@ if want profile; then
   # The forward kernel's time (CUDA events, no profiler) on both paths: the default (streaming) kl/pr, ab/rq, kl/jsd at
   # alpha = -1 (GKD's JSD; its and ab/rq's streaming kernels compile for three CTAs per SM since session 53, two before)
   # and alpha = 1; every row on the general (masked-row) R2 / W (AMID_CUDA_BOUNDED=0: what the bounded-row policy
-  # saves); the resident kernel (AMID_CUDA_PATH=resident) with its kept terms, and without them
+  # saves); the resident kernel (AMID_CUDA_PATH=resident) with its kept terms, with them but without its L2 prefetch of
+  # the next row (AMID_CUDA_PREFETCH=0; session 55, not yet timed), and without them
   # (AMID_CUDA_STASH=0: 8-CTA clusters, twice the elements per CTA and row against the per-row reductions); T = 1.7
   # (R1's other form: the raw logits with the scale L / T; the same loop as T = 1's by the SASS gauge since session 50).
-  run_capped variants "${CAP_VARIANTS:-95}" variants.log bash -c "
+  run_capped variants "${CAP_VARIANTS:-105}" variants.log bash -c "
     $PY bench/profile_step.py --calls 10 &&
     $PY bench/profile_step.py --calls 10 --divergence ab --order rq &&
     $PY bench/profile_step.py --calls 10 --order jsd --alpha -1 &&
@@ -161,6 +162,7 @@ if want profile; then
     $PY bench/profile_step.py --calls 10 --temperature 1.7 &&
     AMID_CUDA_BOUNDED=0 $PY bench/profile_step.py --calls 10 &&
     AMID_CUDA_PATH=resident $PY bench/profile_step.py --calls 10 &&
+    AMID_CUDA_PATH=resident AMID_CUDA_PREFETCH=0 $PY bench/profile_step.py --calls 10 &&
     AMID_CUDA_PATH=resident AMID_CUDA_STASH=0 $PY bench/profile_step.py --calls 10 &&
     AMID_CUDA_PATH=resident $PY bench/profile_step.py --calls 10 --divergence ab --order rq &&
     AMID_CUDA_PATH=resident AMID_CUDA_STASH=0 $PY bench/profile_step.py --calls 10 --divergence ab --order rq"

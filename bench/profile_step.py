@@ -45,8 +45,8 @@ def main() -> None:
     # The median of the calls after the first two (the first pays the launcher's one-time set-up).
     timed = sorted(times[2:] or times)
     ms = timed[len(timed) // 2]
-    env = " ".join(f"{k}={os.environ[k]}" for k in ("AMID_CUDA_PATH", "AMID_CUDA_STASH", "AMID_CUDA_BOUNDED")
-                   if k in os.environ)
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("AMID_CUDA_PATH", "AMID_CUDA_STASH", "AMID_CUDA_BOUNDED",
+                                                      "AMID_CUDA_PREFETCH") if k in os.environ)
     print(f"amid_loss_fwd (gradient in the forward) {a.n}x{a.v} bf16 {a.divergence}/{a.order} alpha={a.alpha} "
           f"lam={a.lam}{f' T={a.temperature}' if a.temperature != 1.0 else ''}{' ' + env if env else ''}: {ms:.3f} ms (median of {len(timed)}), "
           f"{6 * a.n * a.v / ms / 1e6:.0f} GB/s against the 6*N*V-byte floor")

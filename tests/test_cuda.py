@@ -510,6 +510,22 @@ def test_concurrent_launches_from_threads():
     assert not errors, errors
 
 
+@pytest.mark.parametrize("div,order", [("kl", "pr"), ("ab", "rq")])
+def test_resident_prefetch_changes_nothing(monkeypatch, div, order):
+    """The resident kernel asks L2 for the slice of each cluster's next row (a bulk prefetch, sm_90+;
+    AMID_CUDA_PREFETCH=0: none): a hint, so the same numbers bit for bit, on rows that start off the 16-byte grid
+    (a column slice) and more rows than clusters, so every cluster prefetches rows it then reads."""
+    s, t = make_logits(300, 50258, dtype=torch.bfloat16, device="cuda")
+    s, t = s[:, 1:], t[:, 1:]
+    monkeypatch.setenv("AMID_CUDA_PATH", "resident")
+    out = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("AMID_CUDA_PREFETCH", flag)
+        out[flag] = amid.ops.amid_loss_fwd(s, t, None, 0.5, 0.5, div, order, 0.2, 0.7, 1.0, False, True)
+    assert all(torch.equal(a, b) for a, b in zip(out["1"], out["0"]))
+    assert torch.isfinite(out["1"][0]).all()
+
+
 def test_current_stream_and_device_guard():
     """The kernels run on the caller's current stream."""
     s, t = make_logits(64, 5000, dtype=torch.bfloat16, device="cuda")

@@ -145,6 +145,7 @@ struct RowArgs {
   int stash;
   int kept_stride;    // stash 2: the elements between the two kept arrays (the slice's capacity, resident_slice_cap)
   bool bounded_ok;    // forward: rows that R1 finds bounded take the BoundedRow policy (AMID_CUDA_BOUNDED=0: none)
+  bool prefetch;      // resident forward: L2 prefetch of the CTA's slice of its next row (AMID_CUDA_PREFETCH=0: none)
 
   __device__ __forceinline__ loss_t weight(int64_t row) const { return row_weight ? row_weight[row] : loss_t(1); }
 };
@@ -502,6 +503,12 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
       if (kStash && a.stash && g) {  // (no gradient row: nothing to keep)
         // (32-bit offset: shared memory is < 256 KiB; a 64-bit one kept a register across the row loop)
         cst = reinterpret_cast<acc_t*>(smem_raw + unsigned(resident_logit_bytes<scalar_t>(cap))) + unsigned(pad);
+      }
+      // The slice of the cluster's next row into L2 while this one computes (one bulk prefetch per operand and CTA,
+      // sm_90+): its staging then reads from L2, so the cluster's barriers wait less on its slowest CTA's loads.
+      if (a.prefetch && threadIdx.x == 0 && row + n_clusters < idx_t(a.N)) {
+        prefetch_l2(a.t + (row + n_clusters) * a.ldt + v0, len);
+        prefetch_l2(a.s + (row + n_clusters) * a.lds + v0, len);
       }
       __syncthreads();  // the previous row's readers are done with the buffer
       const bool copy_vec = same_misalignment(t, s, sizeof(scalar_t));
@@ -989,6 +996,7 @@ void launch_fwd_mode(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a,
     args.stash = cand[ci].second;
     args.kept_stride = int(resident_slice_cap<scalar_t>(a.V, C));
     args.bounded_ok = bounded_ok;
+    args.prefetch = !env_is("AMID_CUDA_PREFETCH", "0");
     cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute attr[1];
     cfg.blockDim = dim3(kThreads);

@@ -187,6 +187,18 @@ __device__ __forceinline__ void cluster_exit_barrier() {
 // per-element arrays stay in registers. Vector loads need t, s (and the gradient row `g`, when the caller writes it) to share
 // their misalignment; otherwise every element goes through the scalar path.
 
+// Asks the L2 cache to fetch the 16-byte-aligned interior of [p, p + n) (sm_90+: one bulk prefetch, issued by the
+// calling thread; a hint, with no effect on the values read later; elsewhere nothing). Only whole 16-byte blocks inside
+// the range are named, so no byte outside it is touched.
+template <typename scalar_t>
+__device__ __forceinline__ void prefetch_l2(const scalar_t* p, int64_t n) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + 15) & ~uintptr_t(15);
+  const uintptr_t e = reinterpret_cast<uintptr_t>(p + n) & ~uintptr_t(15);
+  if (e > b) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(b), "r"(unsigned(e - b)) : "memory");
+#endif
+}
+
 template <typename scalar_t>
 struct VecWidth {
   static constexpr int value = 16 / sizeof(scalar_t);
