@@ -507,8 +507,8 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
       // The slice of the cluster's next row into L2 while this one computes (one bulk prefetch per operand and CTA,
       // sm_90+): its staging then reads from L2, so the cluster's barriers wait less on its slowest CTA's loads.
       if (a.prefetch && threadIdx.x == 0 && row + n_clusters < idx_t(a.N)) {
-        prefetch_l2(a.t + (row + n_clusters) * a.ldt + v0, len);
-        prefetch_l2(a.s + (row + n_clusters) * a.lds + v0, len);
+        prefetch_l2(t + int64_t(n_clusters) * a.ldt, len);
+        prefetch_l2(s + int64_t(n_clusters) * a.lds, len);
       }
       __syncthreads();  // the previous row's readers are done with the buffer
       const bool copy_vec = same_misalignment(t, s, sizeof(scalar_t));

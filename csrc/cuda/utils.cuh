@@ -189,12 +189,13 @@ __device__ __forceinline__ void cluster_exit_barrier() {
 
 // Asks the L2 cache to fetch the 16-byte-aligned interior of [p, p + n) (sm_90+: one bulk prefetch, issued by the
 // calling thread; a hint, with no effect on the values read later; elsewhere nothing). Only whole 16-byte blocks inside
-// the range are named, so no byte outside it is touched.
+// the range are named, so no byte outside it is touched. For ranges below 1 MiB (sm_90a's SASS encodes the size in
+// 16-byte units in 16 bits; the resident kernels' slices are shared-memory sized).
 template <typename scalar_t>
 __device__ __forceinline__ void prefetch_l2(const scalar_t* p, int64_t n) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + 15) & ~uintptr_t(15);
-  const uintptr_t e = reinterpret_cast<uintptr_t>(p + n) & ~uintptr_t(15);
+  const size_t g = __cvta_generic_to_global(p);  // (the instruction takes a .global address)
+  const size_t b = (g + 15) & ~size_t(15), e = (g + n * sizeof(scalar_t)) & ~size_t(15);
   if (e > b) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(b), "r"(unsigned(e - b)) : "memory");
 #endif
 }
