@@ -34,9 +34,10 @@ Method (what is counted, and how)
    every chunk reads one 16-byte vector of the teacher row and one of the student row, so a loop
    that the compiler unrolled u times holds 2u such loads. Logit loads are those whose inline chain
    holds visit_row's load line (cuda/utils.cuh); the 128-bit loads of the kept terms
-   (W from R2's terms) are not, wherever the compiler attributes them. A loop with fewer than two such
-   loads (a W whose logit vectors hold kept values, and whose loads the line table gives to the lines
-   that use them) counts its 16-byte gradient stores instead, one per chunk.
+   (W from R2's terms) are not, wherever the compiler attributes them. A loop that writes the gradient
+   (every W) counts its 16-byte gradient stores instead, one per chunk: the line table may give a kept-term
+   load the logit loads' line (nvcc 13.0, f16 kl/rp's resident W at 1150d80: four such loads for a chunk of
+   eight), or the logit loads the lines that use them (a W whose logit vectors hold kept values).
 4. **Cold regions** are excluded: (a) blocks outside the loop's address range (out-of-line slow
    paths the compiler moved away); (b) blocks that CALL a subroutine (the slow paths of IEEE
    division, sqrt and friends); (c) blocks whose instructions come mostly from source regions that
@@ -571,7 +572,12 @@ def hot_loops(fn: Function, elem_bytes: int, cold: Dict[str, List[Tuple[int, int
         if not tags:
             continue
         pname = tags.most_common(1)[0][0]
-        elems = (nvec // 2) * kw
+        # A loop that writes the gradient stores one 16-byte vector per chunk of kw elements: counted by those stores,
+        # which no other value shares (the logit loads' line can also carry a kept-term load that nvcc scheduled with
+        # them: f16 kl/rp's resident W at 1150d80, 4 loads for a chunk of 8); other loops by their logit loads, a pair
+        # per chunk.
+        nst = sum(1 for x in ins[h:l + 1] if x.base == "STG" and ".128" in x.op)
+        elems = nst * kw if nst else (nvec // 2) * kw
         # Blocks of the loop body, minus cold ones; longest path header -> latch (back edge removed).
         hb, lb = bidx[h], bidx[l]
         def is_call(b: int) -> bool:
