@@ -554,13 +554,11 @@ def hot_loops(fn: Function, elem_bytes: int, cold: Dict[str, List[Tuple[int, int
     found: Dict[str, LoopCount] = {}
     for h, l in innermost:
         nvec = _logit_loads(ins[h:l + 1])
-        if nvec < 2:
-            # A W loop whose logit loads the line table gives to the lines that use them (seen where W reads its
-            # kept values from the logits' slots, write_grad_row_kept3): its 16-byte gradient stores, one per chunk.
-            nst = sum(1 for x in ins[h:l + 1] if x.base == "STG" and ".128" in x.op)
-            if nst == 0:
-                continue
-            nvec = 2 * nst
+        # A loop that writes the gradient stores one 16-byte vector per chunk of kw elements: counted by those stores,
+        # which no other value shares (method, step 3); other loops by their logit loads, a pair per chunk.
+        nst = sum(1 for x in ins[h:l + 1] if x.base == "STG" and ".128" in x.op)
+        if nvec < 2 and nst == 0:
+            continue
         outer = Counter(ins[i].frames[-1] for i in range(h, l + 1) if ins[i].frames)
         tags = Counter()
         for (f, ln), c in outer.items():
@@ -572,11 +570,6 @@ def hot_loops(fn: Function, elem_bytes: int, cold: Dict[str, List[Tuple[int, int
         if not tags:
             continue
         pname = tags.most_common(1)[0][0]
-        # A loop that writes the gradient stores one 16-byte vector per chunk of kw elements: counted by those stores,
-        # which no other value shares (the logit loads' line can also carry a kept-term load that nvcc scheduled with
-        # them: f16 kl/rp's resident W at 1150d80, 4 loads for a chunk of 8); other loops by their logit loads, a pair
-        # per chunk.
-        nst = sum(1 for x in ins[h:l + 1] if x.base == "STG" and ".128" in x.op)
         elems = nst * kw if nst else (nvec // 2) * kw
         # Blocks of the loop body, minus cold ones; longest path header -> latch (back edge removed).
         hb, lb = bidx[h], bidx[l]

@@ -975,6 +975,7 @@ void launch_fwd_mode(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a,
   // (Only with a gradient row to write: the loss alone needs no W pass.)
   const bool stash_ok = POWER && O != Order::kJSD && a.grad != nullptr && !env_is("AMID_CUDA_STASH", "0");
   const bool kept3_ok = stash_ok && kept3_kernel<scalar_t, D, O>() && !env_is("AMID_CUDA_STASH", "1");
+  const bool prefetch = !env_is("AMID_CUDA_PREFETCH", "0");  // (RowArgs::prefetch)
   std::pair<int, int> cand[3];
   int n_cand = 0;
   for (int bi = 0; info && bi < 2 && n_cand == 0; ++bi) {
@@ -996,7 +997,7 @@ void launch_fwd_mode(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a,
     args.stash = cand[ci].second;
     args.kept_stride = int(resident_slice_cap<scalar_t>(a.V, C));
     args.bounded_ok = bounded_ok;
-    args.prefetch = !env_is("AMID_CUDA_PREFETCH", "0");
+    args.prefetch = prefetch;
     cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute attr[1];
     cfg.blockDim = dim3(kThreads);
