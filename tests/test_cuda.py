@@ -703,12 +703,14 @@ def test_bounded_rows_match_general(monkeypatch, dtype, div, order, alpha, lam):
         out[flag] = (rows.cpu(), st.cpu(), grad.cpu())
     keep = [0, 2, 3, 4, 5]  # every row but the huge one
     one, zero = [tuple(x[keep] for x in out[f]) for f in ("1", "0")]
-    torch.testing.assert_close(one[0], zero[0], atol=0, rtol=1e-5)
+    # The loss and the stats but K, Z, Z2: two forms, each within issue 9's 1e-5 of float64, so within 2e-5 of each other
+    # (tests/cpp emulates both forms: at most 8.4e-6 over 17 seeds)
+    torch.testing.assert_close(one[0], zero[0], atol=0, rtol=2e-5)
     # Z and Z2 (stats 2 and 7) are logarithms: compared with an absolute part (where sum r~ = 1 exactly, kl/rq at alpha = -1, Z is
     # rounding, ~2e-8, and the fixed shift's differs by more than 1e-5 of it: tests/cpp, test_fixed_shift_matches_running_max)
     z, k = [2, 7], 4
     rest = [i for i in range(one[1].shape[1]) if i not in z + [k]]
-    torch.testing.assert_close(one[1][:, rest], zero[1][:, rest], atol=0, rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(one[1][:, rest], zero[1][:, rest], atol=0, rtol=2e-5, equal_nan=True)
     torch.testing.assert_close(one[1][:, z], zero[1][:, z], atol=1e-6, rtol=1e-5, equal_nan=True)
     # A gradient row's terms: max(its largest element, q |K|), which each element is the difference of. K (stat 4), a
     # difference of sums that can cancel, enters the gradient as q K: within 3e-5 (each form's own float error reaches
