@@ -442,7 +442,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
   const idx_t len = kLenIsV ? idx_t(a.V) : v1 - v0;
   const acc_t invT = P.inv_temperature;
   const bool unit_t = invT == acc_t(1);  // (R1 below)
-  int round = 0;
+  unsigned round = 0;  // (cluster_reduce alternates two slots by its parity; unsigned: wraps without overflow)
 
   auto merge_acc = [&P](Acc& x, const Acc& y) { x.template merge<M>(P, y); };
   auto merge_ex = [](Ex& x, const Ex& y) { x.merge(y); };

@@ -95,7 +95,7 @@ __device__ __forceinline__ Acc block_reduce(Acc a, Acc* scratch, Merge&& merge) 
 // invalidate (checked in the SASS; a relaxed arrive plus fence.acq_rel.cluster compiles to the
 // same), so nothing weaker is available short of an mbarrier + st.async protocol.
 template <typename T, int kWarps, bool kCluster = true, typename Acc, typename Group, typename Ctas>
-__device__ __forceinline__ Acc cluster_reduce_groups(Acc a, Acc* scratch, Acc* slot, int round, Group&& group,
+__device__ __forceinline__ Acc cluster_reduce_groups(Acc a, Acc* scratch, Acc* slot, unsigned round, Group&& group,
                                                      Ctas&& ctas, unsigned slot_bytes = sizeof(Acc)) {
   static_assert(kWarps >= 1 && kWarps <= kWarpSize && (kWarps & (kWarps - 1)) == 0,
                 "cluster_reduce: the warp count must be a power of two <= 32");
@@ -128,7 +128,7 @@ __device__ __forceinline__ Acc cluster_reduce_groups(Acc a, Acc* scratch, Acc* s
 
 // cluster_reduce_groups with butterflies of `merge` (group_reduce), the warps' states merged one after another.
 template <typename T, int kWarps, bool kCluster = true, typename Acc, typename Merge>
-__device__ __forceinline__ Acc cluster_reduce(Acc a, Acc* scratch, Acc* slot, int round, Merge&& merge,
+__device__ __forceinline__ Acc cluster_reduce(Acc a, Acc* scratch, Acc* slot, unsigned round, Merge&& merge,
                                               unsigned slot_bytes = sizeof(Acc)) {
   return cluster_reduce_groups<T, kWarps, kCluster>(
       a, scratch, slot, round,
@@ -190,7 +190,8 @@ __device__ __forceinline__ void cluster_exit_barrier() {
 // Asks the L2 cache to fetch the 16-byte-aligned interior of [p, p + n) (sm_90+: one bulk prefetch, issued by the
 // calling thread; a hint, with no effect on the values read later; elsewhere nothing). Only whole 16-byte blocks inside
 // the range are named, so no byte outside it is touched. For ranges below 1 MiB (sm_90a's SASS encodes the size in
-// 16-byte units in 16 bits; the resident kernels' slices are shared-memory sized).
+// 16-byte units in 16 bits): the resident kernels' slices are shared-memory sized (< 228 KiB). (A clamp here moved the
+// fp16 resident alpha-beta qr / rq kernels' per-row spill instructions 9 -> 15, session 56, for a case that cannot occur.)
 template <typename scalar_t>
 __device__ __forceinline__ void prefetch_l2(const scalar_t* p, int64_t n) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -1561,6 +1561,7 @@ struct FloatRegime {
   // alpha), a tiny lam (LossParams::lam_tiny: every row in the general policy) and 0.5, with the assistant detached
   bool edges = false;
   bool detach = false;
+  bool fp16 = false;  // with raw16: logits rounded to fp16 instead (finer near 0, where t - s itself rounds)
 };
 
 // R2 relative to lt = 0 (amid_math.h: FixedShift) where S = sum r~ is small: the kernel keeps such a row's
@@ -1961,8 +1962,9 @@ static void test_online_float(const FloatRegime& R) {
                                               : at::randn({1, V}, at::kDouble) * R.scale).to(at::kFloat);
           if (R.offset != 0) t = (t.to(at::kDouble) + R.offset).to(at::kFloat);
           if (R.raw16) {
-            t = t.to(at::kBFloat16).to(at::kFloat);
-            s = s.to(at::kBFloat16).to(at::kFloat);
+            const auto h = R.fp16 ? at::kHalf : at::kBFloat16;
+            t = t.to(h).to(at::kFloat);
+            s = s.to(h).to(at::kFloat);
           }
           if (R.teacher_topk > 0) {
             const at::Tensor kth = std::get<0>(t.topk(R.teacher_topk, 1)).narrow(1, R.teacher_topk - 1, 1);
@@ -2402,6 +2404,11 @@ int main(int argc, char** argv) {
   test_online_float({"bf16 logits, student within 1% of teacher", 11, 5003, 0.01, 1e-5, 1e-4, 0, 3.0, false, 0, true});
   test_online_float({"bf16 logits, ordinary inputs", 5, 2001, 0.0, 1e-5, 1e-4, 0, 3.0, false, 0, true});
   test_online_float({"bf16 logits, ordinary inputs, T = 2", 5, 2001, 0.0, 1e-5, 1e-4, 0, 3.0, false, 0, true, 2.0});
+  // fp16 values (finer than bf16's near 0, so that t - s of two logits itself rounds: RawGap's analysis covers it)
+  test_online_float({"fp16 logits, ordinary inputs", 5, 2001, 0.0, 1e-5, 1e-4, 0, 3.0, false, 0, true, 1.0, 0, false,
+                     false, true});
+  test_online_float({"fp16 logits, student within 1% of teacher", 11, 5003, 0.01, 1e-5, 1e-4, 0, 3.0, false, 0, true, 1.0,
+                     0, false, false, true});
   // T = 1.7, whose 1 / T is not a power of two: the forward kernel's R1 at T != 1 on the raw logits with the scale
   // L / T (OnlineLSE::raise, kRaw; unscale), which at T = 2 gives the scaled R1's values bit for bit.
   test_online_float({"bf16 logits, ordinary inputs, T = 1.7", 5, 2001, 0.0, 1e-5, 1e-4, 0, 3.0, false, 0, true, 1.7});
