@@ -143,9 +143,17 @@ struct RowArgs {
   // resident power-mean kernels: what R2 keeps per element for W (kStash): 0 nothing (W recomputes the mixture), 1 its
   // term d or c (power_kept), 2 also q^g beside it and q where the row's logits were (kKept3)
   int stash;
-  int kept_stride;    // stash 2: the elements between the two kept arrays (the slice's capacity, resident_slice_cap)
+  // resident forward: the capacity of a CTA's row slice in elements (resident_slice_cap: its part of the row plus one
+  // vector). The kernel takes its part from it, from the parameter bank as row_step below, rather than dividing V by
+  // the cluster size and holding the result (another value ptxas spilled); with stash 2 it is also the distance
+  // between the two kept arrays.
+  int slice_cap;
   bool bounded_ok;    // forward: rows that R1 finds bounded take the BoundedRow policy (AMID_CUDA_BOUNDED=0: none)
   bool prefetch;      // resident forward: L2 prefetch of the CTA's slice of its next row (AMID_CUDA_PREFETCH=0: none)
+  // resident forward: the launch's clusters (its grid over `cluster`), the row loop's step. Read from the parameter
+  // bank rather than divided out of gridDim and held in a register across the passes (bf16 sm_90a, resident ab/rq:
+  // the quotient was one of the values ptxas spilled at the 128-register cap).
+  unsigned row_step;
 
   __device__ __forceinline__ loss_t weight(int64_t row) const { return row_weight ? row_weight[row] : loss_t(1); }
 };
@@ -416,13 +424,17 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
 
   // The launch's cluster shape must be the one this code sees: a kernel built without cluster support
   // (e.g. JIT-compiled from sm_80 PTX) launched with clusters would read past its row slice.
-  if (cluster_size() != unsigned(a.cluster)) __trap();
+  // So must a resident launch's grid (row_step clusters, the row loop's step): another would skip rows or compute some
+  // twice.
+  if (cluster_size() != unsigned(a.cluster) || (RESIDENT && gridDim.x != a.row_step * unsigned(a.cluster))) __trap();
   // The streaming kernel is launched without clusters (the check above holds it to that): its slice is the whole row,
   // known at compile time (v0 = 0, len = V: nothing held in registers across the passes for them), and its reductions
   // compile without the cluster exchange (cluster_reduce's kCluster). bf16 sm_90a, the streaming alpha-beta kernels at
   // 80 registers (fwd_min_ctas_per_sm): spill instructions 8 -> 2, kl 'jsd' 6 -> 0.
   const unsigned C = RESIDENT ? cluster_size() : 1u, rank = RESIDENT ? cluster_rank() : 0u;
-  const unsigned cluster_id = blockIdx.x / C, n_clusters = gridDim.x / C;
+  // (The streaming kernels step by gridDim.x and take their part from V: given row_step and slice_cap as well, and
+  // the trap's grid check, bf16 sm_90a streaming kl/rp, kl/rq went 0 -> 7 spill instructions and kl/pr's W +0.9.)
+  const unsigned cluster_id = blockIdx.x / C, n_clusters = RESIDENT ? a.row_step : gridDim.x;
   // This CTA's slice [v0, v1) of every row: whole multiples of the vector width.
   // The resident alpha-beta kernels of a single order index rows and slices in 32 bits (idx_t): at the 128-register cap
   // their 64-bit row index and slice bounds, live across the passes, were what ptxas spilled (bf16 sm_90a, ab/qr and
@@ -432,7 +444,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
   // launch at most 2^31 - 1 rows, and V < 2^31). The other kernels keep 64 bits: there the same change moved spills
   // both ways (streaming ab/rq 0 -> 2, resident kl/pr 0 -> 4, ab/jsd 7 -> 17).
   using idx_t = std::conditional_t<fwd_index_32<D, O, RESIDENT>(), unsigned, int64_t>;
-  const idx_t part = idx_t(((a.V + C - 1) / C + kW - 1) / kW * kW);
+  const idx_t part = RESIDENT ? idx_t(a.slice_cap - kW) : idx_t((a.V + kW - 1) / kW * kW);
   // (The streaming kl 'jsd' kernel spells out v0 = 0 and len = V, so that len is the launch's V rather than a value
   // the row loop holds: bf16 sm_90a, with its 32-bit idx_t, 18 spill instructions per row -> 0. In the other
   // streaming kernels the same moved spills from 0 to 7-11: kl/rp, kl/rq, ab/pr and ab/rp's cheap mode.)
@@ -622,7 +634,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
           }
           if (cst) store_vals<n>(cst, i, cv);
           if (kept3) {
-            store_vals<n>(cst + a.kept_stride, i, gv);
+            store_vals<n>(cst + a.slice_cap, i, gv);
             store_kept_in_logits<n>(const_cast<scalar_t*>(t), const_cast<scalar_t*>(s), i, qv);
           }
           return;
@@ -752,7 +764,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
         // (Z >= -14, which ab_kept3_row_ok assumed: always where R2's fixed shift held, and after its rerun where Z
         // still is; otherwise W from d, with the logits from global memory)
         if (kept3 && Z >= acc_t(kKept3MinZ)) {
-          const acc_t* cst2 = cst + a.kept_stride;
+          const acc_t* cst2 = cst + a.slice_cap;
           write_grad_row_kept3<O, BoundedRow<M>>(P, t, s, cst, cst2, g, len, vec_ok, Z, S_G, K, scale);  // gauge:Ws3
           done = true;
         } else if (kept3) {
@@ -995,7 +1007,7 @@ void launch_fwd_mode(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a,
     RowArgs<scalar_t, at::opmath_type<scalar_t>> args = a;
     args.cluster = C;
     args.stash = cand[ci].second;
-    args.kept_stride = int(resident_slice_cap<scalar_t>(a.V, C));
+    args.slice_cap = int(resident_slice_cap<scalar_t>(a.V, C));
     args.bounded_ok = bounded_ok;
     args.prefetch = prefetch;
     cudaLaunchConfig_t cfg = {};
@@ -1026,6 +1038,7 @@ void launch_fwd_mode(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a,
       const int64_t clusters_needed = a.N;
       const int64_t n_clusters = clusters_needed < active ? clusters_needed : active;
       cfg.gridDim = dim3(unsigned(n_clusters * C));
+      args.row_step = unsigned(n_clusters);
       C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, resident, args, P));
       return;
     }
