@@ -144,9 +144,9 @@ struct RowArgs {
   // term d or c (power_kept), 2 also q^g beside it and q where the row's logits were (kKept3)
   int stash;
   // resident forward: the capacity of a CTA's row slice in elements (resident_slice_cap: its part of the row plus one
-  // vector). The kernel takes its part from it, from the parameter bank as row_step below, rather than dividing V by
-  // the cluster size and holding the result (another value ptxas spilled); with stash 2 it is also the distance
-  // between the two kept arrays.
+  // vector), the stride of its shared-memory arrays (with stash 2, the distance between the two kept ones). The kernel
+  // derives its part of the row from it rather than dividing V by the cluster size and holding the quotient across
+  // the passes, where ptxas spilled it (as row_step below).
   int slice_cap;
   bool bounded_ok;    // forward: rows that R1 finds bounded take the BoundedRow policy (AMID_CUDA_BOUNDED=0: none)
   bool prefetch;      // resident forward: L2 prefetch of the CTA's slice of its next row (AMID_CUDA_PREFETCH=0: none)
@@ -509,7 +509,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
       // the visitor's vector chunks line up with the gradient row's. R1 runs on the registers the
       // copy just loaded (no second read of the slice; the loads overlap the exponentials).
       const int64_t pad = (reinterpret_cast<uintptr_t>(t) / sizeof(scalar_t)) % kW;
-      const int64_t cap = part + kW;
+      const int64_t cap = a.slice_cap;  // (part + kW)
       scalar_t* st = reinterpret_cast<scalar_t*>(smem_raw) + pad;
       scalar_t* ss = reinterpret_cast<scalar_t*>(smem_raw) + cap + pad;
       if (kStash && a.stash && g) {  // (no gradient row: nothing to keep)
