@@ -249,6 +249,14 @@ __device__ __forceinline__ void write_grad_row_c(const LossParams<acc_t>& P, con
   });
 }
 
+// The row's two global logit pointers in the kept3 kernels (amid_fwd_kernel: global_t): static shared memory of those
+// kernels alone (a function's, allocated in the kernels that call it), so that no other kernel's CTAs per SM move.
+template <typename scalar_t>
+__device__ __forceinline__ const scalar_t** kept3_row_ptrs() {
+  __shared__ const scalar_t* ptrs[2];
+  return ptrs;
+}
+
 // A float per element kept in the row slice's two 16-bit arrays once R2 no longer needs the logits (kKept3): a vector
 // chunk's 8 floats fill its teacher and student vectors (the first 4, the last 4), a single element's float is split
 // (its high half where its teacher logit was, its low half where its student logit was). W reads them back with the
@@ -398,6 +406,11 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
   // R2 is the last pass to need (the exact pass and a rerun of R2 then read the row from global memory); W then takes
   // four exponentials per element instead of six (write_grad_row_kept3).
   constexpr bool kKept3 = kStash && kept3_kernel<scalar_t, D, O>();
+  // Three register-allocation choices of the bf16 kept3 kernels (R2's half chunks, the row's global pointers in shared
+  // memory, the round's parity flag; each at its place below): together bf16 sm_90a ab/qr, ab/rq 10 -> 0 spill
+  // instructions per row (161.9 -> 161.25 instructions per element; R3 -3.3). In the fp16 ones they moved spills the other way (2 -> 10 together, 5-53 in the other
+  // combinations), so those keep the plain forms.
+  constexpr bool kLeanKept3 = kKept3 && std::is_same<scalar_t, c10::BFloat16>::value;
 
   // Reduction scratch as raw storage (the accumulators have member initialisers, which shared
   // variables cannot run); every slot is written before it is read.
@@ -454,7 +467,20 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
   const idx_t len = kLenIsV ? idx_t(a.V) : v1 - v0;
   const acc_t invT = P.inv_temperature;
   const bool unit_t = invT == acc_t(1);  // (R1 below)
-  unsigned round = 0;  // (cluster_reduce alternates two slots by its parity; unsigned: wraps without overflow)
+  // The reduction round (cluster_reduce alternates two slots by its parity). The kept3 kernels flip a flag, which ptxas
+  // keeps among the predicates where it spilled the counter's register (bf16 sm_90a ab/rq 3 -> 0 spill instructions
+  // per row); the others count (unsigned: wraps without overflow), where a flag moved spills the other way (bf16 kl/qr
+  // 12 -> 32, ab 'jsd' 3 -> 8).
+  std::conditional_t<kLeanKept3, bool, unsigned> round = 0;
+  const auto next_round = [&round]() {
+    const unsigned r = round;
+    if constexpr (kLeanKept3) {
+      round = !round;
+    } else {
+      ++round;
+    }
+    return r;
+  };
 
   auto merge_acc = [&P](Acc& x, const Acc& y) { x.template merge<M>(P, y); };
   auto merge_ex = [](Ex& x, const Ex& y) { x.merge(y); };
@@ -523,6 +549,10 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
         prefetch_l2(s + int64_t(n_clusters) * a.lds, len);
       }
       __syncthreads();  // the previous row's readers are done with the buffer
+      if (kLeanKept3 && threadIdx.x == 0) {  // (read after the staging's barrier below)
+        kept3_row_ptrs<scalar_t>()[0] = t;
+        kept3_row_ptrs<scalar_t>()[1] = s;
+      }
       const bool copy_vec = same_misalignment(t, s, sizeof(scalar_t));
       const auto stage = [&](auto raw) {
         visit_row(t, s, len, copy_vec, [&](int64_t i, const scalar_t* tv, const scalar_t* sv, auto nc) {
@@ -556,7 +586,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
     if (!unit_t) lse.template unscale<M>(invT);  // (R1 at T != 1: see r1_chunk)
     pmin.fold(lse, invT);
     lse = Lse::unpack(cluster_reduce_groups<acc_t, kWarps, RESIDENT>(
-        lse.pack(), lse_scratch, lse_slot, round++,
+        lse.pack(), lse_scratch, lse_slot, next_round(),
         [](const LseP& x, unsigned width) { return lse_group_reduce<acc_t>(x, width); },
         [](const LseP* sc) { return lse_group_reduce<acc_t>(sc[threadIdx.x % kWarps], kWarps); }));
     const bool bad_row = lse.invalid();
@@ -596,9 +626,12 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
     // Whether R2 keeps the three values (kKept3); once it has, the row's logits are only in global memory.
     const bool kept3 = kKept3 && a.stash == 2 && cst != nullptr && bounded &&
                        ab_kept3_row_ok(P, lse.t.m, lse.lo_s, B, dAB);
-    // The row's logits in global memory, for the passes that read them again after a kept3 R2 (rare rows)
-    const auto global_t = [&]() { return a.t + row * a.ldt + v0; };
-    const auto global_s = [&]() { return a.s + row * a.lds + v0; };
+    // The row's logits in global memory, for the passes that read them again after a kept3 R2 (rare rows). The kept3
+    // kernels read them back from shared memory, where thread 0 put them at the staging: formed again from the row
+    // index, they were the one value ptxas kept from the staging to these passes and spilled (their high halves; bf16
+    // sm_90a ab/rq 7 -> 3 spill instructions per row, after the half chunks).
+    const auto global_t = [&]() { return kLeanKept3 ? kept3_row_ptrs<scalar_t>()[0] : a.t + row * a.ldt + v0; };
+    const auto global_s = [&]() { return kLeanKept3 ? kept3_row_ptrs<scalar_t>()[1] : a.s + row * a.lds + v0; };
     const auto global_vec_ok = [&]() {
       return same_misalignment(global_t(), global_s(), sizeof(scalar_t)) &&
              (g == nullptr || same_misalignment(global_t(), g, sizeof(scalar_t)));
@@ -623,19 +656,35 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
         if constexpr (kKept3 && MM::kBounded && MM::kFixedShift) {
           // (the same element math as below, which also returns q and q^g: one loop body, uniform branches around
           // the stores; the chunk's logits are in registers, so its slots in t, s can take q)
-          alignas(16) acc_t cv[n], qv[n], gv[n];
+          // A vector chunk in two halves, each stored before the next is formed (the first half's q fills the
+          // teacher's vector, the second's the student's, as store_kept_in_logits lays them out), so that the three
+          // values of all 8 elements are never live at once (bf16 sm_90a ab/rq: 10 -> 7 spill instructions per row,
+          // its round counter among them; R2 -0.1 instructions per element).
+          static_assert(!kLeanKept3 || kW == 8, "kept3: 16-bit logits, 8 per vector");
+          constexpr int h = kLeanKept3 && n == kW ? kW / 2 : n;
 #pragma unroll
-          for (int j = 0; j < n; ++j) {
-            const acc_t tf = tw[j] * invT, sf = sw[j] * invT;
-            RefPowers<acc_t> k3;
-            cv[j] = add_from_logits_c3<O, MM>(acc, P, tf, sf, A, B, gap_arg(gap, tw[j], sw[j]), k3);
-            qv[j] = k3.o;
-            gv[j] = k3.og;
-          }
-          if (cst) store_vals<n>(cst, i, cv);
-          if (kept3) {
-            store_vals<n>(cst + a.slice_cap, i, gv);
-            store_kept_in_logits<n>(const_cast<scalar_t*>(t), const_cast<scalar_t*>(s), i, qv);
+          for (int j0 = 0; j0 < n; j0 += h) {
+            alignas(16) acc_t cv[h], qv[h], gv[h];
+#pragma unroll
+            for (int jj = 0; jj < h; ++jj) {
+              const int j = j0 + jj;
+              const acc_t tf = tw[j] * invT, sf = sw[j] * invT;
+              RefPowers<acc_t> k3;
+              cv[jj] = add_from_logits_c3<O, MM>(acc, P, tf, sf, A, B, gap_arg(gap, tw[j], sw[j]), k3);
+              qv[jj] = k3.o;
+              gv[jj] = k3.og;
+            }
+            if (cst) store_vals<h>(cst, i + j0, cv);
+            if (kept3) {
+              store_vals<h>(cst + a.slice_cap, i + j0, gv);
+              if constexpr (h == n) {
+                store_kept_in_logits<n>(const_cast<scalar_t*>(t), const_cast<scalar_t*>(s), i, qv);
+              } else {
+                alignas(16) scalar_t qb[n];
+                memcpy(qb, qv, sizeof(qb));
+                store_chunk<n>(const_cast<scalar_t*>(j0 == 0 ? t : s), i, qb);
+              }
+            }
           }
           return;
         }
@@ -701,12 +750,12 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
         // (64 registers) 108-117 spill instructions.
         using Sums = typename Acc::Sums;
         const Sums u = cluster_reduce<acc_t, kWarps, RESIDENT>(
-            acc.sums(), reinterpret_cast<Sums*>(acc_scratch), reinterpret_cast<Sums*>(acc_slot), round++,
+            acc.sums(), reinterpret_cast<Sums*>(acc_scratch), reinterpret_cast<Sums*>(acc_slot), next_round(),
             [](Sums& x, const Sums& y) { x.add(y); }, unsigned(sizeof(Acc)));
         acc.template begin<MB>();  // (m = 0 and its powers 1 as constants, not held across the reduction)
         acc.set_sums(u);
       } else {
-        acc = cluster_reduce<acc_t, kWarps, RESIDENT>(acc, acc_scratch, acc_slot, round++, merge_acc);
+        acc = cluster_reduce<acc_t, kWarps, RESIDENT>(acc, acc_scratch, acc_slot, next_round(), merge_acc);
       }
       if (general || !MB::kFixedShift || acc.shift_ok()) break;
     }
@@ -745,7 +794,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
                                             Z, Z2);  // (bounded)
         }
       });
-      ex = cluster_reduce<acc_t, kWarps, RESIDENT>(ex, ex_scratch, ex_slot, round++, merge_ex);
+      ex = cluster_reduce<acc_t, kWarps, RESIDENT>(ex, ex_scratch, ex_slot, next_round(), merge_ex);
       ex.finalize(P, Wbar, L, S_G, K);
     }
     const acc_t weight = kReadWeightAgain ? a.weight(row) : weight0;
