@@ -237,6 +237,11 @@ def test_gauge_on_built_library(tmp_path, capsys):
                 assert r["spill_instructions"] == 0, (r["loss"], r["spill_instructions"])
     targets = {r["loss"]: r["target"] for r in rows if r["target"]}
     assert set(targets) == {"kl/pr", "ab/rq"}
+    # The resident power-mean kernels meet every target of issue 9 (kl/pr since session 44; ab/rq since session 58, when
+    # its last per-row spill instructions went): a change that brings back a spill or an instruction fails here.
+    resident = {r["loss"]: r["target"] for r in rows if r["target"] and r["path"] == "resident"}
+    assert set(resident) == {"kl/pr", "ab/rq"}
+    assert all("UNMET" not in t for t in resident.values()), resident
     # The alpha = 0.5 W (tag Wi) in the streaming kl/pr and kl/qr power-mean kernels only, with fewer MUFU ops than W.
     half = {(r["loss"], r["path"], r["mixture"]) for r in rows if r["alpha_half_instr_per_elem"] != ""}
     assert half == {("kl/pr", "stream", "power"), ("kl/qr", "stream", "power")}, (half, warnings)
