@@ -387,9 +387,10 @@ constexpr int fwd_min_ctas_per_sm() {
 }
 // Whether amid_fwd_kernel indexes rows and slices in 32 bits (its idx_t, below): the launcher then sends it at most
 // 2^31 - 1 rows per launch and V < 2^31.
-template <Divergence D, Order O, bool RESIDENT>
+template <Divergence D, Order O, bool RESIDENT, bool POWER = true>
 constexpr bool fwd_index_32() {
-  return RESIDENT ? (D == Divergence::kAB && O != Order::kJSD) : (D == Divergence::kKL && O == Order::kJSD);
+  return RESIDENT ? ((D == Divergence::kAB || (POWER && O == Order::kQR)) && O != Order::kJSD)
+                  : (D == Divergence::kKL && O == Order::kJSD);
 }
 template <typename scalar_t, Divergence D, Order O, bool RESIDENT, bool POWER>
 __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, RESIDENT>()) amid_fwd_kernel(const RowArgs<scalar_t, at::opmath_type<scalar_t>> a,
@@ -454,9 +455,11 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
   // ab/rq: 61 spill instructions -> 19 (18 since R1's T = 1 form), ab/pr and ab/rp 7 -> 2; none in a pass's loop). Slices
   // fit in shared memory, and the launcher sends them at most 2^31 - 1 rows. So does the streaming kl 'jsd' kernel
   // (with kLenIsV below: 0 spill instructions at 80 registers, 18 without either; launch_fwd_mode sends every streaming
-  // launch at most 2^31 - 1 rows, and V < 2^31). The other kernels keep 64 bits: there the same change moved spills
-  // both ways (streaming ab/rq 0 -> 2, resident kl/pr 0 -> 4, ab/jsd 7 -> 17).
-  using idx_t = std::conditional_t<fwd_index_32<D, O, RESIDENT>(), unsigned, int64_t>;
+  // launch at most 2^31 - 1 rows, and V < 2^31), and since session 58 the resident power-mean kl/qr kernels (bf16
+  // sm_90a 12 -> 2 spill instructions per row, 0 with the round flag below; fp16's 0 and its counts unchanged; in the
+  // cheap-mode one +0.5 instructions per element, so that one keeps 64 bits). The other kernels keep 64 bits:
+  // there the same change moved spills both ways (streaming ab/rq 0 -> 2, resident kl/pr 0 -> 4, ab/jsd 7 -> 17).
+  using idx_t = std::conditional_t<fwd_index_32<D, O, RESIDENT, POWER>(), unsigned, int64_t>;
   const idx_t part = RESIDENT ? idx_t(a.slice_cap - kW) : idx_t((a.V + kW - 1) / kW * kW);
   // (The streaming kl 'jsd' kernel spells out v0 = 0 and len = V, so that len is the launch's V rather than a value
   // the row loop holds: bf16 sm_90a, with its 32-bit idx_t, 18 spill instructions per row -> 0. In the other
@@ -467,14 +470,17 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
   const idx_t len = kLenIsV ? idx_t(a.V) : v1 - v0;
   const acc_t invT = P.inv_temperature;
   const bool unit_t = invT == acc_t(1);  // (R1 below)
-  // The reduction round (cluster_reduce alternates two slots by its parity). The kept3 kernels flip a flag, which ptxas
-  // keeps among the predicates where it spilled the counter's register (bf16 sm_90a ab/rq 3 -> 0 spill instructions
-  // per row); the others count (unsigned: wraps without overflow), where a flag moved spills the other way (bf16 kl/qr
-  // 12 -> 32, ab 'jsd' 3 -> 8).
-  std::conditional_t<kLeanKept3, bool, unsigned> round = 0;
+  // The reduction round (cluster_reduce alternates two slots by its parity). The bf16 kept3 kernels and the bf16
+  // resident kl/qr kernels flip a flag, which ptxas keeps among the predicates where it spilled the counter's register
+  // (bf16 sm_90a ab/rq 3 -> 0 spill instructions per row; kl/qr 2 -> 0 after its 32-bit index); the others count
+  // (unsigned: wraps without overflow), where a flag moved spills the other way (bf16 ab 'jsd' 3 -> 8; fp16
+  // ab/pr, ab/rp 0 -> 2) or cost instructions (fp16 kl/qr +0.6 per element).
+  constexpr bool kRoundFlag = kLeanKept3 || (std::is_same<scalar_t, c10::BFloat16>::value && RESIDENT && POWER &&
+                                             D == Divergence::kKL && O == Order::kQR);
+  std::conditional_t<kRoundFlag, bool, unsigned> round = 0;
   const auto next_round = [&round]() {
     const unsigned r = round;
-    if constexpr (kLeanKept3) {
+    if constexpr (kRoundFlag) {
       round = !round;
     } else {
       ++round;
