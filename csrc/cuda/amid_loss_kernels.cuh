@@ -261,16 +261,20 @@ __device__ __forceinline__ const scalar_t** kept3_row_ptrs() {
 // chunk's 8 floats fill its teacher and student vectors (the first 4, the last 4), a single element's float is split
 // (its high half where its teacher logit was, its low half where its student logit was). W reads them back with the
 // same chunking (visit_row on the same slice).
+// One half of a vector chunk's 8 floats: half 0 (the first 4) into the teacher's vector, half 1 into the student's.
+template <int n, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_kept_half(scalar_t* st, scalar_t* ss, int64_t i, int half, const acc_t* x4) {
+  static_assert(n * sizeof(scalar_t) == 4 * sizeof(acc_t), "a chunk's vector holds 4 floats");
+  alignas(16) scalar_t v[n];
+  memcpy(v, x4, sizeof(v));
+  store_chunk<n>(half == 0 ? st : ss, i, v);
+}
 template <int n, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void store_kept_in_logits(scalar_t* st, scalar_t* ss, int64_t i, const acc_t* x) {
   static_assert(sizeof(scalar_t) == 2 && sizeof(acc_t) == 4, "store_kept_in_logits: 16-bit logits, float values");
   if constexpr (n == VecWidth<scalar_t>::value) {
-    static_assert(n * sizeof(scalar_t) == 4 * sizeof(acc_t), "a chunk's vector holds 4 floats");
-    alignas(16) scalar_t lo[n], hi[n];
-    memcpy(lo, x, sizeof(lo));
-    memcpy(hi, x + 4, sizeof(hi));
-    store_chunk<n>(st, i, lo);
-    store_chunk<n>(ss, i, hi);
+    store_kept_half<n>(st, ss, i, 0, x);
+    store_kept_half<n>(st, ss, i, 1, x + 4);
   } else {
 #pragma unroll
     for (int j = 0; j < n; ++j) {
@@ -409,8 +413,8 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
   constexpr bool kKept3 = kStash && kept3_kernel<scalar_t, D, O>();
   // Three register-allocation choices of the bf16 kept3 kernels (R2's half chunks, the row's global pointers in shared
   // memory, the round's parity flag; each at its place below): together bf16 sm_90a ab/qr, ab/rq 10 -> 0 spill
-  // instructions per row (161.9 -> 161.25 instructions per element; R3 -3.3). In the fp16 ones they moved spills the other way (2 -> 10 together, 5-53 in the other
-  // combinations), so those keep the plain forms.
+  // instructions per row (161.9 -> 161.25 instructions per element; R3 -3.3). In the fp16 ones they moved spills the
+  // other way (2 -> 10 together, 5-53 in the other combinations), so those keep the plain forms.
   constexpr bool kLeanKept3 = kKept3 && std::is_same<scalar_t, c10::BFloat16>::value;
 
   // Reduction scratch as raw storage (the accumulators have member initialisers, which shared
@@ -686,9 +690,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
               if constexpr (h == n) {
                 store_kept_in_logits<n>(const_cast<scalar_t*>(t), const_cast<scalar_t*>(s), i, qv);
               } else {
-                alignas(16) scalar_t qb[n];
-                memcpy(qb, qv, sizeof(qb));
-                store_chunk<n>(const_cast<scalar_t*>(j0 == 0 ? t : s), i, qb);
+                store_kept_half<n>(const_cast<scalar_t*>(t), const_cast<scalar_t*>(s), i, j0 / h, qv);
               }
             }
           }
