@@ -389,6 +389,24 @@ constexpr int fwd_min_ctas_per_sm() {
   if (RESIDENT) return kl_single ? 3 : 2;
   return kl_single ? 4 : (D == Divergence::kAB && O == Order::kJSD ? 2 : 3);
 }
+// A row's constants as the kRowOnce kernels' thread 0 forms them from a reduction's merged state and hands them to its
+// CTA (amid_fwd_kernel: R1's constants and close_row; utils.cuh: cluster_reduce_groups' finish). R1Row: from R1's
+// state (Gap: RawGapRow for 16-bit logits, A - B otherwise; the row's flags in one word, kRow*). R2Row: R2's closing
+// formulas.
+enum : unsigned { kRowBad = 1, kRowFinite = 2, kRowBounded = 4, kRowNear = 8 };
+template <typename T, typename Gap>
+struct R1Row {
+  RowLse<T> A, B;
+  T dAB;
+  Gap gap;
+  unsigned flags;
+};
+template <typename T>
+struct R2Row {
+  T Z, Z2, L, S_G, K, Wbar;
+  bool shift_ok, ok, exact;
+};
+
 // Whether amid_fwd_kernel indexes rows and slices in 32 bits (its idx_t, below): the launcher then sends it at most
 // 2^31 - 1 rows per launch and V < 2^31.
 template <Divergence D, Order O, bool RESIDENT, bool POWER = true>
@@ -506,6 +524,20 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
   constexpr bool kReadWeightAgain =
       std::is_same<scalar_t, c10::BFloat16>::value ||
       (std::is_same<scalar_t, c10::Half>::value && (!RESIDENT || D == Divergence::kKL));
+  // Every thread of a cluster holds the same merged state after a reduction and formed the same row constants from it:
+  // R1's (two logarithms, the gaps' double math, the row tests) and R2's closing formulas. bf16 sm_90a, resident
+  // kl/pr: 203 and 190 instructions along their longest paths (ab/pr 199 and 222, ab 'jsd' 201 and 434), which in a
+  // 16-CTA cluster (~37 elements per thread and row) is up to ~10 instructions per element for every thread.
+  // kRowOnce: thread 0 forms them alone, before the reduction's last barrier, and the CTA receives them instead of the
+  // state (R1Row, R2Row; the other warps wait at that barrier either way). The streaming kernels (~600 elements per
+  // thread and row) keep the every-thread form, and so do the resident kernels where this form moved ptxas's
+  // allocation the wrong way: bf16 ab/qr, ab/rq (kept3) 0 -> 36 spill instructions, fp16's 2 -> 9, fp16 ab/pr, ab/rp
+  // 0 -> 2, the cheap-mode kl kernels 0 -> 3. Where it applies: bf16 ab 'jsd' 3 -> 0, fp16 kl 'jsd' 2 -> 0, fp16 ab
+  // 'jsd' 5 -> 2, no other spill; the bounded rows' loops -1.1 ... -0.1 per element (far gaps -4.3 ... +0.4), the
+  // narrow-weight R2 +0.5 ... +3.9 and the general R2 +0.5 ... +1.1.
+  constexpr bool kRowOnce = RESIDENT && POWER && !kKept3 &&
+                            (std::is_same<scalar_t, c10::BFloat16>::value ||
+                             (std::is_same<scalar_t, c10::Half>::value && (D == Divergence::kKL || O == Order::kJSD)));
   for (idx_t row = cluster_id; row < idx_t(a.N); row += n_clusters) {
     const acc_t weight0 = a.weight(row);
     scalar_t* g = a.grad ? a.grad + row * a.V + v0 : nullptr;
@@ -595,47 +627,81 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
     }
     if (!unit_t) lse.template unscale<M>(invT);  // (R1 at T != 1: see r1_chunk)
     pmin.fold(lse, invT);
-    lse = Lse::unpack(cluster_reduce_groups<acc_t, kWarps, RESIDENT>(
-        lse.pack(), lse_scratch, lse_slot, next_round(),
-        [](const LseP& x, unsigned width) { return lse_group_reduce<acc_t>(x, width); },
-        [](const LseP* sc) { return lse_group_reduce<acc_t>(sc[threadIdx.x % kWarps], kWarps); }));
-    const bool bad_row = lse.invalid();
-    if (bad_row) {  // NaN / +inf, or an all -inf row: the row's loss, stats and gradient are NaN
-      fill_row(a, row, g, len, cluster_lead_thread(), nan_v<acc_t>());
-      continue;
-    }
-    // Each log-sum-exp as max + log(sum) (amid_math.h: RowLse), and A - B in double: log p and the
-    // logit gap keep their accuracy at any logit scale, as in the CPU kernel.
-    const RowLse<acc_t> A{lse.t.m, lse.t.template log_sum<M>()}, B{lse.s.m, lse.s.template log_sum<M>()};
-    const acc_t dAB = row_lse_gap(A, B);
-    // 16-bit logits: a bounded row's logit gaps from the raw logits (amid_math.h: RawGap; one FFMA after two exact
-    // subtractions, where logit_gap's two forms take 7 instructions); float32 / float64 keep logit_gap.
-    const auto bounded_gap = [&]() {
-      if constexpr (sizeof(scalar_t) == 2) {
-        return raw_gap_row(A, B, invT);
-      } else {
-        return dAB;
+    // R1's row constants (below), from the cluster's merged state. kRowOnce (above): thread 0 forms them alone, before
+    // the reduction's last barrier, and the CTA receives them (R1Row) instead of the state.
+    using GapRow = std::conditional_t<sizeof(scalar_t) == 2, RawGapRow<acc_t>, acc_t>;
+    RowLse<acc_t> A, B;
+    acc_t dAB;
+    GapRow bounded_gap;
+    bool finite_row, bounded, near, kept3;
+    if constexpr (kRowOnce) {
+      const R1Row<acc_t, GapRow> rc = cluster_reduce_groups<acc_t, kWarps, RESIDENT>(
+          lse.pack(), lse_scratch, lse_slot, next_round(),
+          [](const LseP& x, unsigned width) { return lse_group_reduce<acc_t>(x, width); },
+          [](const LseP* sc) { return lse_group_reduce<acc_t>(sc[threadIdx.x % kWarps], kWarps); },
+          unsigned(sizeof(LseP)), [&](const LseP& x) {  // (the formulas of the other branch, which says why)
+            const Lse m = Lse::unpack(x);
+            R1Row<acc_t, GapRow> r;
+            r.A = RowLse<acc_t>{m.t.m, m.t.template log_sum<M>()};
+            r.B = RowLse<acc_t>{m.s.m, m.s.template log_sum<M>()};
+            r.dAB = row_lse_gap(r.A, r.B);
+            if constexpr (sizeof(scalar_t) == 2) {
+              r.gap = raw_gap_row(r.A, r.B, invT);
+            } else {
+              r.gap = r.dAB;
+            }
+            const bool finite = m.bounded() && (sizeof(scalar_t) != 2 || raw_gap_ok(m.t.m, m.s.m, m.lo_t, m.lo_s));
+            const bool bnd = a.bounded_ok && finite;
+            const bool nr = bnd && near_gaps(P, m.t.m, m.s.m, m.lo_t, m.lo_s, r.dAB);
+            r.flags = (m.invalid() ? kRowBad : 0u) | (finite ? kRowFinite : 0u) | (bnd ? kRowBounded : 0u) |
+                      (nr ? kRowNear : 0u);
+            return r;
+          });
+      if (rc.flags & kRowBad) {
+        fill_row(a, row, g, len, cluster_lead_thread(), nan_v<acc_t>());
+        continue;
       }
-    }();
-
-    // R2: the mixture per element; Z and the loss-specific sums in online form. A row whose logits are
-    // all finite with |x / T| < 2^100 (nearly every row) runs R2 and W with the BoundedRow policy: the same
-    // values, bit for bit, without the guards for -inf masks and overflow (a uniform branch per row); R2
-    // sums there relative to lt = 0 (FixedShift: other values, within the budgets; see below).
-    // (R1's extremes are not read after R2: held across it, they cost the alpha-beta kernels spills, per row)
-    // 16-bit logits: only rows whose extremes admit the raw gap (amid_math.h: raw_gap_ok; a logit of 1e29 beside small
-    // ones does not) count as finite here: the others take the general policy and logit_gap, and no R3 (which takes
-    // the raw gap too), as rows with masks do.
-    const bool finite_row = lse.bounded() && (sizeof(scalar_t) != 2 || raw_gap_ok(lse.t.m, lse.s.m, lse.lo_t, lse.lo_s));
-    const bool bounded = a.bounded_ok && finite_row;
-    // A bounded row whose logit gaps are near (amid_math.h: NearGaps; nearly every row at |k| <= 1) runs the float
-    // power mean's R2 (under wide weights) and W (from the kept terms, or recomputing the mixture under wide weights)
-    // without its far-gap form: a uniform branch per row, from R1's extremes. Other bounded rows run the same passes
-    // with it (gauge:R2f, gauge:Wsf, gauge:Wf).
-    const bool near = bounded && near_gaps(P, lse.t.m, lse.s.m, lse.lo_t, lse.lo_s, dAB);
-    // Whether R2 keeps the three values (kKept3); once it has, the row's logits are only in global memory.
-    const bool kept3 = kKept3 && a.stash == 2 && cst != nullptr && bounded &&
-                       ab_kept3_row_ok(P, lse.t.m, lse.lo_s, B, dAB);
+      A = rc.A, B = rc.B, dAB = rc.dAB, bounded_gap = rc.gap;
+      finite_row = rc.flags & kRowFinite, bounded = rc.flags & kRowBounded, near = rc.flags & kRowNear;
+      kept3 = false;  // (kRowOnce leaves the kept3 kernels out)
+    } else {
+      lse = Lse::unpack(cluster_reduce_groups<acc_t, kWarps, RESIDENT>(
+          lse.pack(), lse_scratch, lse_slot, next_round(),
+          [](const LseP& x, unsigned width) { return lse_group_reduce<acc_t>(x, width); },
+          [](const LseP* sc) { return lse_group_reduce<acc_t>(sc[threadIdx.x % kWarps], kWarps); }));
+      const bool bad_row = lse.invalid();
+      if (bad_row) {  // NaN / +inf, or an all -inf row: the row's loss, stats and gradient are NaN
+        fill_row(a, row, g, len, cluster_lead_thread(), nan_v<acc_t>());
+        continue;
+      }
+      // Each log-sum-exp as max + log(sum) (amid_math.h: RowLse), and A - B in double: log p and the
+      // logit gap keep their accuracy at any logit scale, as in the CPU kernel.
+      A = RowLse<acc_t>{lse.t.m, lse.t.template log_sum<M>()}, B = RowLse<acc_t>{lse.s.m, lse.s.template log_sum<M>()};
+      dAB = row_lse_gap(A, B);
+      // 16-bit logits: a bounded row's logit gaps from the raw logits (amid_math.h: RawGap; one FFMA after two exact
+      // subtractions, where logit_gap's two forms take 7 instructions); float32 / float64 keep logit_gap.
+      bounded_gap = [&]() -> GapRow {
+        if constexpr (sizeof(scalar_t) == 2) {
+          return raw_gap_row(A, B, invT);
+        } else {
+          return dAB;
+        }
+      }();
+      // A row whose logits are all finite with |x / T| < 2^100 (nearly every row) runs R2 and W with the BoundedRow
+      // policy (below). (R1's extremes are not read after R2: held across it, they cost the alpha-beta kernels spills,
+      // per row.) 16-bit logits: only rows whose extremes admit the raw gap (amid_math.h: raw_gap_ok; a logit of 1e29
+      // beside small ones does not) count as finite here: the others take the general policy and logit_gap, and no
+      // R3 (which takes the raw gap too), as rows with masks do.
+      finite_row = lse.bounded() && (sizeof(scalar_t) != 2 || raw_gap_ok(lse.t.m, lse.s.m, lse.lo_t, lse.lo_s));
+      bounded = a.bounded_ok && finite_row;
+      // A bounded row whose logit gaps are near (amid_math.h: NearGaps; nearly every row at |k| <= 1) runs the float
+      // power mean's R2 (under wide weights) and W (from the kept terms, or recomputing the mixture under wide
+      // weights) without its far-gap form: a uniform branch per row, from R1's extremes. Other bounded rows run the
+      // same passes with it (gauge:R2f, gauge:Wsf, gauge:Wf).
+      near = bounded && near_gaps(P, lse.t.m, lse.s.m, lse.lo_t, lse.lo_s, dAB);
+      // Whether R2 keeps the three values (kKept3); once it has, the row's logits are only in global memory.
+      kept3 = kKept3 && a.stash == 2 && cst != nullptr && bounded && ab_kept3_row_ok(P, lse.t.m, lse.lo_s, B, dAB);
+    }
     // The row's logits in global memory, for the passes that read them again after a kept3 R2 (rare rows). The kept3
     // kernels read them back from shared memory, where thread 0 put them at the staging: formed again from the row
     // index, they were the one value ptxas kept from the staging to these passes and spilled (their high halves; bf16
@@ -646,6 +712,10 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
       return same_misalignment(global_t(), global_s(), sizeof(scalar_t)) &&
              (g == nullptr || same_misalignment(global_t(), g, sizeof(scalar_t)));
     };
+    // R2: the mixture per element; Z and the loss-specific sums in online form. A bounded row (above) runs R2 and W
+    // with the BoundedRow policy: the same values, bit for bit, without the guards for -inf masks and overflow (a
+    // uniform branch per row); R2 sums there relative to lt = 0 (FixedShift: other values, within the budgets; see
+    // below).
     Acc acc;
     auto r2 = [&](auto policy, const scalar_t* rt, const scalar_t* rs, bool rvec) {
       using MM = decltype(policy);
@@ -721,6 +791,16 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
     // site per policy: a loop, not a second call
     // (each call inlines the pass).
     using MB = FixedShift<BoundedRow<M>>;
+    // R2's closing formulas from the cluster's merged state, as kRowOnce's thread 0 forms them (above). R3's flag:
+    // a finite row whose closing formulas would lose too much (below), with R1's flag read again from R1Row in the
+    // scratch, which only the next row's R1 reduction writes (held across R2 it was a value ptxas spilled).
+    const auto close_row = [&](const Acc& c) {
+      acc_t Z, Z2, L, S_G, K, cond;
+      const bool ok = c.template close<M>(P, Z, Z2, L, S_G, K, cond);
+      const bool finite = (reinterpret_cast<const R1Row<acc_t, GapRow>*>(lse_scratch)->flags & kRowFinite) != 0u;
+      return R2Row<acc_t>{Z, Z2, L, S_G, K, c.wbar(), c.shift_ok(), ok, finite && cond > acc_t(kExactCond)};
+    };
+    R2Row<acc_t> rr{};
     for (bool general = !bounded;; general = true) {
       if (!general) {
         // A power mean in float whose weights are wide (amid_math.h: WideWeights; lam = 0.5 in every order) runs
@@ -757,18 +837,34 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
         // with begin's constants after the reduction: held across it, m and the powers cost the streaming kl kernels
         // (64 registers) 108-117 spill instructions.
         using Sums = typename Acc::Sums;
-        const Sums u = cluster_reduce<acc_t, kWarps, RESIDENT>(
-            acc.sums(), reinterpret_cast<Sums*>(acc_scratch), reinterpret_cast<Sums*>(acc_slot), next_round(),
-            [](Sums& x, const Sums& y) { x.add(y); }, unsigned(sizeof(Acc)));
-        acc.template begin<MB>();  // (m = 0 and its powers 1 as constants, not held across the reduction)
-        acc.set_sums(u);
+        const auto add_sums = [](Sums& x, const Sums& y) { x.add(y); };
+        if constexpr (kRowOnce) {
+          rr = cluster_reduce<acc_t, kWarps, RESIDENT>(
+              acc.sums(), reinterpret_cast<Sums*>(acc_scratch), reinterpret_cast<Sums*>(acc_slot), next_round(),
+              add_sums, unsigned(sizeof(Acc)), [&](const Sums& u) {
+                Acc c;
+                c.template begin<MB>();
+                c.set_sums(u);
+                return close_row(c);
+              });
+        } else {
+          const Sums u = cluster_reduce<acc_t, kWarps, RESIDENT>(
+              acc.sums(), reinterpret_cast<Sums*>(acc_scratch), reinterpret_cast<Sums*>(acc_slot), next_round(),
+              add_sums, unsigned(sizeof(Acc)));
+          acc.template begin<MB>();  // (m = 0 and its powers 1 as constants, not held across the reduction)
+          acc.set_sums(u);
+        }
+      } else if constexpr (kRowOnce) {
+        rr = cluster_reduce<acc_t, kWarps, RESIDENT>(acc, acc_scratch, acc_slot, next_round(), merge_acc,
+                                                     unsigned(sizeof(Acc)), close_row);
       } else {
         acc = cluster_reduce<acc_t, kWarps, RESIDENT>(acc, acc_scratch, acc_slot, next_round(), merge_acc);
       }
-      if (general || !MB::kFixedShift || acc.shift_ok()) break;
+      if (general || !MB::kFixedShift || (kRowOnce ? rr.shift_ok : acc.shift_ok())) break;
     }
-    acc_t Z, Z2, L, S_G, K, cond;
-    const bool ok = acc.template close<M>(P, Z, Z2, L, S_G, K, cond);
+    acc_t Z, Z2, L, S_G, K, cond = acc_t(0);
+    const bool ok = kRowOnce ? rr.ok : acc.template close<M>(P, Z, Z2, L, S_G, K, cond);
+    if constexpr (kRowOnce) Z = rr.Z, Z2 = rr.Z2, L = rr.L, S_G = rr.S_G, K = rr.K;
     if (!ok) {  // alpha >= 1 with disjoint supports: the assistant is undefined
       fill_row(a, row, g, len, cluster_lead_thread(), nan_v<acc_t>());
       continue;
@@ -776,7 +872,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
     // R3, the exact pass, for a row whose closing formulas would lose too much (amid_online.h: cond_of,
     // ExactAcc): with Z known, the row sums from each element's terms, as the CPU kernel takes them. Rows with
     // -inf masks or huge logits keep the online sums (tuned for masked mass; tests/cpp measures the exact pass
-    // worse there). A uniform branch: every thread of the cluster holds the same merged state (cluster_reduce).
+    // worse there). A uniform branch: every thread of the cluster holds the same merged state (cluster_reduce) or R2Row.
     // One loop, in the general math policy, recomputing the mixture: the pass is rare, and its code is what the CUDA
     // build pays (with R3 in every kernel, and a second loop from R2's kept terms, the CI's build of the CUDA
     // kernels took ~75 minutes instead of ~55 on two cores).
@@ -784,8 +880,8 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
     // scale 12 that reached 9e-9 of the loss (tests/cpp, test_online_double: 8 of 600 rows over float64's 1e-9); the
     // pass costs their unit ~13% more compile time (579 -> 653 s for sm_90a). The top-k kernel's bucket rows take
     // it on their bins (amid_topk_cuda.cu).
-    if (finite_row && cond > acc_t(kExactCond)) {
-      const acc_t Wbar = acc.wbar();  // (formed before: R2's state need not stay live through R3)
+    if (kRowOnce ? rr.exact : finite_row && cond > acc_t(kExactCond)) {
+      const acc_t Wbar = kRowOnce ? rr.Wbar : acc.wbar();  // (formed before: R2's state need not stay live through R3)
       Ex ex;
       // (the kept3 kernels' R3 reads the logits from global memory: after a kept3 R2 they are there only; the pass is rare)
       const scalar_t* xt = kKept3 ? global_t() : t;

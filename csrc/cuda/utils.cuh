@@ -89,14 +89,24 @@ __device__ __forceinline__ Acc block_reduce(Acc a, Acc* scratch, Merge&& merge) 
 // then lie in the larger one's, so that consecutive rounds' slots never overlap, whichever state each round reduces).
 // kCluster false (a kernel launched without clusters, such as the forward kernel's streaming path): the cluster
 // exchange compiles out, and `slot` and `round` are not used.
+// `finish(state)`: what the CTA receives instead of the merged state (by default the state itself), formed by thread 0
+// alone and handed over through scratch like the state (it must fit the warps' scratch, and stays there until the next
+// call on that scratch writes it, after its leading barrier): a value that every thread would otherwise form alike
+// from the same state (the forward kernel's row constants).
 //
 // Barrier semantics: cluster.sync() is barrier.cluster.arrive.release + wait.acquire; on sm_90a
 // ptxas implements any release / fence at cluster scope as MEMBAR.ALL.GPU and the acquire as an L1
 // invalidate (checked in the SASS; a relaxed arrive plus fence.acq_rel.cluster compiles to the
 // same), so nothing weaker is available short of an mbarrier + st.async protocol.
-template <typename T, int kWarps, bool kCluster = true, typename Acc, typename Group, typename Ctas>
-__device__ __forceinline__ Acc cluster_reduce_groups(Acc a, Acc* scratch, Acc* slot, unsigned round, Group&& group,
-                                                     Ctas&& ctas, unsigned slot_bytes = sizeof(Acc)) {
+struct KeepState {
+  template <typename Acc>
+  __device__ __forceinline__ const Acc& operator()(const Acc& x) const { return x; }
+};
+template <typename T, int kWarps, bool kCluster = true, typename Acc, typename Group, typename Ctas,
+          typename Finish = KeepState>
+__device__ __forceinline__ auto cluster_reduce_groups(Acc a, Acc* scratch, Acc* slot, unsigned round, Group&& group,
+                                                      Ctas&& ctas, unsigned slot_bytes = sizeof(Acc),
+                                                      Finish&& finish = {}) {
   static_assert(kWarps >= 1 && kWarps <= kWarpSize && (kWarps & (kWarps - 1)) == 0,
                 "cluster_reduce: the warp count must be a power of two <= 32");
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
@@ -121,15 +131,19 @@ __device__ __forceinline__ Acc cluster_reduce_groups(Acc a, Acc* scratch, Acc* s
   }
 #endif
   __syncwarp();
-  if (threadIdx.x == 0) *scratch = x;
+  using Out = std::decay_t<decltype(finish(x))>;
+  static_assert(sizeof(Out) <= sizeof(Acc) * kWarps && alignof(Out) <= alignof(Acc),
+                "cluster_reduce: finish's result must fit the warps' scratch");
+  Out* out = reinterpret_cast<Out*>(scratch);
+  if (threadIdx.x == 0) *out = finish(x);
   __syncthreads();
-  return *scratch;
+  return *out;
 }
 
 // cluster_reduce_groups with butterflies of `merge` (group_reduce), the warps' states merged one after another.
-template <typename T, int kWarps, bool kCluster = true, typename Acc, typename Merge>
-__device__ __forceinline__ Acc cluster_reduce(Acc a, Acc* scratch, Acc* slot, unsigned round, Merge&& merge,
-                                              unsigned slot_bytes = sizeof(Acc)) {
+template <typename T, int kWarps, bool kCluster = true, typename Acc, typename Merge, typename Finish = KeepState>
+__device__ __forceinline__ auto cluster_reduce(Acc a, Acc* scratch, Acc* slot, unsigned round, Merge&& merge,
+                                               unsigned slot_bytes = sizeof(Acc), Finish&& finish = {}) {
   return cluster_reduce_groups<T, kWarps, kCluster>(
       a, scratch, slot, round,
       [&](const Acc& x, unsigned width) {
@@ -141,7 +155,7 @@ __device__ __forceinline__ Acc cluster_reduce(Acc a, Acc* scratch, Acc* slot, un
         for (int w = 1; w < kWarps; ++w) merge(x, sc[w]);
         return x;
       },
-      slot_bytes);
+      slot_bytes, finish);
 }
 
 // The number of CTAs in this CTA's cluster, and its rank (1 and 0 without clusters).
