@@ -81,6 +81,17 @@ Method (what is counted, and how)
    OnlineLSE::raise, kRaw), tagged R1t (CSV columns R1t_*; add R1t - R1 per element to a total for T != 1; the same
    loop since session 50, where it scaled each logit by 1 / T first).
 
+12. Per-row code that only thread 0 runs (the CSV's row_once_* columns; not in any total): the forward kernels of
+   amid_loss_kernels.cuh's kRowOnce form a row's constants in thread 0 alone after a reduction and hand them to the
+   CTA (utils.cuh: cluster_reduce_groups' finish), where the other kernels' threads each form them. In the SASS such a
+   block is a conditional forward branch over it whose target is followed within four instructions by BAR.SYNC, the
+   block ending in stores to shared memory (STS among its last eight instructions) and holding more than 60
+   instructions (the hand-over of a plain state is its stores and their addresses: 24 at most). row_once_blocks
+   counts them; row_once_instr sums their longest paths (their inner branches form a DAG): R1's constants and R2's
+   closing formulas after each of its two reductions (FixedShift, general), of which a row runs one (a rerun both).
+   The other warps of the CTA do not issue that code; the kernels without such blocks form those constants in every
+   thread, in code the loop counts leave out.
+
 Static shared memory is ptxas's (cuobjdump -res-usage's SHARED minus the 1 KiB reservation it includes).
 Occupancy follows cuda_occupancy.h for sm_90 (65536 registers per SM in 4 sub-partitions, 256-register
 allocation per warp, 64 warps and 32 CTAs per SM, 228 KiB of shared memory per SM with 1 KiB reserved
@@ -620,6 +631,46 @@ def hot_loops(fn: Function, elem_bytes: int, cold: Dict[str, List[Tuple[int, int
     return found
 
 
+def thread0_blocks(fn: Function) -> List[Tuple[int, int]]:
+    """(static size, longest path) of each block that only thread 0 runs before a barrier (method, step 12)."""
+    ins = fn.ins
+    addr_idx = {x.addr: i for i, x in enumerate(ins)}
+    found = []
+    for i, x in enumerate(ins):
+        if x.base != "BRA" or not x.pred or x.target not in fn.labels:
+            continue
+        j = addr_idx.get(fn.labels[x.target])
+        if j is None or j <= i + 61:
+            continue
+        body = [k for k in range(i + 1, j) if ins[k].base != "NOP"]
+        if not any(ins[k].base == "BAR" for k in range(j, min(j + 4, len(ins)))) or \
+                not any(ins[k].base == "STS" for k in range(max(i + 1, j - 8), j)) or len(body) <= 60:
+            continue
+        # Longest path from i + 1 to j (exclusive) over the block's forward branches; a backward one is not a block.
+        best = {i + 1: 0}
+        ok = True
+        for k in range(i + 1, j):
+            if k not in best:
+                continue
+            y, n = ins[k], best[k] + (ins[k].base != "NOP")
+            if y.base == "BRA" and y.target in fn.labels:
+                t = addr_idx.get(fn.labels[y.target])
+                if t is None or t <= k or t > j:
+                    ok = False
+                    break
+                best[t] = max(best.get(t, 0), n)
+                if y.pred:
+                    best[k + 1] = max(best.get(k + 1, 0), n)
+            elif y.base in ("EXIT", "RET", "BRX", "JMP", "JMX"):
+                ok = False
+                break
+            else:
+                best[k + 1] = max(best.get(k + 1, 0), n)
+        if ok and j in best:
+            found.append((len(body), best[j]))
+    return found
+
+
 # ------------------------------------------------------------------------------------------------
 # Resources and occupancy
 
@@ -853,6 +904,9 @@ def gauge_cubin(cubin: str, dtypes: Sequence[str], warnings: List[str]) -> List[
             row["target"] = ""
         row["target_alpha_half"] = (target_text(half_i, half_m)
                                     if row["target"] and row["alpha_half_instr_per_elem"] != "" else "")
+        once = thread0_blocks(fn) if kind == "fwd" else []
+        row["row_once_blocks"] = len(once) if kind == "fwd" else ""
+        row["row_once_instr"] = sum(n for _, n in once) if kind == "fwd" else ""
         rows.append(row)
     order_key = {"fwd": 0, "bwd": 1}
     mix_key = {"power": 0, "any": 0, "cheap": 1}

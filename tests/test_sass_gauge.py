@@ -134,6 +134,30 @@ def test_kept_terms_loads_are_not_logit_loads(tmp_path):
     assert loops["Ws"].elems_per_iter == 8
 
 
+def _thread0_sass(barrier: bool) -> str:
+    # thread 0's block: 30 FADD, a branch over 40 FMUL, 2 STS; then (or not) the barrier every thread waits at
+    body = ["ISETP.NE.AND P0, PT, R0, RZ, PT", "@P0 BRA `(.L_x_9)"] + ["FADD R1, R1, R2"] * 30 + ["@P1 BRA `(.L_x_8)"]
+    body += ["FMUL R1, R1, R2"] * 40 + [".L_x_8:", "STS [R3], R1", "STS [R3+0x4], R1", ".L_x_9:"]
+    body += ["BAR.SYNC.DEFER_BLOCKING 0x0" if barrier else "FADD R4, R4, R4", "EXIT"]
+    out, addr = [".text._ZN4amid9cuda_impl15amid_fwd_kernelIN3c108BFloat16EEEvv:"], 0
+    for x in body:
+        if x.endswith(":"):
+            out.append(x)
+        else:
+            out.append(f"        /*{addr:04x}*/                   {x} ;")
+            addr += 16
+    return "\n".join(out) + "\n"
+
+
+def test_thread0_blocks():
+    # A block that only thread 0 runs before a barrier (method, step 12): its size and its longest path.
+    fn = next(iter(g.parse_sass(_thread0_sass(True)).values()))
+    assert g.thread0_blocks(fn) == [(73, 73)]
+    # Without the barrier after it, a branch over code is not such a block.
+    fn = next(iter(g.parse_sass(_thread0_sass(False)).values()))
+    assert g.thread0_blocks(fn) == []
+
+
 def test_classify_kernel_names():
     pre = "_ZN4amid9cuda_impl15amid_"
     post = "EEvNS0_7RowArgsIT_N2at10OpMathTypeIS7_E4typeEEENS_10LossParamsISB_EE"
@@ -242,6 +266,13 @@ def test_gauge_on_built_library(tmp_path, capsys):
     resident = {r["loss"]: r["target"] for r in rows if r["target"] and r["path"] == "resident"}
     assert set(resident) == {"kl/pr", "ab/rq"}
     assert all("UNMET" not in t for t in resident.values()), resident
+    # R1's row constants and R2's closing formulas formed by thread 0 alone (amid_loss_kernels.cuh: kRowOnce) in the
+    # resident power-mean kernels but the kept3 ones (ab/qr, ab/rq); every thread forms them elsewhere.
+    for r in rows:
+        if r["kernel"] == "fwd":
+            once = r["path"] == "resident" and r["mixture"] == "power" and r["loss"] not in ("ab/qr", "ab/rq")
+            assert (r["row_once_blocks"] == 3) == once and (r["row_once_instr"] > 300) == once, \
+                (r["loss"], r["path"], r["mixture"], r["row_once_blocks"], r["row_once_instr"])
     # The alpha = 0.5 W (tag Wi) in the streaming kl/pr and kl/qr power-mean kernels only, with fewer MUFU ops than W.
     half = {(r["loss"], r["path"], r["mixture"]) for r in rows if r["alpha_half_instr_per_elem"] != ""}
     assert half == {("kl/pr", "stream", "power"), ("kl/qr", "stream", "power")}, (half, warnings)

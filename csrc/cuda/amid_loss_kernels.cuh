@@ -526,15 +526,15 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
       (std::is_same<scalar_t, c10::Half>::value && (!RESIDENT || D == Divergence::kKL));
   // Every thread of a cluster holds the same merged state after a reduction and formed the same row constants from it:
   // R1's (two logarithms, the gaps' double math, the row tests) and R2's closing formulas. bf16 sm_90a, resident
-  // kl/pr: 203 and 190 instructions along their longest paths (ab/pr 199 and 222, ab 'jsd' 201 and 434), which in a
+  // kl/pr: 203 and 190 instructions along their longest paths (ab/pr 199 and 220, ab 'jsd' 201 and 434), which in a
   // 16-CTA cluster (~37 elements per thread and row) is up to ~10 instructions per element for every thread.
   // kRowOnce: thread 0 forms them alone, before the reduction's last barrier, and the CTA receives them instead of the
   // state (R1Row, R2Row; the other warps wait at that barrier either way). The streaming kernels (~600 elements per
   // thread and row) keep the every-thread form, and so do the resident kernels where this form moved ptxas's
   // allocation the wrong way: bf16 ab/qr, ab/rq (kept3) 0 -> 36 spill instructions, fp16's 2 -> 9, fp16 ab/pr, ab/rp
   // 0 -> 2, the cheap-mode kl kernels 0 -> 3. Where it applies: bf16 ab 'jsd' 3 -> 0, fp16 kl 'jsd' 2 -> 0, fp16 ab
-  // 'jsd' 5 -> 2, no other spill; the bounded rows' loops -1.1 ... -0.1 per element (far gaps -4.3 ... +0.4), the
-  // narrow-weight R2 +0.5 ... +3.9 and the general R2 +0.5 ... +1.1.
+  // 'jsd' 5 -> 2, no other spill; the bounded rows' loops -1.1 ... +1.0 per element (far gaps -4.2 ... +0.5), the
+  // narrow-weight R2 +0.5 ... +3.6 and the general R2 -0.4 ... +0.6.
   constexpr bool kRowOnce = RESIDENT && POWER && !kKept3 &&
                             (std::is_same<scalar_t, c10::BFloat16>::value ||
                              (std::is_same<scalar_t, c10::Half>::value && (D == Divergence::kKL || O == Order::kJSD)));
