@@ -545,6 +545,27 @@ def _logit_loads(ins: Sequence[Ins]) -> int:
     return sum(1 for x in vec if not any(is_stash_line(f, ln) for f, ln in x.frames))
 
 
+def longest_paths(ins: Sequence[Ins], blocks: List[Block], first: int, last: int,
+                  excluded: set = frozenset()) -> Dict[int, Tuple[int, int, Counter]]:
+    """Per block b of first..last reached from first: (instructions, MUFU ops, MUFU kinds) along the longest path that
+    ends with b, over forward edges only (blocks in address order), the excluded blocks left out; NOPs not counted."""
+    best: Dict[int, Tuple[int, int, Counter]] = {}
+    for b in range(first, last + 1):
+        if b in excluded:
+            continue
+        seg = [x for x in ins[blocks[b].start:blocks[b].end] if x.base != "NOP"]
+        cost, mufu = len(seg), Counter(x.op for x in seg if x.base == "MUFU")
+        if b == first:
+            prev = (0, 0, Counter())
+        else:
+            preds = [best[p] for p in best if b in blocks[p].succ and p < b]
+            if not preds:
+                continue
+            prev = max(preds, key=lambda v: (v[0], v[1]))
+        best[b] = (prev[0] + cost, prev[1] + sum(mufu.values()), prev[2] + mufu)
+    return best
+
+
 def hot_loops(fn: Function, elem_bytes: int, cold: Dict[str, List[Tuple[int, int, str]]],
               warnings: List[str]) -> Dict[str, LoopCount]:
     ins = fn.ins
@@ -592,21 +613,7 @@ def hot_loops(fn: Function, elem_bytes: int, cold: Dict[str, List[Tuple[int, int
             return bool(body) and b not in (hb, lb) and 2 * sum(is_cold_ins(x, cold) for x in body) >= len(body)
 
         def longest(excluded: set) -> Dict[int, Tuple[int, int, Counter]]:
-            best: Dict[int, Tuple[int, int, Counter]] = {}
-            for b in range(hb, lb + 1):  # blocks in address order: forward edges only inside the body
-                if b in excluded or is_call(b):
-                    continue
-                seg = [x for x in ins[blocks[b].start:blocks[b].end] if x.base != "NOP"]
-                cost, mufu = len(seg), Counter(x.op for x in seg if x.base == "MUFU")
-                if b == hb:
-                    prev = (0, 0, Counter())
-                else:
-                    preds = [best[p] for p in best if b in blocks[p].succ and p < b]
-                    if not preds:
-                        continue
-                    prev = max(preds, key=lambda v: (v[0], v[1]))
-                best[b] = (prev[0] + cost, prev[1] + sum(mufu.values()), prev[2] + mufu)
-            return best
+            return longest_paths(ins, blocks, hb, lb, excluded | {b for b in range(hb, lb + 1) if is_call(b)})
 
         cold_blocks = {b for b in range(hb, lb + 1) if is_cold(b)}
         best = longest(cold_blocks)
@@ -635,6 +642,7 @@ def thread0_blocks(fn: Function) -> List[Tuple[int, int]]:
     """(static size, longest path) of each block that only thread 0 runs before a barrier (method, step 12)."""
     ins = fn.ins
     addr_idx = {x.addr: i for i, x in enumerate(ins)}
+    blocks, bidx = basic_blocks(fn)
     found = []
     for i, x in enumerate(ins):
         if x.base != "BRA" or not x.pred or x.target not in fn.labels:
@@ -646,28 +654,16 @@ def thread0_blocks(fn: Function) -> List[Tuple[int, int]]:
         if not any(ins[k].base == "BAR" for k in range(j, min(j + 4, len(ins)))) or \
                 not any(ins[k].base == "STS" for k in range(max(i + 1, j - 8), j)) or len(body) <= 60:
             continue
-        # Longest path from i + 1 to j (exclusive) over the block's forward branches; a backward one is not a block.
-        best = {i + 1: 0}
-        ok = True
-        for k in range(i + 1, j):
-            if k not in best:
-                continue
-            y, n = ins[k], best[k] + (ins[k].base != "NOP")
-            if y.base == "BRA" and y.target in fn.labels:
-                t = addr_idx.get(fn.labels[y.target])
-                if t is None or t <= k or t > j:
-                    ok = False
-                    break
-                best[t] = max(best.get(t, 0), n)
-                if y.pred:
-                    best[k + 1] = max(best.get(k + 1, 0), n)
-            elif y.base in ("EXIT", "RET", "BRX", "JMP", "JMX"):
-                ok = False
-                break
-            else:
-                best[k + 1] = max(best.get(k + 1, 0), n)
-        if ok and j in best:
-            found.append((len(body), best[j]))
+        # The code between the branch and its target (j leads a block): a DAG that only j leaves.
+        first, end = bidx[i + 1], bidx[j]
+        region = range(first, end)
+        if any(s < b or s > end for b in region for s in blocks[b].succ) or \
+                any(ins[blocks[b].end - 1].base in ("EXIT", "RET", "BRX", "JMP", "JMX") for b in region):
+            continue
+        best = longest_paths(ins, blocks, first, end - 1)
+        ends = [best[p][0] for p in best if end in blocks[p].succ]
+        if ends:
+            found.append((len(body), max(ends)))
     return found
 
 
