@@ -5,8 +5,10 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#if !defined(AMID_KERNELS_ON_HOST)  // (the launchers' headers)
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#endif
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -456,7 +458,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_ctas_per_sm<scalar_t, D, O, 
                 "amid_fwd_kernel: the exact pass's scratch must lie below the R2 slots");
   Ex* ex_scratch = reinterpret_cast<Ex*>(acc_mem);
   Ex* ex_slot = ex_scratch + kWarps;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  AMID_DYNAMIC_SHARED(smem_raw);
 
   // The launch's cluster shape must be the one this code sees: a kernel built without cluster support
   // (e.g. JIT-compiled from sm_80 PTX) launched with clusters would read past its row slice.
@@ -1030,8 +1032,9 @@ __global__ void __launch_bounds__(kThreads, std::is_same<scalar_t, double>::valu
 }
 
 // ------------------------------------------------------------------------------------------------
-// Launchers
+// Launchers (left out of the C++ tests' host build of the kernels, tests/cpp/test_kernels_on_host.cpp)
 
+#if !defined(AMID_KERNELS_ON_HOST)
 int sm_count();
 
 // "auto" (default: streaming), "stream" or "resident": AMID_CUDA_PATH picks a read path (tests use it to
@@ -1257,6 +1260,8 @@ void launch_bwd(const RowArgs<scalar_t, at::opmath_type<scalar_t>>& a, const Los
   }
 }
 
+
+#endif  // !AMID_KERNELS_ON_HOST
 
 // Explicit instantiation of both launchers for one dtype, one divergence and its five orders: one translation unit
 // each (csrc/cuda/amid_loss_<dtype>_<divergence>.cu), so a build on many cores compiles them side by side. nvcc

@@ -158,6 +158,11 @@ __device__ __forceinline__ auto cluster_reduce(Acc a, Acc* scratch, Acc* slot, u
       slot_bytes, finish);
 }
 
+// A kernel's dynamic shared memory, `name` its first byte (the C++ tests' host build of the kernels defines its own).
+#ifndef AMID_DYNAMIC_SHARED
+#define AMID_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 // The number of CTAs in this CTA's cluster, and its rank (1 and 0 without clusters).
 __device__ __forceinline__ unsigned cluster_size() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -179,7 +184,11 @@ __device__ __forceinline__ unsigned cluster_rank() {
 // register across the row (amid_fwd_kernel: at the register cap, ptxas spilled that flag in alpha-beta's kernels).
 __device__ __forceinline__ bool cluster_lead_thread() {
   unsigned tid, rank = 0;
+#if defined(__CUDA_ARCH__)
   asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
+#else
+  tid = threadIdx.x;  // (the C++ tests' host build of the kernels)
+#endif
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
 #endif
@@ -272,8 +281,12 @@ __device__ __forceinline__ void store_chunk(scalar_t* g, int64_t i, const scalar
     uint4 v;
     static_assert(sizeof(v) == kW * sizeof(scalar_t), "a chunk is 16 bytes");
     memcpy(&v, vals, sizeof(v));
+#if defined(__CUDA_ARCH__)
     const unsigned addr = unsigned(__cvta_generic_to_shared(g + i));
     asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+#else
+    memcpy(g + i, &v, sizeof(v));
+#endif
   } else {
 #pragma unroll
     for (int j = 0; j < n; ++j) g[i + j] = vals[j];
@@ -318,7 +331,11 @@ __device__ __forceinline__ void store_chunk_global(scalar_t* g, int64_t i, const
     uint4 v;
     static_assert(sizeof(v) == kW * sizeof(scalar_t), "a chunk is 16 bytes");
     memcpy(&v, vals, sizeof(v));
+#if defined(__CUDA_ARCH__)
     asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(g + i), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+#else
+    memcpy(g + i, &v, sizeof(v));
+#endif
   } else {
 #pragma unroll
     for (int j = 0; j < n; ++j) g[i + j] = vals[j];
