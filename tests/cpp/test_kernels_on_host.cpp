@@ -207,24 +207,17 @@ static void run_case(const Case& c, at::ScalarType dtype, bool resident, int sta
       std::abort();
     }
   }
-  auto fwd = [&] {
+  auto fwd = [&](auto resident_c) {  // (std::true_type: the resident kernel)
     if (power) {
-      amid_fwd_kernel<scalar_t, D, O, true, true>(a, P);
+      amid_fwd_kernel<scalar_t, D, O, decltype(resident_c)::value, true>(a, P);
     } else {
-      amid_fwd_kernel<scalar_t, D, O, true, false>(a, P);
-    }
-  };
-  auto fwd_stream = [&] {
-    if (power) {
-      amid_fwd_kernel<scalar_t, D, O, false, true>(a, P);
-    } else {
-      amid_fwd_kernel<scalar_t, D, O, false, false>(a, P);
+      amid_fwd_kernel<scalar_t, D, O, decltype(resident_c)::value, false>(a, P);
     }
   };
   if (resident) {
-    launch(grid, fwd);
+    launch(grid, [&] { fwd(std::true_type{}); });
   } else {
-    launch(grid, fwd_stream);
+    launch(grid, [&] { fwd(std::false_type{}); });
   }
   // The backward kernel from the forward's stats, with a factor per row.
   at::Tensor gl = at::linspace(0.5, 2.0, b.N, ldtype);
